@@ -1,0 +1,388 @@
+"""The host's lifecycle as a pure machine: start, readiness, heartbeats, stop, restart with backoff.
+
+Theory of operation
+-------------------
+The runtime feeds events (`Spawned`, `Ready`, `Exited`, `Tick`, operator requests...) together with the
+boot-clock time; `step()` returns the new `Host` record and a list of actions (`Spawn`, `SignalStop`,
+`KillTree`, `Emit`). The machine never reads a clock, never touches a process and never sleeps: the runtime
+arms one timer for `next_wakeup()` and feeds a `Tick` when it fires.
+
+Rules:
+1. Everything that decides a transition lives in this file; the swap machine (`swaps.py`) learns about the
+   host only through the `Emit` actions this machine returns (`host.exited`, `host.start_timeout`,
+   `host.heartbeat_lost`), which the runtime forwards.
+2. An intentional stop or restart is never a failure: it moves no backoff and counts no crash.
+3. A failure (exit before ready, exit sooner than `min_uptime`, non-zero exit, death by signal, start
+   timeout, lost heartbeat) grows the backoff; `restart_reset_after` of readiness forgets them.
+4. Nothing gives up silently: a host that keeps failing stays in `backoff` (event `host.crash_loop`)
+   and is retried at `restart_delay_max` for ever, unless `restart = "no"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+CRASH_LOOP_FAILURES = 5
+"""Consecutive failures after which the host is reported as crash-looping."""
+
+
+class HostState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    BACKOFF = "backoff"
+
+
+class StopPurpose(StrEnum):
+    """What follows once a stopping host is gone."""
+
+    HALT = "halt"  # stay stopped (operator stop, a swap step)
+    RESTART = "restart"  # intentional restart: spawn again at once, no failure counted
+    RECOVER = "recover"  # the host failed (start timeout, lost heartbeat): restart after backoff
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """The `[host]` settings the machine needs, in seconds; `backoff(n)` is the delay after n failures."""
+
+    ready_mode: str = "notify"
+    start_timeout: float = 60.0
+    min_uptime: float = 1.0
+    heartbeat_timeout: float = 0.0
+    stop_timeout: float = 10.0
+    restart: str = "always"
+    restart_reset_after: float = 60.0
+    backoff: Callable[[int], float] = field(default=lambda failures: 0.1 * 2 ** (failures - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class LastExit:
+    code: int | None
+    signal: int | None
+    at: float  # wall clock, for display
+
+    @property
+    def failed(self) -> bool:
+        return self.signal is not None or (self.code is not None and self.code != 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Host:
+    state: HostState = HostState.STOPPED
+    wanted: bool = False  # should the host be up? (operator stop and restart = "no" clear it)
+    pid: int | None = None
+    spawned_at: float | None = None  # boot clock
+    ready_at: float | None = None
+    last_heartbeat: float | None = None
+    status_text: str | None = None
+    stop_purpose: StopPurpose | None = None
+    kill_at: float | None = None  # when the stop escalates to SIGKILL of the whole tree
+    failures: int = 0  # consecutive, for the backoff
+    backoff_until: float | None = None
+    restarts: int = 0
+    last_exit: LastExit | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is HostState.RUNNING
+
+
+# --- events (past facts); `now` is the boot clock, `wall` the wall clock for display ----------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartRequested:
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopRequested:
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestartRequested:
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Spawned:
+    now: float
+    pid: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adopted:
+    """A host left running by a previous supervisor process: treat it as running and ready."""
+
+    now: float
+    pid: int
+    ready: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnFailed:
+    now: float
+    wall: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready:
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    now: float
+    status: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exited:
+    now: float
+    wall: float
+    code: int | None
+    signal: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick:
+    now: float
+
+
+Event = (
+    StartRequested
+    | StopRequested
+    | RestartRequested
+    | Spawned
+    | Adopted
+    | SpawnFailed
+    | Ready
+    | Heartbeat
+    | Exited
+    | Tick
+)
+
+# --- actions (orders) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SignalStop:
+    """Send `stop_signal` to the host's tree."""
+
+
+@dataclass(frozen=True, slots=True)
+class KillTree:
+    """SIGKILL every process left in the host's tree (after a stop timeout, or leftovers of an exit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    event: str
+    detail: dict = field(default_factory=dict)
+
+
+Action = Spawn | SignalStop | KillTree | Emit
+Result = tuple[Host, list[Action]]
+
+# --- transitions -----------------------------------------------------------------------------
+
+
+def _spawn(host: Host) -> Result:
+    return replace(host, state=HostState.STARTING, backoff_until=None, kill_at=None), [Spawn()]
+
+
+def _begin_stop(host: Host, now: float, purpose: StopPurpose, policy: Policy) -> Result:
+    stopping = replace(
+        host, state=HostState.STOPPING, stop_purpose=purpose, kill_at=now + policy.stop_timeout
+    )
+    return stopping, [SignalStop()]
+
+
+def _on_start(host: Host, event: StartRequested, policy: Policy) -> Result:
+    host = replace(host, wanted=True)
+    if host.state in (HostState.STOPPED, HostState.BACKOFF):
+        return _spawn(host)
+    if host.state is HostState.STOPPING:
+        return replace(host, stop_purpose=StopPurpose.RESTART), []
+    return host, []
+
+
+def _on_stop(host: Host, event: StopRequested, policy: Policy) -> Result:
+    host = replace(host, wanted=False)
+    if host.state in (HostState.STARTING, HostState.RUNNING):
+        return _begin_stop(host, event.now, StopPurpose.HALT, policy)
+    if host.state is HostState.STOPPING:
+        return replace(host, stop_purpose=StopPurpose.HALT), []
+    return replace(host, state=HostState.STOPPED, backoff_until=None), []
+
+
+def _on_restart(host: Host, event: RestartRequested, policy: Policy) -> Result:
+    host = replace(host, wanted=True)
+    if host.state in (HostState.STARTING, HostState.RUNNING):
+        return _begin_stop(host, event.now, StopPurpose.RESTART, policy)
+    if host.state is HostState.STOPPING:
+        return replace(host, stop_purpose=StopPurpose.RESTART), []
+    return _spawn(host)
+
+
+def _on_spawned(host: Host, event: Spawned, policy: Policy) -> Result:
+    if host.state is not HostState.STARTING:
+        return host, []
+    return replace(
+        host, pid=event.pid, spawned_at=event.now, ready_at=None, last_heartbeat=None,
+        status_text=None,
+    ), [Emit("host.started", {"pid": event.pid})]
+
+
+def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
+    state = HostState.RUNNING if event.ready else HostState.STARTING
+    adopted = replace(
+        host, state=state, wanted=True, pid=event.pid, spawned_at=event.now,
+        ready_at=event.now if event.ready else None, last_heartbeat=event.now,
+    )
+    return adopted, [Emit("host.adopted", {"pid": event.pid})]
+
+
+def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
+    if host.state is not HostState.STARTING or host.pid is None:
+        return host, []
+    ready = replace(host, state=HostState.RUNNING, ready_at=event.now, last_heartbeat=event.now)
+    return ready, [Emit("host.ready", {"pid": host.pid})]
+
+
+def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
+    if host.state not in (HostState.STARTING, HostState.RUNNING):
+        return host, []
+    status = event.status if event.status is not None else host.status_text
+    return replace(host, last_heartbeat=event.now, status_text=status), []
+
+
+def _failure(host: Host, now: float, policy: Policy, detail: dict) -> Result:
+    """Count a failure and either restart at once, back off, or stay down (restart = "no")."""
+    failures = host.failures + 1
+    actions: list[Action] = []
+    if failures == CRASH_LOOP_FAILURES:
+        actions.append(Emit("host.crash_loop", {"failures": failures, **detail}))
+    host = replace(host, failures=failures, pid=None)
+    if policy.restart == "no" or not host.wanted:
+        return replace(host, state=HostState.STOPPED, wanted=False), actions
+    delay = policy.backoff(failures)
+    if delay <= 0:
+        host, spawn = _spawn(replace(host, restarts=host.restarts + 1))
+        return host, actions + spawn
+    backoff = replace(host, state=HostState.BACKOFF, backoff_until=now + delay)
+    actions.append(Emit("host.backoff", {"delay_s": round(delay, 3), "failures": failures}))
+    return backoff, actions
+
+
+def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
+    if host.pid is None:
+        return host, []
+    last = LastExit(event.code, event.signal, event.wall)
+    exit_detail = {"pid": host.pid, "code": event.code, "signal": event.signal}
+    host = replace(host, last_exit=last, kill_at=None)
+    # Whatever else of the tree is left goes with its main process, like systemd's control-group mode.
+    actions: list[Action] = [KillTree()]
+    if host.state is HostState.STOPPING:
+        purpose = host.stop_purpose
+        host = replace(host, state=HostState.STOPPED, pid=None, stop_purpose=None)
+        actions.append(Emit("host.stopped", exit_detail))
+        if purpose is StopPurpose.RESTART and host.wanted:
+            host, spawn = _spawn(replace(host, restarts=host.restarts + 1))
+            return host, actions + spawn
+        if purpose is StopPurpose.RECOVER:
+            host, more = _failure(host, event.now, policy, exit_detail)
+            return host, actions + more
+        return host, actions
+    actions.append(Emit("host.exited", exit_detail))
+    uptime = event.now - (host.spawned_at if host.spawned_at is not None else event.now)
+    failed = last.failed or host.state is HostState.STARTING or uptime < policy.min_uptime
+    if failed:
+        host, more = _failure(host, event.now, policy, exit_detail)
+        return host, actions + more
+    host = replace(host, pid=None)
+    if policy.restart == "always" and host.wanted:
+        host, spawn = _spawn(replace(host, restarts=host.restarts + 1))
+        return host, actions + spawn
+    return replace(host, state=HostState.STOPPED, wanted=False), actions
+
+
+def _on_spawn_failed(host: Host, event: SpawnFailed, policy: Policy) -> Result:
+    if host.state is not HostState.STARTING:
+        return host, []
+    host = replace(host, last_exit=LastExit(127, None, event.wall))
+    detail = {"error": event.error}
+    host, more = _failure(host, event.now, policy, detail)
+    return host, [Emit("host.spawn_failed", detail), *more]
+
+
+def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
+    now = event.now
+    if host.state is HostState.STOPPING and host.kill_at is not None and now >= host.kill_at:
+        return replace(host, kill_at=None), [KillTree(), Emit("host.stop_timeout", {"pid": host.pid})]
+    if host.state is HostState.BACKOFF and host.backoff_until is not None and now >= host.backoff_until:
+        return _spawn(replace(host, restarts=host.restarts + 1))
+    if host.state is HostState.STARTING and host.spawned_at is not None:
+        if policy.ready_mode == "started" and now >= host.spawned_at + policy.min_uptime:
+            return _on_ready(host, Ready(now=now), policy)
+        if policy.ready_mode == "notify" and now >= host.spawned_at + policy.start_timeout:
+            stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
+            return stopping, [Emit("host.start_timeout", {"pid": host.pid}), *actions]
+    if host.state is HostState.RUNNING:
+        if policy.heartbeat_timeout > 0 and host.last_heartbeat is not None:
+            if now >= host.last_heartbeat + policy.heartbeat_timeout:
+                stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
+                age = round(now - host.last_heartbeat, 3)
+                return stopping, [Emit("host.heartbeat_lost", {"pid": host.pid, "age_s": age}),
+                                  *actions]
+        if host.failures and host.ready_at is not None:
+            if now >= host.ready_at + policy.restart_reset_after:
+                return replace(host, failures=0), [Emit("host.backoff_reset", {})]
+    return host, []
+
+
+_HANDLERS: dict[type, Callable[[Host, Event, Policy], Result]] = {
+    StartRequested: _on_start,
+    StopRequested: _on_stop,
+    RestartRequested: _on_restart,
+    Spawned: _on_spawned,
+    Adopted: _on_adopted,
+    SpawnFailed: _on_spawn_failed,
+    Ready: _on_ready,
+    Heartbeat: _on_heartbeat,
+    Exited: _on_exited,
+    Tick: _on_tick,
+}
+
+
+def step(host: Host, event: Event, policy: Policy) -> Result:
+    """Apply one event; returns the new record and the actions the runtime must perform, in order."""
+    return _HANDLERS[type(event)](host, event, policy)
+
+
+def next_wakeup(host: Host, policy: Policy) -> float | None:
+    """The earliest boot-clock moment at which a `Tick` could change something."""
+    moments: list[float] = []
+    if host.state is HostState.STOPPING and host.kill_at is not None:
+        moments.append(host.kill_at)
+    if host.state is HostState.BACKOFF and host.backoff_until is not None:
+        moments.append(host.backoff_until)
+    if host.state is HostState.STARTING and host.spawned_at is not None:
+        limit = policy.min_uptime if policy.ready_mode == "started" else policy.start_timeout
+        moments.append(host.spawned_at + limit)
+    if host.state is HostState.RUNNING:
+        if policy.heartbeat_timeout > 0 and host.last_heartbeat is not None:
+            moments.append(host.last_heartbeat + policy.heartbeat_timeout)
+        if host.failures and host.ready_at is not None:
+            moments.append(host.ready_at + policy.restart_reset_after)
+    return min(moments) if moments else None

@@ -1,0 +1,176 @@
+"""The host lifecycle machine, driven directly: no processes, no sockets, the clock is a number."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor import lifecycle as lc
+
+POLICY = lc.Policy(ready_mode="notify", start_timeout=5, min_uptime=1, heartbeat_timeout=2,
+                   stop_timeout=3, restart="always", restart_reset_after=10,
+                   backoff=lambda n: 0.5 * 2 ** (n - 1))
+
+
+def run(events: list[lc.Event], policy: lc.Policy = POLICY,
+        host: lc.Host | None = None) -> tuple[lc.Host, list[lc.Action]]:
+    host = host or lc.Host()
+    actions: list[lc.Action] = []
+    for event in events:
+        host, more = lc.step(host, event, policy)
+        actions += more
+    return host, actions
+
+
+def emitted(actions: list[lc.Action]) -> list[str]:
+    return [a.event for a in actions if isinstance(a, lc.Emit)]
+
+
+def running(now: float = 0.0, policy: lc.Policy = POLICY) -> lc.Host:
+    host, _ = run([lc.StartRequested(now=now), lc.Spawned(now=now, pid=10), lc.Ready(now=now)],
+                  policy)
+    return host
+
+
+def test_start_spawn_ready() -> None:
+    host, actions = run([lc.StartRequested(now=0)])
+    assert host.state is lc.HostState.STARTING and actions == [lc.Spawn()]
+    host, actions = lc.step(host, lc.Spawned(now=0.1, pid=42), POLICY)
+    assert host.pid == 42 and emitted(actions) == ["host.started"]
+    host, actions = lc.step(host, lc.Ready(now=0.2), POLICY)
+    assert host.state is lc.HostState.RUNNING and host.ready and emitted(actions) == ["host.ready"]
+
+
+def test_ready_mode_started_is_ready_after_min_uptime() -> None:
+    policy = lc.Policy(ready_mode="started", min_uptime=1)
+    host, _ = run([lc.StartRequested(now=0), lc.Spawned(now=0, pid=1)], policy)
+    assert lc.next_wakeup(host, policy) == 1
+    host, _ = lc.step(host, lc.Tick(now=0.5), policy)
+    assert host.state is lc.HostState.STARTING
+    host, _ = lc.step(host, lc.Tick(now=1.0), policy)
+    assert host.state is lc.HostState.RUNNING
+
+
+def test_crash_backs_off_doubling_then_resets() -> None:
+    host = running()
+    delays = []
+    now = 10.0
+    for _ in range(3):
+        host, actions = lc.step(host, lc.Exited(now=now, wall=0, code=1, signal=None), POLICY)
+        assert host.state is lc.HostState.BACKOFF
+        assert lc.KillTree() in actions
+        delays.append(host.backoff_until - now)
+        now = host.backoff_until
+        host, actions = lc.step(host, lc.Tick(now=now), POLICY)
+        assert actions == [lc.Spawn()] and host.state is lc.HostState.STARTING
+        host, _ = run([lc.Spawned(now=now, pid=11), lc.Ready(now=now)], host=host)
+    assert delays == [0.5, 1.0, 2.0]
+    assert host.restarts == 3
+    # ready for restart_reset_after forgets the failures
+    host, _ = lc.step(host, lc.Heartbeat(now=now + 9.9), POLICY)
+    host, actions = lc.step(host, lc.Tick(now=now + 10), POLICY)
+    assert host.failures == 0 and emitted(actions) == ["host.backoff_reset"]
+
+
+def test_zero_delay_respawns_in_the_same_step() -> None:
+    policy = lc.Policy(backoff=lambda n: 0.0)
+    host = running(policy=policy)
+    host, actions = lc.step(host, lc.Exited(now=5, wall=0, code=1, signal=None), policy)
+    assert host.state is lc.HostState.STARTING
+    assert actions[0] == lc.KillTree() and actions[-1] == lc.Spawn()
+
+
+def test_crash_loop_is_reported_once_and_never_gives_up() -> None:
+    host = running()
+    seen = []
+    now = 1.0
+    for _ in range(lc.CRASH_LOOP_FAILURES + 2):
+        host, actions = lc.step(host, lc.Exited(now=now, wall=0, code=2, signal=None), POLICY)
+        seen += emitted(actions)
+        assert host.state is lc.HostState.BACKOFF
+        now = host.backoff_until
+        host, _ = run([lc.Tick(now=now), lc.Spawned(now=now, pid=3)], host=host)
+    assert seen.count("host.crash_loop") == 1
+
+
+def test_clean_exit_after_min_uptime_is_not_a_failure() -> None:
+    host = running()
+    host, actions = lc.step(host, lc.Exited(now=100, wall=0, code=0, signal=None), POLICY)
+    assert host.failures == 0 and host.state is lc.HostState.STARTING
+
+
+@pytest.mark.parametrize("restart,code,expected", [
+    ("no", 1, lc.HostState.STOPPED),
+    ("no", 0, lc.HostState.STOPPED),
+    ("on-failure", 0, lc.HostState.STOPPED),
+    ("on-failure", 1, lc.HostState.BACKOFF),
+    ("always", 0, lc.HostState.STARTING),
+])
+def test_restart_policies(restart: str, code: int, expected: lc.HostState) -> None:
+    policy = lc.Policy(restart=restart, backoff=lambda n: 1.0, min_uptime=1)
+    host = running(policy=policy)
+    host, _ = lc.step(host, lc.Exited(now=50, wall=0, code=code, signal=None), policy)
+    assert host.state is expected
+
+
+def test_intentional_restart_is_never_a_crash() -> None:
+    host = running()
+    host, actions = lc.step(host, lc.RestartRequested(now=1), POLICY)
+    assert host.state is lc.HostState.STOPPING and actions == [lc.SignalStop()]
+    host, actions = lc.step(host, lc.Exited(now=1.1, wall=0, code=None, signal=15), POLICY)
+    assert host.state is lc.HostState.STARTING and host.failures == 0
+    assert actions[-1] == lc.Spawn() and "host.exited" not in emitted(actions)
+
+
+def test_stop_escalates_to_tree_kill_after_stop_timeout() -> None:
+    host = running()
+    host, actions = lc.step(host, lc.StopRequested(now=1), POLICY)
+    assert actions == [lc.SignalStop()] and lc.next_wakeup(host, POLICY) == 4
+    host, actions = lc.step(host, lc.Tick(now=4), POLICY)
+    assert lc.KillTree() in actions and host.state is lc.HostState.STOPPING
+    host, actions = lc.step(host, lc.Exited(now=4.01, wall=0, code=None, signal=9), POLICY)
+    assert host.state is lc.HostState.STOPPED and not host.wanted and host.pid is None
+
+
+def test_start_timeout_restarts_through_a_stop() -> None:
+    host, _ = run([lc.StartRequested(now=0), lc.Spawned(now=0, pid=5)])
+    host, actions = lc.step(host, lc.Tick(now=5), POLICY)
+    assert emitted(actions) == ["host.start_timeout"] and host.state is lc.HostState.STOPPING
+    host, actions = lc.step(host, lc.Exited(now=5.1, wall=0, code=None, signal=15), POLICY)
+    assert host.state is lc.HostState.BACKOFF and host.failures == 1
+
+
+def test_heartbeat_loss() -> None:
+    host = running()
+    host, _ = lc.step(host, lc.Heartbeat(now=1.5, status="busy"), POLICY)
+    assert host.status_text == "busy" and lc.next_wakeup(host, POLICY) == 3.5
+    host, actions = lc.step(host, lc.Tick(now=3.4), POLICY)
+    assert actions == []
+    host, actions = lc.step(host, lc.Tick(now=3.5), POLICY)
+    assert "host.heartbeat_lost" in emitted(actions) and host.state is lc.HostState.STOPPING
+
+
+def test_spawn_failure_backs_off() -> None:
+    host, _ = run([lc.StartRequested(now=0)])
+    host, actions = lc.step(host, lc.SpawnFailed(now=0, wall=0, error="no such file"), POLICY)
+    assert emitted(actions)[0] == "host.spawn_failed" and host.state is lc.HostState.BACKOFF
+
+
+def test_stop_during_backoff_and_start_again() -> None:
+    host = running()
+    host, _ = lc.step(host, lc.Exited(now=1, wall=0, code=1, signal=None), POLICY)
+    host, actions = lc.step(host, lc.StopRequested(now=1.1), POLICY)
+    assert host.state is lc.HostState.STOPPED and actions == []
+    assert lc.next_wakeup(host, POLICY) is None
+    host, actions = lc.step(host, lc.StartRequested(now=2), POLICY)
+    assert actions == [lc.Spawn()]
+
+
+def test_adopted_host_is_running() -> None:
+    host, actions = lc.step(lc.Host(), lc.Adopted(now=3, pid=77, ready=True), POLICY)
+    assert host.state is lc.HostState.RUNNING and host.pid == 77 and host.wanted
+    assert emitted(actions) == ["host.adopted"]
+
+
+def test_exit_of_unknown_process_is_ignored() -> None:
+    host, actions = lc.step(lc.Host(), lc.Exited(now=1, wall=0, code=0, signal=None), POLICY)
+    assert actions == [] and host == lc.Host()
