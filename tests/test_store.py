@@ -1,0 +1,486 @@
+"""The state store against real SQLite files, real flocks and real SIGKILLed processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.errors import StateLocked, SwapguardError
+from supervisor.store import (
+    SCHEMA_VERSION,
+    EventRecord,
+    HostRun,
+    StateLock,
+    Store,
+    StoreError,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 10.0
+
+# The v1 schema exactly as the first release wrote it: a fixture of history, never regenerated.
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE host_run (id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER NOT NULL,
+    create_time REAL NOT NULL, boot_id TEXT NOT NULL, started_at REAL NOT NULL,
+    ready_at REAL, exited_at REAL, exit_code INTEGER, exit_signal INTEGER,
+    code_version TEXT, swap_id TEXT);
+CREATE TABLE event (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
+    kind TEXT NOT NULL, detail TEXT NOT NULL, swap_id TEXT);
+CREATE TABLE swap (id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, record TEXT NOT NULL);
+CREATE INDEX swap_created_at ON swap (created_at);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    with Store.open(tmp_path / "state") as opened:
+        yield opened
+
+
+@contextmanager
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain connection beside the store's, to look at what is really on disk; closed after."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def stored_version(db_path: Path) -> int:
+    with raw(db_path) as conn:
+        return int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+
+def dir_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True, **kwargs)
+
+
+def read_line(proc: subprocess.Popen[str]) -> str:
+    """One line from the child's stdout, or fail after WAIT_S instead of hanging."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], WAIT_S)
+    assert ready, "child printed nothing in time"
+    return proc.stdout.readline().strip()
+
+
+# --- opening, pragmas, migrations ---------------------------------------------------------
+
+
+def test_open_creates_a_private_dir_and_the_current_schema(tmp_path: Path) -> None:
+    state_dir = tmp_path / "deep" / "state"
+    Store.open(state_dir).close()
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+    assert stored_version(state_dir / "state.db") == SCHEMA_VERSION
+    with raw(state_dir / "state.db") as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"meta", "host_run", "event", "swap", "kv"} <= tables
+
+
+def test_an_operators_dir_mode_is_kept_and_a_writable_one_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    private, shared = tmp_path / "private", tmp_path / "shared"
+    private.mkdir(mode=0o750)
+    os.chmod(private, 0o750)
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with caplog.at_level(logging.WARNING, logger="supervisor.store"):
+        Store.open(private).close()
+        assert not caplog.records
+        Store.open(shared).close()
+    assert private.stat().st_mode & 0o777 == 0o750
+    assert shared.stat().st_mode & 0o777 == 0o777
+    assert any("writable" in record.getMessage() for record in caplog.records)
+
+
+def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("not a dir")
+    with pytest.raises(StoreError, match="not a directory"):
+        Store.open(tmp_path / "state")
+
+
+def test_wal_and_full_sync_are_really_set(store: Store) -> None:
+    assert store.effective_pragmas() == {
+        "journal_mode": "wal",
+        "synchronous": 2,
+        "foreign_keys": 1,
+        "busy_timeout": 5000,
+    }
+    with raw(store.path) as conn:  # WAL is a property of the file, seen by every connection
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_v1_file_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    db_path = tmp_path / "state.db"
+    with raw(db_path) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute(
+            "INSERT INTO host_run (pid, create_time, boot_id, started_at)"
+            " VALUES (42, 1.5, 'b', 2.0)"
+        )
+        conn.execute("INSERT INTO event (at, kind, detail) VALUES (3.0, 'host.started', '{}')")
+        conn.execute(
+            "INSERT INTO swap VALUES ('s1', 'probation', 4.0, 4.0, ?)",
+            (json.dumps({"id": "s1", "state": "probation"}),),
+        )
+    with Store.open(tmp_path) as store:
+        assert stored_version(db_path) == SCHEMA_VERSION
+        assert store.live_run() == HostRun(1, 42, 1.5, "b", 2.0, None, None, None, None, None, None)
+        assert [event.kind for event in store.events_after(0)] == ["host.started"]
+        assert store.active_swap() == {"id": "s1", "state": "probation"}
+        store.set_value("checkpoint", "abc")  # the table v2 added
+        assert store.get_value("checkpoint") == "abc"
+        assert store.append_event("after.migration").id == 2
+
+
+def test_a_newer_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    Store.open(tmp_path).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.db"]  # WAL folded in at close
+    with raw(tmp_path / "state.db") as conn:
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,)
+        )
+    before = dir_snapshot(tmp_path)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer") as caught:
+        Store.open(tmp_path)
+    assert isinstance(caught.value, SwapguardError)
+    assert dir_snapshot(tmp_path) == before
+
+
+def test_files_that_are_not_state_stores_are_refused_untouched(tmp_path: Path) -> None:
+    foreign, garbage = tmp_path / "foreign", tmp_path / "garbage"
+    foreign.mkdir()
+    garbage.mkdir()
+    with raw(foreign / "state.db") as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    (garbage / "state.db").write_bytes(b"this is no database " * 100)
+    for folder, reason in ((foreign, "not a swapguard state store"), (garbage, "not a database")):
+        before = dir_snapshot(folder)
+        with pytest.raises(StoreError, match=reason):
+            Store.open(folder)
+        assert dir_snapshot(folder) == before
+
+
+def test_two_stores_in_one_process_keep_their_own_rows(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "a") as first, Store.open(tmp_path / "b") as second:
+        first.append_event("only.in.a")
+        second.set_value("only", "b")
+        assert [event.kind for event in first.events_after(0)] == ["only.in.a"]
+        assert second.events_after(0) == []
+        assert first.get_value("only") is None
+        assert second.get_value("only") == "b"
+
+
+def test_a_closed_store_says_so(tmp_path: Path) -> None:
+    opened = Store.open(tmp_path)
+    opened.close()
+    opened.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        opened.last_event_id()
+
+
+# --- host runs ------------------------------------------------------------------------------
+
+
+def test_host_runs_round_trip(store: Store) -> None:
+    assert store.live_run() is None
+    first = store.record_spawn(100, 10.25, "boot-1", 11.0, "cp-1", None)
+    store.record_ready(first, 12.0)
+    store.record_exit(first, 13.0, 1, None)
+    second = store.record_spawn(101, 14.5, "boot-1", 15.0, "cp-2", "swap-1")
+    assert store.live_run() == HostRun(
+        second, 101, 14.5, "boot-1", 15.0, None, None, None, None, "cp-2", "swap-1"
+    )
+    store.record_exit(second, 16.0, None, signal.SIGKILL)
+    assert store.live_run() is None
+    newest, oldest = store.last_runs(5)
+    assert newest.exit_signal == signal.SIGKILL and newest.exit_code is None
+    assert oldest == HostRun(first, 100, 10.25, "boot-1", 11.0, 12.0, 13.0, 1, None, "cp-1", None)
+    assert store.last_runs(1) == [newest]
+
+
+def test_host_run_updates_and_spawns_check_their_input(store: Store) -> None:
+    with pytest.raises(StoreError, match="no host run with id 99"):
+        store.record_ready(99, 1.0)
+    with pytest.raises(ValueError, match="pid"):
+        store.record_spawn(0, 1.0, "boot", 1.0, None, None)
+    with pytest.raises(ValueError, match="started_at"):
+        store.record_spawn(5, 1.0, "boot", float("nan"), None, None)
+    with pytest.raises(ValueError, match="limit"):
+        store.last_runs(0)
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def test_events_are_ordered_and_paged_by_id(store: Store) -> None:
+    assert store.last_event_id() == 0
+    appended = [
+        store.append_event("swap.prepared", {"summary": "x"}, swap_id="s1", at=1_700_000_000.5),
+        store.append_event("host.started", {"pid": 7}),
+        store.append_event("swap.activated", None, swap_id="s1"),
+    ]
+    assert [event.id for event in appended] == [1, 2, 3]
+    assert store.last_event_id() == 3
+    assert store.events_after(0) == appended
+    assert store.events_after(1, limit=1) == [appended[1]]
+    assert store.events_after(3) == []
+    assert [event.id for event in store.events_after(0, swap_id="s1")] == [1, 3]
+    assert appended[2].detail == {}
+    assert appended[0].to_json() == {
+        "id": 1,
+        "at": "2023-11-14T22:13:20.500Z",
+        "event": "swap.prepared",
+        "detail": {"summary": "x"},
+        "swap_id": "s1",
+    }
+
+
+def test_event_ids_never_repeat_after_deletions(store: Store) -> None:
+    for n in range(3):
+        store.append_event("tick", {"n": n})
+    with raw(store.path) as conn:
+        conn.execute("DELETE FROM event WHERE id >= 2")
+    assert store.append_event("tick").id == 4
+
+
+def test_bad_events_are_refused_by_name(store: Store) -> None:
+    with pytest.raises(ValueError, match="event kind"):
+        store.append_event("")
+    with pytest.raises(ValueError, match="detail of event 'x'"):
+        store.append_event("x", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        store.append_event("x", {"when": object()})
+    assert store.last_event_id() == 0
+
+
+# --- swaps ----------------------------------------------------------------------------------
+
+
+def swap_record(swap_id: str, state: str, **extra: Any) -> dict[str, Any]:
+    return {"id": swap_id, "state": state, "changes": [{"path": "a.py"}], **extra}
+
+
+def test_swaps_round_trip_and_upsert(store: Store) -> None:
+    assert store.load_swap("s1") is None
+    store.save_swap("s1", "prepared", 10.0, swap_record("s1", "prepared"))
+    store.save_swap("s1", "probation", 10.0, swap_record("s1", "probation", deadline=99.5))
+    assert store.load_swap("s1") == swap_record("s1", "probation", deadline=99.5)
+    assert store.list_swaps() == [swap_record("s1", "probation", deadline=99.5)]
+
+
+def test_swaps_list_newest_first_with_ties_in_insertion_order(store: Store) -> None:
+    for swap_id, created_at in (("old", 1.0), ("tie-a", 5.0), ("tie-b", 5.0), ("mid", 3.0)):
+        store.save_swap(swap_id, "confirmed", created_at, {"id": swap_id})
+    store.save_swap("tie-a", "confirmed", 5.0, {"id": "tie-a", "again": True})  # keeps its place
+    assert [s["id"] for s in store.list_swaps()] == ["tie-b", "tie-a", "mid", "old"]
+    assert [s["id"] for s in store.list_swaps(limit=2)] == ["tie-b", "tie-a"]
+
+
+def test_active_swap_is_the_one_not_finished_and_failed_is_not_finished(store: Store) -> None:
+    assert store.active_swap() is None
+    for n, state in enumerate(("confirmed", "rolled_back", "aborted")):
+        store.save_swap(f"done-{n}", state, float(n), {"id": f"done-{n}"})
+    assert store.active_swap() is None
+    store.save_swap("f", "failed", 9.0, {"id": "f", "state": "failed"})
+    assert store.active_swap() == {"id": "f", "state": "failed"}
+    store.save_swap("f", "rolled_back", 9.0, {"id": "f", "state": "rolled_back"})
+    assert store.active_swap() is None
+
+
+def test_finished_swaps_beyond_keep_are_listed_for_pruning(store: Store) -> None:
+    states = ["confirmed", "rolled_back", "failed", "aborted", "confirmed", "probation"]
+    for n, state in enumerate(states):
+        store.save_swap(f"s{n}", state, float(n), {})
+    assert store.finished_swap_ids_beyond(2) == ["s1", "s0"]
+    assert store.finished_swap_ids_beyond(0) == ["s4", "s3", "s1", "s0"]
+    assert store.finished_swap_ids_beyond(10) == []
+    with pytest.raises(ValueError, match="keep"):
+        store.finished_swap_ids_beyond(-1)
+
+
+def test_a_swap_and_its_event_commit_together_or_not_at_all(store: Store) -> None:
+    event = store.save_swap_with_event(
+        "s1", "probation", 1.0, {"id": "s1"}, "swap.activated", {"deadline": 2.0}, at=1.5
+    )
+    assert event == EventRecord(1, 1.5, "swap.activated", {"deadline": 2.0}, "s1")
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        store.save_swap_with_event("s1", "confirmed", 1.0, {"id": "s1"}, "bad", {"x": {1, 2}})
+    assert store.load_swap("s1") == {"id": "s1"}  # the swap write was rolled back with the event
+    assert store.active_swap() == {"id": "s1"}
+    assert store.last_event_id() == 1
+
+
+def test_bad_swaps_are_refused_by_name(store: Store) -> None:
+    with pytest.raises(ValueError, match=r"record\['state'\] is 'prepared', not 'probation'"):
+        store.save_swap("s1", "probation", 1.0, {"state": "prepared"})
+    with pytest.raises(ValueError, match="swap id"):
+        store.save_swap("", "prepared", 1.0, {})
+    with pytest.raises(ValueError, match="record of swap s1 must be a mapping"):
+        store.save_swap("s1", "prepared", 1.0, [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        store.save_swap("s1", "prepared", 1.0, {"deadline": float("inf")})
+    assert store.list_swaps() == []
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def test_values_hold_json_and_none_deletes(store: Store) -> None:
+    assert store.get_value("missing") is None
+    value = {"checkpoint": "abc", "paths": ["dist"], "n": 3, "ok": True}
+    store.set_value("host.checkpoint", value)
+    assert store.get_value("host.checkpoint") == value
+    store.set_value("host.checkpoint", 7)
+    assert store.get_value("host.checkpoint") == 7
+    store.set_value("host.checkpoint", None)
+    assert store.get_value("host.checkpoint") is None
+    with pytest.raises(ValueError, match="value 'k' is not JSON-serializable"):
+        store.set_value("k", float("nan"))
+
+
+def test_threads_share_one_store(store: Store) -> None:
+    def write(worker: int) -> None:
+        for n in range(20):
+            store.append_event("tick", {"worker": worker, "n": n})
+            store.set_value(f"w{worker}", n)
+
+    workers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(WAIT_S)
+    assert store.last_event_id() == 80
+    assert [store.get_value(f"w{w}") for w in range(4)] == [19] * 4
+
+
+# --- the state lock -------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys
+from supervisor.store import StateLock
+lock = StateLock.acquire(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+TRY_LOCK = """
+import sys
+from supervisor.errors import StateLocked
+from supervisor.store import StateLock
+try:
+    StateLock.acquire(sys.argv[1])
+except StateLocked as exc:
+    print(exc.message, flush=True)
+    sys.exit(7)
+print("acquired", flush=True)
+"""
+
+
+def test_a_second_swapguard_is_refused_until_the_holder_dies(tmp_path: Path) -> None:
+    holder = python(HOLD_LOCK, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert read_line(holder) == "held"
+        with pytest.raises(StateLocked, match=rf"in use by another swapguard \(pid {holder.pid}\)"):
+            StateLock.acquire(tmp_path)
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(WAIT_S) == -signal.SIGKILL
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(WAIT_S)
+    assert (tmp_path / "lock").read_text().strip() == str(holder.pid)  # stale, and harmless
+    with StateLock.acquire(tmp_path):
+        assert (tmp_path / "lock").read_text().strip() == str(os.getpid())
+        contender = python(TRY_LOCK, str(tmp_path), stdout=subprocess.PIPE)
+        output, _ = contender.communicate(timeout=WAIT_S)
+        assert contender.returncode == 7, output
+        assert f"pid {os.getpid()}" in output
+    contender = python(TRY_LOCK, str(tmp_path), stdout=subprocess.PIPE)
+    output, _ = contender.communicate(timeout=WAIT_S)
+    assert (contender.returncode, output.strip()) == (0, "acquired")
+
+
+def test_the_lock_is_exclusive_within_a_process_too_and_released_cleanly(tmp_path: Path) -> None:
+    lock = StateLock.acquire(tmp_path)
+    with pytest.raises(StateLocked):
+        StateLock.acquire(tmp_path)
+    lock.release()
+    lock.release()  # idempotent
+    assert (tmp_path / "lock").read_text() == ""
+    StateLock.acquire(tmp_path).release()
+
+
+# --- crash safety ---------------------------------------------------------------------------
+
+BURST_THEN_SIGKILL = """
+import hashlib, os, random, signal, sys, threading
+from pathlib import Path
+from supervisor.store import Store
+
+store = Store.open(Path(sys.argv[1]))
+halfway = threading.Event()
+
+def kill_self() -> None:
+    halfway.wait()
+    # A random moment a few writes later, so runs die at different points of a transaction.
+    threading.Event().wait(random.uniform(0.0, 0.05))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=kill_self, daemon=True).start()
+for seq in range(1, 100_000):
+    blob = os.urandom(6000).hex()  # several pages per row
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    record = {"seq": seq, "blob": blob, "sha256": digest}
+    store.save_swap_with_event(
+        f"swap-{seq % 7}", "probation", float(seq), record, "swap.saved",
+        {"seq": seq, "sha256": digest},
+    )
+    store.set_value("last_seq", seq)
+    if seq == 30:
+        halfway.set()
+sys.exit(3)
+"""
+
+
+def test_a_sigkill_mid_burst_leaves_whole_rows(tmp_path: Path) -> None:
+    child = python(BURST_THEN_SIGKILL, str(tmp_path))
+    assert child.wait(60) == -signal.SIGKILL
+    with raw(tmp_path / "state.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with Store.open(tmp_path) as store:
+        events = store.events_after(0, limit=100_000)
+        swaps = store.list_swaps(limit=100)
+        last_seq = store.get_value("last_seq")
+    assert len(events) >= 30
+    assert [event.detail["seq"] for event in events] == list(range(1, len(events) + 1))
+    event_digest = {event.detail["seq"]: event.detail["sha256"] for event in events}
+    for record in swaps:
+        assert hashlib.sha256(record["blob"].encode()).hexdigest() == record["sha256"]
+        assert event_digest[record["seq"]] == record["sha256"]  # swap and event went in together
+    newest = max(record["seq"] for record in swaps)
+    assert newest == len(events)  # the last committed transaction carried both
+    assert last_seq in (newest - 1, newest)  # a separate transaction, one behind at most
