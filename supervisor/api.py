@@ -74,7 +74,7 @@ class Backend(Protocol):
     def events(self, after: int, limit: int) -> list[dict[str, Any]]: ...
     def metrics(self) -> str: ...
     def host_action(self, action: str) -> dict[str, Any]: ...
-    def heartbeat(self, status: str | None, peer: Peer) -> dict[str, Any]: ...
+    def heartbeat(self, status: str | None, ready: bool, peer: Peer) -> dict[str, Any]: ...
     def list_swaps(self, limit: int) -> list[dict[str, Any]]: ...
     def get_swap(self, swap_id: str) -> dict[str, Any]: ...
     def prepare_swap(self, summary: str) -> dict[str, Any]: ...
@@ -104,7 +104,7 @@ class Route:
     call: str
     args: tuple[str, ...] = ()
     query: tuple[IntParam, ...] = ()
-    body: tuple[tuple[str, str | None], ...] = ()
+    body: tuple[tuple[str, str | bool | None], ...] = ()  # optional fields; a bool default = a bool field
     status: int = 200
     content_type: str = JSON_TYPE
 
@@ -119,7 +119,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/events", "events", ("after", "limit"), query=_EVENTS_QUERY),
     Route("GET", "/metrics", "metrics", content_type=METRICS_TYPE),
     Route("POST", "/v1/host/(?P<action>start|stop|restart)", "host_action", ("action",)),
-    Route("POST", "/v1/heartbeat", "heartbeat", ("status", "peer"), body=(("status", None),)),
+    Route("POST", "/v1/heartbeat", "heartbeat", ("status", "ready", "peer"),
+          body=(("status", None), ("ready", False))),
     Route("GET", "/v1/swaps", "list_swaps", ("limit",), query=(IntParam("limit", 20, 1, 1000),)),
     Route("POST", "/v1/swaps", "prepare_swap", ("summary",), body=(("summary", ""),), status=201),
     Route("GET", f"/v1/swaps/{_ID}", "get_swap", ("swap_id",)),
@@ -191,8 +192,9 @@ def _no_constants(name: str) -> Any:
     raise errors.BadRequest(f"malformed JSON: {name} is not a JSON value")
 
 
-def parse_body(raw: bytes, fields: tuple[tuple[str, str | None], ...]) -> dict[str, Any]:
-    """An empty body, or a JSON object of the route's optional string fields (null = absent)."""
+def parse_body(raw: bytes, fields: tuple[tuple[str, str | bool | None], ...]) -> dict[str, Any]:
+    """An empty body, or a JSON object of the route's optional fields (null = absent): strings,
+    or booleans where the field's default is a boolean."""
     data: Any = {}
     if raw.strip():
         try:
@@ -212,8 +214,10 @@ def parse_body(raw: bytes, fields: tuple[tuple[str, str | None], ...]) -> dict[s
         if key not in defaults:
             allowed = ", ".join(repr(name) for name in defaults) or "none"
             raise errors.BadRequest(f"unknown field {key!r} (allowed: {allowed})")
-        if value is not None and not isinstance(value, str):
-            raise errors.BadRequest(f"field {key!r} must be a string, got {type(value).__name__}")
+        wanted = bool if isinstance(defaults[key], bool) else str
+        if value is not None and not isinstance(value, wanted):
+            kind = "boolean" if wanted is bool else "string"
+            raise errors.BadRequest(f"field {key!r} must be a {kind}, got {type(value).__name__}")
     return {key: value for key, value in data.items() if value is not None}
 
 

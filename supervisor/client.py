@@ -160,8 +160,11 @@ class Client:
     def host(self, action: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/host/{quote(action, safe='')}")
 
-    def heartbeat(self, status: str | None = None) -> dict[str, Any]:
-        return self.request("POST", "/v1/heartbeat", None if status is None else {"status": status})
+    def heartbeat(self, status: str | None = None, ready: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {} if status is None else {"status": status}
+        if ready:
+            body["ready"] = True
+        return self.request("POST", "/v1/heartbeat", body or None)
 
     def swaps(self, limit: int = 20) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/swaps?limit={int(limit)}")

@@ -45,7 +45,7 @@ class SwapBackend:
         self.lock = threading.Lock()
         self.writers = {os.getuid()} if writers is None else writers
         self.asked: list[Peer] = []  # every peer may_write was asked about
-        self.heartbeats: list[tuple[str | None, Peer]] = []
+        self.heartbeats: list[tuple[str | None, bool, Peer]] = []
         self.threads: list[threading.Thread] = []  # the handler thread of every call
         self.swaps: dict[str, dict[str, Any]] = {}
         self.host_state = "running"
@@ -80,9 +80,9 @@ class SwapBackend:
             self.host_state = {"start": "running", "stop": "stopped", "restart": "running"}[action]
             return {"host": {"state": self.host_state}}
 
-    def heartbeat(self, status: str | None, peer: Peer) -> dict[str, Any]:
+    def heartbeat(self, status: str | None, ready: bool, peer: Peer) -> dict[str, Any]:
         with self.lock:
-            self.heartbeats.append((status, peer))
+            self.heartbeats.append((status, ready, peer))
             return {"ok": True}
 
     def list_swaps(self, limit: int) -> list[dict[str, Any]]:
@@ -221,9 +221,10 @@ def test_every_route_through_the_client(client: Client, backend: SwapBackend) ->
     assert client.host("start")["host"]["state"] == "running"
     assert client.host("restart")["host"]["state"] == "running"
     assert client.heartbeat() == {"ok": True}
-    client.heartbeat("serving 3 users")
-    assert [status for status, _peer in backend.heartbeats] == [None, "serving 3 users"]
-    assert backend.heartbeats[0][1] == Peer(os.getpid(), os.getuid(), os.getgid())
+    client.heartbeat("serving 3 users", ready=True)
+    assert [(status, ready) for status, ready, _peer in backend.heartbeats] == [
+        (None, False), ("serving 3 users", True)]
+    assert backend.heartbeats[0][2] == Peer(os.getpid(), os.getuid(), os.getgid())
 
     first = client.prepare("new parser")
     assert first["state"] == "prepared" and first["summary"] == "new parser"
@@ -265,6 +266,7 @@ ERROR_CASES = [
     (request("POST", "/v1/swaps", b"[1]"), 400, "must be a JSON object"),
     (request("POST", "/v1/heartbeat", b'{"status": NaN}'), 400, "NaN"),
     (request("POST", "/v1/heartbeat", b"\xff\xfe"), 400, "not UTF-8"),
+    (request("POST", "/v1/heartbeat", b'{"ready": "yes"}'), 400, "must be a boolean"),
     (request("GET", "/v1/events?after=-1"), 400, "'after' must be a whole number"),
     (request("GET", "/v1/swaps?limit=abc"), 400, "'limit' must be a whole number"),
     (request("GET", "/v1/swaps?limit=0"), 400, "'limit' must be a whole number from 1"),
