@@ -1,0 +1,557 @@
+"""Exact, side-effect-free checkpoints of a git work tree, and exact restore.
+
+Theory of operation (FIELD-NOTES "git"): a checkpoint is an ordinary commit whose tree is the work
+tree as it is (tracked, untracked-not-ignored, and the ignored `extra_paths`), built in a scratch
+copy of `.git/index` so the user's index, branch, HEAD, stash and config are never touched, and
+so the stat cache makes the cost proportional to what changed. Its first parent is HEAD; a second
+parent holds the user's staged state (as `git stash` does), which keeps that tree from being
+garbage-collected. A ref under `refs/swapguard/` keeps both reachable.
+
+Restore builds the same kind of tree of the current state (and keeps it, with the current HEAD,
+under `refs/swapguard/abandoned/<name>` before anything is changed), then lets
+`read-tree --reset -u` turn the current tree into the checkpoint's: git writes, deletes and
+chmods only what differs. Then the index, branch and HEAD are put back. Every step sets an
+absolute state, so a restore repeated after a crash ends exact.
+
+Limits (documented, not hidden):
+- Submodules are recorded as their gitlink (the commit) only; their own work trees are neither
+  captured nor restored.
+- Content passes through the repo's attribute filters (eol, LFS): a file whose bytes are not
+  canonical under its `.gitattributes` comes back canonical.
+- The staged state is kept as a tree: intent-to-add, assume-unchanged and skip-worktree flags
+  of the user's index are not restored.
+- When swapguard runs as root on a tree owned by someone else, git runs as that owner, so no
+  file in the tree or in `.git` ends up owned by root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from supervisor.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+REF_ROOT = "refs/swapguard"
+_CHECKPOINTS = f"{REF_ROOT}/checkpoints"
+_ABANDONED = f"{REF_ROOT}/abandoned"
+
+# Config that would make a scratch-index operation slow, lossy or chatty, overridden per call.
+_GIT_CONFIG = (
+    "core.fsmonitor=false",  # a stale token in a copied index could hide a change
+    "core.splitIndex=false",
+    "gc.auto=0",
+    "maintenance.auto=false",
+    "advice.addEmbeddedRepo=false",
+)
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "swapguard",
+    "GIT_AUTHOR_EMAIL": "swapguard@localhost",
+    "GIT_COMMITTER_NAME": "swapguard",
+    "GIT_COMMITTER_EMAIL": "swapguard@localhost",
+}
+# Files in the git dir that mean an operation is half done; a checkpoint now would be a lie.
+_IN_PROGRESS = (
+    ("MERGE_HEAD", "a merge"),
+    ("rebase-merge", "a rebase"),
+    ("rebase-apply", "a rebase or git am"),
+    ("CHERRY_PICK_HEAD", "a cherry-pick"),
+    ("REVERT_HEAD", "a revert"),
+    ("sequencer", "a cherry-pick or revert sequence"),
+    ("BISECT_LOG", "a bisect"),
+)
+_DIFF = ("diff-tree", "-r", "-z", "--no-renames")
+_LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the code tree was: the captured tree's commit, the staged tree, HEAD and branch."""
+
+    commit: str
+    index_tree: str
+    head: str | None
+    branch: str | None
+
+    def __post_init__(self) -> None:
+        if not _SHA.fullmatch(self.commit):
+            raise CheckpointError(f"checkpoint: commit must be a hex sha, got {self.commit!r}")
+        if self.index_tree and not _SHA.fullmatch(self.index_tree):
+            raise CheckpointError(
+                f"checkpoint: index_tree must be a hex sha, got {self.index_tree!r}"
+            )
+        if self.head is not None and not _SHA.fullmatch(self.head):
+            raise CheckpointError(f"checkpoint: head must be a hex sha or null, got {self.head!r}")
+        if self.head is None and self.branch is None:
+            raise CheckpointError("checkpoint: a detached HEAD needs a head commit")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"checkpoint: expected an object, got {type(data).__name__}")
+        nullable = {"commit": False, "index_tree": False, "head": True, "branch": True}
+        missing = sorted(nullable.keys() - data.keys())
+        if missing:
+            raise CheckpointError(f"checkpoint: missing field(s) {', '.join(missing)}")
+        for key, optional in nullable.items():
+            value = data[key]
+            if not (isinstance(value, str) or (optional and value is None)):
+                raise CheckpointError(f"checkpoint: field {key!r} has the wrong type: {value!r}")
+        return cls(data["commit"], data["index_tree"], data["head"], data["branch"])
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    change: Literal["added", "modified", "deleted"]
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Whom git runs as when we are root and the tree belongs to someone else."""
+
+    uid: int
+    gid: int
+    home: str
+
+
+def _owner_of(root: Path) -> _Owner | None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    try:
+        stat = root.stat()
+    except OSError:
+        return None  # check() reports the missing root
+    if stat.st_uid == 0:
+        return None
+    try:
+        entry = pwd.getpwuid(stat.st_uid)
+    except KeyError:
+        return _Owner(stat.st_uid, stat.st_gid, "/")
+    return _Owner(stat.st_uid, entry.pw_gid, entry.pw_dir)
+
+
+class _Git:
+    """Runs the git binary in one work tree with a clean, explicit environment."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.owner = _owner_of(root)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        env.update(_IDENTITY, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+        if self.owner is not None:
+            env["HOME"] = self.owner.home
+        self._env = env
+        self._config = [arg for item in _GIT_CONFIG for arg in ("-c", item)]
+
+    def run(
+        self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
+    ) -> str | None:
+        """Git's stdout, or None when it exited with an accepted non-zero code."""
+        env = self._env if index is None else {**self._env, "GIT_INDEX_FILE": str(index)}
+        owner = self.owner
+        try:
+            proc = subprocess.run(
+                ["git", *self._config, *args],
+                cwd=self.root,
+                env=env,
+                input=os.fsencode(stdin),
+                capture_output=True,
+                user=owner.uid if owner else None,
+                group=owner.gid if owner else None,
+                extra_groups=[] if owner else None,
+            )
+        except FileNotFoundError as exc:
+            raise CheckpointError("git is not installed or not on PATH") from exc
+        if proc.returncode == 0:
+            return os.fsdecode(proc.stdout)
+        if proc.returncode in ok:
+            return None
+        stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
+        raise CheckpointError(
+            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
+        )
+
+    def out(self, *args: str, index: Path | None = None) -> str:
+        return self.run(*args, index=index) or ""
+
+    def give(self, path: Path) -> None:
+        """Hand a scratch file or folder we created to the user git runs as."""
+        if self.owner is not None:
+            os.chown(path, self.owner.uid, self.owner.gid)
+
+
+def _literal(path: str) -> str:
+    return f":(literal){path}"
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".lock"):
+        raise CheckpointError(
+            f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_', '-' (no .lock suffix)"
+        )
+
+
+class CodeTree:
+    """Checkpoints and restores of one git work tree (blocking; run it in a worker thread)."""
+
+    def __init__(
+        self, root: Path, *, extra_paths: Sequence[str] = (), exclude: Sequence[Path] = ()
+    ) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.extra_paths = tuple(_relative_extra(p) for p in extra_paths)
+        self.excluded = tuple(sorted({r for p in exclude if (r := self._relative_excluded(p))}))
+        self._git = _Git(self.root)
+        self._known_git_dir: Path | None = None
+
+    # --- public ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
+        git_dir = self._git_dir(fresh=True)
+        if (git_dir / "index.lock").exists():
+            raise CheckpointError(
+                f"{git_dir / 'index.lock'} exists: another git command is running or crashed; "
+                "remove the file once no git process is left"
+            )
+        for marker, what in _IN_PROGRESS:
+            if (git_dir / marker).exists():
+                raise CheckpointError(f"{self.root}: {what} is in progress ({git_dir / marker})")
+
+    def take(self, name: str) -> Checkpoint:
+        """Capture the tree as refs/swapguard/checkpoints/<name>; the user's state is untouched."""
+        _check_name(name)
+        started = time.monotonic()
+        self.check()
+        head, branch = self.head(), self._branch()
+        with self._scratch() as scratch:
+            index_tree = self._index_tree(scratch / "staged")
+            tree = self._capture(scratch / "capture")
+        parents = [head] if head else []
+        if index_tree:
+            parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
+        commit = self._commit(tree, parents, f"swapguard checkpoint {name}\n\nbranch: {branch}")
+        self._git.out(
+            "update-ref", "-m", f"swapguard: checkpoint {name}", f"{_CHECKPOINTS}/{name}", commit
+        )
+        log.info("checkpoint %s of %s: %s (%.0f ms)", name, self.root, commit[:12], _ms(started))
+        return Checkpoint(commit=commit, index_tree=index_tree, head=head, branch=branch)
+
+    def restore(self, cp: Checkpoint, *, name: str) -> None:
+        """Make work tree, index, HEAD and branch what they were at `cp`; lose no commit or file."""
+        _check_name(name)
+        started = time.monotonic()
+        self.check()
+        target = self._tree_of(cp)
+        with self._scratch() as scratch:
+            index = scratch / "current"
+            current = self._capture(index)
+            doomed = self._ignored_in_the_way(current, target, index)
+            if doomed:  # ignored files git must remove: keep their content in the abandoned tree
+                self._git.out("add", "-f", "--", *map(_literal, doomed), index=index)
+                current = self._git.out("write-tree", index=index).strip()
+            self._keep_abandoned(current, cp, name)
+            self._git.out("read-tree", "--reset", "-u", target, index=index)
+            self._put_index(cp.index_tree, worktree_index=index)
+        self._put_head(cp, name)
+        log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
+
+    def changes(self, cp: Checkpoint) -> list[Change]:
+        """What differs between the work tree now and `cp`, by path relative to root."""
+        with self._scratch() as scratch:
+            current = self._capture(scratch / "current")
+        diff = self._git.out(*_DIFF, "--name-status", self._tree_of(cp), current)
+        fields = diff.split("\0")
+        kinds: dict[str, Literal["added", "modified", "deleted"]] = {"A": "added", "D": "deleted"}
+        found = [
+            Change(path, kinds.get(status, "modified"))
+            for status, path in zip(fields[0::2], fields[1::2], strict=False)
+            if status
+        ]
+        return sorted(found, key=lambda change: change.path)
+
+    def differs(self, cp: Checkpoint) -> bool:
+        """Whether anything at all changed since `cp` (one capture, no diff listing)."""
+        with self._scratch() as scratch:
+            current = self._capture(scratch / "current")
+        return current != self._tree_of(cp)
+
+    def head(self) -> str | None:
+        """HEAD's commit, or None on an unborn branch."""
+        found = self._git.run("rev-parse", "-q", "--verify", "HEAD^{commit}", ok=(1,))
+        return found.strip() if found else None
+
+    def drop(self, name: str) -> None:
+        """Forget every swapguard ref of `name`, so gc may reclaim what only they kept."""
+        _check_name(name)
+        listed = self._git.out("for-each-ref", "--format=%(refname)", f"{REF_ROOT}/")
+        doomed = [
+            ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] == name
+        ]
+        for ref in doomed:
+            self._git.out("update-ref", "-d", ref)
+        if doomed:
+            log.info("dropped %s", ", ".join(doomed))
+
+    # --- capture ----------------------------------------------------------------------------
+
+    def _capture(self, index: Path) -> str:
+        """Write the tree of the work tree as it is, through a scratch copy of the index."""
+        real = self._git_dir() / "index"
+        if real.exists():
+            shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
+            self._git.give(index)
+        skip = self._exclude_pathspecs(index)
+        self._git.out("add", "-A", "--", ".", *skip, index=index)
+        present = [p for p in self.extra_paths if os.path.lexists(self.root / p)]
+        if present:
+            self._git.out("add", "-f", "--", *map(_literal, present), *skip, index=index)
+        self._forget_excluded(index)
+        return self._git.out("write-tree", index=index).strip()
+
+    def _exclude_pathspecs(self, index: Path) -> list[str]:
+        """Pathspecs that keep excluded files from being hashed at all (a big database would be).
+
+        Ignored ones are left out: `git add` fails on a pathspec that names an ignored path.
+        """
+        if not self.excluded:
+            return []
+        listed = self._git.run(
+            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(self.excluded)
+        )
+        ignored = set((listed or "").split("\0"))
+        return [f":(exclude,literal){path}" for path in self.excluded if path not in ignored]
+
+    def _index_tree(self, scratch: Path) -> str:
+        """The tree the user staged, from a copy: write-tree may rewrite the index it reads."""
+        real = self._git_dir() / "index"
+        if not real.exists():
+            return ""
+        shutil.copy2(real, scratch)
+        self._git.give(scratch)
+        return self._git.out("write-tree", index=scratch).strip()
+
+    def _forget_excluded(self, index: Path) -> None:
+        """Drop excluded paths that the user's index tracks: never captured, never restored."""
+        if self.excluded:
+            self._git.out(
+                "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
+                *map(_literal, self.excluded), index=index,
+            )  # fmt: skip
+
+    def _tree_of(self, cp: Checkpoint) -> str:
+        """The checkpoint's tree minus excluded paths (exclude may have grown since the take)."""
+        tree = self._git.out("rev-parse", "--verify", f"{cp.commit}^{{tree}}").strip()
+        if not self.excluded:
+            return tree
+        with self._scratch() as scratch:
+            index = scratch / "filtered"
+            self._git.out("read-tree", tree, index=index)
+            self._forget_excluded(index)
+            return self._git.out("write-tree", index=index).strip()
+
+    def _commit(self, tree: str, parents: Sequence[str], message: str) -> str:
+        args = ["commit-tree", "--no-gpg-sign", "-m", message, tree]
+        for parent in parents:
+            args += ["-p", parent]
+        return self._git.out(*args).strip()
+
+    # --- restore -------------------------------------------------------------------------------
+
+    def _ignored_in_the_way(self, current: str, target: str, index: Path) -> list[str]:
+        """Untracked (ignored) paths that `read-tree --reset -u` would delete to make room.
+
+        They sit where the target has a file (a directory of ignored files, an ignored file) or
+        where it needs a directory. An excluded path there refuses the restore before any change.
+        """
+        diff = self._git.out(*_DIFF, "--diff-filter=A", "--name-only", current, target)
+        doomed: set[str] = set()
+        for path in filter(None, diff.split("\0")):
+            for excluded in self.excluded:
+                if excluded == path or excluded.startswith(path + "/"):
+                    raise CheckpointError(
+                        f"restore would replace {self.root / path} but it holds the excluded "
+                        f"{self.root / excluded}; move it away and retry"
+                    )
+            full = self.root / path
+            if _is_real_dir(full):
+                listed = self._git.out(*_LS_IGNORED, _literal(path), index=index)
+                doomed.update(filter(None, listed.split("\0")))
+            elif os.path.lexists(full):
+                doomed.add(path)
+            for parent in PurePosixPath(path).parents:
+                above = self.root / parent
+                if parent.name and os.path.lexists(above) and not _is_real_dir(above):
+                    if str(parent) in self.excluded:
+                        raise CheckpointError(
+                            f"restore needs a folder at the excluded {self.root / parent}"
+                        )
+                    doomed.add(str(parent))
+        return sorted(doomed)
+
+    def _keep_abandoned(self, current: str, cp: Checkpoint, name: str) -> None:
+        """Keep the abandoned state, its HEAD and its branch tip reachable under swapguard's refs.
+
+        A repeated restore keeps the first abandoned commit (the new version's tree) and only adds
+        a merge commit when some commit would otherwise become unreachable.
+        """
+        ref = f"{_ABANDONED}/{name}"
+        tips = [self.head()]
+        if cp.branch:
+            found = self._git.run("rev-parse", "-q", "--verify", f"refs/heads/{cp.branch}", ok=(1,))
+            tips.append(found.strip() if found else None)
+        tips = list(dict.fromkeys(tip for tip in tips if tip))
+        previous = self._git.run("rev-parse", "-q", "--verify", ref, ok=(1,))
+        if previous is None:
+            commit = self._commit(current, tips, f"swapguard abandoned {name}")
+            self._git.out("update-ref", "-m", f"swapguard: abandoned {name}", ref, commit, "")
+            return
+        previous = previous.strip()
+        loose = [tip for tip in tips if not self._reachable(tip, previous, cp.commit)]
+        if loose:
+            commit = self._commit(
+                f"{previous}^{{tree}}", [previous, *loose], f"swapguard abandoned {name}"
+            )
+            self._git.out("update-ref", "-m", f"swapguard: abandoned {name}", ref, commit, previous)
+
+    def _reachable(self, commit: str, *tips: str) -> bool:
+        return any(
+            self._git.run("merge-base", "--is-ancestor", commit, tip, ok=(1,)) is not None
+            for tip in tips
+        )
+
+    def _put_index(self, index_tree: str, *, worktree_index: Path) -> None:
+        """Replace the user's index with the staged tree of the checkpoint, atomically.
+
+        Built from the index that just wrote the work tree, so unchanged entries keep their stat
+        data and the refresh only hashes what is staged differently from the work tree.
+        """
+        git_dir = self._git_dir()
+        real = git_dir / "index"
+        if not index_tree:
+            with self._index_lock(git_dir):
+                real.unlink(missing_ok=True)
+            return
+        for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
+            stale.unlink(missing_ok=True)
+        staged = git_dir / f"swapguard-index.{os.getpid()}"
+        shutil.copy2(worktree_index, staged)
+        try:
+            if real.exists():
+                os.chmod(staged, real.stat().st_mode & 0o7777)
+            self._git.give(staged)
+            self._git.out("read-tree", "--reset", index_tree, index=staged)
+            self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
+            with self._index_lock(git_dir):
+                os.replace(staged, real)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _put_head(self, cp: Checkpoint, name: str) -> None:
+        message = f"swapguard: restore {name}"
+        if cp.branch is None:
+            self._git.out("update-ref", "--no-deref", "-m", message, "HEAD", str(cp.head))
+            return
+        branch_ref = f"refs/heads/{cp.branch}"
+        if cp.head is None:
+            self._git.out("update-ref", "-m", message, "-d", branch_ref)
+        else:
+            self._git.out("update-ref", "-m", message, branch_ref, cp.head)
+        if self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,)) != branch_ref + "\n":
+            self._git.out("symbolic-ref", "-m", message, "HEAD", branch_ref)
+
+    @contextmanager
+    def _index_lock(self, git_dir: Path) -> Iterator[None]:
+        """Hold index.lock the way git does, so no git command writes the index meanwhile."""
+        lock = git_dir / "index.lock"
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError as exc:
+            raise CheckpointError(f"{lock} exists: another git command is running") from exc
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _git_dir(self, *, fresh: bool = False) -> Path:
+        """The work tree's git dir; CheckpointError unless root is the top of a git work tree."""
+        if self._known_git_dir is not None and not fresh:
+            return self._known_git_dir
+        if not self.root.is_dir():
+            raise CheckpointError(f"code root {self.root} is not a directory")
+        found = self._git.out(
+            "rev-parse", "--is-inside-work-tree", "--show-toplevel", "--absolute-git-dir"
+        )
+        lines = found.splitlines()
+        if len(lines) != 3 or lines[0] != "true":
+            raise CheckpointError(f"code root {self.root} is not a git work tree")
+        if Path(lines[1]).resolve() != self.root.resolve():
+            raise CheckpointError(
+                f"code root {self.root} must be the top of its git work tree {lines[1]}"
+            )
+        self._known_git_dir = Path(lines[2])
+        return self._known_git_dir
+
+    def _branch(self) -> str | None:
+        found = self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,))
+        if found is None:
+            return None
+        ref = found.strip()
+        if not ref.startswith("refs/heads/"):
+            raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
+        return ref.removeprefix("refs/heads/")
+
+    @contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="swapguard-checkpoint-") as folder:
+            self._git.give(Path(folder))
+            yield Path(folder)
+
+    def _relative_excluded(self, path: Path) -> str | None:
+        """`path` relative to root, or None when it lies outside (then nothing can touch it)."""
+        if not Path(path).is_absolute():
+            raise ConfigError(f"excluded path {str(path)!r} must be absolute")
+        absolute = Path(os.path.abspath(path))
+        for base in (self.root, self.root.resolve()):
+            if absolute.is_relative_to(base) and absolute != base:
+                return absolute.relative_to(base).as_posix()
+        return None
+
+
+def _relative_extra(path: str) -> str:
+    """Validate an extra path: relative, inside root, not in .git."""
+    pure = PurePosixPath(str(path))
+    if not str(path) or pure.is_absolute() or ".." in pure.parts or str(pure) == ".":
+        raise ConfigError(
+            f"{str(path)!r} must be a relative path inside the code root", key="code.extra_paths"
+        )
+    if pure.parts[0] == ".git":
+        raise ConfigError(f"{str(path)!r} lies inside .git", key="code.extra_paths")
+    return pure.as_posix()
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000

@@ -1,0 +1,607 @@
+"""Checkpoints of real git repos: take, let a "new version" mutate, restore: exactly as before."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.checkpoint import Change, Checkpoint, CodeTree
+from supervisor.errors import CheckpointError, ConfigError
+
+WAIT_S = 10.0
+
+
+def git(repo: Path, *args: str) -> str:
+    """The tests' own git, as a user would run it (safe.directory: repos may belong to nobody)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    proc = subprocess.run(
+        ["git", "-c", "safe.directory=*", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"git {args}: {proc.stderr}"
+    return proc.stdout
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def snapshot_state(repo: Path) -> dict[str, Any]:
+    """Everything restore promises to put back: files, modes, links, HEAD, branch, index."""
+    files: dict[str, tuple[str, int, str]] = {}
+    for folder, dirs, names in os.walk(repo):
+        base = Path(folder)
+        if base == repo:
+            dirs.remove(".git")
+        for name in [*names, *(d for d in dirs if (base / d).is_symlink())]:
+            path = base / name
+            info = path.lstat()
+            rel = path.relative_to(repo).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                files[rel] = ("link", 0, os.readlink(path))
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                files[rel] = ("file", stat.S_IMODE(info.st_mode), digest)
+    head = subprocess.run(
+        ["git", "-c", "safe.directory=*", "rev-parse", "-q", "--verify", "HEAD"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    branch = subprocess.run(
+        ["git", "-c", "safe.directory=*", "symbolic-ref", "-q", "HEAD"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "files": files,
+        "head": head,
+        "branch": branch,
+        "status": git(repo, "status", "--porcelain=v2", "--untracked-files=all"),
+        "staged": git(repo, "diff", "--cached", "--binary"),
+    }
+
+
+def init_repo(repo: Path) -> None:
+    repo.mkdir(parents=True, exist_ok=True)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.name", "Host Developer")
+    git(repo, "config", "user.email", "dev@example.com")
+
+
+def commit_all(repo: Path, message: str) -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repo with three commits and a dirty tree of every kind."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / ".gitignore", "*.log\ndist/\n.swapguard/\n")
+    write(repo / "README.md", "# host\n")
+    write(repo / "src/app.py", "print('v1')\n")
+    write(repo / "src/lib.py", "X = 1\n")
+    write(repo / "docs/guide.txt", "guide\n")
+    write(repo / "run.sh", "#!/bin/sh\nexec python src/app.py\n")
+    (repo / "run.sh").chmod(0o755)
+    (repo / "current").symlink_to("src/app.py")
+    commit_all(repo, "first")
+    write(repo / "src/lib.py", "X = 2\n")
+    write(repo / "src/extra.py", "Y = 1\n")
+    commit_all(repo, "second")
+    write(repo / "docs/more.txt", "more\n")
+    commit_all(repo, "third")
+    # staged, staged-then-modified, unstaged, untracked, ignored, extra path, excluded
+    write(repo / "README.md", "# host, staged\n")
+    write(repo / "staged.txt", "new and staged\n")
+    write(repo / "src/lib.py", "X = 3\n")
+    git(repo, "add", "README.md", "staged.txt", "src/lib.py")
+    write(repo / "src/lib.py", "X = 4\n")
+    write(repo / "src/app.py", "print('v1, unstaged')\n")
+    write(repo / "notes/todo.txt", "untracked\n")
+    write(repo / "debug.log", "ignored\n")
+    write(repo / "dist/bundle.js", "bundle v1\n")
+    write(repo / "dist/lib/chunk.js", "chunk v1\n")
+    write(repo / ".swapguard/state.db", "swapguard's own\n")
+    write(repo / "data/app.db", "data v1\n")
+    return repo
+
+
+def code_tree(repo: Path) -> CodeTree:
+    return CodeTree(
+        repo,
+        extra_paths=["dist"],
+        exclude=[repo / ".swapguard", repo / "data/app.db", repo / "data/app.db-wal"],
+    )
+
+
+def abandoned(repo: Path, name: str) -> str:
+    return git(repo, "rev-parse", f"refs/swapguard/abandoned/{name}").strip()
+
+
+def is_ancestor(repo: Path, commit: str, tip: str) -> bool:
+    return (
+        subprocess.run(
+            ["git", "merge-base", "--is-ancestor", commit, tip], cwd=repo, capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+# --- what a new version may do to the tree ------------------------------------------------------
+
+
+def modify(repo: Path) -> None:
+    write(repo / "src/app.py", "print('v2')\n")
+    write(repo / "docs/guide.txt", "guide v2\n")
+
+
+def add(repo: Path) -> None:
+    write(repo / "src/new.py", "NEW = 1\n")
+    write(repo / "pkg/deep/er/mod.py", "DEEP = 1\n")
+
+
+def delete(repo: Path) -> None:
+    (repo / "docs/guide.txt").unlink()
+    (repo / "notes/todo.txt").unlink()
+    shutil.rmtree(repo / "src")
+
+
+def rename(repo: Path) -> None:
+    (repo / "src/lib.py").rename(repo / "src/library.py")
+    (repo / "docs").rename(repo / "manual")
+
+
+def chmod(repo: Path) -> None:
+    (repo / "README.md").chmod(0o755)
+    (repo / "run.sh").chmod(0o644)
+
+
+def relink(repo: Path) -> None:
+    (repo / "current").unlink()
+    (repo / "current").symlink_to("src/lib.py")
+    (repo / "docs/more.txt").unlink()
+    (repo / "docs/more.txt").symlink_to("../README.md")
+
+
+def file_to_dir(repo: Path) -> None:
+    (repo / "docs/guide.txt").unlink()
+    write(repo / "docs/guide.txt/index.md", "now a folder\n")
+    shutil.rmtree(repo / "notes")
+    write(repo / "notes", "now a file\n")
+
+
+def restage(repo: Path) -> None:
+    git(repo, "reset", "-q")
+    write(repo / "docs/more.txt", "more v2\n")
+    git(repo, "add", "docs/more.txt", "src/app.py")
+
+
+def extra_paths(repo: Path) -> None:
+    write(repo / "dist/bundle.js", "bundle v2\n")
+    write(repo / "dist/new.js", "new chunk\n")
+    shutil.rmtree(repo / "dist/lib")
+
+
+def commit(repo: Path) -> None:
+    write(repo / "src/app.py", "print('v2 committed')\n")
+    commit_all(repo, "new version")
+
+
+def switch_branch(repo: Path) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "on main")
+    git(repo, "checkout", "-q", "-b", "feature")
+    write(repo / "feature.py", "F = 1\n")
+    commit_all(repo, "on feature")
+
+
+def detach(repo: Path) -> None:
+    git(repo, "checkout", "-q", "-f", "--detach", "HEAD~2")
+
+
+MUTATIONS: list[Callable[[Path], None]] = [
+    modify,
+    add,
+    delete,
+    rename,
+    chmod,
+    relink,
+    file_to_dir,
+    restage,
+    extra_paths,
+    commit,
+    switch_branch,
+    detach,
+]
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS, ids=lambda m: m.__name__)
+def test_restore_undoes_each_kind_of_change(repo: Path, mutate: Callable[[Path], None]) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    assert snapshot_state(repo) == before
+    mutate(repo)
+    assert snapshot_state(repo) != before
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    assert not tree.differs(cp)
+
+
+def test_restore_undoes_every_change_at_once(repo: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("all")
+    for mutate in (modify, add, chmod, relink, file_to_dir, extra_paths, restage, rename, commit):
+        mutate(repo)
+    tree.restore(cp, name="all")
+    assert snapshot_state(repo) == before
+
+
+def test_take_leaves_index_head_and_refs_of_the_user_alone(repo: Path) -> None:
+    index = (repo / ".git/index").read_bytes()
+    head_file = (repo / ".git/HEAD").read_bytes()
+    branch_tip = git(repo, "rev-parse", "refs/heads/main")
+    config = (repo / ".git/config").read_bytes()
+    cp = code_tree(repo).take("s1")
+    assert (repo / ".git/index").read_bytes() == index
+    assert (repo / ".git/HEAD").read_bytes() == head_file
+    assert (repo / ".git/config").read_bytes() == config
+    assert git(repo, "rev-parse", "refs/heads/main") == branch_tip
+    assert not (repo / ".git/refs/stash").exists()
+    assert cp.head == branch_tip.strip() and cp.branch == "main"
+    assert git(repo, "rev-parse", "refs/swapguard/checkpoints/s1").strip() == cp.commit
+    assert git(repo, "rev-parse", f"{cp.commit}^1").strip() == cp.head
+    assert git(repo, "rev-parse", f"{cp.commit}^2^{{tree}}").strip() == cp.index_tree
+
+
+def test_checkpoint_tree_holds_extra_paths_but_never_excluded_or_ignored(repo: Path) -> None:
+    cp = code_tree(repo).take("s1")
+    listed = set(git(repo, "ls-tree", "-r", "--name-only", cp.commit).split())
+    assert {"dist/bundle.js", "dist/lib/chunk.js", "notes/todo.txt", "staged.txt"} <= listed
+    assert not {".swapguard/state.db", "data/app.db", "debug.log"} & listed
+
+
+def test_commits_of_the_new_version_stay_reachable(repo: Path) -> None:
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    switch_branch(repo)
+    feature_tip = git(repo, "rev-parse", "HEAD").strip()
+    main_tip = git(repo, "rev-parse", "refs/heads/main").strip()
+    tree.restore(cp, name="s1")
+    git(repo, "branch", "-q", "-D", "feature")  # only swapguard's refs are left to keep them
+    kept = abandoned(repo, "s1")
+    assert is_ancestor(repo, feature_tip, kept) and is_ancestor(repo, main_tip, kept)
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    git(repo, "gc", "-q", "--prune=now")
+    git(repo, "cat-file", "-e", f"{feature_tip}^{{commit}}")
+    assert git(repo, "show", f"{kept}:feature.py") == "F = 1\n"
+
+
+def test_restore_keeps_ignored_files_it_must_replace(repo: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    (repo / "docs/guide.txt").unlink()
+    write(repo / "docs/guide.txt/build.log", "ignored, in the way\n")
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    assert git(repo, "show", "refs/swapguard/abandoned/s1:docs/guide.txt/build.log")
+
+
+def test_ignored_and_excluded_files_are_not_touched(repo: Path) -> None:
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    write(repo / "debug.log", "ignored, written by v2\n")
+    write(repo / "v2.log", "new ignored\n")
+    write(repo / "data/app.db", "data v2\n")
+    write(repo / "data/app.db-wal", "wal v2\n")
+    write(repo / ".swapguard/state.db", "swapguard wrote this meanwhile\n")
+    modify(repo)
+    assert [c.path for c in tree.changes(cp)] == ["docs/guide.txt", "src/app.py"]
+    tree.restore(cp, name="s1")
+    assert (repo / "debug.log").read_text() == "ignored, written by v2\n"
+    assert (repo / "v2.log").read_text() == "new ignored\n"
+    assert (repo / "data/app.db").read_text() == "data v2\n"
+    assert (repo / "data/app.db-wal").read_text() == "wal v2\n"
+    assert (repo / ".swapguard/state.db").read_text() == "swapguard wrote this meanwhile\n"
+    assert (repo / "src/app.py").read_text() == "print('v1, unstaged')\n"
+
+
+def test_excluded_file_tracked_by_git_is_neither_captured_nor_restored(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "v1\n")
+    write(repo / "data/app.db", "committed by mistake\n")
+    commit_all(repo, "first")
+    tree = CodeTree(repo, exclude=[repo / "data/app.db"])
+    cp = tree.take("s1")
+    write(repo / "data/app.db", "live data\n")
+    write(repo / "app.py", "v2\n")
+    commit_all(repo, "v2 commits the db too")
+    tree.restore(cp, name="s1")
+    assert (repo / "data/app.db").read_text() == "live data\n"
+    assert (repo / "app.py").read_text() == "v1\n"
+
+
+def test_restore_refuses_to_replace_a_folder_that_holds_an_excluded_file(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "var", "a file at first\n")
+    commit_all(repo, "first")
+    tree = CodeTree(repo, exclude=[repo / "var/app.db"])
+    cp = tree.take("s1")
+    (repo / "var").unlink()
+    write(repo / "var/app.db", "live data\n")
+    with pytest.raises(CheckpointError, match="excluded"):
+        tree.restore(cp, name="s1")
+    assert (repo / "var/app.db").read_text() == "live data\n"
+
+
+def test_restore_twice_and_after_being_killed_half_way(repo: Path, tmp_path: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    for i in range(300):
+        write(repo / f"gen/{i:03}.py", f"N = {i}\n")
+    commit(repo)
+    new_head = git(repo, "rev-parse", "HEAD").strip()
+    script = (
+        "import json, sys\nfrom pathlib import Path\n"
+        "from supervisor.checkpoint import Checkpoint, CodeTree\n"
+        "repo = Path(sys.argv[1])\n"
+        "from tests.test_checkpoint import code_tree\n"
+        "tree = code_tree(repo)\n"
+        "tree.restore(Checkpoint.from_json(json.loads(sys.argv[2])), name='s1')\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(repo), json.dumps(cp.to_json())],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # the killed child leaves its scratch here
+        start_new_session=True,  # killpg below also kills the git it is running, as a crash would
+    )
+    ref = repo / ".git/refs/swapguard/abandoned/s1"
+    deadline = time.monotonic() + WAIT_S
+    while not ref.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with contextlib.suppress(ProcessLookupError):  # it may have finished already
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=WAIT_S)
+    (repo / ".git/index.lock").unlink(missing_ok=True)  # what an operator would do after a crash
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    first = abandoned(repo, "s1")
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    assert abandoned(repo, "s1") == first
+    assert is_ancestor(repo, new_head, first)
+    assert git(repo, "show", f"{first}:gen/123.py") == "N = 123\n"
+
+
+def test_take_refuses_while_index_lock_exists(repo: Path) -> None:
+    (repo / ".git/index.lock").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"index\.lock"):
+        code_tree(repo).take("s1")
+    assert git(repo, "for-each-ref", "refs/swapguard/") == ""
+
+
+def test_take_and_restore_refuse_during_a_merge(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "a.txt", "base\n")
+    commit_all(repo, "base")
+    tree = CodeTree(repo)
+    cp = tree.take("before")
+    git(repo, "checkout", "-q", "-b", "other")
+    write(repo / "a.txt", "other\n")
+    commit_all(repo, "other")
+    git(repo, "checkout", "-q", "main")
+    write(repo / "a.txt", "main\n")
+    commit_all(repo, "main")
+    merge = subprocess.run(["git", "merge", "other"], cwd=repo, capture_output=True)
+    assert merge.returncode != 0
+    before = snapshot_state(repo)
+    with pytest.raises(CheckpointError, match="a merge is in progress"):
+        tree.take("s1")
+    with pytest.raises(CheckpointError, match="a merge is in progress"):
+        tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+
+
+def test_unborn_branch(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "v1\n")
+    write(repo / "staged.py", "staged\n")
+    git(repo, "add", "staged.py")
+    tree = CodeTree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    assert cp.head is None and cp.branch == "main" and cp.index_tree
+    write(repo / "app.py", "v2\n")
+    commit_all(repo, "the new version's first commit")
+    new_head = git(repo, "rev-parse", "HEAD").strip()
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    assert tree.head() is None
+    assert is_ancestor(repo, new_head, abandoned(repo, "s1"))
+
+
+def test_fresh_repo_without_an_index(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "v1\n")
+    tree = CodeTree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    assert cp.index_tree == "" and not (repo / ".git/index").exists()
+    write(repo / "app.py", "v2\n")
+    git(repo, "add", "-A")
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    assert not (repo / ".git/index").exists()
+
+
+def test_detached_head(repo: Path) -> None:
+    git(repo, "checkout", "-q", "--detach", "HEAD~1")
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    assert cp.branch is None and cp.head == before["head"]
+    git(repo, "checkout", "-q", "-f", "main")
+    write(repo / "src/app.py", "print('v2')\n")
+    commit_all(repo, "v2 on main")
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+
+
+def test_changes_lists_added_modified_deleted(repo: Path) -> None:
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    assert tree.changes(cp) == [] and not tree.differs(cp)
+    write(repo / "src/app.py", "print('v2')\n")
+    write(repo / "src/new.py", "NEW = 1\n")
+    (repo / "docs/guide.txt").unlink()
+    (repo / "run.sh").chmod(0o644)
+    write(repo / "dist/bundle.js", "bundle v2\n")
+    (repo / "current").unlink()
+    write(repo / "current", "no longer a link\n")
+    assert tree.differs(cp)
+    assert tree.changes(cp) == [
+        Change("current", "modified"),
+        Change("dist/bundle.js", "modified"),
+        Change("docs/guide.txt", "deleted"),
+        Change("run.sh", "modified"),
+        Change("src/app.py", "modified"),
+        Change("src/new.py", "added"),
+    ]
+
+
+def test_drop_forgets_the_refs_of_one_swap(repo: Path) -> None:
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    tree.take("s2")
+    modify(repo)
+    tree.restore(cp, name="s1")
+    tree.drop("s1")
+    assert git(repo, "for-each-ref", "--format=%(refname)", "refs/swapguard/").split() == [
+        "refs/swapguard/checkpoints/s2"
+    ]
+    tree.drop("s1")  # pruning again is fine
+
+
+def test_checkpoint_json_round_trip_and_bad_records() -> None:
+    cp = Checkpoint(commit="a" * 40, index_tree="b" * 40, head="c" * 40, branch="main")
+    assert Checkpoint.from_json(cp.to_json()) == cp
+    with pytest.raises(CheckpointError, match="missing field"):
+        Checkpoint.from_json({"commit": "a" * 40})
+    with pytest.raises(CheckpointError, match="commit"):
+        Checkpoint.from_json({**cp.to_json(), "commit": "HEAD"})
+    with pytest.raises(CheckpointError, match="branch"):
+        Checkpoint.from_json({**cp.to_json(), "branch": 3})
+    with pytest.raises(CheckpointError, match="detached"):
+        Checkpoint.from_json({**cp.to_json(), "head": None, "branch": None})
+
+
+def test_bad_roots_names_and_paths_are_named(tmp_path: Path, repo: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="not a git repository"):
+        CodeTree(tmp_path / "plain").check()
+    with pytest.raises(CheckpointError, match="not a directory"):
+        CodeTree(tmp_path / "missing").check()
+    with pytest.raises(CheckpointError, match="top of its git work tree"):
+        CodeTree(repo / "src").check()
+    with pytest.raises(CheckpointError, match="checkpoint name"):
+        code_tree(repo).take("../escape")
+    with pytest.raises(ConfigError, match=r"code\.extra_paths"):
+        CodeTree(repo, extra_paths=["../outside"])
+    with pytest.raises(ConfigError, match="must be absolute"):
+        CodeTree(repo, exclude=[Path("relative.db")])
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder another user can enter (pytest's tmp_path lives under a 0700 folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="swapguard-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_as_root_git_runs_as_the_owner_of_the_tree(shared_dir: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    repo = shared_dir / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "v1\n")
+    commit_all(repo, "first")
+    write(repo / "app.py", "v1 dirty\n")
+    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(repo)], check=True)
+    tree = CodeTree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    write(repo / "app.py", "v2\n")
+    write(repo / "new/module.py", "new\n")
+    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(repo)], check=True)
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    owned_by_root = [
+        str(Path(folder) / name)
+        for folder, dirs, names in os.walk(repo)
+        for name in [*dirs, *names]
+        if (Path(folder) / name).lstat().st_uid == 0
+    ]
+    assert owned_by_root == []
+
+
+def test_take_cost_grows_with_what_changed_not_with_tree_size(tmp_path: Path) -> None:
+    repo = tmp_path / "big"
+    init_repo(repo)
+    stream = [b"commit refs/heads/main\ncommitter Dev <dev@example.com> 0 +0000\ndata 4\nbig\n"]
+    for n in range(5000):
+        body = f"VALUE = {n}\n".encode()
+        stream.append(
+            b"M 100644 inline pkg%02d/mod%03d.py\ndata %d\n%s"
+            % (n // 100, n % 100, len(body), body)
+        )
+    # one pack instead of 5,000 loose objects: the setup stays quick on a loaded machine
+    subprocess.run(["git", "fast-import", "--quiet"], cwd=repo, input=b"".join(stream), check=True)
+    git(repo, "reset", "-q", "--hard")
+    tree = CodeTree(repo)
+    started = time.perf_counter()
+    first = tree.take("first")
+    first_s = time.perf_counter() - started
+    write(repo / "pkg07/mod042.py", "VALUE = 'changed'\n")
+    started = time.perf_counter()
+    second = tree.take("second")
+    second_s = time.perf_counter() - started
+    print(
+        f"\ntake() on 5,000 files: first {first_s * 1000:.0f} ms, "
+        f"one file changed {second_s * 1000:.0f} ms"
+    )
+    assert tree.changes(first) == [Change("pkg07/mod042.py", "modified")]
+    assert not tree.differs(second)
