@@ -1,0 +1,630 @@
+"""Snapshots of the host's [[data]] entries: taken at activation, restored exactly at rollback.
+
+- take() runs while the host is stopped. SQLite is checkpointed first (WAL folded in, hot journal
+  rolled back), so the main file alone is the database; copies are cloned or copied in the kernel,
+  fsynced, verified (header, size, integrity_check opened immutable) and hashed, all in a staging
+  folder renamed into place at the end. A crash mid-take leaves only that folder, which the next
+  take() or prune() removes.
+- restore() is a list of named steps (RESTORE_STEPS) under a durable journal: after a crash anywhere
+  another restore() ends exact; a finished restore run again is a no-op. Its time does not grow
+  with the data: the snapshot is hard-linked beside the target and renamed over it (copied only
+  across file systems); once finished the store drops its links, as the live data owns them now.
+- Probation-time data is kept as "<path>.rolled-back-<swap id>" (SQLite: sidecars renamed alongside,
+  then checkpointed into one file). No symlink is followed: targets are renamed, never opened
+  through a link; trees are removed by rmtree's fd-based walk; a folder that now resolves
+  elsewhere is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from supervisor.errors import SnapshotError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("sqlite", "file", "dir")
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
+RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
+TAKE_STEPS = ("take_entry", "commit_take")
+
+Json = dict[str, Any]
+_FIELDS = ("path", "kind", "existed", "bytes", "sha256")
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_CHUNK = 8 << 20
+_SWAP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MANIFEST, _JOURNAL = "manifest.json", "restore.json"
+_STAGING, _REPLACED = ".taking-", ".replaced-"
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EACCES)
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class DataSnapshot:
+    """What take() captured of one entry; the runtime stores it and hands it back to restore()."""
+
+    path: str  # the live target, absolute, its folder resolved at take time
+    kind: str  # "sqlite" | "file" | "dir"
+    existed: bool  # False: rollback moves aside whatever the new version created there
+    bytes: int  # of the snapshot (dir: of all its files); 0 when not existed
+    sha256: str  # of the snapshot (dir: tree_digest); "" when not existed
+
+    def __post_init__(self) -> None:
+        if problem := _snapshot_problem(self):
+            raise SnapshotError(f"snapshot record for {self.path!r}: {problem}")
+
+    def to_json(self) -> Json:
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @classmethod
+    def from_json(cls, data: Json) -> DataSnapshot:
+        if not isinstance(data, dict) or any(name not in data for name in _FIELDS):
+            raise SnapshotError(f"snapshot record must be an object with {_FIELDS}; got {data!r}")
+        return cls(*(data[name] for name in _FIELDS))
+
+
+def _snapshot_problem(snap: DataSnapshot) -> str | None:
+    if not isinstance(snap.path, str) or not os.path.isabs(snap.path):
+        return "path must be an absolute path string"
+    if snap.kind not in KINDS:
+        return f"kind {snap.kind!r} is not one of {', '.join(KINDS)}"
+    if not isinstance(snap.existed, bool) or type(snap.bytes) is not int or snap.bytes < 0:
+        return f"existed must be a bool, bytes an int >= 0; got {snap.existed!r}, {snap.bytes!r}"
+    if not isinstance(snap.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}|", snap.sha256):
+        return f"sha256 must be 64 lowercase hex digits or empty; got {snap.sha256!r}"
+    if snap.existed != bool(snap.sha256) or (not snap.existed and snap.bytes):
+        return "sha256 is set exactly when the target existed, and bytes is 0 when it did not"
+    return None
+
+
+class SnapshotStore:
+    """Snapshots under `root` (<state.dir>/snapshots), one folder per swap. Blocking: call it
+    from a worker thread. One instance per root; a lock serializes its methods."""
+
+    def __init__(self, root: Path, *, busy_timeout: float = 5.0) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.busy_timeout = busy_timeout  # how long take() waits on a SQLite lock
+        self.placements: Counter[str] = Counter()  # restore: files put in place by "link"/"copy"
+        self._lock = threading.Lock()
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if not stat.S_ISDIR(os.lstat(self.root).st_mode):
+            raise SnapshotError(f"snapshot root {self.root} is not a directory (or is a symlink)")
+        os.chmod(self.root, 0o700)
+
+    # --- hooks: tests override them in a child process to crash at a chosen point ------------
+
+    def _before_step(self, step: str) -> None:
+        """Called before every step of take() (TAKE_STEPS) and restore() (RESTORE_STEPS)."""
+        log.debug("snapshot step %s", step)
+
+    def _record(self, journal_path: Path, journal: Json) -> None:
+        """Make the restore journal durable; a crash before this repeats the step just done."""
+        _write_json(journal_path, journal)
+
+    # --- take --------------------------------------------------------------------------------
+
+    def take(self, swap_id: str, entries: Sequence[tuple[Path, str]]) -> list[DataSnapshot]:
+        """Snapshot every entry for `swap_id`, replacing an earlier take of the same swap."""
+        _check_swap_id(swap_id)
+        targets = self._check_entries(entries)
+        started = time.monotonic()
+        with self._lock:
+            final = self.root / swap_id
+            if os.path.lexists(final / _JOURNAL):
+                raise SnapshotError(f"swap {swap_id}: a restore has begun; its snapshot stays")
+            staging = self.root / f"{_STAGING}{swap_id}"
+            _remove(staging)
+            os.mkdir(staging, 0o700)
+            try:
+                records: list[DataSnapshot] = []
+                for index, (target, kind) in enumerate(targets):
+                    self._before_step("take_entry")
+                    try:
+                        records.append(self._take_one(staging / str(index), target, kind))
+                    except (OSError, sqlite3.Error, SnapshotError) as exc:
+                        raise SnapshotError(f"data entry {target} ({kind}): {_why(exc)}") from exc
+                self._before_step("commit_take")
+                listed = [{"index": i, **snap.to_json()} for i, snap in enumerate(records)]
+                _write_json(staging / _MANIFEST, {"swap_id": swap_id, "entries": listed})
+                self._commit_staging(staging, final)
+            except BaseException:
+                with contextlib.suppress(OSError):  # else the next take or prune removes it
+                    _remove(staging)
+                raise
+        size, elapsed = sum(s.bytes for s in records), time.monotonic() - started
+        log.info(
+            "took %d snapshots of swap %s, %d bytes, %.2fs", len(records), swap_id, size, elapsed
+        )
+        return records
+
+    def _check_entries(self, entries: Sequence[tuple[Path, str]]) -> list[tuple[Path, str]]:
+        """Absolute targets with their folder resolved, known kinds, no duplicates, not our root."""
+        checked: list[tuple[Path, str]] = []
+        root_real = os.path.realpath(self.root)
+        for raw, kind in entries:
+            if kind not in KINDS:
+                raise SnapshotError(f"data entry {raw}: kind {kind!r} is not one of {KINDS}")
+            path = Path(raw)
+            if not path.is_absolute() or path.name in ("", ".", ".."):
+                raise SnapshotError(f"data entry {raw}: path must be absolute and name a file")
+            target = Path(os.path.realpath(path.parent)) / path.name
+            if any(target == other for other, _ in checked):
+                raise SnapshotError(f"data entry {raw}: listed twice")
+            if _within(str(target), root_real) or _within(root_real, str(target)):
+                raise SnapshotError(f"data entry {raw}: overlaps the snapshot root {self.root}")
+            checked.append((target, kind))
+        return checked
+
+    def _take_one(self, dest: Path, target: Path, kind: str) -> DataSnapshot:
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            return DataSnapshot(str(target), kind, False, 0, "")
+        if kind == "dir":
+            if not stat.S_ISDIR(st.st_mode):
+                raise SnapshotError("not a directory (symlinks are not followed)")
+            _copy_tree(target, dest, _copy_file)
+            size, digest = tree_digest(dest)
+            return DataSnapshot(str(target), kind, True, size, digest)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError("not a regular file (symlinks are not followed)")
+        if kind == "sqlite":
+            self._checkpoint_live(target)
+        _copy_file(target, dest)
+        if kind == "sqlite":
+            _verify_sqlite_copy(dest, os.lstat(target).st_size, deep=True)
+        size, digest = file_digest(dest)
+        return DataSnapshot(str(target), kind, True, size, digest)
+
+    def _checkpoint_live(self, db: Path) -> None:
+        """Fold the WAL in (and roll a hot journal back): the main file alone is the database."""
+        for suffix in SQLITE_SIDECARS:
+            side = f"{db}{suffix}"
+            if os.path.lexists(side) and not stat.S_ISREG(os.lstat(side).st_mode):
+                raise SnapshotError(f"{side} is not a regular file")
+        try:
+            with contextlib.closing(_connect(db, "mode=rw", self.busy_timeout)) as con:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                con.execute(
+                    "BEGIN IMMEDIATE"
+                )  # a writer still at work fails this after the timeout
+                con.execute("COMMIT")
+                busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise SnapshotError(f"locked by another process (is the host running?): {exc}") from exc
+        if busy:
+            raise SnapshotError("locked: the WAL could not be checkpointed (host running?)")
+        for side in (f"{db}-wal", f"{db}-journal"):
+            if os.path.lexists(side) and os.lstat(side).st_size:
+                raise SnapshotError(f"{side} still holds data after a checkpoint (a writer?)")
+
+    def _commit_staging(self, staging: Path, final: Path) -> None:
+        """Rename the finished staging folder into place; an older take of the swap goes."""
+        _fsync_dir(staging)
+        replaced = self.root / f"{_REPLACED}{final.name}"
+        _remove(replaced)
+        if os.path.lexists(final):
+            os.rename(final, replaced)
+        os.rename(staging, final)
+        _fsync_dir(self.root)
+        _remove(replaced)
+
+    # --- restore -----------------------------------------------------------------------------
+
+    def restore(self, swap_id: str, snapshots: Sequence[DataSnapshot]) -> None:
+        """Put every snapshot back exactly, keeping the probation-time data beside it."""
+        _check_swap_id(swap_id)
+        if not snapshots:
+            return
+        started = time.monotonic()
+        with self._lock:
+            swap_dir = self.root / swap_id
+            journal_path = swap_dir / _JOURNAL
+            if not os.path.lexists(swap_dir / _MANIFEST):
+                raise SnapshotError(f"swap {swap_id}: no snapshot in {self.root} (pruned?)")
+            if os.path.lexists(journal_path):
+                journal = _read_json(journal_path)
+                _match(swap_id, journal, snapshots)
+                if [e["path"] for e in journal["entries"]] != [s.path for s in snapshots]:
+                    raise SnapshotError(f"swap {swap_id}: a restore of other entries is under way")
+            else:
+                self._before_step("write_intent")
+                manifest = _read_json(swap_dir / _MANIFEST)
+                journal = _plan(swap_id, _match(swap_id, manifest, snapshots))
+                self._record(journal_path, journal)
+            if not journal["finished"]:
+                self._run_entries(swap_dir, journal_path, journal)
+                self._before_step("mark_finished")
+                journal["finished"] = True
+                self._record(journal_path, journal)
+            self._before_step("release")
+            for entry in journal["entries"]:
+                _remove(swap_dir / str(entry["index"]))
+            _fsync_dir(swap_dir)
+        elapsed = time.monotonic() - started
+        log.info("restored %d data entries of swap %s in %.3fs", len(snapshots), swap_id, elapsed)
+
+    def _run_entries(self, swap_dir: Path, journal_path: Path, journal: Json) -> None:
+        for entry in journal["entries"]:
+            for step in ENTRY_STEPS:
+                key = f"{entry['index']}/{step}"
+                if key in journal["done"]:
+                    continue
+                self._before_step(step)
+                try:
+                    getattr(self, f"_{step}")(swap_dir, entry)
+                except (OSError, sqlite3.Error, SnapshotError) as exc:
+                    where = f"data entry {entry['path']} ({entry['kind']}), step {step}"
+                    raise SnapshotError(f"{where}: {_why(exc)}") from exc
+                journal["done"].append(key)
+                self._record(journal_path, journal)
+
+    @staticmethod
+    def _set_aside(swap_dir: Path, entry: Json) -> None:
+        """Rename whatever is at the target now (SQLite: with its sidecars) to the kept name."""
+        target, kept = entry["path"], entry["kept"]
+        _check_folder(target)
+        suffixes = ("", *SQLITE_SIDECARS) if entry["kind"] == "sqlite" else ("",)
+        moved = [suffix for suffix in suffixes if os.path.lexists(target + suffix)]
+        for suffix in moved:
+            os.rename(target + suffix, kept + suffix)
+        if moved:
+            _fsync_dir(Path(os.path.dirname(target)))
+            log.info("kept the probation-time %s as %s", target, kept)
+
+    @staticmethod
+    def _settle_kept(swap_dir: Path, entry: Json) -> None:
+        """Fold the kept SQLite copy's WAL or hot journal into it: one readable file."""
+        kept = entry["kept"]
+        if entry["kind"] != "sqlite" or not os.path.lexists(kept):
+            return
+        names = [kept] + [kept + s for s in SQLITE_SIDECARS if os.path.lexists(kept + s)]
+        if len(names) == 1 or not all(stat.S_ISREG(os.lstat(name).st_mode) for name in names):
+            return  # one file already; or a symlink SQLite would follow: leave it untouched
+        try:
+            with contextlib.closing(_connect(Path(kept), "mode=rw", 1.0)) as con:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("kept copy %s stays as it was, sidecars and all: %s", kept, exc)
+
+    def _stage(self, swap_dir: Path, entry: Json) -> None:
+        """Link (across file systems: copy) the snapshot to a temp name in the target's folder."""
+        if not entry["existed"]:
+            return
+        target, kind = entry["path"], entry["kind"]
+        source, staged = swap_dir / str(entry["index"]), Path(_staged_name(target, swap_dir.name))
+        if not os.path.lexists(source):
+            raise SnapshotError(f"the snapshot data {source} is missing")
+        _check_folder(target)
+        if not staged.parent.is_dir():  # the new version deleted the folder
+            staged.parent.mkdir(parents=True)
+            _fsync_dir(staged.parent.parent)
+        _remove(staged)
+        copies_before = self.placements["copy"]
+        if kind == "dir":
+            _copy_tree(source, staged, self._place_file)
+        else:
+            self._place_file(source, staged)
+        if self.placements["copy"] > copies_before:  # a copy is O(size) anyway: check it all
+            size, digest = tree_digest(staged) if kind == "dir" else file_digest(staged)
+        else:
+            size, digest = entry["bytes"] if kind == "dir" else staged.lstat().st_size, None
+        if kind == "sqlite":
+            _verify_sqlite_copy(staged, entry["bytes"], deep=False)
+        if size != entry["bytes"] or digest not in (None, entry["sha256"]):
+            raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
+        _fsync_dir(staged.parent)
+
+    def _place_file(self, source: Path, dest: Path) -> None:
+        try:
+            os.link(source, dest, follow_symlinks=False)
+            self.placements["link"] += 1
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            _copy_file(source, dest)
+            self.placements["copy"] += 1
+
+    def _swap_in(self, swap_dir: Path, entry: Json) -> None:
+        """Clear stale SQLite sidecars, then rename the staged copy over the target."""
+        target = entry["path"]
+        folder = Path(os.path.dirname(target))
+        _check_folder(target)
+        stale = [target + s for s in SQLITE_SIDECARS if os.path.lexists(target + s)]
+        for path in stale if entry["kind"] == "sqlite" else ():
+            _remove(Path(path))
+            _fsync_dir(folder)
+        if not entry["existed"]:
+            return
+        staged = _staged_name(target, swap_dir.name)
+        if not os.path.lexists(staged) and not os.path.lexists(target):
+            self._stage(swap_dir, entry)  # the staged copy went missing: make it again
+        if os.path.lexists(staged):
+            if entry["kind"] == "dir" and os.path.lexists(target):
+                raise SnapshotError("something reappeared at the target mid-restore")
+            os.replace(staged, target)
+            _fsync_dir(folder)
+
+    # --- housekeeping ------------------------------------------------------------------------
+
+    def prune(self, keep: Iterable[str]) -> None:
+        """Remove the snapshots of every swap not in `keep` and leftovers of interrupted takes.
+        A swap whose restore is unfinished stays: its snapshot is the only copy of that data."""
+        keep_ids = set(keep)
+        with self._lock:
+            for item in os.scandir(self.root):
+                path = self.root / item.name
+                if not item.name.startswith(".") and item.name in keep_ids:
+                    continue
+                if _restore_unfinished(path):
+                    log.warning("not pruning %s: its restore is unfinished", path)
+                    continue
+                _remove(path)
+            _fsync_dir(self.root)
+
+    def total_bytes(self) -> int:
+        """Bytes held in the store, each inode counted once."""
+        sizes: dict[tuple[int, int], int] = {}
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                st = os.lstat(os.path.join(folder, name))
+                if stat.S_ISREG(st.st_mode):
+                    sizes[st.st_dev, st.st_ino] = st.st_size
+        return sum(sizes.values())
+
+
+# --- the restore plan and its per-entry steps ------------------------------------------------
+
+
+def _match(swap_id: str, recorded: Json, snapshots: Sequence[DataSnapshot]) -> list[Json]:
+    """The recorded entries behind `snapshots`; each must be exactly what take() recorded."""
+    by_path = {entry["path"]: entry for entry in recorded["entries"]}
+    for snap in snapshots:
+        entry = by_path.get(snap.path)
+        if entry is None:
+            raise SnapshotError(f"swap {swap_id}: the store has no snapshot of {snap.path}")
+        if DataSnapshot.from_json(entry) != snap:
+            raise SnapshotError(f"swap {swap_id}: snapshot of {snap.path} differs from the store's")
+    return [by_path[snap.path] for snap in snapshots]
+
+
+def _plan(swap_id: str, entries: list[Json]) -> Json:
+    """The journal: each entry with the free name its probation-time data will be kept under."""
+    planned = []
+    for entry in entries:
+        base = kept = f"{entry['path']}.rolled-back-{swap_id}"
+        counter = 0
+        while any(os.path.lexists(kept + suffix) for suffix in ("", *SQLITE_SIDECARS)):
+            counter += 1
+            kept = f"{base}.{counter}"
+        planned.append({**entry, "kept": kept})
+    return {"swap_id": swap_id, "entries": planned, "done": [], "finished": False}
+
+
+def _restore_unfinished(swap_dir: Path) -> bool:
+    journal = swap_dir / _JOURNAL
+    if swap_dir.is_symlink() or not swap_dir.is_dir() or not os.path.lexists(journal):
+        return False
+    try:
+        return not _read_json(journal).get("finished", False)
+    except SnapshotError:
+        return True
+
+
+def _staged_name(target: str, swap_id: str) -> str:
+    folder, name = os.path.split(target)
+    return os.path.join(folder, f".{name}.swapguard-restore-{swap_id}")
+
+
+def _check_folder(target: str) -> None:
+    """Refuse a target whose folder now resolves elsewhere: a symlink planted to redirect us."""
+    folder = os.path.dirname(target)
+    real = os.path.realpath(folder)
+    if real != folder:
+        raise SnapshotError(f"its folder {folder} now resolves to {real}; not following it")
+
+
+# --- copying, hashing, verifying -----------------------------------------------------------------
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    """Clone where the file system can, else copy in the kernel; keep owner, mode and times."""
+    with (
+        open(os.open(source, _READ), "rb") as src,
+        open(os.open(dest, _CREATE, 0o600), "wb") as dst,
+    ):
+        st = os.fstat(src.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"{source} is not a regular file")
+        _clone_or_copy(src.fileno(), dst.fileno())
+        _chown(dst.fileno(), st.st_uid, st.st_gid)
+        os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode))
+        os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(dst.fileno())
+
+
+def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
+    """FICLONE (btrfs, xfs: instant), else copy_file_range, else read/write (macOS)."""
+    try:
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+        return
+    except OSError:
+        pass  # ext4, tmpfs, macOS: copy instead
+    try:
+        while os.copy_file_range(src_fd, dst_fd, _CHUNK):
+            pass
+        return
+    except (AttributeError, OSError) as exc:  # AttributeError: not Linux
+        if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
+            raise  # else both offsets moved together: carry on by hand from there
+    with open(src_fd, "rb", closefd=False) as src, open(dst_fd, "wb", closefd=False) as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def _copy_tree(source: Path, dest: Path, place_file: Callable[[Path, Path], None]) -> None:
+    """Recreate a tree: folders, files (by place_file), symlinks as symlinks; skip the rest."""
+    st = os.lstat(source)
+    os.mkdir(dest, 0o700)
+    for item in sorted(os.scandir(source), key=lambda e: e.name):
+        src, dst = Path(item.path), dest / item.name
+        mode = item.stat(follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            _copy_tree(src, dst, place_file)
+        elif stat.S_ISREG(mode):
+            place_file(src, dst)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+            link = os.lstat(src)
+            _chown(dst, link.st_uid, link.st_gid)
+        else:
+            log.warning("skipping %s: not a file, folder or symlink", src)
+    _chown(dest, st.st_uid, st.st_gid)
+    os.chmod(dest, stat.S_IMODE(st.st_mode))
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _fsync_dir(dest)
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a regular file (not through a symlink)."""
+    with open(os.open(path, _READ), "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return size, hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def tree_digest(root: Path) -> tuple[int, str]:
+    """Bytes of all files, and a sha256 over the sorted listing: kind, relative path, permission
+    bits, link target, file contents. Equal digests mean equal trees for a rollback's purpose."""
+    digest, total = hashlib.sha256(), 0
+    for rel, st in _walk(root, ""):
+        name, mode = os.fsencode(rel), b"%o" % stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            digest.update(b"d\0" + name + b"\0" + mode + b"\0")
+        elif stat.S_ISREG(st.st_mode):
+            size, sha = file_digest(root / rel)
+            total += size
+            digest.update(b"f\0" + name + b"\0" + mode + b"\0" + sha.encode() + b"\0")
+        elif stat.S_ISLNK(st.st_mode):
+            digest.update(b"l\0" + name + b"\0" + os.fsencode(os.readlink(root / rel)) + b"\0")
+    return total, digest.hexdigest()
+
+
+def _walk(root: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+    st = os.lstat(root / rel)
+    yield rel or ".", st
+    if stat.S_ISDIR(st.st_mode):
+        for name in sorted(os.listdir(root / rel)):
+            yield from _walk(root, os.path.join(rel, name))
+
+
+def _verify_sqlite_copy(path: Path, expected_size: int, *, deep: bool) -> None:
+    """Size and header always; `deep` adds integrity_check, which is O(size): take time only."""
+    size = os.lstat(path).st_size
+    if size != expected_size:
+        raise SnapshotError(f"the copy {path} has {size} bytes, expected {expected_size}")
+    if size == 0:
+        return  # SQLite reads an empty file as an empty database
+    with open(os.open(path, _READ), "rb") as handle:
+        if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+            raise SnapshotError(f"the copy {path} is not an SQLite database (bad header)")
+    if deep:
+        with contextlib.closing(_connect(path, "mode=ro&immutable=1", 0)) as con:
+            rows = con.execute("PRAGMA integrity_check").fetchall()
+        if rows != [("ok",)]:
+            raise SnapshotError(f"the copy {path} fails integrity_check: {rows[:3]}")
+
+
+def _connect(path: Path, query: str, timeout: float) -> sqlite3.Connection:
+    uri = f"file:{quote(str(path))}?{query}"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+
+
+# --- small durable file-system steps -------------------------------------------------------------
+
+
+def _write_json(path: Path, data: Json) -> None:
+    """Write a temp file in the same folder, fsync, rename, fsync the folder."""
+    temp = path.with_name(f".{path.name}.tmp")
+    _remove(temp)
+    with open(os.open(temp, _CREATE, 0o600), "w", encoding="utf-8") as handle:
+        json.dump(data, handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> Json:
+    try:
+        with open(os.open(path, _READ), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path} is unreadable or corrupt: {_why(exc)}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise SnapshotError(f"{path} is corrupt: it lists no entries")
+    return data
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink or tree without following any symlink (rmtree walks by fd)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _chown(target: int | str | Path, uid: int, gid: int) -> None:
+    """Keep ownership where we may (as root); an unprivileged run keeps its own."""
+    with contextlib.suppress(PermissionError):
+        os.chown(target, uid, gid, follow_symlinks=isinstance(target, int))  # never via a link
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_swap_id(swap_id: str) -> None:
+    if not isinstance(swap_id, str) or not _SWAP_ID.fullmatch(swap_id):
+        raise SnapshotError(f"swap id {swap_id!r} is not a plain name ([A-Za-z0-9._-], max 128)")
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on device ({exc.filename})"
+    return exc.message if isinstance(exc, SnapshotError) else str(exc) or type(exc).__name__

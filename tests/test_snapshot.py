@@ -1,0 +1,700 @@
+"""Data snapshots: real WAL-mode SQLite files written by real (forked) writer processes that die
+without cleaning up, real crashes (SIGKILL / os._exit) at every restore step, real file systems."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import shutil
+import signal
+import sqlite3
+import stat
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.errors import SnapshotError
+from supervisor.snapshot import (
+    ENTRY_STEPS,
+    RESTORE_STEPS,
+    SQLITE_SIDECARS,
+    TAKE_STEPS,
+    DataSnapshot,
+    SnapshotStore,
+    file_digest,
+    tree_digest,
+)
+
+WAIT_S = 10.0
+SWAP = "20261124-060000-abc123"
+TABLE = "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)"
+
+
+# --- real processes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Child:
+    pid: int
+    alive: int  # read end of a pipe whose write end only the child holds: EOF once it is gone
+
+
+def fork_child(body: Callable[[], None]) -> Child:
+    """Run `body` in a forked child that then dies by os._exit, closing nothing: like a killed
+    host, it leaves its -wal/-shm/-journal exactly as they were."""
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(alive_r)
+            body()
+        except BaseException:
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+    os.close(alive_w)
+    return Child(pid, alive_r)
+
+
+def wait_child(child: Child) -> int:
+    """The child's exit status (negative: killed by that signal), waiting at most WAIT_S."""
+    try:
+        gone = select.select([child.alive], [], [], WAIT_S)[0]
+    finally:
+        os.close(child.alive)
+    if not gone:
+        os.kill(child.pid, signal.SIGKILL)
+    _, status = os.waitpid(child.pid, 0)
+    assert gone, f"child {child.pid} still ran after {WAIT_S}s"
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_child(body: Callable[[], None]) -> int:
+    return wait_child(fork_child(body))
+
+
+def writer(
+    db: Path, values: list[str], *, mode: str = "wal", then: Callable[[Any], None] | None = None
+) -> None:
+    """A real writer: commits `values` (autocheckpoint off, so they stay in the WAL), runs `then`,
+    and dies without closing."""
+
+    def body() -> None:
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute(f"PRAGMA journal_mode={mode}")
+        con.execute("PRAGMA wal_autocheckpoint=0")
+        con.execute(TABLE)
+        con.execute("BEGIN")
+        con.executemany("INSERT INTO t(v) VALUES (?)", [(v,) for v in values])
+        con.execute("COMMIT")
+        if then is not None:
+            then(con)
+
+    assert run_child(body) == 0
+
+
+def dump(db: Path) -> list[tuple[int, str]]:
+    with closing(sqlite3.connect(db)) as con:
+        return con.execute("SELECT id, v FROM t ORDER BY id").fetchall()
+
+
+def integrity(db: Path) -> str:
+    with closing(sqlite3.connect(db)) as con:
+        return con.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def sidecars(db: Path) -> list[str]:
+    return [s for s in SQLITE_SIDECARS if os.path.lexists(f"{db}{s}")]
+
+
+def strays(folder: Path) -> list[str]:
+    return [name for name in os.listdir(folder) if "swapguard-restore" in name]
+
+
+def kept(path: Path) -> Path:
+    return Path(f"{path}.rolled-back-{SWAP}")
+
+
+def rows(values: list[str], start: int = 1) -> list[tuple[int, str]]:
+    return [(start + i, v) for i, v in enumerate(values)]
+
+
+BASE = [f"old-{i}" for i in range(50)]
+NEW = [f"new-{i}" for i in range(30)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "state" / "snapshots")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+# --- take ----------------------------------------------------------------------------------------
+
+
+def test_take_captures_pending_wal_frames(store: SnapshotStore, data: Path) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    assert os.path.getsize(f"{db}-wal") > 0  # the rows are only in the WAL
+
+    [snap] = store.take(SWAP, [(db, "sqlite")])
+
+    copy = store.root / SWAP / "0"
+    assert snap == DataSnapshot(str(db), "sqlite", True, copy.stat().st_size, snap.sha256)
+    assert snap.sha256 == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert sidecars(copy) == []
+    uri = f"file:{copy}?mode=ro&immutable=1"
+    with closing(sqlite3.connect(uri, uri=True)) as con:
+        assert con.execute("SELECT id, v FROM t ORDER BY id").fetchall() == rows(BASE)
+    assert snap.bytes <= store.total_bytes() < snap.bytes + 4096  # and a small manifest
+
+
+def test_take_refuses_a_database_another_process_holds(tmp_path: Path, data: Path) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    store = SnapshotStore(tmp_path / "snapshots", busy_timeout=0.2)
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+
+    def hold_write_lock() -> None:
+        os.close(hold_w)  # so that the test closing its end reads as EOF here
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("INSERT INTO t(v) VALUES ('uncommitted')")
+        os.write(ready_w, b"x")
+        os.read(hold_r, 1)  # until the test closes its end
+
+    child = fork_child(hold_write_lock)
+    try:
+        assert select.select([ready_r], [], [], WAIT_S)[0], "the writer never took its lock"
+        with pytest.raises(SnapshotError, match=rf"{db}.*locked"):
+            store.take(SWAP, [(db, "sqlite")])
+    finally:
+        os.close(hold_w)
+        wait_child(child)
+        for fd in (ready_r, ready_w, hold_r):
+            os.close(fd)
+    assert not (store.root / SWAP).exists()
+    assert os.listdir(store.root) == []  # the failed take left nothing behind
+
+
+@pytest.mark.parametrize(
+    ("setup", "kind", "message"),
+    [
+        (lambda p: p.write_bytes(b"garbage" * 100), "sqlite", "not a database"),
+        (lambda p: p.symlink_to("/etc/hostname"), "file", "not a regular file"),
+        (lambda p: p.mkdir(), "file", "not a regular file"),
+        (lambda p: p.write_text("x"), "dir", "not a directory"),
+        (lambda p: p.symlink_to("/etc"), "dir", "not a directory"),
+    ],
+)
+def test_take_names_the_entry_it_cannot_snapshot(
+    store: SnapshotStore, data: Path, setup: Callable[[Path], None], kind: str, message: str
+) -> None:
+    good, bad = data / "good.txt", data / "bad"
+    good.write_text("fine")
+    setup(bad)
+    with pytest.raises(SnapshotError, match=rf"data entry {bad} \({kind}\): .*{message}"):
+        store.take(SWAP, [(good, "file"), (bad, kind)])
+    assert os.listdir(store.root) == []
+
+
+@pytest.mark.parametrize(
+    ("swap_id", "entries", "message"),
+    [
+        ("../x", [], "swap id"),
+        ("", [], "swap id"),
+        (SWAP, [(Path("relative.db"), "sqlite")], "must be absolute"),
+        (SWAP, [(Path("/tmp/x.db"), "mysql")], "kind 'mysql'"),
+        (SWAP, [(Path("/tmp/x.db"), "file"), (Path("/tmp/x.db"), "file")], "listed twice"),
+    ],
+)
+def test_take_rejects_bad_input(
+    store: SnapshotStore, swap_id: str, entries: list[tuple[Path, str]], message: str
+) -> None:
+    with pytest.raises(SnapshotError, match=message):
+        store.take(swap_id, entries)
+
+
+def test_take_refuses_an_entry_holding_the_store(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "state" / "snapshots")
+    with pytest.raises(SnapshotError, match="overlaps the snapshot root"):
+        store.take(SWAP, [(tmp_path / "state", "dir")])
+
+
+@pytest.mark.parametrize(("step", "occurrence"), [("take_entry", 2), ("commit_take", 1)])
+def test_a_crash_mid_take_leaves_only_what_retry_and_prune_clean(
+    store: SnapshotStore, data: Path, step: str, occurrence: int
+) -> None:
+    assert step in TAKE_STEPS
+    db, notes = data / "app.db", data / "notes.txt"
+    writer(db, BASE)
+    notes.write_text("notes")
+    entries = [(db, "sqlite"), (notes, "file")]
+    crash = crashing(store, before=step, occurrence=occurrence)
+    assert run_child(lambda: crash.take(SWAP, entries)) == -signal.SIGKILL
+    assert not (store.root / SWAP).exists()
+
+    snaps = store.take(SWAP, entries)  # a retry succeeds and leaves no leftovers
+    assert sorted(os.listdir(store.root)) == [SWAP]
+    assert [s.existed for s in snaps] == [True, True]
+    assert run_child(lambda: crash.take("other", entries)) == -signal.SIGKILL
+    store.prune([SWAP])
+    assert sorted(os.listdir(store.root)) == [SWAP]
+
+
+# --- restore: SQLite against a hostile new version -----------------------------------------------
+
+
+def open_hot_journal(con: sqlite3.Connection) -> None:
+    """Die mid-transaction in rollback-journal mode with pages spilled: a hot -journal."""
+    con.execute("PRAGMA cache_size=2")
+    con.execute("BEGIN")
+    con.executemany("INSERT INTO t(v) VALUES (?)", [("x" * 500,)] * 2000)
+
+
+def grow_huge_wal(con: sqlite3.Connection) -> None:
+    con.execute("BEGIN")
+    con.executemany("INSERT INTO t(v) VALUES (?)", [("w" * 4000,)] * 5000)
+    con.execute("COMMIT")
+
+
+def corrupt(db: Path) -> Callable[[Any], None]:
+    def overwrite(con: Any) -> None:
+        with open(db, "r+b") as handle:
+            handle.write(b"\xde\xad" * (os.path.getsize(db) // 2))
+
+    return overwrite
+
+
+SCENARIOS = {
+    # name: (the new version's journal mode, what it does after committing NEW, kept rows)
+    "wrote_rows": ("wal", None, len(BASE + NEW)),
+    "hot_journal": ("delete", open_hot_journal, len(BASE + NEW)),  # the open txn rolled back
+    "huge_wal": ("wal", grow_huge_wal, len(BASE + NEW) + 5000),
+    "deleted_db": ("wal", "unlink", None),
+    "deleted_folder": ("wal", "rmtree", None),
+    "corrupted": ("wal", "corrupt", None),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_restore_sqlite_ends_exact(store: SnapshotStore, data: Path, scenario: str) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    mode, then, kept_rows = SCENARIOS[scenario]
+    action = {
+        "unlink": lambda con: os.unlink(db),
+        "rmtree": lambda con: shutil.rmtree(data),
+        "corrupt": corrupt(db),
+    }.get(then, then)
+    writer(db, NEW, mode=mode, then=action)
+    if scenario == "hot_journal":
+        assert os.path.getsize(f"{db}-journal") > 0, "precondition: the journal is hot"
+    if scenario == "huge_wal":
+        assert os.path.getsize(f"{db}-wal") > 16 << 20
+
+    store.restore(SWAP, snaps)
+
+    assert sidecars(db) == [] and strays(data) == []
+    assert file_digest(db)[1] == snaps[0].sha256
+    assert dump(db) == rows(BASE)
+    assert integrity(db) == "ok"
+    if kept_rows is not None:  # the probation-time data, settled into one readable file
+        assert sidecars(kept(db)) == []
+        assert dump(kept(db))[: len(BASE + NEW)] == rows(BASE + NEW)
+        assert len(dump(kept(db))) == kept_rows
+        assert integrity(kept(db)) == "ok"
+    if scenario == "deleted_db":
+        assert not kept(db).exists() and Path(f"{kept(db)}-wal").exists()
+    if scenario == "corrupted":
+        assert kept(db).read_bytes()[:4] == b"\xde\xad\xde\xad"
+    assert not (store.root / SWAP / "0").exists()  # released: the live file owns that inode now
+
+
+def test_a_finished_restore_run_again_changes_nothing(store: SnapshotStore, data: Path) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    writer(db, NEW)
+    store.restore(SWAP, snaps)
+    writer(db, ["old version running again"])  # the old host writes after the rollback
+
+    store.restore(SWAP, snaps)
+
+    assert dump(db) == rows([*BASE, "old version running again"])
+    assert dump(kept(db))[: len(BASE) + len(NEW)] == rows(BASE + NEW)
+
+
+def test_restore_does_not_let_sqlite_follow_a_planted_sidecar_symlink(
+    store: SnapshotStore, data: Path, tmp_path: Path
+) -> None:
+    db, victim = data / "app.db", tmp_path / "victim"
+    victim.write_bytes(b"precious" * 1000)
+    writer(db, BASE)
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    writer(db, NEW)
+    os.unlink(f"{db}-wal")
+    os.symlink(victim, f"{db}-wal")  # a checkpoint through this would truncate the victim
+
+    store.restore(SWAP, snaps)
+
+    assert victim.read_bytes() == b"precious" * 1000
+    assert dump(db) == rows(BASE) and sidecars(db) == []
+    assert os.path.islink(f"{kept(db)}-wal")
+
+
+def test_restore_refuses_a_folder_turned_into_a_symlink(
+    store: SnapshotStore, data: Path, tmp_path: Path
+) -> None:
+    notes = data / "notes.txt"
+    notes.write_text("old")
+    snaps = store.take(SWAP, [(notes, "file")])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not yours")
+    shutil.rmtree(data)
+    data.symlink_to(elsewhere)
+
+    with pytest.raises(SnapshotError, match=rf"data entry {notes} \(file\), step set_aside"):
+        store.restore(SWAP, snaps)
+
+    assert os.listdir(elsewhere) == ["notes.txt"]
+    assert (elsewhere / "notes.txt").read_text() == "not yours"
+    store.prune([])
+    assert (store.root / SWAP).exists(), "an unfinished restore keeps its snapshot"
+
+
+# --- restore: files and folders ------------------------------------------------------------------
+
+
+def build_tree(root: Path, outside: Path) -> None:
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "sub" / "b.bin").write_bytes(os.urandom(5000))
+    (root / "sub" / "deep" / "empty").write_text("")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o750)
+    (root / "link").symlink_to("a.txt")
+    (root / "outside").symlink_to(outside)
+
+
+def mutate_tree(root: Path) -> None:
+    (root / "a.txt").write_text("changed")
+    (root / "sub" / "b.bin").unlink()
+    (root / "added" / "x").mkdir(parents=True)
+    (root / "added" / "x" / "new.txt").write_text("new")
+    (root / "run.sh").chmod(0o600)
+    (root / "link").unlink()
+    (root / "link").symlink_to("sub")
+
+
+def test_restore_file_and_dir(store: SnapshotStore, data: Path, tmp_path: Path) -> None:
+    notes, tree = data / "notes.txt", data / "tree"
+    notes.write_text("old notes")
+    notes.chmod(0o640)
+    build_tree(tree, tmp_path)
+    before = tree_digest(tree)
+    snaps = store.take(SWAP, [(notes, "file"), (tree, "dir")])
+    assert (snaps[1].bytes, snaps[1].sha256) == before
+    notes.write_text("new notes")
+    notes.chmod(0o600)
+    mutate_tree(tree)
+    after = tree_digest(tree)
+
+    store.restore(SWAP, snaps)
+
+    assert notes.read_text() == "old notes" and stat.S_IMODE(notes.stat().st_mode) == 0o640
+    assert tree_digest(tree) == before
+    assert os.readlink(tree / "outside") == str(tmp_path)
+    assert kept(notes).read_text() == "new notes"
+    assert tree_digest(kept(tree)) == after
+    assert strays(data) == []
+    assert store.placements["copy"] == 0 and store.placements["link"] == 5
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "file", "dir"])
+def test_target_absent_at_activation_is_absent_after(
+    store: SnapshotStore, data: Path, kind: str
+) -> None:
+    target = data / "thing"
+    [snap] = store.take(SWAP, [(target, kind)])
+    assert (snap.existed, snap.bytes, snap.sha256) == (False, 0, "")
+    if kind == "sqlite":
+        writer(target, NEW)
+        assert sidecars(target)
+    elif kind == "file":
+        target.write_text("created by the new version")
+    else:
+        (target / "inner").mkdir(parents=True)
+
+    store.restore(SWAP, [snap])
+
+    assert not os.path.lexists(target) and sidecars(target) == []
+    assert os.path.lexists(kept(target))
+    if kind == "sqlite":
+        assert dump(kept(target)) == rows(NEW) and sidecars(kept(target)) == []
+
+
+def test_a_target_replaced_by_a_symlink_is_moved_aside_not_followed(
+    store: SnapshotStore, data: Path, tmp_path: Path
+) -> None:
+    notes, victim = data / "notes.txt", tmp_path / "victim.txt"
+    notes.write_text("old")
+    victim.write_text("victim")
+    snaps = store.take(SWAP, [(notes, "file")])
+    notes.unlink()
+    notes.symlink_to(victim)
+
+    store.restore(SWAP, snaps)
+
+    assert not notes.is_symlink() and notes.read_text() == "old"
+    assert victim.read_text() == "victim" and os.readlink(kept(notes)) == str(victim)
+
+
+# --- crash at every step, then restore again -----------------------------------------------------
+
+
+def crashing(
+    store: SnapshotStore, *, before: str | None = None, occurrence: int = 1, at_record: int = 0
+) -> SnapshotStore:
+    """A store on the same root that dies by SIGKILL before the `occurrence`-th `before` step,
+    or by os._exit(86) just before making its `at_record`-th journal record durable."""
+    counts = {"step": 0, "record": 0}
+
+    class Crashing(SnapshotStore):
+        def _before_step(self, step: str) -> None:
+            if step == before:
+                counts["step"] += 1
+                if counts["step"] == occurrence:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        def _record(self, journal_path: Path, journal: dict[str, Any]) -> None:
+            counts["record"] += 1
+            if counts["record"] == at_record:
+                os._exit(86)
+            super()._record(journal_path, journal)
+
+    return Crashing(store.root)
+
+
+def crash_points() -> Iterator[Any]:
+    entries = 3
+    for step in RESTORE_STEPS:
+        for occurrence in range(1, (entries if step in ENTRY_STEPS else 1) + 1):
+            yield pytest.param(
+                {"before": step, "occurrence": occurrence}, id=f"{step}-{occurrence}"
+            )
+    for record in range(1, 1 + entries * len(ENTRY_STEPS) + 2):
+        yield pytest.param({"at_record": record}, id=f"record-{record}")
+
+
+@dataclass(frozen=True)
+class Probation:
+    """A swap on probation, built once (takes fsync a lot) and copied afresh for each crash."""
+
+    work: Path
+    template: Path
+    snaps: list[DataSnapshot]
+    tree_before: tuple[int, str]
+    tree_after: tuple[int, str]
+
+    def fresh(self) -> SnapshotStore:
+        shutil.rmtree(self.work)
+        shutil.copytree(self.template, self.work, symlinks=True)
+        return SnapshotStore(self.work / "snapshots")
+
+
+@pytest.fixture(scope="module")
+def probation(tmp_path_factory: pytest.TempPathFactory) -> Probation:
+    base = tmp_path_factory.mktemp("probation")
+    work, data = base / "work", base / "work" / "data"
+    data.mkdir(parents=True)
+    db, tree, fresh = data / "app.db", data / "tree", data / "fresh.txt"
+    writer(db, BASE)
+    build_tree(tree, base)
+    tree_before = tree_digest(tree)
+    store = SnapshotStore(work / "snapshots")
+    snaps = store.take(SWAP, [(db, "sqlite"), (tree, "dir"), (fresh, "file")])
+    writer(db, NEW)
+    mutate_tree(tree)
+    fresh.write_text("created on probation")
+    shutil.copytree(work, base / "template", symlinks=True)
+    return Probation(work, base / "template", snaps, tree_before, tree_digest(tree))
+
+
+@pytest.mark.parametrize("crash", list(crash_points()))
+def test_restore_killed_at_any_step_then_rerun_ends_exact(
+    probation: Probation, crash: dict[str, Any]
+) -> None:
+    store, snaps = probation.fresh(), probation.snaps
+    data = probation.work / "data"
+    db, tree, fresh = data / "app.db", data / "tree", data / "fresh.txt"
+
+    status = run_child(lambda: crashing(store, **crash).restore(SWAP, snaps))
+    assert status == (86 if "at_record" in crash else -signal.SIGKILL)
+    store.restore(SWAP, snaps)
+
+    assert dump(db) == rows(BASE) and integrity(db) == "ok" and sidecars(db) == []
+    assert dump(kept(db)) == rows(BASE + NEW) and sidecars(kept(db)) == []
+    assert tree_digest(tree) == probation.tree_before
+    assert tree_digest(kept(tree)) == probation.tree_after
+    assert not fresh.exists() and kept(fresh).read_text() == "created on probation"
+    assert strays(data) == []
+    assert sorted(os.listdir(store.root / SWAP)) == ["manifest.json", "restore.json"]
+
+
+# --- speed and placement -------------------------------------------------------------------------
+
+
+def make_big_db(db: Path, megabytes: int) -> None:
+    with closing(sqlite3.connect(db, isolation_level=None)) as con:
+        con.execute("CREATE TABLE blobs(id INTEGER PRIMARY KEY, x BLOB)")
+        con.execute(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < ?) "
+            "INSERT INTO blobs(x) SELECT randomblob(1048576) FROM c",
+            (megabytes,),
+        )
+        con.execute("PRAGMA journal_mode=wal")
+
+
+def test_restore_time_does_not_follow_size(
+    store: SnapshotStore, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    timings = []
+    for megabytes in (10, 100):
+        db = data / f"big-{megabytes}.db"
+        make_big_db(db, megabytes)
+        swap = f"{SWAP}-{megabytes}"
+        snaps = store.take(swap, [(db, "sqlite")])
+        snapshot_inode = (store.root / swap / "0").stat().st_ino
+        with closing(sqlite3.connect(db, isolation_level=None)) as con:
+            con.execute("DELETE FROM blobs WHERE id % 2 = 0")
+        links, copies = store.placements["link"], store.placements["copy"]
+
+        started = time.perf_counter()
+        store.restore(swap, snaps)
+        timings.append((megabytes, time.perf_counter() - started))
+
+        assert db.stat().st_ino == snapshot_inode  # renamed into place, not copied
+        assert (store.placements["link"] - links, store.placements["copy"] - copies) == (1, 0)
+        assert file_digest(db)[1] == snaps[0].sha256
+    with capsys.disabled():
+        shown = ", ".join(f"{mb} MB: {seconds * 1000:.1f} ms" for mb, seconds in timings)
+        print(f"\n[snapshot] restore on one file system: {shown}")
+
+
+def test_restore_across_file_systems_copies_and_verifies(tmp_path: Path, data: Path) -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        if os.stat(other).st_dev == data.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        store = SnapshotStore(Path(other) / "snapshots")
+        db, tree = data / "app.db", data / "tree"
+        writer(db, BASE)
+        build_tree(tree, tmp_path)
+        before = tree_digest(tree)
+        snaps = store.take(SWAP, [(db, "sqlite"), (tree, "dir")])
+        writer(db, NEW)
+        mutate_tree(tree)
+
+        store.restore(SWAP, snaps)
+
+        assert store.placements["link"] == 0 and store.placements["copy"] == 5
+        assert dump(db) == rows(BASE) and sidecars(db) == [] and tree_digest(tree) == before
+
+
+# --- housekeeping and records --------------------------------------------------------------------
+
+
+def test_prune_keeps_what_it_is_told_and_never_follows_links(
+    store: SnapshotStore, data: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    notes = data / "notes.txt"
+    notes.write_text("x" * 1000)
+    store.take("swap-a", [(notes, "file")])
+    store.take("swap-b", [(notes, "file")])
+    (store.root / "swap-b" / "escape").symlink_to(outside)
+    (store.root / "swap-c").symlink_to(outside)
+    held = store.total_bytes()
+    assert held >= 2000
+
+    store.prune(["swap-a", "swap-c-not-listed"])
+
+    assert sorted(os.listdir(store.root)) == ["swap-a"]
+    assert (outside / "precious").read_text() == "keep me"
+    assert store.total_bytes() == held / 2
+
+
+def test_retaking_a_swap_replaces_its_snapshot(store: SnapshotStore, data: Path) -> None:
+    notes = data / "notes.txt"
+    notes.write_text("first")
+    store.take(SWAP, [(notes, "file")])
+    notes.write_text("second")
+    [snap] = store.take(SWAP, [(notes, "file")])
+    assert snap.sha256 == hashlib.sha256(b"second").hexdigest()
+    assert sorted(os.listdir(store.root)) == [SWAP]
+
+
+def test_restore_refuses_records_the_store_does_not_hold(store: SnapshotStore, data: Path) -> None:
+    notes = data / "notes.txt"
+    notes.write_text("old")
+    [snap] = store.take(SWAP, [(notes, "file")])
+    forged = DataSnapshot(snap.path, "file", True, snap.bytes, "0" * 64)
+    with pytest.raises(SnapshotError, match="differs from the store's"):
+        store.restore(SWAP, [forged])
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        store.restore("never-taken", [snap])
+    assert notes.read_text() == "old"
+
+
+def test_data_snapshot_json_round_trip() -> None:
+    snap = DataSnapshot("/srv/app.db", "sqlite", True, 4096, "a" * 64)
+    assert DataSnapshot.from_json(snap.to_json()) == snap
+    assert set(snap.to_json()) >= {"path", "bytes", "sha256"}
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"path": "/x", "kind": "file", "existed": True, "bytes": 1}, "must be an object with"),
+        (
+            {"path": "x", "kind": "file", "existed": True, "bytes": 1, "sha256": "a" * 64},
+            "absolute",
+        ),
+        ({"path": "/x", "kind": "zip", "existed": True, "bytes": 1, "sha256": "a" * 64}, "kind"),
+        ({"path": "/x", "kind": "file", "existed": 1, "bytes": 1, "sha256": "a" * 64}, "bool"),
+        ({"path": "/x", "kind": "file", "existed": True, "bytes": -1, "sha256": "a" * 64}, "int"),
+        ({"path": "/x", "kind": "file", "existed": True, "bytes": 1, "sha256": "xyz"}, "sha256"),
+        (
+            {"path": "/x", "kind": "file", "existed": False, "bytes": 0, "sha256": "a" * 64},
+            "exactly",
+        ),
+        ([], "must be an object"),
+    ],
+)
+def test_data_snapshot_rejects_bad_records(record: Any, message: str) -> None:
+    with pytest.raises(SnapshotError, match=message):
+        DataSnapshot.from_json(record)
