@@ -1,0 +1,463 @@
+"""The host's process layer with real processes, signals, pidfds and a real cgroup v2 leaf."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor import host as host_module
+from supervisor import jobs
+from supervisor.host import (
+    CgroupLeaf,
+    ExitStatus,
+    HostProcess,
+    SpawnError,
+    SpawnSpec,
+    become_subreaper,
+    is_in_tree,
+    kill_tree,
+    process_stats,
+    reap_orphans,
+)
+
+PY = sys.executable
+WAIT = 10.0
+LINUX = sys.platform.startswith("linux")
+
+# A host that ignores SIGTERM and starts (a) a grandchild that calls setsid and (b) a double-forked
+# daemon; every process writes its pid to a file in argv[1] and then waits for a signal forever.
+TREE_HOST = """
+import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+out = sys.argv[1]
+
+def report(name):
+    tmp = os.path.join(out, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(out, name))
+
+def park():
+    while True:
+        signal.pause()
+
+if os.fork() == 0:
+    os.setsid()
+    report("setsid")
+    park()
+middle = os.fork()
+if middle == 0:
+    os.setsid()
+    if os.fork() == 0:
+        report("daemon")
+        park()
+    os._exit(0)
+os.waitpid(middle, 0)
+if os.fork() == 0:
+    report("child")
+    park()
+report("host")
+park()
+"""
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie (it runs no code; its parent has yet to reap it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def read_pids(folder: Path, *names: str) -> dict[str, int]:
+    for name in names:
+        wait_for((folder / name).exists, f"{name} to report its pid")
+    return {name: int((folder / name).read_text()) for name in names}
+
+
+def wait_exit(host: HostProcess) -> ExitStatus:
+    """Block on the pidfd (event-driven) and then poll; plain polling where there is no pidfd."""
+    if host.exit_fd is not None:
+        assert select.select([host.exit_fd], [], [], WAIT)[0], "host did not exit"
+    wait_for(lambda: host.poll() is not None, "the host's exit")
+    status = host.poll()
+    assert status is not None
+    return status
+
+
+def python_spec(tmp_path: Path, code: str, *args: str, **kwargs) -> SpawnSpec:
+    return SpawnSpec(
+        argv=(PY, "-S", "-c", code, *args),
+        cwd=kwargs.pop("cwd", tmp_path),
+        env=kwargs.pop("env", {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}),
+        output=kwargs.pop("output", None),
+    )
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[HostProcess]]:
+    """Every host a test starts is killed with its whole tree at teardown, even on failure."""
+    started: list[HostProcess] = []
+    yield started
+    for host in started:
+        kill_tree(host, None, timeout=WAIT)
+        host.close()
+    reap_orphans()
+
+
+@pytest.fixture
+def strays() -> Iterator[list[subprocess.Popen]]:
+    """Helper processes a test starts itself; killed and reaped at teardown."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(WAIT)
+
+
+@pytest.fixture
+def cgroup_leaf() -> Iterator[CgroupLeaf]:
+    leaf = CgroupLeaf.create(f"test-{uuid.uuid4().hex[:8]}")
+    if leaf is None:
+        pytest.skip("no writable cgroup v2 here")
+    yield leaf
+    leaf.kill()
+    wait_for(lambda: not leaf.pids(), "the test cgroup to empty")
+    leaf.remove()
+    assert not leaf.path.exists()
+    with contextlib.suppress(OSError):
+        leaf.path.parent.rmdir()  # only if no other leaf lives there
+
+
+@pytest.fixture
+def subreaper() -> None:
+    if not become_subreaper():
+        pytest.skip("no child subreaper on this platform")
+
+
+def test_spawn_passes_env_and_cwd_appends_output_and_starts_a_new_session(
+    tmp_path: Path, hosts
+) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    log_file = tmp_path / "host.log"
+    code = (
+        "import os, sys\n"
+        "print('cwd', os.getcwd())\n"
+        "print('token', os.environ['HOST_TOKEN'], 'has PATH', 'PATH' in os.environ)\n"
+        "print(f'sid {os.getsid(0)} pid {os.getpid()}', flush=True)\n"
+        "print('on stderr', file=sys.stderr)\n"
+    )
+    spec = python_spec(tmp_path, code, cwd=workdir, env={"HOST_TOKEN": "t0k"}, output=log_file)
+    for _run in range(2):
+        host = HostProcess.spawn(spec, None)
+        hosts.append(host)
+        assert host.is_child
+        assert host.create_time == pytest.approx(psutil.Process(host.pid).create_time())
+        assert wait_exit(host) == ExitStatus(0, None)
+    text = log_file.read_text()
+    assert text.count(f"cwd {workdir}") == 2  # appended, not truncated
+    assert "token t0k has PATH False" in text  # the env given, nothing of ours
+    assert "on stderr" in text
+    session = re.search(r"sid (\d+) pid (\d+)", text)
+    assert session is not None
+    assert int(session[1]) == int(session[2]) != os.getsid(0)
+    assert log_file.stat().st_mode & 0o777 & ~0o640 == 0
+
+
+def test_watchdog_pid_placeholder_becomes_the_hosts_own_pid(tmp_path: Path, hosts) -> None:
+    log_file = tmp_path / "out.log"
+    code = "import os\nprint(os.getpid(), os.environ['WATCHDOG_PID'], os.environ['WATCHDOG_USEC'])"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "WATCHDOG_USEC": "5000000"}
+    spec = python_spec(tmp_path, code, env={**env, "WATCHDOG_PID": "0"}, output=log_file)
+    host = HostProcess.spawn(spec, None)
+    hosts.append(host)
+    assert wait_exit(host) == ExitStatus(0, None)
+    assert log_file.read_text().split() == [str(host.pid), str(host.pid), "5000000"]
+    missing = SpawnSpec(("no-such-program-xyz",), tmp_path, {**env, "WATCHDOG_PID": "0"})
+    with pytest.raises(SpawnError, match="no-such-program-xyz"):
+        HostProcess.spawn(missing, None)
+    bad_cwd = SpawnSpec((PY,), tmp_path / "gone", {**env, "WATCHDOG_PID": "0"})
+    with pytest.raises(SpawnError, match="gone"):
+        HostProcess.spawn(bad_cwd, None)
+
+
+def test_spawn_joins_the_cgroup_before_exec(tmp_path: Path, hosts, cgroup_leaf) -> None:
+    code = (
+        "import os, signal, sys\n"
+        "first = open('/proc/self/cgroup').read()\n"  # the very first thing the host does
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    signal.pause()\n"
+        "print(child, first, flush=True)\n"
+        "signal.pause()\n"
+    )
+    log_file = tmp_path / "out.log"
+    started = time.perf_counter()
+    host = HostProcess.spawn(python_spec(tmp_path, code, output=log_file), cgroup_leaf)
+    spawn_ms = (time.perf_counter() - started) * 1000
+    hosts.append(host)
+    wait_for(lambda: log_file.read_text().strip(), "the host's report")
+    child_pid, cgroup_line = log_file.read_text().split(maxsplit=1)
+    leaf_name = f"/swapguard/{cgroup_leaf.path.name}"
+    assert leaf_name in cgroup_line
+    assert {host.pid, int(child_pid)} <= set(cgroup_leaf.pids())
+    assert host.tree_pids() >= {host.pid, int(child_pid)}
+    started = time.perf_counter()
+    hosts.append(HostProcess.spawn(python_spec(tmp_path, "pass"), None))
+    plain_ms = (time.perf_counter() - started) * 1000
+    print(f"\nspawn: {spawn_ms:.1f} ms joining a cgroup (fork), {plain_ms:.1f} ms without (vfork)")
+    assert spawn_ms < 2000
+
+
+def test_exit_fd_reports_a_fast_exit_within_milliseconds(tmp_path: Path, hosts) -> None:
+    if not LINUX:
+        pytest.skip("pidfd is Linux-only")
+    stamp = tmp_path / "exited-at"
+    code = "import sys, time\nopen(sys.argv[1], 'w').write(repr(time.monotonic()))\nsys.exit(3)"
+    host = HostProcess.spawn(python_spec(tmp_path, code, str(stamp)), None)
+    hosts.append(host)
+    assert host.exit_fd is not None
+    assert select.select([host.exit_fd], [], [], WAIT)[0], "exit_fd never became readable"
+    status = host.poll()
+    seen = time.monotonic()
+    assert status == ExitStatus(3, None)
+    assert status.describe() == "exit 3"
+    assert host.pid not in jobs.registered()  # reaped, so no longer protected from the reaper
+    latency_ms = (seen - float(stamp.read_text())) * 1000
+    print(f"\nexit seen {latency_ms:.1f} ms after the child's last line (incl. its shutdown)")
+    assert latency_ms < 5000
+
+
+def test_describe_names_the_signal() -> None:
+    assert ExitStatus(None, signal.SIGKILL).describe() == "killed by SIGKILL"
+    assert ExitStatus(1, None).describe() == "exit 1"
+    assert ExitStatus(None, None).describe() == "exited (status unknown)"
+
+
+@pytest.mark.parametrize("use_cgroup", [True, False], ids=["cgroup", "subreaper-only"])
+def test_kill_tree_leaves_no_survivor(tmp_path: Path, hosts, request, use_cgroup: bool) -> None:
+    cgroup = request.getfixturevalue("cgroup_leaf") if use_cgroup else None
+    if not use_cgroup and not become_subreaper():
+        pytest.skip("no child subreaper on this platform")
+    host = HostProcess.spawn(python_spec(tmp_path, TREE_HOST, str(tmp_path)), cgroup)
+    hosts.append(host)
+    pids = read_pids(tmp_path, "host", "child", "setsid", "daemon")
+    assert pids["host"] == host.pid
+    if not use_cgroup:  # the daemon's parent exited: it was reparented to us
+        wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), "reparenting")
+    assert host.tree_pids() >= set(pids.values())
+    for pid in pids.values():
+        assert is_in_tree(pid, host, cgroup)
+
+    host.signal_tree(signal.SIGTERM)  # ignored everywhere: an ignored signal is dropped at once
+    assert host.poll() is None
+    assert all(not gone(pid) for pid in pids.values())
+
+    started = time.perf_counter()
+    killed = kill_tree(host, cgroup, timeout=WAIT)
+    print(
+        f"\nkill_tree ({'cgroup' if use_cgroup else 'sweeps'}): {killed} processes in "
+        f"{(time.perf_counter() - started) * 1000:.1f} ms"
+    )
+    assert killed >= len(pids)
+    for name, pid in pids.items():
+        assert gone(pid), f"{name} ({pid}) survived kill_tree"
+    assert host.poll() == ExitStatus(None, signal.SIGKILL)
+    assert host.tree_pids() == set()
+
+
+def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
+    tmp_path: Path, hosts, subreaper, monkeypatch
+) -> None:
+    """macOS has neither /proc nor pidfd: run the psutil and polling paths here instead."""
+    monkeypatch.setattr(host_module, "_HAVE_PROC", False)
+    monkeypatch.setattr(host_module, "open_pidfd", lambda pid: None)
+    host = HostProcess.spawn(python_spec(tmp_path, TREE_HOST, str(tmp_path)), None)
+    hosts.append(host)
+    assert host.exit_fd is None
+    pids = read_pids(tmp_path, "host", "child", "setsid", "daemon")
+    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), "reparenting")
+    assert all(is_in_tree(pid, host, None) for pid in pids.values())
+    assert host.tree_pids() >= set(pids.values())
+    assert host.poll() is None
+    assert kill_tree(host, None, timeout=WAIT) >= len(pids)
+    assert all(gone(pid) for pid in pids.values())
+    assert host.poll() == ExitStatus(None, signal.SIGKILL)
+
+
+def test_adopt_a_process_that_is_not_our_child(tmp_path: Path, strays) -> None:
+    launcher_code = (
+        "import subprocess, sys\n"
+        "sleeper = subprocess.Popen([sys.executable, '-S', '-c', 'import signal; signal.pause()'],"
+        " start_new_session=True)\n"
+        "print(sleeper.pid, flush=True)\n"
+        "sys.stdin.read()\n"  # stays the adoptee's parent until the test closes our stdin
+    )
+    launcher = subprocess.Popen(
+        [PY, "-S", "-c", launcher_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    strays.append(launcher)
+    assert launcher.stdout is not None and launcher.stdin is not None
+    assert select.select([launcher.stdout], [], [], WAIT)[0], "launcher said nothing"
+    pid = int(launcher.stdout.readline())
+    try:
+        create_time = psutil.Process(pid).create_time()
+        assert HostProcess.adopt(pid, create_time + 30) is None  # pid reused by another process
+        assert HostProcess.adopt(pid, create_time - 30) is None
+        host = HostProcess.adopt(pid, create_time)
+        assert host is not None
+        assert not host.is_child
+        assert host.poll() is None
+        assert host.tree_pids() >= {pid}
+        os.kill(pid, signal.SIGKILL)
+        if host.exit_fd is not None:
+            assert select.select([host.exit_fd], [], [], WAIT)[0], "exit_fd stayed quiet"
+        wait_for(lambda: host.poll() is not None, "the adopted host's exit")
+        assert host.poll() == ExitStatus(None, None)
+        assert host.poll().describe() == "exited (status unknown)"
+        host.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        launcher.stdin.close()
+        launcher.wait(WAIT)
+    assert HostProcess.adopt(pid, create_time) is None  # gone for good
+
+
+def test_adopt_refuses_a_pid_that_does_not_exist() -> None:
+    assert HostProcess.adopt(0, 0.0) is None
+    assert HostProcess.adopt(2**22 + 17, time.time()) is None
+
+
+def test_reap_orphans_reaps_orphans_but_not_jobs_or_our_own_children(
+    tmp_path: Path, subreaper, strays
+) -> None:
+    # A job: registered under SPAWN_LOCK like run_job does; it exits 7 and stays unreaped.
+    with jobs.SPAWN_LOCK:
+        job = subprocess.Popen([PY, "-S", "-c", "raise SystemExit(7)"], start_new_session=True)
+        jobs.register(job.pid)
+    strays.append(job)
+    # A plain child of ours in our own session (like a `git` run by another module): exits 5.
+    sibling = subprocess.Popen([PY, "-S", "-c", "raise SystemExit(5)"])
+    strays.append(sibling)
+    # An orphan: forked by a launcher that exits at once, so it is reparented to us.
+    orphan_code = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    sys.stdin.read()\n"
+        "    os._exit(3)\n"
+        "os._exit(0)\n"
+    )
+    launcher = subprocess.Popen(
+        [PY, "-S", "-c", orphan_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    strays.append(launcher)
+    assert launcher.wait(WAIT) == 0
+    assert launcher.stdout is not None and launcher.stdin is not None
+    assert select.select([launcher.stdout], [], [], WAIT)[0]
+    orphan = int(launcher.stdout.readline())
+    wait_for(lambda: psutil.Process(orphan).ppid() == os.getpid(), "the orphan to reach us")
+    launcher.stdin.close()  # the orphan reads EOF and exits
+    try:
+        for pid in (job.pid, sibling.pid, orphan):
+            wait_for(lambda pid=pid: gone(pid), f"{pid} to exit")
+        reaped = reap_orphans()
+        assert orphan in reaped
+        assert job.pid not in reaped and sibling.pid not in reaped
+        assert not psutil.pid_exists(orphan)
+        assert job.wait(WAIT) == 7  # its status was not stolen
+        assert sibling.wait(WAIT) == 5
+    finally:
+        jobs.unregister(job.pid)
+    assert reap_orphans() == []
+
+
+def test_is_in_tree(tmp_path: Path, subreaper, hosts, strays, cgroup_leaf) -> None:
+    host = HostProcess.spawn(python_spec(tmp_path, TREE_HOST, str(tmp_path)), None)
+    hosts.append(host)
+    pids = read_pids(tmp_path, "host", "child", "setsid", "daemon")
+    # The daemon's parent exited: it is now an orphan of ours, still the host's tree.
+    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), "reparenting")
+    sibling = subprocess.Popen(["sleep", "60"])
+    strays.append(sibling)
+    timings = []
+    for name in ("host", "child", "setsid", "daemon"):
+        for _ in range(2):  # the second answer comes from the cache
+            started = time.perf_counter()
+            assert is_in_tree(pids[name], host, None), name
+            timings.append(time.perf_counter() - started)
+    assert not is_in_tree(os.getpid(), host, None)
+    assert not is_in_tree(sibling.pid, host, None)
+    assert not is_in_tree(1, host, None)
+    assert not is_in_tree(0, host, None)
+    print(f"\nis_in_tree: slowest {max(timings) * 1e6:.0f} us, fastest {min(timings) * 1e6:.0f} us")
+
+    # A process outside the ancestry but inside the host's cgroup counts too.
+    stranger = subprocess.Popen(["sleep", "60"])
+    strays.append(stranger)
+    assert not is_in_tree(stranger.pid, None, cgroup_leaf)
+    cgroup_leaf.add(stranger.pid)
+    assert is_in_tree(stranger.pid, None, cgroup_leaf)
+
+
+def test_spawn_errors_name_what_was_wrong(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    missing = tmp_path / "no-such-program"
+    with pytest.raises(SpawnError, match="no-such-program"):
+        HostProcess.spawn(SpawnSpec((str(missing),), tmp_path, env), None)
+    with pytest.raises(SpawnError, match="not-a-dir"):
+        HostProcess.spawn(SpawnSpec(("true",), tmp_path / "not-a-dir", env), None)
+    not_executable = tmp_path / "plain.txt"
+    not_executable.write_text("hi")
+    with pytest.raises(SpawnError, match=r"plain\.txt"):
+        HostProcess.spawn(SpawnSpec((str(not_executable),), tmp_path, env), None)
+    with pytest.raises(SpawnError, match="missing-dir"):
+        HostProcess.spawn(SpawnSpec(("true",), tmp_path, env, tmp_path / "missing-dir" / "x"), None)
+    assert SpawnError("x").code == "spawn_failed"
+    with pytest.raises(ValueError, match="argv"):
+        SpawnSpec((), tmp_path, env)
+    with pytest.raises(TypeError, match="env"):
+        SpawnSpec(("true",), tmp_path, {"A": 1})  # type: ignore[dict-item]
+
+
+def test_cgroup_leaf_is_reused_and_validated(cgroup_leaf: CgroupLeaf) -> None:
+    again = CgroupLeaf.create(cgroup_leaf.path.name)
+    assert again == cgroup_leaf
+    assert cgroup_leaf.pids() == []
+    assert cgroup_leaf.kill()  # an empty leaf: nothing to do, still supported
+    with pytest.raises(ValueError, match="name"):
+        CgroupLeaf.create("../escape")
+
+
+def test_process_stats_sums_rss_and_cpu(strays) -> None:
+    rss, cpu = process_stats([os.getpid()])
+    assert rss > 1_000_000 and cpu > 0
+    done = subprocess.Popen(["true"])
+    done.wait(WAIT)
+    assert process_stats([done.pid]) == (0, 0.0)  # vanished: counts nothing, no error
+    assert process_stats([]) == (0, 0.0)
