@@ -1,0 +1,87 @@
+"""Code-root events, debounced, handed to the loop.
+
+The watcher does not decide what a change means: it only says "something under the root moved",
+at most once per `debounce` seconds. The runtime then asks git whether the tree differs from the
+version the host runs on, which also settles ignored files and swapguard's own restores (a restore
+puts the tree back to a checkpoint, so it never reads as drift).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: CodeWatcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        paths = [event.src_path, getattr(event, "dest_path", "") or ""]
+        if any(path and not self.watcher.ignored(str(path)) for path in paths):
+            self.watcher.poke()
+
+
+class CodeWatcher:
+    """Calls `on_change()` (from its own thread) after a quiet `debounce` following any change."""
+
+    def __init__(
+        self,
+        root: Path,
+        on_change: Callable[[], None],
+        *,
+        ignore: Iterable[Path] = (),
+        debounce: float = 0.3,
+    ) -> None:
+        self.root = root
+        self.on_change = on_change
+        self.debounce = debounce
+        prefixes = [root / ".git", *ignore]
+        self._ignore = tuple(str(p) for p in prefixes)
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_Handler(self), str(root), recursive=True)
+
+    def ignored(self, path: str) -> bool:
+        return any(
+            path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + "-")
+            for prefix in self._ignore
+        )
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def poke(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.debounce, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._timer = None
+        try:
+            self.on_change()
+        except Exception:  # the loop may be closing; the watcher must not die noisily
+            log.debug("code watcher callback failed", exc_info=True)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._observer.stop()
+        self._observer.join(timeout=5)
