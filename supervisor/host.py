@@ -80,14 +80,17 @@ class CgroupLeaf:
 
     @classmethod
     def create(cls, name: str) -> CgroupLeaf | None:
-        """<cgroup2 mount>/swapguard/<name>, reused if it exists (an adopted host's leaf is found
-        again after a supervisor restart); None without a writable cgroup2 mount."""
+        """<our own cgroup>/swapguard/<name>, reused if it exists (an adopted host's leaf is found
+        again after a supervisor restart); None without a writable cgroup2 mount.
+
+        Under our own cgroup so that a service manager's delegation (systemd's `Delegate=yes`)
+        and its limits cover the host too; at the mount's top only when we sit at the root."""
         if not _CGROUP_NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(f"cgroup leaf name must be letters, digits, '_', '.', '-': {name!r}")
         mount = _cgroup2_mount()
         if mount is None:
             return None
-        leaf = mount / _CGROUP_PARENT / name
+        leaf = mount / _own_cgroup().lstrip("/") / _CGROUP_PARENT / name
         try:
             leaf.mkdir(parents=True, exist_ok=True)
             if not os.access(leaf / "cgroup.procs", os.W_OK):
@@ -121,6 +124,18 @@ class CgroupLeaf:
             self.path.rmdir()
         except OSError as exc:
             log.debug("cgroup %s kept: %s", self.path, exc)
+
+
+def _own_cgroup() -> str:
+    """Our path in the v2 hierarchy ("0::/system.slice/swapguard.service"), "/" when unknown."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return "/"
+    path = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    if path.endswith(f"/{_CGROUP_PARENT}") or f"/{_CGROUP_PARENT}/" in path:
+        return path.split(f"/{_CGROUP_PARENT}", 1)[0] or "/"  # we run inside a host's leaf
+    return path
 
 
 def _cgroup2_mount() -> Path | None:

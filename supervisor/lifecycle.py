@@ -219,7 +219,7 @@ def _on_start(host: Host, event: StartRequested, policy: Policy) -> Result:
 
 def _on_stop(host: Host, event: StopRequested, policy: Policy) -> Result:
     host = replace(host, wanted=False)
-    if host.state in (HostState.STARTING, HostState.RUNNING):
+    if host.state in (HostState.STARTING, HostState.RUNNING) and host.pid is not None:
         return _begin_stop(host, event.now, StopPurpose.HALT, policy)
     if host.state is HostState.STOPPING:
         return replace(host, stop_purpose=StopPurpose.HALT), []
@@ -228,6 +228,8 @@ def _on_stop(host: Host, event: StopRequested, policy: Policy) -> Result:
 
 def _on_restart(host: Host, event: RestartRequested, policy: Policy) -> Result:
     host = replace(host, wanted=True)
+    if host.state is HostState.STARTING and host.pid is None:
+        return host, []  # a spawn is already on its way
     if host.state in (HostState.STARTING, HostState.RUNNING):
         return _begin_stop(host, event.now, StopPurpose.RESTART, policy)
     if host.state is HostState.STOPPING:

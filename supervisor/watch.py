@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
+# watchdog's inotify backend warns when a new subdirectory re-registers a watch; harmless noise.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
 class _Handler(FileSystemEventHandler):

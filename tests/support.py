@@ -81,6 +81,12 @@ def rows(db: Path, sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 class Supervisor:
     """`swapguard run` in a child process, with a client and wait helpers."""
 
@@ -95,12 +101,12 @@ class Supervisor:
                     "restart_delay": "50ms", "stop_timeout": "5s",
                     "output": str(self.state.parent / (self.state.name + ".host.log")),
                     **(host or {})}
-        lines = ["[host]"] + [f"{k} = {json.dumps(v)}" for k, v in host_cfg.items()]
-        lines += ["[code]", f'root = "{repo}"'] + [f"{k} = {json.dumps(v)}"
-                                             for k, v in (code or {}).items()]
+        lines = ["[host]"] + [f"{k} = {toml_value(v)}" for k, v in host_cfg.items()]
+        lines += ["[code]", f'root = "{repo}"'] + [f"{k} = {toml_value(v)}"
+                                                  for k, v in (code or {}).items()]
         if data:
             lines += ["[[data]]", f'path = "{repo}/data/app.db"', 'kind = "sqlite"']
-        lines += ["[deadman]"] + [f"{k} = {json.dumps(v)}" for k, v in (deadman or {}).items()]
+        lines += ["[deadman]"] + [f"{k} = {toml_value(v)}" for k, v in (deadman or {}).items()]
         lines += ["[control]", f'socket = "{self.socket}"', "[state]", f'dir = "{self.state}"']
         self.config = self.state.parent / (self.state.name + ".toml")
         self.config.write_text("\n".join(lines) + "\n" + extra)
@@ -108,18 +114,25 @@ class Supervisor:
         self.client = Client(self.socket, timeout=30)
 
     def start(self, *, wait_ready: bool = True) -> Supervisor:
-        env = {**os.environ, "SWAPGUARD_LOG_LEVEL": "DEBUG"}
+        env = {**os.environ, "SWAPGUARD_LOG_LEVEL": "INFO"}
         env.pop("NOTIFY_SOCKET", None)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "supervisor", "run", "--config", str(self.config)],
                 cwd=self.repo, stdout=out, stderr=out, env=env, start_new_session=True)
-        wait_for(lambda: self.client.status(), what="the control socket")
+        wait_for(self._status_while_alive, what="the control socket")
         if wait_ready:
             self.wait_host(ready=True)
         return self
 
     def status(self) -> dict[str, Any]:
+        return self.client.status()
+
+    def _status_while_alive(self) -> dict[str, Any]:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"swapguard exited with {self.process.returncode}:\n"
+                                 + self.output()[-3000:])
         return self.client.status()
 
     def wait_host(self, *, ready: bool = True, state: str | None = None, pid_not: int | None = None,

@@ -174,3 +174,9 @@ def test_adopted_host_is_running() -> None:
 def test_exit_of_unknown_process_is_ignored() -> None:
     host, actions = lc.step(lc.Host(), lc.Exited(now=1, wall=0, code=0, signal=None), POLICY)
     assert actions == [] and host == lc.Host()
+
+
+def test_stop_before_the_spawn_happened_is_immediate() -> None:
+    host, _ = run([lc.StartRequested(now=0)])
+    host, actions = lc.step(host, lc.StopRequested(now=0.1), POLICY)
+    assert host.state is lc.HostState.STOPPED and actions == []
