@@ -201,14 +201,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's parser.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument(
         "--config", "-c", help="swapguard.toml (default: $SWAPGUARD_CONFIG, ./swapguard.toml)"
     )
     common.add_argument(
         "--socket", help="control socket (default: $SWAPGUARD_SOCKET, the config's)"
     )
-    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON")
     parser = argparse.ArgumentParser(
         prog="swapguard",
         description="Supervise a service that rewrites its own code.",
@@ -269,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, default in (("config", None), ("socket", None), ("json", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     logging.getLogger("peewee").setLevel(logging.WARNING)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -35,6 +35,10 @@ from supervisor.store import Store
 
 log = logging.getLogger(__name__)
 
+CRASH_AT = os.environ.get("SWAPGUARD_CRASH_AT")
+"""Fault injection for the test suite: `<state>/<step>` makes the process die (exit 86) right
+after that swap record is persisted and before its actions run, as a kill -9 would."""
+
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
 
@@ -235,6 +239,9 @@ class Runtime:
         before = self.swap
         if before is None or swap != before:
             self.store.save_swap(swap.id, swap.state.value, swap.created_at.wall, swap.to_json())
+            if CRASH_AT is not None and CRASH_AT == f"{swap.state.value}/{swap.step}":
+                log.warning("SWAPGUARD_CRASH_AT=%s: dying here", CRASH_AT)
+                os._exit(86)
         if before is None or (before.state, before.step) != (swap.state, swap.step):
             log.info(
                 "swap %s: %s/%s -> %s/%s",
