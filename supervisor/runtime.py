@@ -125,6 +125,9 @@ class Runtime:
         self.notify_server = notify.NotifyServer(config.state.dir / "notify.sock")
         self.drift = False
         self.head: str | None = None
+        baseline = store.get_value(BASELINE_KEY)
+        self.code_version: str | None = (
+            baseline.get("commit") if isinstance(baseline, dict) else None)
         self._host_env: dict[str, str] = {}
         self._one_shot_env = False
         self._timer: asyncio.TimerHandle | None = None
@@ -313,13 +316,12 @@ class Runtime:
         swap_id = (
             self.swap.id if self.swap and self.swap.state is swaps.SwapState.PROBATION else None
         )
-        baseline = self.store.get_value(BASELINE_KEY)
         self.run_id = self.store.record_spawn(
             process.pid,
             process.create_time,
             clock.BOOT_ID,
             wall,
-            baseline.get("commit") if isinstance(baseline, dict) else None,
+            self.code_version,
             swap_id,
         )
         if self._one_shot_env:
@@ -512,7 +514,7 @@ class Runtime:
     def _restore_code(self, checkpoint: Checkpoint, name: str) -> None:
         self.code.restore(checkpoint, name=name)
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
-        self.loop.call_soon_threadsafe(self._set_drift, False)
+        self.loop.call_soon_threadsafe(self._baseline_taken, checkpoint)
 
     def _run_health_check(self) -> None:
         argv = self.config.deadman.health_check
@@ -759,6 +761,7 @@ class Runtime:
 
     def _baseline_taken(self, checkpoint: Checkpoint) -> None:
         self.head = checkpoint.head
+        self.code_version = checkpoint.commit
         if self.swap is None:
             self._set_drift(False)
 

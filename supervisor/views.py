@@ -55,8 +55,7 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
 def status(runtime: Runtime) -> dict[str, Any]:
     """The contract's GET /v1/status document (stable fields first; more may be added)."""
     boot_now, wall_now = clock.boot_clock(), time.time()
-    baseline = runtime.store.get_value("host_checkpoint")
-    code_version = baseline.get("commit") if isinstance(baseline, dict) else None
+    code_version = runtime.code_version
     swap = runtime.swap.view(clock.now()) if runtime.swap is not None else None
     return {
         "supervisor": {
