@@ -142,6 +142,13 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WatchdogTriggered:
+    """WATCHDOG=trigger: the host says its own watchdog expired."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Exited:
     now: float
     wall: float
@@ -163,6 +170,7 @@ Event = (
     | SpawnFailed
     | Ready
     | Heartbeat
+    | WatchdogTriggered
     | Exited
     | Tick
 )
@@ -269,6 +277,17 @@ def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
     return replace(host, last_heartbeat=event.now, status_text=status), []
 
 
+def _heartbeat_lost(host: Host, now: float, policy: Policy, detail: dict) -> Result:
+    stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
+    return stopping, [Emit("host.heartbeat_lost", {"pid": host.pid, **detail}), *actions]
+
+
+def _on_watchdog_trigger(host: Host, event: WatchdogTriggered, policy: Policy) -> Result:
+    if host.state not in (HostState.STARTING, HostState.RUNNING) or host.pid is None:
+        return host, []
+    return _heartbeat_lost(host, event.now, policy, {"trigger": True})
+
+
 def _failure(host: Host, now: float, policy: Policy, detail: dict) -> Result:
     """Count a failure and either restart at once, back off, or stay down (restart = "no")."""
     failures = host.failures + 1
@@ -362,6 +381,7 @@ _HANDLERS: dict[type, Callable[[Host, Event, Policy], Result]] = {
     SpawnFailed: _on_spawn_failed,
     Ready: _on_ready,
     Heartbeat: _on_heartbeat,
+    WatchdogTriggered: _on_watchdog_trigger,
     Exited: _on_exited,
     Tick: _on_tick,
 }

@@ -64,6 +64,7 @@ class NotifyMessage:
 
     ready: bool = False
     watchdog: bool = False
+    watchdog_trigger: bool = False  # WATCHDOG=trigger: the host declares itself failed
     stopping: bool = False
     reloading: bool = False
     status: str | None = None
@@ -100,9 +101,9 @@ def parse_datagram(data: bytes) -> NotifyMessage:
 
     return NotifyMessage(
         ready=fields.get("READY") == "1",
-        # Caution: systemd itself reads WATCHDOG=trigger as "act as if the watchdog expired";
-        # swapguard's design counts it as a heartbeat, and NotifyMessage cannot tell them apart.
-        watchdog=fields.get("WATCHDOG") in ("1", "trigger"),
+        watchdog=fields.get("WATCHDOG") == "1",
+        # as in systemd: "act as if the watchdog expired"
+        watchdog_trigger=fields.get("WATCHDOG") == "trigger",
         stopping=fields.get("STOPPING") == "1",
         reloading=fields.get("RELOADING") == "1",
         status=fields.get("STATUS"),

@@ -659,6 +659,8 @@ class Runtime:
         boot = clock.boot_clock()
         if message.ready:
             self.feed_host(lifecycle.Ready(now=boot))
+        if message.watchdog_trigger:
+            self.feed_host(lifecycle.WatchdogTriggered(now=boot))
         if message.watchdog or message.status is not None:
             if message.watchdog:
                 self.counters.heartbeats += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -185,6 +187,11 @@ class Supervisor:
                 except psutil.Error:
                     pass
         shutil.rmtree(self.state, ignore_errors=True)
+        # the host's cgroup leaf outlives a killed supervisor by design (adoption); not a test's
+        leaf = hashlib.sha256(str(self.state).encode()).hexdigest()[:16]
+        for parent in (Path("/sys/fs/cgroup/unified/swapguard"), Path("/sys/fs/cgroup/swapguard")):
+            with contextlib.suppress(OSError):
+                (parent / leaf).rmdir()
 
 
 @contextmanager

@@ -180,3 +180,9 @@ def test_stop_before_the_spawn_happened_is_immediate() -> None:
     host, _ = run([lc.StartRequested(now=0)])
     host, actions = lc.step(host, lc.StopRequested(now=0.1), POLICY)
     assert host.state is lc.HostState.STOPPED and actions == []
+
+
+def test_watchdog_trigger_counts_as_a_lost_heartbeat() -> None:
+    host = running()
+    host, actions = lc.step(host, lc.WatchdogTriggered(now=1), POLICY)
+    assert "host.heartbeat_lost" in emitted(actions) and host.state is lc.HostState.STOPPING

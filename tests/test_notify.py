@@ -44,7 +44,7 @@ PARSED = [
     (b"READY=0", NotifyMessage()),
     (b"READY=yes", NotifyMessage()),
     (b"WATCHDOG=1", NotifyMessage(watchdog=True)),
-    (b"WATCHDOG=trigger", NotifyMessage(watchdog=True)),
+    (b"WATCHDOG=trigger", NotifyMessage(watchdog_trigger=True)),
     (b"WATCHDOG=0", NotifyMessage()),
     (b"STOPPING=1", NotifyMessage(stopping=True)),
     (b"RELOADING=1", NotifyMessage(reloading=True)),
