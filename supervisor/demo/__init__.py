@@ -65,14 +65,18 @@ def run_demo(live: bool | None = None) -> int:
     return code
 
 
-def _clean_up(screen: Screen, sandbox: sb.Sandbox, supervisor: sb.SupervisorProcess, code: int) -> int:
-    """Stop everything the demo started and remove its folder; a second Ctrl-C cannot cut it short."""
+def _clean_up(
+    screen: Screen, sandbox: sb.Sandbox, supervisor: sb.SupervisorProcess, code: int
+) -> int:
+    """Stop all the demo started, remove its folder; a second Ctrl-C cannot cut this short."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         screen.close()
         forced = supervisor.stop()
         if forced:
-            screen.say(bullet(False, "had to kill what swapguard left behind: " + "; ".join(forced)))
+            screen.say(
+                bullet(False, "had to kill what swapguard left behind: " + "; ".join(forced))
+            )
             code = code or 1
         left = supervisor.leftovers()
         if left:

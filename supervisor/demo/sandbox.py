@@ -7,6 +7,7 @@ user's global or system config, so a `commit.gpgsign` or a missing `user.email` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -172,19 +173,11 @@ def host_starts(database: Path) -> list[tuple[str, str | None, str | None]]:
     return [(str(version), swap, rolled_back) for version, swap, rolled_back in rows]
 
 
-class _read_only:  # noqa: N801 - used like contextlib.closing
-    """A read-only connection that is closed (not just committed) on leaving the block."""
-
-    def __init__(self, database: Path) -> None:
-        if not database.exists():
-            raise FileNotFoundError(f"{database} does not exist")
-        self.conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.conn.close()
+def _read_only(database: Path) -> contextlib.closing[sqlite3.Connection]:
+    """A read-only connection, closed (not just committed) on leaving the `with` block."""
+    if not database.exists():
+        raise FileNotFoundError(f"{database} does not exist")
+    return contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5))
 
 
 class SupervisorProcess:
@@ -244,10 +237,8 @@ class SupervisorProcess:
         for proc in psutil.process_iter(["pid", "cmdline", "status"]):
             if proc.info["pid"] == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            cmdline = proc.info["cmdline"] or []
-            if proc.info["pid"] in self.host_pids and _still_host(proc, root):
-                found.append(proc)
-            elif any(root in part for part in cmdline):
+            names_root = any(root in part for part in proc.info["cmdline"] or [])
+            if names_root or (proc.info["pid"] in self.host_pids and _still_host(proc, root)):
                 found.append(proc)
         return found
 

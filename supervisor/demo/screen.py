@@ -1,4 +1,4 @@
-"""How the demo talks: plain lines for logs and pipes, or lines plus a redrawn status block on a TTY.
+"""How the demo talks: plain lines for logs and pipes, or lines plus a redrawn block on a TTY.
 
 The narration is the same either way; only the status block differs. On a terminal it sits under
 the narration and is redrawn in place (ANSI: cursor up, erase down) as the countdown runs; in plain

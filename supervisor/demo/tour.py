@@ -92,8 +92,13 @@ class Tour:
     def v1_running(self) -> None:
         say = self.screen.say
         say(heading("1. v1 of the sample host, under supervision"))
+        # code.head is filled in once swapguard's first checkpoint of the tree is taken
         doc = self.wait(
-            lambda d: d if d["host"]["ready"] and d["host"]["last_heartbeat_at"] else None,
+            lambda d: (
+                d
+                if d["host"]["ready"] and d["host"]["last_heartbeat_at"] and d["code"]["head"]
+                else None
+            ),
             "v1 to be ready and heartbeating",
         )
         host = doc["host"]
@@ -110,7 +115,10 @@ class Tour:
         expect(starts == [("v1", None, None)], f"data/app.db starts: expected one v1, got {starts}")
         say(bullet(True, "data/app.db (WAL-mode SQLite) recorded the start: starts = [v1]"))
         self.head = sb.git(self.sandbox, "rev-parse", "HEAD").strip()
-        expect(doc["code"]["head"] == self.head, f"status code.head is not HEAD {self.head}")
+        expect(
+            doc["code"]["head"] == self.head,
+            f"status code.head {doc['code']['head']} is not HEAD {self.head}",
+        )
         self.expect_clean_tree()
         say(bullet(True, f"code: git HEAD {self.head[:10]} (commit 'v1'), working tree clean"))
 
@@ -257,7 +265,8 @@ class Tour:
         say(
             arrow(
                 f"activate: swapguard stops the old host, snapshots data/app.db, starts "
-                f"{version.name} on probation (window {sb.WINDOW_S:g}s, hard cap {sb.HARD_CAP_S:g}s)"
+                f"{version.name} on probation "
+                f"(window {sb.WINDOW_S:g}s, hard cap {sb.HARD_CAP_S:g}s)"
             )
         )
         return swap_id
