@@ -128,6 +128,7 @@ class Runtime:
         baseline = store.get_value(BASELINE_KEY)
         self.code_version: str | None = (
             baseline.get("commit") if isinstance(baseline, dict) else None)
+        self.head = baseline.get("head") if isinstance(baseline, dict) else None
         self._host_env: dict[str, str] = {}
         self._one_shot_env = False
         self._timer: asyncio.TimerHandle | None = None
@@ -153,6 +154,9 @@ class Runtime:
         active = self.store.active_swap()
         self.swap = swaps.Swap.from_json(active) if active else None
         adopted = self._adopt_live_host()
+        if self.swap is None and (not adopted or self.code_version is None):
+            # The checkpoint of the code the host starts on: what the drift guard falls back to.
+            await self.loop.run_in_executor(self.pool, self._refresh_baseline_blocking)
         if self.swap is not None:
             self._set_host_env_for(self.swap)
             swap, actions = swaps.resume(self.swap, self.swap_policy, clock.now())
@@ -164,7 +168,6 @@ class Runtime:
         if not adopted and not swap_drives_host:
             self.feed_host(lifecycle.StartRequested(now=clock.boot_clock()))
         self._tick()
-        self.pool.submit(self._refresh_baseline_blocking)
 
     async def shutdown(self) -> None:
         """SIGTERM/SIGINT: stop the host gracefully, then let the loop end."""
@@ -328,6 +331,7 @@ class Runtime:
             self._host_env, self._one_shot_env = {}, False
         self._watch_exit(process)
         self.feed_host(lifecycle.Spawned(now=clock.boot_clock(), pid=process.pid))
+        self.pool.submit(self._refresh_head_blocking)
         if self.drift:
             self.pool.submit(self._refresh_baseline_blocking)
 
@@ -760,6 +764,14 @@ class Runtime:
             return
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
         self.loop.call_soon_threadsafe(self._baseline_taken, checkpoint)
+
+    def _refresh_head_blocking(self) -> None:
+        """status shows the HEAD the host was started on; git is asked off the loop."""
+        try:
+            head = self.code.head()
+        except SwapguardError:
+            return
+        self.loop.call_soon_threadsafe(setattr, self, "head", head)
 
     def _baseline_taken(self, checkpoint: Checkpoint) -> None:
         self.head = checkpoint.head
