@@ -123,8 +123,10 @@ def render_swap_line(swap: Mapping[str, Any]) -> str:
         text += f" ({swap['step']})"
     if swap.get("summary"):
         text += f' "{swap["summary"]}"'
-    if swap.get("remaining_s") is not None:
-        text += f" - {countdown(swap['remaining_s'])} left, deadline {swap.get('deadline_at')}"
+    if swap.get("remaining_s") is not None and swap.get("deadline_at"):
+        text += f" - {countdown(swap['remaining_s'])} left, deadline {swap['deadline_at']}"
+    elif swap.get("remaining_s") is not None:
+        text += f" - activating, hard cap in {countdown(swap['remaining_s'])}"
     if swap.get("reason"):
         text += f", reason {swap['reason']}"
     return text

@@ -256,6 +256,8 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
         return None
     loop = runtime.loop
     ignore = [config.state.dir, config.control.socket, *(entry.path for entry in config.data)]
+    if config.host.output is not None:
+        ignore.append(config.host.output)
     watcher = CodeWatcher(
         config.code.root, lambda: loop.call_soon_threadsafe(runtime.on_tree_changed), ignore=ignore
     )

@@ -141,6 +141,8 @@ class Runtime:
 
     def _code_excludes(self) -> list[os.PathLike[str]]:
         paths: list[os.PathLike[str]] = [self.config.state.dir, self.config.control.socket]
+        if self.config.host.output is not None:  # the host's log is not code
+            paths.append(self.config.host.output)
         for entry in self.config.data:
             paths.append(entry.path)
             for suffix in ("-wal", "-shm", "-journal"):
@@ -258,6 +260,8 @@ class Runtime:
                 swap.step,
             )
         self.swap = swap
+        if swap.step is swaps.Step.STOP_OLD and (before is None or before.step is None):
+            self.pool.submit(self._save_changes_blocking, swap)
         for action in actions:
             self._perform_swap(swap, action)
         if swap.state in swaps.TERMINAL:
@@ -578,6 +582,16 @@ class Runtime:
         self.swap = None
         self._commit_swap(swap, actions)
         return swap
+
+    def _save_changes_blocking(self, swap: swaps.Swap) -> None:
+        """What the new version changed, kept for the swap's record (a rollback erases it)."""
+        try:
+            changes = self.code.changes(Checkpoint.from_json(dict(swap.checkpoint)))
+        except SwapguardError as exc:
+            log.warning("swap %s: changes not recorded: %s", swap.id, exc.message)
+            return
+        self.store.set_value(f"changes:{swap.id}",
+                             [{"path": c.path, "change": c.change} for c in changes])
 
     def _take_checkpoint(self, name: str) -> Checkpoint:
         self.code.check()
