@@ -138,6 +138,7 @@ def test_requested_rollback_restores_code_and_data_exactly(repo: Path) -> None:
         sup.client.rollback(swap_id, reason="operator said so")
         final = assert_rolled_back(sup, swap_id, before_tree, before_db, "operator said so", "v2")
         assert final["finished_at"]
+        assert {"path": "feature.py", "change": "added"} in final["changes"]  # kept after rollback
         # the new version's commit is not lost
         refs = git(repo, "for-each-ref", "refs/swapguard/")
         assert "abandoned" in refs
