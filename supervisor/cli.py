@@ -1,4 +1,7 @@
-"""The `swapguard` command line. Exit codes: 0 ok, 1 refused or failed, 2 usage or config, 3 unreachable."""
+"""The `swapguard` command line.
+
+Exit codes: 0 ok, 1 refused or failed, 2 usage or config, 3 unreachable.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Human renderings for the CLI: `status` in the manner of `systemctl status`, `swap list` as a table.
+"""Human renderings for the CLI: `status` like `systemctl status`, `swap list` as a table.
 
 Pure: documents in, text out, so they are tested without a terminal.
 """

@@ -1,9 +1,9 @@
 """`swapguard run`: wire the pieces together and keep the loop going until told to stop.
 
-Start-up order is chosen so that nothing half-starts: the state lock first (never two supervisors on
-one state, hence never two hosts), then the store, the process-tree containment (subreaper, cgroup),
-the runtime (which adopts a live host or starts one and resumes a swap), the control socket, the code
-watcher, and last READY=1 to our own manager when there is one.
+Start-up order is chosen so that nothing half-starts: the state lock first (never two supervisors
+on one state, hence never two hosts), then the store, the process-tree containment (subreaper,
+cgroup), the runtime (which adopts a live host or starts one and resumes a swap), the control
+socket, the code watcher, and last READY=1 to our own manager when there is one.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
 
 
 def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
-    """Ping our own manager's watchdog at half its WatchdogSec, from the loop (so a hung loop shows)."""
+    """Ping our own manager's watchdog at half its WatchdogSec, from the loop: a hung loop shows."""
     interval = notify.watchdog_interval()
     if interval is None:
         return None

@@ -12,6 +12,8 @@ one). Only orphans are ours to reap, and they count as part of the host's tree.
 
 Every signal goes through a pidfd, opened and then checked against the start time we saw, so a
 recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS): psutil scans and polling.
+The process table and verified signals are `supervisor.proctree`, the leaf `supervisor.cgroup`;
+this module puts them together for the host (and re-exports `CgroupLeaf` and `process_stats`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import select
 import shutil
 import signal
@@ -29,22 +30,31 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from supervisor import jobs
+from supervisor.cgroup import CgroupLeaf
 from supervisor.errors import SwapguardError
 from supervisor.jobs import open_pidfd, signal_group
+from supervisor.proctree import (
+    ProcInfo,
+    await_exits,
+    descendants,
+    is_orphan,
+    proc_info,
+    process_table,
+    signal_verified,
+)
+from supervisor.proctree import process_stats as process_stats  # re-exported
 
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
-_CGROUP_PARENT = "swapguard"
-_CGROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_HAVE_PROC = Path("/proc/self/stat").exists()
+
 # psutil's create_time rests on /proc/stat's btime: whole seconds that may shift by one.
 _CREATE_TIME_SLACK = 1.05
 _PID_STUB = 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"'
@@ -52,7 +62,6 @@ _PID_STUB = 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"'
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
 _TREE_CACHE_SIZE = 256
 _MAX_ANCESTRY = 64
-_SWEEP_WAIT = 0.5  # kill_tree: longest wait for SIGKILLed processes before the next sweep
 _POLL_SLICE = 0.01  # kill_tree without pidfd (macOS): pause between sweeps
 
 
@@ -70,85 +79,6 @@ def become_subreaper() -> bool:
         log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: %s", os.strerror(ctypes.get_errno()))
         return False
     return True
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupLeaf:
-    """A cgroup v2 leaf holding the host's tree, so that `cgroup.kill` empties it at once."""
-
-    path: Path
-
-    @classmethod
-    def create(cls, name: str) -> CgroupLeaf | None:
-        """<our own cgroup>/swapguard/<name>, reused if it exists (an adopted host's leaf is found
-        again after a supervisor restart); None without a writable cgroup2 mount.
-
-        Under our own cgroup so that a service manager's delegation (systemd's `Delegate=yes`)
-        and its limits cover the host too; at the mount's top only when we sit at the root."""
-        if not _CGROUP_NAME.fullmatch(name) or name in (".", ".."):
-            raise ValueError(f"cgroup leaf name must be letters, digits, '_', '.', '-': {name!r}")
-        mount = _cgroup2_mount()
-        if mount is None:
-            return None
-        leaf = mount / _own_cgroup().lstrip("/") / _CGROUP_PARENT / name
-        try:
-            leaf.mkdir(parents=True, exist_ok=True)
-            if not os.access(leaf / "cgroup.procs", os.W_OK):
-                raise PermissionError("cgroup.procs is not writable")
-        except OSError as exc:
-            log.info("no cgroup for the host (%s): %s", leaf, exc)
-            return None
-        return cls(leaf)
-
-    def add(self, pid: int) -> None:
-        """Move `pid` into the leaf; raises OSError (ProcessLookupError when it is gone)."""
-        (self.path / "cgroup.procs").write_text(str(pid))
-
-    def pids(self) -> list[int]:
-        try:
-            return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
-        except (OSError, ValueError):
-            return []
-
-    def kill(self) -> bool:
-        """SIGKILL every member at once (Linux >= 5.14); False where cgroup.kill is missing."""
-        try:
-            (self.path / "cgroup.kill").write_text("1")
-        except OSError:
-            return False
-        return True
-
-    def remove(self) -> None:
-        """rmdir the leaf once it is empty; never raises (a busy leaf is simply kept)."""
-        try:
-            self.path.rmdir()
-        except OSError as exc:
-            log.debug("cgroup %s kept: %s", self.path, exc)
-
-
-def _own_cgroup() -> str:
-    """Our path in the v2 hierarchy ("0::/system.slice/swapguard.service"), "/" when unknown."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return "/"
-    path = next((line[3:] for line in lines if line.startswith("0::")), "/")
-    if path.endswith(f"/{_CGROUP_PARENT}") or f"/{_CGROUP_PARENT}/" in path:
-        return path.split(f"/{_CGROUP_PARENT}", 1)[0] or "/"  # we run inside a host's leaf
-    return path
-
-
-def _cgroup2_mount() -> Path | None:
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        before, sep, after = line.partition(" - ")
-        fields = before.split()
-        if sep and after.split()[:1] == ["cgroup2"] and len(fields) > 4:
-            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,77 +139,6 @@ class SpawnError(SwapguardError):
     code = "spawn_failed"
 
 
-@dataclass(frozen=True, slots=True)
-class _ProcInfo:
-    ppid: int
-    pgid: int
-    sid: int
-    zombie: bool
-    start: float  # opaque: equal for the same process, different once the pid is reused
-
-
-def _proc_info(pid: int) -> _ProcInfo | None:
-    """Parent, group, session, zombie and start of `pid` from /proc (psutil elsewhere)."""
-    if not _HAVE_PROC:
-        return _psutil_info(pid)
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-        fields = data[data.rindex(b")") + 2 :].split()
-        return _ProcInfo(
-            ppid=int(fields[1]),
-            pgid=int(fields[2]),
-            sid=int(fields[3]),
-            zombie=fields[0] in (b"Z", b"X"),
-            start=int(fields[19]),
-        )
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _psutil_info(pid: int) -> _ProcInfo | None:
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            ppid, status, start = proc.ppid(), proc.status(), proc.create_time()
-        pgid, sid = os.getpgid(pid), os.getsid(pid)
-    except (psutil.Error, OSError):
-        return None
-    return _ProcInfo(ppid, pgid, sid, status == psutil.STATUS_ZOMBIE, start)
-
-
-def _process_table() -> dict[int, _ProcInfo]:
-    """One consistent-enough look at every process: the basis of each tree decision."""
-    if _HAVE_PROC:
-        pids: Iterable[int] = (int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
-    else:
-        pids = psutil.pids()
-    return {pid: info for pid in pids if (info := _proc_info(pid)) is not None}
-
-
-def _descendants(table: Mapping[int, _ProcInfo], roots: Iterable[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, info in table.items():
-        children.setdefault(info.ppid, []).append(pid)
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _is_orphan(pid: int, info: _ProcInfo, host: HostProcess | None) -> bool:
-    """A child of ours that nobody waits for and that came from outside our session."""
-    return (
-        info.sid != os.getsid(0)
-        and pid not in jobs.registered()
-        and (host is None or pid != host.pid)
-    )
-
-
 class HostProcess:
     """One host process, spawned by us or adopted after a supervisor restart."""
 
@@ -292,7 +151,7 @@ class HostProcess:
         self._pidfd = open_pidfd(pid)  # first: all we read next is then about this very process
         try:
             self.create_time: float = psutil.Process(pid).create_time()
-            info = _proc_info(pid)
+            info = proc_info(pid)
             if info is None:
                 raise psutil.NoSuchProcess(pid)
         except BaseException:
@@ -355,7 +214,7 @@ class HostProcess:
         if host._exit_visible() or abs(host.create_time - create_time) > _CREATE_TIME_SLACK:
             host.close()
             return None
-        if (info := _proc_info(pid)) is not None and info.ppid == os.getpid():
+        if (info := proc_info(pid)) is not None and info.ppid == os.getpid():
             host.is_child = True  # we re-exec'd ourselves: still our child, so we reap it
             jobs.register(pid)
         log.info("host adopted: pid %d", pid)
@@ -389,13 +248,13 @@ class HostProcess:
 
     def tree_pids(self) -> set[int]:
         """Live pids of the host, its descendants, its cgroup and our non-job orphans."""
-        return set(_live_tree(self, self._cgroup, _process_table()))
+        return set(_live_tree(self, self._cgroup, process_table()))
 
     def signal_tree(self, sig: int) -> None:
         """Send `sig` to every process of the tree and to the host's process group."""
-        table = _process_table()
+        table = process_table()
         for pid, info in _live_tree(self, self._cgroup, table).items():
-            pidfd = _signal_verified(pid, info.start, sig)[1]
+            pidfd = signal_verified(pid, info.start, sig)[1]
             if pidfd is not None:
                 os.close(pidfd)
         if self._owns_group(table):
@@ -413,14 +272,14 @@ class HostProcess:
             poller = select.poll()
             poller.register(self._pidfd, select.POLLIN)
             return bool(poller.poll(0))
-        info = _proc_info(self.pid)
+        info = proc_info(self.pid)
         return info is None or info.zombie or info.start != self._start_key
 
-    def _alive_in(self, table: Mapping[int, _ProcInfo]) -> bool:
+    def _alive_in(self, table: Mapping[int, ProcInfo]) -> bool:
         info = table.get(self.pid)
         return self._exit is None and info is not None and info.start == self._start_key
 
-    def _owns_group(self, table: Mapping[int, _ProcInfo]) -> bool:
+    def _owns_group(self, table: Mapping[int, ProcInfo]) -> bool:
         """May we killpg(host pid)? Only while that number still names the host's group."""
         current = table.get(self.pid)
         if current is not None:  # the host itself, unreaped, or a stranger under its old pid
@@ -436,12 +295,12 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
     deadline = time.monotonic() + timeout
     killed: set[tuple[int, float]] = set()
     if cgroup is not None:
-        table = _process_table()
+        table = process_table()
         members = [(pid, table[pid].start) for pid in cgroup.pids() if pid in table]
         if members and cgroup.kill():
             killed.update(members)
     while True:
-        table = _process_table()
+        table = process_table()
         if host is not None and host._owns_group(table):
             signal_group(host.pid, signal.SIGKILL)
         tree = _live_tree(host, cgroup, table)
@@ -452,13 +311,13 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
             break
         handles = []
         for pid, info in tree.items():
-            sent, pidfd = _signal_verified(pid, info.start, signal.SIGKILL)
+            sent, pidfd = signal_verified(pid, info.start, signal.SIGKILL)
             if sent:
                 killed.add((pid, info.start))
             if pidfd is not None:
                 handles.append(pidfd)
         if handles:
-            _await_exits(handles, deadline)
+            await_exits(handles, deadline)
         else:  # no pidfd (macOS): nothing to block on, so pace the sweeps
             time.sleep(_POLL_SLICE)
         _reap(host)
@@ -477,8 +336,8 @@ def reap_orphans() -> list[int]:
         return []
     me, reaped = os.getpid(), []
     with jobs.SPAWN_LOCK:
-        for pid, info in _process_table().items():
-            if info.ppid == me and info.zombie and _is_orphan(pid, info, None):
+        for pid, info in process_table().items():
+            if info.ppid == me and info.zombie and is_orphan(pid, info, None):
                 with contextlib.suppress(ChildProcessError):
                     if os.waitpid(pid, os.WNOHANG)[0] == pid:
                         reaped.append(pid)
@@ -494,7 +353,7 @@ def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) ->
         return False
     if host is not None and pid == host.pid and host._exit is None:
         return True
-    info = _proc_info(pid)
+    info = proc_info(pid)
     if info is None:
         return False
     if host is None:
@@ -512,92 +371,39 @@ def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) ->
     return answer
 
 
-def process_stats(pids: Iterable[int]) -> tuple[int, float]:
-    """Total RSS bytes and CPU seconds (user + system) of `pids`; vanished ones count 0."""
-    rss, cpu = 0, 0.0
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                memory, times = proc.memory_info(), proc.cpu_times()
-        except psutil.Error:
-            continue
-        rss += memory.rss
-        cpu += times.user + times.system
-    return rss, cpu
-
-
 # --- internals ---------------------------------------------------------------------------
 
 
 def _live_tree(
-    host: HostProcess | None, cgroup: CgroupLeaf | None, table: Mapping[int, _ProcInfo]
-) -> dict[int, _ProcInfo]:
-    me = os.getpid()
+    host: HostProcess | None, cgroup: CgroupLeaf | None, table: Mapping[int, ProcInfo]
+) -> dict[int, ProcInfo]:
+    me, host_pid = os.getpid(), None if host is None else host.pid
     roots: set[int] = set(cgroup.pids()) if cgroup is not None else set()
     if host is not None and host._alive_in(table):
         roots.add(host.pid)
     roots.update(
-        pid for pid, info in table.items() if info.ppid == me and _is_orphan(pid, info, host)
+        pid for pid, info in table.items() if info.ppid == me and is_orphan(pid, info, host_pid)
     )
-    members = roots | _descendants(table, roots)
+    members = roots | descendants(table, roots)
     return {
         pid: table[pid] for pid in members if pid in table and pid != me and not table[pid].zombie
     }
 
 
-def _descends(pid: int, info: _ProcInfo, host: HostProcess | None) -> bool:
+def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
     """Walk up the parents: the host above means yes; we above mean yes only through an orphan."""
     me, current, current_info = os.getpid(), pid, info
     for _ in range(_MAX_ANCESTRY):
         if host is not None and current == host.pid:
             return host._exit is None
         if current_info.ppid == me:
-            return _is_orphan(current, current_info, host)
+            return is_orphan(current, current_info, None if host is None else host.pid)
         current = current_info.ppid
-        parent_info = _proc_info(current) if current > 1 else None
+        parent_info = proc_info(current) if current > 1 else None
         if parent_info is None:
             return False
         current_info = parent_info
     return False
-
-
-def _signal_verified(pid: int, start: float, sig: int) -> tuple[bool, int | None]:
-    """Signal `pid` only if it is still the process that started at `start`; race-free with a
-    pidfd (it pins the process, then the start time is checked). Returns whether it was sent
-    and the pidfd (the caller closes it) to wait on its exit."""
-    pidfd = open_pidfd(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        info = _proc_info(pid)
-        if info is not None and info.start == start:
-            if pidfd is not None:
-                signal.pidfd_send_signal(pidfd, sig)
-            else:
-                os.kill(pid, sig)
-            return True, pidfd
-    if pidfd is not None:
-        os.close(pidfd)
-    return False, None
-
-
-def _await_exits(pidfds: list[int], deadline: float) -> None:
-    """Wait (bounded) until the given processes exited; closes the fds."""
-    poller = select.poll()
-    for fd in pidfds:
-        poller.register(fd, select.POLLIN)
-    pending = len(pidfds)
-    try:
-        while pending:
-            remaining = min(deadline - time.monotonic(), _SWEEP_WAIT)
-            ready = poller.poll(remaining * 1000) if remaining > 0 else []
-            if not ready:
-                return
-            for fd, _ in ready:
-                poller.unregister(fd)
-            pending -= len(ready)
-    finally:
-        for fd in pidfds:
-            os.close(fd)
 
 
 def _reap(host: HostProcess | None) -> None:

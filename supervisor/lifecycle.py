@@ -2,18 +2,19 @@
 
 Theory of operation
 -------------------
-The runtime feeds events (`Spawned`, `Ready`, `Exited`, `Tick`, operator requests...) together with the
-boot-clock time; `step()` returns the new `Host` record and a list of actions (`Spawn`, `SignalStop`,
-`KillTree`, `Emit`). The machine never reads a clock, never touches a process and never sleeps: the runtime
-arms one timer for `next_wakeup()` and feeds a `Tick` when it fires.
+The runtime feeds events (`Spawned`, `Ready`, `Exited`, `Tick`, operator requests...) together with
+the boot-clock time; `step()` returns the new `Host` record and a list of actions (`Spawn`,
+`SignalStop`, `KillTree`, `Emit`). The machine never reads a clock, never touches a process and
+never sleeps: the runtime arms one timer for `next_wakeup()` and feeds a `Tick` when it fires.
 
 Rules:
-1. Everything that decides a transition lives in this file; the swap machine (`swaps.py`) learns about the
-   host only through the `Emit` actions this machine returns (`host.exited`, `host.start_timeout`,
-   `host.heartbeat_lost`), which the runtime forwards.
+1. Everything that decides a transition lives in this file; the swap machine (`swaps.py`) learns
+   about the host only through the `Emit` actions this machine returns (`host.exited`,
+   `host.start_timeout`, `host.heartbeat_lost`), which the runtime forwards.
 2. An intentional stop or restart is never a failure: it moves no backoff and counts no crash.
-3. A failure (exit before ready, exit sooner than `min_uptime`, non-zero exit, death by signal, start
-   timeout, lost heartbeat) grows the backoff; `restart_reset_after` of readiness forgets them.
+3. A failure (exit before ready, exit sooner than `min_uptime`, non-zero exit, death by signal,
+   start timeout, lost heartbeat) grows the backoff; `restart_reset_after` of readiness forgets
+   them.
 4. Nothing gives up silently: a host that keeps failing stays in `backoff` (event `host.crash_loop`)
    and is retried at `restart_delay_max` for ever, unless `restart = "no"`.
 """
@@ -46,7 +47,7 @@ class StopPurpose(StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
-    """The `[host]` settings the machine needs, in seconds; `backoff(n)` is the delay after n failures."""
+    """The `[host]` settings the machine needs, in seconds; `backoff(n)`: delay after n failures."""
 
     ready_mode: str = "notify"
     start_timeout: float = 60.0
@@ -90,7 +91,7 @@ class Host:
         return self.state is HostState.RUNNING
 
 
-# --- events (past facts); `now` is the boot clock, `wall` the wall clock for display ----------------
+# --- events (past facts); `now` is the boot clock, `wall` the wall clock for display -----------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,7 +191,7 @@ class SignalStop:
 
 @dataclass(frozen=True, slots=True)
 class KillTree:
-    """SIGKILL every process left in the host's tree (after a stop timeout, or leftovers of an exit)."""
+    """SIGKILL every process left in the host's tree (after a stop timeout, or left by an exit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +313,7 @@ def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
     last = LastExit(event.code, event.signal, event.wall)
     exit_detail = {"pid": host.pid, "code": event.code, "signal": event.signal}
     host = replace(host, last_exit=last, kill_at=None)
-    # Whatever else of the tree is left goes with its main process, like systemd's control-group mode.
+    # Whatever else of the tree is left goes with its main process (systemd's control-group mode).
     actions: list[Action] = [KillTree()]
     if host.state is HostState.STOPPING:
         purpose = host.stop_purpose
@@ -350,8 +351,13 @@ def _on_spawn_failed(host: Host, event: SpawnFailed, policy: Policy) -> Result:
 def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
     now = event.now
     if host.state is HostState.STOPPING and host.kill_at is not None and now >= host.kill_at:
-        return replace(host, kill_at=None), [KillTree(), Emit("host.stop_timeout", {"pid": host.pid})]
-    if host.state is HostState.BACKOFF and host.backoff_until is not None and now >= host.backoff_until:
+        timed_out = Emit("host.stop_timeout", {"pid": host.pid})
+        return replace(host, kill_at=None), [KillTree(), timed_out]
+    if (
+        host.state is HostState.BACKOFF
+        and host.backoff_until is not None
+        and now >= host.backoff_until
+    ):
         return _spawn(replace(host, restarts=host.restarts + 1))
     if host.state is HostState.STARTING and host.spawned_at is not None:
         if policy.ready_mode == "started" and now >= host.spawned_at + policy.min_uptime:
@@ -360,15 +366,21 @@ def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
             stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
             return stopping, [Emit("host.start_timeout", {"pid": host.pid}), *actions]
     if host.state is HostState.RUNNING:
-        if policy.heartbeat_timeout > 0 and host.last_heartbeat is not None:
-            if now >= host.last_heartbeat + policy.heartbeat_timeout:
-                stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
-                age = round(now - host.last_heartbeat, 3)
-                return stopping, [Emit("host.heartbeat_lost", {"pid": host.pid, "age_s": age}),
-                                  *actions]
-        if host.failures and host.ready_at is not None:
-            if now >= host.ready_at + policy.restart_reset_after:
-                return replace(host, failures=0), [Emit("host.backoff_reset", {})]
+        if (
+            policy.heartbeat_timeout > 0
+            and host.last_heartbeat is not None
+            and now >= host.last_heartbeat + policy.heartbeat_timeout
+        ):
+            stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
+            age = round(now - host.last_heartbeat, 3)
+            lost = Emit("host.heartbeat_lost", {"pid": host.pid, "age_s": age})
+            return stopping, [lost, *actions]
+        if (
+            host.failures
+            and host.ready_at is not None
+            and now >= host.ready_at + policy.restart_reset_after
+        ):
+            return replace(host, failures=0), [Emit("host.backoff_reset", {})]
     return host, []
 
 
@@ -388,7 +400,7 @@ _HANDLERS: dict[type, Callable[[Host, Event, Policy], Result]] = {
 
 
 def step(host: Host, event: Event, policy: Policy) -> Result:
-    """Apply one event; returns the new record and the actions the runtime must perform, in order."""
+    """Apply one event: the new record and the actions the runtime must perform, in order."""
     return _HANDLERS[type(event)](host, event, policy)
 
 

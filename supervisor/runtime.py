@@ -16,6 +16,7 @@ Order matters in two places:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -44,7 +45,7 @@ BASELINE_KEY = "host_checkpoint"
 
 
 def host_policy(config: Config) -> lifecycle.Policy:
-    """The lifecycle machine's policy, with tenacity's exponential wait plus jitter as the backoff."""
+    """The lifecycle machine's policy; its backoff is tenacity's exponential wait plus jitter."""
     import tenacity
 
     cfg = config.host
@@ -189,7 +190,7 @@ class Runtime:
     async def _host_stopped(self) -> None:
         while self.host.state is not lifecycle.HostState.STOPPED or self.process is not None:
             waiter = self.loop.create_future()
-            self._listeners.append(lambda: waiter.done() or waiter.set_result(None))
+            self._listeners.append(lambda waiter=waiter: waiter.done() or waiter.set_result(None))
             await waiter
 
     def _adopt_live_host(self) -> bool:
@@ -238,16 +239,14 @@ class Runtime:
             swaps.SwapState.ROLLING_BACK,
         ):
             return
-        try:
+        with contextlib.suppress(Conflict):
             self.feed_swap(event)
-        except Conflict:
-            pass
 
     def _commit_swap(self, swap: swaps.Swap, actions: list[swaps.Action]) -> None:
         before = self.swap
         if before is None or swap != before:
             self.store.save_swap(swap.id, swap.state.value, swap.created_at.wall, swap.to_json())
-            if CRASH_AT is not None and CRASH_AT == f"{swap.state.value}/{swap.step}":
+            if CRASH_AT is not None and f"{swap.state.value}/{swap.step}" == CRASH_AT:
                 log.warning("SWAPGUARD_CRASH_AT=%s: dying here", CRASH_AT)
                 os._exit(86)
         if before is None or (before.state, before.step) != (swap.state, swap.step):
@@ -645,7 +644,6 @@ class Runtime:
         if swap is not self.swap:
             raise Conflict(f"swap {swap_id} is {swap.state}; nothing to {action}")
         self.feed_swap(event)
-        assert self.swap is not None or swap.state in swaps.TERMINAL or True
         return self.swap or swaps.Swap.from_json(self.store.load_swap(swap_id) or {})
 
     def _swap_for(self, swap_id: str) -> swaps.Swap:
@@ -685,9 +683,12 @@ class Runtime:
             self.heartbeat(message.status, boot)
         if message.extend_timeout_usec is not None:
             self._swap_command_quietly(swaps.ExtendRequested(now=clock.now()))
-        if message.confirm_swap_id is not None:
-            if self.swap is not None and self.swap.id == message.confirm_swap_id:
-                self._swap_command_quietly(swaps.ConfirmRequested(now=clock.now()))
+        if (
+            message.confirm_swap_id is not None
+            and self.swap is not None
+            and self.swap.id == message.confirm_swap_id
+        ):
+            self._swap_command_quietly(swaps.ConfirmRequested(now=clock.now()))
 
     def _swap_command_quietly(self, event: swaps.Event) -> None:
         try:
@@ -736,15 +737,13 @@ class Runtime:
         self.feed_host(lifecycle.Tick(now=clock.boot_clock()))
 
     def _feed_swap_quietly_any(self, event: swaps.Event) -> None:
-        try:
+        with contextlib.suppress(Conflict):
             self.feed_swap(event)
-        except Conflict:
-            pass
 
     # --- drift, baseline, events -------------------------------------------------------------
 
     def on_tree_changed(self) -> None:
-        """From the watcher (via call_soon_threadsafe): compare the tree with the running version."""
+        """From the watcher (via call_soon_threadsafe): compare the tree with the running code."""
         if self.swap is not None or self.config.code.undeclared_changes == "ignore":
             return
         baseline = self.store.get_value(BASELINE_KEY)

@@ -13,52 +13,57 @@
   then checkpointed into one file). No symlink is followed: targets are renamed, never opened
   through a link; trees are removed by rmtree's fd-based walk; a folder that now resolves
   elsewhere is refused.
+- The copying, hashing and SQLite checks themselves are `supervisor.datacopy` (`file_digest`,
+  `tree_digest` and `SQLITE_MAGIC` are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+from supervisor.datacopy import (
+    CREATE_FLAGS,
+    READ_FLAGS,
+    connect_sqlite,
+    copy_file,
+    copy_tree,
+    file_digest,
+    fsync_dir,
+    remove_path,
+    tree_digest,
+    verify_sqlite_copy,
+)
+from supervisor.datacopy import SQLITE_MAGIC as SQLITE_MAGIC  # re-exported, unused here
 from supervisor.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("sqlite", "file", "dir")
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
-SQLITE_MAGIC = b"SQLite format 3\x00"
 ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
 RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
 TAKE_STEPS = ("take_entry", "commit_take")
 
 Json = dict[str, Any]
 _FIELDS = ("path", "kind", "existed", "bytes", "sha256")
-_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-_CHUNK = 8 << 20
 _SWAP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST, _JOURNAL = "manifest.json", "restore.json"
 _STAGING, _REPLACED = ".taking-", ".replaced-"
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EACCES)
-_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +140,7 @@ class SnapshotStore:
             if os.path.lexists(final / _JOURNAL):
                 raise SnapshotError(f"swap {swap_id}: a restore has begun; its snapshot stays")
             staging = self.root / f"{_STAGING}{swap_id}"
-            _remove(staging)
+            remove_path(staging)
             os.mkdir(staging, 0o700)
             try:
                 records: list[DataSnapshot] = []
@@ -151,7 +156,7 @@ class SnapshotStore:
                 self._commit_staging(staging, final)
             except BaseException:
                 with contextlib.suppress(OSError):  # else the next take or prune removes it
-                    _remove(staging)
+                    remove_path(staging)
                 raise
         size, elapsed = sum(s.bytes for s in records), time.monotonic() - started
         log.info(
@@ -185,16 +190,16 @@ class SnapshotStore:
         if kind == "dir":
             if not stat.S_ISDIR(st.st_mode):
                 raise SnapshotError("not a directory (symlinks are not followed)")
-            _copy_tree(target, dest, _copy_file)
+            copy_tree(target, dest, copy_file)
             size, digest = tree_digest(dest)
             return DataSnapshot(str(target), kind, True, size, digest)
         if not stat.S_ISREG(st.st_mode):
             raise SnapshotError("not a regular file (symlinks are not followed)")
         if kind == "sqlite":
             self._checkpoint_live(target)
-        _copy_file(target, dest)
+        copy_file(target, dest)
         if kind == "sqlite":
-            _verify_sqlite_copy(dest, os.lstat(target).st_size, deep=True)
+            verify_sqlite_copy(dest, os.lstat(target).st_size, deep=True)
         size, digest = file_digest(dest)
         return DataSnapshot(str(target), kind, True, size, digest)
 
@@ -205,7 +210,7 @@ class SnapshotStore:
             if os.path.lexists(side) and not stat.S_ISREG(os.lstat(side).st_mode):
                 raise SnapshotError(f"{side} is not a regular file")
         try:
-            with contextlib.closing(_connect(db, "mode=rw", self.busy_timeout)) as con:
+            with contextlib.closing(connect_sqlite(db, "mode=rw", self.busy_timeout)) as con:
                 con.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 con.execute(
                     "BEGIN IMMEDIATE"
@@ -224,14 +229,14 @@ class SnapshotStore:
 
     def _commit_staging(self, staging: Path, final: Path) -> None:
         """Rename the finished staging folder into place; an older take of the swap goes."""
-        _fsync_dir(staging)
+        fsync_dir(staging)
         replaced = self.root / f"{_REPLACED}{final.name}"
-        _remove(replaced)
+        remove_path(replaced)
         if os.path.lexists(final):
             os.rename(final, replaced)
         os.rename(staging, final)
-        _fsync_dir(self.root)
-        _remove(replaced)
+        fsync_dir(self.root)
+        remove_path(replaced)
 
     # --- restore -----------------------------------------------------------------------------
 
@@ -263,8 +268,8 @@ class SnapshotStore:
                 self._record(journal_path, journal)
             self._before_step("release")
             for entry in journal["entries"]:
-                _remove(swap_dir / str(entry["index"]))
-            _fsync_dir(swap_dir)
+                remove_path(swap_dir / str(entry["index"]))
+            fsync_dir(swap_dir)
         elapsed = time.monotonic() - started
         log.info("restored %d data entries of swap %s in %.3fs", len(snapshots), swap_id, elapsed)
 
@@ -293,7 +298,7 @@ class SnapshotStore:
         for suffix in moved:
             os.rename(target + suffix, kept + suffix)
         if moved:
-            _fsync_dir(Path(os.path.dirname(target)))
+            fsync_dir(Path(os.path.dirname(target)))
             log.info("kept the probation-time %s as %s", target, kept)
 
     @staticmethod
@@ -306,7 +311,7 @@ class SnapshotStore:
         if len(names) == 1 or not all(stat.S_ISREG(os.lstat(name).st_mode) for name in names):
             return  # one file already; or a symlink SQLite would follow: leave it untouched
         try:
-            with contextlib.closing(_connect(Path(kept), "mode=rw", 1.0)) as con:
+            with contextlib.closing(connect_sqlite(Path(kept), "mode=rw", 1.0)) as con:
                 con.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error as exc:
@@ -323,11 +328,11 @@ class SnapshotStore:
         _check_folder(target)
         if not staged.parent.is_dir():  # the new version deleted the folder
             staged.parent.mkdir(parents=True)
-            _fsync_dir(staged.parent.parent)
-        _remove(staged)
+            fsync_dir(staged.parent.parent)
+        remove_path(staged)
         copies_before = self.placements["copy"]
         if kind == "dir":
-            _copy_tree(source, staged, self._place_file)
+            copy_tree(source, staged, self._place_file)
         else:
             self._place_file(source, staged)
         if self.placements["copy"] > copies_before:  # a copy is O(size) anyway: check it all
@@ -335,10 +340,10 @@ class SnapshotStore:
         else:
             size, digest = entry["bytes"] if kind == "dir" else staged.lstat().st_size, None
         if kind == "sqlite":
-            _verify_sqlite_copy(staged, entry["bytes"], deep=False)
+            verify_sqlite_copy(staged, entry["bytes"], deep=False)
         if size != entry["bytes"] or digest not in (None, entry["sha256"]):
             raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
-        _fsync_dir(staged.parent)
+        fsync_dir(staged.parent)
 
     def _place_file(self, source: Path, dest: Path) -> None:
         try:
@@ -347,7 +352,7 @@ class SnapshotStore:
         except OSError as exc:
             if exc.errno not in _NO_LINK:
                 raise
-            _copy_file(source, dest)
+            copy_file(source, dest)
             self.placements["copy"] += 1
 
     def _swap_in(self, swap_dir: Path, entry: Json) -> None:
@@ -357,8 +362,8 @@ class SnapshotStore:
         _check_folder(target)
         stale = [target + s for s in SQLITE_SIDECARS if os.path.lexists(target + s)]
         for path in stale if entry["kind"] == "sqlite" else ():
-            _remove(Path(path))
-            _fsync_dir(folder)
+            remove_path(Path(path))
+            fsync_dir(folder)
         if not entry["existed"]:
             return
         staged = _staged_name(target, swap_dir.name)
@@ -368,7 +373,7 @@ class SnapshotStore:
             if entry["kind"] == "dir" and os.path.lexists(target):
                 raise SnapshotError("something reappeared at the target mid-restore")
             os.replace(staged, target)
-            _fsync_dir(folder)
+            fsync_dir(folder)
 
     # --- housekeeping ------------------------------------------------------------------------
 
@@ -384,8 +389,8 @@ class SnapshotStore:
                 if _restore_unfinished(path):
                     log.warning("not pruning %s: its restore is unfinished", path)
                     continue
-                _remove(path)
-            _fsync_dir(self.root)
+                remove_path(path)
+            fsync_dir(self.root)
 
     def total_bytes(self) -> int:
         """Bytes held in the store, each inode counted once."""
@@ -449,170 +454,30 @@ def _check_folder(target: str) -> None:
         raise SnapshotError(f"its folder {folder} now resolves to {real}; not following it")
 
 
-# --- copying, hashing, verifying -----------------------------------------------------------------
-
-
-def _copy_file(source: Path, dest: Path) -> None:
-    """Clone where the file system can, else copy in the kernel; keep owner, mode and times."""
-    with (
-        open(os.open(source, _READ), "rb") as src,
-        open(os.open(dest, _CREATE, 0o600), "wb") as dst,
-    ):
-        st = os.fstat(src.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"{source} is not a regular file")
-        _clone_or_copy(src.fileno(), dst.fileno())
-        _chown(dst.fileno(), st.st_uid, st.st_gid)
-        os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode))
-        os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.fsync(dst.fileno())
-
-
-def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
-    """FICLONE (btrfs, xfs: instant), else copy_file_range, else read/write (macOS)."""
-    try:
-        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-        return
-    except OSError:
-        pass  # ext4, tmpfs, macOS: copy instead
-    try:
-        while os.copy_file_range(src_fd, dst_fd, _CHUNK):
-            pass
-        return
-    except (AttributeError, OSError) as exc:  # AttributeError: not Linux
-        if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
-            raise  # else both offsets moved together: carry on by hand from there
-    with open(src_fd, "rb", closefd=False) as src, open(dst_fd, "wb", closefd=False) as dst:
-        shutil.copyfileobj(src, dst, _CHUNK)
-
-
-def _copy_tree(source: Path, dest: Path, place_file: Callable[[Path, Path], None]) -> None:
-    """Recreate a tree: folders, files (by place_file), symlinks as symlinks; skip the rest."""
-    st = os.lstat(source)
-    os.mkdir(dest, 0o700)
-    for item in sorted(os.scandir(source), key=lambda e: e.name):
-        src, dst = Path(item.path), dest / item.name
-        mode = item.stat(follow_symlinks=False).st_mode
-        if stat.S_ISDIR(mode):
-            _copy_tree(src, dst, place_file)
-        elif stat.S_ISREG(mode):
-            place_file(src, dst)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
-            link = os.lstat(src)
-            _chown(dst, link.st_uid, link.st_gid)
-        else:
-            log.warning("skipping %s: not a file, folder or symlink", src)
-    _chown(dest, st.st_uid, st.st_gid)
-    os.chmod(dest, stat.S_IMODE(st.st_mode))
-    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _fsync_dir(dest)
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a regular file (not through a symlink)."""
-    with open(os.open(path, _READ), "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return size, hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def tree_digest(root: Path) -> tuple[int, str]:
-    """Bytes of all files, and a sha256 over the sorted listing: kind, relative path, permission
-    bits, link target, file contents. Equal digests mean equal trees for a rollback's purpose."""
-    digest, total = hashlib.sha256(), 0
-    for rel, st in _walk(root, ""):
-        name, mode = os.fsencode(rel), b"%o" % stat.S_IMODE(st.st_mode)
-        if stat.S_ISDIR(st.st_mode):
-            digest.update(b"d\0" + name + b"\0" + mode + b"\0")
-        elif stat.S_ISREG(st.st_mode):
-            size, sha = file_digest(root / rel)
-            total += size
-            digest.update(b"f\0" + name + b"\0" + mode + b"\0" + sha.encode() + b"\0")
-        elif stat.S_ISLNK(st.st_mode):
-            digest.update(b"l\0" + name + b"\0" + os.fsencode(os.readlink(root / rel)) + b"\0")
-    return total, digest.hexdigest()
-
-
-def _walk(root: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-    st = os.lstat(root / rel)
-    yield rel or ".", st
-    if stat.S_ISDIR(st.st_mode):
-        for name in sorted(os.listdir(root / rel)):
-            yield from _walk(root, os.path.join(rel, name))
-
-
-def _verify_sqlite_copy(path: Path, expected_size: int, *, deep: bool) -> None:
-    """Size and header always; `deep` adds integrity_check, which is O(size): take time only."""
-    size = os.lstat(path).st_size
-    if size != expected_size:
-        raise SnapshotError(f"the copy {path} has {size} bytes, expected {expected_size}")
-    if size == 0:
-        return  # SQLite reads an empty file as an empty database
-    with open(os.open(path, _READ), "rb") as handle:
-        if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise SnapshotError(f"the copy {path} is not an SQLite database (bad header)")
-    if deep:
-        with contextlib.closing(_connect(path, "mode=ro&immutable=1", 0)) as con:
-            rows = con.execute("PRAGMA integrity_check").fetchall()
-        if rows != [("ok",)]:
-            raise SnapshotError(f"the copy {path} fails integrity_check: {rows[:3]}")
-
-
-def _connect(path: Path, query: str, timeout: float) -> sqlite3.Connection:
-    uri = f"file:{quote(str(path))}?{query}"
-    return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
-
-
-# --- small durable file-system steps -------------------------------------------------------------
+# --- the journal and small checks ---------------------------------------------------------------
 
 
 def _write_json(path: Path, data: Json) -> None:
     """Write a temp file in the same folder, fsync, rename, fsync the folder."""
     temp = path.with_name(f".{path.name}.tmp")
-    _remove(temp)
-    with open(os.open(temp, _CREATE, 0o600), "w", encoding="utf-8") as handle:
+    remove_path(temp)
+    with open(os.open(temp, CREATE_FLAGS, 0o600), "w", encoding="utf-8") as handle:
         json.dump(data, handle, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_json(path: Path) -> Json:
     try:
-        with open(os.open(path, _READ), encoding="utf-8") as f:
+        with open(os.open(path, READ_FLAGS), encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{path} is unreadable or corrupt: {_why(exc)}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise SnapshotError(f"{path} is corrupt: it lists no entries")
     return data
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, symlink or tree without following any symlink (rmtree walks by fd)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-def _chown(target: int | str | Path, uid: int, gid: int) -> None:
-    """Keep ownership where we may (as root); an unprivileged run keeps its own."""
-    with contextlib.suppress(PermissionError):
-        os.chown(target, uid, gid, follow_symlinks=isinstance(target, int))  # never via a link
 
 
 def _within(path: str, root: str) -> bool:

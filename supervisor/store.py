@@ -9,18 +9,15 @@ Why it looks like this:
   (`bind_ctx`) under a process-wide lock, so two stores in one process never see each other's rows.
 - The schema is an ordered list of migrations in raw SQL (history must not change when the models
   do). An older file is migrated in one transaction; a newer one is refused and left untouched.
-- `StateLock` is a `flock` on `state.dir/lock`: the kernel drops it when its holder dies, so a stale
-  file never blocks, and a second swapguard on the same state refuses to start.
+- The folder itself (created 0700) and its `StateLock` (one swapguard per state dir) are in
+  `supervisor.lock`; `StoreError`, `StateLock` and `prepare_state_dir` are re-exported here.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,23 +29,20 @@ from typing import Any
 import peewee
 
 from supervisor.clock import rfc3339
-from supervisor.errors import StateLocked, SwapguardError
+
+# Re-exported: the state dir and its lock are the store's first step.
+from supervisor.lock import LOCK_NAME as LOCK_NAME
+from supervisor.lock import StateLock as StateLock
+from supervisor.lock import StoreError, prepare_state_dir
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
-LOCK_NAME = "lock"
 TERMINAL_SWAP_STATES = frozenset({"confirmed", "rolled_back", "aborted"})
 """Swaps in these states are finished. `failed` is not: it waits for the operator to retry."""
 
 _BUSY_TIMEOUT_MS = 5000
 _CONNECT_PRAGMAS = (("synchronous", 2), ("foreign_keys", 1), ("busy_timeout", _BUSY_TIMEOUT_MS))
-
-
-class StoreError(SwapguardError):
-    """The state store cannot be opened, migrated, read or written."""
-
-    code = "store_failed"
 
 
 # --- records handed to callers --------------------------------------------------------------
@@ -453,24 +447,6 @@ class Store:
 # --- opening --------------------------------------------------------------------------------
 
 
-def prepare_state_dir(state_dir: Path) -> None:
-    """Create `state_dir` 0700 if missing; leave an existing one as the operator made it."""
-    if state_dir.exists():
-        if not state_dir.is_dir():
-            raise StoreError(f"state dir {state_dir} exists and is not a directory")
-        mode = stat.S_IMODE(state_dir.stat().st_mode)
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            logger.warning("state dir %s is group/world-writable (mode %o)", state_dir, mode)
-        return
-    try:
-        state_dir.mkdir(mode=0o700, parents=True)
-        os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
-    except FileExistsError:
-        return  # another process created it just now: theirs to set up
-    except OSError as exc:
-        raise StoreError(f"cannot create state dir {state_dir}: {exc}") from exc
-
-
 def _enable_wal(db: peewee.SqliteDatabase, path: Path) -> None:
     mode = db.pragma("journal_mode", "wal")
     if str(mode).lower() != "wal":
@@ -562,69 +538,3 @@ def _count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
-
-
-# --- one swapguard per state dir ------------------------------------------------------------
-
-
-class StateLock:
-    """An exclusive `flock` on `state_dir/lock`, held for the life of the daemon.
-
-    The kernel releases it when the holder dies, however it dies, so a lock file left by a dead
-    process never blocks. The descriptor is close-on-exec: the host must not inherit the lock, or
-    a restarted swapguard could not take over while the old host still runs.
-    """
-
-    def __init__(self, fd: int, path: Path) -> None:
-        self._fd: int | None = fd
-        self.path = path
-
-    @classmethod
-    def acquire(cls, state_dir: Path) -> StateLock:
-        state_dir = Path(state_dir)
-        prepare_state_dir(state_dir)
-        path = state_dir / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot open lock file {path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise StateLocked(
-                f"state dir {state_dir} is in use by another swapguard (pid {holder})"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise StoreError(f"cannot lock {path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(fd, path)
-
-    def release(self) -> None:
-        """Idempotent. Clears the pid first, so the file never names a holder that let go."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> StateLock:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> str:
-    """The pid the holder wrote, or 'unknown' if it has not written it yet."""
-    try:
-        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return "unknown"
-    return text if text.isdigit() else "unknown"

@@ -182,10 +182,8 @@ class Supervisor:
             except (psutil.Error, OSError):
                 continue
             if environ.get("SWAPGUARD_SOCKET") == str(self.socket):
-                try:
+                with contextlib.suppress(psutil.Error):
                     proc.kill()
-                except psutil.Error:
-                    pass
         shutil.rmtree(self.state, ignore_errors=True)
         # the host's cgroup leaf outlives a killed supervisor by design (adoption); not a test's
         leaf = hashlib.sha256(str(self.state).encode()).hexdigest()[:16]

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from supervisor import host as host_module
-from supervisor import jobs
+from supervisor import jobs, proctree
 from supervisor.host import (
     CgroupLeaf,
     ExitStatus,
@@ -293,7 +293,8 @@ def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
     tmp_path: Path, hosts, subreaper, monkeypatch
 ) -> None:
     """macOS has neither /proc nor pidfd: run the psutil and polling paths here instead."""
-    monkeypatch.setattr(host_module, "_HAVE_PROC", False)
+    monkeypatch.setattr(proctree, "HAVE_PROC", False)
+    monkeypatch.setattr(proctree, "open_pidfd", lambda pid: None)
     monkeypatch.setattr(host_module, "open_pidfd", lambda pid: None)
     host = HostProcess.spawn(python_spec(tmp_path, TREE_HOST, str(tmp_path)), None)
     hosts.append(host)

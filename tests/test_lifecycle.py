@@ -94,7 +94,7 @@ def test_crash_loop_is_reported_once_and_never_gives_up() -> None:
 
 def test_clean_exit_after_min_uptime_is_not_a_failure() -> None:
     host = running()
-    host, actions = lc.step(host, lc.Exited(now=100, wall=0, code=0, signal=None), POLICY)
+    host, _ = lc.step(host, lc.Exited(now=100, wall=0, code=0, signal=None), POLICY)
     assert host.failures == 0 and host.state is lc.HostState.STARTING
 
 

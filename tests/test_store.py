@@ -107,7 +107,7 @@ def test_an_operators_dir_mode_is_kept_and_a_writable_one_warned_about(
     os.chmod(private, 0o750)
     shared.mkdir()
     os.chmod(shared, 0o777)
-    with caplog.at_level(logging.WARNING, logger="supervisor.store"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.lock"):
         Store.open(private).close()
         assert not caplog.records
         Store.open(shared).close()
