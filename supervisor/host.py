@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,15 @@ PR_SET_CHILD_SUBREAPER = 36
 
 # psutil's create_time rests on /proc/stat's btime: whole seconds that may shift by one.
 _CREATE_TIME_SLACK = 1.05
-_PID_STUB = 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"'
+_CGROUP_VAR = "SWAPGUARD_CGROUP_PROCS"
+_STUB = (
+    'if [ -n "${SWAPGUARD_CGROUP_PROCS-}" ]; then '
+    'echo 0 2>/dev/null > "$SWAPGUARD_CGROUP_PROCS" '
+    '|| echo "swapguard: the host runs outside its cgroup" >&2; fi; '
+    "unset SWAPGUARD_CGROUP_PROCS; "
+    'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
+    'exec "$@"'
+)
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
 _TREE_CACHE_SIZE = 256
@@ -167,33 +175,25 @@ class HostProcess:
     def spawn(cls, spec: SpawnSpec, cgroup: CgroupLeaf | None) -> HostProcess:
         """Start the host in a new session, inside `cgroup` before it execs (nothing escapes)."""
         out_fd = _open_output(spec)
-        procs_fd: int | None = None
         try:
-            if cgroup is not None:
-                procs_fd = os.open(cgroup.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-            command = _command(spec)
+            command, env = _command(spec, cgroup)
             with jobs.SPAWN_LOCK:
                 popen = subprocess.Popen(
                     command,
                     cwd=spec.cwd,
-                    env=dict(spec.env),
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out_fd,
                     stderr=out_fd,
                     start_new_session=True,
                     close_fds=True,
-                    preexec_fn=None if procs_fd is None else _joiner(procs_fd),
                 )
                 jobs.register(popen.pid)
         except OSError as exc:
             raise _spawn_failure(spec, exc, cgroup) from exc
-        except subprocess.SubprocessError as exc:  # only the cgroup join can fail this way
-            where = cgroup.path if cgroup else "?"
-            raise SpawnError(f"cannot start host {spec.argv[0]!r}: joining {where}: {exc}") from exc
         finally:
-            for fd in (out_fd, procs_fd):
-                if fd is not None:
-                    os.close(fd)
+            if out_fd is not None:
+                os.close(out_fd)
         host = cls(popen.pid, is_child=True, cgroup=cgroup)
         host._popen = popen  # kept so subprocess never polls (and reaps) this pid on its own
         log.info("host spawned: pid %d, %s (cwd %s)", host.pid, spec.argv[0], spec.cwd)
@@ -292,6 +292,9 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
 
     Returns how many processes were killed (each counted once).
     """
+    if _nothing_left(host, cgroup):  # the common case, a host that exited alone: no scan
+        _reap(host)
+        return 0
     deadline = time.monotonic() + timeout
     killed: set[tuple[int, float]] = set()
     if cgroup is not None:
@@ -406,39 +409,61 @@ def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
     return False
 
 
+def _nothing_left(host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
+    """True only when it is cheap to be sure the tree is empty: the host is gone, and its cgroup
+    is empty, or (as subreaper) no child of ours but our own jobs is alive."""
+    if host is not None and host.poll() is None:
+        return False
+    if cgroup is not None:
+        return not cgroup.pids()
+    if host is not None and not host.is_child:
+        return False  # an adopted host's orphans went to init, not to us
+    children = _own_children()
+    return children is not None and not (children - jobs.registered())
+
+
+def _own_children() -> set[int] | None:
+    """Our children from /proc/self/task/*/children (Linux), None where it cannot be read."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+        found: set[int] = set()
+        for task in tasks:
+            with open(f"/proc/self/task/{task}/children") as listing:
+                found.update(int(pid) for pid in listing.read().split())
+    except (OSError, ValueError):
+        return None
+    return found
+
+
 def _reap(host: HostProcess | None) -> None:
     if host is not None:
         host.poll()
     reap_orphans()
 
 
-def _joiner(procs_fd: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (fork-safe: one write of prepared bytes to an
-    open fd); "0" moves the writing process into the leaf, so the host execs already inside."""
+def _command(spec: SpawnSpec, cgroup: CgroupLeaf | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The argv and environment to exec. Joining the cgroup and learning WATCHDOG_PID both need
+    the child itself, so a /bin/sh stub does them and execs the host in place (same pid).
 
-    def join_cgroup() -> None:
-        os.write(procs_fd, b"0")
-
-    return join_cgroup
-
-
-def _command(spec: SpawnSpec) -> tuple[str, ...]:
-    """Only the child knows its pid: for WATCHDOG_PID a /bin/sh stub exports it and execs the
-    host in place (same pid). The stub would report a bad program only as exit 127, so check
-    the program and the cwd here first."""
-    if "WATCHDOG_PID" not in spec.env:
-        return spec.argv
+    A stub rather than a `preexec_fn`: that would force a full fork of this (threaded, large)
+    process, ~20 ms here, where vfork + a shell costs ~1 ms. The stub would report a bad program
+    only as exit 127, so the program and the cwd are checked here first."""
+    env = dict(spec.env)
+    if cgroup is None and "WATCHDOG_PID" not in env:
+        return spec.argv, env
     program = spec.argv[0]
     if "/" in program:
         candidate = spec.cwd / program
         found = candidate.is_file() and os.access(candidate, os.X_OK)
     else:
-        found = shutil.which(program, path=spec.env.get("PATH", os.defpath)) is not None
+        found = shutil.which(program, path=env.get("PATH", os.defpath)) is not None
     if not spec.cwd.is_dir():
         raise SpawnError(f"cannot start host {program!r}: working dir {spec.cwd}: not a directory")
     if not found:
         raise SpawnError(f"cannot start host {program!r} (cwd {spec.cwd}): no such executable")
-    return ("/bin/sh", "-c", _PID_STUB, "swapguard-host", *spec.argv)
+    if cgroup is not None:
+        env[_CGROUP_VAR] = str(cgroup.path / "cgroup.procs")
+    return ("/bin/sh", "-c", _STUB, "swapguard-host", *spec.argv), env
 
 
 def _open_output(spec: SpawnSpec) -> int | None:

@@ -244,8 +244,14 @@ class Runtime:
 
     def _commit_swap(self, swap: swaps.Swap, actions: list[swaps.Action]) -> None:
         before = self.swap
-        if before is None or swap != before:
-            self.store.save_swap(swap.id, swap.state.value, swap.created_at.wall, swap.to_json())
+        emits = [(a.event, dict(a.detail)) for a in actions if isinstance(a, swaps.Emit)]
+        if before is None or swap != before or emits:
+            # The record and its events in one transaction: a reader never sees one without
+            # the other, and both are on disk before any action runs.
+            records = self.store.save_swap_with_events(
+                swap.id, swap.state.value, swap.created_at.wall, swap.to_json(), emits)
+            for record in records:
+                self.hooks.submit(record.to_json())
             if CRASH_AT is not None and f"{swap.state.value}/{swap.step}" == CRASH_AT:
                 log.warning("SWAPGUARD_CRASH_AT=%s: dying here", CRASH_AT)
                 os._exit(86)
@@ -262,7 +268,8 @@ class Runtime:
         if swap.step is swaps.Step.STOP_OLD and (before is None or before.step is None):
             self.pool.submit(self._save_changes_blocking, swap)
         for action in actions:
-            self._perform_swap(swap, action)
+            if not isinstance(action, swaps.Emit):
+                self._perform_swap(swap, action)
         if swap.state in swaps.TERMINAL:
             self.counters.swaps_finished[swap.state.value] = (
                 self.counters.swaps_finished.get(swap.state.value, 0) + 1
@@ -444,8 +451,6 @@ class Runtime:
                 self._run_health_check()
             case swaps.CancelJobs():
                 jobs.cancel_all()
-            case swaps.Emit(event=kind, detail=detail):
-                self._emit(kind, detail, swap_id=swap.id)
 
     def _start_for_swap(self, swap: swaps.Swap, env: Mapping[str, str]) -> None:
         self._host_env = dict(env)

@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +245,7 @@ class Store:
         swap_id: str | None,
     ) -> int:
         """Remember a spawn before anything else can happen to it; returns the run id."""
-        with self._session("record spawn", write=True):
+        with self._session("record spawn", write=True, durable=False):
             return _HostRunRow.insert(
                 pid=_count("pid", pid, 1),
                 create_time=_finite("create_time", create_time),
@@ -281,7 +281,7 @@ class Store:
             return [HostRun(**row) for row in query.dicts()]
 
     def _update_run(self, run_id: int, what: str, **fields: Any) -> None:
-        with self._session(what, write=True):
+        with self._session(what, write=True, durable=False):
             changed = _HostRunRow.update(**fields).where(_HostRunRow.id == run_id).execute()
             if not changed:
                 raise StoreError(f"{what}: no host run with id {run_id!r}")
@@ -295,7 +295,9 @@ class Store:
         swap_id: str | None = None,
         at: float | None = None,
     ) -> EventRecord:
-        with self._session("append event", write=True):
+        # Swap events must survive a power loss; the host's own are as mortal as the host.
+        durable = swap_id is not None or not kind.startswith("host.")
+        with self._session("append event", write=True, durable=durable):
             return self._insert_event(kind, detail, swap_id, at)
 
     def events_after(
@@ -351,6 +353,20 @@ class Store:
         with self._session("save swap with event", write=True):
             self._upsert_swap(swap_id, state, created_at, record)
             return self._insert_event(kind, detail, swap_id, at)
+
+    def save_swap_with_events(
+        self,
+        swap_id: str,
+        state: str,
+        created_at: float,
+        record: Mapping[str, Any],
+        events: Sequence[tuple[str, Mapping[str, Any]]],
+    ) -> list[EventRecord]:
+        """A transition and all its audit entries, committed together or not at all: a reader
+        never sees a swap in a state whose event is missing."""
+        with self._session("save swap with events", write=True):
+            self._upsert_swap(swap_id, state, created_at, record)
+            return [self._insert_event(kind, detail, swap_id, None) for kind, detail in events]
 
     def load_swap(self, swap_id: str) -> dict[str, Any] | None:
         with self._session("load swap"):
@@ -428,18 +444,28 @@ class Store:
     # --- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _session(self, what: str, *, write: bool = False) -> Iterator[None]:
-        """Bind the models to this store's database (and open a transaction for a write)."""
+    def _session(self, what: str, *, write: bool = False, durable: bool = True) -> Iterator[None]:
+        """Bind the models to this store's database (and open a transaction for a write).
+
+        `durable=False` commits without an fsync (WAL, synchronous NORMAL): still atomic and
+        safe against a crash of swapguard, only a power loss may drop it. For facts about the
+        host process, which a power loss ends anyway, that keeps restarts fast."""
         with _BIND_LOCK:
             if self._db.is_closed():
                 raise StoreError(f"state store {self.path} is closed ({what})")
             try:
                 with self._db.bind_ctx(_MODELS):
-                    if write:
-                        with self._db.atomic():
+                    if write and not durable:
+                        self._db.execute_sql("PRAGMA synchronous = NORMAL")
+                    try:
+                        if write:
+                            with self._db.atomic():
+                                yield
+                        else:
                             yield
-                    else:
-                        yield
+                    finally:
+                        if write and not durable:
+                            self._db.execute_sql("PRAGMA synchronous = FULL")
             except peewee.PeeweeException as exc:
                 raise StoreError(f"state store {self.path}: {what} failed: {exc}") from exc
 
