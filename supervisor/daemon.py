@@ -9,12 +9,15 @@ socket, the code watcher, and last READY=1 to our own manager when there is one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import grp
 import hashlib
 import logging
 import os
 import pwd
 import signal
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,19 +43,32 @@ class LoopBackend(Backend):
         control = runtime.config.control
         self.allowed_uids = {os.getuid(), 0} | {_uid(name) for name in control.allow_users}
         self.allowed_gids = {_gid(name) for name in control.allow_groups}
+        self._figures: tuple[int | None, float, dict[str, Any]] | None = None
+        self._figures_lock = threading.Lock()
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async def run() -> Any:
-            result = fn(*args)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
+        """Run `fn` on the loop thread (awaiting it if it is a coroutine) and wait for it."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+                return
+            if not asyncio.iscoroutine(result):
+                future.set_result(result)
+                return
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda done: _settle(future, done))
+
         try:
-            return future.result(timeout=CALL_TIMEOUT)
+            self.loop.call_soon_threadsafe(run)
         except RuntimeError as exc:  # loop closed under us: we are shutting down
             raise NotReachable("swapguard is shutting down") from exc
+        return future.result(timeout=CALL_TIMEOUT)
 
     def may_write(self, peer: Peer) -> bool:
         if peer.uid is None:  # no credentials on this platform: only the file mode protects
@@ -70,16 +86,29 @@ class LoopBackend(Backend):
         )
 
     def status(self) -> dict:
-        document, pids = self._call(lambda: (views.status(self.runtime), self._tree_pids()))
-        rss, cpu = host.process_stats(pids)
-        document["host"]["memory_bytes"] = rss
-        document["host"]["cpu_s"] = round(cpu, 3)
-        document["host"]["processes"] = len(pids)
+        document = self._call(views.status, self.runtime)
+        document["host"].update(self._tree_figures())
         return document
 
-    def _tree_pids(self) -> set[int]:
-        process = self.runtime.process
-        return process.tree_pids() if process is not None else set()
+    def _tree_figures(self) -> dict[str, Any]:
+        """Memory, CPU and process count of the host's tree, at most once a second: a walk of
+        /proc per request would cost more than the rest of a status call together."""
+        process, cgroup = self.runtime.process, self.runtime.cgroup
+        key = None if process is None else process.pid
+        now = time.monotonic()
+        with self._figures_lock:
+            if self._figures is not None and self._figures[0] == key and now < self._figures[1]:
+                return self._figures[2]
+            if process is None:
+                pids: set[int] = set()
+            elif cgroup is not None:
+                pids = {process.pid, *cgroup.pids()}
+            else:
+                pids = process.tree_pids()
+            rss, cpu = host.process_stats(pids)
+            figures = {"memory_bytes": rss, "cpu_s": round(cpu, 3), "processes": len(pids)}
+            self._figures = (key, now + 1.0, figures)
+            return figures
 
     def events(self, after: int, limit: int) -> list[dict]:
         return [event.to_json() for event in self.runtime.store.events_after(after, limit)]
@@ -168,6 +197,15 @@ class LoopBackend(Backend):
 
         swap = self._call(self.runtime.command_swap, swap_id, action, body)
         return dict(swap.view(clock.now()))
+
+
+def _settle(future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        future.set_exception(concurrent.futures.CancelledError())
+    elif (error := task.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(task.result())
 
 
 def _uid(name: str) -> int:

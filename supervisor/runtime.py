@@ -125,6 +125,8 @@ class Runtime:
         self.hooks = HookRunner(config.hooks, cwd=config.code.root)
         self.notify_server = notify.NotifyServer(config.state.dir / "notify.sock")
         self.drift = False
+        self._baseline_pending = False
+        self._recheck_drift = False
         self.head: str | None = None
         baseline = store.get_value(BASELINE_KEY)
         self.code_version: str | None = (
@@ -552,6 +554,9 @@ class Runtime:
 
     def _finish_swap(self, swap: swaps.Swap) -> None:
         if swap.state is swaps.SwapState.CONFIRMED:
+            # Until the confirmed tree is the baseline, a drift check would compare against the
+            # version before the swap and "guard" the one just confirmed.
+            self._baseline_pending = True
             self.pool.submit(self._refresh_baseline_blocking)
         self.swap = None
         self._host_env = self._host_env if self._one_shot_env else {}
@@ -751,6 +756,9 @@ class Runtime:
         """From the watcher (via call_soon_threadsafe): compare the tree with the running code."""
         if self.swap is not None or self.config.code.undeclared_changes == "ignore":
             return
+        if self._baseline_pending:
+            self._recheck_drift = True
+            return
         baseline = self.store.get_value(BASELINE_KEY)
         if not isinstance(baseline, dict):
             return
@@ -761,7 +769,10 @@ class Runtime:
         )
 
     def _on_drift(self, baseline: Checkpoint) -> None:
-        if self.swap is not None or self.drift:
+        if self.swap is not None or self.drift or self._baseline_pending:
+            return
+        if baseline.commit != self.code_version:  # compared against a baseline since replaced
+            self.on_tree_changed()
             return
         self._set_drift(True)
         self._emit("code.drift", {"root": str(self.config.code.root)})
@@ -779,6 +790,7 @@ class Runtime:
             checkpoint = self.code.take("baseline")
         except SwapguardError as exc:
             log.warning("no code baseline: %s", exc.message)
+            self.loop.call_soon_threadsafe(self._baseline_settled)
             return
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
         self.loop.call_soon_threadsafe(self._baseline_taken, checkpoint)
@@ -796,6 +808,13 @@ class Runtime:
         self.code_version = checkpoint.commit
         if self.swap is None:
             self._set_drift(False)
+        self._baseline_settled()
+
+    def _baseline_settled(self) -> None:
+        self._baseline_pending = False
+        if self._recheck_drift:
+            self._recheck_drift = False
+            self.on_tree_changed()
 
     def _emit(self, kind: str, detail: Mapping[str, Any], swap_id: str | None = None) -> None:
         record = self.store.append_event(kind, dict(detail), swap_id=swap_id)
