@@ -55,6 +55,7 @@ from supervisor.routes import Route as Route
 from supervisor.routes import parse_query as parse_query
 
 logger = logging.getLogger(__name__)
+IDLE_POLL_S = 300.0
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -466,8 +467,11 @@ class ControlServer:
         """Serve until `close`, on a daemon thread."""
         if self._thread is not None or self._closed:
             raise RuntimeError("the control server is already serving or closed")
+        # A long poll: close() wakes the select by shutting the socket down, so the thread
+        # need not wake twice a second (the default) for nothing while swapguard idles.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="swapguard-control", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": IDLE_POLL_S},
+            name="swapguard-control", daemon=True,
         )
         self._thread.start()
         return self._thread

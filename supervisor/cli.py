@@ -35,6 +35,9 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # swapguard never speaks TLS: keep libssl (~4 MiB) out of a long-lived process. asyncio and
+    # http.client import ssl only if it is there.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from supervisor import daemon
     from supervisor.config import find_config, load_config
 

@@ -18,6 +18,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
+IDLE_TIMEOUT_S = 300.0
 # watchdog's inotify backend warns when a new subdirectory re-registers a watch; harmless noise.
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
@@ -52,7 +53,9 @@ class CodeWatcher:
         self._ignore = tuple(str(p) for p in prefixes)
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
-        self._observer = Observer()
+        # The dispatcher blocks on its queue; stop() puts a sentinel there, so a long timeout only
+        # spares an idle swapguard a wake-up every second (watchdog's default).
+        self._observer = Observer(timeout=IDLE_TIMEOUT_S)
         self._observer.daemon = True
         self._observer.schedule(_Handler(self), str(root), recursive=True)
 
