@@ -142,7 +142,8 @@ def test_stop_kills_the_whole_tree_of_a_sigterm_ignoring_host(repo: Path) -> Non
         pids = [int(wait_for(lambda n=name: (repo / n).exists() and (repo / n).read_text()))
                 for name in ("pid-setsid.log", "pid-daemon.log")]
         assert all(_alive(p) for p in [pid, *pids])
-        assert sup.status()["host"]["processes"] >= 3
+        # the tree's figures in status are refreshed at most once a second
+        wait_for(lambda: sup.status()["host"]["processes"] >= 3, what="3 processes in the tree")
         result = sup.client.host("stop")
         assert result["state"] in ("stopping", "stopped")
         wait_for(lambda: sup.status()["host"]["state"] == "stopped", what="stopped")
