@@ -115,9 +115,10 @@ class Supervisor:
         self.process: subprocess.Popen[bytes] | None = None
         self.client = Client(self.socket, timeout=30)
 
-    def start(self, *, wait_ready: bool = True) -> Supervisor:
-        env = {**os.environ, "SWAPGUARD_LOG_LEVEL": "INFO"}
-        env.pop("NOTIFY_SOCKET", None)
+    def start(self, *, wait_ready: bool = True, env: dict[str, str] | None = None) -> Supervisor:
+        base = {**os.environ, "SWAPGUARD_LOG_LEVEL": "INFO"}
+        base.pop("NOTIFY_SOCKET", None)  # the test runner's manager is not swapguard's
+        env = {**base, **(env or {})}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "supervisor", "run", "--config", str(self.config)],

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from supervisor.client import Client
 from supervisor.errors import Conflict, NotFound
-from tests.support import Supervisor, make_sample_repo, supervised, wait_for, write_app
+from tests.support import WAIT, Supervisor, make_sample_repo, supervised, wait_for, write_app
 
 
 @pytest.fixture
@@ -350,3 +352,46 @@ def test_init_writes_a_config_that_runs(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "host.restart" in result.stderr and "bad.toml" in result.stderr
+
+
+def test_swapguard_reports_to_its_own_service_manager(repo: Path, tmp_path: Path) -> None:
+    """Under systemd (Type=notify, WatchdogSec) swapguard sends READY=1, STATUS= and WATCHDOG=1."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = Path(tempfile.mkdtemp(prefix="sgm", dir="/tmp")) / "m.sock"
+    manager.bind(str(path))
+    manager.settimeout(WAIT)
+    try:
+        with supervised(repo, data=False) as sup:
+            sup.start(wait_ready=False, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+            seen: list[str] = []
+            while not any("WATCHDOG=1" in m for m in seen) or not any("READY=1" in m for m in seen):
+                seen.append(manager.recv(4096).decode())
+            assert any("STATUS=" in m for m in seen)
+            # the host gets its own notify socket, never ours
+            host = sup.wait_host(ready=True)
+            assert psutil.Process(host["pid"]).environ()["NOTIFY_SOCKET"] != str(path)
+    finally:
+        manager.close()
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_logs_and_status_watch(repo: Path) -> None:
+    with supervised(repo, data=False) as sup:
+        sup.start()
+        cli = [sys.executable, "-m", "supervisor", "--config", str(sup.config)]
+        wait_for(lambda: "sample host v1" in subprocess.run(
+            [*cli, "logs"], capture_output=True, text=True, timeout=30).stdout,
+            what="the host's output in swapguard logs")
+        watch = subprocess.Popen([*cli, "status", "--watch", "--interval", "0.2"],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert watch.stdout is not None
+            blocks = 0
+            for line in watch.stdout:
+                blocks += "swapguard: host running" in line
+                if blocks >= 3:
+                    break
+            assert blocks >= 3
+        finally:
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(WAIT) == 0
