@@ -46,6 +46,14 @@ def wait_for(predicate: Callable[[], T], timeout: float = WAIT, what: str = "con
                          + (f" (last error: {last_error})" if last_error else ""))
 
 
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie (it runs no code; its parent has yet to reap it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def git(repo: Path, *args: str) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -31,6 +31,7 @@ from supervisor.host import (
     process_stats,
     reap_orphans,
 )
+from tests.support import gone, wait_for
 
 PY = sys.executable
 WAIT = 10.0
@@ -73,26 +74,13 @@ park()
 """
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
-def gone(pid: int) -> bool:
-    """Dead: no such process, or a zombie (it runs no code; its parent has yet to reap it)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def read_pids(folder: Path, *names: str) -> dict[str, int]:
     for name in names:
-        wait_for((folder / name).exists, f"{name} to report its pid")
+        wait_for((folder / name).exists, what=f"{name} to report its pid")
     return {name: int((folder / name).read_text()) for name in names}
 
 
@@ -100,7 +88,7 @@ def wait_exit(host: HostProcess) -> ExitStatus:
     """Block on the pidfd (event-driven) and then poll; plain polling where there is no pidfd."""
     if host.exit_fd is not None:
         assert select.select([host.exit_fd], [], [], WAIT)[0], "host did not exit"
-    wait_for(lambda: host.poll() is not None, "the host's exit")
+    wait_for(lambda: host.poll() is not None, what="the host's exit")
     status = host.poll()
     assert status is not None
     return status
@@ -144,7 +132,7 @@ def cgroup_leaf() -> Iterator[CgroupLeaf]:
         pytest.skip("no writable cgroup v2 here")
     yield leaf
     leaf.kill()
-    wait_for(lambda: not leaf.pids(), "the test cgroup to empty")
+    wait_for(lambda: not leaf.pids(), what="the test cgroup to empty")
     leaf.remove()
     assert not leaf.path.exists()
     with contextlib.suppress(OSError):
@@ -219,7 +207,7 @@ def test_spawn_joins_the_cgroup_before_exec(tmp_path: Path, hosts, cgroup_leaf) 
     host = HostProcess.spawn(python_spec(tmp_path, code, output=log_file), cgroup_leaf)
     spawn_ms = (time.perf_counter() - started) * 1000
     hosts.append(host)
-    wait_for(lambda: log_file.read_text().strip(), "the host's report")
+    wait_for(lambda: log_file.read_text().strip(), what="the host's report")
     child_pid, cgroup_line = log_file.read_text().split(maxsplit=1)
     leaf_name = f"/swapguard/{cgroup_leaf.path.name}"
     assert leaf_name in cgroup_line
@@ -267,7 +255,7 @@ def test_kill_tree_leaves_no_survivor(tmp_path: Path, hosts, request, use_cgroup
     pids = read_pids(tmp_path, "host", "child", "setsid", "daemon")
     assert pids["host"] == host.pid
     if not use_cgroup:  # the daemon's parent exited: it was reparented to us
-        wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), "reparenting")
+        wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), what="reparenting")
     assert host.tree_pids() >= set(pids.values())
     for pid in pids.values():
         assert is_in_tree(pid, host, cgroup)
@@ -300,7 +288,7 @@ def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
     hosts.append(host)
     assert host.exit_fd is None
     pids = read_pids(tmp_path, "host", "child", "setsid", "daemon")
-    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), "reparenting")
+    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), what="reparenting")
     assert all(is_in_tree(pid, host, None) for pid in pids.values())
     assert host.tree_pids() >= set(pids.values())
     assert host.poll() is None
@@ -336,7 +324,7 @@ def test_adopt_a_process_that_is_not_our_child(tmp_path: Path, strays) -> None:
         os.kill(pid, signal.SIGKILL)
         if host.exit_fd is not None:
             assert select.select([host.exit_fd], [], [], WAIT)[0], "exit_fd stayed quiet"
-        wait_for(lambda: host.poll() is not None, "the adopted host's exit")
+        wait_for(lambda: host.poll() is not None, what="the adopted host's exit")
         assert host.poll() == ExitStatus(None, None)
         assert host.poll().describe() == "exited (status unknown)"
         host.close()
@@ -382,11 +370,11 @@ def test_reap_orphans_reaps_orphans_but_not_jobs_or_our_own_children(
     assert launcher.stdout is not None and launcher.stdin is not None
     assert select.select([launcher.stdout], [], [], WAIT)[0]
     orphan = int(launcher.stdout.readline())
-    wait_for(lambda: psutil.Process(orphan).ppid() == os.getpid(), "the orphan to reach us")
+    wait_for(lambda: psutil.Process(orphan).ppid() == os.getpid(), what="the orphan to reach us")
     launcher.stdin.close()  # the orphan reads EOF and exits
     try:
         for pid in (job.pid, sibling.pid, orphan):
-            wait_for(lambda pid=pid: gone(pid), f"{pid} to exit")
+            wait_for(lambda pid=pid: gone(pid), what=f"{pid} to exit")
         reaped = reap_orphans()
         assert orphan in reaped
         assert job.pid not in reaped and sibling.pid not in reaped
@@ -403,7 +391,7 @@ def test_is_in_tree(tmp_path: Path, subreaper, hosts, strays, cgroup_leaf) -> No
     hosts.append(host)
     pids = read_pids(tmp_path, "host", "child", "setsid", "daemon")
     # The daemon's parent exited: it is now an orphan of ours, still the host's tree.
-    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), "reparenting")
+    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), what="reparenting")
     sibling = subprocess.Popen(["sleep", "60"])
     strays.append(sibling)
     timings = []

@@ -9,7 +9,6 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -17,30 +16,18 @@ import pytest
 
 from supervisor import jobs
 from supervisor.jobs import OUTPUT_LIMIT, CancelToken, JobResult, run_job
+from tests.support import gone, wait_for
 
 PY = sys.executable
 WAIT = 10.0
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
-def gone(pid: int) -> bool:
-    """Dead: no such process, or a zombie nobody has reaped yet (it runs no code)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def read_pid(path: Path) -> int:
-    wait_for(lambda: path.exists() and path.read_text().strip(), f"{path.name} to be written")
+    wait_for(lambda: path.exists() and path.read_text().strip(), what=f"{path.name} to be written")
     return int(path.read_text())
 
 
@@ -152,7 +139,7 @@ def test_timeout_kills_the_job_and_its_background_children(tmp_path: Path, pid_f
     assert elapsed < 2.0 + 5.0
     for path in (bg, detached):
         pid = read_pid(path)
-        wait_for(lambda pid=pid: gone(pid), f"{path.name} ({pid}) to be killed")
+        wait_for(lambda pid=pid: gone(pid), what=f"{path.name} ({pid}) to be killed")
 
 
 def test_leftovers_of_a_finished_job_are_killed_and_do_not_hold_it(
@@ -168,7 +155,7 @@ def test_leftovers_of_a_finished_job_are_killed_and_do_not_hold_it(
     assert time.monotonic() - started < 10  # did not wait for the background sleep's pipe
     assert "done" in result.output
     pid = read_pid(bg)
-    wait_for(lambda: gone(pid), f"leftover {pid} to be killed")
+    wait_for(lambda: gone(pid), what=f"leftover {pid} to be killed")
 
 
 def test_cancel_stops_a_job_in_flight(tmp_path: Path, pid_files) -> None:
@@ -195,7 +182,7 @@ def test_cancel_stops_a_job_in_flight(tmp_path: Path, pid_files) -> None:
         (result,) = results
         assert result.cancelled and not result.timed_out and not result.ok
         assert result.describe() == "cancelled"
-        wait_for(lambda: gone(pid), f"the cancelled job's child {pid} to be killed")
+        wait_for(lambda: gone(pid), what=f"the cancelled job's child {pid} to be killed")
     finally:
         token.cancel()
         runner.join(WAIT)
