@@ -1,9 +1,12 @@
 """Verified, durable copies of files and trees, and their digests. No symlink is ever followed.
 
 A copy is a clone where the file system can (btrfs, xfs), else a copy in the kernel, else read and
-write; it keeps owner (as root), mode and times, and is fsynced. Digests are what tell a restored
-copy from the snapshot it came from: `file_digest` of a file, `tree_digest` of a folder's listing
-and contents. A copied SQLite file is checked by size and header, and on demand by integrity_check.
+write; it keeps owner (as root), mode and times, is fsynced, and must have its source's size with
+the source unchanged meanwhile. `copy_file_hashed` also hashes the copy, on a second thread while
+the disk syncs it. Digests are what tell a restored copy from the snapshot it came from:
+`file_digest` of a file, `tree_digest` of a folder's listing and contents. A copied SQLite file
+is checked by size and header; `sqlite_verdict` (integrity_check) is the slow, deep check, which
+can be stopped, for after the host is back up.
 `supervisor.snapshot` builds its take and its journaled restore from these steps.
 """
 
@@ -18,6 +21,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -30,7 +34,10 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_CREATE_READABLE = CREATE_FLAGS & ~os.O_WRONLY | os.O_RDWR  # copy_file_hashed reads it back
 _CHUNK = 8 << 20
+_HASH_CHUNK = 1 << 20
+_PROGRESS_STEPS = 10_000  # SQLite VM steps between looks at a stop flag
 _NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
@@ -39,39 +46,112 @@ _NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 def copy_file(source: Path, dest: Path) -> None:
     """Clone where the file system can, else copy in the kernel; keep owner, mode and times."""
+    _copy(source, dest, hashed=False)
+
+
+def copy_file_hashed(source: Path, dest: Path) -> tuple[int, str]:
+    """copy_file, and the size and sha256 of the copy as written. A second thread hashes it while
+    the disk syncs it: fsync is I/O wait, so on two cores the hash costs next to no time."""
+    result = _copy(source, dest, hashed=True)
+    assert result is not None
+    return result
+
+
+def _copy(source: Path, dest: Path, *, hashed: bool) -> tuple[int, str] | None:
     with (
         open(os.open(source, READ_FLAGS), "rb") as src,
-        open(os.open(dest, CREATE_FLAGS, 0o600), "wb") as dst,
+        open(os.open(dest, _CREATE_READABLE, 0o600), "r+b") as dst,
     ):
-        st = os.fstat(src.fileno())
-        if not stat.S_ISREG(st.st_mode):
+        before = os.fstat(src.fileno())
+        if not stat.S_ISREG(before.st_mode):
             raise SnapshotError(f"{source} is not a regular file")
-        _clone_or_copy(src.fileno(), dst.fileno())
-        _chown(dst.fileno(), st.st_uid, st.st_gid)
-        os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode))
-        os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.fsync(dst.fileno())
+        copied = _clone_or_copy(src.fileno(), dst.fileno())
+        # Not during the copy: that is CPU work in the kernel, and the hash would compete with it.
+        hasher = _DigestBeside(dst.fileno(), copied) if hashed else None
+        try:
+            _chown(dst.fileno(), before.st_uid, before.st_gid)
+            os.fchmod(dst.fileno(), stat.S_IMODE(before.st_mode))
+            os.utime(dst.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
+            os.fsync(dst.fileno())
+        except BaseException:
+            if hasher is not None:
+                hasher.abandon()  # its thread is gone before the file is closed
+            raise
+        digest = hasher.result() if hasher is not None else None
+        after, size = os.fstat(src.fileno()), os.fstat(dst.fileno()).st_size
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise SnapshotError(f"{source} changed while it was copied: is a writer still running?")
+    if copied != before.st_size or size != before.st_size:
+        raise SnapshotError(f"the copy {dest} has {size} bytes, its source {before.st_size}")
+    if digest is not None and digest[0] != size:
+        raise SnapshotError(f"hashed {digest[0]} bytes of the copy {dest}, which has {size}")
+    return digest
 
 
-def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
-    """FICLONE (btrfs, xfs: instant), else copy_file_range, else read/write (macOS)."""
+def _clone_or_copy(src_fd: int, dst_fd: int) -> int:
+    """FICLONE (btrfs, xfs: instant), else copy_file_range, else read/write (macOS): the bytes
+    copied."""
     try:
         fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-        return
+        return os.fstat(dst_fd).st_size
     except OSError:
         pass  # ext4, tmpfs, macOS: copy instead
+    copied = 0
     try:
-        while os.copy_file_range(src_fd, dst_fd, _CHUNK):
-            pass
-        return
+        while step := os.copy_file_range(src_fd, dst_fd, _CHUNK):
+            copied += step
+        return copied
     except (AttributeError, OSError) as exc:  # AttributeError: not Linux
         if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
             raise  # else both offsets moved together: carry on by hand from there
-    with open(src_fd, "rb", closefd=False) as src, open(dst_fd, "wb", closefd=False) as dst:
-        shutil.copyfileobj(src, dst, _CHUNK)
+    buffer = memoryview(bytearray(_CHUNK))
+    while step := os.readv(src_fd, [buffer]):
+        written = 0
+        while written < step:
+            written += os.write(dst_fd, buffer[written:step])
+        copied += step
+    return copied
 
 
-def copy_tree(source: Path, dest: Path, place_file: Callable[[Path, Path], None]) -> None:
+class _DigestBeside:
+    """sha256 of the first `size` bytes of an open file, read (pread) on a second thread. pread
+    and hashlib release the GIL, so the caller goes on meanwhile, e.g. to fsync the file."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd, self._size = fd, size
+        self._hashed, self._sha = 0, hashlib.sha256()
+        self._abandoned = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sha256-beside", daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple[int, str]:
+        """(bytes hashed, hex digest), once the thread is done."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashed, self._sha.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop at the next chunk and wait for the thread, raising nothing."""
+        self._abandoned = True
+        self._thread.join()
+
+    def _run(self) -> None:
+        buffer = memoryview(bytearray(_HASH_CHUNK))
+        try:
+            while self._hashed < self._size and not self._abandoned:
+                piece = buffer[: min(len(buffer), self._size - self._hashed)]
+                got = os.preadv(self._fd, [piece], self._hashed)
+                if not got:
+                    raise SnapshotError(f"the copy ended at {self._hashed} of {self._size} bytes")
+                self._sha.update(piece[:got])
+                self._hashed += got
+        except BaseException as exc:  # handed to result(), in the copying thread
+            self._error = exc
+
+
+def copy_tree(source: Path, dest: Path, place_file: Callable[[Path, Path], object]) -> None:
     """Recreate a tree: folders, files (by place_file), symlinks as symlinks; skip the rest."""
     st = os.lstat(source)
     os.mkdir(dest, 0o700)
@@ -126,8 +206,8 @@ def _walk(root: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
             yield from _walk(root, os.path.join(rel, name))
 
 
-def verify_sqlite_copy(path: Path, expected_size: int, *, deep: bool) -> None:
-    """Size and header always; `deep` adds integrity_check, which is O(size): take time only."""
+def verify_sqlite_copy(path: Path, expected_size: int) -> None:
+    """The cheap checks of a copied database, size and header; `sqlite_verdict` is the deep one."""
     size = os.lstat(path).st_size
     if size != expected_size:
         raise SnapshotError(f"the copy {path} has {size} bytes, expected {expected_size}")
@@ -136,11 +216,56 @@ def verify_sqlite_copy(path: Path, expected_size: int, *, deep: bool) -> None:
     with open(os.open(path, READ_FLAGS), "rb") as handle:
         if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
             raise SnapshotError(f"the copy {path} is not an SQLite database (bad header)")
-    if deep:
-        with contextlib.closing(connect_sqlite(path, "mode=ro&immutable=1", 0)) as con:
-            rows = con.execute("PRAGMA integrity_check").fetchall()
-        if rows != [("ok",)]:
-            raise SnapshotError(f"the copy {path} fails integrity_check: {rows[:3]}")
+
+
+def sqlite_verdict(path: Path, expected_size: int, stop: StopSignal) -> tuple[bool, str]:
+    """(ok, detail) of a database copy nobody writes: size, header, then `PRAGMA integrity_check`
+    opened immutable and read-only. That is O(size), seconds per GiB, so it never runs while the
+    host is down; `stop` cuts it short (then the verdict is void: the caller checks `stop`)."""
+    try:
+        verify_sqlite_copy(path, expected_size)
+        with (
+            contextlib.closing(connect_sqlite(path, "mode=ro&immutable=1", 0)) as con,
+            stop.interrupting(con),
+        ):
+            con.set_progress_handler(stop.is_set, _PROGRESS_STEPS)  # a stop just before the run
+            found = [str(row[0]) for row in con.execute("PRAGMA integrity_check")]
+    except (OSError, sqlite3.Error, SnapshotError) as exc:
+        return False, f"unreadable as a database: {exc}"
+    if found == ["ok"]:
+        return True, "ok"
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return False, f"integrity_check: {'; '.join(found[:3])}{more}"
+
+
+class StopSignal:
+    """A request to stop a slow check, which also interrupts the SQLite statement it is running
+    (a progress handler alone would wait for integrity_check's long btree walk to end)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._running: sqlite3.Connection | None = None
+
+    def is_set(self) -> bool:
+        return self._stopped
+
+    def set(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._running is not None:
+                self._running.interrupt()  # the one call sqlite3 allows from another thread
+
+    @contextlib.contextmanager
+    def interrupting(self, con: sqlite3.Connection) -> Iterator[None]:
+        """While inside, set() interrupts `con`; leave before closing it."""
+        with self._lock:
+            self._running = con
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running = None
 
 
 def connect_sqlite(path: Path, query: str, timeout: float) -> sqlite3.Connection:

@@ -43,6 +43,11 @@ after that swap record is persisted and before its actions run, as a kill -9 wou
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
 
+BASELINE_CONFIRMED_KEY = "host_checkpoint_confirmed"
+"""Store key of the confirmed swap whose code the baseline was last taken from: a supervisor
+killed between a confirm and that refresh takes it on restart, else the drift guard would
+prepare from the code before the swap (and its rollback would undo the confirmed version)."""
+
 
 def host_policy(config: Config) -> lifecycle.Policy:
     """The lifecycle machine's policy; its backoff is tenacity's exponential wait plus jitter."""
@@ -159,9 +164,16 @@ class Runtime:
         active = self.store.active_swap()
         self.swap = swaps.Swap.from_json(active) if active else None
         adopted = self._adopt_live_host()
-        if self.swap is None and (not adopted or self.code_version is None):
+        newest = self.store.list_swaps(limit=1)
+        confirmed = newest[0]["id"] if newest and newest[0]["state"] == "confirmed" else None
+        unsettled = confirmed is not None and (
+            self.store.get_value(BASELINE_CONFIRMED_KEY) != confirmed
+        )
+        if self.swap is None and (not adopted or self.code_version is None or unsettled):
             # The checkpoint of the code the host starts on: what the drift guard falls back to.
-            await self.loop.run_in_executor(self.pool, self._refresh_baseline_blocking)
+            await self.loop.run_in_executor(
+                self.pool, self._refresh_baseline_blocking, confirmed
+            )
         if self.swap is not None:
             self._set_host_env_for(self.swap)
             swap, actions = swaps.resume(self.swap, self.swap_policy, clock.now())
@@ -269,6 +281,8 @@ class Runtime:
         self.swap = swap
         if swap.step is swaps.Step.STOP_OLD and (before is None or before.step is None):
             self.pool.submit(self._save_changes_blocking, swap)
+        if before is not None and before.step is swaps.Step.SPAWN_NEW and swap.step is None:
+            self.pool.submit(self._verify_snapshots_blocking, swap)
         for action in actions:
             if not isinstance(action, swaps.Emit):
                 self._perform_swap(swap, action)
@@ -557,7 +571,7 @@ class Runtime:
             # Until the confirmed tree is the baseline, a drift check would compare against the
             # version before the swap and "guard" the one just confirmed.
             self._baseline_pending = True
-            self.pool.submit(self._refresh_baseline_blocking)
+            self.pool.submit(self._refresh_baseline_blocking, swap.id)
         self.swap = None
         self._host_env = self._host_env if self._one_shot_env else {}
         keep = self.config.state.keep_swaps
@@ -601,6 +615,22 @@ class Runtime:
             return
         self.store.set_value(f"changes:{swap.id}",
                              [{"path": c.path, "change": c.change} for c in changes])
+
+    def _verify_snapshots_blocking(self, swap: swaps.Swap) -> None:
+        """integrity_check of the snapshots, off the activation path (it reads the whole file).
+        A failure means the data was already corrupt before the swap: reported, not fatal."""
+        if not swap.data:
+            return
+        snaps = [DataSnapshot.from_json(dict(item)) for item in swap.data]
+        try:
+            results = self.snapshots.verify(swap.id, snaps)
+        except SwapguardError as exc:
+            log.info("swap %s: snapshots not verified: %s", swap.id, exc.message)
+            return
+        bad = [{"path": path, "detail": detail} for path, ok, detail in results if not ok]
+        kind, detail = ("snapshot.corrupt", {"entries": bad}) if bad else (
+            "snapshot.verified", {"entries": len(results)})
+        self.loop.call_soon_threadsafe(self._emit, kind, detail, swap.id)
 
     def _take_checkpoint(self, name: str) -> Checkpoint:
         self.code.check()
@@ -707,14 +737,14 @@ class Runtime:
             log.warning("notify: %s", exc.message)
 
     def heartbeat(self, status: str | None, boot: float | None = None) -> None:
-        before = self._timer_at
-        self.host, _ = lifecycle.step(
-            self.host,
-            lifecycle.Heartbeat(
-                now=boot if boot is not None else clock.boot_clock(), status=status
-            ),
-            self.host_policy,
+        event = lifecycle.Heartbeat(
+            now=boot if boot is not None else clock.boot_clock(), status=status
         )
+        if self.host.state is lifecycle.HostState.STARTING and self.host.ready_unseen:
+            self.feed_host(event)  # an adopted host's first heartbeat makes it ready
+            return
+        before = self._timer_at
+        self.host, _ = lifecycle.step(self.host, event, self.host_policy)
         # A heartbeat only pushes the next wake-up later; the armed timer stays valid.
         if before is None:
             self._arm_timer()
@@ -784,7 +814,8 @@ class Runtime:
     def _set_drift(self, value: bool) -> None:
         self.drift = value
 
-    def _refresh_baseline_blocking(self) -> None:
+    def _refresh_baseline_blocking(self, confirmed: str | None = None) -> None:
+        """`confirmed`: the id of the confirmed swap whose code this baseline is taken from."""
         try:
             self.code.check()
             checkpoint = self.code.take("baseline")
@@ -793,6 +824,8 @@ class Runtime:
             self.loop.call_soon_threadsafe(self._baseline_settled)
             return
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
+        if confirmed is not None:
+            self.store.set_value(BASELINE_CONFIRMED_KEY, confirmed)
         self.loop.call_soon_threadsafe(self._baseline_taken, checkpoint)
 
     def _refresh_head_blocking(self) -> None:

@@ -1,10 +1,14 @@
 """Snapshots of the host's [[data]] entries: taken at activation, restored exactly at rollback.
 
-- take() runs while the host is stopped. SQLite is checkpointed first (WAL folded in, hot journal
-  rolled back), so the main file alone is the database; copies are cloned or copied in the kernel,
-  fsynced, verified (header, size, integrity_check opened immutable) and hashed, all in a staging
-  folder renamed into place at the end. A crash mid-take leaves only that folder, which the next
-  take() or prune() removes.
+- take() runs while the host is stopped, so its time is downtime: it does only what a durable, exact
+  copy needs. SQLite is checkpointed first (WAL folded in, hot journal rolled back), so the main
+  file alone is the database; copies are cloned or copied in the kernel and hashed meanwhile on a
+  second thread, fsynced, checked cheaply (size equal to the unchanged source's, SQLite header),
+  all in a staging folder renamed into place at the end. A crash mid-take leaves only that
+  folder, which the next take() or prune() removes.
+- verify() is the slow check (SQLite integrity_check, seconds per GiB), run once the new version is
+  up. A snapshot that fails it is still the exact copy of what the host left: it is reported, and
+  restore() still puts it back. A restore, prune or retake of the swap stops it (SnapshotError).
 - restore() is a list of named steps (RESTORE_STEPS) under a durable journal: after a crash anywhere
   another restore() ends exact; a finished restore run again is a no-op. Its time does not grow
   with the data: the snapshot is hard-linked beside the target and renamed over it (copied only
@@ -30,20 +34,23 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from supervisor.datacopy import (
     CREATE_FLAGS,
     READ_FLAGS,
+    StopSignal,
     connect_sqlite,
     copy_file,
+    copy_file_hashed,
     copy_tree,
     file_digest,
     fsync_dir,
     remove_path,
+    sqlite_verdict,
     tree_digest,
     verify_sqlite_copy,
 )
@@ -57,8 +64,10 @@ SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
 RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
 TAKE_STEPS = ("take_entry", "commit_take")
+VERIFY_STEPS = ("verify_entry",)
 
 Json = dict[str, Any]
+Verdict = tuple[str, bool, str]  # verify(): (path, ok, detail)
 _FIELDS = ("path", "kind", "existed", "bytes", "sha256")
 _SWAP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST, _JOURNAL = "manifest.json", "restore.json"
@@ -75,19 +84,22 @@ class DataSnapshot:
     existed: bool  # False: rollback moves aside whatever the new version created there
     bytes: int  # of the snapshot (dir: of all its files); 0 when not existed
     sha256: str  # of the snapshot (dir: tree_digest); "" when not existed
+    verified: bool | None = None  # verify()'s verdict once the runtime records it; None: not yet
 
     def __post_init__(self) -> None:
         if problem := _snapshot_problem(self):
             raise SnapshotError(f"snapshot record for {self.path!r}: {problem}")
 
     def to_json(self) -> Json:
-        return {name: getattr(self, name) for name in _FIELDS}
+        data = {name: getattr(self, name) for name in _FIELDS}
+        return data if self.verified is None else {**data, "verified": self.verified}
 
     @classmethod
     def from_json(cls, data: Json) -> DataSnapshot:
+        """Also reads records written before `verified` existed."""
         if not isinstance(data, dict) or any(name not in data for name in _FIELDS):
             raise SnapshotError(f"snapshot record must be an object with {_FIELDS}; got {data!r}")
-        return cls(*(data[name] for name in _FIELDS))
+        return cls(*(data[name] for name in _FIELDS), verified=data.get("verified"))
 
 
 def _snapshot_problem(snap: DataSnapshot) -> str | None:
@@ -101,18 +113,23 @@ def _snapshot_problem(snap: DataSnapshot) -> str | None:
         return f"sha256 must be 64 lowercase hex digits or empty; got {snap.sha256!r}"
     if snap.existed != bool(snap.sha256) or (not snap.existed and snap.bytes):
         return "sha256 is set exactly when the target existed, and bytes is 0 when it did not"
+    if snap.verified is not None and not isinstance(snap.verified, bool):
+        return f"verified must be a bool or absent; got {snap.verified!r}"
     return None
 
 
 class SnapshotStore:
     """Snapshots under `root` (<state.dir>/snapshots), one folder per swap. Blocking: call it
-    from a worker thread. One instance per root; a lock serializes its methods."""
+    from a worker thread. One instance per root; a lock serializes its methods, except that
+    verify() holds it only to start, and is stopped by whatever would change its snapshot."""
 
     def __init__(self, root: Path, *, busy_timeout: float = 5.0) -> None:
         self.root = Path(os.path.abspath(root))
         self.busy_timeout = busy_timeout  # how long take() waits on a SQLite lock
         self.placements: Counter[str] = Counter()  # restore: files put in place by "link"/"copy"
         self._lock = threading.Lock()
+        self._verifying: list[tuple[str, StopSignal]] = []  # each running verify(): swap, stop
+        self._verifying_lock = threading.Lock()  # not _lock: verify() runs without that one
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         if not stat.S_ISDIR(os.lstat(self.root).st_mode):
             raise SnapshotError(f"snapshot root {self.root} is not a directory (or is a symlink)")
@@ -121,7 +138,8 @@ class SnapshotStore:
     # --- hooks: tests override them in a child process to crash at a chosen point ------------
 
     def _before_step(self, step: str) -> None:
-        """Called before every step of take() (TAKE_STEPS) and restore() (RESTORE_STEPS)."""
+        """Called before every step of take() (TAKE_STEPS), restore() (RESTORE_STEPS) and
+        verify() (VERIFY_STEPS)."""
         log.debug("snapshot step %s", step)
 
     def _record(self, journal_path: Path, journal: Json) -> None:
@@ -136,6 +154,7 @@ class SnapshotStore:
         targets = self._check_entries(entries)
         started = time.monotonic()
         with self._lock:
+            self._stop_verifying(lambda swap: swap == swap_id)
             final = self.root / swap_id
             if os.path.lexists(final / _JOURNAL):
                 raise SnapshotError(f"swap {swap_id}: a restore has begun; its snapshot stays")
@@ -197,10 +216,9 @@ class SnapshotStore:
             raise SnapshotError("not a regular file (symlinks are not followed)")
         if kind == "sqlite":
             self._checkpoint_live(target)
-        copy_file(target, dest)
+        size, digest = copy_file_hashed(target, dest)  # fsynced, and sized as the source
         if kind == "sqlite":
-            verify_sqlite_copy(dest, os.lstat(target).st_size, deep=True)
-        size, digest = file_digest(dest)
+            verify_sqlite_copy(dest, os.lstat(target).st_size)  # integrity_check: verify()
         return DataSnapshot(str(target), kind, True, size, digest)
 
     def _checkpoint_live(self, db: Path) -> None:
@@ -247,6 +265,7 @@ class SnapshotStore:
             return
         started = time.monotonic()
         with self._lock:
+            self._stop_verifying(lambda swap: swap == swap_id)
             swap_dir = self.root / swap_id
             journal_path = swap_dir / _JOURNAL
             if not os.path.lexists(swap_dir / _MANIFEST):
@@ -340,7 +359,7 @@ class SnapshotStore:
         else:
             size, digest = entry["bytes"] if kind == "dir" else staged.lstat().st_size, None
         if kind == "sqlite":
-            verify_sqlite_copy(staged, entry["bytes"], deep=False)
+            verify_sqlite_copy(staged, entry["bytes"])
         if size != entry["bytes"] or digest not in (None, entry["sha256"]):
             raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
         fsync_dir(staged.parent)
@@ -375,6 +394,52 @@ class SnapshotStore:
             os.replace(staged, target)
             fsync_dir(folder)
 
+    # --- verify ------------------------------------------------------------------------------
+
+    def verify(self, swap_id: str, snapshots: Sequence[DataSnapshot]) -> list[Verdict]:
+        """(path, ok, detail) for each snapshot, in order: SQLite ones get integrity_check (opened
+        immutable, read-only), the rest were fully checked by take(). Slow, and the store stays
+        usable meanwhile: run it in a worker thread once the new version is up. Raises
+        SnapshotError if the swap has no snapshot, a restore of it has begun, or a restore,
+        prune or retake stops it midway."""
+        _check_swap_id(swap_id)
+        started, stop = time.monotonic(), StopSignal()
+        with self._lock:
+            swap_dir = self.root / swap_id
+            if not os.path.lexists(swap_dir / _MANIFEST):
+                raise SnapshotError(f"swap {swap_id}: no snapshot in {self.root} (pruned?)")
+            if os.path.lexists(swap_dir / _JOURNAL):
+                raise SnapshotError(f"swap {swap_id}: a restore has begun; nothing left to verify")
+            entries = _match(swap_id, _read_json(swap_dir / _MANIFEST), snapshots)
+            with self._verifying_lock:
+                self._verifying.append((swap_id, stop))
+        try:
+            verdicts: list[Verdict] = []
+            for entry in entries:
+                self._before_step("verify_entry")
+                ok, detail = _verify_entry(swap_dir / str(entry["index"]), entry, stop)
+                verdicts.append((entry["path"], ok, detail))
+                if stop.is_set():
+                    break
+        finally:
+            with self._verifying_lock:
+                self._verifying.remove((swap_id, stop))
+        if stop.is_set():
+            raise SnapshotError(f"swap {swap_id}: verify stopped: its snapshot is being changed")
+        for path, ok, detail in verdicts:
+            (log.info if ok else log.warning)("snapshot of %s: %s", path, detail)
+        log.info("verified swap %s in %.2fs", swap_id, time.monotonic() - started)
+        return verdicts
+
+    def _stop_verifying(self, doomed: Callable[[str], bool]) -> None:
+        """Stop each verify() of a swap whose snapshot is about to change; its verdict is void.
+        No wait: a verify holds no lock, and what it still reads cannot harm the data."""
+        with self._verifying_lock:
+            for swap_id, stop in self._verifying:
+                if doomed(swap_id) and not stop.is_set():
+                    log.info("stopping the verify of swap %s", swap_id)
+                    stop.set()
+
     # --- housekeeping ------------------------------------------------------------------------
 
     def prune(self, keep: Iterable[str]) -> None:
@@ -382,6 +447,7 @@ class SnapshotStore:
         A swap whose restore is unfinished stays: its snapshot is the only copy of that data."""
         keep_ids = set(keep)
         with self._lock:
+            self._stop_verifying(lambda swap: swap not in keep_ids)
             for item in os.scandir(self.root):
                 path = self.root / item.name
                 if not item.name.startswith(".") and item.name in keep_ids:
@@ -403,6 +469,14 @@ class SnapshotStore:
         return sum(sizes.values())
 
 
+def _verify_entry(copy: Path, entry: Json, stop: StopSignal) -> tuple[bool, str]:
+    if not entry["existed"]:
+        return True, "nothing to check: the target was absent at activation"
+    if entry["kind"] != "sqlite":
+        return True, f"nothing more to check: a {entry['kind']} is sized and hashed by take()"
+    return sqlite_verdict(copy, entry["bytes"], stop)
+
+
 # --- the restore plan and its per-entry steps ------------------------------------------------
 
 
@@ -413,7 +487,7 @@ def _match(swap_id: str, recorded: Json, snapshots: Sequence[DataSnapshot]) -> l
         entry = by_path.get(snap.path)
         if entry is None:
             raise SnapshotError(f"swap {swap_id}: the store has no snapshot of {snap.path}")
-        if DataSnapshot.from_json(entry) != snap:
+        if DataSnapshot.from_json(entry) != replace(snap, verified=None):
             raise SnapshotError(f"swap {swap_id}: snapshot of {snap.path} differs from the store's")
     return [by_path[snap.path] for snap in snapshots]
 

@@ -11,22 +11,25 @@ import signal
 import sqlite3
 import stat
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from supervisor.datacopy import StopSignal, copy_file_hashed, fsync_dir
 from supervisor.errors import SnapshotError
 from supervisor.snapshot import (
     ENTRY_STEPS,
     RESTORE_STEPS,
     SQLITE_SIDECARS,
     TAKE_STEPS,
+    VERIFY_STEPS,
     DataSnapshot,
     SnapshotStore,
     file_digest,
@@ -258,6 +261,169 @@ def test_a_crash_mid_take_leaves_only_what_retry_and_prune_clean(
     assert run_child(lambda: crash.take("other", entries)) == -signal.SIGKILL
     store.prune([SWAP])
     assert sorted(os.listdir(store.root)) == [SWAP]
+
+
+def test_copy_hashed_across_file_systems_falls_back_and_hashes_what_it_wrote(data: Path) -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    source = data / "blob.bin"
+    source.write_bytes(os.urandom((20 << 20) + 12345))  # several copy and hash chunks, and a tail
+    source.chmod(0o640)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        dest = Path(other) / "copy"
+        size, digest = copy_file_hashed(source, dest)
+        assert (size, digest) == file_digest(source) == file_digest(dest)
+        assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+        assert dest.stat().st_mtime_ns == source.stat().st_mtime_ns
+
+
+# --- verify: the slow check, after the new version is up -----------------------------------------
+
+
+def corrupt_an_index_page(db: Path) -> None:
+    """A database whose index page disagrees with its table: every page is still well formed, so
+    opening, checkpointing and quick_check pass, and only integrity_check finds it."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as con:
+        con.execute(TABLE)
+        con.execute("CREATE INDEX t_v ON t(v)")
+        con.executemany("INSERT INTO t(v) VALUES (?)", [(v,) for v in BASE])
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 't_v'").fetchone()[0]
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    image = bytearray(db.read_bytes())
+    start = (root - 1) * page_size
+    at = image.index(b"old-17", start, start + page_size)
+    image[at : at + 6] = b"Xld-17"  # the index entry of row 18 now names another value
+    db.write_bytes(image)
+    with closing(sqlite3.connect(db)) as con:
+        assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert integrity(db) != "ok"
+
+
+def test_verify_passes_sound_snapshots(store: SnapshotStore, data: Path) -> None:
+    db, notes, absent = data / "app.db", data / "notes.txt", data / "absent.db"
+    writer(db, BASE)
+    notes.write_text("notes")
+    snaps = store.take(SWAP, [(db, "sqlite"), (notes, "file"), (absent, "sqlite")])
+
+    verdicts = store.verify(SWAP, snaps)
+
+    assert [(path, ok) for path, ok, _ in verdicts] == [
+        (str(db), True),
+        (str(notes), True),
+        (str(absent), True),
+    ]
+    assert verdicts[0][2] == "ok"
+    marked = [replace(snap, verified=ok) for snap, (_, ok, _) in zip(snaps, verdicts, strict=True)]
+    assert store.verify(SWAP, marked) == verdicts  # a recorded verdict is still the same record
+    writer(db, NEW)
+    store.restore(SWAP, marked)
+    assert dump(db) == rows(BASE)
+
+
+def test_take_copies_a_corrupt_database_exactly_and_verify_reports_it(
+    store: SnapshotStore, data: Path
+) -> None:
+    db = data / "app.db"
+    corrupt_an_index_page(db)
+    as_left = file_digest(db)
+
+    [snap] = store.take(SWAP, [(db, "sqlite")])  # no integrity_check while the host is down
+
+    assert (snap.bytes, snap.sha256) == as_left
+    [(path, ok, detail)] = store.verify(SWAP, [snap])
+    assert (path, ok) == (str(db), False)
+    assert detail.startswith("integrity_check: ") and "t_v" in detail, detail
+    store.restore(SWAP, [snap])  # reported, not refused: it is exactly what the host left
+    assert file_digest(db) == as_left
+
+
+def test_verify_reports_a_damaged_snapshot_file(store: SnapshotStore, data: Path) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    [snap] = store.take(SWAP, [(db, "sqlite")])
+    copy = store.root / SWAP / "0"
+    with open(copy, "r+b") as handle:
+        handle.write(b"not the header!!")
+
+    [(_, ok, detail)] = store.verify(SWAP, [snap])
+
+    assert not ok and "bad header" in detail, detail
+
+
+def test_verify_refuses_what_it_cannot_check(store: SnapshotStore, data: Path) -> None:
+    notes = data / "notes.txt"
+    notes.write_text("old")
+    [snap] = store.take(SWAP, [(notes, "file")])
+    with pytest.raises(SnapshotError, match="differs from the store's"):
+        store.verify(SWAP, [replace(snap, sha256="0" * 64)])
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        store.verify("never-taken", [snap])
+    store.restore(SWAP, [snap])
+    with pytest.raises(SnapshotError, match="a restore has begun"):
+        store.verify(SWAP, [snap])
+
+
+def test_a_restore_stops_a_verify_under_way_without_waiting_for_it(
+    store: SnapshotStore, data: Path
+) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    in_verify, go_on = threading.Event(), threading.Event()
+    outcome: list[BaseException | list[Any]] = []
+
+    class Pausing(SnapshotStore):
+        def _before_step(self, step: str) -> None:
+            if step in VERIFY_STEPS:
+                in_verify.set()
+                assert go_on.wait(WAIT_S)
+
+    pausing = Pausing(store.root)
+
+    def run_verify() -> None:
+        try:
+            outcome.append(pausing.verify(SWAP, snaps))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    verifier = threading.Thread(target=run_verify)
+    verifier.start()
+    try:
+        assert in_verify.wait(WAIT_S)
+        writer(db, NEW)
+        pausing.restore(SWAP, snaps)  # does not wait for the verify in progress
+        assert dump(db) == rows(BASE)
+    finally:
+        go_on.set()
+        verifier.join(WAIT_S)
+    assert not verifier.is_alive()
+    [error] = outcome
+    assert isinstance(error, SnapshotError) and "verify stopped" in str(error), error
+
+
+def test_a_stop_signal_interrupts_the_statement_it_guards(tmp_path: Path) -> None:
+    stop, running = StopSignal(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def endless_query() -> None:
+        with closing(sqlite3.connect(tmp_path / "x.db", check_same_thread=False)) as con:
+            con.create_function("running", 0, lambda: running.set() or 1)
+            endless = "WITH RECURSIVE c(i) AS (SELECT running() UNION ALL SELECT i + 1 FROM c)"
+            with stop.interrupting(con):
+                try:
+                    con.execute(f"{endless} SELECT max(i) FROM c").fetchone()
+                    outcome.append(None)
+                except sqlite3.OperationalError as exc:
+                    outcome.append(exc)
+
+    query = threading.Thread(target=endless_query, daemon=True)
+    query.start()
+    assert running.wait(WAIT_S), "the query never started"
+    stop.set()
+    query.join(WAIT_S)
+    assert not query.is_alive(), "the statement was not interrupted"
+    [error] = outcome
+    assert stop.is_set() and "interrupted" in str(error)
 
 
 # --- restore: SQLite against a hostile new version -----------------------------------------------
@@ -602,6 +768,39 @@ def test_restore_time_does_not_follow_size(
         print(f"\n[snapshot] restore on one file system: {shown}")
 
 
+def durable_copy(source: Path, dest: Path) -> None:
+    """The floor take() is measured against: a kernel copy, fsynced with its folder."""
+    shutil.copyfile(source, dest)
+    with open(dest, "rb") as handle:
+        os.fsync(handle.fileno())
+    fsync_dir(dest.parent)
+
+
+def test_take_time_is_close_to_a_durable_copy(
+    store: SnapshotStore, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, floor_copy = data / "big.db", tmp_path / "floor.db"
+    make_big_db(db, 100)
+    os.sync()  # each timing below pays for its own writeback only
+    started = time.perf_counter()
+    durable_copy(db, floor_copy)
+    floor = time.perf_counter() - started
+    os.sync()
+    started = time.perf_counter()
+    [snap] = store.take(SWAP, [(db, "sqlite")])
+    took = time.perf_counter() - started
+    started = time.perf_counter()
+    [(_, ok, _)] = store.verify(SWAP, [snap])
+    verified = time.perf_counter() - started
+
+    assert ok and (snap.bytes, snap.sha256) == file_digest(floor_copy)
+    with capsys.disabled():
+        print(
+            f"\n[snapshot] {snap.bytes >> 20} MiB: take {took * 1000:.0f} ms, copy+fsync "
+            f"{floor * 1000:.0f} ms ({took / floor:.2f}x); verify {verified * 1000:.0f} ms"
+        )
+
+
 def test_restore_across_file_systems_copies_and_verifies(tmp_path: Path, data: Path) -> None:
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
@@ -673,7 +872,11 @@ def test_restore_refuses_records_the_store_does_not_hold(store: SnapshotStore, d
 def test_data_snapshot_json_round_trip() -> None:
     snap = DataSnapshot("/srv/app.db", "sqlite", True, 4096, "a" * 64)
     assert DataSnapshot.from_json(snap.to_json()) == snap
-    assert set(snap.to_json()) >= {"path", "bytes", "sha256"}
+    assert set(snap.to_json()) == {"path", "kind", "existed", "bytes", "sha256"}  # as before
+    for verdict in (True, False):
+        checked = replace(snap, verified=verdict)
+        assert checked.to_json() == {**snap.to_json(), "verified": verdict}
+        assert DataSnapshot.from_json(checked.to_json()) == checked
 
 
 @pytest.mark.parametrize(
@@ -688,6 +891,11 @@ def test_data_snapshot_json_round_trip() -> None:
         ({"path": "/x", "kind": "file", "existed": 1, "bytes": 1, "sha256": "a" * 64}, "bool"),
         ({"path": "/x", "kind": "file", "existed": True, "bytes": -1, "sha256": "a" * 64}, "int"),
         ({"path": "/x", "kind": "file", "existed": True, "bytes": 1, "sha256": "xyz"}, "sha256"),
+        (
+            {"path": "/x", "kind": "file", "existed": True, "bytes": 1, "sha256": "a" * 64}
+            | {"verified": "yes"},
+            "verified must be a bool",
+        ),
         (
             {"path": "/x", "kind": "file", "existed": False, "bytes": 0, "sha256": "a" * 64},
             "exactly",

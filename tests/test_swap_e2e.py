@@ -134,6 +134,9 @@ def test_requested_rollback_restores_code_and_data_exactly(repo: Path) -> None:
         assert {"path": "feature.py", "change": "added"} in doc["changes"]
         assert {"path": "notes.txt", "change": "deleted"} in doc["changes"]
         assert doc["data"][0]["sha256"] and doc["data"][0]["bytes"] > 0
+        # integrity_check of the snapshot runs after the new version started, off the downtime
+        wait_for(lambda: "snapshot.verified" in [e["event"] for e in sup.client.swap(swap_id)[
+            "events"]], what="the snapshot to be verified")
         before_db = _snapshot_db(sup, doc)
         sup.client.rollback(swap_id, reason="operator said so")
         final = assert_rolled_back(sup, swap_id, before_tree, before_db, "operator said so", "v2")
