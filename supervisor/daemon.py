@@ -270,6 +270,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     server.serve_in_thread()
     await runtime.start()
     watcher = _start_watcher(config, runtime)
+    if watcher is not None:
+        runtime.on_tree_changed()  # what changed while no watcher ran (an adopted host's code)
     notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
     watchdog = _start_watchdog(loop)
     log.info(

@@ -17,6 +17,8 @@ Rules:
    them.
 4. Nothing gives up silently: a host that keeps failing stays in `backoff` (event `host.crash_loop`)
    and is retried at `restart_delay_max` for ever, unless `restart = "no"`.
+5. A host adopted before its READY=1 was seen (it went to a supervisor that died) is ready at its
+   first heartbeat: READY=1 is sent once, and waiting for it again would fail a ready host.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Host:
     backoff_until: float | None = None
     restarts: int = 0
     last_exit: LastExit | None = None
+    ready_unseen: bool = False  # adopted while starting: its READY=1 may have gone unseen
 
     @property
     def ready(self) -> bool:
@@ -207,7 +210,10 @@ Result = tuple[Host, list[Action]]
 
 
 def _spawn(host: Host) -> Result:
-    return replace(host, state=HostState.STARTING, backoff_until=None, kill_at=None), [Spawn()]
+    starting = replace(
+        host, state=HostState.STARTING, backoff_until=None, kill_at=None, ready_unseen=False
+    )
+    return starting, [Spawn()]
 
 
 def _begin_stop(host: Host, now: float, purpose: StopPurpose, policy: Policy) -> Result:
@@ -260,6 +266,7 @@ def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
     adopted = replace(
         host, state=state, wanted=True, pid=event.pid, spawned_at=event.now,
         ready_at=event.now if event.ready else None, last_heartbeat=event.now,
+        ready_unseen=not event.ready,
     )
     return adopted, [Emit("host.adopted", {"pid": event.pid})]
 
@@ -267,7 +274,10 @@ def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
 def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
     if host.state is not HostState.STARTING or host.pid is None:
         return host, []
-    ready = replace(host, state=HostState.RUNNING, ready_at=event.now, last_heartbeat=event.now)
+    ready = replace(
+        host, state=HostState.RUNNING, ready_at=event.now, last_heartbeat=event.now,
+        ready_unseen=False,
+    )
     return ready, [Emit("host.ready", {"pid": host.pid})]
 
 
@@ -275,7 +285,10 @@ def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
     if host.state not in (HostState.STARTING, HostState.RUNNING):
         return host, []
     status = event.status if event.status is not None else host.status_text
-    return replace(host, last_heartbeat=event.now, status_text=status), []
+    host = replace(host, last_heartbeat=event.now, status_text=status)
+    if host.state is HostState.STARTING and host.ready_unseen:  # rule 5
+        return _on_ready(host, Ready(now=event.now), policy)
+    return host, []
 
 
 def _heartbeat_lost(host: Host, now: float, policy: Policy, detail: dict) -> Result:

@@ -144,6 +144,7 @@ class Runtime:
         self._swap_task: asyncio.Future[Any] | None = None
         self._stopping_for_exit = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
+        self._last_refusal: str | None = None  # a host repeating a refused request: logged once
 
     # --- start and shutdown --------------------------------------------------------------
 
@@ -698,6 +699,7 @@ class Runtime:
 
     def _on_datagrams(self) -> None:
         for datagram in self.notify_server.drain():
+            self._tick_if_due()  # a flood must not hold the deadman clock back by a whole batch
             self.counters.datagrams += 1
             if datagram.pid is not None and not host.is_in_tree(
                 datagram.pid, self.process, self.cgroup
@@ -734,7 +736,9 @@ class Runtime:
         try:
             self.feed_swap(event)
         except Conflict as exc:
-            log.warning("notify: %s", exc.message)
+            if exc.message != self._last_refusal:
+                log.warning("notify: %s", exc.message)
+                self._last_refusal = exc.message
 
     def heartbeat(self, status: str | None, boot: float | None = None) -> None:
         event = lifecycle.Heartbeat(
@@ -769,6 +773,13 @@ class Runtime:
             return
         delay = max(0.0, wake - clock.boot_clock())
         self._timer = self.loop.call_later(delay, self._tick)
+
+    def _tick_if_due(self) -> None:
+        """Tick now if the armed timer is due, rather than after the input in hand."""
+        if self._timer_at is not None and clock.boot_clock() >= self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._tick()
 
     def _tick(self) -> None:
         self._timer, self._timer_at = None, None

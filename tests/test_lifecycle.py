@@ -186,3 +186,13 @@ def test_watchdog_trigger_counts_as_a_lost_heartbeat() -> None:
     host = running()
     host, actions = lc.step(host, lc.WatchdogTriggered(now=1), POLICY)
     assert "host.heartbeat_lost" in emitted(actions) and host.state is lc.HostState.STOPPING
+
+
+def test_an_adopted_starting_host_is_ready_at_its_first_heartbeat() -> None:
+    """Its READY=1 may have gone to the supervisor that died; it is sent only once."""
+    host, _ = lc.step(lc.Host(), lc.Adopted(now=0, pid=9, ready=False), POLICY)
+    assert host.state is lc.HostState.STARTING
+    host, actions = lc.step(host, lc.Heartbeat(now=1), POLICY)
+    assert host.state is lc.HostState.RUNNING and emitted(actions) == ["host.ready"]
+    fresh, _ = run([lc.StartRequested(now=0), lc.Spawned(now=0, pid=10), lc.Heartbeat(now=1)])
+    assert fresh.state is lc.HostState.STARTING  # a spawned host still needs READY=1

@@ -35,9 +35,12 @@ def notify(message: str) -> None:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(path)
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(message.encode())
+    except OSError:
+        pass  # no supervisor listening right now (it restarts and adopts us): keep serving
 
 
 def main() -> int:
