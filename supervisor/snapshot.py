@@ -565,5 +565,6 @@ def _check_swap_id(swap_id: str) -> None:
 
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"no space left on device ({exc.filename})"
+        where = f" ({exc.filename})" if exc.filename else ""  # copy_file_range names no file
+        return f"no space left on device{where}"
     return exc.message if isinstance(exc, SnapshotError) else str(exc) or type(exc).__name__

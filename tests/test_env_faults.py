@@ -182,11 +182,6 @@ def test_disk_full_during_the_snapshot_fails_the_activation_cleanly(repo: Path) 
             assert sup.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="snapshot._why names exc.filename, which copy_file_range "
-    "leaves None: the ENOSPC message ends in '(None)' instead of the file",
-)
 def test_disk_full_message_names_the_file_that_did_not_fit(tmp_path: Path) -> None:
     from supervisor.errors import SnapshotError
     from supervisor.snapshot import SnapshotStore
