@@ -171,7 +171,7 @@ def test_node_host_is_ready_heartbeats_and_confirms_itself(tmp_path: Path) -> No
         wait_for(lambda: sup.status()["host"]["code_version"] != v1_version,
                  what="the confirmed version to become the baseline")
         assert sup.status()["swap"] is None
-        assert [s["id"] for s in sup.client.swaps()][0] == swap_id
+        assert sup.client.swaps()[0]["id"] == swap_id
 
 
 def test_node_host_that_does_not_confirm_is_rolled_back_at_the_deadline(tmp_path: Path) -> None:
