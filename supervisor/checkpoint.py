@@ -43,6 +43,7 @@ from typing import Any, Literal
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
+_ADD_ATTEMPTS = 5
 
 REF_ROOT = "refs/swapguard"
 _CHECKPOINTS = f"{REF_ROOT}/checkpoints"
@@ -319,12 +320,24 @@ class CodeTree:
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
         skip = self._exclude_pathspecs(index)
-        self._git.out("add", "-A", "--", ".", *skip, index=index)
+        self._add_all(index, skip)
         present = [p for p in self.extra_paths if os.path.lexists(self.root / p)]
         if present:
             self._git.out("add", "-f", "--", *map(_literal, present), *skip, index=index)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
+
+    def _add_all(self, index: Path, skip: list[str]) -> None:
+        """`git add -A`, again when a file vanished between git listing and reading it: a host
+        that writes and deletes files while we checkpoint must not fail the checkpoint."""
+        for attempt in range(_ADD_ATTEMPTS):
+            try:
+                self._git.out("add", "-A", "--", ".", *skip, index=index)
+                return
+            except CheckpointError as exc:
+                if "unable to stat" not in exc.message or attempt == _ADD_ATTEMPTS - 1:
+                    raise
+                log.info("a file vanished during the checkpoint; adding again")
 
     def _exclude_pathspecs(self, index: Path) -> list[str]:
         """Pathspecs that keep excluded files from being hashed at all (a big database would be).

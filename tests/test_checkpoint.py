@@ -605,3 +605,30 @@ def test_take_cost_grows_with_what_changed_not_with_tree_size(tmp_path: Path) ->
     )
     assert tree.changes(first) == [Change("pkg07/mod042.py", "modified")]
     assert not tree.differs(second)
+
+
+def test_take_survives_files_that_vanish_while_it_runs(repo: Path) -> None:
+    """A host may write and delete files while we checkpoint: git add must not fail on them."""
+    import threading
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            for i in range(50):
+                (repo / f"churn-{i}.tmp").write_text(str(n))
+            for i in range(50):
+                with contextlib.suppress(FileNotFoundError):
+                    (repo / f"churn-{i}.tmp").unlink()
+            n += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        tree = code_tree(repo)
+        for round_ in range(6):
+            assert tree.take(f"churn{round_}").commit
+    finally:
+        stop.set()
+        worker.join()
