@@ -23,7 +23,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor import clock, host, jobs, lifecycle, notify, swaps
@@ -31,8 +31,10 @@ from supervisor.checkpoint import Checkpoint, CodeTree
 from supervisor.config import Config
 from supervisor.errors import Conflict, NotFound, SwapguardError
 from supervisor.hooks import HookRunner
-from supervisor.snapshot import DataSnapshot, SnapshotStore
+from supervisor.policies import host_policy, swap_policy
+from supervisor.snapshot import SnapshotStore
 from supervisor.store import Store
+from supervisor.swapwork import BASELINE_KEY, SwapWork
 
 log = logging.getLogger(__name__)
 
@@ -40,58 +42,10 @@ CRASH_AT = os.environ.get("SWAPGUARD_CRASH_AT")
 """Fault injection for the test suite: `<state>/<step>` makes the process die (exit 86) right
 after that swap record is persisted and before its actions run, as a kill -9 would."""
 
-BASELINE_KEY = "host_checkpoint"
-"""Store key of the checkpoint of the code the running host was started on (drift guard)."""
-
 BASELINE_CONFIRMED_KEY = "host_checkpoint_confirmed"
 """Store key of the confirmed swap whose code the baseline was last taken from: a supervisor
 killed between a confirm and that refresh takes it on restart, else the drift guard would
 prepare from the code before the swap (and its rollback would undo the confirmed version)."""
-
-
-def host_policy(config: Config) -> lifecycle.Policy:
-    """The lifecycle machine's policy; its backoff is tenacity's exponential wait plus jitter."""
-    import tenacity
-
-    cfg = config.host
-    base = tenacity.wait_exponential(
-        multiplier=cfg.restart_delay, exp_base=2, max=cfg.restart_delay_max
-    )
-    jitter = tenacity.wait_random(0, cfg.restart_delay * 0.25)
-
-    def backoff(failures: int) -> float:
-        if cfg.restart_delay <= 0:
-            return 0.0
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-        state.attempt_number = failures
-        return min(base(state) + jitter(state), cfg.restart_delay_max)
-
-    return lifecycle.Policy(
-        ready_mode=cfg.ready,
-        start_timeout=cfg.start_timeout,
-        min_uptime=cfg.min_uptime,
-        heartbeat_timeout=cfg.heartbeat_timeout,
-        stop_timeout=cfg.stop_timeout,
-        restart=cfg.restart,
-        restart_reset_after=cfg.restart_reset_after,
-        backoff=backoff,
-    )
-
-
-def swap_policy(config: Config) -> swaps.Policy:
-    dm = config.deadman
-    return swaps.Policy(
-        window=dm.window,
-        extend_by=dm.extend_by,
-        hard_cap=dm.hard_cap,
-        max_crashes=dm.max_crashes,
-        health_failures=dm.health_failures,
-        health_interval=dm.health_interval,
-        has_health_check=bool(dm.health_check),
-        auto_confirm_after=dm.auto_confirm_after,
-        has_build=bool(config.code.build),
-        has_data=bool(config.data),
-    )
 
 
 @dataclass
@@ -127,6 +81,7 @@ class Runtime:
             config.code.root, extra_paths=config.code.extra_paths, exclude=self._code_excludes()
         )
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
+        self.work = SwapWork(config, store, self.code, self.snapshots)
         self.hooks = HookRunner(config.hooks, cwd=config.code.root)
         self.notify_server = notify.NotifyServer(config.state.dir / "notify.sock")
         self.drift = False
@@ -141,8 +96,6 @@ class Runtime:
         self._one_shot_env = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._swap_task: asyncio.Future[Any] | None = None
-        self._stopping_for_exit = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
         self._last_refusal: str | None = None  # a host repeating a refused request: logged once
 
@@ -281,9 +234,9 @@ class Runtime:
             )
         self.swap = swap
         if swap.step is swaps.Step.STOP_OLD and (before is None or before.step is None):
-            self.pool.submit(self._save_changes_blocking, swap)
+            self.pool.submit(self.work.save_changes, swap)
         if before is not None and before.step is swaps.Step.SPAWN_NEW and swap.step is None:
-            self.pool.submit(self._verify_snapshots_blocking, swap)
+            self.pool.submit(self._verify_snapshots, swap)
         for action in actions:
             if not isinstance(action, swaps.Emit):
                 self._perform_swap(swap, action)
@@ -449,21 +402,15 @@ class Runtime:
             case swaps.StopHost():
                 self.feed_host(lifecycle.StopRequested(now=clock.boot_clock()))
             case swaps.TakeSnapshots():
-                entries = [(entry.path, entry.kind) for entry in self.config.data]
-                self._run_step(
-                    swap,
-                    lambda: {"data": [s.to_json() for s in self.snapshots.take(swap.id, entries)]},
-                )
+                self._run_step(swap, lambda: self.work.take_snapshots(swap))
             case swaps.RunBuild():
-                self._run_step(swap, lambda: self._build(swap.step))
+                self._run_step(swap, lambda: self.work.build(swap.step))
             case swaps.StartHost(env=env):
                 self._start_for_swap(swap, env)
             case swaps.RestoreCode():
-                checkpoint = Checkpoint.from_json(dict(swap.checkpoint))
-                self._run_step(swap, lambda: self._restore_code(checkpoint, swap.id))
+                self._run_step(swap, lambda: self._restore_code(swap))
             case swaps.RestoreData():
-                snaps = [DataSnapshot.from_json(dict(item)) for item in swap.data]
-                self._run_step(swap, lambda: self.snapshots.restore(swap.id, snaps))
+                self._run_step(swap, lambda: self.work.restore_data(swap))
             case swaps.RunHealthCheck():
                 self._run_health_check()
             case swaps.CancelJobs():
@@ -528,34 +475,11 @@ class Runtime:
             return
         self.feed_swap(swaps.StepFailed(now=clock.now(), step=step_now, error=error))
 
-    def _build(self, phase: swaps.Step | None) -> None:
-        result = jobs.run_job(
-            self.config.code.build,
-            cwd=self.config.code.root,
-            timeout=self.config.code.build_timeout,
-            log_name="build",
-        )
-        if not result.ok:
-            why = "timed out" if result.timed_out else f"exit {result.returncode}"
-            tail = result.output.strip().splitlines()[-5:]
-            raise SwapguardError(f"build {why} ({phase}): " + " | ".join(tail))
-
-    def _restore_code(self, checkpoint: Checkpoint, name: str) -> None:
-        self.code.restore(checkpoint, name=name)
-        self.store.set_value(BASELINE_KEY, checkpoint.to_json())
+    def _restore_code(self, swap: swaps.Swap) -> None:
+        checkpoint = self.work.restore_code(swap)
         self.loop.call_soon_threadsafe(self._baseline_taken, checkpoint)
 
     def _run_health_check(self) -> None:
-        argv = self.config.deadman.health_check
-
-        def check() -> jobs.JobResult:
-            return jobs.run_job(
-                argv,
-                cwd=self.config.code.root,
-                timeout=self.config.deadman.health_interval,
-                log_name="health",
-            )
-
         def done(future: asyncio.Future[jobs.JobResult]) -> None:
             if future.cancelled() or future.exception() is not None:
                 return
@@ -565,7 +489,7 @@ class Runtime:
                 swaps.HealthChecked(now=clock.now(), ok=result.ok, detail=detail[:200])
             )
 
-        self.loop.run_in_executor(self.pool, check).add_done_callback(done)
+        self.loop.run_in_executor(self.pool, self.work.health_check).add_done_callback(done)
 
     def _finish_swap(self, swap: swaps.Swap) -> None:
         if swap.state is swaps.SwapState.CONFIRMED:
@@ -576,17 +500,7 @@ class Runtime:
         self.swap = None
         self._host_env = self._host_env if self._one_shot_env else {}
         keep = self.config.state.keep_swaps
-        self.pool.submit(self._prune_blocking, keep)
-
-    def _prune_blocking(self, keep: int) -> None:
-        stale = self.store.finished_swap_ids_beyond(keep)
-        for swap_id in stale:
-            self.code.drop(swap_id)
-        active = self.store.active_swap()
-        keep_ids = {s["id"] for s in self.store.list_swaps(limit=keep)}
-        if active:
-            keep_ids.add(active["id"])
-        self.snapshots.prune(keep_ids)
+        self.pool.submit(self.work.prune, keep)
 
     # --- swap commands (from the API) -----------------------------------------------------
 
@@ -597,7 +511,8 @@ class Runtime:
             raise Conflict(f"swap {self.swap.id} is in flight ({self.swap.state})")
         swap_id = clock.new_id()
         if checkpoint is None:
-            checkpoint = await self.loop.run_in_executor(self.pool, self._take_checkpoint, swap_id)
+            checkpoint = await self.loop.run_in_executor(
+                self.pool, self.work.take_checkpoint, swap_id)
         if self.swap is not None:  # another prepare won while we were checkpointing
             raise Conflict(f"swap {self.swap.id} is in flight ({self.swap.state})")
         swap, actions = swaps.new_swap(
@@ -607,35 +522,10 @@ class Runtime:
         self._commit_swap(swap, actions)
         return swap
 
-    def _save_changes_blocking(self, swap: swaps.Swap) -> None:
-        """What the new version changed, kept for the swap's record (a rollback erases it)."""
-        try:
-            changes = self.code.changes(Checkpoint.from_json(dict(swap.checkpoint)))
-        except SwapguardError as exc:
-            log.warning("swap %s: changes not recorded: %s", swap.id, exc.message)
-            return
-        self.store.set_value(f"changes:{swap.id}",
-                             [{"path": c.path, "change": c.change} for c in changes])
-
-    def _verify_snapshots_blocking(self, swap: swaps.Swap) -> None:
-        """integrity_check of the snapshots, off the activation path (it reads the whole file).
-        A failure means the data was already corrupt before the swap: reported, not fatal."""
-        if not swap.data:
-            return
-        snaps = [DataSnapshot.from_json(dict(item)) for item in swap.data]
-        try:
-            results = self.snapshots.verify(swap.id, snaps)
-        except SwapguardError as exc:
-            log.info("swap %s: snapshots not verified: %s", swap.id, exc.message)
-            return
-        bad = [{"path": path, "detail": detail} for path, ok, detail in results if not ok]
-        kind, detail = ("snapshot.corrupt", {"entries": bad}) if bad else (
-            "snapshot.verified", {"entries": len(results)})
-        self.loop.call_soon_threadsafe(self._emit, kind, detail, swap.id)
-
-    def _take_checkpoint(self, name: str) -> Checkpoint:
-        self.code.check()
-        return self.code.take(name)
+    def _verify_snapshots(self, swap: swaps.Swap) -> None:
+        """In a worker: integrity_check of the snapshots, reported as an event."""
+        if (event := self.work.verify_snapshots(swap)) is not None:
+            self.loop.call_soon_threadsafe(self._emit, event[0], event[1], swap.id)
 
     async def _activate_if_changed(self, swap_id: str, *, restart: bool) -> None:
         """Activation by exit or by a start: only when the tree differs from the checkpoint."""
@@ -881,5 +771,3 @@ def _log_task_error(task: asyncio.Future[Any]) -> None:
     elif error is not None:
         log.warning("%s", error)
 
-
-_ = replace  # dataclasses.replace is re-exported for tests that build records
