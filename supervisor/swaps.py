@@ -327,12 +327,19 @@ def _confirm_requested(swap: Swap, event: ConfirmRequested, policy: Policy) -> O
     return _confirm(swap, event.now, "request")
 
 
+MIN_EXTENSION = 1.0
+"""An extension that moves the deadline by less than this (seconds) changes nothing."""
+
+
 def _extend_requested(swap: Swap, event: ExtendRequested, policy: Policy) -> Outcome:
     _require_running(swap, event)
     assert swap.hard_cap is not None  # set on activation
     wanted = event.now.plus(policy.extend_by)
     capped = swap.hard_cap.seconds_until(wanted) < 0
-    swap = replace(swap, deadline=swap.hard_cap if capped else wanted)
+    deadline = swap.hard_cap if capped else wanted
+    if swap.deadline is not None and abs(deadline.seconds_until(swap.deadline)) < MIN_EXTENSION:
+        return swap, []  # a host extending in a loop: nothing moves, nothing is written
+    swap = replace(swap, deadline=deadline)
     detail = {"deadline_at": stamp(swap.deadline), "capped": capped}
     return swap, [Emit("swap.extended", detail)]
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from supervisor import swaps
 from supervisor.clock import Instant, rfc3339
 from supervisor.errors import BadRequest, Conflict
 from supervisor.swaps import (
@@ -868,3 +869,21 @@ SwapWalk.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSwapWalk = SwapWalk.TestCase
+
+
+def test_an_extension_that_moves_the_deadline_by_less_than_a_second_changes_nothing() -> None:
+    """A host extending in a loop must not write the store hundreds of times a second."""
+    policy = swaps.Policy(window=60, extend_by=60, hard_cap=600, max_crashes=2, health_failures=3,
+                          health_interval=10, has_health_check=False, auto_confirm_after=0,
+                          has_build=False, has_data=False)
+    t0 = Instant(1000.0, 1000.0, "boot")
+    swap, _ = swaps.new_swap(id="s1", summary="", now=t0, checkpoint={})
+    for event in (swaps.ActivateRequested(now=t0), swaps.StepDone(now=t0, step=swaps.Step.STOP_OLD),
+                  swaps.HostSpawned(now=t0)):
+        swap, _ = swaps.step(swap, event, policy)
+    first, actions = swaps.step(swap, swaps.ExtendRequested(now=t0.plus(5)), policy)
+    assert [a.event for a in actions if isinstance(a, swaps.Emit)] == ["swap.extended"]
+    again, actions = swaps.step(first, swaps.ExtendRequested(now=t0.plus(5.5)), policy)
+    assert again == first and actions == []
+    later, actions = swaps.step(first, swaps.ExtendRequested(now=t0.plus(7)), policy)
+    assert later.deadline == t0.plus(67) and actions
