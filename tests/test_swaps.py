@@ -878,9 +878,9 @@ def test_an_extension_that_moves_the_deadline_by_less_than_a_second_changes_noth
                           has_build=False, has_data=False)
     t0 = Instant(1000.0, 1000.0, "boot")
     swap, _ = swaps.new_swap(id="s1", summary="", now=t0, checkpoint={})
-    for event in (swaps.ActivateRequested(now=t0), swaps.StepDone(now=t0, step=swaps.Step.STOP_OLD),
-                  swaps.HostSpawned(now=t0)):
-        swap, _ = swaps.step(swap, event, policy)
+    for fact in (swaps.ActivateRequested(now=t0), swaps.StepDone(now=t0, step=swaps.Step.STOP_OLD),
+                 swaps.HostSpawned(now=t0)):
+        swap, _ = swaps.step(swap, fact, policy)
     first, actions = swaps.step(swap, swaps.ExtendRequested(now=t0.plus(5)), policy)
     assert [a.event for a in actions if isinstance(a, swaps.Emit)] == ["swap.extended"]
     again, actions = swaps.step(first, swaps.ExtendRequested(now=t0.plus(5.5)), policy)
