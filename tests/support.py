@@ -86,6 +86,20 @@ def write_app(root: Path, app: dict[str, Any]) -> None:
     (root / "app.json").write_text(json.dumps(app, indent=1) + "\n")
 
 
+def host_log(repo: Path) -> list[dict[str, Any]]:
+    """What each start of an example host was told, as it wrote it down (host.log, JSON lines)."""
+    log = repo / "host.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def beats(host: dict[str, Any], prefix: str) -> int:
+    """The heartbeat count in an example host's status text ("<prefix>3 beats")."""
+    text = host["status_text"] or ""
+    if not (text.startswith(prefix) and text.endswith(" beats")):
+        return 0
+    return int(text[len(prefix) : -len(" beats")])
+
+
 def rows(db: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return conn.execute(sql).fetchall()

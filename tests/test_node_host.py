@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Supervisor, git, supervised, wait_for, write_app
+from tests.support import Supervisor, beats, git, host_log, supervised, wait_for, write_app
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not on PATH")
@@ -51,19 +51,8 @@ def node_host(path: str) -> dict[str, Any]:
     }
 
 
-def host_log(repo: Path) -> list[dict[str, Any]]:
-    """What each start of the host was told, as it wrote it down."""
-    log = repo / "host.log"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def beats(host: dict[str, Any], version: str) -> int:
-    """The heartbeat count in the status text the host sends ("node host v1: 3 beats")."""
-    text = host["status_text"] or ""
-    prefix = f"node host {version}: "
-    if not (text.startswith(prefix) and text.endswith(" beats")):
-        return 0
-    return int(text[len(prefix) : -len(" beats")])
 
 
 def seconds_since(stamp: str) -> float:
@@ -127,7 +116,7 @@ def test_node_host_is_ready_heartbeats_and_confirms_itself(tmp_path: Path) -> No
     with supervised(repo, host=node_host(path), data=False) as sup:
         sup.start()  # ready: the host said so over HTTP
         host = wait_for(
-            lambda: beats(h := sup.status()["host"], "v1") >= 3 and h,
+            lambda: beats(h := sup.status()["host"], "node host v1: ") >= 3 and h,
             what="three heartbeats with their status text",
         )
         assert host["ready"] and host["restarts"] == 0 and host["state"] == "running"

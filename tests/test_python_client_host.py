@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from supervisor.errors import Conflict, NotFound
-from tests.support import Supervisor, git, supervised, wait_for, write_app
+from tests.support import Supervisor, beats, git, host_log, supervised, wait_for, write_app
 
 PROJECT = Path(__file__).resolve().parents[1]
 EXAMPLE = PROJECT / "examples" / "python" / "host.py"
@@ -45,18 +45,8 @@ def python_host() -> dict[str, Any]:
     }
 
 
-def host_log(repo: Path) -> list[dict[str, Any]]:
-    log = repo / "host.log"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def beats(host: dict[str, Any], version: str) -> int:
-    """The heartbeat count in the status text the host sends ("python host v1: 3 beats")."""
-    text = host["status_text"] or ""
-    prefix = f"python host {version}: "
-    if not (text.startswith(prefix) and text.endswith(" beats")):
-        return 0
-    return int(text[len(prefix) : -len(" beats")])
 
 
 def new_version(sup: Supervisor, app: dict[str, Any]) -> str:
@@ -76,7 +66,7 @@ def test_python_host_is_ready_heartbeats_and_confirms_itself(
     with supervised(repo, host=python_host(), data=False) as sup:
         sup.start()  # ready, by Client.heartbeat(ready=True) or sd_notify("READY=1")
         host = wait_for(
-            lambda: beats(h := sup.status()["host"], "v1") >= 3 and h,
+            lambda: beats(h := sup.status()["host"], "python host v1: ") >= 3 and h,
             what="three heartbeats with their status text",
         )
         assert host["ready"] and host["restarts"] == 0 and host["state"] == "running"
@@ -93,7 +83,8 @@ def test_python_host_is_ready_heartbeats_and_confirms_itself(
         assert confirmed["version"] == "v2" and confirmed["via"] == then
         assert confirmed["probation"]["swapId"] == swap_id
         assert confirmed["probation"]["deadline"] == doc["deadline_at"]
-        wait_for(lambda: beats(sup.status()["host"], "v2") >= 1, what="v2's heartbeats")
+        wait_for(lambda: beats(sup.status()["host"], "python host v2: ") >= 1,
+                 what="v2's heartbeats")
         with pytest.raises(Conflict):  # what a host's late confirm gets over HTTP
             sup.client.rollback(swap_id)
         with pytest.raises(NotFound):
@@ -124,6 +115,6 @@ def test_python_host_that_does_not_confirm_is_rolled_back_at_the_deadline(tmp_pa
         assert on_probation["probation"] == {"swapId": swap_id, "deadline": doc["deadline_at"]}
         sup.wait_host(ready=True)
         wait_for(
-            lambda: beats(sup.status()["host"], "v1") >= 1,
+            lambda: beats(sup.status()["host"], "python host v1: ") >= 1,
             what="the rolled-back v1 to heartbeat by datagram",
         )
