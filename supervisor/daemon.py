@@ -2,8 +2,9 @@
 
 Start-up order is chosen so that nothing half-starts: the state lock first (never two supervisors
 on one state, hence never two hosts), then the store, the process-tree containment (subreaper,
-cgroup), the runtime (which adopts a live host or starts one and resumes a swap), the control
-socket, the code watcher, and last READY=1 to our own manager when there is one.
+cgroup), the control socket (bound before anything starts, so a clash fails early; requests
+made meanwhile wait for the loop), the runtime (which adopts a live host or starts one and resumes
+a swap), the code watcher, and last READY=1 to our own manager when there is one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 from supervisor import host, notify, views
 from supervisor.api import Backend, ControlServer, Peer
 from supervisor.config import Config
-from supervisor.errors import BadRequest, ConfigError, NotReachable
+from supervisor.errors import BadRequest, ConfigError, Conflict, NotReachable
 from supervisor.runtime import Runtime
 from supervisor.store import StateLock, Store
 from supervisor.watch import CodeWatcher
@@ -68,7 +69,10 @@ class LoopBackend(Backend):
             self.loop.call_soon_threadsafe(run)
         except RuntimeError as exc:  # loop closed under us: we are shutting down
             raise NotReachable("swapguard is shutting down") from exc
-        return future.result(timeout=CALL_TIMEOUT)
+        try:
+            return future.result(timeout=CALL_TIMEOUT)
+        except concurrent.futures.TimeoutError as exc:
+            raise NotReachable(f"swapguard did not answer within {CALL_TIMEOUT:g} s") from exc
 
     def may_write(self, peer: Peer) -> bool:
         if peer.uid is None:  # no credentials on this platform: only the file mode protects
@@ -128,6 +132,9 @@ class LoopBackend(Backend):
             raise BadRequest(f"unknown host action {action!r}")
 
         def act() -> dict:
+            swap = self.runtime.swap
+            if swap is not None and swap.step is not None:  # the tree or data is mid-change
+                raise Conflict(f"swap {swap.id} is at step {swap.step}; the host follows the swap")
             self.runtime.feed_host(events[action](now=clock.boot_clock()))
             return views.status(self.runtime)["host"]
 

@@ -210,8 +210,11 @@ Result = tuple[Host, list[Action]]
 
 
 def _spawn(host: Host) -> Result:
+    # No pid and no spawn time until Spawned: the spawn may be deferred (an activation), and a
+    # start timeout must not run from the previous process's spawn time.
     starting = replace(
-        host, state=HostState.STARTING, backoff_until=None, kill_at=None, ready_unseen=False
+        host, state=HostState.STARTING, backoff_until=None, kill_at=None, ready_unseen=False,
+        pid=None, spawned_at=None,
     )
     return starting, [Spawn()]
 

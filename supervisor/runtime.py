@@ -2,9 +2,10 @@
 
 Every input becomes an event for one of the two pure machines (`lifecycle` for the host process,
 `swaps` for the deadman clock); their actions are performed here. Blocking work (git, snapshots,
-builds, health checks, tree kills that must wait) runs in worker threads and comes back as events
-through `loop.call_soon_threadsafe`. Nothing outside the loop thread touches this state: the control
-socket reaches it only through `call()`.
+builds, health checks) runs in worker threads and comes back as events through
+`loop.call_soon_threadsafe`. A tree kill runs on the loop: it is a cgroup read when nothing is left
+(the common case) and bounded otherwise. The control socket reaches this state only through
+`daemon.LoopBackend._call`, which runs each request on the loop.
 
 Order matters in two places:
 - a swap record is saved before any of its actions runs, so a crash between two steps resumes at the
@@ -87,7 +88,6 @@ class Runtime:
         self.drift = False
         self._baseline_pending = False
         self._recheck_drift = False
-        self.head: str | None = None
         baseline = store.get_value(BASELINE_KEY)
         self.code_version: str | None = (
             baseline.get("commit") if isinstance(baseline, dict) else None)
@@ -168,9 +168,7 @@ class Runtime:
         process = host.HostProcess.adopt(run.pid, run.create_time, cgroup=self.cgroup)
         if process is None:
             self.store.record_exit(run.id, time.time(), None, None)
-            self.store.append_event(
-                "host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"}
-            )
+            self._emit("host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"})
             return False
         self.process, self.run_id = process, run.id
         self._watch_exit(process)
@@ -266,7 +264,7 @@ class Runtime:
             case lifecycle.KillTree():
                 killed = host.kill_tree(self.process if self.host.pid else None, self.cgroup)
                 if killed:
-                    self.store.append_event("host.tree_killed", {"processes": killed})
+                    self._emit("host.tree_killed", {"processes": killed})
             case lifecycle.Emit(event=kind, detail=detail):
                 self._emit(kind, detail)
                 self._forward_host_fact(kind, detail)
@@ -295,24 +293,28 @@ class Runtime:
             )
             return
         self.counters.spawns += 1
-        self.process = process
         swap_id = (
             self.swap.id if self.swap and self.swap.state is swaps.SwapState.PROBATION else None
         )
-        self.run_id = self.store.record_spawn(
-            process.pid,
-            process.create_time,
-            clock.BOOT_ID,
-            wall,
-            self.code_version,
-            swap_id,
-        )
+        try:
+            self.run_id = self.store.record_spawn(
+                process.pid, process.create_time, clock.BOOT_ID, wall, self.code_version, swap_id
+            )
+        except SwapguardError as exc:
+            # A host we could not record would not be adopted after a restart of ours, and a
+            # second one would start: better no host than an untracked one.
+            host.kill_tree(process, self.cgroup)
+            process.close()
+            self.feed_host(lifecycle.SpawnFailed(
+                now=clock.boot_clock(), wall=wall, error=f"not recorded: {exc.message}"))
+            return
+        self.process = process
         if self._one_shot_env:
             self._host_env, self._one_shot_env = {}, False
         self._watch_exit(process)
         self.feed_host(lifecycle.Spawned(now=clock.boot_clock(), pid=process.pid))
         self.pool.submit(self._refresh_head_blocking)
-        if self.drift:
+        if self.drift and self.swap is None:
             self.pool.submit(self._refresh_baseline_blocking)
 
     def _child_env(self) -> dict[str, str]:
@@ -481,7 +483,11 @@ class Runtime:
 
     def _run_health_check(self) -> None:
         def done(future: asyncio.Future[jobs.JobResult]) -> None:
-            if future.cancelled() or future.exception() is not None:
+            if future.cancelled():
+                return
+            if (error := future.exception()) is not None:  # a check that cannot run has failed
+                self._feed_swap_quietly(
+                    swaps.HealthChecked(now=clock.now(), ok=False, detail=str(error)[:200]))
                 return
             result = future.result()
             detail = "ok" if result.ok else (result.output.strip().splitlines() or ["failed"])[-1]
@@ -497,6 +503,8 @@ class Runtime:
             # version before the swap and "guard" the one just confirmed.
             self._baseline_pending = True
             self.pool.submit(self._refresh_baseline_blocking, swap.id)
+        else:  # aborted or rolled back: the tree is the restored checkpoint again
+            self._set_drift(False)
         self.swap = None
         self._host_env = self._host_env if self._one_shot_env else {}
         keep = self.config.state.keep_swaps
@@ -518,7 +526,6 @@ class Runtime:
         swap, actions = swaps.new_swap(
             id=swap_id, summary=summary, now=clock.now(), checkpoint=checkpoint.to_json(), auto=auto
         )
-        self.swap = None
         self._commit_swap(swap, actions)
         return swap
 

@@ -196,3 +196,15 @@ def test_an_adopted_starting_host_is_ready_at_its_first_heartbeat() -> None:
     assert host.state is lc.HostState.RUNNING and emitted(actions) == ["host.ready"]
     fresh, _ = run([lc.StartRequested(now=0), lc.Spawned(now=0, pid=10), lc.Heartbeat(now=1)])
     assert fresh.state is lc.HostState.STARTING  # a spawned host still needs READY=1
+
+
+def test_a_deferred_spawn_does_not_time_out_on_the_previous_spawn_time() -> None:
+    """A start while a swap is prepared waits for git before spawning: no stale start timeout."""
+    host = running(now=0)
+    host, _ = lc.step(host, lc.Exited(now=100, wall=0, code=0, signal=None), POLICY)
+    assert host.state is lc.HostState.STARTING and host.pid is None and host.spawned_at is None
+    assert lc.next_wakeup(host, POLICY) is None
+    host, actions = lc.step(host, lc.Tick(now=200), POLICY)
+    assert actions == [] and host.state is lc.HostState.STARTING
+    host, _ = lc.step(host, lc.Spawned(now=201, pid=7), POLICY)
+    assert host.pid == 7 and lc.next_wakeup(host, POLICY) == 206
