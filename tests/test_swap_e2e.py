@@ -410,3 +410,22 @@ def test_cli_swap_commands(repo: Path) -> None:
         listing = subprocess.run([*cli, "swap", "list"], capture_output=True, text=True,
                                  timeout=30)
         assert swap_id in listing.stdout and "confirmed" in listing.stdout
+
+
+def test_host_control_waits_while_a_swap_step_changes_the_tree(repo: Path) -> None:
+    """A `host start` during a build would start a host on a half-built tree: 409 instead."""
+    build = [sys.executable, "-c", "import pathlib, time\n"
+             "while not pathlib.Path('go.log').exists(): time.sleep(0.02)"]
+    with supervised(repo, code={"build": build}) as sup:
+        (repo / "go.log").write_text("")
+        sup.start()
+        (repo / "go.log").unlink()
+        swap = sup.client.prepare("slow build")
+        new_version(repo, {"version": "v2", "confirm": True})
+        sup.client.activate(swap["id"])
+        wait_for(lambda: sup.client.swap(swap["id"])["step"] == "build_new", what="the build step")
+        for action in ("start", "restart"):
+            with pytest.raises(Conflict):
+                sup.client.host(action)
+        (repo / "go.log").write_text("")
+        sup.wait_swap(swap["id"], "confirmed")
