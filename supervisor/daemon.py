@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from supervisor import host, notify, views
+from supervisor import clock, host, lifecycle, notify, swaps, views
 from supervisor.api import Backend, ControlServer, Peer
+from supervisor.checkpoint import Checkpoint
 from supervisor.config import Config
-from supervisor.errors import BadRequest, ConfigError, Conflict, NotReachable
+from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
 from supervisor.runtime import Runtime
 from supervisor.store import StateLock, Store
 from supervisor.watch import CodeWatcher
@@ -121,8 +122,6 @@ class LoopBackend(Backend):
         return str(self._call(views.metrics, self.runtime))
 
     def host_action(self, action: str) -> dict:
-        from supervisor import clock, lifecycle
-
         events = {
             "start": lifecycle.StartRequested,
             "stop": lifecycle.StopRequested,
@@ -142,8 +141,6 @@ class LoopBackend(Backend):
 
     def heartbeat(self, status: str | None, ready: bool, peer: Peer) -> dict:
         def beat() -> dict:
-            from supervisor import clock, lifecycle
-
             if ready:
                 self.runtime.feed_host(lifecycle.Ready(now=clock.boot_clock()))
             self.runtime.counters.heartbeats += 1
@@ -153,8 +150,6 @@ class LoopBackend(Backend):
         return dict(self._call(beat))
 
     def list_swaps(self, limit: int) -> list[dict]:
-        from supervisor import clock, swaps
-
         now = clock.now()
         return [
             swaps.Swap.from_json(record).view(now)
@@ -162,9 +157,6 @@ class LoopBackend(Backend):
         ]
 
     def get_swap(self, swap_id: str) -> dict:
-        from supervisor import clock, swaps
-        from supervisor.errors import NotFound
-
         record = self.runtime.store.load_swap(swap_id)
         if record is None:
             raise NotFound(f"no swap {swap_id!r}")
@@ -182,9 +174,6 @@ class LoopBackend(Backend):
         return document
 
     def _changes(self, swap: Any) -> list[dict]:
-        from supervisor import swaps
-        from supervisor.checkpoint import Checkpoint
-
         saved = self.runtime.store.get_value(f"changes:{swap.id}")
         if isinstance(saved, list):
             return saved
@@ -194,14 +183,10 @@ class LoopBackend(Backend):
         return [{"path": c.path, "change": c.change} for c in changes]
 
     def prepare_swap(self, summary: str) -> dict:
-        from supervisor import clock
-
         swap = self._call(self.runtime.prepare, summary)
         return dict(swap.view(clock.now()))
 
     def swap_action(self, swap_id: str, action: str, body: dict) -> dict:
-        from supervisor import clock
-
         swap = self._call(self.runtime.command_swap, swap_id, action, body)
         return dict(swap.view(clock.now()))
 

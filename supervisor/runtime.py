@@ -114,7 +114,7 @@ class Runtime:
     async def start(self) -> None:
         """Adopt a live host or start one; resume a swap that was in flight."""
         self.loop.add_reader(self.notify_server.fileno(), self._on_datagrams)
-        self.loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+        self.loop.add_signal_handler(signal.SIGCHLD, host.reap_orphans)
         active = self.store.active_swap()
         self.swap = swaps.Swap.from_json(active) if active else None
         adopted = self._adopt_live_host()
@@ -269,9 +269,10 @@ class Runtime:
                 self._emit(kind, detail)
                 self._forward_host_fact(kind, detail)
 
-    def _spawn_host(self) -> None:
+    def _spawn_host(self, *, activate_if_prepared: bool = True) -> None:
         if (
-            self.swap is not None
+            activate_if_prepared
+            and self.swap is not None
             and self.swap.state is swaps.SwapState.PREPARED
             and not self.swap.step
         ):
@@ -504,7 +505,7 @@ class Runtime:
             self._baseline_pending = True
             self.pool.submit(self._refresh_baseline_blocking, swap.id)
         else:  # aborted or rolled back: the tree is the restored checkpoint again
-            self._set_drift(False)
+            self.drift = False
         self.swap = None
         self._host_env = self._host_env if self._one_shot_env else {}
         keep = self.config.state.keep_swaps
@@ -546,19 +547,9 @@ class Runtime:
         if changed:
             self.feed_swap(swaps.ActivateRequested(now=clock.now()))
             return
-        # Unchanged code: an ordinary crash or start; the lifecycle decides as usual.
+        # Unchanged code: an ordinary start (after an exit the lifecycle already decided).
         if restart:
-            self._spawn_host_now()
-        else:
-            self.feed_host(lifecycle.Tick(now=clock.boot_clock()))
-
-    def _spawn_host_now(self) -> None:
-        prepared, self.swap = self.swap, None
-        try:
-            self._spawn_host()
-        finally:
-            if self.swap is None:
-                self.swap = prepared
+            self._spawn_host(activate_if_prepared=False)
 
     def command_swap(self, swap_id: str, action: str, body: Mapping[str, Any]) -> swaps.Swap:
         swap = self._swap_for(swap_id)
@@ -657,8 +648,12 @@ class Runtime:
         if self.swap is not None:
             swap_wake = swaps.next_wakeup(self.swap, self.swap_policy)
             if swap_wake is not None:
-                delay = swap_wake.seconds_until(clock.now())
-                at = clock.boot_clock() + delay
+                # This boot's instants are boot-clock times already: stable, so an unchanged
+                # wake-up leaves the armed timer alone. Across a reboot the wall clock converts.
+                if swap_wake.boot_id == clock.BOOT_ID:
+                    at = swap_wake.boot
+                else:
+                    at = clock.boot_clock() + swap_wake.seconds_until(clock.now())
                 wake = at if wake is None else min(wake, at)
         if wake == self._timer_at:
             return
@@ -712,15 +707,12 @@ class Runtime:
         if baseline.commit != self.code_version:  # compared against a baseline since replaced
             self.on_tree_changed()
             return
-        self._set_drift(True)
+        self.drift = True
         self._emit("code.drift", {"root": str(self.config.code.root)})
         if self.config.code.undeclared_changes == "guard":
             self._schedule(
                 self.prepare("undeclared change (guard)", auto=True, checkpoint=baseline)
             )
-
-    def _set_drift(self, value: bool) -> None:
-        self.drift = value
 
     def _refresh_baseline_blocking(self, confirmed: str | None = None) -> None:
         """`confirmed`: the id of the confirmed swap whose code this baseline is taken from."""
@@ -748,7 +740,7 @@ class Runtime:
         self.head = checkpoint.head
         self.code_version = checkpoint.commit
         if self.swap is None:
-            self._set_drift(False)
+            self.drift = False
         self._baseline_settled()
 
     def _baseline_settled(self) -> None:
@@ -760,9 +752,6 @@ class Runtime:
     def _emit(self, kind: str, detail: Mapping[str, Any], swap_id: str | None = None) -> None:
         record = self.store.append_event(kind, dict(detail), swap_id=swap_id)
         self.hooks.submit(record.to_json())
-
-    def _reap_orphans(self) -> None:
-        host.reap_orphans()
 
     def _schedule(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
