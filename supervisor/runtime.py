@@ -98,6 +98,7 @@ class Runtime:
         self._timer_at: float | None = None
         self._listeners: list[Callable[[], None]] = []
         self._last_refusal: str | None = None  # a host repeating a refused request: logged once
+        self._confirm_waiting = False  # a datagram's confirm waits for SyncData; one is enough
 
     # --- start and shutdown --------------------------------------------------------------
 
@@ -157,9 +158,25 @@ class Runtime:
 
     async def _host_stopped(self) -> None:
         while self.host.state is not lifecycle.HostState.STOPPED or self.process is not None:
-            waiter = self.loop.create_future()
-            self._listeners.append(lambda waiter=waiter: waiter.done() or waiter.set_result(None))
-            await waiter
+            await self._next_change()
+
+    async def _next_change(self) -> None:
+        """Returns after the next change of the host or the swap."""
+        waiter = self.loop.create_future()
+        self._listeners.append(lambda: waiter.done() or waiter.set_result(None))
+        await waiter
+
+    async def _data_on_disk(self, swap_id: str) -> None:
+        """A confirm of a running new version waits for SyncData (the machine refuses it before):
+        the time it takes to flush what the activation copied, seconds at most."""
+        while (
+            (swap := self.swap) is not None
+            and swap.id == swap_id
+            and swap.state is swaps.SwapState.PROBATION
+            and swap.step is None
+            and swap.data_unsynced
+        ):
+            await self._next_change()
 
     def _adopt_live_host(self) -> bool:
         run = self.store.live_run()
@@ -414,6 +431,8 @@ class Runtime:
                 self._run_step(swap, lambda: self._restore_code(swap))
             case swaps.RestoreData():
                 self._run_step(swap, lambda: self.work.restore_data(swap))
+            case swaps.SyncData():
+                self._sync_data(swap)
             case swaps.RunHealthCheck():
                 self._run_health_check()
             case swaps.CancelJobs():
@@ -461,6 +480,18 @@ class Runtime:
             self._step_failed_if_current(swap.id, step_now, str(error))
 
         self.loop.run_in_executor(self.pool, work).add_done_callback(done)
+
+    def _sync_data(self, swap: swaps.Swap) -> None:
+        """In a worker: the new version's copies of the data to disk; DataSynced comes back."""
+
+        def done(future: asyncio.Future[None]) -> None:
+            if self.swap is None or self.swap.id != swap.id:
+                return
+            error = future.exception()
+            why = None if error is None else f"the data copies could not be synced: {error}"
+            self._feed_swap_quietly(swaps.DataSynced(now=clock.now(), error=why))
+
+        self.loop.run_in_executor(self.pool, self.work.sync_data, swap).add_done_callback(done)
 
     def _step_done_if_current(self, swap_id: str, step_now: swaps.Step, result: Any) -> None:
         if self.swap is None or self.swap.id != swap_id or self.swap.step is not step_now:
@@ -551,7 +582,11 @@ class Runtime:
         if restart:
             self._spawn_host(activate_if_prepared=False)
 
-    def command_swap(self, swap_id: str, action: str, body: Mapping[str, Any]) -> swaps.Swap:
+    async def command_swap(
+        self, swap_id: str, action: str, body: Mapping[str, Any]
+    ) -> swaps.Swap:
+        if action == "confirm":
+            await self._data_on_disk(swap_id)
         swap = self._swap_for(swap_id)
         now = clock.now()
         event: swaps.Event
@@ -617,7 +652,17 @@ class Runtime:
             message.confirm_swap_id is not None
             and self.swap is not None
             and self.swap.id == message.confirm_swap_id
+            and not self._confirm_waiting
         ):
+            self._confirm_waiting = True
+            self._schedule(self._confirm_by_datagram(self.swap.id))
+
+    async def _confirm_by_datagram(self, swap_id: str) -> None:
+        try:
+            await self._data_on_disk(swap_id)
+        finally:
+            self._confirm_waiting = False
+        if self.swap is not None and self.swap.id == swap_id:
             self._swap_command_quietly(swaps.ConfirmRequested(now=clock.now()))
 
     def _swap_command_quietly(self, event: swaps.Event) -> None:

@@ -1,11 +1,16 @@
 """Snapshots of the host's [[data]] entries: taken at activation, restored exactly at rollback.
 
-- take() runs while the host is stopped, so its time is downtime: it does only what a durable, exact
-  copy needs. SQLite is checkpointed first (WAL folded in, hot journal rolled back), so the main
-  file alone is the database; copies are cloned or copied in the kernel and hashed meanwhile on a
-  second thread, fsynced, checked cheaply (size equal to the unchanged source's, SQLite header),
-  all in a staging folder renamed into place at the end. A crash mid-take leaves only that
-  folder, which the next take() or prune() removes.
+- take() runs while the host is stopped, so its time is downtime: it does only what an exact,
+  durable snapshot needs. SQLite is checkpointed first (WAL folded in, hot journal rolled back),
+  so the main file alone is the database. A file's snapshot is the original file itself,
+  hard-linked into a staging folder (durable at once: only what the host left unflushed is
+  fsynced), hashed while the kernel copies it to a working copy; once the staging folder is
+  renamed into place, the working copy replaces the live file (`linked` records). The new version
+  thus writes to a copy that is not yet on disk: the swap machine orders SyncData once it runs and
+  confirms nothing before. Across file systems, and for folders, the snapshot is a durable copy
+  instead. A crash before the rename leaves only the staging folder (and working copies), which
+  the next take() or prune() removes; after it, take() again reuses the snapshot and makes the
+  working copies afresh from it (the live files may be torn by a power cut).
 - verify() is the slow check (SQLite integrity_check, seconds per GiB), run once the new version is
   up. A snapshot that fails it is still the exact copy of what the host left: it is reported, and
   restore() still puts it back. A restore, prune or retake of the swap stops it (SnapshotError).
@@ -53,6 +58,7 @@ from supervisor.datacopy import (
     sqlite_verdict,
     tree_digest,
     verify_sqlite_copy,
+    working_copy,
 )
 from supervisor.datacopy import SQLITE_MAGIC as SQLITE_MAGIC  # re-exported, unused here
 from supervisor.errors import SnapshotError
@@ -63,7 +69,7 @@ KINDS = ("sqlite", "file", "dir")
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
 RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
-TAKE_STEPS = ("take_entry", "commit_take")
+TAKE_STEPS = ("take_entry", "commit_take", "swap_in_copies")
 VERIFY_STEPS = ("verify_entry",)
 
 Json = dict[str, Any]
@@ -85,6 +91,7 @@ class DataSnapshot:
     bytes: int  # of the snapshot (dir: of all its files); 0 when not existed
     sha256: str  # of the snapshot (dir: tree_digest); "" when not existed
     verified: bool | None = None  # verify()'s verdict once the runtime records it; None: not yet
+    linked: bool = False  # the snapshot is the original file; the live path holds a working copy
 
     def __post_init__(self) -> None:
         if problem := _snapshot_problem(self):
@@ -92,14 +99,17 @@ class DataSnapshot:
 
     def to_json(self) -> Json:
         data = {name: getattr(self, name) for name in _FIELDS}
+        if self.linked:
+            data["linked"] = True
         return data if self.verified is None else {**data, "verified": self.verified}
 
     @classmethod
     def from_json(cls, data: Json) -> DataSnapshot:
-        """Also reads records written before `verified` existed."""
+        """Also reads records written before `verified` and `linked` existed."""
         if not isinstance(data, dict) or any(name not in data for name in _FIELDS):
             raise SnapshotError(f"snapshot record must be an object with {_FIELDS}; got {data!r}")
-        return cls(*(data[name] for name in _FIELDS), verified=data.get("verified"))
+        fields = (data[name] for name in _FIELDS)
+        return cls(*fields, verified=data.get("verified"), linked=data.get("linked", False))
 
 
 def _snapshot_problem(snap: DataSnapshot) -> str | None:
@@ -115,6 +125,9 @@ def _snapshot_problem(snap: DataSnapshot) -> str | None:
         return "sha256 is set exactly when the target existed, and bytes is 0 when it did not"
     if snap.verified is not None and not isinstance(snap.verified, bool):
         return f"verified must be a bool or absent; got {snap.verified!r}"
+    only_files = not snap.linked or (snap.existed and snap.kind != "dir")
+    if not isinstance(snap.linked, bool) or not only_files:
+        return f"linked must be a bool, and only for an existing file; got {snap.linked!r}"
     return None
 
 
@@ -149,7 +162,9 @@ class SnapshotStore:
     # --- take --------------------------------------------------------------------------------
 
     def take(self, swap_id: str, entries: Sequence[tuple[Path, str]]) -> list[DataSnapshot]:
-        """Snapshot every entry for `swap_id`, replacing an earlier take of the same swap."""
+        """Snapshot every entry for `swap_id`; if this swap's take already finished (a crash
+        came before the runtime heard of it), keep that snapshot and only redo the working
+        copies. Refused once a restore of the swap has begun: its rollback has moved on."""
         _check_swap_id(swap_id)
         targets = self._check_entries(entries)
         started = time.monotonic()
@@ -158,29 +173,67 @@ class SnapshotStore:
             final = self.root / swap_id
             if os.path.lexists(final / _JOURNAL):
                 raise SnapshotError(f"swap {swap_id}: a restore has begun; its snapshot stays")
-            staging = self.root / f"{_STAGING}{swap_id}"
-            remove_path(staging)
-            os.mkdir(staging, 0o700)
-            try:
-                records: list[DataSnapshot] = []
-                for index, (target, kind) in enumerate(targets):
-                    self._before_step("take_entry")
-                    try:
-                        records.append(self._take_one(staging / str(index), target, kind))
-                    except (OSError, sqlite3.Error, SnapshotError) as exc:
-                        raise SnapshotError(f"data entry {target} ({kind}): {_why(exc)}") from exc
-                self._before_step("commit_take")
-                listed = [{"index": i, **snap.to_json()} for i, snap in enumerate(records)]
-                _write_json(staging / _MANIFEST, {"swap_id": swap_id, "entries": listed})
-                self._commit_staging(staging, final)
-            except BaseException:
-                with contextlib.suppress(OSError):  # else the next take or prune removes it
-                    remove_path(staging)
-                raise
+            again = os.path.lexists(final / _MANIFEST)
+            if again:
+                records = self._taken_before(final, swap_id, targets)
+            else:
+                records = self._take_all(final, swap_id, targets)
+            self._before_step("swap_in_copies")
+            for index, snap in enumerate(records):
+                if snap.linked:
+                    original = None if again else final / str(index)
+                    _swap_in_working_copy(Path(snap.path), swap_id, original)
         size, elapsed = sum(s.bytes for s in records), time.monotonic() - started
         log.info(
             "took %d snapshots of swap %s, %d bytes, %.2fs", len(records), swap_id, size, elapsed
         )
+        return records
+
+    def _take_all(
+        self, final: Path, swap_id: str, targets: list[tuple[Path, str]]
+    ) -> list[DataSnapshot]:
+        staging = self.root / f"{_STAGING}{swap_id}"
+        remove_path(staging)
+        os.mkdir(staging, 0o700)
+        records: list[DataSnapshot] = []
+        try:
+            for index, (target, kind) in enumerate(targets):
+                self._before_step("take_entry")
+                working = Path(_working_name(str(target), swap_id))
+                try:
+                    records.append(self._take_one(staging / str(index), target, kind, working))
+                except (OSError, sqlite3.Error, SnapshotError) as exc:
+                    raise SnapshotError(f"data entry {target} ({kind}): {_why(exc)}") from exc
+            self._before_step("commit_take")
+            listed = [{"index": i, **snap.to_json()} for i, snap in enumerate(records)]
+            _write_json(staging / _MANIFEST, {"swap_id": swap_id, "entries": listed})
+            self._commit_staging(staging, final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # else the next take or prune removes it
+                remove_path(staging)
+                for target, _ in targets:
+                    remove_path(Path(_working_name(str(target), swap_id)))
+            raise
+        return records
+
+    def _taken_before(
+        self, final: Path, swap_id: str, targets: list[tuple[Path, str]]
+    ) -> list[DataSnapshot]:
+        """The finished take of this swap, with fresh working copies made from its snapshots."""
+        entries = _read_json(final / _MANIFEST)["entries"]
+        records = [DataSnapshot.from_json(entry) for entry in entries]
+        if [(Path(r.path), r.kind) for r in records] != targets:
+            raise SnapshotError(
+                f"swap {swap_id}: its snapshot was taken of other [[data]] entries"
+                " (the configuration changed mid-activation?)"
+            )
+        log.info("swap %s: its take had finished; making the working copies again", swap_id)
+        for index, snap in enumerate(records):
+            if snap.linked:
+                working = Path(_working_name(snap.path, swap_id))
+                remove_path(working)
+                if working_copy(final / str(index), working)[1] != snap.sha256:
+                    raise SnapshotError(f"the snapshot of {snap.path} no longer matches its hash")
         return records
 
     def _check_entries(self, entries: Sequence[tuple[Path, str]]) -> list[tuple[Path, str]]:
@@ -201,7 +254,7 @@ class SnapshotStore:
             checked.append((target, kind))
         return checked
 
-    def _take_one(self, dest: Path, target: Path, kind: str) -> DataSnapshot:
+    def _take_one(self, dest: Path, target: Path, kind: str, working: Path) -> DataSnapshot:
         try:
             st = os.lstat(target)
         except FileNotFoundError:
@@ -216,10 +269,15 @@ class SnapshotStore:
             raise SnapshotError("not a regular file (symlinks are not followed)")
         if kind == "sqlite":
             self._checkpoint_live(target)
-        size, digest = copy_file_hashed(target, dest)  # fsynced, and sized as the source
+        linked = _link(target, dest)
+        if linked:
+            remove_path(working)
+            size, digest = working_copy(dest, working)
+        else:
+            size, digest = copy_file_hashed(target, dest)  # fsynced, and sized as the source
         if kind == "sqlite":
-            verify_sqlite_copy(dest, os.lstat(target).st_size)  # integrity_check: verify()
-        return DataSnapshot(str(target), kind, True, size, digest)
+            verify_sqlite_copy(working if linked else dest, size)  # integrity_check: verify()
+        return DataSnapshot(str(target), kind, True, size, digest, linked=linked)
 
     def _checkpoint_live(self, db: Path) -> None:
         """Fold the WAL in (and roll a hot journal back): the main file alone is the database."""
@@ -259,15 +317,21 @@ class SnapshotStore:
     # --- restore -----------------------------------------------------------------------------
 
     def restore(self, swap_id: str, snapshots: Sequence[DataSnapshot]) -> None:
-        """Put every snapshot back exactly, keeping the probation-time data beside it."""
+        """Put every snapshot back exactly, keeping the probation-time data beside it.
+
+        With no `snapshots`, the rollback came while the take was in flight and never heard of
+        its result: restore whatever that take left (it may have put working copies in place),
+        and leave a finished journal, so that a take still to come is refused."""
         _check_swap_id(swap_id)
-        if not snapshots:
-            return
         started = time.monotonic()
         with self._lock:
             self._stop_verifying(lambda swap: swap == swap_id)
             swap_dir = self.root / swap_id
             journal_path = swap_dir / _JOURNAL
+            if not snapshots:
+                snapshots = self._interrupted_take(swap_id)
+                if not snapshots:
+                    return
             if not os.path.lexists(swap_dir / _MANIFEST):
                 raise SnapshotError(f"swap {swap_id}: no snapshot in {self.root} (pruned?)")
             if os.path.lexists(journal_path):
@@ -292,6 +356,22 @@ class SnapshotStore:
         elapsed = time.monotonic() - started
         log.info("restored %d data entries of swap %s in %.3fs", len(snapshots), swap_id, elapsed)
 
+    def _interrupted_take(self, swap_id: str) -> list[DataSnapshot]:
+        """The records of a take nobody heard of; none (and a barrier to later takes) if none."""
+        swap_dir = self.root / swap_id
+        if os.path.lexists(swap_dir / _MANIFEST):
+            entries = _read_json(swap_dir / _MANIFEST)["entries"]
+            for entry in entries:  # a take cut short may have left its working copies
+                remove_path(Path(_working_name(entry["path"], swap_id)))
+            return [DataSnapshot.from_json(entry) for entry in entries]
+        remove_path(self.root / f"{_STAGING}{swap_id}")
+        if not os.path.lexists(swap_dir / _JOURNAL):
+            os.makedirs(swap_dir, 0o700, exist_ok=True)
+            barrier = {"swap_id": swap_id, "entries": [], "done": [], "finished": True}
+            self._record(swap_dir / _JOURNAL, barrier)
+            fsync_dir(self.root)
+        return []
+
     def _run_entries(self, swap_dir: Path, journal_path: Path, journal: Json) -> None:
         for entry in journal["entries"]:
             for step in ENTRY_STEPS:
@@ -312,6 +392,9 @@ class SnapshotStore:
         """Rename whatever is at the target now (SQLite: with its sidecars) to the kept name."""
         target, kept = entry["path"], entry["kept"]
         _check_folder(target)
+        if entry["existed"] and _same_file(target, swap_dir / str(entry["index"])):
+            os.unlink(target)  # still the snapshot itself (a take cut short): nothing to keep
+            return
         suffixes = ("", *SQLITE_SIDECARS) if entry["kind"] == "sqlite" else ("",)
         moved = [suffix for suffix in suffixes if os.path.lexists(target + suffix)]
         for suffix in moved:
@@ -513,6 +596,41 @@ def _restore_unfinished(swap_dir: Path) -> bool:
         return not _read_json(journal).get("finished", False)
     except SnapshotError:
         return True
+
+
+def _same_file(path: str | Path, other: str | Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(path), os.lstat(other))
+    except FileNotFoundError:
+        return False
+
+
+def _working_name(target: str, swap_id: str) -> str:
+    folder, name = os.path.split(target)
+    return os.path.join(folder, f".{name}.swapguard-take-{swap_id}")
+
+
+def _link(target: Path, dest: Path) -> bool:
+    """Hard-link the live file as its own snapshot; False where the file system can't."""
+    try:
+        os.link(target, dest, follow_symlinks=False)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        return False
+
+
+def _swap_in_working_copy(target: Path, swap_id: str, original: Path | None) -> None:
+    """Put the working copy in the target's place, where `original` (the snapshot, if just
+    taken) must still be. Not a rename over the target: on ext4 that flushes the copy to disk
+    (auto_da_alloc), which is SyncData's job, off the downtime."""
+    working = Path(_working_name(str(target), swap_id))
+    if os.path.lexists(target):
+        if original is not None and not _same_file(target, original):
+            raise SnapshotError(f"{target} changed during the take: is a writer still running?")
+        os.unlink(target)
+    os.rename(working, target)
 
 
 def _staged_name(target: str, swap_id: str) -> str:

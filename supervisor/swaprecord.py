@@ -127,12 +127,15 @@ class Swap:
     attempts: int = 0  # failed attempts of the current step
     retry_at: Instant | None = None  # waiting to retry a failed step: nothing is in flight
     last_error: str | None = None
-    snapshots_taken: bool = False
+    snapshots_taken: bool = False  # a take began: a rollback restores the data
     checkpoint: Mapping[str, Any] = field(default_factory=dict)
     data: tuple[Mapping[str, Any], ...] = ()  # the snapshot records, as TakeSnapshots reported them
     auto: bool = False  # prepared by the drift guard, not by a request
     rollback_started_at: Instant | None = None
     host_ready: bool = False  # the new version said READY since it last (re)started
+    # The new version works on copies of the data that may still be only in the page cache (the
+    # snapshots are the original files): nothing may confirm it until SyncData reports them on disk.
+    data_unsynced: bool = False
 
     def __post_init__(self) -> None:
         if self.step not in STEPS_ALLOWED[self.state]:
@@ -257,7 +260,7 @@ class RollbackRequested(Request):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepDone(Event):
     step: Step
-    result: Mapping[str, Any] | None = None  # SNAPSHOT: {"data": [record, ...]}
+    result: Mapping[str, Any] | None = None  # SNAPSHOT: {"data": [record, ...], "unsynced": bool}
 
     def _validate(self) -> None:
         _check_step(self, self.step)
@@ -317,6 +320,18 @@ class HealthChecked(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DataSynced(Event):
+    """SyncData finished: the new version's copies of the data are on disk, or `error` says
+    why not."""
+
+    error: str | None = None
+
+    def _validate(self) -> None:
+        if self.error is not None and not isinstance(self.error, str):
+            raise TypeError(f"DataSynced.error must be a string or None, not {self.error!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Tick(Event): ...  # the timer fired, or a restarted runtime wants passed deadlines seen
 
 
@@ -352,6 +367,10 @@ class RestoreCode(Action): ...  # the code tree back to the swap's checkpoint
 
 @dataclass(frozen=True, slots=True)
 class RestoreData(Action): ...  # every data entry back from the swap's snapshots
+
+
+@dataclass(frozen=True, slots=True)
+class SyncData(Action): ...  # fsync the new version's copies of the data; reply DataSynced
 
 
 @dataclass(frozen=True, slots=True)

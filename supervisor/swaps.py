@@ -53,6 +53,7 @@ from supervisor.swaprecord import (
     ActivateRequested,
     CancelJobs,
     ConfirmRequested,
+    DataSynced,
     Emit,
     Event,
     ExtendRequested,
@@ -76,6 +77,7 @@ from supervisor.swaprecord import (
     StopHost,
     Swap,
     SwapState,
+    SyncData,
     TakeSnapshots,
     Tick,
     earliest,
@@ -101,7 +103,7 @@ def _expired(swap: Swap, now: Instant) -> bool:
 
 
 def _auto_confirm_at(swap: Swap, policy: Policy) -> Instant | None:
-    if policy.auto_confirm_after <= 0 or swap.ready_since is None:
+    if policy.auto_confirm_after <= 0 or swap.ready_since is None or swap.data_unsynced:
         return None
     return swap.ready_since.plus(policy.auto_confirm_after)
 
@@ -143,6 +145,8 @@ def _begin_after(swap: Swap, done: Step, policy: Policy, now: Instant) -> Outcom
     following = chain[chain.index(done) + 1 :]
     step_ = next(candidate for candidate in following if _applies(candidate, swap, policy))
     swap = replace(swap, step=step_, attempts=0, retry_at=None)
+    if step_ is Step.SNAPSHOT:  # the take may touch the live data even if its result is lost
+        swap = replace(swap, snapshots_taken=True)
     if step_ is Step.SPAWN_NEW and swap.deadline is None:
         swap = replace(swap, deadline=earliest([now.plus(policy.window), swap.hard_cap]))
     return swap, [_STEP_ACTION[step_](swap)]
@@ -246,15 +250,18 @@ def _new_version_running(swap: Swap, now: Instant, policy: Policy) -> Outcome:
     next_health = now.plus(policy.health_interval) if policy.has_health_check else None
     swap = replace(swap, step=None, next_health_at=next_health, ready_since=None, host_ready=False)
     detail = {"deadline_at": stamp(swap.deadline), "hard_cap_at": stamp(swap.hard_cap)}
-    return swap, [Emit("swap.probation", detail)]
+    sync: list[Action] = [SyncData()] if swap.data_unsynced else []
+    return swap, [Emit("swap.probation", detail), *sync]
 
 
 def _probation_step_done(swap: Swap, event: StepDone, policy: Policy) -> Outcome:
     if event.step is Step.SPAWN_NEW:  # the same fact as HostSpawned
         return _new_version_running(swap, event.now, policy)
     if event.step is Step.SNAPSHOT:
-        records = tuple((event.result or {}).get("data", ()))
-        swap = replace(swap, snapshots_taken=True, data=records)
+        result = event.result or {}
+        unsynced = bool(result.get("unsynced", False))
+        records = tuple(result.get("data", ()))
+        swap = replace(swap, snapshots_taken=True, data=records, data_unsynced=unsynced)
     return _begin_after(swap, event.step, policy, event.now)
 
 
@@ -324,7 +331,15 @@ def _probation_tick(swap: Swap, event: Tick, policy: Policy) -> Outcome:
 
 def _confirm_requested(swap: Swap, event: ConfirmRequested, policy: Policy) -> Outcome:
     _require_running(swap, event)
+    if swap.data_unsynced:  # the runtime waits for DataSynced first; this is the backstop
+        raise _conflict(swap, event, "its copies of the data are not on disk yet; try again")
     return _confirm(swap, event.now, "request")
+
+
+def _probation_data_synced(swap: Swap, event: DataSynced, policy: Policy) -> Outcome:
+    if event.error is not None:  # data the new version writes may not survive: not confirmable
+        return _rollback(swap, "activation_failed", event.now, event.error)
+    return replace(swap, data_unsynced=False), []
 
 
 MIN_EXTENSION = 1.0
@@ -409,6 +424,9 @@ TRANSITIONS: Mapping[tuple[SwapState, type[Event]], Transition] = {
         {S.ROLLING_BACK: "deadline or hard cap", S.CONFIRMED: "auto confirm"},
     ),
     (S.PROBATION, ConfirmRequested): Transition(_confirm_requested, {S.CONFIRMED: ""}),
+    (S.PROBATION, DataSynced): Transition(
+        _probation_data_synced, {S.ROLLING_BACK: "activation_failed"}
+    ),
     (S.PROBATION, ExtendRequested): Transition(_extend_requested),
     (S.PROBATION, RollbackRequested): Transition(
         _rollback_requested, {S.ROLLING_BACK: "requested"}
@@ -472,11 +490,19 @@ def step(swap: Swap, event: Event, policy: Policy) -> Outcome:
 
 
 def resume(swap: Swap, policy: Policy, now: Instant) -> Outcome:
-    """After a supervisor restart: order the step in flight again, nothing else.
+    """After a supervisor restart: order the step in flight again, and a SyncData still owed.
 
     SPAWN_NEW keeps its original deadline; the runtime feeds a Tick next so that deadlines that
-    passed while no supervisor ran fire at once.
+    passed while no supervisor ran fire at once. A machine that restarted before the new
+    version's copies of the data were on disk may have lost part of them: that rolls back.
     """
+    if swap.state is SwapState.PROBATION and swap.data_unsynced:
+        assert swap.activated_at is not None
+        if swap.activated_at.boot_id != now.boot_id:
+            why = "the machine restarted before the new version's copies of the data were on disk"
+            return _rollback(swap, "activation_failed", now, why)
+        if swap.step is None:
+            return swap, [SyncData()]
     in_flight = swap.state in (SwapState.PREPARED, SwapState.PROBATION, SwapState.ROLLING_BACK)
     if not in_flight or swap.step is None:
         return swap, []

@@ -8,11 +8,13 @@ that into `StepDone` / `StepFailed` on its loop. Nothing here reads or changes r
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from supervisor import jobs, swaps
 from supervisor.checkpoint import Checkpoint, CodeTree
 from supervisor.config import Config
+from supervisor.datacopy import fsync_dir, fsync_file
 from supervisor.errors import SwapguardError
 from supervisor.snapshot import DataSnapshot, SnapshotStore
 from supervisor.store import Store
@@ -45,7 +47,21 @@ class SwapWork:
 
     def take_snapshots(self, swap: swaps.Swap) -> dict[str, Any]:
         entries = [(entry.path, entry.kind) for entry in self.config.data]
-        return {"data": [snap.to_json() for snap in self.snapshots.take(swap.id, entries)]}
+        taken = self.snapshots.take(swap.id, entries)
+        return {
+            "data": [snap.to_json() for snap in taken],
+            "unsynced": any(snap.linked for snap in taken),
+        }
+
+    def sync_data(self, swap: swaps.Swap) -> None:
+        """fsync the working copies the new version writes to (and their folders' renames):
+        what a confirm makes permanent must be on disk. Costs what is still unflushed."""
+        for snap in _snapshots(swap):
+            if snap.linked:
+                target = Path(snap.path)
+                fsync_file(target)  # gone or replaced by the new version: its own business
+                if target.parent.is_dir():
+                    fsync_dir(target.parent)
 
     def build(self, phase: swaps.Step | None) -> None:
         result = jobs.run_job(

@@ -159,7 +159,9 @@ def test_take_captures_pending_wal_frames(store: SnapshotStore, data: Path) -> N
     [snap] = store.take(SWAP, [(db, "sqlite")])
 
     copy = store.root / SWAP / "0"
-    assert snap == DataSnapshot(str(db), "sqlite", True, copy.stat().st_size, snap.sha256)
+    assert snap == DataSnapshot(
+        str(db), "sqlite", True, copy.stat().st_size, snap.sha256, linked=True
+    )
     assert snap.sha256 == hashlib.sha256(copy.read_bytes()).hexdigest()
     assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
     assert sidecars(copy) == []
@@ -261,6 +263,82 @@ def test_a_crash_mid_take_leaves_only_what_retry_and_prune_clean(
     assert run_child(lambda: crash.take("other", entries)) == -signal.SIGKILL
     store.prune([SWAP])
     assert sorted(os.listdir(store.root)) == [SWAP]
+
+
+def test_a_take_keeps_the_original_file_and_gives_the_live_path_a_working_copy(
+    store: SnapshotStore, data: Path
+) -> None:
+    """The snapshot is the original inode (durable without a copy); the new version gets a
+    copy with the same bytes, mode and times, in the live path."""
+    db, notes = data / "app.db", data / "notes.txt"
+    writer(db, BASE)
+    notes.write_text("notes")
+    notes.chmod(0o640)
+    before = {path: os.lstat(path) for path in (db, notes)}
+    snaps = store.take(SWAP, [(db, "sqlite"), (notes, "file")])
+    assert [snap.linked for snap in snaps] == [True, True]
+    for index, path in enumerate((db, notes)):
+        snapshot, live = os.lstat(store.root / SWAP / str(index)), os.lstat(path)
+        assert snapshot.st_ino == before[path].st_ino != live.st_ino
+        assert (live.st_mode, live.st_mtime_ns) == (snapshot.st_mode, snapshot.st_mtime_ns)
+        assert file_digest(path) == (snaps[index].bytes, snaps[index].sha256)
+    assert dump(db) == rows(BASE)
+    assert not [name for name in os.listdir(data) if "swapguard-take" in name]
+
+
+def test_a_crash_before_the_working_copies_are_in_place_is_made_good(
+    store: SnapshotStore, data: Path
+) -> None:
+    """Killed after the snapshot is durable: taking again makes the working copies (even over
+    a live file a power cut tore or lost), and a rollback instead restores from the store."""
+    db, notes = data / "app.db", data / "notes.txt"
+    writer(db, BASE)
+    notes.write_text("notes")
+    entries = [(db, "sqlite"), (notes, "file")]
+    crash = crashing(store, before="swap_in_copies")
+    assert run_child(lambda: crash.take(SWAP, entries)) == -signal.SIGKILL
+    assert os.path.lexists(store.root / SWAP / "manifest.json")
+    notes.unlink()  # as if cut between the unlink and the rename
+
+    store.take(SWAP, entries)
+    assert dump(db) == rows(BASE) and notes.read_text() == "notes"
+    assert os.lstat(db).st_ino != os.lstat(store.root / SWAP / "0").st_ino
+    assert not [name for name in os.listdir(data) if "swapguard-take" in name]
+
+    assert run_child(lambda: crash.take("other", entries)) == -signal.SIGKILL
+    store.restore("other", [])  # the runtime never heard of that take's result
+    assert dump(db) == rows(BASE) and notes.read_text() == "notes"
+    assert not [name for name in os.listdir(data) if "swapguard" in name or "rolled-back" in name]
+    with pytest.raises(SnapshotError, match="a restore has begun"):
+        store.take("other", entries)
+
+
+def test_a_restore_before_any_take_bars_a_late_one(store: SnapshotStore, data: Path) -> None:
+    """A rollback whose restore ran before the take it raced: the take must not swap the live
+    file under the old version afterwards."""
+    notes = data / "notes.txt"
+    notes.write_text("notes")
+    inode = os.lstat(notes).st_ino
+    store.restore(SWAP, [])
+    with pytest.raises(SnapshotError, match="a restore has begun"):
+        store.take(SWAP, [(notes, "file")])
+    assert os.lstat(notes).st_ino == inode and notes.read_text() == "notes"
+    store.prune([])
+    assert os.listdir(store.root) == []
+
+
+def test_a_take_across_file_systems_makes_a_durable_copy(tmp_path: Path, data: Path) -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        if os.stat(other).st_dev == data.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        store = SnapshotStore(Path(other) / "snapshots")
+        notes = data / "notes.txt"
+        notes.write_text("notes")
+        inode = os.lstat(notes).st_ino
+        [snap] = store.take(SWAP, [(notes, "file")])
+        assert not snap.linked and os.lstat(notes).st_ino == inode
 
 
 def test_copy_hashed_across_file_systems_falls_back_and_hashes_what_it_wrote(data: Path) -> None:
@@ -847,14 +925,20 @@ def test_prune_keeps_what_it_is_told_and_never_follows_links(
     assert store.total_bytes() == held / 2
 
 
-def test_retaking_a_swap_replaces_its_snapshot(store: SnapshotStore, data: Path) -> None:
+def test_taking_a_swap_again_keeps_its_snapshot_and_remakes_the_working_copy(
+    store: SnapshotStore, data: Path
+) -> None:
+    """Only a resumed SNAPSHOT step takes again, with the host stopped since: the live file can
+    differ only by a power cut tearing the working copy, which is made again from the snapshot."""
     notes = data / "notes.txt"
     notes.write_text("first")
-    store.take(SWAP, [(notes, "file")])
-    notes.write_text("second")
+    [first] = store.take(SWAP, [(notes, "file")])
+    notes.write_text("torn")
     [snap] = store.take(SWAP, [(notes, "file")])
-    assert snap.sha256 == hashlib.sha256(b"second").hexdigest()
+    assert snap == first and snap.sha256 == hashlib.sha256(b"first").hexdigest()
+    assert notes.read_text() == "first"
     assert sorted(os.listdir(store.root)) == [SWAP]
+    assert sorted(os.listdir(data)) == ["notes.txt"]  # no working copy left behind
 
 
 def test_restore_refuses_records_the_store_does_not_hold(store: SnapshotStore, data: Path) -> None:

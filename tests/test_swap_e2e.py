@@ -244,6 +244,32 @@ def test_confirm_keeps_the_new_version(repo: Path) -> None:
         assert sup.status()["swap"] is None
 
 
+def test_the_new_version_works_on_a_copy_and_the_original_file_comes_back(repo: Path) -> None:
+    """The snapshot is the database file itself (no durable copy in the downtime); a confirm at
+    once waits for the new version's copy to be on disk; a rollback puts the original back."""
+    with supervised(repo) as sup:
+        start_v1(sup)
+        db = repo / "data" / "app.db"
+        original = db.stat().st_ino
+        first, _, _ = prepare_and_activate(sup, {"version": "v2"})
+        wait_for(lambda: sup.client.swap(first)["step"] is None, what="v2 to be spawned")
+        assert (sup.state / "snapshots" / first / "0").stat().st_ino == original
+        assert db.stat().st_ino != original
+        assert sup.client.confirm(first)["state"] == "confirmed"
+        copy = db.stat().st_ino
+
+        before_tree = tree_state(repo)
+        second = sup.client.prepare("to v3")["id"]
+        write_app(repo, {"version": "v3"})
+        sup.client.activate(second)
+        wait_for(lambda: sup.client.swap(second)["step"] is None, what="v3 to be spawned")
+        assert (sup.state / "snapshots" / second / "0").stat().st_ino == copy
+        sup.client.rollback(second)
+        sup.wait_swap(second, "rolled_back", timeout=40)
+        assert db.stat().st_ino == copy and tree_state(repo) == before_tree
+        assert "migrated_v2" in db_dump(db) and "migrated_v3" not in db_dump(db)
+
+
 def test_confirm_and_rollback_race_exactly_one_wins(repo: Path) -> None:
     with supervised(repo) as sup:
         sup.start()

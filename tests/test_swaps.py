@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from supervisor.swaps import (
     ActivateRequested,
     CancelJobs,
     ConfirmRequested,
+    DataSynced,
     Emit,
     Event,
     ExtendRequested,
@@ -45,6 +47,7 @@ from supervisor.swaps import (
     StopHost,
     Swap,
     SwapState,
+    SyncData,
     TakeSnapshots,
     Tick,
     mermaid,
@@ -335,7 +338,8 @@ def test_the_hard_cap_holds_at_every_activation_step(stuck_at: Step) -> None:
 
 @pytest.mark.parametrize(
     ("failing", "reason", "restores_data"),
-    [(Step.BUILD_NEW, "build_failed", True), (Step.SNAPSHOT, "activation_failed", False),
+    # A failed take may have put working copies in place already: its rollback restores data.
+    [(Step.BUILD_NEW, "build_failed", True), (Step.SNAPSHOT, "activation_failed", True),
      (Step.STOP_OLD, "activation_failed", False)],
 )  # fmt: skip
 def test_a_failed_activation_step_rolls_back(
@@ -566,7 +570,9 @@ RESUMED = {
 
 
 def expected_resume_action(swap: Swap) -> list[Action]:
-    """Written out independently of the machine's own step -> action map."""
+    """Written out independently of the machine's own step -> action map (same boot)."""
+    if swap.state is S.PROBATION and swap.step is None and swap.data_unsynced:
+        return [SyncData()]
     if swap.state not in (S.PREPARED, S.PROBATION, S.ROLLING_BACK) or swap.step is None:
         return []
     if swap.step is Step.SPAWN_NEW:
@@ -661,6 +667,53 @@ def test_records_round_trip_and_bad_records_are_named() -> None:
             Swap.from_json(broken)
     with pytest.raises(ValueError, match="impossible in state"):
         Swap.from_json(stored | {"state": "probation"})
+
+
+def unsynced(pol: Policy, until: Step | None = None) -> tuple[Swap, list[Action]]:
+    """A take that left working copies not yet on disk, walked on to `until` (None: running)."""
+    swap = activating(pol, Step.SNAPSHOT)
+    result = {"data": [RECORD], "unsynced": True}
+    swap, actions = step(swap, StepDone(now=at(ACTIVATED), step=Step.SNAPSHOT, result=result), pol)
+    while swap.step is not until:
+        swap, actions = complete(swap, pol, at(ACTIVATED))
+    assert swap.data_unsynced
+    return swap, actions
+
+
+def test_a_new_version_on_unsynced_data_copies_is_confirmed_once_they_are_on_disk() -> None:
+    pol = policy(auto_confirm_after=15.0, has_health_check=False)
+    swap, actions = unsynced(pol)
+    assert SyncData() in actions
+    swap, _ = step(swap, HostReady(now=at(11)), pol)
+    with pytest.raises(Conflict, match="not on disk yet"):
+        step(swap, ConfirmRequested(now=at(12)), pol)
+    assert next_wakeup(swap, pol) == swap.deadline, "no auto confirm is due yet"
+    assert step(swap, Tick(now=at(30)), pol)[0].state is S.PROBATION
+    swap, actions = step(swap, DataSynced(now=at(31)), pol)
+    assert not swap.data_unsynced and actions == []
+    swap, actions = step(swap, Tick(now=at(31)), pol)
+    assert swap.state is S.CONFIRMED and emitted(actions)["swap.confirmed"] == {"by": "auto"}
+
+
+def test_data_copies_that_cannot_be_synced_roll_back() -> None:
+    pol = policy()
+    swap, _ = unsynced(pol)
+    swap, actions = step(swap, DataSynced(now=at(12), error="EIO"), pol)
+    assert (swap.state, swap.reason) == (S.ROLLING_BACK, "activation_failed")
+    assert swap.last_error == "EIO" and kinds(actions) == ROLLBACK_ACTIONS
+
+
+@pytest.mark.parametrize("until", [None, Step.BUILD_NEW, Step.SPAWN_NEW])
+def test_a_restart_owes_the_sync_and_a_reboot_rolls_back(until: Step | None) -> None:
+    """After a power cut the working copies may be torn: the new version must not go on."""
+    pol = policy()
+    swap, _ = unsynced(pol, until)
+    if until is None:
+        assert resume(swap, pol, at(20)) == (swap, [SyncData()])
+    rebooted = Instant(wall=T0.wall + 20, boot=5.0, boot_id="boot-b")
+    after, actions = resume(swap, pol, rebooted)
+    assert (after.state, after.reason) == (S.ROLLING_BACK, "activation_failed")
+    assert "restarted" in str(after.last_error) and kinds(actions) == ROLLBACK_ACTIONS
 
 
 def test_instants_from_another_boot_compare_by_wall_clock() -> None:
@@ -789,11 +842,16 @@ class SwapWalk(RuleBasedStateMachine):
         self.feed(Tick(now=self.now))
 
     @precondition(lambda self: self.swap.step is not None)
-    @rule()
-    def current_step_works(self) -> None:
+    @rule(unsynced=st.booleans())
+    def current_step_works(self, unsynced: bool = False) -> None:
         assert self.swap.step is not None
-        result = {"data": [RECORD]} if self.swap.step is Step.SNAPSHOT else None
+        snapshot = self.swap.step is Step.SNAPSHOT
+        result = {"data": [RECORD], "unsynced": unsynced} if snapshot else None
         self.feed(StepDone(now=self.now, step=self.swap.step, result=result))
+
+    @rule(ok=st.booleans())
+    def data_synced(self, ok: bool) -> None:
+        self.feed(DataSynced(now=self.now, error=None if ok else "EIO"))
 
     @precondition(lambda self: self.swap.step is not None)
     @rule()
@@ -852,6 +910,10 @@ class SwapWalk(RuleBasedStateMachine):
             assert self.swap.deadline.seconds_until(self.swap.hard_cap) <= 1e-9
 
     @invariant()
+    def nothing_confirmed_before_its_data_is_on_disk(self) -> None:  # (9)
+        assert not (self.swap.state is S.CONFIRMED and self.swap.data_unsynced)
+
+    @invariant()
     def record_round_trips(self) -> None:  # (5)
         assert Swap.from_json(json.loads(json.dumps(self.swap.to_json()))) == self.swap
 
@@ -887,3 +949,8 @@ def test_an_extension_that_moves_the_deadline_by_less_than_a_second_changes_noth
     assert again == first and actions == []
     later, actions = swaps.step(first, swaps.ExtendRequested(now=t0.plus(7)), policy)
     assert later.deadline == t0.plus(67) and actions
+
+
+def test_the_readme_shows_the_diagram_of_this_table() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"```mermaid\n{mermaid()}```" in readme, "paste swaps.mermaid() into the README"
