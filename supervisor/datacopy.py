@@ -88,11 +88,10 @@ def _copy(source: Path, dest: Path, *, hashed: bool) -> tuple[int, str] | None:
     return digest
 
 
-def working_copy(snapshot: Path, dest: Path) -> tuple[int, str]:
+def working_copy(snapshot: Path, dest: Path) -> int:
     """Copy a snapshot that is the original file itself (hard-linked) for the new version to
-    work on, and the snapshot's size and sha256. The snapshot is fsynced (costing only what the
-    host left unflushed) and hashed on a second thread while the kernel copies; the copy is not
-    fsynced: until SyncData has, a crash of the machine rolls back to the snapshot."""
+    work on; the bytes copied. The snapshot is fsynced (costing only what the host left
+    unflushed); the copy is not: until SyncData has, a crash of the machine rolls back."""
     with (
         open(os.open(snapshot, READ_FLAGS), "rb") as src,
         open(os.open(dest, CREATE_FLAGS, 0o600), "wb") as dst,
@@ -100,23 +99,17 @@ def working_copy(snapshot: Path, dest: Path) -> tuple[int, str]:
         before = os.fstat(src.fileno())
         if not stat.S_ISREG(before.st_mode):
             raise SnapshotError(f"{snapshot} is not a regular file")
-        hasher = _DigestBeside(src.fileno(), before.st_size)
-        try:
-            os.fsync(src.fileno())
-            copied = _clone_or_copy(src.fileno(), dst.fileno())
-            _chown(dst.fileno(), before.st_uid, before.st_gid)
-            os.fchmod(dst.fileno(), stat.S_IMODE(before.st_mode))
-            os.utime(dst.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
-        except BaseException:
-            hasher.abandon()
-            raise
-        digest = hasher.result()
+        os.fsync(src.fileno())
+        copied = _clone_or_copy(src.fileno(), dst.fileno())
+        _chown(dst.fileno(), before.st_uid, before.st_gid)
+        os.fchmod(dst.fileno(), stat.S_IMODE(before.st_mode))
+        os.utime(dst.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
         after, size = os.fstat(src.fileno()), os.fstat(dst.fileno()).st_size
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise SnapshotError(f"{snapshot} changed while it was copied: is a writer still running?")
-    if copied != before.st_size or size != before.st_size or digest[0] != size:
+    if copied != before.st_size or size != before.st_size:
         raise SnapshotError(f"the copy {dest} has {size} bytes, its source {before.st_size}")
-    return digest
+    return size
 
 
 def fsync_file(path: Path) -> bool:

@@ -4,8 +4,9 @@
   durable snapshot needs. SQLite is checkpointed first (WAL folded in, hot journal rolled back),
   so the main file alone is the database. A file's snapshot is the original file itself,
   hard-linked into a staging folder (durable at once: only what the host left unflushed is
-  fsynced), hashed while the kernel copies it to a working copy; once the staging folder is
-  renamed into place, the working copy replaces the live file (`linked` records). The new version
+  fsynced), and the kernel copies it to a working copy; once the staging folder is renamed into
+  place, the working copy replaces the live file (`linked` records, which carry no digest: the
+  snapshot is the file that was live, not a copy to check against it). The new version
   thus writes to a copy that is not yet on disk: the swap machine orders SyncData once it runs and
   confirms nothing before. Across file systems, and for folders, the snapshot is a durable copy
   instead. A crash before the rename leaves only the staging folder (and working copies), which
@@ -89,7 +90,7 @@ class DataSnapshot:
     kind: str  # "sqlite" | "file" | "dir"
     existed: bool  # False: rollback moves aside whatever the new version created there
     bytes: int  # of the snapshot (dir: of all its files); 0 when not existed
-    sha256: str  # of the snapshot (dir: tree_digest); "" when not existed
+    sha256: str  # of the snapshot (dir: tree_digest); "" when not existed, or linked
     verified: bool | None = None  # verify()'s verdict once the runtime records it; None: not yet
     linked: bool = False  # the snapshot is the original file; the live path holds a working copy
 
@@ -121,8 +122,10 @@ def _snapshot_problem(snap: DataSnapshot) -> str | None:
         return f"existed must be a bool, bytes an int >= 0; got {snap.existed!r}, {snap.bytes!r}"
     if not isinstance(snap.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}|", snap.sha256):
         return f"sha256 must be 64 lowercase hex digits or empty; got {snap.sha256!r}"
-    if snap.existed != bool(snap.sha256) or (not snap.existed and snap.bytes):
-        return "sha256 is set exactly when the target existed, and bytes is 0 when it did not"
+    if bool(snap.sha256) != (snap.existed and not snap.linked):
+        return "sha256 is set exactly when the target existed and was copied (not linked)"
+    if not snap.existed and snap.bytes:
+        return "bytes is 0 when the target did not exist"
     if snap.verified is not None and not isinstance(snap.verified, bool):
         return f"verified must be a bool or absent; got {snap.verified!r}"
     only_files = not snap.linked or (snap.existed and snap.kind != "dir")
@@ -232,8 +235,8 @@ class SnapshotStore:
             if snap.linked:
                 working = Path(_working_name(snap.path, swap_id))
                 remove_path(working)
-                if working_copy(final / str(index), working)[1] != snap.sha256:
-                    raise SnapshotError(f"the snapshot of {snap.path} no longer matches its hash")
+                if working_copy(final / str(index), working) != snap.bytes:
+                    raise SnapshotError(f"the snapshot of {snap.path} is no longer its size")
         return records
 
     def _check_entries(self, entries: Sequence[tuple[Path, str]]) -> list[tuple[Path, str]]:
@@ -272,7 +275,7 @@ class SnapshotStore:
         linked = _link(target, dest)
         if linked:
             remove_path(working)
-            size, digest = working_copy(dest, working)
+            size, digest = working_copy(dest, working), ""
         else:
             size, digest = copy_file_hashed(target, dest)  # fsynced, and sized as the source
         if kind == "sqlite":
@@ -443,7 +446,7 @@ class SnapshotStore:
             size, digest = entry["bytes"] if kind == "dir" else staged.lstat().st_size, None
         if kind == "sqlite":
             verify_sqlite_copy(staged, entry["bytes"])
-        if size != entry["bytes"] or digest not in (None, entry["sha256"]):
+        if size != entry["bytes"] or digest not in (None, entry["sha256"] or digest):
             raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
         fsync_dir(staged.parent)
 
