@@ -270,6 +270,55 @@ def test_the_new_version_works_on_a_copy_and_the_original_file_comes_back(repo: 
         assert "migrated_v2" in db_dump(db) and "migrated_v3" not in db_dump(db)
 
 
+def power_cut(sup: Supervisor, *, data_on_disk: bool) -> None:
+    """Everything dies at once, and the next start is in another boot: swapguard and the host by
+    SIGKILL; every moment in the store moves to a boot id that is not this one; the new version's
+    copy of the database is torn unless it was on disk."""
+    host_pid = sup.status()["host"]["pid"]
+    sup.kill9()
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(host_pid).kill()
+    wait_for(lambda: not psutil.pid_exists(host_pid), what="the host to die")
+    with contextlib.closing(sqlite3.connect(sup.state / "state.db", isolation_level=None)) as con:
+        boot = con.execute("SELECT boot_id FROM host_run LIMIT 1").fetchone()[0]
+        for table, column in (("swap", "record"), ("host_run", "boot_id")):
+            con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, 'a-boot-before')",
+                        (boot,))
+        if not data_on_disk:
+            (record,) = con.execute("SELECT record FROM swap WHERE state = 'probation'").fetchone()
+            record = json.loads(record) | {"data_unsynced": True}
+            con.execute("UPDATE swap SET record = ? WHERE state = 'probation'",
+                        (json.dumps(record),))
+            db = sup.repo / "data" / "app.db"
+            os.truncate(db, db.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("data_on_disk", [False, True], ids=["torn", "synced"])
+def test_a_power_cut_on_probation_rolls_back_only_if_the_data_copy_was_not_on_disk(
+    repo: Path, data_on_disk: bool
+) -> None:
+    with supervised(repo) as sup:
+        before_tree, _ = start_v1(sup)
+        before_db = _db_before(sup)
+        swap_id, _, _ = prepare_and_activate(sup, {"version": "v2"})
+        wait_for(lambda: sup.client.swap(swap_id)["step"] is None, what="v2 to be spawned")
+        power_cut(sup, data_on_disk=data_on_disk)
+        sup.start(wait_ready=False)
+        if data_on_disk:  # the new version goes on, its deadline by the wall clock
+            sup.wait_host(ready=True)
+            assert sup.client.confirm(swap_id)["state"] == "confirmed"
+            assert "migrated_v2" in db_dump(repo / "data" / "app.db")
+            return
+        doc = sup.wait_swap(swap_id, "rolled_back", timeout=40)
+        assert doc["reason"] == "activation_failed" and tree_state(repo) == before_tree
+        started = [e for e in doc["events"] if e["event"] == "swap.rollback_started"]
+        assert "machine restarted" in started[-1]["detail"]["error"]
+        sup.wait_host(ready=True)
+        after = db_dump(repo / "data" / "app.db")  # the torn copy is kept aside, not restored
+        assert after["starts"][: len(before_db["starts"])] == before_db["starts"]
+        assert "migrated_v2" not in after
+
+
 def test_confirm_and_rollback_race_exactly_one_wins(repo: Path) -> None:
     with supervised(repo) as sup:
         sup.start()
