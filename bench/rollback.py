@@ -163,8 +163,8 @@ def swap_instance(folder: Path, mib: int) -> tuple[SwapguardSetup, Path]:
 @dataclass(frozen=True, slots=True)
 class CopyTimes:
     copy_s: float  # plain shutil.copyfile: lands in the page cache
-    copy_fsync_s: float  # the same copy made durable (fsync), as a snapshot must be
-    take_s: float  # SnapshotStore.take: checkpoint, copy, fsync, integrity check, sha256
+    copy_fsync_s: float  # the same copy made durable (fsync): a snapshot across file systems
+    take_s: float  # SnapshotStore.take: checkpoint, original linked aside, copy for the host
 
 
 def copy_and_snapshot_s(database: Path, folder: Path, rounds: int = 2) -> CopyTimes:
