@@ -183,9 +183,14 @@ class SnapshotStore:
                 records = self._take_all(final, swap_id, targets)
             self._before_step("swap_in_copies")
             for index, snap in enumerate(records):
-                if snap.linked:
-                    original = None if again else final / str(index)
+                if not snap.linked:
+                    continue
+                original = None if again else final / str(index)
+                try:
                     _swap_in_working_copy(Path(snap.path), swap_id, original)
+                except OSError as exc:  # the snapshot is safe: a rollback restores from it
+                    why = f"putting its working copy in place: {_why(exc)}"
+                    raise SnapshotError(f"data entry {snap.path}: {why}") from exc
         size, elapsed = sum(s.bytes for s in records), time.monotonic() - started
         log.info(
             "took %d snapshots of swap %s, %d bytes, %.2fs", len(records), swap_id, size, elapsed
