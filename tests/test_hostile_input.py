@@ -480,7 +480,7 @@ def test_random_requests_get_the_predicted_error_and_change_nothing(repo: Path) 
             assert observe(sup) == baseline
 
         attack()
-        assert posts > 20
+        assert posts >= 5, f"only {posts} writes among the random requests"  # ~28 on average
 
 
 def test_peer_without_write_rights_gets_403_on_every_write(repo: Path) -> None:
