@@ -55,7 +55,7 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
 def status(runtime: Runtime) -> dict[str, Any]:
     """The contract's GET /v1/status document (stable fields first; more may be added)."""
     boot_now, wall_now = clock.boot_clock(), time.time()
-    code_version = runtime.code_version
+    code_version = runtime.drift_guard.code_version
     swap = runtime.swap.view(clock.now()) if runtime.swap is not None else None
     return {
         "supervisor": {
@@ -71,8 +71,8 @@ def status(runtime: Runtime) -> dict[str, Any]:
         "swap": swap,
         "code": {
             "root": str(runtime.config.code.root),
-            "head": runtime.head,
-            "drift": runtime.drift,
+            "head": runtime.drift_guard.head,
+            "drift": runtime.drift_guard.drifted,
         },
     }
 
@@ -165,7 +165,7 @@ def metrics(runtime: Runtime) -> str:
         "swapguard_code_drift",
         "gauge",
         "1 when the code tree changed undeclared.",
-        int(runtime.drift),
+        int(runtime.drift_guard.drifted),
     )
     _line(
         out,
