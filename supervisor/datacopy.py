@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from supervisor.errors import SnapshotError
@@ -31,6 +33,7 @@ from supervisor.errors import SnapshotError
 log = logging.getLogger(__name__)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -345,3 +348,35 @@ def _chown(target: int | str | Path, uid: int, gid: int) -> None:
     """Keep ownership where we may (as root); an unprivileged run keeps its own."""
     with contextlib.suppress(PermissionError):
         os.chown(target, uid, gid, follow_symlinks=isinstance(target, int))  # never via a link
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Durably: a temp file in the same folder, fsync, rename, fsync the folder."""
+    temp = path.with_name(f".{path.name}.tmp")
+    remove_path(temp)
+    with open(os.open(temp, CREATE_FLAGS, 0o600), "w", encoding="utf-8") as handle:
+        json.dump(data, handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def read_entries_json(path: Path) -> dict[str, Any]:
+    """A snapshot manifest or restore journal: a JSON object with an `entries` list."""
+    try:
+        with open(os.open(path, READ_FLAGS), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path} is unreadable or corrupt: {explain(exc)}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise SnapshotError(f"{path} is corrupt: it lists no entries")
+    return data
+
+
+def explain(exc: BaseException) -> str:
+    """An error as an operator reads it: ENOSPC names the disk, a SnapshotError its message."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" ({exc.filename})" if exc.filename else ""  # copy_file_range names no file
+        return f"no space left on device{where}"
+    return exc.message if isinstance(exc, SnapshotError) else str(exc) or type(exc).__name__

@@ -22,16 +22,15 @@
 - Probation-time data is kept as "<path>.rolled-back-<swap id>" (SQLite: sidecars renamed alongside,
   then checkpointed into one file). No symlink is followed: targets are renamed, never opened
   through a link; trees are removed by rmtree's fd-based walk; a folder that now resolves
-  elsewhere is refused.
+  elsewhere is refused. The restore's steps themselves are `supervisor.restoresteps`.
 - The copying, hashing and SQLite checks themselves are `supervisor.datacopy` (`file_digest`,
-  `tree_digest` and `SQLITE_MAGIC` are re-exported here).
+  `tree_digest`, `SQLITE_MAGIC` and `SQLITE_SIDECARS` are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import re
@@ -45,30 +44,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from supervisor import restoresteps
+from supervisor.datacopy import SQLITE_MAGIC as SQLITE_MAGIC  # re-exported, unused here
 from supervisor.datacopy import (
-    CREATE_FLAGS,
-    READ_FLAGS,
+    SQLITE_SIDECARS,
     StopSignal,
     connect_sqlite,
     copy_file,
     copy_file_hashed,
     copy_tree,
-    file_digest,
+    explain,
     fsync_dir,
+    read_entries_json,
     remove_path,
     sqlite_verdict,
     tree_digest,
     verify_sqlite_copy,
     working_copy,
+    write_json,
 )
-from supervisor.datacopy import SQLITE_MAGIC as SQLITE_MAGIC  # re-exported, unused here
+from supervisor.datacopy import file_digest as file_digest  # re-exported, unused here
 from supervisor.errors import SnapshotError
+from supervisor.restoresteps import ENTRY_STEPS
 
 log = logging.getLogger(__name__)
 
 KINDS = ("sqlite", "file", "dir")
-SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
-ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
 RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
 TAKE_STEPS = ("take_entry", "commit_take", "swap_in_copies")
 VERIFY_STEPS = ("verify_entry",)
@@ -77,7 +78,7 @@ Json = dict[str, Any]
 Verdict = tuple[str, bool, str]  # verify(): (path, ok, detail)
 _FIELDS = ("path", "kind", "existed", "bytes", "sha256")
 _SWAP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_MANIFEST, _JOURNAL = "manifest.json", "restore.json"
+_MANIFEST, _JOURNAL = "manifest.json", restoresteps.JOURNAL
 _STAGING, _REPLACED = ".taking-", ".replaced-"
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EACCES)
 
@@ -160,7 +161,7 @@ class SnapshotStore:
 
     def _record(self, journal_path: Path, journal: Json) -> None:
         """Make the restore journal durable; a crash before this repeats the step just done."""
-        _write_json(journal_path, journal)
+        write_json(journal_path, journal)
 
     # --- take --------------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class SnapshotStore:
                 try:
                     _swap_in_working_copy(Path(snap.path), swap_id, original)
                 except OSError as exc:  # the snapshot is safe: a rollback restores from it
-                    why = f"putting its working copy in place: {_why(exc)}"
+                    why = f"putting its working copy in place: {explain(exc)}"
                     raise SnapshotError(f"data entry {snap.path}: {why}") from exc
         size, elapsed = sum(s.bytes for s in records), time.monotonic() - started
         log.info(
@@ -211,10 +212,10 @@ class SnapshotStore:
                 try:
                     records.append(self._take_one(staging / str(index), target, kind, working))
                 except (OSError, sqlite3.Error, SnapshotError) as exc:
-                    raise SnapshotError(f"data entry {target} ({kind}): {_why(exc)}") from exc
+                    raise SnapshotError(f"data entry {target} ({kind}): {explain(exc)}") from exc
             self._before_step("commit_take")
             listed = [{"index": i, **snap.to_json()} for i, snap in enumerate(records)]
-            _write_json(staging / _MANIFEST, {"swap_id": swap_id, "entries": listed})
+            write_json(staging / _MANIFEST, {"swap_id": swap_id, "entries": listed})
             self._commit_staging(staging, final)
         except BaseException:
             with contextlib.suppress(OSError):  # else the next take or prune removes it
@@ -228,7 +229,7 @@ class SnapshotStore:
         self, final: Path, swap_id: str, targets: list[tuple[Path, str]]
     ) -> list[DataSnapshot]:
         """The finished take of this swap, with fresh working copies made from its snapshots."""
-        entries = _read_json(final / _MANIFEST)["entries"]
+        entries = read_entries_json(final / _MANIFEST)["entries"]
         records = [DataSnapshot.from_json(entry) for entry in entries]
         if [(Path(r.path), r.kind) for r in records] != targets:
             raise SnapshotError(
@@ -343,14 +344,14 @@ class SnapshotStore:
             if not os.path.lexists(swap_dir / _MANIFEST):
                 raise SnapshotError(f"swap {swap_id}: no snapshot in {self.root} (pruned?)")
             if os.path.lexists(journal_path):
-                journal = _read_json(journal_path)
+                journal = read_entries_json(journal_path)
                 _match(swap_id, journal, snapshots)
                 if [e["path"] for e in journal["entries"]] != [s.path for s in snapshots]:
                     raise SnapshotError(f"swap {swap_id}: a restore of other entries is under way")
             else:
                 self._before_step("write_intent")
-                manifest = _read_json(swap_dir / _MANIFEST)
-                journal = _plan(swap_id, _match(swap_id, manifest, snapshots))
+                manifest = read_entries_json(swap_dir / _MANIFEST)
+                journal = restoresteps.plan(swap_id, _match(swap_id, manifest, snapshots))
                 self._record(journal_path, journal)
             if not journal["finished"]:
                 self._run_entries(swap_dir, journal_path, journal)
@@ -368,7 +369,7 @@ class SnapshotStore:
         """The records of a take nobody heard of; none (and a barrier to later takes) if none."""
         swap_dir = self.root / swap_id
         if os.path.lexists(swap_dir / _MANIFEST):
-            entries = _read_json(swap_dir / _MANIFEST)["entries"]
+            entries = read_entries_json(swap_dir / _MANIFEST)["entries"]
             for entry in entries:  # a take cut short may have left its working copies
                 remove_path(Path(_working_name(entry["path"], swap_id)))
             return [DataSnapshot.from_json(entry) for entry in entries]
@@ -388,102 +389,20 @@ class SnapshotStore:
                     continue
                 self._before_step(step)
                 try:
-                    getattr(self, f"_{step}")(swap_dir, entry)
+                    restoresteps.run_step(step, swap_dir, entry, self._place_file)
                 except (OSError, sqlite3.Error, SnapshotError) as exc:
                     where = f"data entry {entry['path']} ({entry['kind']}), step {step}"
-                    raise SnapshotError(f"{where}: {_why(exc)}") from exc
+                    raise SnapshotError(f"{where}: {explain(exc)}") from exc
                 journal["done"].append(key)
                 self._record(journal_path, journal)
 
-    @staticmethod
-    def _set_aside(swap_dir: Path, entry: Json) -> None:
-        """Rename whatever is at the target now (SQLite: with its sidecars) to the kept name."""
-        target, kept = entry["path"], entry["kept"]
-        _check_folder(target)
-        if entry["existed"] and _same_file(target, swap_dir / str(entry["index"])):
-            os.unlink(target)  # still the snapshot itself (a take cut short): nothing to keep
-            return
-        suffixes = ("", *SQLITE_SIDECARS) if entry["kind"] == "sqlite" else ("",)
-        moved = [suffix for suffix in suffixes if os.path.lexists(target + suffix)]
-        for suffix in moved:
-            os.rename(target + suffix, kept + suffix)
-        if moved:
-            fsync_dir(Path(os.path.dirname(target)))
-            log.info("kept the probation-time %s as %s", target, kept)
-
-    @staticmethod
-    def _settle_kept(swap_dir: Path, entry: Json) -> None:
-        """Fold the kept SQLite copy's WAL or hot journal into it: one readable file."""
-        kept = entry["kept"]
-        if entry["kind"] != "sqlite" or not os.path.lexists(kept):
-            return
-        names = [kept] + [kept + s for s in SQLITE_SIDECARS if os.path.lexists(kept + s)]
-        if len(names) == 1 or not all(stat.S_ISREG(os.lstat(name).st_mode) for name in names):
-            return  # one file already; or a symlink SQLite would follow: leave it untouched
-        try:
-            with contextlib.closing(connect_sqlite(Path(kept), "mode=rw", 1.0)) as con:
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        except sqlite3.Error as exc:
-            log.warning("kept copy %s stays as it was, sidecars and all: %s", kept, exc)
-
-    def _stage(self, swap_dir: Path, entry: Json) -> None:
-        """Link (across file systems: copy) the snapshot to a temp name in the target's folder."""
-        if not entry["existed"]:
-            return
-        target, kind = entry["path"], entry["kind"]
-        source, staged = swap_dir / str(entry["index"]), Path(_staged_name(target, swap_dir.name))
-        if not os.path.lexists(source):
-            raise SnapshotError(f"the snapshot data {source} is missing")
-        _check_folder(target)
-        if not staged.parent.is_dir():  # the new version deleted the folder
-            staged.parent.mkdir(parents=True)
-            fsync_dir(staged.parent.parent)
-        remove_path(staged)
-        copies_before = self.placements["copy"]
-        if kind == "dir":
-            copy_tree(source, staged, self._place_file)
-        else:
-            self._place_file(source, staged)
-        if self.placements["copy"] > copies_before:  # a copy is O(size) anyway: check it all
-            size, digest = tree_digest(staged) if kind == "dir" else file_digest(staged)
-        else:
-            size, digest = entry["bytes"] if kind == "dir" else staged.lstat().st_size, None
-        if kind == "sqlite":
-            verify_sqlite_copy(staged, entry["bytes"])
-        if size != entry["bytes"] or digest not in (None, entry["sha256"] or digest):
-            raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
-        fsync_dir(staged.parent)
-
-    def _place_file(self, source: Path, dest: Path) -> None:
-        try:
-            os.link(source, dest, follow_symlinks=False)
-            self.placements["link"] += 1
-        except OSError as exc:
-            if exc.errno not in _NO_LINK:
-                raise
+    def _place_file(self, source: Path, dest: Path) -> str:
+        """Link a snapshot file into the target's folder, or copy it across file systems."""
+        how = "link" if _link(source, dest) else "copy"
+        if how == "copy":
             copy_file(source, dest)
-            self.placements["copy"] += 1
-
-    def _swap_in(self, swap_dir: Path, entry: Json) -> None:
-        """Clear stale SQLite sidecars, then rename the staged copy over the target."""
-        target = entry["path"]
-        folder = Path(os.path.dirname(target))
-        _check_folder(target)
-        stale = [target + s for s in SQLITE_SIDECARS if os.path.lexists(target + s)]
-        for path in stale if entry["kind"] == "sqlite" else ():
-            remove_path(Path(path))
-            fsync_dir(folder)
-        if not entry["existed"]:
-            return
-        staged = _staged_name(target, swap_dir.name)
-        if not os.path.lexists(staged) and not os.path.lexists(target):
-            self._stage(swap_dir, entry)  # the staged copy went missing: make it again
-        if os.path.lexists(staged):
-            if entry["kind"] == "dir" and os.path.lexists(target):
-                raise SnapshotError("something reappeared at the target mid-restore")
-            os.replace(staged, target)
-            fsync_dir(folder)
+        self.placements[how] += 1
+        return how
 
     # --- verify ------------------------------------------------------------------------------
 
@@ -501,7 +420,7 @@ class SnapshotStore:
                 raise SnapshotError(f"swap {swap_id}: no snapshot in {self.root} (pruned?)")
             if os.path.lexists(swap_dir / _JOURNAL):
                 raise SnapshotError(f"swap {swap_id}: a restore has begun; nothing left to verify")
-            entries = _match(swap_id, _read_json(swap_dir / _MANIFEST), snapshots)
+            entries = _match(swap_id, read_entries_json(swap_dir / _MANIFEST), snapshots)
             with self._verifying_lock:
                 self._verifying.append((swap_id, stop))
         try:
@@ -543,7 +462,7 @@ class SnapshotStore:
                 path = self.root / item.name
                 if not item.name.startswith(".") and item.name in keep_ids:
                     continue
-                if _restore_unfinished(path):
+                if restoresteps.restore_unfinished(path):
                     log.warning("not pruning %s: its restore is unfinished", path)
                     continue
                 remove_path(path)
@@ -583,36 +502,6 @@ def _match(swap_id: str, recorded: Json, snapshots: Sequence[DataSnapshot]) -> l
     return [by_path[snap.path] for snap in snapshots]
 
 
-def _plan(swap_id: str, entries: list[Json]) -> Json:
-    """The journal: each entry with the free name its probation-time data will be kept under."""
-    planned = []
-    for entry in entries:
-        base = kept = f"{entry['path']}.rolled-back-{swap_id}"
-        counter = 0
-        while any(os.path.lexists(kept + suffix) for suffix in ("", *SQLITE_SIDECARS)):
-            counter += 1
-            kept = f"{base}.{counter}"
-        planned.append({**entry, "kept": kept})
-    return {"swap_id": swap_id, "entries": planned, "done": [], "finished": False}
-
-
-def _restore_unfinished(swap_dir: Path) -> bool:
-    journal = swap_dir / _JOURNAL
-    if swap_dir.is_symlink() or not swap_dir.is_dir() or not os.path.lexists(journal):
-        return False
-    try:
-        return not _read_json(journal).get("finished", False)
-    except SnapshotError:
-        return True
-
-
-def _same_file(path: str | Path, other: str | Path) -> bool:
-    try:
-        return os.path.samestat(os.lstat(path), os.lstat(other))
-    except FileNotFoundError:
-        return False
-
-
 def _working_name(target: str, swap_id: str) -> str:
     folder, name = os.path.split(target)
     return os.path.join(folder, f".{name}.swapguard-take-{swap_id}")
@@ -635,49 +524,13 @@ def _swap_in_working_copy(target: Path, swap_id: str, original: Path | None) -> 
     (auto_da_alloc), which is SyncData's job, off the downtime."""
     working = Path(_working_name(str(target), swap_id))
     if os.path.lexists(target):
-        if original is not None and not _same_file(target, original):
+        if original is not None and not restoresteps.same_file(target, original):
             raise SnapshotError(f"{target} changed during the take: is a writer still running?")
         os.unlink(target)
     os.rename(working, target)
 
 
-def _staged_name(target: str, swap_id: str) -> str:
-    folder, name = os.path.split(target)
-    return os.path.join(folder, f".{name}.swapguard-restore-{swap_id}")
-
-
-def _check_folder(target: str) -> None:
-    """Refuse a target whose folder now resolves elsewhere: a symlink planted to redirect us."""
-    folder = os.path.dirname(target)
-    real = os.path.realpath(folder)
-    if real != folder:
-        raise SnapshotError(f"its folder {folder} now resolves to {real}; not following it")
-
-
 # --- the journal and small checks ---------------------------------------------------------------
-
-
-def _write_json(path: Path, data: Json) -> None:
-    """Write a temp file in the same folder, fsync, rename, fsync the folder."""
-    temp = path.with_name(f".{path.name}.tmp")
-    remove_path(temp)
-    with open(os.open(temp, CREATE_FLAGS, 0o600), "w", encoding="utf-8") as handle:
-        json.dump(data, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
-
-
-def _read_json(path: Path) -> Json:
-    try:
-        with open(os.open(path, READ_FLAGS), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise SnapshotError(f"{path} is unreadable or corrupt: {_why(exc)}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-        raise SnapshotError(f"{path} is corrupt: it lists no entries")
-    return data
 
 
 def _within(path: str, root: str) -> bool:
@@ -689,8 +542,3 @@ def _check_swap_id(swap_id: str) -> None:
         raise SnapshotError(f"swap id {swap_id!r} is not a plain name ([A-Za-z0-9._-], max 128)")
 
 
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = f" ({exc.filename})" if exc.filename else ""  # copy_file_range names no file
-        return f"no space left on device{where}"
-    return exc.message if isinstance(exc, SnapshotError) else str(exc) or type(exc).__name__
