@@ -49,18 +49,26 @@ _NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 def copy_file(source: Path, dest: Path) -> None:
     """Clone where the file system can, else copy in the kernel; keep owner, mode and times."""
-    _copy(source, dest, hashed=False)
+    _copy(source, dest, hashed=False, sync=dest)
 
 
 def copy_file_hashed(source: Path, dest: Path) -> tuple[int, str]:
     """copy_file, and the size and sha256 of the copy as written. A second thread hashes it while
     the disk syncs it: fsync is I/O wait, so on two cores the hash costs next to no time."""
-    result = _copy(source, dest, hashed=True)
-    assert result is not None
-    return result
+    size, digest = _copy(source, dest, hashed=True, sync=dest)
+    assert digest is not None
+    return size, digest
 
 
-def _copy(source: Path, dest: Path, *, hashed: bool) -> tuple[int, str] | None:
+def working_copy(snapshot: Path, dest: Path) -> int:
+    """Copy a snapshot that is the original file itself (hard-linked) for the new version to
+    work on; the bytes copied. The snapshot is fsynced (costing only what the host left
+    unflushed); the copy is not: until SyncData has, a crash of the machine rolls back."""
+    return _copy(snapshot, dest, hashed=False, sync=snapshot)[0]
+
+
+def _copy(source: Path, dest: Path, *, hashed: bool, sync: Path) -> tuple[int, str | None]:
+    """(size, sha256 if `hashed`) of the copy; `sync` (source or dest) is fsynced."""
     with (
         open(os.open(source, READ_FLAGS), "rb") as src,
         open(os.open(dest, _CREATE_READABLE, 0o600), "r+b") as dst,
@@ -75,7 +83,7 @@ def _copy(source: Path, dest: Path, *, hashed: bool) -> tuple[int, str] | None:
             _chown(dst.fileno(), before.st_uid, before.st_gid)
             os.fchmod(dst.fileno(), stat.S_IMODE(before.st_mode))
             os.utime(dst.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
-            os.fsync(dst.fileno())
+            os.fsync((dst if sync == dest else src).fileno())
         except BaseException:
             if hasher is not None:
                 hasher.abandon()  # its thread is gone before the file is closed
@@ -88,31 +96,7 @@ def _copy(source: Path, dest: Path, *, hashed: bool) -> tuple[int, str] | None:
         raise SnapshotError(f"the copy {dest} has {size} bytes, its source {before.st_size}")
     if digest is not None and digest[0] != size:
         raise SnapshotError(f"hashed {digest[0]} bytes of the copy {dest}, which has {size}")
-    return digest
-
-
-def working_copy(snapshot: Path, dest: Path) -> int:
-    """Copy a snapshot that is the original file itself (hard-linked) for the new version to
-    work on; the bytes copied. The snapshot is fsynced (costing only what the host left
-    unflushed); the copy is not: until SyncData has, a crash of the machine rolls back."""
-    with (
-        open(os.open(snapshot, READ_FLAGS), "rb") as src,
-        open(os.open(dest, CREATE_FLAGS, 0o600), "wb") as dst,
-    ):
-        before = os.fstat(src.fileno())
-        if not stat.S_ISREG(before.st_mode):
-            raise SnapshotError(f"{snapshot} is not a regular file")
-        os.fsync(src.fileno())
-        copied = _clone_or_copy(src.fileno(), dst.fileno())
-        _chown(dst.fileno(), before.st_uid, before.st_gid)
-        os.fchmod(dst.fileno(), stat.S_IMODE(before.st_mode))
-        os.utime(dst.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
-        after, size = os.fstat(src.fileno()), os.fstat(dst.fileno()).st_size
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise SnapshotError(f"{snapshot} changed while it was copied: is a writer still running?")
-    if copied != before.st_size or size != before.st_size:
-        raise SnapshotError(f"the copy {dest} has {size} bytes, its source {before.st_size}")
-    return size
+    return size, None if digest is None else digest[1]
 
 
 def fsync_file(path: Path) -> bool:

@@ -325,18 +325,24 @@ def test_a_restore_before_any_take_bars_a_late_one(store: SnapshotStore, data: P
     assert os.listdir(store.root) == []
 
 
-def test_a_take_across_file_systems_makes_a_durable_copy(tmp_path: Path, data: Path) -> None:
+@pytest.fixture
+def elsewhere(data: Path) -> Iterator[Path]:
+    """A folder on another file system than `data` (a tmpfs), where links cannot reach."""
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
         if os.stat(other).st_dev == data.stat().st_dev:
             pytest.skip("/dev/shm is on the same file system here")
-        store = SnapshotStore(Path(other) / "snapshots")
-        notes = data / "notes.txt"
-        notes.write_text("notes")
-        inode = os.lstat(notes).st_ino
-        [snap] = store.take(SWAP, [(notes, "file")])
-        assert not snap.linked and os.lstat(notes).st_ino == inode
+        yield Path(other)
+
+
+def test_a_take_across_file_systems_makes_a_durable_copy(data: Path, elsewhere: Path) -> None:
+    store = SnapshotStore(elsewhere / "snapshots")
+    notes = data / "notes.txt"
+    notes.write_text("notes")
+    inode = os.lstat(notes).st_ino
+    [snap] = store.take(SWAP, [(notes, "file")])
+    assert not snap.linked and os.lstat(notes).st_ino == inode
 
 
 def test_copy_hashed_across_file_systems_falls_back_and_hashes_what_it_wrote(data: Path) -> None:
@@ -879,25 +885,22 @@ def test_take_time_is_close_to_a_durable_copy(
         )
 
 
-def test_restore_across_file_systems_copies_and_verifies(tmp_path: Path, data: Path) -> None:
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
-        if os.stat(other).st_dev == data.stat().st_dev:
-            pytest.skip("/dev/shm is on the same file system here")
-        store = SnapshotStore(Path(other) / "snapshots")
-        db, tree = data / "app.db", data / "tree"
-        writer(db, BASE)
-        build_tree(tree, tmp_path)
-        before = tree_digest(tree)
-        snaps = store.take(SWAP, [(db, "sqlite"), (tree, "dir")])
-        writer(db, NEW)
-        mutate_tree(tree)
+def test_restore_across_file_systems_copies_and_verifies(
+    tmp_path: Path, data: Path, elsewhere: Path
+) -> None:
+    store = SnapshotStore(elsewhere / "snapshots")
+    db, tree = data / "app.db", data / "tree"
+    writer(db, BASE)
+    build_tree(tree, tmp_path)
+    before = tree_digest(tree)
+    snaps = store.take(SWAP, [(db, "sqlite"), (tree, "dir")])
+    writer(db, NEW)
+    mutate_tree(tree)
 
-        store.restore(SWAP, snaps)
+    store.restore(SWAP, snaps)
 
-        assert store.placements["link"] == 0 and store.placements["copy"] == 5
-        assert dump(db) == rows(BASE) and sidecars(db) == [] and tree_digest(tree) == before
+    assert store.placements["link"] == 0 and store.placements["copy"] == 5
+    assert dump(db) == rows(BASE) and sidecars(db) == [] and tree_digest(tree) == before
 
 
 # --- housekeeping and records --------------------------------------------------------------------
