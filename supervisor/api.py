@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import re
-import secrets
 import socket
 import socketserver
 import stat
@@ -422,7 +421,7 @@ class ControlServer:
         gid = _group_id(group)
         # Bound under a short temporary name, given its mode and group, then renamed into place:
         # no client ever sees the socket with looser permissions than configured.
-        staging = self.path.with_name(f".{secrets.token_hex(4)}.sock~")
+        staging = self.path.with_name(f".{os.urandom(4).hex()}.sock~")
         if max(len(os.fsencode(self.path)), len(os.fsencode(staging))) > _SUN_PATH_MAX:
             message = f"socket path {self.path} is too long for a unix socket address"
             raise errors.ConfigError(message, key="control.socket")
@@ -470,8 +469,10 @@ class ControlServer:
         # A long poll: close() wakes the select by shutting the socket down, so the thread
         # need not wake twice a second (the default) for nothing while swapguard idles.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": IDLE_POLL_S},
-            name="swapguard-control", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": IDLE_POLL_S},
+            name="swapguard-control",
+            daemon=True,
         )
         self._thread.start()
         return self._thread

@@ -35,9 +35,11 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # swapguard never speaks TLS: keep libssl (~4 MiB) out of a long-lived process. asyncio and
-    # http.client import ssl only if it is there.
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from supervisor import footprint
+
+    # Before the daemon's modules load: no libssl ever (no TLS), libcrypto at the first hash.
+    footprint.keep_out_of_process(("ssl",))
+    footprint.defer_import("hashlib")
     from supervisor import daemon
     from supervisor.config import find_config, load_config
 
@@ -215,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--socket", help="control socket (default: $SWAPGUARD_SOCKET, the config's)"
     )
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     parser = argparse.ArgumentParser(
         prog="swapguard",
         description="Supervise a service that rewrites its own code.",

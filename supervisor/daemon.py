@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import grp
-import hashlib
 import logging
 import os
 import pwd
@@ -22,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from supervisor import clock, host, lifecycle, notify, swaps, views
+from supervisor import clock, footprint, host, lifecycle, notify, swaps, views
 from supervisor.api import Backend, ControlServer, Peer
 from supervisor.checkpoint import Checkpoint
 from supervisor.config import Config
@@ -164,7 +163,12 @@ class LoopBackend(Backend):
         document = swap.view(clock.now())
         document["changes"] = self._changes(swap)
         document["data"] = [
-            {"path": item.get("path"), "bytes": item.get("bytes"), "sha256": item.get("sha256")}
+            {
+                "path": item.get("path"),
+                "bytes": item.get("bytes"),
+                "sha256": item.get("sha256"),  # "" for a linked snapshot: the file itself
+                "linked": bool(item.get("linked", False)),
+            }
             for item in swap.data
         ]
         document["events"] = [
@@ -224,11 +228,12 @@ def _user_gids(uid: int) -> set[int]:
 
 def cgroup_name(config: Config) -> str:
     """Stable per state dir, so a restarted supervisor finds the leaf of the host it adopts."""
-    return hashlib.sha256(str(config.state.dir).encode()).hexdigest()[:16]
+    return footprint.builtin_sha256_hex(str(config.state.dir).encode())[:16]
 
 
 def run(config: Config) -> int:
     """The service, in the foreground. Returns the process exit code."""
+    footprint.tune_malloc()  # before any thread: see supervisor.footprint
     lock = StateLock.acquire(config.state.dir)
     store = Store.open(config.state.dir)
     try:
@@ -266,6 +271,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         runtime.on_tree_changed()  # what changed while no watcher ran (an adopted host's code)
     notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
     watchdog = _start_watchdog(loop)
+    footprint.release_free_memory()  # what imports and start-up freed, once
     log.info(
         "swapguard %s supervising %s (control %s)",
         os.getpid(),

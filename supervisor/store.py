@@ -42,7 +42,16 @@ TERMINAL_SWAP_STATES = frozenset({"confirmed", "rolled_back", "aborted"})
 """Swaps in these states are finished. `failed` is not: it waits for the operator to retry."""
 
 _BUSY_TIMEOUT_MS = 5000
-_CONNECT_PRAGMAS = (("synchronous", 2), ("foreign_keys", 1), ("busy_timeout", _BUSY_TIMEOUT_MS))
+CACHE_KIB = 512
+"""The connection's page cache (SQLite's default is 2 MiB). The store's reads are the tails of
+its tables and a few keys; the rest of an ever-growing file is one pread from the OS cache."""
+_CONNECT_PRAGMAS = (
+    ("synchronous", 2),
+    ("foreign_keys", 1),
+    ("busy_timeout", _BUSY_TIMEOUT_MS),
+    ("cache_size", -CACHE_KIB),  # negative: KiB, whatever the page size
+)
+_CHECKED_PRAGMAS = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
 
 
 # --- records handed to callers --------------------------------------------------------------
@@ -225,12 +234,16 @@ class Store:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def effective_pragmas(self) -> dict[str, Any]:
-        """What the connection really runs with (WAL and FULL sync are what make writes safe)."""
+    def effective_pragmas(self, *names: str) -> dict[str, Any]:
+        """What the connection really runs with (WAL and FULL sync are what make writes safe):
+        the pragmas `names`, by default those that safety rests on."""
+        for name in names:
+            if not name.isidentifier():
+                raise ValueError(f"pragma name must be an identifier, got {name!r}")
         with self._session("read pragmas"):
             return {
                 name: self._db.execute_sql(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+                for name in names or _CHECKED_PRAGMAS
             }
 
     # --- host runs --------------------------------------------------------------------------

@@ -26,7 +26,12 @@ from tests.test_hostile_hosts import hostile_repo, repo_processes, rollback_late
 KEEP_SWAPS = 5
 FD_SLACK = 5
 THREAD_SLACK = 5
-RSS_SLACK = 20 * 2**20
+# What RSS may grow after the warm-up. Measured here: +0.4 MiB over the short soak's 7 cycles and
+# +2.3 MiB over the long one's 180 (the state store's page cache filling to its bound, one resize
+# of the interned-strings table); before the malloc tuning of supervisor.footprint, +3.4 and
+# +8.6 MiB (freed buffers kept in one glibc arena per thread).
+RSS_SLACK_SHORT = 3 * 2**19
+RSS_SLACK_LONG = 3 * 2**20
 WRITES_PER_SECOND = 10  # every version writes all along (and so stops within 0.1 s)
 CONFIRM_DELAYS = (0.12, 0.2)  # seconds from a tree event to the host's own confirm
 ASSETS_BYTES = 48 * 2**20
@@ -62,6 +67,14 @@ def settled_usage(pid: int, span: float = 1.0) -> Usage:
     return Usage(
         min(u.fds for u in samples), min(u.threads for u in samples), min(u.rss for u in samples)
     )
+
+
+def memory_of(pid: int) -> str:
+    """Where the RSS of `pid` is (for a failure message): anonymous memory (heaps, arenas,
+    stacks) against file pages (libraries), from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith("Rss"))
+    return ", ".join(f"{name} {value.strip()}" for name, value in fields.items())
 
 
 def open_files(pid: int) -> Counter[str]:
@@ -144,7 +157,9 @@ def swapguard_refs(repo: Path) -> list[str]:
     return git(repo, "for-each-ref", "--format=%(refname)", "refs/swapguard/").split()
 
 
-def soak(tmp_path: Path, cycles: int, warm_up: int, window: str, sample_s: float) -> None:
+def soak(
+    tmp_path: Path, cycles: int, warm_up: int, window: str, sample_s: float, rss_slack: int
+) -> None:
     repo = make_sample_repo(tmp_path / "repo", {"writes_per_second": WRITES_PER_SECOND})
     deadman = {"window": window, "hard_cap": "30s"}
     with supervised(repo, deadman=deadman, extra=f"keep_swaps = {KEEP_SWAPS}\n") as sup:
@@ -202,7 +217,11 @@ def soak(tmp_path: Path, cycles: int, warm_up: int, window: str, sample_s: float
         assert not rolled_back & set(alive), alive
         assert final.fds <= baseline.fds + FD_SLACK, open_files(sup.process.pid)
         assert final.threads <= baseline.threads + THREAD_SLACK
-        assert final.rss <= baseline.rss + RSS_SLACK
+        grown = (final.rss - baseline.rss) / 2**20
+        assert final.rss <= baseline.rss + rss_slack, (
+            f"RSS grew {grown:.1f} MiB after the warm-up (at most {rss_slack / 2**20:.1f}); "
+            + memory_of(sup.process.pid)
+        )
         assert len(snapshot_dirs(sup)) <= KEEP_SWAPS
         # per kept swap a checkpoint and, once rolled back, the abandoned state; plus the baseline
         assert len(refs) <= 2 * KEEP_SWAPS + 1, refs
@@ -213,13 +232,13 @@ def soak(tmp_path: Path, cycles: int, warm_up: int, window: str, sample_s: float
 
 
 def test_soak_short(tmp_path: Path) -> None:
-    soak(tmp_path, cycles=10, warm_up=3, window="2s", sample_s=0.3)
+    soak(tmp_path, cycles=10, warm_up=3, window="2s", sample_s=0.3, rss_slack=RSS_SLACK_SHORT)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_soak_200_cycles(tmp_path: Path) -> None:
-    soak(tmp_path, cycles=200, warm_up=20, window="2s", sample_s=1.0)
+    soak(tmp_path, cycles=200, warm_up=20, window="2s", sample_s=1.0, rss_slack=RSS_SLACK_LONG)
 
 
 def test_a_confirm_inside_the_watchers_debounce_is_not_drift(tmp_path: Path) -> None:

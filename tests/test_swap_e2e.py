@@ -24,7 +24,16 @@ import psutil
 import pytest
 
 from supervisor.errors import Conflict, NotReachable
-from tests.support import Supervisor, git, make_sample_repo, rows, supervised, wait_for, write_app
+from tests.support import (
+    Supervisor,
+    git,
+    gone,
+    make_sample_repo,
+    rows,
+    supervised,
+    wait_for,
+    write_app,
+)
 
 
 def tree_state(repo: Path) -> dict[str, Any]:
@@ -133,7 +142,7 @@ def test_requested_rollback_restores_code_and_data_exactly(repo: Path) -> None:
         doc = sup.client.swap(swap_id)
         assert {"path": "feature.py", "change": "added"} in doc["changes"]
         assert {"path": "notes.txt", "change": "deleted"} in doc["changes"]
-        assert doc["data"][0]["bytes"] > 0
+        assert doc["data"][0]["linked"] and doc["data"][0]["bytes"] > 0
         # integrity_check of the snapshot runs after the new version started, off the downtime
         wait_for(lambda: "snapshot.verified" in [e["event"] for e in sup.client.swap(swap_id)[
             "events"]], what="the snapshot to be verified")
@@ -278,7 +287,7 @@ def power_cut(sup: Supervisor, *, data_on_disk: bool) -> None:
     sup.kill9()
     with contextlib.suppress(psutil.Error):
         psutil.Process(host_pid).kill()
-    wait_for(lambda: not psutil.pid_exists(host_pid), what="the host to die")
+    wait_for(lambda: gone(host_pid), what="the host to die")
     with contextlib.closing(sqlite3.connect(sup.state / "state.db", isolation_level=None)) as con:
         boot = con.execute("SELECT boot_id FROM host_run LIMIT 1").fetchone()[0]
         for table, column in (("swap", "record"), ("host_run", "boot_id")):

@@ -1,0 +1,130 @@
+"""The daemon's memory footprint: what it loads, and what glibc keeps of what it freed.
+
+Why it looks like this (measured on the development machine, `swapguard run` with one idle host
+at 33 MiB RSS, and a 200-swap soak that grew 38 -> 46 MiB with the Python heap flat):
+- The growth was free memory in glibc's per-thread arenas. glibc raises its mmap threshold to
+  the size of the largest mmapped block freed so far (and its trim threshold to twice that), so
+  after the first snapshot's 1 MiB hash buffer, every later one came out of the arena of the
+  thread at hand and stayed there when freed; with up to 8 arenas a core, one per thread that
+  ever allocated, the free megabytes piled up one arena at a time (16 arenas, 11 of 19 MiB free).
+  Fixing both thresholds at glibc's own defaults turns the ratchet off: big blocks are mmapped
+  and go back to the kernel when freed. Two arenas instead of sixteen keep the small free lists
+  of short-lived threads (control connections, hashing, hooks) where the next thread reuses them.
+  Python holds the GIL for almost every allocation, so two arenas cost no contention.
+- `malloc_trim(0)` returns the free pages inside the arenas (not only at their top): once after
+  start-up, when import and start-up garbage is gone.
+- `hashlib` maps OpenSSL's libcrypto on import: 3.5 MiB of RSS (3 MiB of it file pages), loaded at
+  start-up only because peewee and the snapshot code import it at their tops. It is deferred to
+  the first hash, so a supervisor that never snapshots data never loads it. `ssl` (libssl, 4 MiB)
+  is kept out for good: swapguard never speaks TLS.
+Everything here is a no-op where it cannot apply (no glibc, a module already imported).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import sys
+import threading
+import types
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ARENA_MAX = 2
+MMAP_THRESHOLD = 128 * 1024  # glibc's default; setting it stops the dynamic raise
+TRIM_THRESHOLD = 128 * 1024  # likewise
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # <malloc.h>
+_DEFER_LOCK = threading.Lock()
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (mallopt's parameters are glibc's)."""
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return None
+        return ctypes.CDLL(None, use_errno=True)
+    except (ValueError, OSError, AttributeError):  # no such confstr name, no libc handle
+        return None
+
+
+def tune_malloc() -> bool:
+    """Bound what glibc keeps of freed memory. Call before the daemon starts its threads (an
+    arena, once made, is kept). False where the C library is not glibc or refused a setting."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    applied = True
+    for option, value in (
+        (_M_ARENA_MAX, ARENA_MAX),
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ):
+        if libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) != 1:
+            log.warning(
+                "mallopt(%d, %d) refused: freed memory may stay in the process", option, value
+            )
+            applied = False
+    return applied
+
+
+def release_free_memory() -> bool:
+    """Hand the free pages of every malloc arena back to the kernel (`malloc_trim(0)`). It walks
+    the arenas' free lists under their locks: for quiet moments, never for a request's path.
+    True when memory was released."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(ctypes.c_size_t(0))) if libc is not None else False
+
+
+def keep_out_of_process(names: tuple[str, ...] = ("ssl",)) -> None:
+    """Make `import name` fail (ImportError) for modules swapguard never needs; asyncio and
+    http.client import `ssl` only if it is there. A module already imported stays."""
+    for name in names:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+def defer_import(name: str) -> types.ModuleType:
+    """Put a stand-in for module `name` into sys.modules; `import name` then costs nothing until
+    an attribute of it is read, which imports the real module (once, thread-safe). Returns the
+    module in sys.modules: the real one if it was imported already."""
+    if name in sys.modules:
+        return sys.modules[name]
+    stand_in = _DeferredModule(name)
+    sys.modules[name] = stand_in
+    return stand_in
+
+
+class _DeferredModule(types.ModuleType):
+    """A module whose import waits for the first attribute read. The real module's namespace is
+    copied in then, so later reads are plain lookups (`__getattr__` runs only for a name the
+    stand-in does not have)."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        name = self.__name__
+        with _DEFER_LOCK:
+            real = sys.modules.get(name)
+            if real is None or real is self:
+                sys.modules.pop(name, None)
+                try:
+                    real = importlib.import_module(name)
+                except BaseException:
+                    sys.modules.setdefault(name, self)
+                    raise
+                self.__dict__.update(real.__dict__)
+                log.debug("deferred module %s imported (for %r)", name, attribute)
+        return getattr(real, attribute)
+
+
+def builtin_sha256_hex(data: bytes) -> str:
+    """sha256 of a few bytes with CPython's own implementation, so that naming something by a hash
+    at start-up does not load OpenSSL (see the module doc). Same digest as hashlib.sha256."""
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found]  # CPython >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256  # type: ignore[import-not-found,no-redef]  # CPython 3.11
+        except ImportError:  # a build without the builtin hashes: OpenSSL's, then
+            from hashlib import sha256
+    return str(sha256(data).hexdigest())
