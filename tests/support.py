@@ -101,7 +101,7 @@ def beats(host: dict[str, Any], prefix: str) -> int:
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return conn.execute(sql).fetchall()
 
 

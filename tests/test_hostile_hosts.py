@@ -54,20 +54,32 @@ class Case:
         return self.name or self.behaviour
 
 
+# Slow (scripts/test --slow): the cases whose trigger and exact end state the default run checks
+# already, in test_swap_e2e.py::test_each_trigger_rolls_back_exactly (crash_loop, not_ready and
+# heartbeat_lost) or here (corrupt_db for a version that destroys the database, EXTENSION_FLOOD
+# for a notify flood still on when the rollback is due).
 CASES = [
-    Case("crash", reason="crash_loop", attacks=False, processes=0),
-    Case("hang", attacks=False, processes=0),
+    pytest.param(
+        Case("crash", reason="crash_loop", attacks=False, processes=0), marks=pytest.mark.slow
+    ),
+    pytest.param(Case("hang", attacks=False, processes=0), marks=pytest.mark.slow),
     Case("exit0_now", reason="crash_loop", kept="untouched", attacks=False),
-    Case(
-        "stop_heartbeats",
-        reason="heartbeat_lost",
-        host={"heartbeat_timeout": "1s"},
-        deadman={"window": "3s"},  # room for the heartbeat to be missed first
+    pytest.param(
+        Case(
+            "stop_heartbeats",
+            reason="heartbeat_lost",
+            host={"heartbeat_timeout": "1s"},
+            deadman={"window": "3s"},  # room for the heartbeat to be missed first
+        ),
+        marks=pytest.mark.slow,
     ),
     Case("ignore_term"),
     Case("escape", processes=5),
     # the flood is still on when the deadline passes ...
-    Case("flood_notify", app={"flood": FLOOD_DATAGRAMS}, max_late=FLOODED_LATE_S),
+    pytest.param(
+        Case("flood_notify", app={"flood": FLOOD_DATAGRAMS}, max_late=FLOODED_LATE_S),
+        marks=pytest.mark.slow,
+    ),
     # ... or all of it arrives before (about 15k datagrams a second here)
     pytest.param(
         Case(
@@ -80,10 +92,11 @@ CASES = [
         marks=pytest.mark.slow,
     ),
     Case("flood_control", app={"threads": 50, "idle": 20, "report_at": 100}),
-    Case("delete_db", kept="absent"),
+    pytest.param(Case("delete_db", kept="absent"), marks=pytest.mark.slow),
     Case("corrupt_db", kept="garbage"),
     Case("hold_lock"),
-    Case("grow_wal", app={"wal_bytes": 16 * 1024 * 1024}),
+    # 16 MiB of WAL is ~2000 synced commits: on a loaded disk that outlasts WINDOW
+    Case("grow_wal", app={"wal_bytes": 16 * 1024 * 1024}, deadman={"window": "3s"}),
 ]
 
 

@@ -359,6 +359,7 @@ def predicted(method: str, target: str, body: bytes, swap_id: str) -> set[int] |
 # --- tests --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~11 s, the daemon's fixed request timeout; test_api covers both with 0.5 s
 def test_raw_http_fuzz_while_slow_clients_hold_connections(repo: Path) -> None:
     """Random bytes, truncated and oversized requests, bad framing: each gets an error and changes
     nothing; meanwhile slow clients hold connections open and block no one, and are cut off by

@@ -166,7 +166,7 @@ def test_node_host_is_ready_heartbeats_and_confirms_itself(tmp_path: Path) -> No
 def test_node_host_that_does_not_confirm_is_rolled_back_at_the_deadline(tmp_path: Path) -> None:
     repo = make_node_repo(tmp_path / "repo", {"version": "v1"})
     with supervised(
-        repo, host=node_host(os.environ.get("PATH", "")), data=False, deadman={"window": "3s"}
+        repo, host=node_host(os.environ.get("PATH", "")), data=False, deadman={"window": "2s"}
     ) as sup:
         sup.start()
         swap_id = new_version(sup, {"version": "v2", "confirm": False})
