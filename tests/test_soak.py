@@ -43,16 +43,24 @@ class Usage:
 
     fds: int
     threads: int
-    rss: int
+    rss: int  # anonymous memory only (RssAnon): a library mapped on first use is not a leak
 
     @classmethod
     def of(cls, pid: int) -> Usage:
         proc = psutil.Process(pid)
         with proc.oneshot():
-            return cls(proc.num_fds(), proc.num_threads(), proc.memory_info().rss)
+            return cls(proc.num_fds(), proc.num_threads(), _rss_anon(pid))
 
     def __str__(self) -> str:
-        return f"{self.fds} fds, {self.threads} threads, {self.rss / 2**20:.1f} MiB RSS"
+        return f"{self.fds} fds, {self.threads} threads, {self.rss / 2**20:.1f} MiB anonymous RSS"
+
+
+def _rss_anon(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssAnon in /proc/{pid}/status")
 
 
 def settled_usage(pid: int, span: float = 1.0) -> Usage:
@@ -219,7 +227,7 @@ def soak(
         assert final.threads <= baseline.threads + THREAD_SLACK
         grown = (final.rss - baseline.rss) / 2**20
         assert final.rss <= baseline.rss + rss_slack, (
-            f"RSS grew {grown:.1f} MiB after the warm-up (at most {rss_slack / 2**20:.1f}); "
+            f"anonymous RSS grew {grown:.1f} MiB after warm-up (at most {rss_slack / 2**20:.1f}); "
             + memory_of(sup.process.pid)
         )
         assert len(snapshot_dirs(sup)) <= KEEP_SWAPS
