@@ -268,7 +268,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     await runtime.start()
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
-        runtime.on_tree_changed()  # what changed while no watcher ran (an adopted host's code)
+        # what changed while no watcher ran (an adopted host's code)
+        runtime.drift_guard.on_tree_changed()
     notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
     watchdog = _start_watchdog(loop)
     footprint.release_free_memory()  # what imports and start-up freed, once
@@ -297,7 +298,9 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
     if config.host.output is not None:
         ignore.append(config.host.output)
     watcher = CodeWatcher(
-        config.code.root, lambda: loop.call_soon_threadsafe(runtime.on_tree_changed), ignore=ignore
+        config.code.root,
+        lambda: loop.call_soon_threadsafe(runtime.drift_guard.on_tree_changed),
+        ignore=ignore,
     )
     try:
         watcher.start()

@@ -173,10 +173,6 @@ class Runtime:
         """The host's live process, None while none runs (the control socket checks peers)."""
         return self.host_runner.process
 
-    def on_tree_changed(self) -> None:
-        """From the code watcher, on the loop: see `DriftGuard.on_tree_changed`."""
-        self.drift_guard.on_tree_changed()
-
     async def _host_stopped(self) -> None:
         while self.host.state is not lifecycle.HostState.STOPPED or self.process is not None:
             await self._next_change()
