@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from supervisor import errors
+from supervisor.routes import CALL_LIMIT_S
 
 _CONNECTION_CLOSED = (
     http.client.RemoteDisconnected,
@@ -55,6 +56,11 @@ _BY_STATUS: dict[int, type[errors.SwapguardError]] = {
         errors.NotReachable,
     )
 }
+
+
+# Swap and host actions may wait on the runtime for up to CALL_LIMIT_S (a confirm, for the data
+# an activation copied to reach the disk): their answers are worth waiting a little longer for.
+_RUNTIME_WAIT_S = CALL_LIMIT_S + 5
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -102,14 +108,23 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Parsed JSON (text for text answers); raises the server's error on a status >= 400."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+    ) -> Any:
+        """Parsed JSON (text for text answers); raises the server's error on a status >= 400.
+        `wait` bounds the wait for the answer (default: the client's timeout)."""
         payload = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Accept": "application/json"}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        wait = self.timeout if wait is None else max(self.timeout, wait)
         with self._lock:
-            status, content_type, data = self._exchange(method, path, payload, headers)
+            status, content_type, data = self._exchange(method, path, payload, headers, wait)
         if status >= 400:
             raise _server_error(status, data)
         try:
@@ -120,7 +135,7 @@ class Client:
             raise errors.SwapguardError(f"unreadable answer to {method} {path}: {err}") from None
 
     def _exchange(
-        self, method: str, path: str, payload: bytes | None, headers: dict[str, str]
+        self, method: str, path: str, payload: bytes | None, headers: dict[str, str], wait: float
     ) -> tuple[int, str, bytes]:
         connection = self._connection
         reused = connection.idle_and_open()
@@ -128,16 +143,16 @@ class Client:
             connection.close()  # it was closed by the server, or never opened
         try:
             try:
-                return _round_trip(connection, method, path, payload, headers)
+                return _round_trip(connection, method, path, payload, headers, wait)
             except _CONNECTION_CLOSED:
                 if not reused:
                     raise
                 connection.close()  # the server closed the idle connection as we sent: once more
-                return _round_trip(connection, method, path, payload, headers)
+                return _round_trip(connection, method, path, payload, headers, wait)
         except TimeoutError:
             connection.close()
             raise errors.NotReachable(
-                f"swapguard at {self.socket_path} did not answer within {self.timeout:g} s"
+                f"swapguard at {self.socket_path} did not answer within {wait:g} s"
             ) from None
         except (OSError, http.client.HTTPException) as err:
             connection.close()
@@ -158,7 +173,7 @@ class Client:
         return self.request("GET", "/metrics")
 
     def host(self, action: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/host/{quote(action, safe='')}")
+        return self.request("POST", f"/v1/host/{quote(action, safe='')}", wait=_RUNTIME_WAIT_S)
 
     def heartbeat(self, status: str | None = None, ready: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {} if status is None else {"status": status}
@@ -173,7 +188,7 @@ class Client:
         return self.request("GET", f"/v1/swaps/{quote(swap_id, safe='')}")
 
     def prepare(self, summary: str = "") -> dict[str, Any]:
-        return self.request("POST", "/v1/swaps", {"summary": summary})
+        return self.request("POST", "/v1/swaps", {"summary": summary}, wait=_RUNTIME_WAIT_S)
 
     def activate(self, swap_id: str) -> dict[str, Any]:
         return self._swap_action(swap_id, "activate")
@@ -196,7 +211,8 @@ class Client:
         self, swap_id: str, action: str, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         # Quoting keeps an id with "/" or "?" from reaching another route; the server rejects it.
-        return self.request("POST", f"/v1/swaps/{quote(swap_id, safe='')}/{action}", body)
+        path = f"/v1/swaps/{quote(swap_id, safe='')}/{action}"
+        return self.request("POST", path, body, wait=_RUNTIME_WAIT_S)
 
 
 def _round_trip(
@@ -205,8 +221,15 @@ def _round_trip(
     path: str,
     payload: bytes | None,
     headers: dict[str, str],
+    wait: float,
 ) -> tuple[int, str, bytes]:
+    """One request and its answer; sending is bounded by the connection's timeout, the wait for
+    the answer by `wait`."""
+    if connection.sock is not None:
+        connection.sock.settimeout(connection.timeout)
     connection.request(method, path, body=payload, headers=headers)
+    if connection.sock is not None:
+        connection.sock.settimeout(wait)
     response = connection.getresponse()
     data = response.read()  # on "Connection: close", http.client has closed the connection
     return response.status, response.getheader("Content-Type", ""), data

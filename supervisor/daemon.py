@@ -26,13 +26,13 @@ from supervisor.api import Backend, ControlServer, Peer
 from supervisor.checkpoint import Checkpoint
 from supervisor.config import Config
 from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
+from supervisor.routes import CALL_LIMIT_S
 from supervisor.runtime import Runtime
 from supervisor.store import StateLock, Store
 from supervisor.watch import CodeWatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CALL_TIMEOUT = 60.0
 
 
 class LoopBackend(Backend):
@@ -70,9 +70,9 @@ class LoopBackend(Backend):
         except RuntimeError as exc:  # loop closed under us: we are shutting down
             raise NotReachable("swapguard is shutting down") from exc
         try:
-            return future.result(timeout=CALL_TIMEOUT)
+            return future.result(timeout=CALL_LIMIT_S)
         except concurrent.futures.TimeoutError as exc:
-            raise NotReachable(f"swapguard did not answer within {CALL_TIMEOUT:g} s") from exc
+            raise NotReachable(f"swapguard did not answer within {CALL_LIMIT_S:g} s") from exc
 
     def may_write(self, peer: Peer) -> bool:
         if peer.uid is None:  # no credentials on this platform: only the file mode protects

@@ -19,6 +19,10 @@ from supervisor import errors
 
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CALL_LIMIT_S = 60.0
+"""The longest a request waits for the runtime before it is answered 503 `not_reachable`. A
+write can take that long (a confirm waits for the activation's data to reach the disk), so a
+client waits a little longer for any POST's answer."""
 # Swap ids travel in paths; all-dot names are refused too, so no id can look like a path step.
 SWAP_ID = re.compile(r"(?!\.+\Z)[A-Za-z0-9._-]{1,64}\Z")
 
