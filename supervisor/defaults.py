@@ -56,7 +56,7 @@ undeclared_changes = "guard"  # edits while no swap is prepared: "guard" | "warn
 # The clock of a swap on probation.
 [deadman]
 window = "2m"             # deadline = new version spawned + window
-extend_by = "2m"          # an extension sets deadline = now + extend_by ...
+extend_by = "2m"          # an extension: deadline = now + extend_by, never sooner ...
 hard_cap = "10m"          # ... never past activation + hard_cap
 max_crashes = 2           # crashes of the new version that roll back at once
 health_check = []         # argv run every health_interval on probation; exit 0 = healthy

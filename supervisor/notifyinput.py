@@ -103,7 +103,8 @@ class NotifyInput:
                 self.counters.heartbeats += 1
             target.heartbeat(message.status, boot)
         if message.extend_timeout_usec is not None:
-            self._swap_command(swaps.ExtendRequested(now=clock.now()))
+            by = message.extend_timeout_usec / 1e6
+            self._swap_command(swaps.ExtendRequested(now=clock.now(), by=by))
         swap = target.swap
         if (
             message.confirm_swap_id is not None

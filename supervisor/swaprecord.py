@@ -235,7 +235,11 @@ class ConfirmRequested(Request):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExtendRequested(Request):
+    """`by`: the seconds asked for (a host's EXTEND_TIMEOUT_USEC); None asks for `extend_by`,
+    which also bounds what may be asked."""
+
     verb: ClassVar[str] = "extend"
+    by: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

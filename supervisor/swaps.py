@@ -347,13 +347,16 @@ MIN_EXTENSION = 1.0
 
 
 def _extend_requested(swap: Swap, event: ExtendRequested, policy: Policy) -> Outcome:
+    """deadline = now + what was asked (at most `extend_by`), never past the hard cap and never
+    sooner than it was: like systemd's EXTEND_TIMEOUT_USEC, an extension only adds time."""
     _require_running(swap, event)
     assert swap.hard_cap is not None  # set on activation
-    wanted = event.now.plus(policy.extend_by)
+    asked = policy.extend_by if event.by is None else min(max(event.by, 0.0), policy.extend_by)
+    wanted = event.now.plus(asked)
     capped = swap.hard_cap.seconds_until(wanted) < 0
     deadline = swap.hard_cap if capped else wanted
-    if swap.deadline is not None and abs(deadline.seconds_until(swap.deadline)) < MIN_EXTENSION:
-        return swap, []  # a host extending in a loop: nothing moves, nothing is written
+    if swap.deadline is not None and deadline.seconds_until(swap.deadline) < MIN_EXTENSION:
+        return swap, []  # no later than now (a host extending in a loop): nothing is written
     swap = replace(swap, deadline=deadline)
     detail = {"deadline_at": stamp(swap.deadline), "capped": capped}
     return swap, [Emit("swap.extended", detail)]

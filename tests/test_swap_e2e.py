@@ -405,6 +405,21 @@ def test_extend_is_capped_and_deadline_survives_a_supervisor_kill(repo: Path) ->
         sup.wait_swap(swap["id"], "confirmed")
 
 
+def test_a_host_extends_its_probation_by_the_time_it_names(repo: Path) -> None:
+    """EXTEND_TIMEOUT_USEC=90 s from the new version: deadline = then + 90 s, not + extend_by."""
+    with supervised(repo, deadman={"window": "30s", "extend_by": "120s", "hard_cap": "300s"}) as sup:
+        sup.start()
+        swap = sup.client.prepare("asks for 90 s")
+        new_version(repo, {"version": "v2", "extend_usec": 90_000_000})
+        sup.client.activate(swap["id"])
+        wait_for(lambda: "swap.extended" in sup.events(), what="the host's extension")
+        doc = sup.client.swap(swap["id"])
+        deadline = _seconds(doc["deadline_at"]) - _seconds(doc["activated_at"])
+        assert 85 <= deadline <= 100, doc  # spawn + ready take a moment after activation
+        sup.client.confirm(swap["id"])
+        sup.wait_swap(swap["id"], "confirmed")
+
+
 CRASH_STEPS = ["probation/stop_old", "probation/snapshot", "probation/spawn_new",
                "rolling_back/stop_new", "rolling_back/restore_code", "rolling_back/restore_data",
                "rolling_back/spawn_old"]  # fmt: skip

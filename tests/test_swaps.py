@@ -414,15 +414,31 @@ def test_a_swap_past_its_deadline_cannot_be_confirmed_or_extended(request_type: 
         step(on_probation(pol), request_type(now=at(70)), pol)
 
 
-def test_extend_sets_now_plus_extend_by_bounded_by_the_hard_cap() -> None:
+def test_an_extension_adds_time_up_to_the_hard_cap_and_never_takes_any() -> None:
     pol = policy()
-    swap, actions = step(on_probation(pol), ExtendRequested(now=at(20)), pol)
-    assert swap.deadline == at(50), "sets, even earlier than the current deadline"
+    swap = on_probation(pol)
+    assert swap.deadline == at(70)
+    same, actions = step(swap, ExtendRequested(now=at(20)), pol)
+    assert same == swap and actions == [], "now + extend_by (50) is before the deadline: no-op"
+    swap, actions = step(swap, ExtendRequested(now=at(50)), pol)
+    assert swap.deadline == at(80)
     assert actions == [
-        Emit("swap.extended", {"deadline_at": rfc3339(at(50).wall), "capped": False})
+        Emit("swap.extended", {"deadline_at": rfc3339(at(80).wall), "capped": False})
     ]
-    swap, actions = step(swap, ExtendRequested(now=at(40)), policy(extend_by=1000.0))
+    swap, actions = step(swap, ExtendRequested(now=at(60)), policy(extend_by=1000.0))
     assert swap.deadline == swap.hard_cap == at(310) and emitted(actions)["swap.extended"]["capped"]
+
+
+def test_a_host_asks_for_its_own_extension_bounded_by_extend_by() -> None:
+    """EXTEND_TIMEOUT_USEC=n: the host names the time it needs; extend_by bounds it."""
+    pol = policy()
+    swap = on_probation(pol)
+    asked, _ = step(swap, ExtendRequested(now=at(60), by=20.0), pol)
+    assert asked.deadline == at(80)
+    bounded, _ = step(swap, ExtendRequested(now=at(60), by=3600.0), pol)
+    assert bounded.deadline == at(90)
+    too_little, actions = step(swap, ExtendRequested(now=at(60), by=5.0), pol)
+    assert too_little == swap and actions == []
 
 
 def test_an_explicit_rollback_carries_its_reason_to_the_old_version() -> None:
@@ -880,9 +896,12 @@ class SwapWalk(RuleBasedStateMachine):
         self.feed(ActivateRequested(now=self.now))
 
     @precondition(lambda self: self.swap.state is S.PROBATION and self.swap.step is None)
-    @rule()
-    def extend(self) -> None:
-        self.feed(ExtendRequested(now=self.now))
+    @rule(by=st.one_of(st.none(), st.floats(0, 2000)))
+    def extend(self, by: float | None) -> None:
+        before = self.swap.deadline
+        self.feed(ExtendRequested(now=self.now, by=by))
+        if self.swap.state is S.PROBATION and before is not None and self.swap.deadline:
+            assert before.seconds_until(self.swap.deadline) <= 0, "an extension took time"
 
     @rule(request=st.sampled_from(REQUESTS))
     def request(self, request: type[Request]) -> None:

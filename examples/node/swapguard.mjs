@@ -244,8 +244,8 @@ export async function notify(state, options) {
       if (said.confirm !== undefined) await confirm(said.confirm, options);
     }
   }
-  // `swapguard notify` has no option for an extension; EXTEND_TIMEOUT_USEC's value is not
-  // used by swapguard either: an extension always pushes by deadman.extend_by.
+  // `swapguard notify` has no option for an extension, and over HTTP an extension asks for
+  // deadman.extend_by: EXTEND_TIMEOUT_USEC's value counts only on the notify socket.
   if (said.extend) await extend(undefined, options);
   return via;
 }

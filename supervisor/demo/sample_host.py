@@ -5,7 +5,7 @@ tells its supervisor it is ready over NOTIFY_SOCKET, and heartbeats until SIGTER
 does is set by `app.json`:
 
     {"version": "v2", "behaviour": "ok" | "crash" | "hang" | "silent" | "exit0", "confirm": false,
-     "writes_per_second": 0}
+     "extend_usec": 0, "writes_per_second": 0}
 
 - ok: ready, heartbeats, writes a row per tick when writes_per_second > 0
 - crash: exits 1 right after opening the database (a broken migration)
@@ -13,6 +13,7 @@ does is set by `app.json`:
 - silent: ready, then no heartbeat
 - exit0: ready, then exits 0 (a host that applied a change and restarts)
 - confirm: on probation (SWAPGUARD_SWAP_ID set), confirm the swap once ready
+- extend_usec: on probation, ask for that much more time once ready (EXTEND_TIMEOUT_USEC)
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> int:
         return 0
     notify(f"READY=1\nSTATUS=version {version}")
     swap_id = os.environ.get("SWAPGUARD_SWAP_ID")
+    if swap_id and config.get("extend_usec"):
+        notify(f"EXTEND_TIMEOUT_USEC={int(config['extend_usec'])}")
     if swap_id and config.get("confirm"):
         notify(f"X_SWAPGUARD_CONFIRM={swap_id}")
     if behaviour == "exit0":
