@@ -7,8 +7,8 @@ wall clock can, so a stored deadline carries both.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,5 +74,5 @@ def rfc3339(wall: float | None) -> str | None:
 
 
 def new_id() -> str:
-    """Short, sortable-enough, unique ids for swaps."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    """Short, sortable-enough, unique ids for swaps: the second, then 24 random bits."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
