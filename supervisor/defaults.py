@@ -75,7 +75,7 @@ allow_groups = []         # members of these groups may write too
 # swapguard's own state; never inside anything the host writes.
 [state]
 dir = ".swapguard"        # state store, snapshots, notify socket; created 0700
-keep_swaps = 20           # finished swaps whose snapshots are kept
+keep_swaps = 20           # finished swaps whose snapshots (and kept data) are kept
 
 # A command run on events, e.g. to page someone when a rollback fails.
 [hooks]

@@ -20,9 +20,10 @@
   with the data: the snapshot is hard-linked beside the target and renamed over it (copied only
   across file systems); once finished the store drops its links, as the live data owns them now.
 - Probation-time data is kept as "<path>.rolled-back-<swap id>" (SQLite: sidecars renamed alongside,
-  then checkpointed into one file). No symlink is followed: targets are renamed, never opened
-  through a link; trees are removed by rmtree's fd-based walk; a folder that now resolves
-  elsewhere is refused. The restore's steps themselves are `supervisor.restoresteps`.
+  then checkpointed into one file), until prune() drops that swap's snapshot. No symlink is
+  followed: targets are renamed, never opened through a link; trees are removed by rmtree's
+  fd-based walk; a folder that now resolves elsewhere is refused. The restore's steps themselves
+  are `supervisor.restoresteps`.
 - The copying, hashing and SQLite checks themselves are `supervisor.datacopy` (`file_digest`,
   `tree_digest`, `SQLITE_MAGIC` and `SQLITE_SIDECARS` are re-exported here).
 """
@@ -453,8 +454,9 @@ class SnapshotStore:
     # --- housekeeping ------------------------------------------------------------------------
 
     def prune(self, keep: Iterable[str]) -> None:
-        """Remove the snapshots of every swap not in `keep` and leftovers of interrupted takes.
-        A swap whose restore is unfinished stays: its snapshot is the only copy of that data."""
+        """Remove the snapshots of every swap not in `keep`, the probation-time data its restore
+        kept, and leftovers of interrupted takes. A swap whose restore is unfinished stays: its
+        snapshot is the only copy of that data."""
         keep_ids = set(keep)
         with self._lock:
             self._stop_verifying(lambda swap: swap not in keep_ids)
@@ -465,6 +467,7 @@ class SnapshotStore:
                 if restoresteps.restore_unfinished(path):
                     log.warning("not pruning %s: its restore is unfinished", path)
                     continue
+                restoresteps.drop_kept(path)
                 remove_path(path)
             fsync_dir(self.root)
 
@@ -540,5 +543,3 @@ def _within(path: str, root: str) -> bool:
 def _check_swap_id(swap_id: str) -> None:
     if not isinstance(swap_id, str) or not _SWAP_ID.fullmatch(swap_id):
         raise SnapshotError(f"swap id {swap_id!r} is not a plain name ([A-Za-z0-9._-], max 128)")
-
-

@@ -928,6 +928,31 @@ def test_prune_keeps_what_it_is_told_and_never_follows_links(
     assert store.total_bytes() == held / 2
 
 
+def test_prune_removes_the_probation_data_a_pruned_swap_kept(
+    store: SnapshotStore, data: Path
+) -> None:
+    """A rolled-back swap's `<path>.rolled-back-<id>` (sidecars too) goes with its snapshot."""
+    db, notes = data / "app.db", data / "notes.txt"
+    writer(db, BASE)
+    notes.write_text("old")
+    for swap_id in ("swap-a", "swap-b"):
+        snaps = store.take(swap_id, [(db, "sqlite"), (notes, "file")])
+        writer(db, NEW)
+        notes.write_text(f"written on probation of {swap_id}")
+        store.restore(swap_id, snaps)
+    kept_a = [Path(f"{path}.rolled-back-swap-a") for path in (db, notes)]
+    kept_b = [Path(f"{path}.rolled-back-swap-b") for path in (db, notes)]
+    assert all(path.exists() for path in kept_a + kept_b)
+
+    store.prune(["swap-b"])
+
+    assert sorted(os.listdir(store.root)) == ["swap-b"]
+    assert not [name for name in os.listdir(data) if "rolled-back-swap-a" in name]
+    assert all(path.exists() for path in kept_b)
+    assert kept_b[1].read_text() == "written on probation of swap-b"
+    assert dump(db) == rows(BASE) and notes.read_text() == "old"
+
+
 def test_taking_a_swap_again_keeps_its_snapshot_and_remakes_the_working_copy(
     store: SnapshotStore, data: Path
 ) -> None:
