@@ -37,9 +37,8 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from supervisor import footprint
 
-    # Before the daemon's modules load: no libssl ever (no TLS), libcrypto at the first hash.
+    # Before the daemon's modules load: no libssl ever (no TLS).
     footprint.keep_out_of_process(("ssl",))
-    footprint.defer_import("hashlib")
     from supervisor import daemon
     from supervisor.config import find_config, load_config
 
@@ -281,7 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, default in (("config", None), ("socket", None), ("json", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
-    logging.getLogger("peewee").setLevel(logging.WARNING)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -4,11 +4,13 @@ Why it looks like this:
 - Everything swapguard must remember across its own death lives here, never in anything the host
   can write. One SQLite file in WAL mode with `synchronous = FULL`; every logical write is one
   `BEGIN IMMEDIATE` transaction, so a crash leaves each row either old or new, never half.
-- Only this module imports peewee. Callers get frozen dataclasses and plain dicts, never models.
-- The models are unbound; each `Store` binds them to its own database for the span of one call
-  (`bind_ctx`) under a process-wide lock, so two stores in one process never see each other's rows.
-- The schema is an ordered list of migrations in raw SQL (history must not change when the models
-  do). An older file is migrated in one transaction; a newer one is refused and left untouched.
+- Plain `sqlite3`, no ORM: four tables and a dozen short parameterized queries, and an ORM cost
+  2.5 MiB of the idle daemon's RSS. Callers get frozen dataclasses and plain dicts, never rows.
+- One connection per `Store` (autocommit mode: the store issues BEGIN IMMEDIATE / COMMIT /
+  ROLLBACK itself), serialized by the store's own lock, so the loop and the API threads never run
+  a statement inside each other's transaction, and two stores in one process share nothing.
+- The schema is an ordered list of migrations in raw SQL (history never changes). An older file
+  is migrated in one transaction; a newer one is refused and left untouched.
 - The folder itself (created 0700) and its `StateLock` (one swapguard per state dir) are in
   `supervisor.lock`; `StoreError`, `StateLock` and `prepare_state_dir` are re-exported here.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,8 +28,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import peewee
 
 from supervisor.clock import rfc3339
 
@@ -115,74 +116,41 @@ _MIGRATION_2 = (
 )
 
 
-def _run_statements(statements: tuple[str, ...]) -> Callable[[peewee.Database], None]:
-    def migrate(db: peewee.Database) -> None:
+def _run_statements(statements: tuple[str, ...]) -> Callable[[sqlite3.Connection], None]:
+    # One execute() per statement: executescript() would COMMIT the migration's transaction.
+    def migrate(conn: sqlite3.Connection) -> None:
         for statement in statements:
-            db.execute_sql(statement)
+            conn.execute(statement)
 
     return migrate
 
 
-MIGRATIONS: tuple[Callable[[peewee.Database], None], ...] = (
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _run_statements(_MIGRATION_1),  # v1: runs, events, swaps
     _run_statements(_MIGRATION_2),  # v2: key/value table, per-swap event and state indexes
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-# --- models (unbound; see Store._session) --------------------------------------------------
+# --- queries: the columns of each SELECT are in the order of the record they fill -------------
 
-
-class _HostRunRow(peewee.Model):  # the implicit `id` is its AutoField, as in every model here
-    pid = peewee.IntegerField()
-    create_time = peewee.FloatField()
-    boot_id = peewee.TextField()
-    started_at = peewee.FloatField()
-    ready_at = peewee.FloatField(null=True)
-    exited_at = peewee.FloatField(null=True)
-    exit_code = peewee.IntegerField(null=True)
-    exit_signal = peewee.IntegerField(null=True)
-    code_version = peewee.TextField(null=True)
-    swap_id = peewee.TextField(null=True)
-
-    class Meta:
-        table_name = "host_run"
-
-
-class _EventRow(peewee.Model):
-    at = peewee.FloatField()
-    kind = peewee.TextField()
-    detail = peewee.TextField()
-    swap_id = peewee.TextField(null=True)
-
-    class Meta:
-        table_name = "event"
-
-
-class _SwapRow(peewee.Model):
-    id = peewee.TextField(primary_key=True)
-    state = peewee.TextField()
-    created_at = peewee.FloatField()
-    updated_at = peewee.FloatField()
-    record = peewee.TextField()
-
-    class Meta:
-        table_name = "swap"
-
-
-class _ValueRow(peewee.Model):
-    key = peewee.TextField(primary_key=True)
-    value = peewee.TextField()
-    updated_at = peewee.FloatField()
-
-    class Meta:
-        table_name = "kv"
-
-
-_MODELS = (_HostRunRow, _EventRow, _SwapRow, _ValueRow)
-# bind_ctx rebinds the model classes themselves, and every Store has a single connection: one
-# lock for the whole process keeps two stores (tests) or two threads (loop, API) from crossing.
-_BIND_LOCK = threading.RLock()
+_RUN_COLUMNS = (
+    "id, pid, create_time, boot_id, started_at, ready_at, exited_at, exit_code, exit_signal,"
+    " code_version, swap_id"
+)
+_EVENT_COLUMNS = "id, at, kind, detail, swap_id"
+_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+_NEWEST_FIRST = "ORDER BY created_at DESC, rowid DESC"  # rowid: ties in insertion order
+_TERMINAL = tuple(sorted(TERMINAL_SWAP_STATES))
+_TERMINAL_MARKS = ", ".join("?" for _ in _TERMINAL)
+# ON CONFLICT DO UPDATE keeps the rowid (REPLACE would not), so ties keep their order.
+_UPSERT_SWAP = """INSERT INTO swap (id, state, created_at, updated_at, record)
+    VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+    created_at = excluded.created_at, updated_at = excluded.updated_at, record = excluded.record"""
+_UPSERT_VALUE = """INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"""
+_INSERT_RUN = """INSERT INTO host_run (pid, create_time, boot_id, started_at, code_version,
+    swap_id) VALUES (?, ?, ?, ?, ?, ?)"""
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -191,8 +159,9 @@ _BIND_LOCK = threading.RLock()
 class Store:
     """The daemon's memory. Thread-safe; every method is one short transaction."""
 
-    def __init__(self, db: peewee.SqliteDatabase, path: Path) -> None:
-        self._db = db
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.Lock()
         self.path = path
 
     @classmethod
@@ -201,32 +170,37 @@ class Store:
         state_dir = Path(state_dir)
         prepare_state_dir(state_dir)
         path = state_dir / DB_NAME
-        db = peewee.SqliteDatabase(
-            str(path),
-            pragmas=_CONNECT_PRAGMAS,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-            lock_type="IMMEDIATE",  # take the write lock up front: no deadlock on upgrade
-            thread_safe=False,  # one connection, serialized by _BIND_LOCK
-            check_same_thread=False,
-            autoconnect=False,
-        )
         try:
-            with _BIND_LOCK:
-                db.connect()
-                _migrate(db, path)
-                _enable_wal(db, path)
+            conn = sqlite3.connect(
+                path,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,  # autocommit: the store's own BEGIN IMMEDIATE / COMMIT
+                check_same_thread=False,  # the loop and the API threads; see _session's lock
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state store {path}: {exc}") from exc
+        try:
+            for name, value in _CONNECT_PRAGMAS:
+                conn.execute(f"PRAGMA {name} = {value}")  # constants above, never input
+            _migrate(conn, path)
+            _enable_wal(conn, path)
         except BaseException as exc:
-            with _BIND_LOCK, suppress(peewee.PeeweeException):
-                db.close()  # any transaction was rolled back on the way out
-            if isinstance(exc, peewee.PeeweeException):
+            with suppress(sqlite3.Error):
+                conn.close()  # any transaction was rolled back on the way out
+            if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open state store {path}: {exc}") from exc
             raise
-        return cls(db, path)
+        return cls(conn, path)
 
     def close(self) -> None:
-        with _BIND_LOCK:
-            if not self._db.is_closed():
-                self._db.close()
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                conn.close()  # the last connection folds the WAL into the file
+            except sqlite3.Error as exc:
+                raise StoreError(f"state store {self.path}: close failed: {exc}") from exc
 
     def __enter__(self) -> Store:
         return self
@@ -240,9 +214,9 @@ class Store:
         for name in names:
             if not name.isidentifier():
                 raise ValueError(f"pragma name must be an identifier, got {name!r}")
-        with self._session("read pragmas"):
+        with self._session("read pragmas") as conn:
             return {
-                name: self._db.execute_sql(f"PRAGMA {name}").fetchone()[0]
+                name: conn.execute(f"PRAGMA {name}").fetchone()[0]
                 for name in names or _CHECKED_PRAGMAS
             }
 
@@ -258,46 +232,40 @@ class Store:
         swap_id: str | None,
     ) -> int:
         """Remember a spawn before anything else can happen to it; returns the run id."""
-        with self._session("record spawn", write=True, durable=False):
-            return _HostRunRow.insert(
-                pid=_count("pid", pid, 1),
-                create_time=_finite("create_time", create_time),
-                boot_id=_text("boot_id", boot_id),
-                started_at=_finite("started_at", started_at),
-                code_version=code_version,
-                swap_id=swap_id,
-            ).execute()
+        row = (
+            _count("pid", pid, 1),
+            _finite("create_time", create_time),
+            _text("boot_id", boot_id),
+            _finite("started_at", started_at),
+            code_version,
+            swap_id,
+        )
+        return _row_id(self._write("record spawn", _INSERT_RUN, *row, durable=False))
 
     def record_ready(self, run_id: int, at: float) -> None:
-        self._update_run(run_id, "record ready", ready_at=_finite("at", at))
+        self._update_run(run_id, "record ready", "ready_at = ?", _finite("at", at))
 
     def record_exit(self, run_id: int, at: float, code: int | None, signal: int | None) -> None:
-        self._update_run(
-            run_id, "record exit", exited_at=_finite("at", at), exit_code=code, exit_signal=signal
-        )
+        columns = "exited_at = ?, exit_code = ?, exit_signal = ?"
+        self._update_run(run_id, "record exit", columns, _finite("at", at), code, signal)
 
     def live_run(self) -> HostRun | None:
         """The newest run with no exit recorded: the host to adopt after swapguard restarts."""
-        with self._session("find live run"):
-            query = _HostRunRow.select().where(_HostRunRow.exited_at.is_null())
-            rows = list(query.order_by(_HostRunRow.id.desc()).limit(1).dicts())
-            return HostRun(**rows[0]) if rows else None
+        where = "WHERE exited_at IS NULL ORDER BY id DESC LIMIT 1"
+        rows = self._fetch("find live run", f"SELECT {_RUN_COLUMNS} FROM host_run {where}")
+        return HostRun(*rows[0]) if rows else None
 
     def last_runs(self, limit: int) -> list[HostRun]:
         """Newest first."""
-        with self._session("list runs"):
-            query = (
-                _HostRunRow.select()
-                .order_by(_HostRunRow.id.desc())
-                .limit(_count("limit", limit, 1))
-            )
-            return [HostRun(**row) for row in query.dicts()]
+        query = f"SELECT {_RUN_COLUMNS} FROM host_run ORDER BY id DESC LIMIT ?"
+        return [HostRun(*row) for row in self._fetch("list runs", query, _count("limit", limit, 1))]
 
-    def _update_run(self, run_id: int, what: str, **fields: Any) -> None:
-        with self._session(what, write=True, durable=False):
-            changed = _HostRunRow.update(**fields).where(_HostRunRow.id == run_id).execute()
-            if not changed:
-                raise StoreError(f"{what}: no host run with id {run_id!r}")
+    def _update_run(self, run_id: int, what: str, columns: str, *values: Any) -> None:
+        """`columns` is this module's constant text; the values are always bound."""
+        query = f"UPDATE host_run SET {columns} WHERE id = ?"
+        with self._session(what, write=True, durable=False) as conn:
+            if not conn.execute(query, (*values, run_id)).rowcount:
+                raise StoreError(f"{what}: no host run with id {run_id!r}")  # rolled back
 
     # --- audit log --------------------------------------------------------------------------
 
@@ -310,38 +278,23 @@ class Store:
     ) -> EventRecord:
         # Swap events must survive a power loss; the host's own are as mortal as the host.
         durable = swap_id is not None or not kind.startswith("host.")
-        with self._session("append event", write=True, durable=durable):
-            return self._insert_event(kind, detail, swap_id, at)
+        with self._session("append event", write=True, durable=durable) as conn:
+            return _insert_event(conn, kind, detail, swap_id, at)
 
     def events_after(
         self, after: int, limit: int = 500, swap_id: str | None = None
     ) -> list[EventRecord]:
         """Events with id > `after`, oldest first: `after` is a cursor that never repeats."""
-        _count("limit", limit, 1)
-        with self._session("read events"):
-            query = _EventRow.select().where(_EventRow.id > _count("after", after, 0))
-            if swap_id is not None:
-                query = query.where(_EventRow.swap_id == swap_id)
-            return [_event(row) for row in query.order_by(_EventRow.id).limit(limit)]
+        params = (_count("after", after, 0), _count("limit", limit, 1))
+        where = "id > ? ORDER BY id LIMIT ?"
+        if swap_id is not None:  # not `? IS NULL OR ...`: the event_swap_id index must serve it
+            where, params = "id > ? AND swap_id = ? ORDER BY id LIMIT ?", (after, swap_id, limit)
+        query = f"SELECT {_EVENT_COLUMNS} FROM event WHERE {where}"
+        return [_event(row) for row in self._fetch("read events", query, *params)]
 
     def last_event_id(self) -> int:
         """0 while the log is empty; the log is append-only, so this never goes back."""
-        with self._session("read last event id"):
-            return _EventRow.select(peewee.fn.MAX(_EventRow.id)).scalar() or 0
-
-    def _insert_event(
-        self,
-        kind: str,
-        detail: Mapping[str, Any] | None,
-        swap_id: str | None,
-        at: float | None,
-    ) -> EventRecord:
-        when = time.time() if at is None else _finite("at", at)
-        text = _dumps(_mapping(f"detail of event {kind!r}", detail or {}), f"detail of {kind!r}")
-        row_id = _EventRow.insert(
-            at=when, kind=_text("event kind", kind), detail=text, swap_id=swap_id
-        )
-        return EventRecord(row_id.execute(), when, kind, json.loads(text), swap_id)
+        return self._fetch("read last event id", "SELECT MAX(id) FROM event")[0][0] or 0
 
     # --- swaps ------------------------------------------------------------------------------
 
@@ -349,8 +302,8 @@ class Store:
         self, swap_id: str, state: str, created_at: float, record: Mapping[str, Any]
     ) -> None:
         """Insert or replace the swap machine's record, whole, in one transaction."""
-        with self._session("save swap", write=True):
-            self._upsert_swap(swap_id, state, created_at, record)
+        with self._session("save swap", write=True) as conn:
+            _upsert_swap(conn, swap_id, state, created_at, record)
 
     def save_swap_with_event(
         self,
@@ -363,9 +316,9 @@ class Store:
         at: float | None = None,
     ) -> EventRecord:
         """A transition and its audit entry, committed together or not at all."""
-        with self._session("save swap with event", write=True):
-            self._upsert_swap(swap_id, state, created_at, record)
-            return self._insert_event(kind, detail, swap_id, at)
+        with self._session("save swap with event", write=True) as conn:
+            _upsert_swap(conn, swap_id, state, created_at, record)
+            return _insert_event(conn, kind, detail, swap_id, at)
 
     def save_swap_with_events(
         self,
@@ -377,117 +330,115 @@ class Store:
     ) -> list[EventRecord]:
         """A transition and all its audit entries, committed together or not at all: a reader
         never sees a swap in a state whose event is missing."""
-        with self._session("save swap with events", write=True):
-            self._upsert_swap(swap_id, state, created_at, record)
-            return [self._insert_event(kind, detail, swap_id, None) for kind, detail in events]
+        with self._session("save swap with events", write=True) as conn:
+            _upsert_swap(conn, swap_id, state, created_at, record)
+            return [_insert_event(conn, kind, detail, swap_id, None) for kind, detail in events]
 
     def load_swap(self, swap_id: str) -> dict[str, Any] | None:
-        with self._session("load swap"):
-            row = _SwapRow.get_or_none(_SwapRow.id == swap_id)
-            return json.loads(row.record) if row else None
+        rows = self._fetch("load swap", "SELECT record FROM swap WHERE id = ?", swap_id)
+        return json.loads(rows[0][0]) if rows else None
 
     def list_swaps(self, limit: int = 20) -> list[dict[str, Any]]:
         """Newest first, by created_at then insertion order."""
-        with self._session("list swaps"):
-            query = _newest_first(_SwapRow.select(_SwapRow.record)).limit(_count("limit", limit, 1))
-            return [json.loads(row.record) for row in query]
+        query = f"SELECT record FROM swap {_NEWEST_FIRST} LIMIT ?"
+        rows = self._fetch("list swaps", query, _count("limit", limit, 1))
+        return [json.loads(record) for (record,) in rows]
 
     def active_swap(self) -> dict[str, Any] | None:
         """The swap in flight (any state but a terminal one), or None."""
-        with self._session("find active swap"):
-            query = _SwapRow.select(_SwapRow.id, _SwapRow.record).where(
-                _SwapRow.state.not_in(TERMINAL_SWAP_STATES)
-            )
-            rows = list(_newest_first(query).limit(2))
+        where = f"WHERE state NOT IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT 2"
+        rows = self._fetch("find active swap", f"SELECT id, record FROM swap {where}", *_TERMINAL)
         if len(rows) > 1:
-            logger.warning("more than one swap in flight: %s and %s", rows[0].id, rows[1].id)
-        return json.loads(rows[0].record) if rows else None
+            logger.warning("more than one swap in flight: %s and %s", rows[0][0], rows[1][0])
+        return json.loads(rows[0][1]) if rows else None
 
     def finished_swap_ids_beyond(self, keep: int) -> list[str]:
         """Finished swaps other than the newest `keep` of them (newest first): their snapshots
         may go. `failed` swaps are never listed: a retried rollback needs their snapshots."""
-        with self._session("list finished swaps"):
-            query = _SwapRow.select(_SwapRow.id).where(_SwapRow.state.in_(TERMINAL_SWAP_STATES))
-            return [row.id for row in _newest_first(query).offset(_count("keep", keep, 0))]
-
-    def _upsert_swap(
-        self, swap_id: str, state: str, created_at: float, record: Mapping[str, Any]
-    ) -> None:
-        _text("swap id", swap_id)
-        _text(f"state of swap {swap_id}", state)
-        record = _mapping(f"record of swap {swap_id}", record)
-        for key, column in (("id", swap_id), ("state", state)):
-            if key in record and record[key] != column:
-                raise ValueError(
-                    f"swap {swap_id}: record[{key!r}] is {record[key]!r}, not {column!r}"
-                )
-        fields = {
-            _SwapRow.state: state,
-            _SwapRow.created_at: _finite("created_at", created_at),
-            _SwapRow.updated_at: time.time(),
-            _SwapRow.record: _dumps(record, f"record of swap {swap_id}"),
-        }
-        # ON CONFLICT DO UPDATE keeps the rowid (REPLACE would not), so ties keep their order.
-        _SwapRow.insert({_SwapRow.id: swap_id, **fields}).on_conflict(
-            conflict_target=[_SwapRow.id], update=fields
-        ).execute()
+        where = f"WHERE state IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT -1 OFFSET ?"
+        params = (*_TERMINAL, _count("keep", keep, 0))
+        rows = self._fetch("list finished swaps", f"SELECT id FROM swap {where}", *params)
+        return [swap_id for (swap_id,) in rows]
 
     # --- small values -----------------------------------------------------------------------
 
     def get_value(self, key: str) -> Any | None:
-        with self._session("read value"):
-            row = _ValueRow.get_or_none(_ValueRow.key == key)
-            return json.loads(row.value) if row else None
+        rows = self._fetch("read value", "SELECT value FROM kv WHERE key = ?", key)
+        return json.loads(rows[0][0]) if rows else None
 
     def set_value(self, key: str, value: Any) -> None:
         """Store any JSON value; None deletes the key (get_value answers None either way)."""
         _text("value key", key)
-        with self._session("write value", write=True):
-            if value is None:
-                _ValueRow.delete().where(_ValueRow.key == key).execute()
-                return
-            fields = {
-                _ValueRow.value: _dumps(value, f"value {key!r}"),
-                _ValueRow.updated_at: time.time(),
-            }
-            _ValueRow.insert({_ValueRow.key: key, **fields}).on_conflict(
-                conflict_target=[_ValueRow.key], update=fields
-            ).execute()
+        if value is None:
+            self._write("write value", "DELETE FROM kv WHERE key = ?", key)
+        else:
+            text = _dumps(value, f"value {key!r}")
+            self._write("write value", _UPSERT_VALUE, key, text, time.time())
 
     # --- plumbing ---------------------------------------------------------------------------
 
+    def _fetch(self, what: str, query: str, *params: Any) -> list[Any]:
+        """All the rows at once, inside the lock: a half-read SELECT would hold a read snapshot
+        open on the shared connection (and pin the WAL) until its cursor is dropped."""
+        with self._session(what) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def _write(self, what: str, query: str, *params: Any, durable: bool = True) -> sqlite3.Cursor:
+        """One statement, one transaction."""
+        with self._session(what, write=True, durable=durable) as conn:
+            return conn.execute(query, params)
+
     @contextmanager
-    def _session(self, what: str, *, write: bool = False, durable: bool = True) -> Iterator[None]:
-        """Bind the models to this store's database (and open a transaction for a write).
+    def _session(
+        self, what: str, *, write: bool = False, durable: bool = True
+    ) -> Iterator[sqlite3.Connection]:
+        """The connection, to this thread alone (and in a transaction, for a write).
 
         `durable=False` commits without an fsync (WAL, synchronous NORMAL): still atomic and
         safe against a crash of swapguard, only a power loss may drop it. For facts about the
         host process, which a power loss ends anyway, that keeps restarts fast."""
-        with _BIND_LOCK:
-            if self._db.is_closed():
+        with self._lock:
+            conn = self._conn
+            if conn is None:
                 raise StoreError(f"state store {self.path} is closed ({what})")
             try:
-                with self._db.bind_ctx(_MODELS):
-                    if write and not durable:
-                        self._db.execute_sql("PRAGMA synchronous = NORMAL")
-                    try:
-                        if write:
-                            with self._db.atomic():
-                                yield
-                        else:
-                            yield
-                    finally:
-                        if write and not durable:
-                            self._db.execute_sql("PRAGMA synchronous = FULL")
-            except peewee.PeeweeException as exc:
+                if not write:
+                    yield conn
+                    return
+                if not durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                try:
+                    with _transaction(conn):
+                        yield conn
+                finally:
+                    if not durable:
+                        conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
                 raise StoreError(f"state store {self.path}: {what} failed: {exc}") from exc
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE takes the write lock up front (no deadlock on a read-to-write upgrade);
+    anything raised inside, a failed COMMIT included, rolls the whole transaction back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("rollback failed; the connection's next statement will tell")
+        raise
 
 
 # --- opening --------------------------------------------------------------------------------
 
 
-def _enable_wal(db: peewee.SqliteDatabase, path: Path) -> None:
-    mode = db.pragma("journal_mode", "wal")
+def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StoreError(
             f"state store {path}: SQLite refused WAL mode (got {mode!r}); state.dir must be on a"
@@ -495,26 +446,27 @@ def _enable_wal(db: peewee.SqliteDatabase, path: Path) -> None:
         )
 
 
-def _migrate(db: peewee.SqliteDatabase, path: Path) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Runs before WAL is switched on, so a file from a newer swapguard is refused untouched."""
-    with db.atomic():  # BEGIN IMMEDIATE: all steps and the new version commit together
-        version = _stored_version(db, path)
+    with _transaction(conn):  # all steps and the new version commit together
+        tables = {name for (name,) in conn.execute(_TABLES).fetchall()}
+        version = _stored_version(conn, path) if "meta" in tables else 0
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"state store {path} has schema version {version}, newer than this swapguard knows"
                 f" ({SCHEMA_VERSION}); upgrade swapguard or point state.dir elsewhere"
             )
-        if version == 0 and db.get_tables():
+        if version == 0 and tables:
             raise StoreError(f"{path} is a SQLite file but not a swapguard state store")
         for number in range(version + 1, SCHEMA_VERSION + 1):
             try:
-                MIGRATIONS[number - 1](db)
-            except peewee.PeeweeException as exc:
+                MIGRATIONS[number - 1](conn)
+            except sqlite3.Error as exc:
                 raise StoreError(
                     f"state store {path}: migration to v{number} failed: {exc}"
                 ) from exc
         if version != SCHEMA_VERSION:
-            db.execute_sql(
+            conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
@@ -523,11 +475,9 @@ def _migrate(db: peewee.SqliteDatabase, path: Path) -> None:
         logger.info("state store %s migrated from v%d to v%d", path, version, SCHEMA_VERSION)
 
 
-def _stored_version(db: peewee.SqliteDatabase, path: Path) -> int:
-    """0 for a new file; the meta table's schema_version otherwise."""
-    if "meta" not in db.get_tables():
-        return 0
-    row = db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+def _stored_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The meta table's schema_version."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     try:
         return int(row[0])
     except (TypeError, ValueError):
@@ -536,15 +486,55 @@ def _stored_version(db: peewee.SqliteDatabase, path: Path) -> int:
         ) from None
 
 
+# --- writes shared by several transactions ----------------------------------------------------
+
+
+def _insert_event(
+    conn: sqlite3.Connection,
+    kind: str,
+    detail: Mapping[str, Any] | None,
+    swap_id: str | None,
+    at: float | None,
+) -> EventRecord:
+    when = time.time() if at is None else _finite("at", at)
+    text = _dumps(_mapping(f"detail of event {kind!r}", detail or {}), f"detail of {kind!r}")
+    cursor = conn.execute(
+        "INSERT INTO event (at, kind, detail, swap_id) VALUES (?, ?, ?, ?)",
+        (when, _text("event kind", kind), text, swap_id),
+    )
+    return EventRecord(_row_id(cursor), when, kind, json.loads(text), swap_id)
+
+
+def _upsert_swap(
+    conn: sqlite3.Connection,
+    swap_id: str,
+    state: str,
+    created_at: float,
+    record: Mapping[str, Any],
+) -> None:
+    _text("swap id", swap_id)
+    _text(f"state of swap {swap_id}", state)
+    record = _mapping(f"record of swap {swap_id}", record)
+    for key, column in (("id", swap_id), ("state", state)):
+        if key in record and record[key] != column:
+            raise ValueError(f"swap {swap_id}: record[{key!r}] is {record[key]!r}, not {column!r}")
+    created_at = _finite("created_at", created_at)
+    text = _dumps(record, f"record of swap {swap_id}")
+    conn.execute(_UPSERT_SWAP, (swap_id, state, created_at, time.time(), text))
+
+
 # --- rows to records, values to JSON --------------------------------------------------------
 
 
-def _newest_first(query: peewee.ModelSelect) -> peewee.ModelSelect:
-    return query.order_by(_SwapRow.created_at.desc(), peewee.SQL("rowid").desc())
+def _row_id(cursor: sqlite3.Cursor) -> int:
+    row_id = cursor.lastrowid
+    assert row_id is not None, "an INSERT always sets lastrowid"
+    return row_id
 
 
-def _event(row: _EventRow) -> EventRecord:
-    return EventRecord(row.id, row.at, row.kind, json.loads(row.detail), row.swap_id)
+def _event(row: tuple[Any, ...]) -> EventRecord:
+    row_id, at, kind, detail, swap_id = row
+    return EventRecord(row_id, at, kind, json.loads(detail), swap_id)
 
 
 def _dumps(value: Any, what: str) -> str:

@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -375,6 +375,124 @@ def test_threads_share_one_store(store: Store) -> None:
         thread.join(WAIT_S)
     assert store.last_event_id() == 80
     assert [store.get_value(f"w{w}") for w in range(4)] == [19] * 4
+
+
+def test_two_stores_written_by_threads_at_once_keep_their_own_rows(tmp_path: Path) -> None:
+    stores = {name: Store.open(tmp_path / name) for name in ("a", "b")}
+    try:
+
+        def write(name: str, worker: int) -> None:
+            for n in range(15):
+                stores[name].append_event(f"{name}.tick", {"worker": worker, "n": n})
+                stores[name].set_value(f"{name}{worker}", n)
+
+        workers = [
+            threading.Thread(target=write, args=(name, w)) for name in stores for w in range(2)
+        ]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(WAIT_S)
+        for name, opened in stores.items():
+            assert {event.kind for event in opened.events_after(0)} == {f"{name}.tick"}
+            assert opened.last_event_id() == 30
+            assert [opened.get_value(f"{other}{w}") for other in stores for w in range(2)] == (
+                [14, 14, None, None] if name == "a" else [None, None, 14, 14]
+            )
+    finally:
+        for opened in stores.values():
+            opened.close()
+
+
+def test_a_reader_thread_never_sees_half_a_transaction(store: Store) -> None:
+    """The loop and API threads share one connection: without the store's lock, a read would run
+    inside the other thread's open transaction and see its first event without its second."""
+    writing = threading.Event()
+    odd_counts: list[int] = []
+
+    def write() -> None:
+        writing.set()
+        for n in range(60):
+            events = [("swap.a", {"n": n}), ("swap.b", {"n": n})]
+            store.save_swap_with_events("s1", "probation", 1.0, {"n": n}, events)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert writing.wait(WAIT_S)
+    while writer.is_alive():
+        count = store.last_event_id()
+        if count % 2:
+            odd_counts.append(count)
+    writer.join(WAIT_S)
+    assert odd_counts == []
+    assert store.last_event_id() == 120
+    assert store.load_swap("s1") == {"n": 59}
+
+
+@contextmanager
+def statements(store: Store) -> Iterator[list[str]]:
+    """The SQL the store's own connection runs meanwhile (the store's private connection: no
+    public surface says which statements a write issues)."""
+    seen: list[str] = []
+    conn = store._conn
+    assert conn is not None
+    conn.set_trace_callback(seen.append)
+    try:
+        yield seen
+    finally:
+        conn.set_trace_callback(None)
+
+
+def test_each_write_is_one_immediate_transaction_and_host_facts_skip_the_fsync(
+    store: Store,
+) -> None:
+    run_id = store.record_spawn(7, 1.0, "boot", 1.0, None, None)
+    head = {False: ["BEGIN IMMEDIATE"], True: ["PRAGMA synchronous = NORMAL", "BEGIN IMMEDIATE"]}
+    tail = {False: ["COMMIT"], True: ["COMMIT", "PRAGMA synchronous = FULL"]}
+    writes: list[tuple[Callable[[], object], bool]] = [  # (write, relaxed)
+        (lambda: store.set_value("k", 1), False),
+        (lambda: store.record_spawn(8, 1.0, "boot", 1.0, None, None), True),
+        (lambda: store.record_ready(run_id, 2.0), True),
+        (lambda: store.record_exit(run_id, 3.0, 0, None), True),
+        (lambda: store.append_event("host.started", {"pid": 8}), True),
+        (lambda: store.append_event("host.started", {"pid": 8}, swap_id="s1"), False),
+        (lambda: store.append_event("config.reloaded"), False),
+        (lambda: store.save_swap_with_events("s1", "prepared", 1.0, {}, [("a", {})]), False),
+    ]
+    for write, relaxed in writes:
+        with statements(store) as seen:
+            write()
+        body = seen[len(head[relaxed]) : -len(tail[relaxed])]
+        assert seen == [*head[relaxed], *body, *tail[relaxed]]
+        assert body and not [s for s in body if s.startswith(("BEGIN", "COMMIT", "PRAGMA"))]
+    assert store.effective_pragmas("synchronous") == {"synchronous": 2}
+
+
+def test_a_failed_relaxed_write_rolls_back_and_still_restores_full_sync(store: Store) -> None:
+    with statements(store) as seen, pytest.raises(StoreError, match="no host run with id 99"):
+        store.record_ready(99, 1.0)
+    assert seen[-2:] == ["ROLLBACK", "PRAGMA synchronous = FULL"]
+    with pytest.raises(ValueError, match="event kind"):
+        store.append_event("", swap_id=None)  # not a host fact, but fails inside its transaction
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        store.append_event("host.bad", {"x": object()})  # relaxed, fails inside
+    assert store.effective_pragmas("synchronous") == {"synchronous": 2}
+    assert store.last_event_id() == 0
+    assert store.last_runs(5) == []
+
+
+def test_sqlite_errors_become_store_errors_naming_the_file_and_the_step(store: Store) -> None:
+    with raw(store.path) as conn:
+        conn.execute("DROP TABLE kv")
+    with pytest.raises(StoreError, match=r"state\.db: write value failed: no such table: kv"):
+        store.set_value("k", 1)
+    with pytest.raises(StoreError, match=r"state\.db: read value failed: no such table: kv"):
+        store.get_value("k")
+    with pytest.raises(StoreError) as caught:
+        store.get_value("k")
+    assert str(store.path) in str(caught.value)
+    store.append_event("still.works")  # the failed transaction left nothing open
+    assert store.last_event_id() == 1
 
 
 # --- the state lock -------------------------------------------------------------------------
