@@ -13,23 +13,19 @@ at 33 MiB RSS, and a 200-swap soak that grew 38 -> 46 MiB with the Python heap f
   Python holds the GIL for almost every allocation, so two arenas cost no contention.
 - `malloc_trim(0)` returns the free pages inside the arenas (not only at their top): once after
   start-up, when import and start-up garbage is gone.
-- `hashlib` maps OpenSSL's libcrypto on import: 3.5 MiB of RSS (3 MiB of it file pages), loaded at
-  start-up only because peewee and the snapshot code import it at their tops. It is deferred to
-  the first hash, so a supervisor that never snapshots data never loads it. `ssl` (libssl, 4 MiB)
-  is kept out for good: swapguard never speaks TLS.
+- `hashlib` maps OpenSSL's libcrypto on import: 3.5 MiB of RSS (3 MiB of it file pages). The
+  snapshot code imports it at its first hash, so a supervisor that never snapshots data never
+  loads it; naming the cgroup at start-up uses CPython's own sha256 (`builtin_sha256_hex`).
+  `ssl` (libssl, 4 MiB) is kept out for good: swapguard never speaks TLS.
 Everything here is a no-op where it cannot apply (no glibc, a module already imported).
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
 import os
 import sys
-import threading
-import types
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +33,6 @@ ARENA_MAX = 2
 MMAP_THRESHOLD = 128 * 1024  # glibc's default; setting it stops the dynamic raise
 TRIM_THRESHOLD = 128 * 1024  # likewise
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # <malloc.h>
-_DEFER_LOCK = threading.Lock()
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -83,38 +78,6 @@ def keep_out_of_process(names: tuple[str, ...] = ("ssl",)) -> None:
     http.client import `ssl` only if it is there. A module already imported stays."""
     for name in names:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-
-
-def defer_import(name: str) -> types.ModuleType:
-    """Put a stand-in for module `name` into sys.modules; `import name` then costs nothing until
-    an attribute of it is read, which imports the real module (once, thread-safe). Returns the
-    module in sys.modules: the real one if it was imported already."""
-    if name in sys.modules:
-        return sys.modules[name]
-    stand_in = _DeferredModule(name)
-    sys.modules[name] = stand_in
-    return stand_in
-
-
-class _DeferredModule(types.ModuleType):
-    """A module whose import waits for the first attribute read. The real module's namespace is
-    copied in then, so later reads are plain lookups (`__getattr__` runs only for a name the
-    stand-in does not have)."""
-
-    def __getattr__(self, attribute: str) -> Any:
-        name = self.__name__
-        with _DEFER_LOCK:
-            real = sys.modules.get(name)
-            if real is None or real is self:
-                sys.modules.pop(name, None)
-                try:
-                    real = importlib.import_module(name)
-                except BaseException:
-                    sys.modules.setdefault(name, self)
-                    raise
-                self.__dict__.update(real.__dict__)
-                log.debug("deferred module %s imported (for %r)", name, attribute)
-        return getattr(real, attribute)
 
 
 def builtin_sha256_hex(data: bytes) -> str:

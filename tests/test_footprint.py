@@ -1,4 +1,4 @@
-"""The daemon's memory footprint: glibc's malloc settings, trims, deferred imports.
+"""The daemon's memory footprint: glibc's malloc settings, trims, refused imports.
 
 The malloc tests run in a child interpreter each (mallopt settings are for the whole process and
 cannot be undone), with threads and buffers shaped like the daemon's: a fresh thread per snapshot
@@ -12,8 +12,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,88 +116,10 @@ def test_malloc_calls_report_whether_they_applied() -> None:
     assert run_python(source).split() == ["True"]
 
 
-# --- deferred and refused imports -----------------------------------------------------------
+# --- refused imports -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def lazy_module(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A module on sys.path that notes each import of itself in a file and imports slowly (the
-    sleep widens the window in which threads race for the first attribute)."""
-    name = f"footprint_probe_{tmp_path.name.replace('-', '_')}"
-    log = tmp_path / "imports.log"
-    (tmp_path / f"{name}.py").write_text(
-        textwrap.dedent(f"""
-            import time
-            with open({str(log)!r}, "a") as log:
-                log.write("imported\\n")
-            time.sleep(0.2)
-            VALUE = 42
-        """)
-    )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        yield name, log
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop(name, None)
-
-
-def imports_of(log: Path) -> int:
-    return len(log.read_text().splitlines()) if log.exists() else 0
-
-
-def test_a_deferred_module_is_imported_at_its_first_attribute(lazy_module: tuple[str, Path]):
-    name, log = lazy_module
-    stand_in = footprint.defer_import(name)
-    imported = __import__(name)  # what `import name` in another module gets
-    assert imported is stand_in and imports_of(log) == 0
-    assert imported.VALUE == 42
-    assert imports_of(log) == 1
-    assert sys.modules[name].VALUE == 42 and sys.modules[name] is not stand_in
-    assert stand_in.VALUE == 42 and imports_of(log) == 1  # now a plain attribute
-    with pytest.raises(AttributeError):
-        _ = stand_in.MISSING
-
-
-def test_threads_racing_for_a_deferred_module_import_it_once(lazy_module: tuple[str, Path]):
-    name, log = lazy_module
-    stand_in = footprint.defer_import(name)
-    barrier = threading.Barrier(8)
-    seen: list[object] = []
-
-    def read() -> None:
-        barrier.wait()
-        seen.append(stand_in.VALUE)
-
-    threads = [threading.Thread(target=read) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert seen == [42] * 8
-    assert imports_of(log) == 1
-
-
-def test_a_failing_deferred_import_raises_and_can_be_retried(tmp_path: Path) -> None:
-    name = "footprint_probe_broken"
-    source = tmp_path / f"{name}.py"
-    source.write_text("raise ImportError('not today')\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        stand_in = footprint.defer_import(name)
-        with pytest.raises(ImportError, match="not today"):
-            _ = stand_in.VALUE
-        assert sys.modules[name] is stand_in
-        source.write_text("VALUE = 7\n")
-        sys.path_importer_cache.clear()
-        assert stand_in.VALUE == 7
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop(name, None)
-
-
-def test_deferring_or_refusing_an_imported_module_changes_nothing() -> None:
-    assert footprint.defer_import("json") is json
+def test_refusing_an_imported_module_changes_nothing() -> None:
     footprint.keep_out_of_process(("json",))
     assert sys.modules["json"] is json
 

@@ -407,7 +407,8 @@ def test_extend_is_capped_and_deadline_survives_a_supervisor_kill(repo: Path) ->
 
 def test_a_host_extends_its_probation_by_the_time_it_names(repo: Path) -> None:
     """EXTEND_TIMEOUT_USEC=90 s from the new version: deadline = then + 90 s, not + extend_by."""
-    with supervised(repo, deadman={"window": "30s", "extend_by": "120s", "hard_cap": "300s"}) as sup:
+    deadman = {"window": "30s", "extend_by": "120s", "hard_cap": "300s"}
+    with supervised(repo, deadman=deadman) as sup:
         sup.start()
         swap = sup.client.prepare("asks for 90 s")
         new_version(repo, {"version": "v2", "extend_usec": 90_000_000})
