@@ -299,16 +299,19 @@ class CodeTree:
         found = self._git.run("rev-parse", "-q", "--verify", "HEAD^{commit}", ok=(1,))
         return found.strip() if found else None
 
-    def drop(self, name: str) -> None:
-        """Forget every swapguard ref of `name`, so gc may reclaim what only they kept."""
-        _check_name(name)
+    def drop(self, *names: str) -> None:
+        """Forget every swapguard ref of each of `names`, so gc may reclaim what only they kept.
+        Two git runs however many names: a prune names every finished swap past `keep_swaps`."""
+        for name in names:
+            _check_name(name)
+        if not (wanted := set(names)):
+            return
         listed = self._git.out("for-each-ref", "--format=%(refname)", f"{REF_ROOT}/")
         doomed = [
-            ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] == name
+            ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] in wanted
         ]
-        for ref in doomed:
-            self._git.out("update-ref", "-d", ref)
         if doomed:
+            self._git.run("update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed))
             log.info("dropped %s", ", ".join(doomed))
 
     # --- capture ----------------------------------------------------------------------------

@@ -54,6 +54,15 @@ _CONNECT_PRAGMAS = (
 )
 _CHECKED_PRAGMAS = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
 
+EVENTS_KEPT = 100_000
+RUNS_KEPT = 10_000
+SWAP_RECORDS_KEPT = 1_000
+"""History is bounded, so a crash-looping host or years of swaps cannot fill the disk: every
+_TRIM_EVERY-th event or run deletes what lies past the newest *_KEPT in the same transaction (one
+indexed DELETE per thousand inserts), and a prune forgets finished swaps past SWAP_RECORDS_KEPT.
+The file stops growing; SQLite reuses the freed pages."""
+_TRIM_EVERY = 1_000
+
 
 # --- records handed to callers --------------------------------------------------------------
 
@@ -240,7 +249,12 @@ class Store:
             code_version,
             swap_id,
         )
-        return _row_id(self._write("record spawn", _INSERT_RUN, *row, durable=False))
+        with self._session("record spawn", write=True, durable=False) as conn:
+            run_id = _row_id(conn.execute(_INSERT_RUN, row))
+            if run_id % _TRIM_EVERY == 0:  # a live run is never trimmed: adoption needs it
+                trim = "DELETE FROM host_run WHERE id <= ? AND exited_at IS NOT NULL"
+                conn.execute(trim, (run_id - RUNS_KEPT,))
+            return run_id
 
     def record_ready(self, run_id: int, at: float) -> None:
         self._update_run(run_id, "record ready", "ready_at = ?", _finite("at", at))
@@ -351,6 +365,14 @@ class Store:
         if len(rows) > 1:
             logger.warning("more than one swap in flight: %s and %s", rows[0][0], rows[1][0])
         return json.loads(rows[0][1]) if rows else None
+
+    def forget_finished_swaps_beyond(self, keep: int) -> int:
+        """Delete the records of finished swaps other than the newest `keep` (their events stay
+        until trimmed); returns how many went."""
+        where = f"WHERE state IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT -1 OFFSET ?"
+        doomed = f"DELETE FROM swap WHERE id IN (SELECT id FROM swap {where})"
+        params = (*_TERMINAL, _count("keep", keep, 0))
+        return self._write("forget finished swaps", doomed, *params).rowcount
 
     def finished_swap_ids_beyond(self, keep: int) -> list[str]:
         """Finished swaps other than the newest `keep` of them (newest first): their snapshots
@@ -502,7 +524,10 @@ def _insert_event(
         "INSERT INTO event (at, kind, detail, swap_id) VALUES (?, ?, ?, ?)",
         (when, _text("event kind", kind), text, swap_id),
     )
-    return EventRecord(_row_id(cursor), when, kind, json.loads(text), swap_id)
+    event_id = _row_id(cursor)
+    if event_id % _TRIM_EVERY == 0:
+        conn.execute("DELETE FROM event WHERE id <= ?", (event_id - EVENTS_KEPT,))
+    return EventRecord(event_id, when, kind, json.loads(text), swap_id)
 
 
 def _upsert_swap(

@@ -17,7 +17,7 @@ from supervisor.config import Config
 from supervisor.datacopy import fsync_dir, fsync_file
 from supervisor.errors import SwapguardError
 from supervisor.snapshot import DataSnapshot, SnapshotStore
-from supervisor.store import Store
+from supervisor.store import SWAP_RECORDS_KEPT, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ def _snapshots(swap: swaps.Swap) -> list[DataSnapshot]:
 
 
 class SwapWork:
-    def __init__(self, config: Config, store: Store, code: CodeTree,
-                 snapshots: SnapshotStore) -> None:
+    def __init__(
+        self, config: Config, store: Store, code: CodeTree, snapshots: SnapshotStore
+    ) -> None:
         self.config = config
         self.store = store
         self.code = code
@@ -121,9 +122,10 @@ class SwapWork:
         return "snapshot.verified", {"entries": len(results)}
 
     def prune(self, keep: int) -> None:
-        """Drop checkpoints and snapshots of finished swaps beyond the newest `keep`."""
-        for swap_id in self.store.finished_swap_ids_beyond(keep):
-            self.code.drop(swap_id)
+        """Drop checkpoints and snapshots of finished swaps beyond the newest `keep`, and their
+        records beyond SWAP_RECORDS_KEPT."""
+        self.code.drop(*self.store.finished_swap_ids_beyond(keep))
+        self.store.forget_finished_swaps_beyond(max(keep, SWAP_RECORDS_KEPT))
         keep_ids = {record["id"] for record in self.store.list_swaps(limit=keep)}
         if (active := self.store.active_swap()) is not None:
             keep_ids.add(active["id"])

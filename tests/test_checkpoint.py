@@ -514,6 +514,29 @@ def test_drop_forgets_the_refs_of_one_swap(repo: Path) -> None:
     tree.drop("s1")  # pruning again is fine
 
 
+def test_drop_of_many_swaps_runs_git_twice(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune names every finished swap past keep_swaps: the cost must not grow with them."""
+    tree = code_tree(repo)
+    for name in ("s1", "s2", "s3"):
+        tree.take(name)
+    calls: list[str] = []
+    real_run = type(tree._git).run
+
+    def counting_run(git: Any, *args: str, **kwargs: Any) -> str | None:
+        calls.append(args[0])
+        return real_run(git, *args, **kwargs)
+
+    monkeypatch.setattr(type(tree._git), "run", counting_run)
+    tree.drop(*(f"gone-{i}" for i in range(200)), "s1", "s3")
+    assert calls == ["for-each-ref", "update-ref"]
+    assert git(repo, "for-each-ref", "--format=%(refname)", "refs/swapguard/").split() == [
+        "refs/swapguard/checkpoints/s2"
+    ]
+    with pytest.raises(CheckpointError, match="checkpoint name"):
+        tree.drop("s2", "../escape")
+    assert "refs/swapguard/checkpoints/s2" in git(repo, "for-each-ref", "refs/swapguard/")
+
+
 def test_checkpoint_json_round_trip_and_bad_records() -> None:
     cp = Checkpoint(commit="a" * 40, index_tree="b" * 40, head="c" * 40, branch="main")
     assert Checkpoint.from_json(cp.to_json()) == cp

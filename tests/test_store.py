@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from supervisor import store as store_module
 from supervisor.errors import StateLocked, SwapguardError
 from supervisor.store import (
     SCHEMA_VERSION,
@@ -320,6 +321,37 @@ def test_finished_swaps_beyond_keep_are_listed_for_pruning(store: Store) -> None
     assert store.finished_swap_ids_beyond(10) == []
     with pytest.raises(ValueError, match="keep"):
         store.finished_swap_ids_beyond(-1)
+
+
+def test_finished_swap_records_beyond_keep_are_forgotten(store: Store) -> None:
+    states = ["confirmed", "rolled_back", "failed", "aborted", "confirmed", "probation"]
+    for n, state in enumerate(states):
+        store.save_swap(f"s{n}", state, float(n), {})
+    assert store.forget_finished_swaps_beyond(2) == 2
+    assert [f"s{n}" for n in range(6) if store.load_swap(f"s{n}") is not None] == [
+        "s2", "s3", "s4", "s5"
+    ]  # fmt: skip
+    assert store.forget_finished_swaps_beyond(2) == 0
+    assert store.finished_swap_ids_beyond(0) == ["s4", "s3"]
+
+
+def test_history_is_trimmed_past_the_newest_kept(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every _TRIM_EVERY-th insert trims; a run with no exit (a host to adopt) always stays."""
+    monkeypatch.setattr(store_module, "_TRIM_EVERY", 10)
+    monkeypatch.setattr(store_module, "EVENTS_KEPT", 15)
+    monkeypatch.setattr(store_module, "RUNS_KEPT", 5)
+    for n in range(1, 41):
+        store.append_event("host.started", {"n": n})
+    assert [e.id for e in store.events_after(0, limit=100)] == list(range(26, 41))
+    assert store.last_event_id() == 40
+    for n in range(1, 21):
+        run_id = store.record_spawn(100 + n, 1.0, "boot", float(n), None, None)
+        if n not in (3, 20):
+            store.record_exit(run_id, float(n), 0, None)
+    assert [run.id for run in store.last_runs(100)] == [20, 19, 18, 17, 16, 3]
+    assert store.live_run() is not None and store.live_run().id == 20
 
 
 def test_a_swap_and_its_event_commit_together_or_not_at_all(store: Store) -> None:
