@@ -14,7 +14,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -311,6 +310,8 @@ class _Table:
 def _reject_unknown(table: _Table, allowed: Sequence[str], *, what: str = "key") -> None:
     for field in table.values:
         if field not in allowed:
+            import difflib  # only on this error path: the running daemon need not hold it
+
             close = difflib.get_close_matches(field, allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise table.fail(field, f"unknown {what}; {hint}expected one of: {', '.join(allowed)}")

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import tenacity
+import random
 
 from supervisor import lifecycle, swaps
 from supervisor.config import Config
 
+JITTER = 0.25
+"""Up to this fraction of `restart_delay` is added at random to each backoff, so hosts restarted
+together (a shared dependency went down) do not come back in lockstep."""
 
-def host_policy(config: Config) -> lifecycle.Policy:
-    """The lifecycle machine's policy; its backoff is tenacity's exponential wait plus jitter."""
+
+def host_policy(config: Config, rng: random.Random | None = None) -> lifecycle.Policy:
+    """The lifecycle machine's policy; `rng` is for tests (the jitter's source)."""
     cfg = config.host
-    base = tenacity.wait_exponential(
-        multiplier=cfg.restart_delay, exp_base=2, max=cfg.restart_delay_max
-    )
-    jitter = tenacity.wait_random(0, cfg.restart_delay * 0.25)
+    uniform = (rng or random.Random()).uniform
 
     def backoff(failures: int) -> float:
+        """restart_delay, doubled for each failure in a row after the first, plus jitter;
+        never past restart_delay_max."""
         if cfg.restart_delay <= 0:
             return 0.0
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-        state.attempt_number = failures
-        return min(base(state) + jitter(state), cfg.restart_delay_max)
+        doublings = min(max(failures - 1, 0), 64)  # past 2**64 any delay is over any cap
+        delay = cfg.restart_delay * 2.0**doublings + uniform(0, cfg.restart_delay * JITTER)
+        return min(delay, cfg.restart_delay_max)
 
     return lifecycle.Policy(
         ready_mode=cfg.ready,
