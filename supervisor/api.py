@@ -1,37 +1,38 @@
 """The control socket's server: HTTP/1.1 + JSON over a unix stream socket.
 
-Theory of operation. This module knows sockets, HTTP framing and peer credentials, not the
-runtime: a valid request becomes one call on a `Backend`, which the daemon implements (thread-safe:
-it marshals each call to its loop). What is valid is `supervisor.routes` (the route table, query and
-body validation, encoding; re-exported here). Reads are open to whoever can connect; every POST is a
-write, checked by `Backend.may_write(peer)` against the kernel-reported peer credentials.
+Theory of operation. This module knows sockets, deadlines and peer credentials, not the runtime: a
+valid request becomes one call on a `Backend`, which the daemon implements (thread-safe: it marshals
+each call to its loop). What is valid is `supervisor.routes` (the route table, query and body
+validation, encoding; re-exported here). Reads are open to whoever can connect; every POST is a
+write, checked by `Backend.may_write(peer)` against the kernel-reported peer credentials. h11 does
+the HTTP framing: a connection's thread reads with `recv`, feeds h11, and writes what h11 returns.
 
 Nothing is read without a bound: a request's first byte must come within `request_timeout` (idle
-keep-alive), the whole request within `request_timeout` of that byte; headers and bodies are capped
-at 64 KiB (bodies by Content-Length, before reading). Past `max_connections` a connection gets
-503 at once, without a thread, and is closed. A framing error (bad Content-Length, chunked, body cut
-short) closes the connection after the answer; other errors keep it alive. Requests log at DEBUG.
+keep-alive), the whole request within `request_timeout` of that byte; the header section is capped
+at 64 KiB and 100 fields, bodies at 64 KiB (by Content-Length, before reading). Past
+`max_connections` a connection gets 503 at once, without a thread, and is closed. A request that
+cannot be read to its end (bad framing, chunked, a limit, a hang-up or a timeout inside it) is
+answered, then the connection closes; other errors keep it alive. Requests log at DEBUG.
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
-import io
 import logging
 import os
-import re
 import socket
 import socketserver
 import stat
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.client import LineTooLong
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+import h11
 
 from supervisor import __version__, errors
 from supervisor.routes import (
@@ -57,7 +58,15 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 300.0
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # the request line and the header fields together
+MAX_HEADER_FIELDS = 100
+_RECV_BYTES = 64 * 1024
+# Methods this server knows (405 where a path does not take them); any other is 501.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_SERVER = f"swapguard/{__version__}".encode("ascii")
+_WEEKDAYS = b"Mon Tue Wed Thu Fri Sat Sun".split()
+_MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+_RETRY = ((b"Retry-After", b"1"),)
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux (103 on macOS)
 _CLOSE_JOIN_S = 5.0
 
@@ -68,7 +77,16 @@ class ControlSocketInUse(errors.SwapguardError):
     code = "socket_in_use"
 
 
-# --- peer credentials and bounded reading -----------------------------------------------------
+class _ProtocolError(errors.SwapguardError):
+    """A refusal at the HTTP level (408, 414, 431, 501, 505, ...), coded by the status's name."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+
+
+# --- peer credentials ---------------------------------------------------------------------------
 
 _UCRED = "iII"  # struct ucred: pid, uid, gid (Linux)
 _XUCRED = "IIh16I"  # struct xucred: version, uid, ngroups, groups[16] (macOS, FreeBSD)
@@ -93,148 +111,194 @@ def peer_credentials(sock: socket.socket) -> Peer:
     return Peer(None, None, None)
 
 
-class _DeadlineSocket(io.RawIOBase):
-    """Socket reads that give up at a deadline, so a slow drip cannot hold a thread forever.
-
-    Waiting for a request's first byte is bounded by `timeout` (idle keep-alive); once it has
-    come, the whole request must be in within `timeout` of it.
-    """
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self._timeout = timeout
-        self.deadline: float | None = None
-        self.timed_out = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        wait = self._timeout if self.deadline is None else self.deadline - time.monotonic()
-        try:
-            if wait <= 0:
-                raise TimeoutError("request not complete in time")
-            self._sock.settimeout(wait)
-            count = self._sock.recv_into(buffer)
-        except TimeoutError:
-            self.timed_out = True
-            raise
-        if count and self.deadline is None:
-            self.deadline = time.monotonic() + self._timeout
-        return count
+# --- requests and answers, without I/O -----------------------------------------------------------
 
 
-class _RequestReader(io.BufferedReader):
-    """The handler's rfile: deadline-bound, with a byte budget for the header section."""
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One response: status, body and what goes with them; `close` ends the connection after."""
 
-    raw: _DeadlineSocket
-
-    def start_request(self) -> None:
-        self.raw.deadline = None
-        self.raw.timed_out = False
-        self.lines = 0
-        self.header_budget = MAX_HEADER_BYTES
-        self.cut_short = False  # a line ended without a newline: the peer hung up mid-request
-
-    def readline(self, limit: int | None = -1) -> bytes:
-        line = super().readline(limit)
-        self.lines += 1
-        self.cut_short = self.cut_short or not line.endswith(b"\n")
-        if self.lines > 1:  # the request line has its own limit (414)
-            self.header_budget -= len(line)
-            if self.header_budget < 0:  # raised inside parse_headers: http.server answers 431
-                raise LineTooLong(f"header section over {MAX_HEADER_BYTES} bytes")
-        return line
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    close: bool = False
 
 
-# --- the request handler (one thread per connection) ------------------------------------------
+def _error_answer(err: errors.SwapguardError, *, close: bool = False) -> _Answer:
+    allow = ((b"Allow", ", ".join(err.allow).encode()),) if isinstance(err, WrongMethod) else ()
+    return _Answer(err.http_status, error_document(err.code, err.message), JSON_TYPE, allow, close)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Turns one connection's requests into backend calls; knows HTTP framing, not the runtime."""
+def _response(http: h11.Connection, answer: _Answer, *, head_only: bool = False) -> bytes:
+    """An answer's bytes, framed by h11 (which adds `Connection: close` where it must)."""
+    headers = [
+        (b"Content-Type", answer.content_type.encode("ascii")),
+        (b"Content-Length", b"%d" % len(answer.body)),
+        (b"Server", _SERVER),
+        (b"Date", _http_date(time.time())),
+        *answer.headers,
+    ]
+    if answer.close:
+        headers.append((b"Connection", b"close"))
+    status, reason = answer.status, HTTPStatus(answer.status).phrase.encode("ascii")
+    events: list[h11.Event] = [h11.Response(status_code=status, headers=headers, reason=reason)]
+    if not head_only:  # h11 knows that the answer to a HEAD has no body
+        events.append(h11.Data(data=answer.body))
+    events.append(h11.EndOfMessage())
+    return b"".join(http.send(event) or b"" for event in events)
+
+
+def _http_date(seconds: float) -> bytes:
+    """The Date header's IMF-fixdate, free of the locale that strftime's %a and %b follow."""
+    t = time.gmtime(seconds)
+    day, month = _WEEKDAYS[t.tm_wday], _MONTHS[t.tm_mon - 1]
+    fields = (day, t.tm_mday, month, t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+    return b"%s, %02d %s %d %02d:%02d:%02d GMT" % fields
+
+
+def _body_length(request: h11.Request) -> int:
+    """The body size a request announces, once h11 has parsed it; refuses what this server will
+    not read: an unknown method, another HTTP version, too many fields, chunked, over 64 KiB."""
+    if (method := request.method.decode("latin-1")) not in _KNOWN_METHODS:
+        raise _ProtocolError(501, f"method {method} is not implemented")
+    if request.http_version not in (b"1.0", b"1.1"):
+        version = request.http_version.decode("ascii")
+        raise _ProtocolError(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+    if len(request.headers) > MAX_HEADER_FIELDS:
+        count = len(request.headers)
+        raise _ProtocolError(431, f"{count} header fields, over the limit of {MAX_HEADER_FIELDS}")
+    length = 0
+    for name, value in request.headers:  # h11 lowercased the names, merged equal lengths
+        if name == b"transfer-encoding":
+            raise errors.BadRequest("chunked not supported: send the body with a Content-Length")
+        if name == b"content-length":
+            length = int(value)  # h11 checked it: 1-20 digits, one value
+    if length > MAX_BODY_BYTES:
+        raise errors.PayloadTooLarge(f"body of {length} bytes is over {MAX_BODY_BYTES} bytes")
+    return length
+
+
+def _protocol_error(err: h11.RemoteProtocolError, unread: bytes) -> _ProtocolError:
+    """h11's complaint about the bytes, as an answer; a head too long names the part that is."""
+    status, message = err.error_status_hint, str(err)
+    if status == 431 and b"\n" not in unread:
+        status, message = 414, f"the request line is over {MAX_HEADER_BYTES} bytes"
+    elif status == 431:
+        message = f"the header section is over {MAX_HEADER_BYTES} bytes"
+    return _ProtocolError(status, message)
+
+
+# --- one connection (one thread each) ------------------------------------------------------------
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """Turns one connection's requests into backend calls; knows framing and deadlines, not the
+    runtime. h11 never holds more than 64 KiB of a request's head: reads are sized to stop there."""
 
     server: _UnixHTTPServer
-    rfile: _RequestReader
-    protocol_version = "HTTP/1.1"
-    server_version = f"swapguard/{__version__}"
+    request: socket.socket
 
     def setup(self) -> None:
-        super().setup()
-        self.rfile.close()  # makefile()'s reader would keep the socket open past close()
-        self.rfile = _RequestReader(_DeadlineSocket(self.connection, self.server.request_timeout))
-        self.peer = peer_credentials(self.connection)
+        self.peer = peer_credentials(self.request)
+        self.who = f"pid {self.peer.pid} uid {self.peer.uid}"  # unix peers have no address
+        self.timeout = self.server.request_timeout
+        # h11 refuses a head that is incomplete past this size; reads stop one byte later.
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES - 1)
+        self.deadline: float | None = None  # set by the request's first byte
+        self.buffered = 0  # bytes h11 holds of the request head being read
+        self.body = bytearray()  # of the request being read
+        self.length = 0  # the size its Content-Length announced
 
-    def version_string(self) -> str:
-        return self.server_version  # no Python version in the Server header
-
-    def address_string(self) -> str:
-        """Unix peers have no address; name them by their credentials instead."""
-        return f"pid {self.peer.pid} uid {self.peer.uid}"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("control %s: " + format, self.address_string(), *args)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Each answer is logged once, by `_dispatch` or `send_error`."""
-
-    def handle_one_request(self) -> None:
-        self.rfile.start_request()
+    def handle(self) -> None:
         try:
-            super().handle_one_request()
-            if self.rfile.raw.timed_out and self.rfile.raw.deadline is not None:
-                self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not complete in time")
+            while self._serve_one():
+                self.http.start_next_cycle()
         except OSError as err:  # reset or broken pipe: the client is gone
-            logger.debug("control %s: connection lost: %s", self.address_string(), err)
-            self.close_connection = True
+            logger.debug("control %s: connection lost: %s", self.who, err)
 
-    def handle_expect_100(self) -> bool:
-        """Refuse an oversized body before the client sends it."""
+    def _serve_one(self) -> bool:
+        """Read one request, answer it, log it; whether the connection may carry another."""
+        self.buffered = len(self.http.trailing_data[0])  # pipelined bytes, already in
+        self.deadline = time.monotonic() + self.timeout if self.buffered else None
+        request: h11.Request | None = None
         try:
-            self._content_length()
-        except errors.SwapguardError as err:
-            self.close_connection = True
-            self._send(err.http_status, error_document(err.code, err.message), JSON_TYPE)
-            return False
-        return super().handle_expect_100()
+            event = self._next_event()
+            if not isinstance(event, h11.Request):
+                return False  # closed or idle between requests: nothing to answer
+            request, started = event, time.monotonic()
+            raw_body = self._read_body(request)
+        except errors.SwapguardError as err:  # the request cannot be read to its end
+            answer = _error_answer(err, close=True)
+            what = err.message if request is None else _request_line(request)
+            logger.debug("control %s: %s -> %d", self.who, what, answer.status)
+        else:
+            answer = self._answer(request, raw_body)
+            if logger.isEnabledFor(logging.DEBUG):  # the hot path builds no log line for nothing
+                elapsed_ms = (time.monotonic() - started) * 1000
+                line = _request_line(request)
+                logger.debug(
+                    "control %s: %s -> %d in %.1f ms", self.who, line, answer.status, elapsed_ms
+                )
+        head_only = request is not None and request.method == b"HEAD"
+        self._write(_response(self.http, answer, head_only=head_only))
+        return not answer.close and self.http.our_state is self.http.their_state is h11.DONE
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own protocol errors, in the API's JSON shape; the connection closes."""
-        status = HTTPStatus(code)
-        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # so that the answer carries a status line
-        text = (message or status.phrase) + (f" ({explain})" if explain else "")
-        logger.debug("control %s: %d %s", self.address_string(), code, text)
-        self.close_connection = True
-        code_name = status.phrase.lower().replace(" ", "_").replace("-", "_")
-        self._send(status, error_document(code_name, text), JSON_TYPE)
+    def _next_event(self) -> Any:
+        """h11's next event, reading as it needs; None when the peer left between requests."""
+        try:
+            while (event := self.http.next_event()) is h11.NEED_DATA:
+                if not self._receive():
+                    return None
+            return event
+        except h11.RemoteProtocolError as err:
+            raise _protocol_error(err, self.http.trailing_data[0]) from None
 
-    def do_GET(self) -> None:
-        self._dispatch()
+    def _receive(self) -> bool:
+        """Feed h11 one read, bounded by the deadline; False for a clean end between requests."""
+        in_head = self.http.their_state is h11.IDLE
+        size = max(1, MAX_HEADER_BYTES - self.buffered) if in_head else _RECV_BYTES
+        wait = self.timeout if self.deadline is None else self.deadline - time.monotonic()
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            self._timeout(wait)
+            data = self.request.recv(size)
+        except TimeoutError:
+            if self.deadline is None:
+                return False  # idle past the keep-alive timeout
+            raise _ProtocolError(408, "request not complete in time") from None
+        if not data:
+            if self.deadline is None:
+                return False
+            if in_head:
+                raise errors.BadRequest("the request ended inside its headers")
+            raise errors.BadRequest(f"body ended after {len(self.body)} of {self.length} bytes")
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout
+        self.buffered += len(data)
+        self.http.receive_data(data)
+        return True
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+    def _read_body(self, request: h11.Request) -> bytes:
+        """The whole body, after its framing was checked (a refusal comes before it is sent)."""
+        self.length = _body_length(request)
+        if self.http.they_are_waiting_for_100_continue:
+            go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            self._write(self.http.send(go_on) or b"")
+        self.body = bytearray()
+        while isinstance(event := self._next_event(), h11.Data):
+            self.body += event.data
+        assert isinstance(event, h11.EndOfMessage), event  # a cut body raised in _receive
+        return bytes(self.body)
 
-    def _dispatch(self) -> None:
-        started = time.monotonic()
-        extra: dict[str, str] = {}
-        try:  # an OSError while reading (timeout, reset) ends the connection without an answer
-            status, content_type, body = self._answer(self._request_body())
-        except errors.SwapguardError as err:
-            if isinstance(err, WrongMethod):
-                extra["Allow"] = ", ".join(err.allow)
-            status, content_type = err.http_status, JSON_TYPE
-            body = error_document(err.code, err.message)
-        self._send(status, body, content_type, extra)
-        elapsed_ms = (time.monotonic() - started) * 1000
-        who = self.address_string()
-        logger.debug(
-            "control %s: %s %s -> %d in %.1f ms", who, self.command, self.path, status, elapsed_ms
-        )
-
-    def _answer(self, raw_body: bytes) -> tuple[int, str, bytes]:
+    def _answer(self, request: h11.Request, raw_body: bytes) -> _Answer:
         """Validate the request fully, then make the one backend call it stands for."""
+        method, target = request.method.decode("latin-1"), request.target.decode("latin-1")
+        if target.startswith("//"):  # not a network path here: '//v1/status' is '/v1/status'
+            target = "/" + target.lstrip("/")
         try:
-            route, values = resolve(self.command, self.path)
+            route, values = resolve(method, target)
             backend = self.server.backend
             if route.method == "POST" and not backend.may_write(self.peer):
                 who = "a peer of unknown uid" if self.peer.uid is None else f"uid {self.peer.uid}"
@@ -244,59 +308,26 @@ class _Handler(BaseHTTPRequestHandler):
             values |= {"body": body, "peer": self.peer}
             payload = getattr(backend, route.call)(*(values[name] for name in route.args))
             if route.content_type == JSON_TYPE:
-                return route.status, JSON_TYPE, encode_json(payload)
-            return route.status, route.content_type, payload.encode("utf-8")
-        except errors.SwapguardError:
-            raise
+                return _Answer(route.status, encode_json(payload))
+            return _Answer(route.status, payload.encode("utf-8"), route.content_type)
+        except errors.SwapguardError as err:
+            return _error_answer(err)
         except Exception:
-            logger.exception("control request %s %s failed", self.command, self.path)
-            raise errors.SwapguardError("internal error") from None
+            logger.exception("control request %s %s failed", method, target)
+            return _error_answer(errors.SwapguardError("internal error"))
 
-    def _content_length(self) -> int:
-        """The announced body size; a framing error marks the connection for closing."""
-        if self.headers.get("Transfer-Encoding") is not None:
-            self.close_connection = True
-            raise errors.BadRequest("chunked not supported: send the body with a Content-Length")
-        values = {value.strip() for value in self.headers.get_all("Content-Length", [])}
-        if not values:
-            return 0  # a missing Content-Length is an empty body
-        value = values.pop()
-        if values or not re.fullmatch(r"[0-9]{1,12}", value):
-            self.close_connection = True
-            raise errors.BadRequest(f"invalid Content-Length {value!r}")
-        if (length := int(value)) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise errors.PayloadTooLarge(f"body of {length} bytes is over {MAX_BODY_BYTES} bytes")
-        return length
+    def _write(self, data: bytes) -> None:
+        self._timeout(self.timeout)  # reading may have left a short one; writing gets it all
+        self.request.sendall(data)
 
-    def _request_body(self) -> bytes:
-        """The whole body, once the request is known to be complete and well framed."""
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-            raise errors.BadRequest("HTTP/0.9 requests are not supported")
-        if self.rfile.cut_short:
-            self.close_connection = True
-            raise errors.BadRequest("the request ended inside its headers")
-        length = self._content_length()
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) < length:
-            self.close_connection = True
-            raise errors.BadRequest(f"body ended after {len(raw)} of {length} bytes")
-        return raw
+    def _timeout(self, seconds: float) -> None:
+        # settimeout is a system call; between keep-alive requests the value does not change.
+        if self.request.gettimeout() != seconds:
+            self.request.settimeout(seconds)
 
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
-        # Reading may have left a short timeout on the socket; writing gets a full one.
-        self.connection.settimeout(self.server.request_timeout)
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if getattr(self, "command", None) != "HEAD":
-            self.wfile.write(body)
+
+def _request_line(request: h11.Request) -> str:
+    return f"{request.method.decode('latin-1')} {request.target.decode('latin-1')}"
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -315,7 +346,7 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         self.request_queue_size = max(5, max_connections)
         self.lock = threading.Lock()
         self.live: dict[socket.socket, threading.Thread] = {}
-        super().__init__("", _Handler, bind_and_activate=False)
+        super().__init__("", _Connection, bind_and_activate=False)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.lock:
@@ -333,17 +364,14 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             return
         logger.debug("control: refused a connection, %d are open", len(self.live))
         message = f"too many control connections (limit {self.max_connections}); retry shortly"
-        body = error_document("busy", message)
-        head = (
-            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-        )
+        busy = _Answer(503, error_document("busy", message), headers=_RETRY, close=True)
         with contextlib.suppress(OSError):
             request.setblocking(False)
             while request.recv(65536):  # drain what came, so closing does not reset the peer
                 pass
         with contextlib.suppress(OSError):
-            request.sendall(head.encode("ascii") + body)  # fits the socket buffer: no wait
+            # a fresh h11 may answer before a request; the answer fits the socket buffer: no wait
+            request.sendall(_response(h11.Connection(h11.SERVER), busy))
         self.shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:

@@ -9,11 +9,14 @@ import json
 import logging
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,8 +26,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from supervisor import errors
-from supervisor.api import MAX_BODY_BYTES, ControlServer, ControlSocketInUse, Peer
+from supervisor import __version__, errors
+from supervisor.api import MAX_BODY_BYTES, MAX_HEADER_BYTES, ControlServer, ControlSocketInUse, Peer
 from supervisor.client import Client, find_socket
 
 WAIT_S = 10.0
@@ -223,7 +226,9 @@ def test_every_route_through_the_client(client: Client, backend: SwapBackend) ->
     assert client.heartbeat() == {"ok": True}
     client.heartbeat("serving 3 users", ready=True)
     assert [(status, ready) for status, ready, _peer in backend.heartbeats] == [
-        (None, False), ("serving 3 users", True)]
+        (None, False),
+        ("serving 3 users", True),
+    ]
     assert backend.heartbeats[0][2] == Peer(os.getpid(), os.getuid(), os.getgid())
 
     first = client.prepare("new parser")
@@ -248,6 +253,8 @@ def test_raw_success_answers_are_json_with_length_and_newline(serve: Any) -> Non
     status, headers, body = exchange(path, request("POST", "/v1/swaps", b'{"summary": "x"}'))
     assert status == 201
     assert headers["content-type"] == "application/json"
+    assert headers["server"] == f"swapguard/{__version__}"  # no Python version
+    assert headers["date"].endswith(" GMT")
     assert int(headers["content-length"]) == len(body) and body.endswith(b"}\n")
     assert json.loads(body)["summary"] == "x"
     status, headers, body = exchange(path, request("GET", "/metrics"))
@@ -372,6 +379,65 @@ def test_chunked_bodies_are_refused(serve: Any) -> None:
     status, headers, body = exchange(path, raw)
     assert status == 400 and "chunked not supported" in error_of(body)["message"]
     assert headers["connection"] == "close"
+
+
+def test_expect_100_continue_gets_the_go_ahead_then_the_answer(serve: Any) -> None:
+    _server, path = serve()
+    body = b'{"summary": "after 100"}'
+    with connect(path) as sock:
+        sock.sendall(request("POST", "/v1/swaps", Expect="100-continue", Content_Length="24"))
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            byte = sock.recv(1)  # one at a time: the final answer must wait for the body
+            assert byte, f"closed after {interim!r}"
+            interim += byte
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        status, _headers, answer = read_response(sock)
+    assert status == 201 and json.loads(answer)["summary"] == "after 100"
+
+
+def test_pipelined_requests_are_answered_in_order_and_http_1_0_closes(serve: Any) -> None:
+    _server, path = serve()
+    with connect(path) as sock:
+        sock.sendall(
+            request("GET", "/v1/nothing")
+            + request("POST", "/v1/host/stop", b"{}")
+            + b"GET /v1/status HTTP/1.0\r\n\r\n"
+        )
+        raw = read_until_closed(sock)  # HTTP/1.0: the last answer closes the connection
+    statuses = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        statuses.append(int(head.split()[1]))
+        raw = raw[int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1]) :]
+    assert statuses == [404, 200, 200]
+
+
+def _with_head_of(size: int) -> bytes:
+    """A GET whose request line and header fields (up to the blank line) are `size` bytes."""
+    bare = request("GET", "/v1/status", X_Pad="")
+    return request("GET", "/v1/status", X_Pad="p" * (size - len(bare)))
+
+
+def test_header_section_is_capped_at_64k_exactly(serve: Any) -> None:
+    _server, path = serve()
+    assert len(_with_head_of(MAX_HEADER_BYTES)) == MAX_HEADER_BYTES
+    assert exchange(path, _with_head_of(MAX_HEADER_BYTES))[0] == 200
+    status, headers, body = exchange(path, _with_head_of(MAX_HEADER_BYTES + 1))
+    assert (status, headers["connection"]) == (431, "close")
+    assert error_of(body)["code"] == "request_header_fields_too_large"
+
+
+def test_the_daemon_never_imports_http_server_http_client_or_email() -> None:
+    """They cost the daemon 2 MiB of RSS (email, through http.client); h11 does the framing."""
+    code = (
+        "import sys, supervisor.daemon, supervisor.api;"
+        "print(sorted(m for m in ('http.server', 'http.client', 'email') if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
 
 
 # --- peers and permissions ---------------------------------------------------------------------
@@ -580,14 +646,15 @@ def test_slow_drip_cannot_hold_a_connection(serve: Any) -> None:
 BAD_BYTES = [
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", True, 400),  # a TLS hello
     (b"GARBAGE\x00\xff\r\n\r\n", False, 400),
-    (b"\r\n\r\n", False, None),  # an empty request line: closed without an answer
+    (b"\r\n\r\n", False, 400),  # an empty request line
+    (b"GET /v1/status HTTP/1.1\r\n\r\n", False, 400),  # HTTP/1.1 without a Host
     (b"GET /v1/status HTTP/1.1\r\nHost: x\r\n", True, 400),  # headers cut short
     (b"GET /v1/status\r\n", True, 400),  # HTTP/0.9
     (request("POST", "/v1/heartbeat", Content_Length="10") + b'{"st', True, 400),
     (request("POST", "/v1/heartbeat", Content_Length="ten"), False, 400),
     (request("POST", "/v1/heartbeat", Content_Length="-1"), False, 400),
-    (b"GET /v1/status HTTP/9.9\r\n\r\n", False, 505),
-    (b"BREW /v1/status HTTP/1.1\r\n\r\n", False, 501),
+    (b"GET /v1/status HTTP/9.9\r\nHost: x\r\n\r\n", False, 505),
+    (b"BREW /v1/status HTTP/1.1\r\nHost: x\r\n\r\n", False, 501),
     (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", False, 414),
     (request("GET", "/v1/status", X_A="a" * 40_000, X_B="b" * 40_000), False, 431),
     (request("GET", "/v1/status", **{f"X_{n}": "1" for n in range(120)}), False, 431),

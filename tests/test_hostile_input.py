@@ -39,8 +39,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 REQUEST_TIMEOUT_S = 10.0  # ControlServer's default, which `swapguard run` keeps
-# Statuses an attack may get: any client error, 501 for a method http.server does not know,
-# 505 for an HTTP version >= 2. Never a 2xx, a 3xx or a 500.
+# Statuses an attack may get: any client error, 501 for a method the server does not know (or a
+# Transfer-Encoding h11 does not), 505 for an HTTP version >= 2. Never a 2xx, a 3xx or a 500.
 ERROR_STATUSES = frozenset(range(400, 500)) | {501, 505}
 
 
@@ -338,7 +338,9 @@ def predicted(method: str, target: str, body: bytes, swap_id: str) -> set[int] |
     """The statuses the daemon may give; None for a valid write that would change the state."""
     if len(body) > MAX_BODY_BYTES:
         return {413}
-    if target.startswith("//"):  # http.server reduces a leading '//' to '/'
+    if not re.fullmatch(r"[\x21-\x7e]+", target):  # a request target is visible ASCII (RFC 9112)
+        return {400}
+    if target.startswith("//"):  # the server reduces a leading '//' to '/'
         target = "/" + target.lstrip("/")
     try:
         route, values = routes.resolve(method, target)
