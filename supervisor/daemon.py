@@ -36,7 +36,8 @@ T = TypeVar("T")
 
 
 class LoopBackend(Backend):
-    """The control socket's view of the runtime: every call is marshalled onto the loop thread."""
+    """The control socket's view of the runtime: every call is marshalled onto the loop thread,
+    but for the status, read from values the loop replaces whole (`Runtime.machines`)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -90,7 +91,7 @@ class LoopBackend(Backend):
         )
 
     def status(self) -> dict:
-        document = self._call(views.status, self.runtime)
+        document = views.status(self.runtime)  # on this thread: see Runtime.machines
         document["host"].update(self._tree_figures())
         return document
 

@@ -78,8 +78,7 @@ class Runtime:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="swapguard-io")
         self.host_policy = host_policy(config)
         self.swap_policy = swap_policy(config)
-        self.host = lifecycle.Host()
-        self.swap: swaps.Swap | None = None
+        self.machines: tuple[lifecycle.Host, swaps.Swap | None] = (lifecycle.Host(), None)
         self.counters = Counters()
         self.host_runner = HostRunner(
             config,
@@ -130,6 +129,26 @@ class Runtime:
             for suffix in ("-wal", "-shm", "-journal"):
                 paths.append(entry.path.with_name(entry.path.name + suffix))
         return paths
+
+    # The two machines' states are frozen values the loop replaces whole, and they are kept as
+    # one pair: GET /v1/status reads `machines` on its own thread, and gets a host and a swap
+    # from the same moment without waiting behind the loop (a wait of ~0.1 ms under heartbeats).
+
+    @property
+    def host(self) -> lifecycle.Host:
+        return self.machines[0]
+
+    @host.setter
+    def host(self, value: lifecycle.Host) -> None:
+        self.machines = (value, self.machines[1])
+
+    @property
+    def swap(self) -> swaps.Swap | None:
+        return self.machines[1]
+
+    @swap.setter
+    def swap(self, value: swaps.Swap | None) -> None:
+        self.machines = (self.machines[0], value)
 
     async def start(self) -> None:
         """Adopt a live host or start one; resume a swap that was in flight."""

@@ -53,10 +53,11 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
 
 
 def status(runtime: Runtime) -> dict[str, Any]:
-    """The contract's GET /v1/status document (stable fields first; more may be added)."""
+    """The contract's GET /v1/status document (stable fields first; more may be added). Safe on
+    any thread: it reads only values the loop replaces whole (never mutates in place)."""
     boot_now, wall_now = clock.boot_clock(), time.time()
-    code_version = runtime.drift_guard.code_version
-    swap = runtime.swap.view(clock.now()) if runtime.swap is not None else None
+    host, swap = runtime.machines
+    drift = runtime.drift_guard
     return {
         "supervisor": {
             "pid": os.getpid(),
@@ -66,13 +67,13 @@ def status(runtime: Runtime) -> dict[str, Any]:
             "cgroup": str(runtime.cgroup.path) if runtime.cgroup else None,
         },
         "host": host_view(
-            runtime.host, boot_now=boot_now, wall_now=wall_now, code_version=code_version
+            host, boot_now=boot_now, wall_now=wall_now, code_version=drift.code_version
         ),
-        "swap": swap,
+        "swap": swap.view(clock.now()) if swap is not None else None,
         "code": {
             "root": str(runtime.config.code.root),
-            "head": runtime.drift_guard.head,
-            "drift": runtime.drift_guard.drifted,
+            "head": drift.head,
+            "drift": drift.drifted,
         },
     }
 
