@@ -34,8 +34,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from supervisor import jobs
 from supervisor.cgroup import CgroupLeaf
 from supervisor.errors import SwapguardError
@@ -43,6 +41,7 @@ from supervisor.jobs import open_pidfd, signal_group
 from supervisor.proctree import (
     ProcInfo,
     await_exits,
+    create_time,
     descendants,
     is_orphan,
     proc_info,
@@ -55,7 +54,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 
-# psutil's create_time rests on /proc/stat's btime: whole seconds that may shift by one.
+# A create_time rests on /proc/stat's btime: whole seconds that may shift by one.
 _CREATE_TIME_SLACK = 1.05
 _CGROUP_VAR = "SWAPGUARD_CGROUP_PROCS"
 _STUB = (
@@ -158,10 +157,11 @@ class HostProcess:
         self._reap_lock = threading.Lock()
         self._pidfd = open_pidfd(pid)  # first: all we read next is then about this very process
         try:
-            self.create_time: float = psutil.Process(pid).create_time()
             info = proc_info(pid)
-            if info is None:
-                raise psutil.NoSuchProcess(pid)
+            started = None if info is None else create_time(pid, info)
+            if info is None or started is None:
+                raise ProcessLookupError(f"no process {pid}")
+            self.create_time: float = started
         except BaseException:
             self.close()
             raise
@@ -209,7 +209,7 @@ class HostProcess:
             return None
         try:
             host = cls(pid, is_child=False, cgroup=cgroup)
-        except psutil.Error:
+        except ProcessLookupError:
             return None
         if host._exit_visible() or abs(host.create_time - create_time) > _CREATE_TIME_SLACK:
             host.close()

@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 log = logging.getLogger(__name__)
 
 SPAWN_LOCK = threading.Lock()
@@ -394,32 +392,33 @@ def _kill_job_tree(pid: int) -> None:
     """SIGKILL a job and every descendant, including ones that left its process group.
 
     Stops the tree first, sweep after sweep, so that nothing forks while we look (a child of a
-    killed parent would be reparented out of reach); then kills all of it at once.
+    killed parent would be reparented out of reach); then kills all of it at once. Each signal
+    goes through `signal_verified`: a pid reused meanwhile is never hit.
     """
-    stopped: dict[int, psutil.Process] = {}
-    try:
-        leader = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        leader = None
+    from supervisor import proctree  # it builds on this module: imported when first needed
+
+    stopped: dict[int, float] = {}  # pid -> start, as the table saw it
     signal_group(pid, signal.SIGSTOP)
     for _ in range(_FREEZE_ROUNDS):
-        if leader is None:
+        table = proctree.process_table()
+        if pid not in table:
             break
-        try:
-            found = [leader, *leader.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        fresh = [proc for proc in found if proc.pid not in stopped]
+        found = {pid, *proctree.descendants(table, [pid])}
+        fresh = [member for member in found if member not in stopped]
         if not fresh:
             break
-        for proc in fresh:
-            stopped[proc.pid] = proc
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGSTOP)
+        for member in fresh:
+            stopped[member] = table[member].start
+            _signal_and_close(proctree.signal_verified(member, stopped[member], signal.SIGSTOP))
     signal_group(pid, signal.SIGKILL)
-    for proc in stopped.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
+    for member, start in stopped.items():
+        _signal_and_close(proctree.signal_verified(member, start, signal.SIGKILL))
+
+
+def _signal_and_close(outcome: tuple[bool, int | None]) -> None:
+    """signal_verified hands back the pidfd it pinned the process with; not waited on here."""
+    if outcome[1] is not None:
+        os.close(outcome[1])
 
 
 def signal_group(pgid: int, sig: int) -> None:

@@ -450,3 +450,28 @@ def test_process_stats_sums_rss_and_cpu(strays) -> None:
     done.wait(WAIT)
     assert process_stats([done.pid]) == (0, 0.0)  # vanished: counts nothing, no error
     assert process_stats([]) == (0, 0.0)
+
+
+@pytest.mark.skipif(not proctree.HAVE_PROC, reason="/proc is read only where it exists")
+def test_proc_reads_agree_with_psutil(strays) -> None:
+    """On Linux the daemon reads /proc itself instead of importing psutil (0.8 MiB of RSS):
+    what it reads must be what psutil says."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    strays.append(sleeper)
+    me, other = psutil.Process(os.getpid()), psutil.Process(sleeper.pid)
+    for pid, proc in ((os.getpid(), me), (sleeper.pid, other)):
+        assert proctree.create_time(pid) == pytest.approx(proc.create_time(), abs=0.01)
+    wait_for(  # until `sleep` has loaded and sits still: its RSS moves no more
+        lambda: other.status() == psutil.STATUS_SLEEPING
+        and other.memory_info().rss == other.memory_info().rss,
+        what="sleep to settle",
+    )
+    rss, cpu = process_stats([sleeper.pid])
+    assert rss == other.memory_info().rss
+    assert cpu == pytest.approx(sum(other.cpu_times()[:2]), abs=0.02)
+    mine_before = sum(me.cpu_times()[:2])
+    _, cpu = process_stats([os.getpid()])
+    assert mine_before - 0.02 <= cpu <= sum(me.cpu_times()[:2]) + 0.02
+    sleeper.kill()
+    sleeper.wait(WAIT)
+    assert proctree.create_time(sleeper.pid) is None
