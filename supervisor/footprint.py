@@ -23,6 +23,7 @@ Everything here is a no-op where it cannot apply (no glibc, a module already imp
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import sys
@@ -66,9 +67,11 @@ def tune_malloc() -> bool:
 
 
 def release_free_memory() -> bool:
-    """Hand the free pages of every malloc arena back to the kernel (`malloc_trim(0)`). It walks
-    the arenas' free lists under their locks: for quiet moments, never for a request's path.
-    True when memory was released."""
+    """Collect cyclic garbage (start-up's is never due on its own: a daemon at rest allocates
+    too little to trigger the oldest generation), then hand the free pages of every malloc arena
+    back to the kernel (`malloc_trim(0)`). It walks the arenas' free lists under their locks: for
+    quiet moments, never for a request's path. True when memory was released."""
+    gc.collect()
     libc = _glibc()
     return bool(libc.malloc_trim(ctypes.c_size_t(0))) if libc is not None else False
 
