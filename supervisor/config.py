@@ -137,6 +137,21 @@ class Config:
     state: StateConfig
     hooks: HooksConfig
 
+    def non_code_paths(self) -> list[Path]:
+        """What is never code, though it may sit in the code root: swapguard's state and
+        socket, the host's output, each data entry and its SQLite sidecars. Checkpoints leave
+        them out; the code watcher ignores them (a busy database would wake it at every write)."""
+        paths = [self.state.dir, self.control.socket]
+        if self.host.output is not None:
+            paths.append(self.host.output)
+        for entry in self.data:
+            paths.append(entry.path)
+            paths.extend(entry.path.with_name(entry.path.name + s) for s in _SQLITE_SIDECARS)
+        return paths
+
+
+_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # as supervisor.datacopy names them
+
 
 # --- entry points ---------------------------------------------------------------------------
 

@@ -295,13 +295,10 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
     if config.code.undeclared_changes == "ignore" or not (config.code.root / ".git").exists():
         return None
     loop = runtime.loop
-    ignore = [config.state.dir, config.control.socket, *(entry.path for entry in config.data)]
-    if config.host.output is not None:
-        ignore.append(config.host.output)
     watcher = CodeWatcher(
         config.code.root,
         lambda: loop.call_soon_threadsafe(runtime.drift_guard.on_tree_changed),
-        ignore=ignore,
+        ignore=config.non_code_paths(),
     )
     try:
         watcher.start()

@@ -91,7 +91,7 @@ class Runtime:
         )
         self.started_at = time.time()
         self.code = CodeTree(
-            config.code.root, extra_paths=config.code.extra_paths, exclude=self._code_excludes()
+            config.code.root, extra_paths=config.code.extra_paths, exclude=config.non_code_paths()
         )
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
@@ -119,16 +119,6 @@ class Runtime:
         self._listeners: list[Callable[[], None]] = []
 
     # --- start and shutdown --------------------------------------------------------------
-
-    def _code_excludes(self) -> list[os.PathLike[str]]:
-        paths: list[os.PathLike[str]] = [self.config.state.dir, self.config.control.socket]
-        if self.config.host.output is not None:  # the host's log is not code
-            paths.append(self.config.host.output)
-        for entry in self.config.data:
-            paths.append(entry.path)
-            for suffix in ("-wal", "-shm", "-journal"):
-                paths.append(entry.path.with_name(entry.path.name + suffix))
-        return paths
 
     # The two machines' states are frozen values the loop replaces whole, and they are kept as
     # one pair: GET /v1/status reads `machines` on its own thread, and gets a host and a swap

@@ -105,6 +105,19 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
     )
 
 
+def test_non_code_paths_are_state_socket_output_and_data_with_sidecars(tmp_path: Path) -> None:
+    text = HOST + 'output = "logs/host.log"\n[[data]]\npath = "data/app.db"\nkind = "sqlite"\n'
+    config = load_config(write(tmp_path, text))
+    db = tmp_path / "data" / "app.db"
+    assert config.non_code_paths() == [
+        tmp_path / ".swapguard",
+        config.control.socket,
+        tmp_path / "logs" / "host.log",
+        db,
+        *(db.with_name(f"app.db{suffix}") for suffix in ("-wal", "-shm", "-journal")),
+    ]
+
+
 # --- defaults and init --------------------------------------------------------------------------
 
 
