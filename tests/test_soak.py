@@ -233,7 +233,10 @@ def soak(
         assert len(snapshot_dirs(sup)) <= KEEP_SWAPS
         # per kept swap a checkpoint and, once rolled back, the abandoned state; plus the baseline
         assert len(refs) <= 2 * KEEP_SWAPS + 1, refs
-        assert len(kept) == len(rolled_back)  # nothing a rolled-back version wrote is lost
+        # what a rolled-back version wrote is kept while its swap is among the newest keep_swaps
+        newest = list(endings)[-KEEP_SWAPS:]
+        expected = {f"app.db.rolled-back-{sid}" for sid in newest if sid in rolled_back}
+        assert {path.name for path in kept} == expected
         assert sup.process.poll() is None
         with pytest.raises(Conflict):  # the last swap is over for good
             sup.client.rollback(list(endings)[-1])
