@@ -1,7 +1,8 @@
 """The daemon's memory footprint: what it loads, and what glibc keeps of what it freed.
 
-Why it looks like this (measured on the development machine, `swapguard run` with one idle host
-at 33 MiB RSS, and a 200-swap soak that grew 38 -> 46 MiB with the Python heap flat):
+Why it looks like this (measured on the development machine: a 200-swap soak that grew 38 -> 46
+MiB with the Python heap flat; `swapguard run` with one idle host at 33 MiB RSS, 24.3 MiB once the
+imports below and elsewhere were cut, see README "Benchmarks"):
 - The growth was free memory in glibc's per-thread arenas. glibc raises its mmap threshold to
   the size of the largest mmapped block freed so far (and its trim threshold to twice that), so
   after the first snapshot's 1 MiB hash buffer, every later one came out of the arena of the
