@@ -13,14 +13,17 @@ can be stopped, for after the host is back up.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
 import shutil
 import sqlite3
 import stat
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -99,8 +102,23 @@ def _copy(source: Path, dest: Path, *, hashed: bool, sync: Path) -> tuple[int, s
     return size, None if digest is None else digest[1]
 
 
-def fsync_file(path: Path) -> bool:
-    """fsync the regular file at `path` (never through a symlink); False if there is none."""
+FLUSH_STEP = 16 * 2**20
+"""How much of a file `fsync_file` writes out at a time, where Linux lets it choose. One big
+fsync fills the disk's queue and then its write cache, and every other fsync on the file system
+waits for all of it, the state store's commits on the event loop too: on the development VM, a
+4 KiB append + fdatasync during the fsync of a 1 GiB copy took p50 212 ms, max 399 ms (and 0.8 s
+for the commit after a plain sync_file_range of it all: the cache drains at the first flush).
+Written out 16 MiB at a time, each step followed by a journal commit (an fsync of the folder,
+which flushes the disk's cache of what the step wrote): p50 29 ms, max 61 ms; the whole flush
+takes 2.1 s instead of 1.5."""
+_SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER (<fcntl.h>)
+
+
+def fsync_file(path: Path, wanted: Callable[[], bool] = lambda: True) -> bool:
+    """fsync the regular file at `path` (never through a symlink), written out FLUSH_STEP at a
+    time where Linux allows; `wanted()` is asked between steps, and a flush no longer wanted
+    stops there. True once the file is on disk; False if there is none, or it was not wanted.
+    Each step is followed by an fsync of the file's folder (see FLUSH_STEP)."""
     try:
         fd = os.open(path, READ_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -110,12 +128,36 @@ def fsync_file(path: Path) -> bool:
             return False
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if (write_out := _sync_file_range()) is not None and st.st_size > FLUSH_STEP:
+            for offset in range(0, st.st_size, FLUSH_STEP):
+                if not wanted():
+                    return False
+                if write_out(fd, offset, FLUSH_STEP, _SYNC_FILE_RANGE_WAIT_ALL) != 0:
+                    break  # refused (an odd file system): the fsync below does it all
+                fsync_dir(Path(os.path.dirname(path) or "."))
+        if not wanted():
             return False
         os.fsync(fd)
         return True
     finally:
         os.close(fd)
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2) from the C library (the os module has none); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _clone_or_copy(src_fd: int, dst_fd: int) -> int:

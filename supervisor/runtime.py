@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -431,7 +432,12 @@ class Runtime:
             why = None if error is None else f"the data copies could not be synced: {error}"
             self._feed_swap_quietly(swaps.DataSynced(now=clock.now(), error=why))
 
-        self.loop.run_in_executor(self.pool, self.work.sync_data, swap).add_done_callback(done)
+        def wanted() -> bool:  # on the worker: reads the pair the loop replaces whole
+            now = self.swap
+            return now is not None and now.id == swap.id and now.state is swaps.SwapState.PROBATION
+
+        sync = functools.partial(self.work.sync_data, swap, wanted)
+        self.loop.run_in_executor(self.pool, sync).add_done_callback(done)
 
     def _step_done_if_current(self, swap_id: str, step_now: swaps.Step, result: Any) -> None:
         if self.swap is None or self.swap.id != swap_id or self.swap.step is not step_now:

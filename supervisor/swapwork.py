@@ -8,6 +8,7 @@ that into `StepDone` / `StepFailed` on its loop. Nothing here reads or changes r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,17 @@ class SwapWork:
             "unsynced": any(snap.linked for snap in taken),
         }
 
-    def sync_data(self, swap: swaps.Swap) -> None:
+    def sync_data(self, swap: swaps.Swap, wanted: Callable[[], bool] = lambda: True) -> None:
         """fsync the working copies the new version writes to (and their folders' renames):
-        what a confirm makes permanent must be on disk. Costs what is still unflushed."""
+        what a confirm makes permanent must be on disk. Costs what is still unflushed. Stops
+        once not `wanted` (a rollback began: that copy is only kept data now, and the rollback's
+        own commits should not wait behind its flush)."""
         for snap in _snapshots(swap):
             if snap.linked:
                 target = Path(snap.path)
-                fsync_file(target)  # gone or replaced by the new version: its own business
+                fsync_file(target, wanted)  # gone or replaced by the new version: its business
+                if not wanted():
+                    return
                 if target.parent.is_dir():
                     fsync_dir(target.parent)
 

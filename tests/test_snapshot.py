@@ -10,6 +10,7 @@ import shutil
 import signal
 import sqlite3
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.datacopy import StopSignal, copy_file_hashed, fsync_dir
+from supervisor.datacopy import FLUSH_STEP, StopSignal, copy_file_hashed, fsync_dir, fsync_file
 from supervisor.errors import SnapshotError
 from supervisor.snapshot import (
     ENTRY_STEPS,
@@ -901,6 +902,33 @@ def test_restore_across_file_systems_copies_and_verifies(
 
     assert store.placements["link"] == 0 and store.placements["copy"] == 5
     assert dump(db) == rows(BASE) and sidecars(db) == [] and tree_digest(tree) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_a_flush_goes_a_step_at_a_time_and_stops_when_no_longer_wanted(data: Path) -> None:
+    """A big fsync would make every other fsync on the file system (the store's commits on the
+    event loop) wait for all of it; a rollback makes the rest of the flush pointless."""
+    big = data / "copy.db"
+    content = os.urandom(1024) * (2 * FLUSH_STEP // 1024 + 5)  # 2 steps and a bit
+    big.write_bytes(content)
+    asked: list[int] = []
+
+    def wanted() -> bool:
+        asked.append(1)
+        return True
+
+    assert fsync_file(big, wanted) and len(asked) == 4  # before each of 3 steps, before the fsync
+    big.write_bytes(content)  # dirty again
+    asked.clear()
+
+    def for_one_step() -> bool:
+        asked.append(1)
+        return len(asked) < 2
+
+    assert not fsync_file(big, for_one_step)
+    assert len(asked) == 2  # stopped before the second step
+    (data / "link").symlink_to(big)
+    assert not fsync_file(data / "link") and not fsync_file(data / "missing")
 
 
 # --- housekeeping and records --------------------------------------------------------------------
