@@ -332,15 +332,10 @@ class Runtime:
                 if not self._maybe_activate_on_exit():
                     self._feed_swap_quietly(swaps.HostCrashed(now=now))
             case "host.spawn_failed":
-                if self.swap is not None and self.swap.step in (
-                    swaps.Step.SPAWN_NEW,
-                    swaps.Step.SPAWN_OLD,
-                ):
-                    self._feed_swap_quietly(
-                        swaps.StepFailed(
-                            now=now, step=self.swap.step, error=str(detail.get("error"))
-                        )
-                    )
+                step = self.swap.step if self.swap is not None else None
+                if step in (swaps.Step.SPAWN_NEW, swaps.Step.SPAWN_OLD):
+                    error = str(detail.get("error"))
+                    self._feed_swap_quietly(swaps.StepFailed(now=now, step=step, error=error))
                 else:
                     self._feed_swap_quietly(swaps.HostCrashed(now=now))
             case "host.start_timeout":
