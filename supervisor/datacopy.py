@@ -102,15 +102,15 @@ def _copy(source: Path, dest: Path, *, hashed: bool, sync: Path) -> tuple[int, s
     return size, None if digest is None else digest[1]
 
 
-FLUSH_STEP = 16 * 2**20
+FLUSH_STEP = 8 * 2**20
 """How much of a file `fsync_file` writes out at a time, where Linux lets it choose. One big
-fsync fills the disk's queue and then its write cache, and every other fsync on the file system
-waits for all of it, the state store's commits on the event loop too: on the development VM, a
-4 KiB append + fdatasync during the fsync of a 1 GiB copy took p50 212 ms, max 399 ms (and 0.8 s
-for the commit after a plain sync_file_range of it all: the cache drains at the first flush).
-Written out 16 MiB at a time, each step followed by a journal commit (an fsync of the folder,
-which flushes the disk's cache of what the step wrote): p50 29 ms, max 61 ms; the whole flush
-takes 2.1 s instead of 1.5."""
+fsync fills the disk's queue and its write cache, and other fsyncs on the file system wait for
+all of it, the state store's commits on the event loop too. Measured on the development VM with a
+1 GiB database and a 1 s deadman window, so that the deadline falls inside the flush of the new
+version's copy: in one fsync, the loop's commits stalled and the rollback began 163-481 ms late
+and took 0.25-0.60 s; written out 8 MiB at a time, each step followed by a journal commit (an
+fsync of the folder, which flushes the disk's cache of what the step wrote): 1-3 ms late,
+0.11-0.15 s. The flush itself takes about as long (1.4-2.1 s either way on that disk)."""
 _SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER (<fcntl.h>)
 
 
