@@ -71,19 +71,20 @@ def restore_unfinished(swap_dir: Path) -> bool:
         return True
 
 
-def drop_kept(swap_dir: Path) -> None:
-    """Remove the probation-time data a finished restore of this swap kept (its swap is being
-    pruned): each entry's kept name, SQLite sidecars with it, never through a symlink."""
+def kept_copies(swap_dir: Path) -> list[Path]:
+    """The probation-time data a finished restore of this swap kept: each entry's kept name and
+    the SQLite sidecars beside it, as they exist now; none through a folder that was redirected."""
     journal = swap_dir / JOURNAL
     if swap_dir.is_symlink() or not os.path.lexists(journal):
-        return
+        return []
     try:
         done = read_entries_json(journal)
     except SnapshotError as err:
-        log.warning("keeping the probation-time data of %s: %s", swap_dir.name, err)
-        return
+        log.warning("the probation-time data of %s is unknown: %s", swap_dir.name, err)
+        return []
     if not done.get("finished", False):
-        return
+        return []
+    found = []
     for entry in done["entries"]:
         kept = entry.get("kept")
         if not isinstance(kept, str):
@@ -91,15 +92,23 @@ def drop_kept(swap_dir: Path) -> None:
         try:
             check_folder(kept)
         except SnapshotError as err:
-            log.warning("not removing %s: %s", kept, err)
+            log.warning("leaving %s alone: %s", kept, err)
             continue
         suffixes = ("", *SQLITE_SIDECARS) if entry.get("kind") == "sqlite" else ("",)
-        removed = [kept + suffix for suffix in suffixes if os.path.lexists(kept + suffix)]
-        for path in removed:
-            remove_path(Path(path))
-        if removed:
-            fsync_dir(Path(os.path.dirname(kept)))
-            log.info("removed %s, kept since swap %s rolled back", kept, swap_dir.name)
+        found += [Path(kept + suffix) for suffix in suffixes if os.path.lexists(kept + suffix)]
+    return found
+
+
+def drop_kept(swap_dir: Path) -> None:
+    """Remove the probation-time data a finished restore of this swap kept (its swap is being
+    pruned), never through a symlink."""
+    copies = kept_copies(swap_dir)
+    for path in copies:
+        remove_path(path)
+    for folder in {path.parent for path in copies}:
+        fsync_dir(folder)
+    if copies:
+        log.info("removed %s, kept since swap %s rolled back", copies[0], swap_dir.name)
 
 
 def run_step(step: str, swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:

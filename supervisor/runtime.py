@@ -476,7 +476,7 @@ class Runtime:
         self.swap = None
         self._host_env = self._host_env if self._one_shot_env else {}
         keep = self.config.state.keep_swaps
-        self.pool.submit(self.work.prune, keep)
+        self.pool.submit(self.work.settle, swap, keep)
 
     # --- swap commands (from the API) -----------------------------------------------------
 

@@ -453,6 +453,12 @@ class SnapshotStore:
 
     # --- housekeeping ------------------------------------------------------------------------
 
+    def kept_copies(self, swap_id: str) -> list[Path]:
+        """What the finished restore of `swap_id` kept of the probation-time data (see
+        `restoresteps.kept_copies`); empty for a swap that was not rolled back."""
+        _check_swap_id(swap_id)
+        return restoresteps.kept_copies(self.root / swap_id)
+
     def prune(self, keep: Iterable[str]) -> None:
         """Remove the snapshots of every swap not in `keep`, the probation-time data its restore
         kept, and leftovers of interrupted takes. A swap whose restore is unfinished stays: its

@@ -126,6 +126,23 @@ class SwapWork:
             return "snapshot.corrupt", {"entries": bad}
         return "snapshot.verified", {"entries": len(results)}
 
+    def settle(self, swap: swaps.Swap, keep: int) -> None:
+        """In a worker, once a swap is over: put on disk what its rollback kept of the
+        probation-time data (the old version was restarted first; the new version's flush may
+        have been cut short), then prune. A failure is logged: nothing waits for this."""
+        try:
+            if swap.state is swaps.SwapState.ROLLED_BACK:
+                kept = self.snapshots.kept_copies(swap.id)
+                for path in kept:
+                    fsync_file(path)
+                for folder in {path.parent for path in kept}:
+                    fsync_dir(folder)
+            self.prune(keep)
+        except (SwapguardError, OSError) as exc:
+            log.warning("after swap %s: %s", swap.id, getattr(exc, "message", exc))
+        except Exception:  # a bug: the worker's future would swallow it
+            log.exception("after swap %s", swap.id)
+
     def prune(self, keep: int) -> None:
         """Drop checkpoints and snapshots of finished swaps beyond the newest `keep`, and their
         records beyond SWAP_RECORDS_KEPT."""
