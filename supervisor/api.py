@@ -1,11 +1,12 @@
 """The control socket's server: HTTP/1.1 + JSON over a unix stream socket.
 
 Theory of operation. This module knows sockets, deadlines and peer credentials, not the runtime: a
-valid request becomes one call on a `Backend`, which the daemon implements (thread-safe: it marshals
-each call to its loop). What is valid is `supervisor.routes` (the route table, query and body
-validation, encoding; re-exported here). Reads are open to whoever can connect; every POST is a
-write, checked by `Backend.may_write(peer)` against the kernel-reported peer credentials. h11 does
-the HTTP framing: a connection's thread reads with `recv`, feeds h11, and writes what h11 returns.
+valid request becomes one call on a `Backend`, which the daemon implements (thread-safe: it
+marshals each call to its loop, but for reads of the store or of what the loop publishes whole).
+What is valid is `supervisor.routes` (the route table, query and body validation, encoding;
+re-exported here). Reads are open to whoever can connect; every POST is a write, checked by
+`Backend.may_write(peer)` against the kernel-reported peer credentials. h11 does the HTTP
+framing: a connection's thread reads with `recv`, feeds h11, and writes what h11 returns.
 
 Nothing is read without a bound: a request's first byte must come within `request_timeout` (idle
 keep-alive), the whole request within `request_timeout` of that byte; the header section is capped

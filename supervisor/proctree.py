@@ -5,9 +5,10 @@ parent, group, session, zombie state and start time. The start time is what tell
 later one that got its pid: `signal_verified` pins the pid with a pidfd first and then checks it, so
 a recycled pid is never signalled. `supervisor.host` builds the host's tree from these pieces.
 
-Where /proc is there (Linux), everything here is one read of /proc/<pid>/stat, and psutil is never
-imported: it is 0.8 MiB of a resting daemon's RSS, for what those reads already say. Elsewhere
-(macOS) psutil answers, imported at its first use.
+Where /proc is there (Linux), everything here is read from it (a process's stat, its statm for
+memory, /proc/stat once for the boot time), and psutil is never imported: it is 0.8 MiB of a
+resting daemon's RSS, for what those reads already say. Elsewhere (macOS) psutil answers,
+imported at its first use.
 """
 
 from __future__ import annotations

@@ -473,8 +473,11 @@ class SnapshotStore:
                 if restoresteps.restore_unfinished(path):
                     log.warning("not pruning %s: its restore is unfinished", path)
                     continue
-                restoresteps.drop_kept(path)
-                remove_path(path)
+                try:
+                    restoresteps.drop_kept(path)
+                    remove_path(path)
+                except OSError as err:  # e.g. an operator's copy we may not remove: next time
+                    log.warning("not pruning %s now: %s", path, err.strerror or err)
             fsync_dir(self.root)
 
     def total_bytes(self) -> int:

@@ -86,7 +86,8 @@ class HostRun:
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
-    """One entry of the append-only audit log; `at` is wall-clock epoch seconds."""
+    """One entry of the audit log (appended to, and trimmed from the oldest end only); `at` is
+    wall-clock epoch seconds."""
 
     id: int
     at: float
@@ -307,7 +308,8 @@ class Store:
         return [_event(row) for row in self._fetch("read events", query, *params)]
 
     def last_event_id(self) -> int:
-        """0 while the log is empty; the log is append-only, so this never goes back."""
+        """0 while the log is empty; ids are never reused and the newest is never trimmed, so
+        this never goes back."""
         return self._fetch("read last event id", "SELECT MAX(id) FROM event")[0][0] or 0
 
     # --- swaps ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ that into `StepDone` / `StepFailed` on its loop. Nothing here reads or changes r
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class SwapWork:
         self.store = store
         self.code = code
         self.snapshots = snapshots
+        self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
 
     def take_checkpoint(self, name: str) -> Checkpoint:
         self.code.check()
@@ -146,6 +148,10 @@ class SwapWork:
     def prune(self, keep: int) -> None:
         """Drop checkpoints and snapshots of finished swaps beyond the newest `keep`, and their
         records beyond SWAP_RECORDS_KEPT."""
+        with self._pruning:
+            self._prune(keep)
+
+    def _prune(self, keep: int) -> None:
         self.code.drop(*self.store.finished_swap_ids_beyond(keep))
         self.store.forget_finished_swaps_beyond(max(keep, SWAP_RECORDS_KEPT))
         keep_ids = {record["id"] for record in self.store.list_swaps(limit=keep)}

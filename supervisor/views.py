@@ -54,7 +54,9 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
 
 def status(runtime: Runtime) -> dict[str, Any]:
     """The contract's GET /v1/status document (stable fields first; more may be added). Safe on
-    any thread: it reads only values the loop replaces whole (never mutates in place)."""
+    any thread: it reads only values the loop replaces whole, never mutates in place. The host
+    and the swap come as one pair, from one moment; the drift guard's few fields (strings and a
+    flag, set on the loop) may be a moment apart from them."""
     boot_now, wall_now = clock.boot_clock(), time.time()
     host, swap = runtime.machines
     drift = runtime.drift_guard

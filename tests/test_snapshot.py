@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from supervisor import restoresteps
 from supervisor.datacopy import FLUSH_STEP, StopSignal, copy_file_hashed, fsync_dir, fsync_file
 from supervisor.errors import SnapshotError
 from supervisor.snapshot import (
@@ -979,6 +980,29 @@ def test_prune_removes_the_probation_data_a_pruned_swap_kept(
     assert all(path.exists() for path in kept_b)
     assert kept_b[1].read_text() == "written on probation of swap-b"
     assert dump(db) == rows(BASE) and notes.read_text() == "old"
+
+
+def test_prune_goes_on_past_a_swap_it_cannot_remove_now(
+    store: SnapshotStore, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept copy an operator made unremovable must not stop every later prune."""
+    notes = data / "notes.txt"
+    notes.write_text("x")
+    for swap_id in ("swap-a", "swap-b", "swap-c"):
+        store.take(swap_id, [(notes, "file")])
+    real_drop = restoresteps.drop_kept
+
+    def refuse_b(swap_dir: Path) -> None:
+        if swap_dir.name == "swap-b":
+            raise PermissionError(1, "Operation not permitted")
+        real_drop(swap_dir)
+
+    monkeypatch.setattr(restoresteps, "drop_kept", refuse_b)
+    store.prune(["swap-c"])
+    assert sorted(os.listdir(store.root)) == ["swap-b", "swap-c"]  # swap-b: next time
+    monkeypatch.setattr(restoresteps, "drop_kept", real_drop)
+    store.prune(["swap-c"])
+    assert sorted(os.listdir(store.root)) == ["swap-c"]
 
 
 def test_taking_a_swap_again_keeps_its_snapshot_and_remakes_the_working_copy(
