@@ -165,6 +165,7 @@ class Swap:
             "remaining_s": self.remaining_s(now),
             "step": None if self.step is None else self.step.value,
             "crashes": self.crashes,
+            "data_on_disk": not self.data_unsynced,  # false: a confirm waits for the flush
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -664,7 +665,9 @@ def test_view_has_the_contract_fields() -> None:
         "remaining_s": 30.0,
         "step": None,
         "crashes": 0,
+        "data_on_disk": True,
     }
+    assert replace(swap, data_unsynced=True).view(at(40))["data_on_disk"] is False
     assert swap.view(at(99))["remaining_s"] == 0.0, "never negative"
     assert activating(pol, Step.BUILD_NEW).view(at(10))["remaining_s"] == 300.0
     assert prepared().view(at(1))["remaining_s"] is None
