@@ -16,6 +16,8 @@ import { spawn } from 'node:child_process';
 import http from 'node:http';
 
 const DEFAULT_TIMEOUT_MS = 10_000;
+/** Swap actions may wait on swapguard's runtime for up to 60 s (a confirm: the data flush). */
+const ACTION_TIMEOUT_MS = 65_000;
 
 /** A refusal or failure of swapguard, or no answer from it. */
 export class SwapguardError extends Error {
@@ -35,7 +37,7 @@ export class SwapguardError extends Error {
 /**
  * @typedef {object} RequestOptions
  * @property {string} [socketPath]  default: process.env.SWAPGUARD_SOCKET
- * @property {number} [timeoutMs]   default: 10 s
+ * @property {number} [timeoutMs]   default: 10 s (swap actions: 65 s)
  */
 
 /**
@@ -138,7 +140,8 @@ function swapAction(swapId, action, options) {
     return Promise.reject(new SwapguardError(
       `${action} needs a swap id (SWAPGUARD_SWAP_ID is set only on probation)`, 'bad_request', null));
   }
-  return request('POST', `/v1/swaps/${encodeURIComponent(swapId)}/${action}`, undefined, options);
+  const path = `/v1/swaps/${encodeURIComponent(swapId)}/${action}`;
+  return request('POST', path, undefined, { timeoutMs: ACTION_TIMEOUT_MS, ...options });
 }
 
 /**
