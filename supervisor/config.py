@@ -29,6 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
+from supervisor.datacopy import SQLITE_SIDECARS
 from supervisor.defaults import DEFAULTS
 from supervisor.defaults import PLACEHOLDER_COMMAND as PLACEHOLDER_COMMAND  # re-exported
 from supervisor.defaults import render_init as render_init  # re-exported
@@ -146,11 +147,8 @@ class Config:
             paths.append(self.host.output)
         for entry in self.data:
             paths.append(entry.path)
-            paths.extend(entry.path.with_name(entry.path.name + s) for s in _SQLITE_SIDECARS)
+            paths.extend(entry.path.with_name(entry.path.name + s) for s in SQLITE_SIDECARS)
         return paths
-
-
-_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # as supervisor.datacopy names them
 
 
 # --- entry points ---------------------------------------------------------------------------

@@ -153,6 +153,10 @@ _TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
 _NEWEST_FIRST = "ORDER BY created_at DESC, rowid DESC"  # rowid: ties in insertion order
 _TERMINAL = tuple(sorted(TERMINAL_SWAP_STATES))
 _TERMINAL_MARKS = ", ".join("?" for _ in _TERMINAL)
+# Ids of finished swaps, newest first, past the newest `?` of them (bind *_TERMINAL, the count).
+_FINISHED_PAST_KEEP = (
+    f"SELECT id FROM swap WHERE state IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT -1 OFFSET ?"
+)
 # ON CONFLICT DO UPDATE keeps the rowid (REPLACE would not), so ties keep their order.
 _UPSERT_SWAP = """INSERT INTO swap (id, state, created_at, updated_at, record)
     VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,
@@ -371,17 +375,15 @@ class Store:
     def forget_finished_swaps_beyond(self, keep: int) -> int:
         """Delete the records of finished swaps other than the newest `keep` (their events stay
         until trimmed); returns how many went."""
-        where = f"WHERE state IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT -1 OFFSET ?"
-        doomed = f"DELETE FROM swap WHERE id IN (SELECT id FROM swap {where})"
+        doomed = f"DELETE FROM swap WHERE id IN ({_FINISHED_PAST_KEEP})"
         params = (*_TERMINAL, _count("keep", keep, 0))
         return self._write("forget finished swaps", doomed, *params).rowcount
 
     def finished_swap_ids_beyond(self, keep: int) -> list[str]:
         """Finished swaps other than the newest `keep` of them (newest first): their snapshots
         may go. `failed` swaps are never listed: a retried rollback needs their snapshots."""
-        where = f"WHERE state IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT -1 OFFSET ?"
         params = (*_TERMINAL, _count("keep", keep, 0))
-        rows = self._fetch("list finished swaps", f"SELECT id FROM swap {where}", *params)
+        rows = self._fetch("list finished swaps", _FINISHED_PAST_KEEP, *params)
         return [swap_id for (swap_id,) in rows]
 
     # --- small values -----------------------------------------------------------------------

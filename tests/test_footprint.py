@@ -23,17 +23,20 @@ from tests.support import make_sample_repo, supervised, write_app
 
 MiB = 2**20
 
-# Eight threads alive at once each fill and free a 1 MiB buffer, after one such buffer freed on
-# the main thread has raised glibc's mmap threshold. Prints the anonymous RSS they left behind.
-ARENA_BURST = """
-import sys, threading
-from supervisor import footprint
-
+# Given to every child by run_python: the child's anonymous RSS in bytes.
+ANON_BYTES = """
 def anon_bytes():
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
+"""
+
+# Eight threads alive at once each fill and free a 1 MiB buffer, after one such buffer freed on
+# the main thread has raised glibc's mmap threshold. Prints the anonymous RSS they left behind.
+ARENA_BURST = """
+import sys, threading
+from supervisor import footprint
 
 if sys.argv[1] == "tuned":
     assert footprint.tune_malloc()
@@ -62,12 +65,6 @@ print(anon_bytes() - before)
 HEAP_HOLES = """
 from supervisor import footprint
 
-def anon_bytes():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
 footprint.tune_malloc()
 blocks = [bytes([n % 251]) * 2000 for n in range(20000)]
 kept = blocks[::64]
@@ -80,7 +77,7 @@ print(before, anon_bytes(), released, len(kept))
 
 def run_python(source: str, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source), *args],
+        [sys.executable, "-c", ANON_BYTES + textwrap.dedent(source), *args],
         capture_output=True,
         text=True,
         timeout=60,
