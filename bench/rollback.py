@@ -30,7 +30,7 @@ from bench.peers import (
     wait_until,
 )
 from bench.report import percentile, ratio
-from supervisor.snapshot import SnapshotStore
+from supervisor.data.snapshot import SnapshotStore
 
 WINDOW = "1s"
 ROW_BYTES = 4000  # one row per 4 KiB page: no overflow pages, size ~ rows * page size

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from supervisor import errors
-from supervisor.routes import CALL_LIMIT_S
+from supervisor.control.routes import CALL_LIMIT_S
 
 _CONNECTION_CLOSED = (
     http.client.RemoteDisconnected,
@@ -257,6 +257,9 @@ def find_socket(explicit: str | None, config_path: str | None = None) -> Path:
         return Path(explicit)
     if from_env := os.environ.get("SWAPGUARD_SOCKET"):
         return Path(from_env)
-    from supervisor.config import find_config, load_config  # written beside this; loaded lazily
+    from supervisor.config.schema import (  # written beside this; loaded lazily
+        find_config,
+        load_config,
+    )
 
     return load_config(find_config(config_path)).control.socket

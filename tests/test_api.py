@@ -27,8 +27,14 @@ from typing import Any, ClassVar
 import pytest
 
 from supervisor import __version__, errors
-from supervisor.api import MAX_BODY_BYTES, MAX_HEADER_BYTES, ControlServer, ControlSocketInUse, Peer
 from supervisor.client import Client, find_socket
+from supervisor.control.server import (
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    ControlServer,
+    ControlSocketInUse,
+    Peer,
+)
 
 WAIT_S = 10.0
 
@@ -369,7 +375,7 @@ def test_unexpected_exception_is_500_without_details(
     assert status == 500
     assert error_of(body) == {"code": "internal", "message": "internal error"}
     assert b"secret" not in body and b"Traceback" not in body
-    logged = [r for r in caplog.records if r.name == "supervisor.api" and r.exc_info]
+    logged = [r for r in caplog.records if r.name == "supervisor.control.server" and r.exc_info]
     assert logged and "secret detail" in str(logged[0].exc_info[1])
 
 
@@ -432,7 +438,7 @@ def test_header_section_is_capped_at_64k_exactly(serve: Any) -> None:
 def test_the_daemon_never_imports_http_server_http_client_or_email() -> None:
     """They cost the daemon 2 MiB of RSS (email, through http.client); h11 does the framing."""
     code = (
-        "import sys, supervisor.daemon, supervisor.api;"
+        "import sys, supervisor.daemon.service, supervisor.control.server;"
         "print(sorted(m for m in ('http.server', 'http.client', 'email') if m in sys.modules))"
     )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -722,12 +728,12 @@ def test_concurrent_clients(serve: Any) -> None:
 def test_requests_are_logged_at_debug_only(
     client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="supervisor.api")
+    caplog.set_level(logging.DEBUG, logger="supervisor.control.server")
     client.status()
     client.heartbeat()
     with pytest.raises(errors.NotFound):
         client.swap("nope")
-    records = [r for r in caplog.records if r.name == "supervisor.api"]
+    records = [r for r in caplog.records if r.name == "supervisor.control.server"]
     assert records and all(r.levelno == logging.DEBUG for r in records)
 
 
@@ -739,7 +745,7 @@ def test_find_socket_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert find_socket("/run/explicit.sock") == Path("/run/explicit.sock")
     assert find_socket(None) == Path("/run/from-env.sock")
     monkeypatch.delenv("SWAPGUARD_SOCKET")
-    pytest.importorskip("supervisor.config")
+    pytest.importorskip("supervisor.config.schema")
     config = tmp_path / "swapguard.toml"
     config.write_text('[host]\ncommand = ["python3", "app.py"]\n[control]\nsocket = "run/c.sock"\n')
     assert find_socket(None, str(config)) == tmp_path / "run" / "c.sock"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.checkpoint import Change, Checkpoint, CodeTree
+from supervisor.code.checkpoint import Change, Checkpoint, CodeTree
 from supervisor.errors import CheckpointError, ConfigError
 
 WAIT_S = 10.0
@@ -372,7 +372,7 @@ def test_restore_twice_and_after_being_killed_half_way(repo: Path, tmp_path: Pat
     new_head = git(repo, "rev-parse", "HEAD").strip()
     script = (
         "import json, sys\nfrom pathlib import Path\n"
-        "from supervisor.checkpoint import Checkpoint, CodeTree\n"
+        "from supervisor.code.checkpoint import Checkpoint, CodeTree\n"
         "repo = Path(sys.argv[1])\n"
         "from tests.test_checkpoint import code_tree\n"
         "tree = code_tree(repo)\n"

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from supervisor import errors
-from supervisor.api import ControlServer, Peer
 from supervisor.client import Client
+from supervisor.control.server import ControlServer, Peer
 
 CLIENT_TIMEOUT_S = 0.3
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.config import (
+from supervisor.config.schema import (
     CodeConfig,
     Config,
     ControlConfig,

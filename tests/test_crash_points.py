@@ -4,7 +4,7 @@ swap exactly: the code tree, the build output and the data as they should be, on
 in its right final state.
 
 `SWAPGUARD_CRASH_AT=<state>/<step>` makes the daemon exit 86 right after persisting that record,
-before acting on it (see `supervisor.runtime`). The chains below re-arm it with the next step on
+before acting on it (see `daemon.runtime`). The chains below re-arm it with the next step on
 each restart, so one run dies at every step in turn, each time in a daemon that had itself just
 resumed; the slow tests kill a fresh run at one step each.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor import swaps
+from supervisor.core import swaps
 from supervisor.errors import NotReachable
 from tests.support import WAIT, Supervisor, git, make_sample_repo, rows, supervised, wait_for
 from tests.test_swap_e2e import db_dump, new_version, tree_state

@@ -184,8 +184,8 @@ def test_disk_full_during_the_snapshot_fails_the_activation_cleanly(repo: Path) 
 
 
 def test_disk_full_message_names_the_file_that_did_not_fit(tmp_path: Path) -> None:
+    from supervisor.data.snapshot import SnapshotStore
     from supervisor.errors import SnapshotError
-    from supervisor.snapshot import SnapshotStore
 
     db = big_database(tmp_path / "data" / "app.db")
     with (

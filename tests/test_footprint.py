@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import footprint
-from supervisor.datacopy import tree_digest
-from supervisor.store import CACHE_KIB, Store
+from supervisor.daemon import footprint
+from supervisor.data.datacopy import tree_digest
+from supervisor.state.store import CACHE_KIB, Store
 from tests.support import make_sample_repo, supervised, write_app
 
 MiB = 2**20
@@ -36,7 +36,7 @@ def anon_bytes():
 # the main thread has raised glibc's mmap threshold. Prints the anonymous RSS they left behind.
 ARENA_BURST = """
 import sys, threading
-from supervisor import footprint
+from supervisor.daemon import footprint
 
 if sys.argv[1] == "tuned":
     assert footprint.tune_malloc()
@@ -63,7 +63,7 @@ print(anon_bytes() - before)
 # in the middle of the heap, which no free() returns. Prints the anonymous RSS before and after
 # release_free_memory().
 HEAP_HOLES = """
-from supervisor import footprint
+from supervisor.daemon import footprint
 
 footprint.tune_malloc()
 blocks = [bytes([n % 251]) * 2000 for n in range(20000)]
@@ -109,7 +109,7 @@ def test_release_free_memory_returns_the_free_pages_inside_the_heap() -> None:
 
 def test_malloc_calls_report_whether_they_applied() -> None:
     """glibc here: the settings apply (elsewhere both calls are no-ops answering False)."""
-    source = "from supervisor import footprint\nprint(footprint.tune_malloc())\n"
+    source = "from supervisor.daemon import footprint\nprint(footprint.tune_malloc())\n"
     assert run_python(source).split() == ["True"]
 
 
@@ -169,7 +169,7 @@ def test_the_daemon_loads_openssl_only_to_hash_a_snapshot(tmp_path: Path) -> Non
         assert sup.process is not None
         pid = sup.process.pid
         assert not mapped(pid, "libssl.so") and not mapped(pid, "libcrypto.so")
-        assert not mapped(pid, "_psutil_linux")  # /proc is read directly (supervisor.proctree)
+        assert not mapped(pid, "_psutil_linux")  # /proc is read directly (process.proctree)
         swap_id = sup.client.prepare("hash the assets")["id"]
         write_app(repo, {"version": "v2", "confirm": True})
         sup.client.activate(swap_id)

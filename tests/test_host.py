@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor import host as host_module
-from supervisor import jobs, proctree
-from supervisor.host import (
+from supervisor.process import host as host_module
+from supervisor.process import jobs, proctree
+from supervisor.process.host import (
     CgroupLeaf,
     ExitStatus,
     HostProcess,

@@ -28,8 +28,10 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from supervisor import errors, notify, routes
-from supervisor.api import MAX_BODY_BYTES
+from supervisor import errors
+from supervisor.control import routes
+from supervisor.control.server import MAX_BODY_BYTES
+from supervisor.core import notifyproto
 from tests.support import Supervisor, make_sample_repo, supervised, wait_for
 
 FUZZ = settings(
@@ -619,15 +621,17 @@ _NOTIFY_LINES = st.lists(
 DATAGRAMS = st.one_of(
     st.binary(max_size=300),
     _NOTIFY_LINES,
-    st.binary(min_size=notify.MAX_DATAGRAM_BYTES + 1, max_size=notify.MAX_DATAGRAM_BYTES + 64),
+    st.binary(
+        min_size=notifyproto.MAX_DATAGRAM_BYTES + 1, max_size=notifyproto.MAX_DATAGRAM_BYTES + 64
+    ),
     st.sampled_from([b"READY=1\x00", b"\xff\xfe", b"\n\n", b"=1", b"STATUS=\xc3"]),
 )
 
 
 def _is_invalid(payload: bytes) -> bool:
     try:
-        notify.parse_datagram(payload)
-    except notify.NotifyError:
+        notifyproto.parse_datagram(payload)
+    except notifyproto.NotifyError:
         return True
     return False
 
@@ -643,7 +647,7 @@ def test_junk_datagrams_from_the_hosts_tree_are_counted_and_change_nothing(repo:
             def attack(batch: list[bytes]) -> None:
                 for payload in batch:
                     if not _is_invalid(payload):
-                        message = notify.parse_datagram(payload)
+                        message = notifyproto.parse_datagram(payload)
                         # the host's own tree may legitimately fail itself or confirm its swap
                         assume(not message.watchdog_trigger and message.confirm_swap_id != swap_id)
                 before = counters(sup)

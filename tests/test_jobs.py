@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor import jobs
-from supervisor.jobs import OUTPUT_LIMIT, CancelToken, JobResult, run_job
+from supervisor.process import jobs
+from supervisor.process.jobs import OUTPUT_LIMIT, CancelToken, JobResult, run_job
 from tests.support import gone, wait_for
 
 PY = sys.executable
@@ -49,7 +49,7 @@ def test_success_logs_output_and_uses_cwd_and_env(tmp_path: Path, caplog) -> Non
         "print('token', os.environ['JOB_TOKEN'])\n"
         "print('to stderr', file=sys.stderr)\n"
     )
-    with caplog.at_level(logging.INFO, logger="supervisor.jobs.build"):
+    with caplog.at_level(logging.INFO, logger="supervisor.process.jobs.build"):
         result = run_job(
             [PY, "-S", "-c", code],
             cwd=tmp_path,
@@ -63,7 +63,7 @@ def test_success_logs_output_and_uses_cwd_and_env(tmp_path: Path, caplog) -> Non
     assert "token s3cret" in result.output
     assert "to stderr" in result.output
     assert result.argv == (PY, "-S", "-c", code)
-    logged = [r.getMessage() for r in caplog.records if r.name == "supervisor.jobs.build"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "supervisor.process.jobs.build"]
     assert f"hello from {tmp_path}" in logged
     assert "to stderr" in logged
     assert result.describe() == "exit 0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import lifecycle as lc
+from supervisor.core import lifecycle as lc
 
 POLICY = lc.Policy(ready_mode="notify", start_timeout=5, min_uptime=1, heartbeat_timeout=2,
                    stop_timeout=3, restart="always", restart_reset_after=10,

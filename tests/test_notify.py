@@ -19,17 +19,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.errors import BadRequest, ConfigError
-from supervisor.notify import (
+from supervisor.control.notifysocket import Datagram, NotifyServer
+from supervisor.core.notifyproto import (
     MAX_DATAGRAM_BYTES,
-    Datagram,
     NotifyError,
     NotifyMessage,
-    NotifyServer,
     parse_datagram,
-    sd_notify,
-    watchdog_interval,
 )
+from supervisor.errors import BadRequest, ConfigError
+from supervisor.notify import sd_notify, watchdog_interval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 10.0

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.cli import build_parser
-from supervisor.config import load_config
+from supervisor.cli.main import build_parser
+from supervisor.config.schema import load_config
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
 SYSTEM_UNIT = PACKAGING / "systemd" / "swapguard.service"

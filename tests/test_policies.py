@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import load_config
-from supervisor.policies import JITTER, host_policy
+from supervisor.config.schema import load_config
+from supervisor.core.policies import JITTER, host_policy
 
 
 def policy_for(tmp_path: Path, delay: str, most: str, seed: int = 7):

@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 
-from supervisor import restoresteps
-from supervisor.datacopy import FLUSH_STEP, StopSignal, copy_file_hashed, fsync_dir, fsync_file
-from supervisor.errors import SnapshotError
-from supervisor.snapshot import (
+from supervisor.data import restoresteps
+from supervisor.data.datacopy import FLUSH_STEP, StopSignal, copy_file_hashed, fsync_dir, fsync_file
+from supervisor.data.snapshot import (
     ENTRY_STEPS,
     RESTORE_STEPS,
     SQLITE_SIDECARS,
@@ -37,6 +36,7 @@ from supervisor.snapshot import (
     file_digest,
     tree_digest,
 )
+from supervisor.errors import SnapshotError
 
 WAIT_S = 10.0
 SWAP = "20261124-060000-abc123"

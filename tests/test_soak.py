@@ -28,7 +28,7 @@ FD_SLACK = 5
 THREAD_SLACK = 5
 # What RSS may grow after the warm-up. Measured here: +0.4 MiB over the short soak's 7 cycles and
 # +2.3 MiB over the long one's 180 (the state store's page cache filling to its bound, one resize
-# of the interned-strings table); before the malloc tuning of supervisor.footprint, +3.4 and
+# of the interned-strings table); before the malloc tuning of supervisor.daemon.footprint, +3.4 and
 # +8.6 MiB (freed buffers kept in one glibc arena per thread).
 RSS_SLACK_SHORT = 3 * 2**19
 RSS_SLACK_LONG = 3 * 2**20

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from supervisor import store as store_module
 from supervisor.errors import StateLocked, SwapguardError
-from supervisor.store import (
+from supervisor.state import store as store_module
+from supervisor.state.store import (
     SCHEMA_VERSION,
     EventRecord,
     HostRun,
@@ -108,7 +108,7 @@ def test_an_operators_dir_mode_is_kept_and_a_writable_one_warned_about(
     os.chmod(private, 0o750)
     shared.mkdir()
     os.chmod(shared, 0o777)
-    with caplog.at_level(logging.WARNING, logger="supervisor.lock"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.state.lock"):
         Store.open(private).close()
         assert not caplog.records
         Store.open(shared).close()
@@ -531,7 +531,7 @@ def test_sqlite_errors_become_store_errors_naming_the_file_and_the_step(store: S
 
 HOLD_LOCK = """
 import sys
-from supervisor.store import StateLock
+from supervisor.state.store import StateLock
 lock = StateLock.acquire(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()
@@ -540,7 +540,7 @@ sys.stdin.read()
 TRY_LOCK = """
 import sys
 from supervisor.errors import StateLocked
-from supervisor.store import StateLock
+from supervisor.state.store import StateLock
 try:
     StateLock.acquire(sys.argv[1])
 except StateLocked as exc:
@@ -589,7 +589,7 @@ def test_the_lock_is_exclusive_within_a_process_too_and_released_cleanly(tmp_pat
 BURST_THEN_SIGKILL = """
 import hashlib, os, random, signal, sys, threading
 from pathlib import Path
-from supervisor.store import Store
+from supervisor.state.store import Store
 
 store = Store.open(Path(sys.argv[1]))
 halfway = threading.Event()

@@ -54,7 +54,7 @@ def test_spawn_ready_heartbeat_and_graceful_exit(repo: Path) -> None:
 
 
 def _events_from_store(sup: Supervisor) -> list[str]:
-    from supervisor.store import Store
+    from supervisor.state.store import Store
 
     store = Store.open(sup.state)
     try:

@@ -13,10 +13,9 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from supervisor import swaps
 from supervisor.clock import Instant, rfc3339
-from supervisor.errors import BadRequest, Conflict
-from supervisor.swaps import (
+from supervisor.core import swaps
+from supervisor.core.swaps import (
     TERMINAL,
     TRANSITIONS,
     AbortRequested,
@@ -57,6 +56,7 @@ from supervisor.swaps import (
     resume,
     step,
 )
+from supervisor.errors import BadRequest, Conflict
 
 S = SwapState
 T0 = Instant(wall=1_800_000_000.0, boot=500.0, boot_id="boot-a")

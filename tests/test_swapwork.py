@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import clock, swaps, swapwork
-from supervisor.checkpoint import CodeTree
-from supervisor.config import load_config
-from supervisor.snapshot import SnapshotStore
-from supervisor.store import Store
+from supervisor import clock
+from supervisor.code.checkpoint import CodeTree
+from supervisor.config.schema import load_config
+from supervisor.core import swaps
+from supervisor.daemon import swapwork
+from supervisor.data.snapshot import SnapshotStore
+from supervisor.state.store import Store
 from tests.support import make_sample_repo
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-from supervisor.console import duration
+from supervisor.cli.console import duration
 from supervisor.demo import sandbox as sb
 from supervisor.demo.screen import Screen, bullet, make_screen
 from supervisor.demo.tour import DemoFailed, Tour

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Protocol, TextIO
 
-from supervisor.console import duration
+from supervisor.cli.console import duration
 
 _BAR_WIDTH = 20
 

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import psutil
 
+from supervisor.cli.console import duration
 from supervisor.client import Client
-from supervisor.console import duration
 from supervisor.demo import sandbox as sb
 from supervisor.demo.screen import Screen, arrow, bullet, countdown, heading
 from supervisor.errors import NotReachable

@@ -1,0 +1,1 @@
+"""The code tree: git checkpoints and restores, and the watcher that sees edits."""

@@ -1,0 +1,1 @@
+"""`swapguard.toml`: its schema, defaults, validation and the file `swapguard init` writes."""

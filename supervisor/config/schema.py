@@ -1,0 +1,533 @@
+"""Load and validate `swapguard.toml` into frozen dataclasses.
+
+Rules of this module:
+- Pure: it reads the config file and nothing else; no directory is created, no path is probed, so
+  `swapguard check` is safe anywhere and the runtime owns every side effect.
+- The commented template of `swapguard init` is the one source of the defaults: they are parsed from
+  it, so the two cannot drift apart, and they pass the same validation as what a user writes. It
+  lives in `supervisor.config.defaults` (`render_init` is re-exported here).
+- Anything a user can get wrong is a `ConfigError` naming the dotted key (`data[0].kind`) and the
+  file, and saying what would be accepted. swapguard refuses to start rather than guess.
+- Paths are made absolute against the config file's folder and normalized lexically; symlinks are
+  not followed (that would be I/O; the runtime checks what it opens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import re
+import shlex
+import signal
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+from supervisor.config.defaults import DEFAULTS
+from supervisor.config.defaults import PLACEHOLDER_COMMAND as PLACEHOLDER_COMMAND  # re-exported
+from supervisor.config.defaults import render_init as render_init  # re-exported
+from supervisor.errors import ConfigError
+
+ReadyMode = Literal["notify", "started"]
+RestartPolicy = Literal["always", "on-failure", "no"]
+UndeclaredChanges = Literal["guard", "warn", "ignore"]
+DataKind = Literal["sqlite", "file", "dir"]
+
+DEFAULT_FILE_NAME = "swapguard.toml"
+CONFIG_ENV_VAR = "SWAPGUARD_CONFIG"
+
+# Bounds a user would want enforced; each error message states the bound it broke.
+MAX_DURATION_S = 365 * 24 * 3600.0  # longer than a year is a typo, and overflows some timers
+MAX_COUNT = 10_000
+# sun_path holds 108 bytes on Linux, 104 on macOS, both including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107
+
+_SECTIONS = ("host", "code", "data", "deadman", "control", "state", "hooks")
+_KEYS = {section: tuple(DEFAULTS.get(section, ())) for section in _SECTIONS}
+_KEYS["host"] = ("command", *_KEYS["host"])
+_KEYS["data"] = ("path", "kind")  # an entry is nothing without both
+
+_DURATION_PATTERN = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+) ?(?P<unit>ms|s|m|h)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_FORMS = 'a duration: seconds >= 0, or a string like "250ms", "1.5s", "90s", "2m", "1h"'
+_MODE_PATTERN = re.compile(r"(?:0o|0)?(?P<digits>[0-7]{1,3})")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    command: tuple[str, ...]
+    cwd: Path
+    env: Mapping[str, str]
+    ready: ReadyMode
+    start_timeout: float
+    min_uptime: float
+    heartbeat_timeout: float
+    stop_signal: signal.Signals
+    stop_timeout: float
+    restart: RestartPolicy
+    restart_delay: float
+    restart_delay_max: float
+    restart_reset_after: float
+    output: Path | None  # None: inherit swapguard's own stdout/stderr
+
+
+@dataclass(frozen=True, slots=True)
+class CodeConfig:
+    root: Path
+    extra_paths: tuple[str, ...]  # relative to root, normalized, inside root
+    build: tuple[str, ...]
+    build_timeout: float
+    undeclared_changes: UndeclaredChanges
+
+
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+"""The files SQLite keeps beside a database: part of it, wherever the database goes."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataEntry:
+    path: Path
+    kind: DataKind
+
+
+@dataclass(frozen=True, slots=True)
+class DeadmanConfig:
+    window: float
+    extend_by: float
+    hard_cap: float
+    max_crashes: int
+    health_check: tuple[str, ...]
+    health_interval: float
+    health_failures: int
+    auto_confirm_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: Path
+    mode: int
+    group: str
+    allow_users: tuple[str, ...]
+    allow_groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: Path
+    keep_swaps: int
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    on_event: tuple[str, ...]
+    events: tuple[str, ...]  # fnmatch-style globs over event names
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    host: HostConfig
+    code: CodeConfig
+    data: tuple[DataEntry, ...]
+    deadman: DeadmanConfig
+    control: ControlConfig
+    state: StateConfig
+    hooks: HooksConfig
+
+    def non_code_paths(self) -> list[Path]:
+        """What is never code, though it may sit in the code root: swapguard's state and
+        socket, the host's output, each data entry and its SQLite sidecars. Checkpoints leave
+        them out; the code watcher ignores them (a busy database would wake it at every write)."""
+        paths = [self.state.dir, self.control.socket]
+        if self.host.output is not None:
+            paths.append(self.host.output)
+        for entry in self.data:
+            paths.append(entry.path)
+            paths.extend(entry.path.with_name(entry.path.name + s) for s in SQLITE_SIDECARS)
+        return paths
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def find_config(explicit: str | None) -> Path:
+    """`--config`, else `$SWAPGUARD_CONFIG`, else `./swapguard.toml`; absence is load_config's."""
+    chosen = explicit or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_FILE_NAME
+    return Path(os.path.abspath(chosen))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate one config file; any problem is a ConfigError naming the file."""
+    source = Path(os.path.abspath(path))
+    file = str(source)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", file=file) from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=file) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=file) from None
+    return parse_config(document, source=source)
+
+
+def parse_config(document: Mapping[str, object], *, source: Path) -> Config:
+    """Validate a parsed TOML document; relative paths resolve against the folder of `source`."""
+    top = _Table(document, "", str(source), source.parent, {})
+    _reject_unknown(top, _SECTIONS, what="section")
+    config = Config(
+        source=source,
+        host=_parse_host(top.section("host", required=True)),
+        code=_parse_code(top.section("code")),
+        data=_parse_data(top),
+        deadman=_parse_deadman(top.section("deadman")),
+        control=_parse_control(top.section("control")),
+        state=_parse_state(top.section("state")),
+        hooks=_parse_hooks(top.section("hooks")),
+    )
+    _check_layout(config, top.file)
+    return config
+
+
+def parse_duration(value: object, *, key: str, file: str) -> float:
+    """Seconds from a number or "250ms"/"1.5s"/"2m"/"1h"; a bare "0" or "10" counts as seconds."""
+    seconds: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = float(min(value, 2 * int(MAX_DURATION_S)))  # a huge int would overflow a float
+    elif isinstance(value, float) and not math.isnan(value):
+        seconds = value
+    elif isinstance(value, str):
+        match = _DURATION_PATTERN.fullmatch(value.strip())
+        if match:
+            seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+    if seconds is None or seconds < 0:
+        raise ConfigError(f"must be {_DURATION_FORMS}; got {_show(value)}", file=file, key=key)
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"must be at most 8760h (a year); got {_show(value)}", file=file, key=key)
+    return seconds
+
+
+# --- reading one table ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """One TOML table being read: its values, dotted name, defaults, and the file it came from."""
+
+    values: Mapping[str, object]
+    name: str  # "" for the whole document, "host", "data[0]", "host.env"
+    file: str
+    base: Path  # the config file's folder, for relative paths
+    defaults: Mapping[str, object]
+
+    def key(self, field: str, index: int | None = None) -> str:
+        shown = field if _BARE_KEY.fullmatch(field) else json.dumps(field, ensure_ascii=False)
+        dotted = f"{self.name}.{shown}" if self.name else shown
+        return dotted if index is None else f"{dotted}[{index}]"
+
+    def fail(self, field: str, message: str, index: int | None = None) -> ConfigError:
+        return ConfigError(message, file=self.file, key=self.key(field, index))
+
+    def raw(self, field: str) -> object:
+        if field in self.values:
+            return self.values[field]
+        if field not in self.defaults:
+            raise self.fail(field, "is required")
+        return self.defaults[field]
+
+    def section(self, name: str, *, required: bool = False) -> _Table:
+        """A sub-table whose unknown keys have been rejected already."""
+        values = self.values.get(name, {})
+        if name not in self.values and required:
+            raise ConfigError(f"section [{name}] is required", file=self.file, key=name)
+        if not isinstance(values, Mapping):
+            raise self.fail(name, f"must be a table ([{name}]); got {_show(values)}")
+        table = _Table(values, self.key(name), self.file, self.base, DEFAULTS.get(name, {}))
+        _reject_unknown(table, _KEYS[name])
+        return table
+
+    def text(self, field: str) -> str:
+        value = self.raw(field)
+        if not isinstance(value, str):
+            raise self.fail(field, f"must be a string; got {_show(value)}")
+        if "\0" in value:
+            raise self.fail(field, "must not contain a NUL character")
+        return value
+
+    def choice(self, field: str, options: tuple[str, ...]) -> Any:
+        """One of a Literal's values (typed Any so the dataclass sees its Literal)."""
+        value = self.text(field)
+        if value not in options:
+            shown = " | ".join(f'"{option}"' for option in options)
+            raise self.fail(field, f"must be one of {shown}; got {value!r}")
+        return value
+
+    def duration(self, field: str, *, positive: bool = False) -> float:
+        seconds = parse_duration(self.raw(field), key=self.key(field), file=self.file)
+        if positive and seconds <= 0:
+            raise self.fail(field, f"must be greater than 0; got {_show(self.raw(field))}")
+        return seconds
+
+    def count(self, field: str) -> int:
+        value = self.raw(field)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(field, f"must be an integer; got {_show(value)}")
+        if not 1 <= value <= MAX_COUNT:
+            raise self.fail(field, f"must be between 1 and {MAX_COUNT}; got {value}")
+        return value
+
+    def strings(self, field: str, *, nonempty: bool = False) -> tuple[str, ...]:
+        value = self.raw(field)
+        if not isinstance(value, list):
+            raise self.fail(field, f"must be an array of strings; got {_show(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.fail(field, f"must be a string; got {_show(item)}", index)
+            if "\0" in item or (nonempty and not item.strip()):
+                raise self.fail(field, "must not be empty or contain a NUL character", index)
+        return tuple(value)
+
+    def argv(self, field: str, *, required: bool = False) -> tuple[str, ...]:
+        """An array of strings, or one string split by shlex (no shell runs); empty = none."""
+        value = self.raw(field)
+        if isinstance(value, str):
+            try:
+                argv = tuple(shlex.split(self.text(field)))
+            except ValueError as exc:
+                raise self.fail(field, f"cannot split the command string: {exc}") from None
+        elif isinstance(value, list):
+            argv = self.strings(field)
+        else:
+            raise self.fail(field, f"must be an array of strings or a string; got {_show(value)}")
+        if required and not argv:
+            raise self.fail(field, "must name a program to run; got an empty command")
+        if argv and not argv[0]:
+            raise self.fail(field, "the program (first item) must not be an empty string")
+        return argv
+
+    def path(self, field: str) -> Path:
+        text = self.text(field)
+        if not text.strip():
+            raise self.fail(field, 'must be a path; got an empty string ("." is this folder)')
+        return Path(os.path.normpath(os.path.join(self.base, text)))
+
+
+def _reject_unknown(table: _Table, allowed: Sequence[str], *, what: str = "key") -> None:
+    for field in table.values:
+        if field not in allowed:
+            import difflib  # only on this error path: the running daemon need not hold it
+
+            close = difflib.get_close_matches(field, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise table.fail(field, f"unknown {what}; {hint}expected one of: {', '.join(allowed)}")
+
+
+def _show(value: object) -> str:
+    """The TOML type and a short rendering of a bad value, for error messages."""
+    kinds = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
+    kind = next((name for cls, name in kinds.items() if isinstance(value, cls)), None)
+    kind = kind or ("table" if isinstance(value, Mapping) else type(value).__name__)
+    text = str(value).lower() if isinstance(value, bool) else repr(value)
+    return f"{kind} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _env(table: _Table) -> Mapping[str, str]:
+    value = table.raw("env")
+    if not isinstance(value, Mapping):
+        raise table.fail("env", f"must be a table of strings; got {_show(value)}")
+    env = _Table(value, table.key("env"), table.file, table.base, {})
+    for name, item in value.items():
+        if not name or "=" in name or "\0" in name:
+            raise env.fail(name, "is not a valid variable name (empty, or has '=' or NUL)")
+        if not isinstance(item, str):
+            raise env.fail(name, f'must be a string (quote numbers: "8080"); got {_show(item)}')
+        if "\0" in item:
+            raise env.fail(name, "must not contain a NUL character")
+    return MappingProxyType(dict(value))
+
+
+def _signal(table: _Table) -> signal.Signals:
+    value = table.raw("stop_signal")
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    found: signal.Signals | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        found = next((sig for sig in signal.Signals if sig.value == value), None)
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        found = signal.Signals.__members__.get(name if name.startswith("SIG") else f"SIG{name}")
+    if found is None:
+        message = f'must be a signal name ("SIGTERM", "INT") or number; got {_show(value)}'
+        raise table.fail("stop_signal", message)
+    if found == signal.SIGSTOP:
+        raise table.fail("stop_signal", "SIGSTOP would only freeze the host; use SIGTERM or SIGINT")
+    return found
+
+
+def _mode(table: _Table) -> int:
+    value = table.raw("mode")
+    match = _MODE_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise table.fail("mode", f'must be an octal string like "0660"; got {_show(value)}')
+    mode = int(match["digits"], 8)
+    if mode & 0o600 != 0o600:
+        raise table.fail("mode", f"must let the owner read and write (0600 and up); got {value!r}")
+    return mode
+
+
+def _extra_paths(table: _Table) -> tuple[str, ...]:
+    """Relative, normalized, inside the root, outside .git, and not nested in each other."""
+    clean_paths: list[str] = []
+    for index, text in enumerate(table.strings("extra_paths")):
+        clean = posixpath.normpath(text) if text.strip() else ""
+        first = clean.split("/")[0]
+        if not clean or clean == "." or posixpath.isabs(clean) or first == "..":
+            message = f"must be a path inside code.root, relative to it; got {text!r}"
+            raise table.fail("extra_paths", message, index)
+        if first == ".git":
+            message = "must not point into .git; git's own files are not captured"
+            raise table.fail("extra_paths", message, index)
+        earlier = next((old for old in clean_paths if _overlap(Path(clean), Path(old))), None)
+        if earlier:
+            raise table.fail("extra_paths", f"overlaps {earlier!r}, listed before", index)
+        clean_paths.append(clean)
+    return tuple(clean_paths)
+
+
+# --- sections and the checks across them -------------------------------------------------------
+
+
+def _parse_host(table: _Table) -> HostConfig:
+    host = HostConfig(
+        command=table.argv("command", required=True),
+        cwd=table.path("cwd"),
+        env=_env(table),
+        ready=table.choice("ready", get_args(ReadyMode)),
+        start_timeout=table.duration("start_timeout", positive=True),
+        min_uptime=table.duration("min_uptime"),
+        heartbeat_timeout=table.duration("heartbeat_timeout"),
+        stop_signal=_signal(table),
+        stop_timeout=table.duration("stop_timeout"),
+        restart=table.choice("restart", get_args(RestartPolicy)),
+        restart_delay=table.duration("restart_delay"),
+        restart_delay_max=table.duration("restart_delay_max"),
+        restart_reset_after=table.duration("restart_reset_after"),
+        output=None if table.text("output") == "inherit" else table.path("output"),
+    )
+    if host.restart_delay > host.restart_delay_max:
+        message = f"must not exceed host.restart_delay_max ({host.restart_delay_max:g}s)"
+        raise table.fail("restart_delay", message)
+    if host.ready == "started" and host.min_uptime >= host.start_timeout:
+        message = 'must be shorter than host.start_timeout when ready = "started"'
+        raise table.fail("min_uptime", message)
+    return host
+
+
+def _parse_code(table: _Table) -> CodeConfig:
+    return CodeConfig(
+        root=table.path("root"),
+        extra_paths=_extra_paths(table),
+        build=table.argv("build"),
+        build_timeout=table.duration("build_timeout", positive=True),
+        undeclared_changes=table.choice("undeclared_changes", get_args(UndeclaredChanges)),
+    )
+
+
+def _parse_data(top: _Table) -> tuple[DataEntry, ...]:
+    entries = top.values.get("data", [])
+    if not isinstance(entries, list):
+        raise top.fail("data", f"must be an array of tables ([[data]]); got {_show(entries)}")
+    parsed: list[DataEntry] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise top.fail("data", f"must be a table ([[data]]); got {_show(entry)}", index)
+        table = _Table(entry, f"data[{index}]", top.file, top.base, {})
+        _reject_unknown(table, _KEYS["data"])
+        path, kind = table.path("path"), table.choice("kind", get_args(DataKind))
+        for other_index, other in enumerate(parsed):
+            if _overlap(path, other.path):
+                raise table.fail("path", f"overlaps data[{other_index}].path ({other.path})")
+        parsed.append(DataEntry(path, kind))
+    return tuple(parsed)
+
+
+def _parse_deadman(table: _Table) -> DeadmanConfig:
+    deadman = DeadmanConfig(
+        window=table.duration("window", positive=True),
+        extend_by=table.duration("extend_by", positive=True),
+        hard_cap=table.duration("hard_cap", positive=True),
+        max_crashes=table.count("max_crashes"),
+        health_check=table.argv("health_check"),
+        health_interval=table.duration("health_interval", positive=True),
+        health_failures=table.count("health_failures"),
+        auto_confirm_after=table.duration("auto_confirm_after"),
+    )
+    if deadman.hard_cap < deadman.window:
+        raise table.fail("hard_cap", f"must be at least deadman.window ({deadman.window:g}s)")
+    if deadman.auto_confirm_after >= deadman.hard_cap:
+        message = "must be shorter than deadman.hard_cap (or 0 = off): no swap could reach it"
+        raise table.fail("auto_confirm_after", message)
+    return deadman
+
+
+def _parse_control(table: _Table) -> ControlConfig:
+    socket_path = table.path("socket")
+    length = len(os.fsencode(socket_path))
+    if length > MAX_SOCKET_PATH_BYTES:
+        message = f"{socket_path} is {length} bytes; unix sockets allow {MAX_SOCKET_PATH_BYTES}"
+        raise table.fail("socket", message)
+    return ControlConfig(
+        socket=socket_path,
+        mode=_mode(table),
+        group=table.text("group"),
+        allow_users=table.strings("allow_users", nonempty=True),
+        allow_groups=table.strings("allow_groups", nonempty=True),
+    )
+
+
+def _parse_state(table: _Table) -> StateConfig:
+    return StateConfig(dir=table.path("dir"), keep_swaps=table.count("keep_swaps"))
+
+
+def _parse_hooks(table: _Table) -> HooksConfig:
+    events = table.strings("events", nonempty=True)
+    return HooksConfig(on_event=table.argv("on_event"), events=events)
+
+
+def _nested(inner: Path, outer: Path) -> bool:
+    """True when inner is outer or lies below it (lexically; both are normalized)."""
+    return inner == outer or outer in inner.parents
+
+
+def _overlap(first: Path, second: Path) -> bool:
+    return _nested(first, second) or _nested(second, first)
+
+
+def _check_layout(config: Config, file: str) -> None:
+    """Keep the state store, the code tree and the data entries from stepping on each other."""
+    state_dir, root = config.state.dir, config.code.root
+    if _nested(root, state_dir):
+        message = f"{state_dir} is or holds code.root; a restore of the code would overwrite it"
+        raise ConfigError(message, file=file, key="state.dir")
+    for index, extra in enumerate(config.code.extra_paths):
+        if _overlap(root / extra, state_dir):
+            message = f"{extra!r} overlaps state.dir ({state_dir}), which is never captured"
+            raise ConfigError(message, file=file, key=f"code.extra_paths[{index}]")
+    for index, entry in enumerate(config.data):
+        if _overlap(entry.path, state_dir):
+            message = f"{entry.path} overlaps state.dir ({state_dir}); data must live outside it"
+            raise ConfigError(message, file=file, key=f"data[{index}].path")
+        if _nested(root, entry.path):
+            message = f"{entry.path} is or holds code.root ({root}), which git restores"
+            raise ConfigError(message, file=file, key=f"data[{index}].path")

@@ -1,0 +1,158 @@
+"""The notify socket the host talks to (`NOTIFY_SOCKET`).
+
+`NotifyServer` owns the receiving socket and nothing else: it neither parses nor decides who may
+speak. It hands the daemon's event loop raw `Datagram`s with the sender's credentials as the kernel
+checked them; the daemon drops those from outside the host's tree. On Linux a unix datagram
+receiver loses nothing: once `net.unix.max_dgram_qlen` datagrams queue, a blocking sender waits
+(a non-blocking one gets EAGAIN). So a flooding host slows itself down, and `drain(limit)` keeps
+it from starving the rest of the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.core.notifyproto import MAX_DATAGRAM_BYTES
+
+log = logging.getLogger(__name__)
+
+RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+_MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107  # sizeof(sun_path) - 1
+_SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None  # not exported by Python
+_HAS_PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One received datagram and its sender as the kernel saw it (None where the OS cannot tell)."""
+
+    payload: bytes
+    pid: int | None
+    uid: int | None
+    gid: int | None
+
+
+class NotifyServer:
+    """A bound, non-blocking unix datagram socket that the daemon's event loop drains."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).absolute()
+        _check_socket_path_length(str(self.path))
+        _remove_stale_socket(self.path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._sock.bind(str(self.path))
+        except BaseException:
+            self._sock.close()
+            raise
+        try:
+            # Anyone local may send; the daemon keeps only datagrams from the host's tree.
+            os.chmod(self.path, 0o666)
+            self._inode = os.stat(self.path).st_ino
+            if _HAS_PASSCRED:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            _enlarge_receive_buffer(self._sock)
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            self.path.unlink(missing_ok=True)
+            raise
+        log.debug("notify socket bound at %s", self.path)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def drain(self, limit: int = 1024) -> list[Datagram]:
+        """Read up to `limit` pending datagrams without blocking; [] when none are waiting.
+
+        The limit keeps one flooding host from starving the rest of the event loop.
+        """
+        if limit < 1:
+            raise ValueError(f"drain limit must be at least 1, got {limit}")
+        received: list[Datagram] = []
+        while len(received) < limit:
+            try:
+                received.append(self._receive_one())
+            except BlockingIOError:
+                break
+        return received
+
+    def close(self) -> None:
+        """Close the socket and remove its file, unless another server has since taken the path."""
+        if self._sock.fileno() == -1:
+            return
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+
+    def __enter__(self) -> NotifyServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _receive_one(self) -> Datagram:
+        # One byte over the cap, so an oversized datagram reaches the parser still oversized.
+        bufsize = MAX_DATAGRAM_BYTES + 1
+        if not _HAS_PASSCRED:
+            payload = self._sock.recv(bufsize)
+            return Datagram(payload, None, None, None)
+        # Room for credentials only: the kernel closes any descriptors a sender passes (FDSTORE=1),
+        # so none can leak into swapguard.
+        payload, ancillary, _flags, _address = self._sock.recvmsg(
+            bufsize, socket.CMSG_SPACE(_UCRED.size)
+        )
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid, uid, gid = _UCRED.unpack_from(data)
+                return Datagram(payload, pid, uid, gid)
+        return Datagram(payload, None, None, None)
+
+
+def _check_socket_path_length(path: str) -> None:
+    size = len(os.fsencode(path))
+    if size > _MAX_SOCKET_PATH_BYTES:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"notify socket path is {size} bytes, over the unix socket limit of "
+            f"{_MAX_SOCKET_PATH_BYTES}; use a shorter state.dir",
+            path,
+        )
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket left by a crashed swapguard blocks bind(); anything else at the path is not ours."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace it", str(path))
+    path.unlink(missing_ok=True)
+
+
+def _enlarge_receive_buffer(sock: socket.socket) -> None:
+    """Let bursts queue in the kernel; as root, FORCE goes past net.core.rmem_max.
+
+    On Linux this is a byte budget only: the count of queued datagrams is capped by
+    net.unix.max_dgram_qlen (10 here), after which senders block or get EAGAIN.
+    """
+    for option in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER_BYTES)
+            return
+        except OSError as exc:
+            log.debug("notify socket: receive buffer option %s refused: %s", option, exc)

@@ -1,0 +1,530 @@
+"""The control socket's server: HTTP/1.1 + JSON over a unix stream socket.
+
+Theory of operation. This module knows sockets, deadlines and peer credentials, not the runtime: a
+valid request becomes one call on a `Backend`, which the daemon implements (thread-safe: it
+marshals each call to its loop, but for reads of the store or of what the loop publishes whole).
+What is valid is `supervisor.control.routes` (the route table, query and body validation, encoding;
+re-exported here). Reads are open to whoever can connect; every POST is a write, checked by
+`Backend.may_write(peer)` against the kernel-reported peer credentials. h11 does the HTTP
+framing: a connection's thread reads with `recv`, feeds h11, and writes what h11 returns.
+
+Nothing is read without a bound: a request's first byte must come within `request_timeout` (idle
+keep-alive), the whole request within `request_timeout` of that byte; the header section is capped
+at 64 KiB and 100 fields, bodies at 64 KiB (by Content-Length, before reading). Past
+`max_connections` a connection gets 503 at once, without a thread, and is closed. A request that
+cannot be read to its end (bad framing, chunked, a limit, a hang-up or a timeout inside it) is
+answered, then the connection closes; other errors keep it alive. Requests log at DEBUG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import socket
+import socketserver
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from supervisor import __version__, errors
+from supervisor.control.routes import (
+    JSON_TYPE,
+    Backend,
+    Peer,
+    WrongMethod,
+    encode_json,
+    error_document,
+    parse_body,
+    resolve,
+)
+
+# Re-exported, so that the whole control API stays importable from here.
+from supervisor.control.routes import METRICS_TYPE as METRICS_TYPE
+from supervisor.control.routes import ROUTES as ROUTES
+from supervisor.control.routes import SWAP_ID as SWAP_ID
+from supervisor.control.routes import IntParam as IntParam
+from supervisor.control.routes import Route as Route
+from supervisor.control.routes import parse_query as parse_query
+
+logger = logging.getLogger(__name__)
+IDLE_POLL_S = 300.0
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # the request line and the header fields together
+MAX_HEADER_FIELDS = 100
+_RECV_BYTES = 64 * 1024
+# Methods this server knows (405 where a path does not take them); any other is 501.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_SERVER = f"swapguard/{__version__}".encode("ascii")
+_WEEKDAYS = b"Mon Tue Wed Thu Fri Sat Sun".split()
+_MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+_RETRY = ((b"Retry-After", b"1"),)
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux (103 on macOS)
+_CLOSE_JOIN_S = 5.0
+
+
+class ControlSocketInUse(errors.SwapguardError):
+    """A live swapguard already answers on the control socket path."""
+
+    code = "socket_in_use"
+
+
+class _ProtocolError(errors.SwapguardError):
+    """A refusal at the HTTP level (408, 414, 431, 501, 505, ...), coded by the status's name."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+
+
+# --- peer credentials ---------------------------------------------------------------------------
+
+_UCRED = "iII"  # struct ucred: pid, uid, gid (Linux)
+_XUCRED = "IIh16I"  # struct xucred: version, uid, ngroups, groups[16] (macOS, FreeBSD)
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The connecting process's pid/uid/gid from the kernel; Nones where the OS cannot say."""
+    try:
+        if (so_peercred := getattr(socket, "SO_PEERCRED", None)) is not None:
+            raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize(_UCRED))
+            return Peer(*struct.unpack(_UCRED, raw))
+        if (local_peercred := getattr(socket, "LOCAL_PEERCRED", None)) is not None:
+            sol_local = getattr(socket, "SOL_LOCAL", 0)
+            raw = sock.getsockopt(sol_local, local_peercred, struct.calcsize(_XUCRED))
+            _version, uid, ngroups, *groups = struct.unpack(_XUCRED, raw)
+            pid = None
+            if (local_peerpid := getattr(socket, "LOCAL_PEERPID", None)) is not None:
+                pid = struct.unpack("i", sock.getsockopt(sol_local, local_peerpid, 4))[0]
+            return Peer(pid, uid, groups[0] if ngroups > 0 else None)
+    except (OSError, struct.error) as err:
+        logger.debug("peer credentials unavailable: %s", err)
+    return Peer(None, None, None)
+
+
+# --- requests and answers, without I/O -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One response: status, body and what goes with them; `close` ends the connection after."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    close: bool = False
+
+
+def _error_answer(err: errors.SwapguardError, *, close: bool = False) -> _Answer:
+    allow = ((b"Allow", ", ".join(err.allow).encode()),) if isinstance(err, WrongMethod) else ()
+    return _Answer(err.http_status, error_document(err.code, err.message), JSON_TYPE, allow, close)
+
+
+def _response(http: h11.Connection, answer: _Answer, *, head_only: bool = False) -> bytes:
+    """An answer's bytes, framed by h11 (which adds `Connection: close` where it must)."""
+    headers = [
+        (b"Content-Type", answer.content_type.encode("ascii")),
+        (b"Content-Length", b"%d" % len(answer.body)),
+        (b"Server", _SERVER),
+        (b"Date", _http_date(time.time())),
+        *answer.headers,
+    ]
+    if answer.close:
+        headers.append((b"Connection", b"close"))
+    status, reason = answer.status, HTTPStatus(answer.status).phrase.encode("ascii")
+    events: list[h11.Event] = [h11.Response(status_code=status, headers=headers, reason=reason)]
+    if not head_only:  # h11 knows that the answer to a HEAD has no body
+        events.append(h11.Data(data=answer.body))
+    events.append(h11.EndOfMessage())
+    return b"".join(http.send(event) or b"" for event in events)
+
+
+def _http_date(seconds: float) -> bytes:
+    """The Date header's IMF-fixdate, free of the locale that strftime's %a and %b follow."""
+    t = time.gmtime(seconds)
+    day, month = _WEEKDAYS[t.tm_wday], _MONTHS[t.tm_mon - 1]
+    fields = (day, t.tm_mday, month, t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+    return b"%s, %02d %s %d %02d:%02d:%02d GMT" % fields
+
+
+def _body_length(request: h11.Request) -> int:
+    """The body size a request announces, once h11 has parsed it; refuses what this server will
+    not read: an unknown method, another HTTP version, too many fields, chunked, over 64 KiB."""
+    if (method := request.method.decode("latin-1")) not in _KNOWN_METHODS:
+        raise _ProtocolError(501, f"method {method} is not implemented")
+    if request.http_version not in (b"1.0", b"1.1"):
+        version = request.http_version.decode("ascii")
+        raise _ProtocolError(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+    if len(request.headers) > MAX_HEADER_FIELDS:
+        count = len(request.headers)
+        raise _ProtocolError(431, f"{count} header fields, over the limit of {MAX_HEADER_FIELDS}")
+    length = 0
+    for name, value in request.headers:  # h11 lowercased the names, merged equal lengths
+        if name == b"transfer-encoding":
+            raise errors.BadRequest("chunked not supported: send the body with a Content-Length")
+        if name == b"content-length":
+            length = int(value)  # h11 checked it: 1-20 digits, one value
+    if length > MAX_BODY_BYTES:
+        raise errors.PayloadTooLarge(f"body of {length} bytes is over {MAX_BODY_BYTES} bytes")
+    return length
+
+
+def _protocol_error(err: h11.RemoteProtocolError, unread: bytes) -> _ProtocolError:
+    """h11's complaint about the bytes, as an answer; a head too long names the part that is."""
+    status, message = err.error_status_hint, str(err)
+    if status == 431 and b"\n" not in unread:
+        status, message = 414, f"the request line is over {MAX_HEADER_BYTES} bytes"
+    elif status == 431:
+        message = f"the header section is over {MAX_HEADER_BYTES} bytes"
+    return _ProtocolError(status, message)
+
+
+# --- one connection (one thread each) ------------------------------------------------------------
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """Turns one connection's requests into backend calls; knows framing and deadlines, not the
+    runtime. h11 never holds more than 64 KiB of a request's head: reads are sized to stop there."""
+
+    server: _UnixHTTPServer
+    request: socket.socket
+
+    def setup(self) -> None:
+        self.peer = peer_credentials(self.request)
+        self.who = f"pid {self.peer.pid} uid {self.peer.uid}"  # unix peers have no address
+        self.timeout = self.server.request_timeout
+        # h11 refuses a head that is incomplete past this size; reads stop one byte later.
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES - 1)
+        self.deadline: float | None = None  # set by the request's first byte
+        self.buffered = 0  # bytes h11 holds of the request head being read
+        self.body = bytearray()  # of the request being read
+        self.length = 0  # the size its Content-Length announced
+
+    def handle(self) -> None:
+        try:
+            while self._serve_one():
+                self.http.start_next_cycle()
+        except OSError as err:  # reset or broken pipe: the client is gone
+            logger.debug("control %s: connection lost: %s", self.who, err)
+
+    def _serve_one(self) -> bool:
+        """Read one request, answer it, log it; whether the connection may carry another."""
+        self.buffered = len(self.http.trailing_data[0])  # pipelined bytes, already in
+        self.deadline = time.monotonic() + self.timeout if self.buffered else None
+        request: h11.Request | None = None
+        try:
+            event = self._next_event()
+            if not isinstance(event, h11.Request):
+                return False  # closed or idle between requests: nothing to answer
+            request, started = event, time.monotonic()
+            raw_body = self._read_body(request)
+        except errors.SwapguardError as err:  # the request cannot be read to its end
+            answer = _error_answer(err, close=True)
+            what = err.message if request is None else _request_line(request)
+            logger.debug("control %s: %s -> %d", self.who, what, answer.status)
+        else:
+            answer = self._answer(request, raw_body)
+            if logger.isEnabledFor(logging.DEBUG):  # the hot path builds no log line for nothing
+                elapsed_ms = (time.monotonic() - started) * 1000
+                line = _request_line(request)
+                logger.debug(
+                    "control %s: %s -> %d in %.1f ms", self.who, line, answer.status, elapsed_ms
+                )
+        head_only = request is not None and request.method == b"HEAD"
+        self._write(_response(self.http, answer, head_only=head_only))
+        return not answer.close and self.http.our_state is self.http.their_state is h11.DONE
+
+    def _next_event(self) -> Any:
+        """h11's next event, reading as it needs; None when the peer left between requests."""
+        try:
+            while (event := self.http.next_event()) is h11.NEED_DATA:
+                if not self._receive():
+                    return None
+            return event
+        except h11.RemoteProtocolError as err:
+            raise _protocol_error(err, self.http.trailing_data[0]) from None
+
+    def _receive(self) -> bool:
+        """Feed h11 one read, bounded by the deadline; False for a clean end between requests."""
+        in_head = self.http.their_state is h11.IDLE
+        size = max(1, MAX_HEADER_BYTES - self.buffered) if in_head else _RECV_BYTES
+        wait = self.timeout if self.deadline is None else self.deadline - time.monotonic()
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            self._timeout(wait)
+            data = self.request.recv(size)
+        except TimeoutError:
+            if self.deadline is None:
+                return False  # idle past the keep-alive timeout
+            raise _ProtocolError(408, "request not complete in time") from None
+        if not data:
+            if self.deadline is None:
+                return False
+            if in_head:
+                raise errors.BadRequest("the request ended inside its headers")
+            raise errors.BadRequest(f"body ended after {len(self.body)} of {self.length} bytes")
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout
+        self.buffered += len(data)
+        self.http.receive_data(data)
+        return True
+
+    def _read_body(self, request: h11.Request) -> bytes:
+        """The whole body, after its framing was checked (a refusal comes before it is sent)."""
+        self.length = _body_length(request)
+        if self.http.they_are_waiting_for_100_continue:
+            go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            self._write(self.http.send(go_on) or b"")
+        self.body = bytearray()
+        while isinstance(event := self._next_event(), h11.Data):
+            self.body += event.data
+        assert isinstance(event, h11.EndOfMessage), event  # a cut body raised in _receive
+        return bytes(self.body)
+
+    def _answer(self, request: h11.Request, raw_body: bytes) -> _Answer:
+        """Validate the request fully, then make the one backend call it stands for."""
+        method, target = request.method.decode("latin-1"), request.target.decode("latin-1")
+        if target.startswith("//"):  # not a network path here: '//v1/status' is '/v1/status'
+            target = "/" + target.lstrip("/")
+        try:
+            route, values = resolve(method, target)
+            backend = self.server.backend
+            if route.method == "POST" and not backend.may_write(self.peer):
+                who = "a peer of unknown uid" if self.peer.uid is None else f"uid {self.peer.uid}"
+                raise errors.Forbidden(f"{who} may not write to swapguard (pid {self.peer.pid})")
+            body = parse_body(raw_body, route.body)
+            values |= {name: body.get(name, default) for name, default in route.body}
+            values |= {"body": body, "peer": self.peer}
+            payload = getattr(backend, route.call)(*(values[name] for name in route.args))
+            if route.content_type == JSON_TYPE:
+                return _Answer(route.status, encode_json(payload))
+            return _Answer(route.status, payload.encode("utf-8"), route.content_type)
+        except errors.SwapguardError as err:
+            return _error_answer(err)
+        except Exception:
+            logger.exception("control request %s %s failed", method, target)
+            return _error_answer(errors.SwapguardError("internal error"))
+
+    def _write(self, data: bytes) -> None:
+        self._timeout(self.timeout)  # reading may have left a short one; writing gets it all
+        self.request.sendall(data)
+
+    def _timeout(self, seconds: float) -> None:
+        # settimeout is a system call; between keep-alive requests the value does not change.
+        if self.request.gettimeout() != seconds:
+            self.request.settimeout(seconds)
+
+
+def _request_line(request: h11.Request) -> str:
+    return f"{request.method.decode('latin-1')} {request.target.decode('latin-1')}"
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A thread per connection, bounded; knows its live connections so `close` can end them."""
+
+    daemon_threads = True
+    block_on_close = False  # ControlServer.close joins with a time limit instead
+
+    def __init__(self, backend: Backend, request_timeout: float, max_connections: int) -> None:
+        self.backend = backend
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.request_queue_size = max(5, max_connections)
+        self.lock = threading.Lock()
+        self.live: dict[socket.socket, threading.Thread] = {}
+        super().__init__("", _Connection, bind_and_activate=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            thread = None
+            if len(self.live) < self.max_connections:
+                thread = threading.Thread(
+                    target=self.process_request_thread,
+                    args=(request, client_address),
+                    name="swapguard-control-connection",
+                    daemon=True,
+                )
+                self.live[request] = thread
+        if thread is not None:
+            thread.start()
+            return
+        logger.debug("control: refused a connection, %d are open", len(self.live))
+        message = f"too many control connections (limit {self.max_connections}); retry shortly"
+        busy = _Answer(503, error_document("busy", message), headers=_RETRY, close=True)
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            while request.recv(65536):  # drain what came, so closing does not reset the peer
+                pass
+        with contextlib.suppress(OSError):
+            # a fresh h11 may answer before a request; the answer fits the socket buffer: no wait
+            request.sendall(_response(h11.Connection(h11.SERVER), busy))
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.lock:
+            self.live.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.exception("control connection failed")
+
+    def end_connections(self) -> list[threading.Thread]:
+        """Wake every handler blocked on its socket; return their threads to join."""
+        with self.lock:
+            live = list(self.live.items())
+        for request, _thread in live:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+        return [thread for _request, thread in live]
+
+
+def _group_id(group: str) -> int:
+    if not group:
+        return -1
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        message = f"unknown group {group!r} for the control socket"
+        raise errors.ConfigError(message, key="control.group") from None
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody answers on; refuse to touch a live one or a non-socket."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            message = f"{path} exists and is not a socket; refusing to replace it"
+            raise errors.ConfigError(message, key="control.socket")
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            logger.info("removing stale control socket %s", path)
+            path.unlink(missing_ok=True)
+            return
+        except TimeoutError:
+            pass  # a listener with a full backlog is alive too
+        except OSError as err:
+            message = f"cannot check the existing socket {path}: {err.strerror or err}"
+            raise errors.ConfigError(message, key="control.socket") from None
+    raise ControlSocketInUse(f"another swapguard is answering on {path}")
+
+
+class ControlServer:
+    """The control socket: bound and listening once constructed; `serve_in_thread` serves it."""
+
+    def __init__(
+        self,
+        path: Path,
+        backend: Backend,
+        *,
+        mode: int = 0o660,
+        group: str = "",
+        request_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        if not 0 <= mode <= 0o777:
+            raise errors.ConfigError(f"mode {mode:#o} is not a permission mode", key="control.mode")
+        if request_timeout <= 0 or max_connections < 1:
+            raise ValueError(f"need request_timeout > 0 ({request_timeout}), max_connections >= 1")
+        self.path = Path(path)
+        gid = _group_id(group)
+        # Bound under a short temporary name, given its mode and group, then renamed into place:
+        # no client ever sees the socket with looser permissions than configured.
+        staging = self.path.with_name(f".{os.urandom(4).hex()}.sock~")
+        if max(len(os.fsencode(self.path)), len(os.fsencode(staging))) > _SUN_PATH_MAX:
+            message = f"socket path {self.path} is too long for a unix socket address"
+            raise errors.ConfigError(message, key="control.socket")
+        _clear_stale_socket(self.path)
+        self._server = _UnixHTTPServer(backend, request_timeout, max_connections)
+        try:
+            staging.unlink(missing_ok=True)
+            self._server.socket.bind(str(staging))
+            try:
+                os.chmod(staging, mode)
+                if gid >= 0:
+                    try:
+                        os.chown(staging, -1, gid)
+                    except OSError as err:
+                        message = f"cannot give the control socket to group {group!r}: {err}"
+                        raise errors.ConfigError(message, key="control.group") from None
+                os.replace(staging, self.path)
+            finally:
+                staging.unlink(missing_ok=True)
+            self._server.server_address = str(self.path)
+            self._server.server_activate()
+            self._inode = os.lstat(self.path).st_ino
+        except OSError as err:
+            self._server.server_close()
+            message = f"cannot listen on {self.path}: {err.strerror or err}"
+            raise errors.ConfigError(message, key="control.socket") from None
+        except errors.ConfigError:
+            self._server.server_close()
+            raise
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        logger.debug("control socket listening on %s (mode %#o)", self.path, mode)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served right now (for metrics and tests)."""
+        with self._server.lock:
+            return len(self._server.live)
+
+    def serve_in_thread(self) -> threading.Thread:
+        """Serve until `close`, on a daemon thread."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("the control server is already serving or closed")
+        # A long poll: close() wakes the select by shutting the socket down, so the thread
+        # need not wake twice a second (the default) for nothing while swapguard idles.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": IDLE_POLL_S},
+            name="swapguard-control",
+            daemon=True,
+        )
+        self._thread.start()
+        return self._thread
+
+    def close(self) -> None:
+        """Stop accepting, end open connections, remove the socket file (if still ours)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread is not None:
+            with contextlib.suppress(OSError):  # wakes serve_forever's select at once
+                self._server.socket.shutdown(socket.SHUT_RDWR)
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        deadline = time.monotonic() + _CLOSE_JOIN_S
+        for thread in self._server.end_connections():
+            if thread is threading.current_thread():
+                continue  # closed from a handler (a backend call): it ends after answering
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("control handler %s still busy after close", thread.name)

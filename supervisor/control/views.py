@@ -1,0 +1,180 @@
+"""What the runtime shows: the status document and the Prometheus exposition.
+
+Pure functions of a runtime's state taken on the loop thread; nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from supervisor import __version__, clock
+from supervisor.core.lifecycle import Host, HostState
+
+if TYPE_CHECKING:
+    from supervisor.daemon.runtime import Runtime
+
+
+def _wall_of(boot_moment: float | None, boot_now: float, wall_now: float) -> float | None:
+    if boot_moment is None:
+        return None
+    return wall_now - (boot_now - boot_moment)
+
+
+def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str | None) -> dict:
+    last = host.last_exit
+    heartbeat_age = (
+        None if host.last_heartbeat is None else round(boot_now - host.last_heartbeat, 3)
+    )
+    uptime = None
+    if host.spawned_at is not None and host.state in (HostState.STARTING, HostState.RUNNING):
+        uptime = round(boot_now - host.spawned_at, 3)
+    backoff = None
+    if host.state is HostState.BACKOFF and host.backoff_until is not None:
+        backoff = round(max(0.0, host.backoff_until - boot_now), 3)
+    return {
+        "state": host.state.value,
+        "pid": host.pid,
+        "ready": host.ready,
+        "started_at": clock.rfc3339(_wall_of(host.spawned_at, boot_now, wall_now)),
+        "uptime_s": uptime,
+        "restarts": host.restarts,
+        "failures": host.failures,
+        "backoff_remaining_s": backoff,
+        "last_exit": None
+        if last is None
+        else {"code": last.code, "signal": last.signal, "at": clock.rfc3339(last.at)},
+        "last_heartbeat_at": clock.rfc3339(_wall_of(host.last_heartbeat, boot_now, wall_now)),
+        "heartbeat_age_s": heartbeat_age,
+        "status_text": host.status_text,
+        "code_version": code_version,
+    }
+
+
+def status(runtime: Runtime) -> dict[str, Any]:
+    """The contract's GET /v1/status document (stable fields first; more may be added). Safe on
+    any thread: it reads only values the loop replaces whole, never mutates in place. The host
+    and the swap come as one pair, from one moment; the drift guard's few fields (strings and a
+    flag, set on the loop) may be a moment apart from them."""
+    boot_now, wall_now = clock.boot_clock(), time.time()
+    host, swap = runtime.machines
+    drift = runtime.drift_guard
+    return {
+        "supervisor": {
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": clock.rfc3339(runtime.started_at),
+            "state_dir": str(runtime.config.state.dir),
+            "cgroup": str(runtime.cgroup.path) if runtime.cgroup else None,
+        },
+        "host": host_view(
+            host, boot_now=boot_now, wall_now=wall_now, code_version=drift.code_version
+        ),
+        "swap": swap.view(clock.now()) if swap is not None else None,
+        "code": {
+            "root": str(runtime.config.code.root),
+            "head": drift.head,
+            "drift": drift.drifted,
+        },
+    }
+
+
+def _line(
+    out: list[str], name: str, kind: str, help_text: str, value: float | int, labels: str = ""
+) -> None:
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} {kind}")
+    out.append(f"{name}{labels} {value}")
+
+
+def metrics(runtime: Runtime) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    host = runtime.host
+    boot_now = clock.boot_clock()
+    counters = runtime.counters
+    out: list[str] = []
+    up = int(host.state in (HostState.STARTING, HostState.RUNNING))
+    _line(out, "swapguard_host_up", "gauge", "1 while the host process is alive.", up)
+    _line(out, "swapguard_host_ready", "gauge", "1 while the host is ready.", int(host.ready))
+    _line(out, "swapguard_host_restarts_total", "counter", "Restarts of the host.", host.restarts)
+    _line(out, "swapguard_host_spawns_total", "counter", "Host processes spawned.", counters.spawns)
+    _line(
+        out,
+        "swapguard_host_failures",
+        "gauge",
+        "Consecutive host failures (backoff).",
+        host.failures,
+    )
+    age = -1.0 if host.last_heartbeat is None else round(boot_now - host.last_heartbeat, 3)
+    _line(
+        out,
+        "swapguard_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the last heartbeat (-1: none yet).",
+        age,
+    )
+    _line(out, "swapguard_heartbeats_total", "counter", "Heartbeats received.", counters.heartbeats)
+    _line(
+        out,
+        "swapguard_notify_datagrams_total",
+        "counter",
+        "Notify datagrams received.",
+        counters.datagrams,
+    )
+    _line(
+        out,
+        "swapguard_notify_datagrams_dropped_total",
+        "counter",
+        "Datagrams dropped: sender outside the host's tree.",
+        counters.datagrams_dropped,
+    )
+    _line(
+        out,
+        "swapguard_notify_datagrams_invalid_total",
+        "counter",
+        "Datagrams that did not parse.",
+        counters.datagrams_invalid,
+    )
+    swap = runtime.swap
+    _line(
+        out,
+        "swapguard_swap_in_flight",
+        "gauge",
+        "1 while a swap is in flight.",
+        int(swap is not None),
+    )
+    remaining = -1.0
+    if swap is not None:
+        view = swap.view(clock.now())
+        if view.get("remaining_s") is not None:
+            remaining = float(view["remaining_s"])
+    _line(
+        out,
+        "swapguard_swap_remaining_seconds",
+        "gauge",
+        "Seconds before the deadman rolls back (-1: no clock running).",
+        remaining,
+    )
+    out.append("# HELP swapguard_swaps_finished_total Swaps finished since start, by final state.")
+    out.append("# TYPE swapguard_swaps_finished_total counter")
+    for state in ("confirmed", "rolled_back", "aborted"):
+        out.append(
+            f'swapguard_swaps_finished_total{{state="{state}"}} '
+            f"{counters.swaps_finished.get(state, 0)}"
+        )
+    _line(
+        out,
+        "swapguard_code_drift",
+        "gauge",
+        "1 when the code tree changed undeclared.",
+        int(runtime.drift_guard.drifted),
+    )
+    _line(
+        out,
+        "swapguard_hook_events_dropped_total",
+        "counter",
+        "Events not passed to the hook because its queue was full.",
+        runtime.hooks.dropped,
+    )
+    return "\n".join(out) + "\n"

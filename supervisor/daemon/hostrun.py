@@ -1,0 +1,169 @@
+"""The host's runs: each process started or adopted, recorded in the store, its exit watched.
+
+Why it exists: the lifecycle machine decides *when* the host starts; `process.host` has the
+mechanisms of a process tree. In between sits a run: a spawn with the environment the host is
+promised (notify socket, watchdog, control socket, the swap's variables), recorded (pid, start
+time) right after the fork so that a restarted supervisor adopts the process instead of starting
+a second one, and an exit seen on the loop and recorded. This module does that and answers with
+the lifecycle events for the runtime to feed; it decides nothing.
+
+Rules it keeps:
+- Loop thread only.
+- A process that cannot be recorded is killed and the spawn fails: better no host than an
+  untracked one.
+- An exit is recorded in the store before `on_exit` hears of it, and `process` is None by then.
+- It reaches the runtime only through what it is given: the `on_exit`, `emit` and `schedule`
+  callables and the `Counters` record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
+
+from supervisor import clock
+from supervisor.config.schema import Config
+from supervisor.core import lifecycle
+from supervisor.errors import SwapguardError
+from supervisor.process import host
+from supervisor.state.store import Store
+
+if TYPE_CHECKING:
+    from supervisor.daemon.counters import Counters
+
+_INHERITED_PROTOCOL_VARS = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+)
+"""Our own manager's variables: the host gets ours (or none), never our manager's."""
+
+
+class HostRunner:
+    """The host's current process (`process`, None while none runs) and its run record."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        cgroup: host.CgroupLeaf | None,
+        counters: Counters,
+        *,
+        on_exit: Callable[[lifecycle.Exited], None],
+        emit: Callable[[str, Mapping[str, Any]], None],
+        schedule: Callable[[Coroutine[Any, Any, Any]], None],
+    ) -> None:
+        """`on_exit` gets the exit of the process; `emit(kind, detail)` records an audit event;
+        `schedule` runs a coroutine in the background with its errors logged."""
+        self.config = config
+        self.store = store
+        self.cgroup = cgroup
+        self.counters = counters
+        self.loop = asyncio.get_running_loop()
+        self._on_exit = on_exit
+        self._emit = emit
+        self._schedule = schedule
+        self.process: host.HostProcess | None = None
+        self.run_id: int | None = None
+
+    def adopt(self) -> lifecycle.Adopted | None:
+        """The host a previous supervisor left running, if its recorded run is still alive."""
+        run = self.store.live_run()
+        if run is None:
+            return None
+        process = host.HostProcess.adopt(run.pid, run.create_time, cgroup=self.cgroup)
+        if process is None:
+            self.store.record_exit(run.id, time.time(), None, None)
+            self._emit("host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"})
+            return None
+        self.process, self.run_id = process, run.id
+        self._watch_exit(process)
+        return lifecycle.Adopted(
+            now=clock.boot_clock(), pid=process.pid, ready=run.ready_at is not None
+        )
+
+    def spawn(
+        self, extra_env: Mapping[str, str], *, code_version: str | None, swap_id: str | None
+    ) -> lifecycle.Spawned | lifecycle.SpawnFailed:
+        """Start and record a host process. `extra_env` goes over the configured environment;
+        `code_version` and `swap_id` are recorded with the run."""
+        spec = host.SpawnSpec(
+            argv=self.config.host.command,
+            cwd=self.config.host.cwd,
+            env=self._child_env(extra_env),
+            output=self.config.host.output,
+        )
+        wall = time.time()
+        try:
+            process = host.HostProcess.spawn(spec, self.cgroup)
+        except SwapguardError as exc:
+            return lifecycle.SpawnFailed(now=clock.boot_clock(), wall=wall, error=exc.message)
+        self.counters.spawns += 1
+        try:
+            self.run_id = self.store.record_spawn(
+                process.pid, process.create_time, clock.BOOT_ID, wall, code_version, swap_id
+            )
+        except SwapguardError as exc:
+            # A host we could not record would not be adopted after a restart of ours, and a
+            # second one would start: better no host than an untracked one.
+            host.kill_tree(process, self.cgroup)
+            process.close()
+            return lifecycle.SpawnFailed(
+                now=clock.boot_clock(), wall=wall, error=f"not recorded: {exc.message}"
+            )
+        self.process = process
+        self._watch_exit(process)
+        return lifecycle.Spawned(now=clock.boot_clock(), pid=process.pid)
+
+    def record_ready(self) -> None:
+        """The current run became ready: a restarted supervisor adopts it as ready."""
+        if self.run_id is not None:
+            self.store.record_ready(self.run_id, time.time())
+
+    def _child_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        for key in _INHERITED_PROTOCOL_VARS:
+            env.pop(key, None)
+        env.update(self.config.host.env)
+        env["NOTIFY_SOCKET"] = str(self.config.state.dir / "notify.sock")
+        env["SWAPGUARD_SOCKET"] = str(self.config.control.socket)
+        if self.config.host.heartbeat_timeout > 0:
+            env["WATCHDOG_USEC"] = str(int(self.config.host.heartbeat_timeout * 1_000_000))
+            env["WATCHDOG_PID"] = "0"  # filled by the child: see host.SpawnSpec
+        env.update(extra_env)
+        return env
+
+    def _watch_exit(self, process: host.HostProcess) -> None:
+        fd = process.exit_fd
+        if fd is not None:
+            self.loop.add_reader(fd, self._on_exit_readable, process)
+        else:
+            self._schedule(self._poll_exit(process))
+
+    async def _poll_exit(self, process: host.HostProcess) -> None:
+        while self.process is process:
+            self._on_exit_readable(process)
+            await asyncio.sleep(0.05)
+
+    def _on_exit_readable(self, process: host.HostProcess) -> None:
+        status = process.poll()
+        if status is None:
+            return
+        if process.exit_fd is not None:
+            self.loop.remove_reader(process.exit_fd)
+        process.close()
+        wall = time.time()
+        if self.run_id is not None:
+            self.store.record_exit(self.run_id, wall, status.code, status.signal)
+        if self.process is process:
+            self.process = None
+        self._on_exit(
+            lifecycle.Exited(
+                now=clock.boot_clock(), wall=wall, code=status.code, signal=status.signal
+            )
+        )

@@ -1,0 +1,137 @@
+"""The host's notify datagrams as input: who may speak, and what each message asks of the runtime.
+
+Why it exists: `core.notifyproto` parses the protocol and `control.notifysocket` owns the socket;
+neither decides anything.
+Here a batch of datagrams is taken off the socket, a sender outside the host's tree is dropped,
+a datagram that does not parse is counted and ignored, and each message becomes calls on the
+runtime: READY and WATCHDOG=trigger feed the host machine, WATCHDOG=1 and STATUS are heartbeats,
+EXTEND_TIMEOUT_USEC extends the swap, and SWAPGUARD_CONFIRM confirms it once the data copies are
+on disk.
+
+Rules it keeps:
+- Loop thread only.
+- Before each datagram the timer gets its chance (`before_each`): a flood must not hold the
+  deadman clock back by a whole batch.
+- A host's refused request is logged once, not at every repeat; it is never an error of ours.
+- At most one datagram confirm waits for the data at a time: repeats while it waits are dropped.
+- It reaches the runtime only through `NotifyTarget` (the runtime's public face), the callables
+  and the `Counters` record it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+from supervisor import clock
+from supervisor.control.notifysocket import NotifyServer
+from supervisor.core import lifecycle, notifyproto, swaps
+from supervisor.errors import Conflict
+from supervisor.process import host
+
+if TYPE_CHECKING:
+    from supervisor.daemon.counters import Counters
+
+log = logging.getLogger(__name__)
+
+
+class NotifyTarget(Protocol):
+    """What the datagrams act on: the runtime, called on its loop thread."""
+
+    @property
+    def swap(self) -> swaps.Swap | None: ...
+
+    @property
+    def process(self) -> host.HostProcess | None: ...
+
+    @property
+    def cgroup(self) -> host.CgroupLeaf | None: ...
+
+    def feed_host(self, event: lifecycle.Event) -> None: ...
+
+    def heartbeat(self, status: str | None, boot: float | None = None) -> None: ...
+
+    def feed_swap(self, event: swaps.Event) -> None: ...
+
+    async def data_on_disk(self, swap_id: str) -> None: ...
+
+
+class NotifyInput:
+    """Register `on_readable` as the loop's reader of the notify socket."""
+
+    def __init__(
+        self,
+        server: NotifyServer,
+        counters: Counters,
+        target: NotifyTarget,
+        *,
+        before_each: Callable[[], None],
+        schedule: Callable[[Coroutine[Any, Any, Any]], None],
+    ) -> None:
+        """`schedule` runs a coroutine in the background with its errors logged."""
+        self.server = server
+        self.counters = counters
+        self.target = target
+        self._before_each = before_each
+        self._schedule = schedule
+        self._last_refusal: str | None = None  # a host repeating a refused request: logged once
+        self._confirm_waiting = False  # a datagram's confirm waits for SyncData; one is enough
+
+    def on_readable(self) -> None:
+        """The socket has datagrams: take a batch and act on those from the host's tree."""
+        for datagram in self.server.drain():
+            self._before_each()
+            self.counters.datagrams += 1
+            if datagram.pid is not None and not host.is_in_tree(
+                datagram.pid, self.target.process, self.target.cgroup
+            ):
+                self.counters.datagrams_dropped += 1
+                continue
+            try:
+                message = notifyproto.parse_datagram(datagram.payload)
+            except notifyproto.NotifyError:
+                self.counters.datagrams_invalid += 1
+                continue
+            self._on_message(message)
+
+    def _on_message(self, message: notifyproto.NotifyMessage) -> None:
+        target = self.target
+        boot = clock.boot_clock()
+        if message.ready:
+            target.feed_host(lifecycle.Ready(now=boot))
+        if message.watchdog_trigger:
+            target.feed_host(lifecycle.WatchdogTriggered(now=boot))
+        if message.watchdog or message.status is not None:
+            if message.watchdog:
+                self.counters.heartbeats += 1
+            target.heartbeat(message.status, boot)
+        if message.extend_timeout_usec is not None:
+            by = message.extend_timeout_usec / 1e6
+            self._swap_command(swaps.ExtendRequested(now=clock.now(), by=by))
+        swap = target.swap
+        if (
+            message.confirm_swap_id is not None
+            and swap is not None
+            and swap.id == message.confirm_swap_id
+            and not self._confirm_waiting
+        ):
+            self._confirm_waiting = True
+            self._schedule(self._confirm(swap.id))
+
+    async def _confirm(self, swap_id: str) -> None:
+        try:
+            await self.target.data_on_disk(swap_id)
+        finally:
+            self._confirm_waiting = False
+        swap = self.target.swap
+        if swap is not None and swap.id == swap_id:
+            self._swap_command(swaps.ConfirmRequested(now=clock.now()))
+
+    def _swap_command(self, event: swaps.Event) -> None:
+        try:
+            self.target.feed_swap(event)
+        except Conflict as exc:
+            if exc.message != self._last_refusal:
+                log.warning("notify: %s", exc.message)
+                self._last_refusal = exc.message

@@ -1,0 +1,328 @@
+"""`swapguard run`: wire the pieces together and keep the loop going until told to stop.
+
+Start-up order is chosen so that nothing half-starts: the state lock first (never two supervisors
+on one state, hence never two hosts), then the store, the process-tree containment (subreaper,
+cgroup), the control socket (bound before anything starts, so a clash fails early; requests
+made meanwhile wait for the loop), the runtime (which adopts a live host or starts one and resumes
+a swap), the code watcher, and last READY=1 to our own manager when there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import grp
+import logging
+import os
+import pwd
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from supervisor import clock, notify
+from supervisor.code.checkpoint import Checkpoint
+from supervisor.code.watch import CodeWatcher
+from supervisor.config.schema import Config
+from supervisor.control import views
+from supervisor.control.routes import CALL_LIMIT_S
+from supervisor.control.server import Backend, ControlServer, Peer
+from supervisor.core import lifecycle, swaps
+from supervisor.daemon import footprint
+from supervisor.daemon.runtime import Runtime
+from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
+from supervisor.process import host
+from supervisor.state.store import StateLock, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LoopBackend(Backend):
+    """The control socket's view of the runtime: every call is marshalled onto the loop thread,
+    but for the status, read from values the loop replaces whole (`Runtime.machines`)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.loop = runtime.loop
+        control = runtime.config.control
+        self.allowed_uids = {os.getuid(), 0} | {_uid(name) for name in control.allow_users}
+        self.allowed_gids = {_gid(name) for name in control.allow_groups}
+        self._figures: tuple[int | None, float, dict[str, Any]] | None = None
+        self._figures_lock = threading.Lock()
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on the loop thread (awaiting it if it is a coroutine) and wait for it."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+                return
+            if not asyncio.iscoroutine(result):
+                future.set_result(result)
+                return
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda done: _settle(future, done))
+
+        try:
+            self.loop.call_soon_threadsafe(run)
+        except RuntimeError as exc:  # loop closed under us: we are shutting down
+            raise NotReachable("swapguard is shutting down") from exc
+        try:
+            return future.result(timeout=CALL_LIMIT_S)
+        except concurrent.futures.TimeoutError as exc:
+            raise NotReachable(f"swapguard did not answer within {CALL_LIMIT_S:g} s") from exc
+
+    def may_write(self, peer: Peer) -> bool:
+        if peer.uid is None:  # no credentials on this platform: only the file mode protects
+            return True
+        if peer.uid in self.allowed_uids or (
+            peer.gid is not None and peer.gid in self.allowed_gids
+        ):
+            return True
+        if self.allowed_gids and _user_gids(peer.uid) & self.allowed_gids:
+            return True
+        if peer.pid is None:
+            return False
+        return bool(
+            self._call(lambda: host.is_in_tree(peer.pid, self.runtime.process, self.runtime.cgroup))
+        )
+
+    def status(self) -> dict:
+        document = views.status(self.runtime)  # on this thread: see Runtime.machines
+        document["host"].update(self._tree_figures())
+        return document
+
+    def _tree_figures(self) -> dict[str, Any]:
+        """Memory, CPU and process count of the host's tree, at most once a second: a walk of
+        /proc per request would cost more than the rest of a status call together."""
+        process, cgroup = self.runtime.process, self.runtime.cgroup
+        key = None if process is None else process.pid
+        now = time.monotonic()
+        with self._figures_lock:
+            if self._figures is not None and self._figures[0] == key and now < self._figures[1]:
+                return self._figures[2]
+            if process is None:
+                pids: set[int] = set()
+            elif cgroup is not None:
+                pids = {process.pid, *cgroup.pids()}
+            else:
+                pids = process.tree_pids()
+            rss, cpu = host.process_stats(pids)
+            figures = {"memory_bytes": rss, "cpu_s": round(cpu, 3), "processes": len(pids)}
+            self._figures = (key, now + 1.0, figures)
+            return figures
+
+    def events(self, after: int, limit: int) -> list[dict]:
+        return [event.to_json() for event in self.runtime.store.events_after(after, limit)]
+
+    def metrics(self) -> str:
+        return str(self._call(views.metrics, self.runtime))
+
+    def host_action(self, action: str) -> dict:
+        events = {
+            "start": lifecycle.StartRequested,
+            "stop": lifecycle.StopRequested,
+            "restart": lifecycle.RestartRequested,
+        }
+        if action not in events:
+            raise BadRequest(f"unknown host action {action!r}")
+
+        def act() -> dict:
+            swap = self.runtime.swap
+            if swap is not None and swap.step is not None:  # the tree or data is mid-change
+                raise Conflict(f"swap {swap.id} is at step {swap.step}; the host follows the swap")
+            self.runtime.feed_host(events[action](now=clock.boot_clock()))
+            return views.status(self.runtime)["host"]
+
+        return dict(self._call(act))
+
+    def heartbeat(self, status: str | None, ready: bool, peer: Peer) -> dict:
+        def beat() -> dict:
+            if ready:
+                self.runtime.feed_host(lifecycle.Ready(now=clock.boot_clock()))
+            self.runtime.counters.heartbeats += 1
+            self.runtime.heartbeat(status)
+            return {"ok": True}
+
+        return dict(self._call(beat))
+
+    def list_swaps(self, limit: int) -> list[dict]:
+        now = clock.now()
+        return [
+            swaps.Swap.from_json(record).view(now)
+            for record in self.runtime.store.list_swaps(limit)
+        ]
+
+    def get_swap(self, swap_id: str) -> dict:
+        record = self.runtime.store.load_swap(swap_id)
+        if record is None:
+            raise NotFound(f"no swap {swap_id!r}")
+        swap = swaps.Swap.from_json(record)
+        document = swap.view(clock.now())
+        document["changes"] = self._changes(swap)
+        document["data"] = [
+            {
+                "path": item.get("path"),
+                "bytes": item.get("bytes"),
+                "sha256": item.get("sha256"),  # "" for a linked snapshot: the file itself
+                "linked": bool(item.get("linked", False)),
+            }
+            for item in swap.data
+        ]
+        document["events"] = [
+            {"at": event.to_json()["at"], "event": event.kind, "detail": event.detail}
+            for event in self.runtime.store.events_after(0, 1000, swap_id=swap_id)
+        ]
+        return document
+
+    def _changes(self, swap: Any) -> list[dict]:
+        saved = self.runtime.store.get_value(f"changes:{swap.id}")
+        if isinstance(saved, list):
+            return saved
+        if swap.state in swaps.TERMINAL or not swap.checkpoint:
+            return []
+        changes = self.runtime.code.changes(Checkpoint.from_json(dict(swap.checkpoint)))
+        return [{"path": c.path, "change": c.change} for c in changes]
+
+    def prepare_swap(self, summary: str) -> dict:
+        swap = self._call(self.runtime.prepare, summary)
+        return dict(swap.view(clock.now()))
+
+    def swap_action(self, swap_id: str, action: str, body: dict) -> dict:
+        swap = self._call(self.runtime.command_swap, swap_id, action, body)
+        return dict(swap.view(clock.now()))
+
+
+def _settle(future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        future.set_exception(concurrent.futures.CancelledError())
+    elif (error := task.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(task.result())
+
+
+def _uid(name: str) -> int:
+    try:
+        return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+    except KeyError as exc:
+        raise ConfigError(f"unknown user {name!r}", key="control.allow_users") from exc
+
+
+def _gid(name: str) -> int:
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError as exc:
+        raise ConfigError(f"unknown group {name!r}", key="control.allow_groups") from exc
+
+
+def _user_gids(uid: int) -> set[int]:
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return set()
+    return set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+
+
+def cgroup_name(config: Config) -> str:
+    """Stable per state dir, so a restarted supervisor finds the leaf of the host it adopts."""
+    return footprint.builtin_sha256_hex(str(config.state.dir).encode())[:16]
+
+
+def run(config: Config) -> int:
+    """The service, in the foreground. Returns the process exit code."""
+    footprint.tune_malloc()  # before any thread: see supervisor.daemon.footprint
+    lock = StateLock.acquire(config.state.dir)
+    store = Store.open(config.state.dir)
+    try:
+        if not host.become_subreaper():
+            log.info("no child subreaper here: orphans of the host are found by scanning only")
+        cgroup = host.CgroupLeaf.create(cgroup_name(config))
+        if cgroup is None:
+            log.info("no writable cgroup v2: the host's tree is killed by scanning")
+        asyncio.run(_serve(config, store, cgroup))
+        if cgroup is not None:
+            cgroup.remove()
+        return 0
+    finally:
+        store.close()
+        lock.release()
+
+
+async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
+    loop = asyncio.get_running_loop()
+    runtime = Runtime(config, store, cgroup=cgroup)
+    server = ControlServer(
+        config.control.socket,
+        LoopBackend(runtime),
+        mode=config.control.mode,
+        group=config.control.group,
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+    server.serve_in_thread()
+    await runtime.start()
+    watcher = _start_watcher(config, runtime)
+    if watcher is not None:
+        # what changed while no watcher ran (an adopted host's code)
+        runtime.drift_guard.on_tree_changed()
+    notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
+    watchdog = _start_watchdog(loop)
+    footprint.release_free_memory()  # what imports and start-up freed, once
+    log.info(
+        "swapguard %s supervising %s (control %s)",
+        os.getpid(),
+        " ".join(config.host.command),
+        config.control.socket,
+    )
+    await stop.wait()
+    notify.sd_notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
+    if watcher is not None:
+        watcher.stop()
+    await runtime.shutdown()
+    server.close()
+    log.info("swapguard stopped")
+
+
+def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
+    if config.code.undeclared_changes == "ignore" or not (config.code.root / ".git").exists():
+        return None
+    loop = runtime.loop
+    watcher = CodeWatcher(
+        config.code.root,
+        lambda: loop.call_soon_threadsafe(runtime.drift_guard.on_tree_changed),
+        ignore=config.non_code_paths(),
+    )
+    try:
+        watcher.start()
+    except OSError as exc:  # inotify limits: drift detection is lost, supervision is not
+        log.warning("cannot watch %s: %s", config.code.root, exc)
+        return None
+    return watcher
+
+
+def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+    """Ping our own manager's watchdog at half its WatchdogSec, from the loop: a hung loop shows."""
+    interval = notify.watchdog_interval()
+    if interval is None:
+        return None
+    handle: asyncio.TimerHandle | None = None
+
+    def ping() -> None:
+        nonlocal handle
+        notify.sd_notify("WATCHDOG=1")
+        handle = loop.call_later(interval, ping)
+
+    handle = loop.call_later(0, ping)
+    return handle

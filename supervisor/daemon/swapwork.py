@@ -1,0 +1,161 @@
+"""The blocking work behind the swap machine's actions: git, snapshots, builds, health checks.
+
+Every method runs in a worker thread, touches only the code tree, the snapshot store and the
+state store it was given, and returns a value or raises a `SwapguardError`; the runtime turns
+that into `StepDone` / `StepFailed` on its loop. Nothing here reads or changes runtime state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from supervisor.code.checkpoint import Checkpoint, CodeTree
+from supervisor.config.schema import Config
+from supervisor.core import swaps
+from supervisor.data.datacopy import fsync_dir, fsync_file
+from supervisor.data.snapshot import DataSnapshot, SnapshotStore
+from supervisor.errors import SwapguardError
+from supervisor.process import jobs
+from supervisor.state.store import SWAP_RECORDS_KEPT, Store
+
+log = logging.getLogger(__name__)
+
+BASELINE_KEY = "host_checkpoint"
+"""Store key of the checkpoint of the code the running host was started on (drift guard)."""
+
+
+def _checkpoint(swap: swaps.Swap) -> Checkpoint:
+    return Checkpoint.from_json(dict(swap.checkpoint))
+
+
+def _snapshots(swap: swaps.Swap) -> list[DataSnapshot]:
+    return [DataSnapshot.from_json(dict(item)) for item in swap.data]
+
+
+class SwapWork:
+    def __init__(
+        self, config: Config, store: Store, code: CodeTree, snapshots: SnapshotStore
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.code = code
+        self.snapshots = snapshots
+        self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
+
+    def take_checkpoint(self, name: str) -> Checkpoint:
+        self.code.check()
+        return self.code.take(name)
+
+    def take_snapshots(self, swap: swaps.Swap) -> dict[str, Any]:
+        entries = [(entry.path, entry.kind) for entry in self.config.data]
+        taken = self.snapshots.take(swap.id, entries)
+        return {
+            "data": [snap.to_json() for snap in taken],
+            "unsynced": any(snap.linked for snap in taken),
+        }
+
+    def sync_data(self, swap: swaps.Swap, wanted: Callable[[], bool] = lambda: True) -> None:
+        """fsync the working copies the new version writes to (and their folders' renames):
+        what a confirm makes permanent must be on disk. Costs what is still unflushed. Stops
+        once not `wanted` (a rollback began: that copy is only kept data now, and the rollback's
+        own commits should not wait behind its flush)."""
+        for snap in _snapshots(swap):
+            if snap.linked:
+                target = Path(snap.path)
+                fsync_file(target, wanted)  # gone or replaced by the new version: its business
+                if not wanted():
+                    return
+                if target.parent.is_dir():
+                    fsync_dir(target.parent)
+
+    def build(self, phase: swaps.Step | None) -> None:
+        result = jobs.run_job(
+            self.config.code.build,
+            cwd=self.config.code.root,
+            timeout=self.config.code.build_timeout,
+            log_name="build",
+        )
+        if not result.ok:
+            why = "timed out" if result.timed_out else f"exit {result.returncode}"
+            tail = result.output.strip().splitlines()[-5:]
+            raise SwapguardError(f"build {why} ({phase}): " + " | ".join(tail))
+
+    def restore_code(self, swap: swaps.Swap) -> Checkpoint:
+        """Back to the swap's checkpoint, which is then the code the host runs on."""
+        checkpoint = _checkpoint(swap)
+        self.code.restore(checkpoint, name=swap.id)
+        self.store.set_value(BASELINE_KEY, checkpoint.to_json())
+        return checkpoint
+
+    def restore_data(self, swap: swaps.Swap) -> None:
+        self.snapshots.restore(swap.id, _snapshots(swap))
+
+    def health_check(self) -> jobs.JobResult:
+        return jobs.run_job(
+            self.config.deadman.health_check,
+            cwd=self.config.code.root,
+            timeout=self.config.deadman.health_interval,
+            log_name="health",
+        )
+
+    def save_changes(self, swap: swaps.Swap) -> None:
+        """What the new version changed, kept for the swap's record (a rollback erases it)."""
+        try:
+            changes = self.code.changes(_checkpoint(swap))
+        except SwapguardError as exc:
+            log.warning("swap %s: changes not recorded: %s", swap.id, exc.message)
+            return
+        self.store.set_value(
+            f"changes:{swap.id}", [{"path": c.path, "change": c.change} for c in changes]
+        )
+
+    def verify_snapshots(self, swap: swaps.Swap) -> tuple[str, dict[str, Any]] | None:
+        """integrity_check of the snapshots, off the activation path (it reads whole files).
+        A failure means the data was already corrupt before the swap: reported, not fatal.
+        Returns the event to record, or None when there was nothing to verify."""
+        if not swap.data:
+            return None
+        try:
+            results = self.snapshots.verify(swap.id, _snapshots(swap))
+        except SwapguardError as exc:
+            log.info("swap %s: snapshots not verified: %s", swap.id, exc.message)
+            return None
+        bad = [{"path": path, "detail": detail} for path, ok, detail in results if not ok]
+        if bad:
+            return "snapshot.corrupt", {"entries": bad}
+        return "snapshot.verified", {"entries": len(results)}
+
+    def settle(self, swap: swaps.Swap, keep: int) -> None:
+        """In a worker, once a swap is over: put on disk what its rollback kept of the
+        probation-time data (the old version was restarted first; the new version's flush may
+        have been cut short), then prune. A failure is logged: nothing waits for this."""
+        try:
+            if swap.state is swaps.SwapState.ROLLED_BACK:
+                kept = self.snapshots.kept_copies(swap.id)
+                for path in kept:
+                    fsync_file(path)
+                for folder in {path.parent for path in kept}:
+                    fsync_dir(folder)
+            self.prune(keep)
+        except (SwapguardError, OSError) as exc:
+            log.warning("after swap %s: %s", swap.id, getattr(exc, "message", exc))
+        except Exception:  # a bug: the worker's future would swallow it
+            log.exception("after swap %s", swap.id)
+
+    def prune(self, keep: int) -> None:
+        """Drop checkpoints and snapshots of finished swaps beyond the newest `keep`, and their
+        records beyond SWAP_RECORDS_KEPT."""
+        with self._pruning:
+            self._prune(keep)
+
+    def _prune(self, keep: int) -> None:
+        self.code.drop(*self.store.finished_swap_ids_beyond(keep))
+        self.store.forget_finished_swaps_beyond(max(keep, SWAP_RECORDS_KEPT))
+        keep_ids = {record["id"] for record in self.store.list_swaps(limit=keep)}
+        if (active := self.store.active_swap()) is not None:
+            keep_ids.add(active["id"])
+        self.snapshots.prune(keep_ids)

@@ -1,0 +1,1 @@
+"""The data entries: snapshots of databases and files, copies, and their restore steps."""

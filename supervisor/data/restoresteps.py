@@ -1,0 +1,228 @@
+"""The steps of a journaled data restore, one data entry at a time.
+
+Why it exists: `SnapshotStore.restore` keeps the journal (what is done, durably, after each step)
+and the lock; what each step does to the file system is here. Every step can run again after a
+crash at any point of it, and ends in the same state:
+- set_aside: whatever is at the target now (SQLite: with its sidecars) is renamed to the kept
+  name, `<path>.rolled-back-<swap id>`, unless it is still the snapshot itself (a take cut short
+  before its working copy went in place: nothing was written, nothing to keep);
+- stage: the snapshot is linked (across file systems: copied, then checked in full) to a temp
+  name in the target's folder;
+- swap_in: stale SQLite sidecars go, then the staged file is renamed over the target;
+- settle_kept: the kept SQLite copy's WAL or hot journal is folded into it (one readable file).
+No symlink is followed: targets are renamed, never opened through a link; a folder that now
+resolves elsewhere is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from supervisor.data.datacopy import (
+    SQLITE_SIDECARS,
+    connect_sqlite,
+    copy_tree,
+    file_digest,
+    fsync_dir,
+    read_entries_json,
+    remove_path,
+    tree_digest,
+    verify_sqlite_copy,
+)
+from supervisor.errors import SnapshotError
+
+log = logging.getLogger(__name__)
+
+ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
+JOURNAL = "restore.json"
+
+Json = dict[str, Any]
+PlaceFile = Callable[[Path, Path], str]  # links or copies a file; says which: "link" | "copy"
+
+
+def plan(swap_id: str, entries: list[Json]) -> Json:
+    """The journal: each entry with the free name its probation-time data will be kept under."""
+    planned = []
+    for entry in entries:
+        base = kept = f"{entry['path']}.rolled-back-{swap_id}"
+        counter = 0
+        while any(os.path.lexists(kept + suffix) for suffix in ("", *SQLITE_SIDECARS)):
+            counter += 1
+            kept = f"{base}.{counter}"
+        planned.append({**entry, "kept": kept})
+    return {"swap_id": swap_id, "entries": planned, "done": [], "finished": False}
+
+
+def restore_unfinished(swap_dir: Path) -> bool:
+    """True if a restore of this swap began and did not finish (its snapshot must stay)."""
+    journal = swap_dir / JOURNAL
+    if swap_dir.is_symlink() or not swap_dir.is_dir() or not os.path.lexists(journal):
+        return False
+    try:
+        return not read_entries_json(journal).get("finished", False)
+    except SnapshotError:
+        return True
+
+
+def kept_copies(swap_dir: Path) -> list[Path]:
+    """The probation-time data a finished restore of this swap kept: each entry's kept name and
+    the SQLite sidecars beside it, as they exist now; none through a folder that was redirected."""
+    journal = swap_dir / JOURNAL
+    if swap_dir.is_symlink() or not os.path.lexists(journal):
+        return []
+    try:
+        done = read_entries_json(journal)
+    except SnapshotError as err:
+        log.warning("the probation-time data of %s is unknown: %s", swap_dir.name, err)
+        return []
+    if not done.get("finished", False):
+        return []
+    found = []
+    for entry in done["entries"]:
+        kept = entry.get("kept")
+        if not isinstance(kept, str):
+            continue
+        try:
+            check_folder(kept)
+        except SnapshotError as err:
+            log.warning("leaving %s alone: %s", kept, err)
+            continue
+        suffixes = ("", *SQLITE_SIDECARS) if entry.get("kind") == "sqlite" else ("",)
+        found += [Path(kept + suffix) for suffix in suffixes if os.path.lexists(kept + suffix)]
+    return found
+
+
+def drop_kept(swap_dir: Path) -> None:
+    """Remove the probation-time data a finished restore of this swap kept (its swap is being
+    pruned), never through a symlink."""
+    copies = kept_copies(swap_dir)
+    for path in copies:
+        remove_path(path)
+    for folder in {path.parent for path in copies}:
+        fsync_dir(folder)
+    if copies:
+        log.info("removed %s, kept since swap %s rolled back", copies[0], swap_dir.name)
+
+
+def run_step(step: str, swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
+    """Run one of ENTRY_STEPS for one journal entry."""
+    match step:
+        case "set_aside":
+            set_aside(swap_dir, entry)
+        case "stage":
+            stage(swap_dir, entry, place_file)
+        case "swap_in":
+            swap_in(swap_dir, entry, place_file)
+        case "settle_kept":
+            settle_kept(entry)
+        case _:
+            raise ValueError(f"no restore step {step!r}")
+
+
+def set_aside(swap_dir: Path, entry: Json) -> None:
+    """Rename whatever is at the target now (SQLite: with its sidecars) to the kept name."""
+    target, kept = entry["path"], entry["kept"]
+    check_folder(target)
+    if entry["existed"] and same_file(target, swap_dir / str(entry["index"])):
+        os.unlink(target)  # still the snapshot itself (a take cut short): nothing to keep
+        return
+    suffixes = ("", *SQLITE_SIDECARS) if entry["kind"] == "sqlite" else ("",)
+    moved = [suffix for suffix in suffixes if os.path.lexists(target + suffix)]
+    for suffix in moved:
+        os.rename(target + suffix, kept + suffix)
+    if moved:
+        fsync_dir(Path(os.path.dirname(target)))
+        log.info("kept the probation-time %s as %s", target, kept)
+
+
+def stage(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
+    """Link (across file systems: copy) the snapshot to a temp name in the target's folder."""
+    if not entry["existed"]:
+        return
+    target, kind = entry["path"], entry["kind"]
+    source, staged = swap_dir / str(entry["index"]), Path(staged_name(target, swap_dir.name))
+    if not os.path.lexists(source):
+        raise SnapshotError(f"the snapshot data {source} is missing")
+    check_folder(target)
+    if not staged.parent.is_dir():  # the new version deleted the folder
+        staged.parent.mkdir(parents=True)
+        fsync_dir(staged.parent.parent)
+    remove_path(staged)
+    placed: list[str] = []
+    if kind == "dir":
+        copy_tree(source, staged, lambda src, dst: placed.append(place_file(src, dst)))
+    else:
+        placed.append(place_file(source, staged))
+    if "copy" in placed:  # a copy is O(size) anyway: check it all
+        size, digest = tree_digest(staged) if kind == "dir" else file_digest(staged)
+    else:
+        size, digest = entry["bytes"] if kind == "dir" else staged.lstat().st_size, None
+    if kind == "sqlite":
+        verify_sqlite_copy(staged, entry["bytes"])
+    if size != entry["bytes"] or digest not in (None, entry["sha256"] or digest):
+        raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
+    fsync_dir(staged.parent)
+
+
+def swap_in(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
+    """Clear stale SQLite sidecars, then rename the staged copy over the target."""
+    target = entry["path"]
+    folder = Path(os.path.dirname(target))
+    check_folder(target)
+    stale = [target + s for s in SQLITE_SIDECARS if os.path.lexists(target + s)]
+    for path in stale if entry["kind"] == "sqlite" else ():
+        remove_path(Path(path))
+        fsync_dir(folder)
+    if not entry["existed"]:
+        return
+    staged = staged_name(target, swap_dir.name)
+    if not os.path.lexists(staged) and not os.path.lexists(target):
+        stage(swap_dir, entry, place_file)  # the staged copy went missing: make it again
+    if os.path.lexists(staged):
+        if entry["kind"] == "dir" and os.path.lexists(target):
+            raise SnapshotError("something reappeared at the target mid-restore")
+        os.replace(staged, target)
+        fsync_dir(folder)
+
+
+def settle_kept(entry: Json) -> None:
+    """Fold the kept SQLite copy's WAL or hot journal into it: one readable file."""
+    kept = entry["kept"]
+    if entry["kind"] != "sqlite" or not os.path.lexists(kept):
+        return
+    names = [kept] + [kept + s for s in SQLITE_SIDECARS if os.path.lexists(kept + s)]
+    if len(names) == 1 or not all(stat.S_ISREG(os.lstat(name).st_mode) for name in names):
+        return  # one file already; or a symlink SQLite would follow: leave it untouched
+    try:
+        with contextlib.closing(connect_sqlite(Path(kept), "mode=rw", 1.0)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as exc:
+        log.warning("kept copy %s stays as it was, sidecars and all: %s", kept, exc)
+
+
+def same_file(path: str | Path, other: str | Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(path), os.lstat(other))
+    except FileNotFoundError:
+        return False
+
+
+def staged_name(target: str, swap_id: str) -> str:
+    folder, name = os.path.split(target)
+    return os.path.join(folder, f".{name}.swapguard-restore-{swap_id}")
+
+
+def check_folder(target: str) -> None:
+    """Refuse a target whose folder now resolves elsewhere: a symlink planted to redirect us."""
+    folder = os.path.dirname(target)
+    real = os.path.realpath(folder)
+    if real != folder:
+        raise SnapshotError(f"its folder {folder} now resolves to {real}; not following it")

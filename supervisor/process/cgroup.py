@@ -1,0 +1,98 @@
+"""The cgroup v2 leaf that holds the host's tree, so that `cgroup.kill` empties it at once.
+
+The leaf sits at <our own cgroup>/swapguard/<name>: under our own cgroup so that a service manager's
+delegation (systemd's `Delegate=yes`) and its limits cover the host too. Without a writable cgroup2
+mount there is no leaf, and `process.host` finds the tree by descent, group and reparenting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CGROUP_PARENT = "swapguard"
+_CGROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupLeaf:
+    """A cgroup v2 leaf holding the host's tree, so that `cgroup.kill` empties it at once."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, name: str) -> CgroupLeaf | None:
+        """<our own cgroup>/swapguard/<name>, reused if it exists (an adopted host's leaf is found
+        again after a supervisor restart); None without a writable cgroup2 mount.
+
+        Under our own cgroup so that a service manager's delegation (systemd's `Delegate=yes`)
+        and its limits cover the host too; at the mount's top only when we sit at the root."""
+        if not _CGROUP_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(f"cgroup leaf name must be letters, digits, '_', '.', '-': {name!r}")
+        mount = _cgroup2_mount()
+        if mount is None:
+            return None
+        leaf = mount / _own_cgroup().lstrip("/") / _CGROUP_PARENT / name
+        try:
+            leaf.mkdir(parents=True, exist_ok=True)
+            if not os.access(leaf / "cgroup.procs", os.W_OK):
+                raise PermissionError("cgroup.procs is not writable")
+        except OSError as exc:
+            log.info("no cgroup for the host (%s): %s", leaf, exc)
+            return None
+        return cls(leaf)
+
+    def add(self, pid: int) -> None:
+        """Move `pid` into the leaf; raises OSError (ProcessLookupError when it is gone)."""
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self) -> bool:
+        """SIGKILL every member at once (Linux >= 5.14); False where cgroup.kill is missing."""
+        try:
+            (self.path / "cgroup.kill").write_text("1")
+        except OSError:
+            return False
+        return True
+
+    def remove(self) -> None:
+        """rmdir the leaf once it is empty; never raises (a busy leaf is simply kept)."""
+        try:
+            self.path.rmdir()
+        except OSError as exc:
+            log.debug("cgroup %s kept: %s", self.path, exc)
+
+
+def _own_cgroup() -> str:
+    """Our path in the v2 hierarchy ("0::/system.slice/swapguard.service"), "/" when unknown."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return "/"
+    path = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    if path.endswith(f"/{_CGROUP_PARENT}") or f"/{_CGROUP_PARENT}/" in path:
+        return path.split(f"/{_CGROUP_PARENT}", 1)[0] or "/"  # we run inside a host's leaf
+    return path
+
+
+def _cgroup2_mount() -> Path | None:
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        before, sep, after = line.partition(" - ")
+        fields = before.split()
+        if sep and after.split()[:1] == ["cgroup2"] and len(fields) > 4:
+            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+    return None

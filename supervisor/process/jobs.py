@@ -1,0 +1,422 @@
+"""Bounded side commands (the build step, health checks, event hooks) and the registry of children
+that somebody is waiting for.
+
+Why a registry: the daemon is a child subreaper, so orphans of the host's tree become our children
+and must be reaped on SIGCHLD (`host.reap_orphans`). A reaper that scans for zombies would steal the
+exit status of a child another thread is waiting for. So whoever spawns a child it will wait for
+registers it here, holding `SPAWN_LOCK` from before the fork until the pid is recorded, and the
+reaper holds the same lock while it scans: no window in which a fresh child looks like an orphan.
+
+A job runs in a session of its own and must not outlive its bound: at the timeout (or on cancel)
+its whole tree is stopped, then killed; when it exits by itself, whatever is left in its process
+group is killed too. Its output is read through a pipe, logged line by line and kept (the tail) for
+the result, all from the calling thread with `select`, so a background process that keeps the pipe
+open cannot hang the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.process import proctree
+from supervisor.process.proctree import open_pidfd, signal_group
+
+log = logging.getLogger(__name__)
+
+SPAWN_LOCK = threading.Lock()
+"""Held across fork + `register`, and by the orphan reaper while it scans."""
+
+_registry: set[int] = set()
+_registry_lock = threading.Lock()
+_in_flight: set[CancelToken] = set()  # one per running job, for cancel_all
+
+OUTPUT_LIMIT = 64 * 1024
+"""The tail of a job's merged output kept in `JobResult.output`."""
+_LINE_LIMIT = 8 * 1024  # a "line" without a newline is logged in pieces of this size
+_DRAIN_GRACE = 1.0  # after the job is gone: how long an escaped writer may keep the pipe open
+_REAP_WAIT = 5.0  # after SIGKILL: how long to wait for the job itself to be reaped
+_FREEZE_ROUNDS = 20  # bound on the stop-everything sweeps of a job's tree (each finds new forks)
+_POLL_SLICE = 0.05  # only where pidfd is missing (macOS): how often to look for the exit
+
+
+def register(pid: int) -> None:
+    """Mark `pid` as a child somebody waits for; the orphan reaper leaves it alone."""
+    with _registry_lock:
+        _registry.add(pid)
+
+
+def unregister(pid: int) -> None:
+    """Call once the child has been reaped by its owner."""
+    with _registry_lock:
+        _registry.discard(pid)
+
+
+def registered() -> frozenset[int]:
+    with _registry_lock:
+        return frozenset(_registry)
+
+
+def cancel_all() -> int:
+    """Cancel every job in flight (the swap moved on, or we shut down); returns how many."""
+    with _registry_lock:
+        tokens = list(_in_flight)
+    for token in tokens:
+        token.cancel()
+    return len(tokens)
+
+
+class CancelToken:
+    """A selectable "stop now" for a job in flight (the swap moved on: `CancelJobs`).
+
+    A self-pipe, so the job's `select` wakes at once instead of polling a flag.
+    """
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            with contextlib.suppress(OSError):
+                os.write(self._write_fd, b"x")
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """How a job ended. `returncode` < 0 means killed by that signal (subprocess's convention);
+    None means it could not even be reaped (stuck in the kernel)."""
+
+    argv: tuple[str, ...]
+    returncode: int | None
+    timed_out: bool
+    output: str
+    duration: float
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.cancelled
+
+    def describe(self) -> str:
+        """One phrase for events and logs: "exit 0", "timed out after 2.0s", "cancelled"."""
+        if self.timed_out:
+            return f"timed out after {self.duration:.1f}s"
+        if self.cancelled:
+            return "cancelled"
+        if self.returncode is None:
+            return "status unknown"
+        if self.returncode < 0:
+            try:
+                return f"killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                return f"killed by signal {-self.returncode}"
+        return f"exit {self.returncode}"
+
+
+def run_job(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float,
+    stdin: bytes | None = None,
+    log_name: str = "job",
+    cancel: CancelToken | None = None,
+) -> JobResult:
+    """Run one bounded command to its end and say how it went; blocking, for worker threads.
+
+    Never raises for a failing command: a command that cannot start gives returncode 127 and the
+    OSError text as output. `env` None inherits ours. Each output line is logged at INFO on
+    `process.jobs.<log_name>` so that build output reaches the log. `cancel` (or `cancel_all`)
+    stops it early, like a timeout.
+    """
+    command = _check_argv(argv)
+    if not timeout > 0:
+        raise ValueError(f"run_job: timeout must be > 0 seconds, got {timeout!r}")
+    job_log = logging.getLogger(f"{__name__}.{log_name}")
+    token = cancel if cancel is not None else CancelToken()
+    with _registry_lock:
+        _in_flight.add(token)
+    try:
+        return _run(command, cwd, env, timeout, stdin, job_log, token)
+    finally:
+        with _registry_lock:
+            _in_flight.discard(token)
+        if cancel is None:
+            token.close()
+
+
+def _run(
+    command: tuple[str, ...],
+    cwd: Path,
+    env: Mapping[str, str] | None,
+    timeout: float,
+    stdin: bytes | None,
+    job_log: logging.Logger,
+    cancel: CancelToken,
+) -> JobResult:
+    started = time.monotonic()
+    try:
+        with SPAWN_LOCK:
+            proc = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=None if env is None else dict(env),
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+            register(proc.pid)
+    except (OSError, subprocess.SubprocessError) as exc:
+        job_log.warning("cannot run %s (cwd %s): %s", command[0], cwd, exc)
+        return JobResult(command, 127, False, str(exc), time.monotonic() - started)
+
+    run = _JobRun(proc, _Output(job_log), stdin)
+    try:
+        ended_by = run.supervise(started + timeout, cancel)
+    finally:
+        run.finish()
+        unregister(proc.pid)
+    result = JobResult(
+        command,
+        proc.returncode,
+        timed_out=ended_by == "timeout",
+        output=run.output.text(),
+        duration=time.monotonic() - started,
+        cancelled=ended_by == "cancel",
+    )
+    job_log.log(
+        logging.INFO if result.ok else logging.WARNING,
+        "%s: %s (%.2fs)",
+        command[0],
+        result.describe(),
+        result.duration,
+    )
+    return result
+
+
+def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(argv, str | bytes):
+        raise TypeError(f"run_job: argv must be a sequence of strings, not one string: {argv!r}")
+    command = tuple(argv)
+    if not command:
+        raise ValueError("run_job: argv is empty")
+    for index, arg in enumerate(command):
+        if not isinstance(arg, str):
+            raise TypeError(f"run_job: argv[{index}] must be a string, got {arg!r}")
+    return command
+
+
+class _Output:
+    """The tail of the merged output, plus every complete line logged as it arrives."""
+
+    def __init__(self, job_log: logging.Logger) -> None:
+        self._log = job_log
+        self._tail = bytearray()
+        self._partial = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._tail += chunk
+        if len(self._tail) > OUTPUT_LIMIT:
+            del self._tail[: len(self._tail) - OUTPUT_LIMIT]
+        self._partial += chunk
+        *lines, rest = self._partial.split(b"\n")
+        for line in lines:
+            self._emit(line)
+        self._partial = bytearray(rest)
+        while len(self._partial) > _LINE_LIMIT:
+            self._emit(self._partial[:_LINE_LIMIT])
+            del self._partial[:_LINE_LIMIT]
+
+    def flush(self) -> None:
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = bytearray()
+
+    def text(self) -> str:
+        return self._tail.decode(errors="replace")
+
+    def _emit(self, line: bytes | bytearray) -> None:
+        self._log.info("%s", bytes(line).decode(errors="replace").rstrip("\r"))
+
+
+class _JobRun:
+    """The select loop of one job: output, stdin, the exit (pidfd), the deadline, a cancel."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], output: _Output, stdin: bytes | None):
+        self.proc = proc
+        self.output = output
+        self._out_fd: int | None = proc.stdout.fileno() if proc.stdout else None
+        self._in_fd: int | None = proc.stdin.fileno() if proc.stdin else None
+        self._pending_input = memoryview(stdin or b"")
+        self._exit_fd = open_pidfd(proc.pid)
+        for fd in (self._out_fd, self._in_fd):
+            if fd is not None:
+                os.set_blocking(fd, False)
+        if self._in_fd is not None and not self._pending_input:
+            self._close_input()
+
+    def supervise(self, deadline: float, cancel: CancelToken) -> str:
+        """Run until the job exits ("exit"), the deadline passes ("timeout") or a cancel.
+
+        A selector, not select(): the daemon may hold fds above select's limit of 1024.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(cancel.fileno(), selectors.EVENT_READ)
+            for fd, events in (
+                (self._exit_fd, selectors.EVENT_READ),
+                (self._out_fd, selectors.EVENT_READ),
+                (self._in_fd, selectors.EVENT_WRITE),
+            ):
+                if fd is not None:
+                    selector.register(fd, events)
+            while not self._exited():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "timeout"
+                if cancel.cancelled:
+                    return "cancel"
+                wait = remaining if self._exit_fd is not None else min(remaining, _POLL_SLICE)
+                for key, _ in selector.select(wait):
+                    if key.fd == self._out_fd and not self._read_output():
+                        selector.unregister(key.fd)
+                    elif key.fd == self._in_fd:
+                        self._write_input(selector)
+        return "exit"
+
+    def finish(self) -> None:
+        """Kill what is left of the job, reap it, drain its output, close every fd."""
+        try:
+            if not self._exited():
+                _kill_job_tree(self.proc.pid)
+            # The leader is a zombie at worst here, so its pid still names its group: safe.
+            signal_group(self.proc.pid, signal.SIGKILL)
+            try:
+                self.proc.wait(timeout=_REAP_WAIT)
+            except subprocess.TimeoutExpired:
+                log.error("job %d did not die within %.0fs of SIGKILL", self.proc.pid, _REAP_WAIT)
+            self._drain(time.monotonic() + _DRAIN_GRACE)
+        finally:
+            self._close_input()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self._out_fd = None
+            if self._exit_fd is not None:
+                os.close(self._exit_fd)
+                self._exit_fd = None
+
+    def _exited(self) -> bool:
+        """Has the job exited? Peeks without reaping, so its pid keeps naming its group."""
+        if self.proc.returncode is not None:
+            return True
+        if not hasattr(os, "waitid"):  # reaps: killpg of the leftovers is then best effort
+            return self.proc.poll() is not None
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return info is not None and info.si_pid != 0
+
+    def _read_output(self) -> bool:
+        """Read what is there; False at end of file (every writer closed the pipe)."""
+        if self._out_fd is None:
+            return False
+        try:
+            chunk = os.read(self._out_fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            self._out_fd = None
+            return False
+        self.output.feed(chunk)
+        return True
+
+    def _drain(self, until: float) -> None:
+        with selectors.DefaultSelector() as selector:
+            if self._out_fd is not None:
+                selector.register(self._out_fd, selectors.EVENT_READ)
+            while self._out_fd is not None:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    log.warning("job %d: an escaped process holds its output", self.proc.pid)
+                    break
+                if selector.select(remaining):
+                    self._read_output()
+        self.output.flush()
+
+    def _write_input(self, selector: selectors.BaseSelector) -> None:
+        assert self._in_fd is not None
+        try:
+            written = os.write(self._in_fd, self._pending_input[:65536])
+        except BlockingIOError:
+            return
+        except OSError:  # the job closed its stdin early: what it did not read is not ours to force
+            self._pending_input = memoryview(b"")
+            written = 0
+        self._pending_input = self._pending_input[written:]
+        if not self._pending_input:
+            selector.unregister(self._in_fd)
+            self._close_input()
+
+    def _close_input(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        self._in_fd = None
+
+
+def _kill_job_tree(pid: int) -> None:
+    """SIGKILL a job and every descendant, including ones that left its process group.
+
+    Stops the tree first, sweep after sweep, so that nothing forks while we look (a child of a
+    killed parent would be reparented out of reach); then kills all of it at once. Each signal
+    goes through `signal_verified`: a pid reused meanwhile is never hit.
+    """
+    stopped: dict[int, float] = {}  # pid -> start, as the table saw it
+    signal_group(pid, signal.SIGSTOP)
+    for _ in range(_FREEZE_ROUNDS):
+        table = proctree.process_table()
+        if pid not in table:
+            break
+        found = {pid, *proctree.descendants(table, [pid])}
+        fresh = [member for member in found if member not in stopped]
+        if not fresh:
+            break
+        for member in fresh:
+            stopped[member] = table[member].start
+            _signal_and_close(proctree.signal_verified(member, stopped[member], signal.SIGSTOP))
+    signal_group(pid, signal.SIGKILL)
+    for member, start in stopped.items():
+        _signal_and_close(proctree.signal_verified(member, start, signal.SIGKILL))
+
+
+def _signal_and_close(outcome: tuple[bool, int | None]) -> None:
+    """signal_verified hands back the pidfd it pinned the process with; not waited on here."""
+    if outcome[1] is not None:
+        os.close(outcome[1])

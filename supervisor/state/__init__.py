@@ -1,0 +1,1 @@
+"""The state store (SQLite, in `state.dir`) and the lock that makes one supervisor per dir."""
