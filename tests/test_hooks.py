@@ -57,12 +57,9 @@ def test_a_failing_hook_is_run_again_and_events_keep_their_order(tmp_path: Path)
             hook.submit(event(name, number))  # host.* does not match: never queued
         hook.submit(event("swap.confirmed", 4))
         wait_for(lambda: hook.ran == 5, what="five runs")  # the worker saw the last one end
-        assert lines(tmp_path / "got.jsonl") == [
-            "swap.prepared", "swap.activated", "swap.confirmed"
-        ]
-        assert lines(tmp_path / "ran.jsonl") == ["swap.prepared"] * 3 + [
-            "swap.activated", "swap.confirmed"
-        ]
+        delivered = ["swap.prepared", "swap.activated", "swap.confirmed"]
+        assert lines(tmp_path / "got.jsonl") == delivered
+        assert lines(tmp_path / "ran.jsonl") == ["swap.prepared"] * 2 + delivered
         assert (hook.ran, hook.failed, hook.dropped) == (5, 2, 0)
     finally:
         hook.close()

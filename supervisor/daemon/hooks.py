@@ -58,7 +58,8 @@ class HookRunner:
         self._closing = threading.Event()  # ends a wait between attempts at once
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda result: not result.ok),
-            stop=tenacity.stop_any(tenacity.stop_after_attempt(attempts), self._stopping),
+            stop=tenacity.stop_after_attempt(attempts)
+            | tenacity.stop_when_event_set(self._closing),
             wait=exponential(retry_first, retry_max, retry_first / 4, random.Random()),
             sleep=tenacity.sleep_using_event(self._closing),
             before_sleep=self._log_retry,
@@ -124,9 +125,6 @@ class HookRunner:
             self.failed += 1
         return result
 
-    def _stopping(self, state: tenacity.RetryCallState) -> bool:
-        return self._closing.is_set()
-
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         event = state.args[0] if state.args else {}
         result = state.outcome.result() if state.outcome else None
@@ -140,4 +138,5 @@ class HookRunner:
 def _last_result(state: tenacity.RetryCallState) -> jobs.JobResult:
     """Out of attempts: hand back the last run's result, not tenacity's RetryError."""
     assert state.outcome is not None
-    return state.outcome.result()
+    result: jobs.JobResult = state.outcome.result()
+    return result
