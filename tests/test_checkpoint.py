@@ -672,6 +672,28 @@ def test_take_survives_files_that_vanish_while_it_runs(repo: Path) -> None:
         churner.wait(timeout=WAIT_S)
 
 
+def test_prepare_through_swapguard_while_a_process_churns_the_tree(tmp_path: Path) -> None:
+    """The same churn beside a real `swapguard run`: POST /v1/swaps answers 201 every time."""
+    from tests.support import make_sample_repo, supervised
+
+    repo = make_sample_repo(tmp_path / "repo")
+    with supervised(repo, code={"undeclared_changes": "warn"}) as sup:
+        sup.start()
+        for round_ in range(3):
+            churner = subprocess.Popen(
+                [sys.executable, "-c", _CHURN, str(repo)], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert churner.stdout is not None and churner.stdout.readline() == "churning\n"
+                swap = sup.client.prepare(f"while files churn {round_}")
+                assert swap["state"] == "prepared" and churner.poll() is None
+            finally:
+                churner.kill()
+                churner.wait(timeout=WAIT_S)
+            sup.client.abort(swap["id"])
+            sup.wait_swap(swap["id"], "aborted")
+
+
 @pytest.mark.parametrize(
     ("stderr", "vanished"),
     [
