@@ -79,7 +79,8 @@ keep_swaps = 20           # finished swaps whose snapshots (and kept data) are k
 
 # A command run on events, e.g. to page someone when a rollback fails.
 [hooks]
-on_event = []             # argv; runs once per event with the event JSON on stdin, 10 s limit
+on_event = []             # argv; runs per event with the event JSON on stdin, 10 s limit;
+                          # a run that fails or times out is retried: 4 runs, 1-8 s apart
 events = ["swap.*", "host.crash_loop", "rollback.failed"]  # event names, fnmatch globs
 """
 # The template is the one source of the defaults, so `swapguard init` cannot drift from them.
