@@ -49,7 +49,7 @@ from supervisor.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 _VANISHED_RETRY_FOR_S = 10.0
 """How long a take keeps retrying `git add` while files vanish under it; a prepare's client waits
-65 s, and a churn that beats ~100 attempts in this time is not a tree one can checkpoint."""
+65 s, and a churn that beats dozens of attempts in this time is not a tree one can checkpoint."""
 # git's words for a path that was listed, then gone (or its folder turned into a file) when read.
 _VANISHED = re.compile(
     r"""(unable to stat '.*'|open\(".*"\)): (No such file or directory|Not a directory)"""

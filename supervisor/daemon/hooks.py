@@ -1,6 +1,6 @@
 """`[hooks] on_event`: tell the operator's program about events, never blocking the clock.
 
-Events are queued to one worker thread, which runs the hook once per matching event with the event's
+Events are queued to one worker thread, which runs the hook for each matching event with the event's
 JSON on stdin, bounded by a 10 s limit. A run that exits non-zero or times out is tried again with
 backoff (tenacity, the core's one formula) a bounded number of times before the next event, so the
 hook sees events in order. The queue is bounded too: when a hook is slower than the events, the
