@@ -52,7 +52,6 @@ _CONNECT_PRAGMAS = (
     ("busy_timeout", _BUSY_TIMEOUT_MS),
     ("cache_size", -CACHE_KIB),  # negative: KiB, whatever the page size
 )
-_CHECKED_PRAGMAS = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
 
 EVENTS_KEPT = 100_000
 RUNS_KEPT = 10_000
@@ -222,18 +221,6 @@ class Store:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def effective_pragmas(self, *names: str) -> dict[str, Any]:
-        """What the connection really runs with (WAL and FULL sync are what make writes safe):
-        the pragmas `names`, by default those that safety rests on."""
-        for name in names:
-            if not name.isidentifier():
-                raise ValueError(f"pragma name must be an identifier, got {name!r}")
-        with self._session("read pragmas") as conn:
-            return {
-                name: conn.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in names or _CHECKED_PRAGMAS
-            }
-
     # --- host runs --------------------------------------------------------------------------
 
     def record_spawn(
@@ -274,11 +261,6 @@ class Store:
         rows = self._fetch("find live run", f"SELECT {_RUN_COLUMNS} FROM host_run {where}")
         return HostRun(*rows[0]) if rows else None
 
-    def last_runs(self, limit: int) -> list[HostRun]:
-        """Newest first."""
-        query = f"SELECT {_RUN_COLUMNS} FROM host_run ORDER BY id DESC LIMIT ?"
-        return [HostRun(*row) for row in self._fetch("list runs", query, _count("limit", limit, 1))]
-
     def _update_run(self, run_id: int, what: str, columns: str, *values: Any) -> None:
         """`columns` is this module's constant text; the values are always bound."""
         query = f"UPDATE host_run SET {columns} WHERE id = ?"
@@ -311,34 +293,7 @@ class Store:
         query = f"SELECT {_EVENT_COLUMNS} FROM event WHERE {where}"
         return [_event(row) for row in self._fetch("read events", query, *params)]
 
-    def last_event_id(self) -> int:
-        """0 while the log is empty; ids are never reused and the newest is never trimmed, so
-        this never goes back."""
-        return self._fetch("read last event id", "SELECT MAX(id) FROM event")[0][0] or 0
-
     # --- swaps ------------------------------------------------------------------------------
-
-    def save_swap(
-        self, swap_id: str, state: str, created_at: float, record: Mapping[str, Any]
-    ) -> None:
-        """Insert or replace the swap machine's record, whole, in one transaction."""
-        with self._session("save swap", write=True) as conn:
-            _upsert_swap(conn, swap_id, state, created_at, record)
-
-    def save_swap_with_event(
-        self,
-        swap_id: str,
-        state: str,
-        created_at: float,
-        record: Mapping[str, Any],
-        kind: str,
-        detail: Mapping[str, Any] | None = None,
-        at: float | None = None,
-    ) -> EventRecord:
-        """A transition and its audit entry, committed together or not at all."""
-        with self._session("save swap with event", write=True) as conn:
-            _upsert_swap(conn, swap_id, state, created_at, record)
-            return _insert_event(conn, kind, detail, swap_id, at)
 
     def save_swap_with_events(
         self,
@@ -348,8 +303,9 @@ class Store:
         record: Mapping[str, Any],
         events: Sequence[tuple[str, Mapping[str, Any]]],
     ) -> list[EventRecord]:
-        """A transition and all its audit entries, committed together or not at all: a reader
-        never sees a swap in a state whose event is missing."""
+        """The swap machine's record, whole, and all the audit entries of its transition,
+        committed together or not at all: a reader never sees a swap in a state whose event is
+        missing."""
         with self._session("save swap with events", write=True) as conn:
             _upsert_swap(conn, swap_id, state, created_at, record)
             return [_insert_event(conn, kind, detail, swap_id, None) for kind, detail in events]
