@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from supervisor.errors import StateLocked, SwapguardError
+from supervisor.state import schema
 from supervisor.state import store as store_module
 from supervisor.state.store import (
     SCHEMA_VERSION,
@@ -32,6 +33,7 @@ from supervisor.state.store import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
+MAIN_V2_STORE = Path(__file__).with_name("fixtures") / "state-v2.sql"
 
 # The v1 schema exactly as the first release wrote it: a fixture of history, never regenerated.
 V1_SCHEMA = """
@@ -67,13 +69,12 @@ def raw(path: Path) -> Iterator[sqlite3.Connection]:
 
 def stored_version(db_path: Path) -> int:
     with raw(db_path) as conn:
-        return int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
 def pragmas(store: Store, *names: str) -> dict[str, Any]:
     """What the store's own connection runs with (per-connection pragmas: only it can tell)."""
-    assert store._conn is not None
-    return {name: store._conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+    return {name: store._db.pragma(name) for name in names}
 
 
 def runs(store: Store) -> list[HostRun]:
@@ -93,6 +94,28 @@ def save_swap(
     store: Store, swap_id: str, state: str, created_at: float, record: dict[str, Any]
 ) -> None:
     store.save_swap_with_events(swap_id, state, created_at, record, [])
+
+
+def schema_of(db_path: Path) -> dict[str, Any]:
+    """Tables with their columns (name, type, not null, primary key) and indexes with theirs.
+    A primary key's NOT NULL is left out: main's DDL did not say it and peewee's does (SQLite lets
+    a TEXT PRIMARY KEY hold NULL unless told), and no key column has ever held one."""
+    with raw(db_path) as conn:
+        names = conn.execute("SELECT type, name, tbl_name FROM sqlite_master ORDER BY name")
+        found: dict[str, Any] = {}
+        for kind, name, table in names.fetchall():
+            if kind == "table":
+                info = conn.execute(f"PRAGMA table_info({name})").fetchall()
+                found[name] = [(col[1], col[2], col[5] or col[3], col[5]) for col in info]
+            elif kind == "index" and not name.startswith("sqlite_autoindex"):
+                columns = [col[2] for col in conn.execute(f"PRAGMA index_info({name})")]
+                found[name] = (table, columns)
+    return found
+
+
+def rows_of(db_path: Path, table: str) -> list[tuple[Any, ...]]:
+    with raw(db_path) as conn:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
 
 
 def dir_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -182,13 +205,107 @@ def test_a_v1_file_is_migrated_with_its_rows(tmp_path: Path) -> None:
         assert store.append_event("after.migration").id == 2
 
 
+def fresh_store(folder: Path) -> Path:
+    Store.open(folder).close()
+    return folder / "state.db"
+
+
+def main_v2_store(folder: Path) -> Path:
+    """The store today's main wrote (tests/fixtures/state-v2.sql), as a WAL-mode file again."""
+    db_path = folder / "state.db"
+    with raw(db_path) as conn:
+        conn.executescript(MAIN_V2_STORE.read_text())
+        assert conn.execute("PRAGMA journal_mode = wal").fetchone()[0] == "wal"
+    return db_path
+
+
+def test_a_store_written_by_main_is_migrated_with_every_row(tmp_path: Path) -> None:
+    db_path = main_v2_store(tmp_path)
+    assert stored_version(db_path) == 0
+    tables = ("host_run", "event", "swap", "kv", "sqlite_sequence")
+    before = {table: rows_of(db_path, table) for table in tables}
+    assert [len(before[table]) for table in tables] == [3, 17, 2, 4, 2]
+    assert rows_of(db_path, "meta") == [("schema_version", "2")]
+    with Store.open(tmp_path) as store:
+        assert stored_version(db_path) == SCHEMA_VERSION
+        assert {table: rows_of(db_path, table) for table in tables} == before
+        # v3's one change of data: swapguard <= 0.1 now refuses the file as newer than it knows
+        assert rows_of(db_path, "meta") == [("schema_version", "3")]
+        # and the store reads it all as main did
+        live = store.live_run()
+        assert live is not None and (live.id, live.exited_at) == (3, None)
+        assert live == HostRun(*before["host_run"][-1])
+        events = store.events_after(0, limit=100)
+        assert [(e.id, e.at, e.kind, e.swap_id) for e in events] == [
+            (row[0], row[1], row[2], row[4]) for row in before["event"]
+        ]
+        assert [event.detail for event in events] == [json.loads(row[3]) for row in before["event"]]
+        confirmed, rolled_back = (row[0] for row in before["swap"])
+        assert [s["id"] for s in store.list_swaps()] == [rolled_back, confirmed]
+        assert store.load_swap(confirmed) == json.loads(before["swap"][0][4])
+        assert store.active_swap() is None
+        assert store.finished_swap_ids_beyond(1) == [confirmed]
+        rolled_back_ids = [row[0] for row in before["event"] if row[4] == rolled_back]
+        assert [e.id for e in store.events_after(0, swap_id=rolled_back)] == rolled_back_ids
+        assert store.get_value("host_checkpoint_confirmed") == confirmed
+        for key, text, _ in before["kv"]:
+            assert store.get_value(key) == json.loads(text)
+        assert store.append_event("after.migration").id == 18  # AUTOINCREMENT carried on
+        assert store.record_spawn(9, 1.0, "boot", 1.0, None, None) == 4
+    assert schema_of(db_path) == schema_of(fresh_store(tmp_path / "fresh"))
+
+
+def test_a_fresh_store_and_a_migrated_v1_store_have_the_same_schema(tmp_path: Path) -> None:
+    """Every step replays for a new file, so the two paths cannot drift apart."""
+    with raw(tmp_path / "state.db") as conn:
+        conn.executescript(V1_SCHEMA)
+    Store.open(tmp_path).close()
+    migrated, fresh = schema_of(tmp_path / "state.db"), schema_of(fresh_store(tmp_path / "new"))
+    assert migrated == fresh
+    assert {"host_run", "event", "swap", "kv", "meta", "swap_created_at", "event_swap_id"} <= set(
+        fresh
+    )
+
+
+def test_the_schema_history_has_one_step_per_version() -> None:
+    assert len(schema.STEPS) == SCHEMA_VERSION
+
+
+def test_an_up_to_date_store_opens_without_the_schema_history(tmp_path: Path) -> None:
+    """playhouse.migrate is for files that need a step; a daemon restart does not load it."""
+    fresh_store(tmp_path)
+    opens = python(
+        "import json, sys; from pathlib import Path; from supervisor.state.store import Store\n"
+        "Store.open(Path(sys.argv[1])).close()\n"
+        "names = [m for m in sys.modules if m.startswith(('playhouse', 'supervisor.state'))]\n"
+        "print(json.dumps(sorted(names)))",
+        str(tmp_path),
+        stdout=subprocess.PIPE,
+    )
+    output, _ = opens.communicate(timeout=WAIT_S)
+    assert opens.returncode == 0
+    loaded = ["supervisor.state", "supervisor.state.lock", "supervisor.state.models"]
+    assert json.loads(output) == [*loaded, "supervisor.state.store"]
+
+
+def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """All the steps and the new version are one transaction: a step that fails undoes them all."""
+    db_path = tmp_path / "state.db"
+    with raw(db_path) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute("CREATE TABLE kv (key TEXT)")  # in the way of step 2
+    before = schema_of(db_path)
+    with pytest.raises(StoreError, match='migration to v2 failed: table "kv" already exists'):
+        Store.open(tmp_path)
+    assert schema_of(db_path) == before
+    assert (stored_version(db_path), rows_of(db_path, "meta")) == (0, [("schema_version", "1")])
+
+
 def test_a_newer_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
     Store.open(tmp_path).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.db"]  # WAL folded in at close
     with raw(tmp_path / "state.db") as conn:
-        conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,)
-        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     before = dir_snapshot(tmp_path)
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer") as caught:
         Store.open(tmp_path)
@@ -197,13 +314,21 @@ def test_a_newer_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
 
 
 def test_files_that_are_not_state_stores_are_refused_untouched(tmp_path: Path) -> None:
-    foreign, garbage = tmp_path / "foreign", tmp_path / "garbage"
-    foreign.mkdir()
-    garbage.mkdir()
+    foreign, garbage, unversioned = tmp_path / "foreign", tmp_path / "garbage", tmp_path / "meta"
+    for folder in (foreign, garbage, unversioned):
+        folder.mkdir()
     with raw(foreign / "state.db") as conn:
         conn.execute("CREATE TABLE users (name TEXT)")
     (garbage / "state.db").write_bytes(b"this is no database " * 100)
-    for folder, reason in ((foreign, "not a swapguard state store"), (garbage, "not a database")):
+    with raw(unversioned / "state.db") as conn:  # a v1 store whose version row is gone
+        conn.executescript(V1_SCHEMA)
+        conn.execute("DELETE FROM meta")
+    cases = (
+        (foreign, "not a swapguard state store"),
+        (garbage, "not a database"),
+        (unversioned, r"user_version is 0 and meta.schema_version is None"),
+    )
+    for folder, reason in cases:
         before = dir_snapshot(folder)
         with pytest.raises(StoreError, match=reason):
             Store.open(folder)
@@ -493,8 +618,7 @@ def statements(store: Store) -> Iterator[list[str]]:
     """The SQL the store's own connection runs meanwhile (the store's private connection: no
     public surface says which statements a write issues)."""
     seen: list[str] = []
-    conn = store._conn
-    assert conn is not None
+    conn = store._db.connection()
     conn.set_trace_callback(seen.append)
     try:
         yield seen
@@ -552,6 +676,23 @@ def test_sqlite_errors_become_store_errors_naming_the_file_and_the_step(store: S
     assert str(store.path) in str(caught.value)
     store.append_event("still.works")  # the failed transaction left nothing open
     assert last_event_id(store) == 1
+
+
+def test_a_full_disk_fails_a_write_by_its_reason_and_changes_nothing(store: Store) -> None:
+    """On SQLITE_FULL, SQLite rolls the whole transaction back by itself: peewee's ROLLBACK then
+    fails ("no transaction is active"), and the error must still name the full disk."""
+    store.append_event("swap.before", swap_id="s0")
+    store._db.pragma("max_page_count", store._db.pragma("page_count"))  # not one page more
+    big = {"blob": "x" * 100_000}
+    with pytest.raises(StoreError, match=r"save swap with events failed: database or disk is full"):
+        store.save_swap_with_events("s1", "prepared", 1.0, big, [("swap.prepared", {})])
+    with pytest.raises(StoreError, match=r"append event failed: database or disk is full"):
+        store.append_event("host.output", big)  # relaxed: full sync must come back all the same
+    assert pragmas(store, "synchronous") == {"synchronous": 2}
+    assert store.load_swap("s1") is None and last_event_id(store) == 1
+    store._db.pragma("max_page_count", 1 << 20)  # room again: the same store goes on
+    store.save_swap_with_events("s1", "prepared", 1.0, big, [("swap.prepared", {})])
+    assert store.load_swap("s1") == big and last_event_id(store) == 2
 
 
 # --- the state lock -------------------------------------------------------------------------
