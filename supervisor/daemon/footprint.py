@@ -15,8 +15,9 @@ imports below and elsewhere were cut, see README "Benchmarks"):
 - `malloc_trim(0)` returns the free pages inside the arenas (not only at their top): once after
   start-up, when import and start-up garbage is gone.
 - `hashlib` maps OpenSSL's libcrypto on import: 3.5 MiB of RSS (3 MiB of it file pages). The
-  snapshot code imports it at its first hash, so a supervisor that never snapshots data never
-  loads it; naming the cgroup at start-up uses CPython's own sha256 (`builtin_sha256_hex`).
+  snapshot code imports it at its first hash, and naming the cgroup at start-up uses CPython's
+  own sha256 (`builtin_sha256_hex`); but peewee (the state store) imports hashlib itself, so
+  libcrypto is mapped from start-up all the same.
   `ssl` (libssl, 4 MiB) is kept out for good: swapguard never speaks TLS.
 Everything here is a no-op where it cannot apply (no glibc, a module already imported).
 """
