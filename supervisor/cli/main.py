@@ -40,6 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Before the daemon's modules load: no libssl ever (no TLS).
     footprint.keep_out_of_process(("ssl",))
+    footprint.load_on_first_use()
     from supervisor.config.schema import find_config, load_config
     from supervisor.daemon import service as daemon
 
