@@ -288,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run"
         else "%(levelname)s: %(message)s",
     )
+    logging.getLogger("peewee").setLevel(logging.INFO)  # at DEBUG it logs every SQL statement
     try:
         return int(args.handler(args))
     except ConfigError as exc:
