@@ -156,8 +156,9 @@ def mapped(pid: int, library: str) -> bool:
 
 
 def test_the_daemon_loads_openssl_only_to_hash_a_snapshot(tmp_path: Path) -> None:
-    """At rest: neither libssl nor libcrypto (3.5 MiB), nor psutil. The first hashed snapshot (a
-    `dir` data entry) imports hashlib for real, and its digest is hashlib's."""
+    """At rest: neither libssl nor libcrypto (3.5 MiB); psutil is there, as the source of process
+    facts. The first hashed snapshot (a `dir` data entry) imports hashlib for real, and its digest
+    is hashlib's."""
     repo = make_sample_repo(tmp_path / "repo")
     assets = repo / "data" / "assets"
     assets.mkdir(parents=True)
@@ -169,7 +170,7 @@ def test_the_daemon_loads_openssl_only_to_hash_a_snapshot(tmp_path: Path) -> Non
         assert sup.process is not None
         pid = sup.process.pid
         assert not mapped(pid, "libssl.so") and not mapped(pid, "libcrypto.so")
-        assert not mapped(pid, "_psutil_linux")  # /proc is read directly (process.proctree)
+        assert mapped(pid, "_psutil_linux")  # process facts are psutil's (process.proctree)
         swap_id = sup.client.prepare("hash the assets")["id"]
         write_app(repo, {"version": "v2", "confirm": True})
         sup.client.activate(swap_id)

@@ -280,8 +280,9 @@ def test_kill_tree_leaves_no_survivor(tmp_path: Path, hosts, request, use_cgroup
 def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
     tmp_path: Path, hosts, subreaper, monkeypatch
 ) -> None:
-    """macOS has neither /proc nor pidfd: run the psutil and polling paths here instead."""
-    monkeypatch.setattr(proctree, "HAVE_PROC", False)
+    """macOS has neither pidfd nor /proc/self/task/*/children: run psutil's children and the
+    polling paths here instead."""
+    monkeypatch.setattr(host_module, "_own_children", lambda: None)
     monkeypatch.setattr(proctree, "open_pidfd", lambda pid: None)
     monkeypatch.setattr(host_module, "open_pidfd", lambda pid: None)
     host = HostProcess.spawn(python_spec(tmp_path, TREE_HOST, str(tmp_path)), None)
@@ -452,26 +453,41 @@ def test_process_stats_sums_rss_and_cpu(strays) -> None:
     assert process_stats([]) == (0, 0.0)
 
 
-@pytest.mark.skipif(not proctree.HAVE_PROC, reason="/proc is read only where it exists")
-def test_proc_reads_agree_with_psutil(strays) -> None:
-    """On Linux the daemon reads /proc itself instead of importing psutil (0.8 MiB of RSS):
-    what it reads must be what psutil says."""
-    sleeper = subprocess.Popen(["sleep", "30"])
-    strays.append(sleeper)
-    me, other = psutil.Process(os.getpid()), psutil.Process(sleeper.pid)
-    for pid, proc in ((os.getpid(), me), (sleeper.pid, other)):
-        assert proctree.create_time(pid) == pytest.approx(proc.create_time(), abs=0.01)
-    wait_for(  # until `sleep` has loaded and sits still: its RSS moves no more
-        lambda: other.status() == psutil.STATUS_SLEEPING
-        and other.memory_info().rss == other.memory_info().rss,
-        what="sleep to settle",
-    )
-    rss, cpu = process_stats([sleeper.pid])
-    assert rss == other.memory_info().rss
-    assert cpu == pytest.approx(sum(other.cpu_times()[:2]), abs=0.02)
-    mine_before = sum(me.cpu_times()[:2])
-    _, cpu = process_stats([os.getpid()])
-    assert mine_before - 0.02 <= cpu <= sum(me.cpu_times()[:2]) + 0.02
-    sleeper.kill()
-    sleeper.wait(WAIT)
-    assert proctree.create_time(sleeper.pid) is None
+def _take_pid_again(pid: int, strays: list[subprocess.Popen]) -> subprocess.Popen | None:
+    """A new process that gets `pid` (freed) once more, through /proc/sys/kernel/ns_last_pid (root);
+    None when other processes took it first every time."""
+    for _ in range(50):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "60"])
+        strays.append(proc)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait(WAIT)
+    return None
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="reusing a pid on purpose needs root")
+def test_a_reused_pid_is_a_new_process_and_the_old_handle_signals_nothing(strays) -> None:
+    """psutil's iterator keeps its handles from one call to the next and no longer checks them for
+    a reused pid: the table must still name the new process, and a handle on the old one, kept
+    from an earlier look, must never signal the process that got its pid."""
+    first = subprocess.Popen(["sleep", "60"])
+    strays.append(first)
+    old = proctree.process_table()[first.pid].process
+    first.kill()
+    first.wait(WAIT)
+    second = _take_pid_again(first.pid, strays)
+    if second is None:
+        pytest.skip(f"pid {first.pid} was taken by other processes every time")
+    fresh = proctree.process_table()[second.pid].process
+    assert fresh != old and fresh == psutil.Process(second.pid)
+    assert proctree.signal_verified(old, signal.SIGKILL) == (False, None)
+    sent, pidfd = proctree.signal_verified(fresh, signal.SIGKILL)
+    assert sent
+    if pidfd is not None:
+        proctree.await_exits([pidfd], time.monotonic() + WAIT)
+    assert second.wait(WAIT) == -signal.SIGKILL

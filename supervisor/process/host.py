@@ -10,10 +10,12 @@ other modules start in our own session with plain `subprocess` (their owners rea
 orphans of the host's tree, whose session is never ours (a process can leave a session, never join
 one). Only orphans are ours to reap, and they count as part of the host's tree.
 
-Every signal goes through a pidfd, opened and then checked against the start time we saw, so a
-recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS): psutil scans and polling.
-The process table and verified signals are `process.proctree`, the leaf `process.cgroup`;
-this module puts them together for the host (and re-exports `CgroupLeaf` and `process_stats`).
+Every signal goes through a pidfd, opened and then checked against the start time we saw (psutil's
+identity of a process), so a recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS):
+psutil scans and polling. Process facts (the table, start times, figures) come from psutil through
+`process.proctree`, the leaf from `process.cgroup`; this module puts them together for the host (and
+re-exports `CgroupLeaf` and `process_stats`). What stays hand-written here is what psutil does not
+do: the subreaper, and its cheap read of our own children on the exit path.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from supervisor.errors import SwapguardError
 from supervisor.process import jobs
 from supervisor.process.cgroup import CgroupLeaf
 from supervisor.process.proctree import (
     ProcInfo,
     await_exits,
-    create_time,
     descendants,
     open_pidfd,
     proc_info,
@@ -54,7 +57,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 
-# A create_time rests on /proc/stat's btime: whole seconds that may shift by one.
+# An epoch create_time rests on /proc/stat's btime: whole seconds that may shift by one.
 _CREATE_TIME_SLACK = 1.05
 _CGROUP_VAR = "SWAPGUARD_CGROUP_PROCS"
 _STUB = (
@@ -157,18 +160,17 @@ class HostProcess:
         self._reap_lock = threading.Lock()
         self._pidfd = open_pidfd(pid)  # first: all we read next is then about this very process
         try:
-            info = proc_info(pid)
-            started = None if info is None else create_time(pid, info)
-            if info is None or started is None:
-                raise ProcessLookupError(f"no process {pid}")
-            self.create_time: float = started
+            self._process = psutil.Process(pid)  # its identity: pid and start time
+            self.create_time: float = self._process.create_time()  # recorded for adoption
+        except psutil.Error as exc:
+            self.close()
+            raise ProcessLookupError(f"no process {pid}") from exc
         except BaseException:
             self.close()
             raise
-        self._start_key = info.start
         self._popen: subprocess.Popen[bytes] | None = None
         self._exit: ExitStatus | None = None
-        self._tree_cache: OrderedDict[tuple[int, float], bool] = OrderedDict()
+        self._tree_cache: OrderedDict[psutil.Process, bool] = OrderedDict()
         self._cache_lock = threading.Lock()
 
     @classmethod
@@ -214,9 +216,10 @@ class HostProcess:
         if host._exit_visible() or abs(host.create_time - create_time) > _CREATE_TIME_SLACK:
             host.close()
             return None
-        if (info := proc_info(pid)) is not None and info.ppid == os.getpid():
-            host.is_child = True  # we re-exec'd ourselves: still our child, so we reap it
-            jobs.register(pid)
+        with contextlib.suppress(psutil.Error):
+            if host._process.ppid() == os.getpid():
+                host.is_child = True  # we re-exec'd ourselves: still our child, so we reap it
+                jobs.register(pid)
         log.info("host adopted: pid %d", pid)
         return host
 
@@ -253,8 +256,8 @@ class HostProcess:
     def signal_tree(self, sig: int) -> None:
         """Send `sig` to every process of the tree and to the host's process group."""
         table = process_table()
-        for pid, info in _live_tree(self, self._cgroup, table).items():
-            pidfd = signal_verified(pid, info.start, sig)[1]
+        for info in _live_tree(self, self._cgroup, table).values():
+            pidfd = signal_verified(info.process, sig)[1]
             if pidfd is not None:
                 os.close(pidfd)
         if self._owns_group(table):
@@ -273,17 +276,17 @@ class HostProcess:
             poller.register(self._pidfd, select.POLLIN)
             return bool(poller.poll(0))
         info = proc_info(self.pid)
-        return info is None or info.zombie or info.start != self._start_key
+        return info is None or info.zombie or info.process != self._process
 
     def _alive_in(self, table: Mapping[int, ProcInfo]) -> bool:
         info = table.get(self.pid)
-        return self._exit is None and info is not None and info.start == self._start_key
+        return self._exit is None and info is not None and info.process == self._process
 
     def _owns_group(self, table: Mapping[int, ProcInfo]) -> bool:
         """May we killpg(host pid)? Only while that number still names the host's group."""
         current = table.get(self.pid)
         if current is not None:  # the host itself, unreaped, or a stranger under its old pid
-            return current.start == self._start_key
+            return current.process == self._process
         return any(info.pgid == self.pid for info in table.values())
 
 
@@ -296,10 +299,9 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
         _reap(host)
         return 0
     deadline = time.monotonic() + timeout
-    killed: set[tuple[int, float]] = set()
+    killed: set[psutil.Process] = set()  # psutil's handles: equal for the same pid and start
     if cgroup is not None:
-        table = process_table()
-        members = [(pid, table[pid].start) for pid in cgroup.pids() if pid in table]
+        members = _handles(cgroup.pids())  # taken before the kill, to count it: no full scan
         if members and cgroup.kill():
             killed.update(members)
     while True:
@@ -313,10 +315,10 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
             log.error("kill_tree: %d processes survive SIGKILL: %s", len(tree), sorted(tree))
             break
         handles = []
-        for pid, info in tree.items():
-            sent, pidfd = signal_verified(pid, info.start, signal.SIGKILL)
+        for info in tree.values():
+            sent, pidfd = signal_verified(info.process, signal.SIGKILL)
             if sent:
-                killed.add((pid, info.start))
+                killed.add(info.process)
             if pidfd is not None:
                 handles.append(pidfd)
         if handles:
@@ -337,13 +339,16 @@ def reap_orphans() -> list[int]:
             return []  # no child has exited: skip the scan
     except ChildProcessError:
         return []
-    me, reaped = os.getpid(), []
+    own_session, reaped = os.getsid(0), []
     with jobs.SPAWN_LOCK:
-        for pid, info in process_table().items():
-            if info.ppid == me and info.zombie and is_orphan(pid, info, None):
-                with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                        reaped.append(pid)
+        children = _own_children()
+        if children is None:
+            children = {child.pid for child in psutil.Process().children()}
+        for pid in children - jobs.registered():
+            # an orphan came from outside our session; waitpid passes over one still alive
+            with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                if os.getsid(pid) != own_session and os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped.append(pid)
     if reaped:
         log.debug("reaped orphans %s", reaped)
     return reaped
@@ -351,7 +356,8 @@ def reap_orphans() -> list[int]:
 
 def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
     """Is `pid` (a notify datagram's sender) the host, its descendant, in its cgroup, or a non-job
-    orphan of ours (or below one)? Cached per host by (pid, start time): a new host, a new cache."""
+    orphan of ours (or below one)? Cached per host by psutil's handle (pid and start time): a new
+    host, a new cache."""
     if pid <= 0 or pid == os.getpid():
         return False
     if host is not None and pid == host.pid and host._exit is None:
@@ -361,7 +367,7 @@ def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) ->
         return False
     if host is None:
         return (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, None)
-    key = (pid, info.start)
+    key = info.process
     with host._cache_lock:
         if (cached := host._tree_cache.get(key)) is not None:
             host._tree_cache.move_to_end(key)
@@ -428,7 +434,10 @@ def _nothing_left(host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
 
 
 def _own_children() -> set[int] | None:
-    """Our children from /proc/self/task/*/children (Linux), None where it cannot be read."""
+    """Our children from /proc/self/task/*/children (Linux), None where it cannot be read.
+
+    The subreaper's own read, kept beside psutil on purpose: it runs at every exit of the host,
+    and psutil finds children only by a scan of every process on the machine."""
     try:
         tasks = os.listdir("/proc/self/task")
         found: set[int] = set()
@@ -437,6 +446,15 @@ def _own_children() -> set[int] | None:
                 found.update(int(pid) for pid in listing.read().split())
     except (OSError, ValueError):
         return None
+    return found
+
+
+def _handles(pids: list[int]) -> list[psutil.Process]:
+    """psutil's handles on those of `pids` still there."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
     return found
 
 

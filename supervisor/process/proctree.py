@@ -1,14 +1,14 @@
-"""The process table, read from /proc (psutil elsewhere), and signals that never hit a stranger.
+"""Process facts from psutil, and signals that never hit a stranger.
 
 Every decision about the host's tree starts from one look at every process (`process_table`): its
-parent, group, session, zombie state and start time. The start time is what tells a process from a
-later one that got its pid: `signal_verified` pins the pid with a pidfd first and then checks it, so
-a recycled pid is never signalled. `process.host` builds the host's tree from these pieces.
+parent, group, session, zombie state and identity. The identity is psutil's own handle: two
+handles are equal only for the same pid *and* start time, so `signal_verified` pins the pid with a
+pidfd first and then asks psutil whether the handle still names that process (`is_running`); a
+recycled pid is never signalled. `process.host` builds the host's tree from these pieces.
 
-Where /proc is there (Linux), everything here is read from it (a process's stat, its statm for
-memory, /proc/stat once for the boot time), and psutil is never imported: it is 0.8 MiB of a
-resting daemon's RSS, for what those reads already say. Elsewhere (macOS) psutil answers,
-imported at its first use.
+psutil has no process group or session, so those two come from `os.getpgid`/`os.getsid`. Our
+own code stays only where psutil has nothing: pidfds (here), the cgroup leaf (`process.cgroup`),
+the child subreaper and its own-children read on the exit path (`process.host`).
 """
 
 from __future__ import annotations
@@ -18,111 +18,57 @@ import os
 import select
 import signal
 import time
-import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-HAVE_PROC = Path("/proc/self/stat").exists()
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if HAVE_PROC else 100
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if HAVE_PROC else 4096
-# Fields of /proc/<pid>/stat counted after the ")" that ends the command name (state is 0).
-_PPID, _PGID, _SID, _UTIME, _STIME, _START = 1, 2, 3, 11, 12, 19
+import psutil
+
 _SWEEP_WAIT = 0.5  # await_exits: longest wait for SIGKILLed processes before the next sweep
+_ENDED = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 @dataclass(frozen=True, slots=True)
 class ProcInfo:
     """What a tree decision needs to know of one process."""
 
+    process: psutil.Process  # its identity: equal only to a handle on the same pid and start
     ppid: int
     pgid: int
     sid: int
     zombie: bool
-    start: float  # opaque: equal for the same process, different once the pid is reused
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and ")")."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except OSError:
-        return None
-    end = data.rfind(b")")
-    return data[end + 2 :].split() if end > 0 else None
 
 
 def proc_info(pid: int) -> ProcInfo | None:
-    """Parent, group, session, zombie and start of `pid` from /proc (psutil elsewhere)."""
-    if not HAVE_PROC:
-        return _psutil_info(pid)
-    if (fields := _stat_fields(pid)) is None:
-        return None
+    """Parent, group, session, zombie state and identity of `pid`; None when it is gone."""
     try:
-        return ProcInfo(
-            ppid=int(fields[_PPID]),
-            pgid=int(fields[_PGID]),
-            sid=int(fields[_SID]),
-            zombie=fields[0] in (b"Z", b"X"),
-            start=int(fields[_START]),
-        )
-    except (ValueError, IndexError):
-        return None
-
-
-def create_time(pid: int, info: ProcInfo | None = None) -> float | None:
-    """When `pid` started, in seconds since the epoch, as psutil reckons it (boot time from
-    /proc/stat plus the start in clock ticks); None when it is gone."""
-    if not HAVE_PROC:
-        psutil = _psutil()
-        try:
-            return float(psutil.Process(pid).create_time())
-        except psutil.Error:
-            return None
-    info = info or proc_info(pid)
-    return None if info is None else info.start / CLOCK_TICKS + boot_time()
-
-
-def boot_time() -> float:
-    """/proc/stat's btime (whole seconds), read once as psutil does: the kernel derives it from
-    the wall clock, so reading it again after a clock step could move every start time."""
-    global _BOOT_TIME
-    if _BOOT_TIME is None:
-        with open("/proc/stat", "rb") as stat:
-            line = next(line for line in stat if line.startswith(b"btime "))
-        _BOOT_TIME = float(line.split()[1])
-    return _BOOT_TIME
-
-
-_BOOT_TIME: float | None = None
-
-
-def _psutil() -> types.ModuleType:
-    import psutil
-
-    return psutil
-
-
-def _psutil_info(pid: int) -> ProcInfo | None:
-    psutil = _psutil()
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            ppid, status, start = proc.ppid(), proc.status(), proc.create_time()
-        pgid, sid = os.getpgid(pid), os.getsid(pid)
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return _info(process, process.ppid(), process.status())
     except (psutil.Error, OSError):
         return None
-    return ProcInfo(ppid, pgid, sid, status == psutil.STATUS_ZOMBIE, start)
+
+
+def _info(process: psutil.Process, ppid: int | None, status: str | None) -> ProcInfo | None:
+    """Group and session are not psutil's: a syscall each (raises OSError once it is gone)."""
+    if ppid is None or status is None:
+        return None
+    pid = process.pid
+    return ProcInfo(process, ppid, os.getpgid(pid), os.getsid(pid), status in _ENDED)
 
 
 def process_table() -> dict[int, ProcInfo]:
-    """One consistent-enough look at every process: the basis of each tree decision."""
-    if HAVE_PROC:
-        pids: Iterable[int] = (int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
-    else:
-        pids = _psutil().pids()
-    return {pid: info for pid in pids if (info := proc_info(pid)) is not None}
+    """One consistent-enough look at every process: the basis of each tree decision.
+
+    psutil's iterator keeps its handles from one call to the next and (since psutil 6) no longer
+    checks them for a reused pid, so a handle it kept could carry the start of a process long
+    gone: the cache is dropped first, and every identity here is read now."""
+    psutil.process_iter.cache_clear()
+    table: dict[int, ProcInfo] = {}
+    for process in psutil.process_iter(["ppid", "status"]):
+        with contextlib.suppress(OSError):
+            if (info := _info(process, process.info["ppid"], process.info["status"])) is not None:
+                table[process.pid] = info
+    return table
 
 
 def descendants(table: Mapping[int, ProcInfo], roots: Iterable[int]) -> set[int]:
@@ -140,18 +86,17 @@ def descendants(table: Mapping[int, ProcInfo], roots: Iterable[int]) -> set[int]
     return found
 
 
-def signal_verified(pid: int, start: float, sig: int) -> tuple[bool, int | None]:
-    """Signal `pid` only if it is still the process that started at `start`; race-free with a
-    pidfd (it pins the process, then the start time is checked). Returns whether it was sent
-    and the pidfd (the caller closes it) to wait on its exit."""
-    pidfd = open_pidfd(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        info = proc_info(pid)
-        if info is not None and info.start == start:
+def signal_verified(process: psutil.Process, sig: int) -> tuple[bool, int | None]:
+    """Signal `process` only if its pid still names it; race-free with a pidfd (it pins the
+    process, then psutil compares the start time). Returns whether it was sent and the pidfd
+    (the caller closes it) to wait on its exit."""
+    pidfd = open_pidfd(process.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+        if process.is_running():
             if pidfd is not None:
                 signal.pidfd_send_signal(pidfd, sig)
             else:
-                os.kill(pid, sig)
+                os.kill(process.pid, sig)
             return True, pidfd
     if pidfd is not None:
         os.close(pidfd)
@@ -180,32 +125,12 @@ def await_exits(pidfds: list[int], deadline: float) -> None:
 
 def process_stats(pids: Iterable[int]) -> tuple[int, float]:
     """Total RSS bytes and CPU seconds (user + system) of `pids`; vanished ones count 0."""
-    if not HAVE_PROC:
-        return _psutil_stats(pids)
-    pages = ticks = 0
-    for pid in pids:
-        if (fields := _stat_fields(pid)) is None:
-            continue
-        try:
-            # statm's resident count, as psutil reads it: stat's rss field is a per-CPU
-            # approximation that can lag by a few hundred KiB
-            with open(f"/proc/{pid}/statm", "rb") as statm:
-                resident = int(statm.read().split()[1])
-            busy = int(fields[_UTIME]) + int(fields[_STIME])
-        except (OSError, ValueError, IndexError):
-            continue
-        pages, ticks = pages + resident, ticks + busy
-    return pages * PAGE_SIZE, ticks / CLOCK_TICKS
-
-
-def _psutil_stats(pids: Iterable[int]) -> tuple[int, float]:
-    psutil = _psutil()
     rss, cpu = 0, 0.0
     for pid in pids:
         try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                memory, times = proc.memory_info(), proc.cpu_times()
+            process = psutil.Process(pid)
+            with process.oneshot():
+                memory, times = process.memory_info(), process.cpu_times()
         except psutil.Error:
             continue
         rss += memory.rss
