@@ -472,18 +472,18 @@ def _take_pid_again(pid: int, strays: list[subprocess.Popen]) -> subprocess.Pope
 
 @pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="reusing a pid on purpose needs root")
 def test_a_reused_pid_is_a_new_process_and_the_old_handle_signals_nothing(strays) -> None:
-    """psutil's iterator keeps its handles from one call to the next and no longer checks them for
-    a reused pid: the table must still name the new process, and a handle on the old one, kept
-    from an earlier look, must never signal the process that got its pid."""
+    """A process's identity is psutil's handle (pid and start time): a later look at the table
+    names the new process, and a handle on the old one, kept from an earlier look, never signals
+    the process that got its pid."""
     first = subprocess.Popen(["sleep", "60"])
     strays.append(first)
-    old = proctree.process_table()[first.pid].process
+    old = proctree.subtree_table([os.getpid()])[first.pid].process
     first.kill()
     first.wait(WAIT)
     second = _take_pid_again(first.pid, strays)
     if second is None:
         pytest.skip(f"pid {first.pid} was taken by other processes every time")
-    fresh = proctree.process_table()[second.pid].process
+    fresh = proctree.subtree_table([os.getpid()])[second.pid].process
     assert fresh != old and fresh == psutil.Process(second.pid)
     assert proctree.signal_verified(old, signal.SIGKILL) == (False, None)
     sent, pidfd = proctree.signal_verified(fresh, signal.SIGKILL)

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +41,15 @@ from supervisor.errors import SwapguardError
 from supervisor.process import jobs
 from supervisor.process.cgroup import CgroupLeaf
 from supervisor.process.proctree import (
+    ProcessVerdicts,
     ProcInfo,
     await_exits,
     descendants,
     open_pidfd,
     proc_info,
-    process_table,
     signal_group,
     signal_verified,
+    subtree_table,
 )
 from supervisor.process.proctree import process_stats as process_stats  # re-exported
 
@@ -70,7 +70,7 @@ _STUB = (
 )
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
-_TREE_CACHE_SIZE = 256
+_TREE_CACHE_SIZE = 128  # senders whose answer is_in_tree remembers (each holds a pidfd)
 _MAX_ANCESTRY = 64
 _POLL_SLICE = 0.01  # kill_tree without pidfd (macOS): pause between sweeps
 
@@ -158,6 +158,7 @@ class HostProcess:
         self.is_child = is_child
         self._cgroup = cgroup
         self._reap_lock = threading.Lock()
+        self._in_tree = ProcessVerdicts(_TREE_CACHE_SIZE)  # is_in_tree's answers
         self._pidfd = open_pidfd(pid)  # first: all we read next is then about this very process
         try:
             self._process = psutil.Process(pid)  # its identity: pid and start time
@@ -170,8 +171,6 @@ class HostProcess:
             raise
         self._popen: subprocess.Popen[bytes] | None = None
         self._exit: ExitStatus | None = None
-        self._tree_cache: OrderedDict[psutil.Process, bool] = OrderedDict()
-        self._cache_lock = threading.Lock()
 
     @classmethod
     def spawn(cls, spec: SpawnSpec, cgroup: CgroupLeaf | None) -> HostProcess:
@@ -251,11 +250,11 @@ class HostProcess:
 
     def tree_pids(self) -> set[int]:
         """Live pids of the host, its descendants, its cgroup and our non-job orphans."""
-        return set(_live_tree(self, self._cgroup, process_table()))
+        return set(_live_tree(self, self._cgroup, _tree_table(self, self._cgroup)))
 
     def signal_tree(self, sig: int) -> None:
         """Send `sig` to every process of the tree and to the host's process group."""
-        table = process_table()
+        table = _tree_table(self, self._cgroup)
         for info in _live_tree(self, self._cgroup, table).values():
             pidfd = signal_verified(info.process, sig)[1]
             if pidfd is not None:
@@ -264,6 +263,7 @@ class HostProcess:
             signal_group(self.pid, sig)
 
     def close(self) -> None:
+        self._in_tree.close()
         with self._reap_lock:  # poll may be selecting on it in kill_tree's worker thread
             if self._pidfd is not None:
                 os.close(self._pidfd)
@@ -283,29 +283,38 @@ class HostProcess:
         return self._exit is None and info is not None and info.process == self._process
 
     def _owns_group(self, table: Mapping[int, ProcInfo]) -> bool:
-        """May we killpg(host pid)? Only while that number still names the host's group."""
-        current = table.get(self.pid)
-        if current is not None:  # the host itself, unreaped, or a stranger under its old pid
+        """May we killpg(host pid)? Only while that number still names the host's group: the host
+        itself, unreaped, or once no process has its pid, a group by that number (POSIX gives no
+        new process a pid that still names a group). `table` is partial: a stranger now under
+        the host's pid need not be in it, so the pid is looked at directly when it is missing."""
+        current = table.get(self.pid) or proc_info(self.pid)
+        if current is not None:  # the host itself, or a stranger under its old pid
             return current.process == self._process
-        return any(info.pgid == self.pid for info in table.values())
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # it exists; signal_group will shrug off the same refusal
+        return True
 
 
 def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: float = 5.0) -> int:
     """SIGKILL the host's whole tree and reap what we can; blocking but bounded by `timeout`.
 
-    Returns how many processes were killed (each counted once).
+    Returns how many processes were killed (each counted once). The cheap checks come first and
+    after each sweep (`_nothing_left`: the cgroup's member list, our own children as subreaper);
+    every process on the machine is scanned only while they cannot vouch that the tree is gone.
     """
-    if _nothing_left(host, cgroup):  # the common case, a host that exited alone: no scan
-        _reap(host)
-        return 0
     deadline = time.monotonic() + timeout
     killed: set[psutil.Process] = set()  # psutil's handles: equal for the same pid and start
-    if cgroup is not None:
-        members = _handles(cgroup.pids())  # taken before the kill, to count it: no full scan
+    if cgroup is not None and not _nothing_left(host, cgroup):
+        members = _handles(cgroup.pids())  # taken before the kill, to count it
         if members and cgroup.kill():
             killed.update(members)
-    while True:
-        table = process_table()
+            _kill_and_wait(members, deadline)  # already dying: this waits for their exits
+    while not _nothing_left(host, cgroup):
+        table = _tree_table(host, cgroup)
         if host is not None and host._owns_group(table):
             signal_group(host.pid, signal.SIGKILL)
         tree = _live_tree(host, cgroup, table)
@@ -314,40 +323,44 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
         if time.monotonic() >= deadline:
             log.error("kill_tree: %d processes survive SIGKILL: %s", len(tree), sorted(tree))
             break
-        handles = []
-        for info in tree.values():
-            sent, pidfd = signal_verified(info.process, signal.SIGKILL)
-            if sent:
-                killed.add(info.process)
-            if pidfd is not None:
-                handles.append(pidfd)
-        if handles:
-            await_exits(handles, deadline)
-        else:  # no pidfd (macOS): nothing to block on, so pace the sweeps
-            time.sleep(_POLL_SLICE)
-        _reap(host)
+        killed.update(_kill_and_wait([info.process for info in tree.values()], deadline))
     _reap(host)
     if killed:
         log.info("killed %d processes of the host's tree", len(killed))
     return len(killed)
 
 
+def _kill_and_wait(processes: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """SIGKILL each (verified) and wait, bounded, for their exits; returns those signalled."""
+    signalled, pidfds = [], []
+    for process in processes:
+        sent, pidfd = signal_verified(process, signal.SIGKILL)
+        if sent:
+            signalled.append(process)
+        if pidfd is not None:
+            pidfds.append(pidfd)
+    if pidfds:
+        await_exits(pidfds, deadline)
+    else:  # no pidfd (macOS): nothing to block on, so pace the sweeps
+        time.sleep(_POLL_SLICE)
+    return signalled
+
+
 def reap_orphans() -> list[int]:
     """Reap zombie orphans of the host's tree (call on SIGCHLD); returns the reaped pids."""
     try:
         if _PEEK is not None and os.waitid(os.P_ALL, 0, _PEEK) is None:
-            return []  # no child has exited: skip the scan
+            return []  # no child has exited: nothing to look for
     except ChildProcessError:
         return []
-    own_session, reaped = os.getsid(0), []
+    reaped = []
     with jobs.SPAWN_LOCK:
         children = _own_children()
         if children is None:
             children = {child.pid for child in psutil.Process().children()}
-        for pid in children - jobs.registered():
-            # an orphan came from outside our session; waitpid passes over one still alive
-            with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                if os.getsid(pid) != own_session and os.waitpid(pid, os.WNOHANG)[0] == pid:
+        for pid in _orphans(children):  # waitpid passes over one still alive
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     reaped.append(pid)
     if reaped:
         log.debug("reaped orphans %s", reaped)
@@ -356,28 +369,20 @@ def reap_orphans() -> list[int]:
 
 def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
     """Is `pid` (a notify datagram's sender) the host, its descendant, in its cgroup, or a non-job
-    orphan of ours (or below one)? Cached per host by psutil's handle (pid and start time): a new
-    host, a new cache."""
+    orphan of ours (or below one)? Remembered per host and sender process (a notify flood asks once
+    per datagram): a new host, a new memory."""
     if pid <= 0 or pid == os.getpid():
         return False
     if host is not None and pid == host.pid and host._exit is None:
         return True
-    info = proc_info(pid)
-    if info is None:
-        return False
+
+    def work(info: ProcInfo) -> bool:
+        return (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, host)
+
     if host is None:
-        return (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, None)
-    key = info.process
-    with host._cache_lock:
-        if (cached := host._tree_cache.get(key)) is not None:
-            host._tree_cache.move_to_end(key)
-            return cached
-    answer = (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, host)
-    with host._cache_lock:
-        host._tree_cache[key] = answer
-        while len(host._tree_cache) > _TREE_CACHE_SIZE:
-            host._tree_cache.popitem(last=False)
-    return answer
+        info = proc_info(pid)
+        return info is not None and work(info)
+    return host._in_tree.answer(pid, work)
 
 
 # --- internals ---------------------------------------------------------------------------
@@ -404,6 +409,15 @@ def _live_tree(
     }
 
 
+def _tree_table(host: HostProcess | None, cgroup: CgroupLeaf | None) -> dict[int, ProcInfo]:
+    """What may belong to the host's tree: all below us (as subreaper, the tree's orphans too),
+    an adopted host and all below it, and the cgroup's members."""
+    roots = [os.getpid()]
+    if host is not None and not host.is_child:
+        roots.append(host.pid)
+    return subtree_table(roots, cgroup.pids() if cgroup is not None else ())
+
+
 def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
     """Walk up the parents: the host above means yes; we above mean yes only through an orphan."""
     me, current, current_info = os.getpid(), pid, info
@@ -421,16 +435,30 @@ def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
 
 
 def _nothing_left(host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
-    """True only when it is cheap to be sure the tree is empty: the host is gone, and its cgroup
-    is empty, or (as subreaper) no child of ours but our own jobs is alive."""
+    """True only when it is cheap to be sure the tree is empty: the host is gone (reaped here),
+    its cgroup (if any) is empty, and, as subreaper, no orphan of the tree is among our children
+    (zombie ones are reaped here). An adopted host's orphans went to init, not to us: for it only
+    a cgroup can vouch."""
     if host is not None and host.poll() is None:
         return False
-    if cgroup is not None:
-        return not cgroup.pids()
+    if cgroup is not None and cgroup.pids():
+        return False
     if host is not None and not host.is_child:
-        return False  # an adopted host's orphans went to init, not to us
+        return cgroup is not None
+    reap_orphans()
     children = _own_children()
-    return children is not None and not (children - jobs.registered())
+    return children is not None and not _orphans(children)
+
+
+def _orphans(children: set[int]) -> set[int]:
+    """Those of our `children` that are orphans of the host's tree: neither jobs nor from our own
+    session (a process can leave a session, never join one)."""
+    own_session, found = os.getsid(0), set()
+    for pid in children - jobs.registered():
+        with contextlib.suppress(ProcessLookupError):  # reaped meanwhile
+            if os.getsid(pid) != own_session:
+                found.add(pid)
+    return found
 
 
 def _own_children() -> set[int] | None:

@@ -401,7 +401,7 @@ def _kill_job_tree(pid: int) -> None:
     stopped: dict[int, proctree.ProcInfo] = {}  # as the table saw each one
     signal_group(pid, signal.SIGSTOP)
     for _ in range(_FREEZE_ROUNDS):
-        table = proctree.process_table()
+        table = proctree.subtree_table([pid])
         if pid not in table:
             break
         found = {pid, *proctree.descendants(table, [pid])}

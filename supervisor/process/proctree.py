@@ -1,10 +1,15 @@
 """Process facts from psutil, and signals that never hit a stranger.
 
-Every decision about the host's tree starts from one look at every process (`process_table`): its
-parent, group, session, zombie state and identity. The identity is psutil's own handle: two
-handles are equal only for the same pid *and* start time, so `signal_verified` pins the pid with a
-pidfd first and then asks psutil whether the handle still names that process (`is_running`); a
-recycled pid is never signalled. `process.host` builds the host's tree from these pieces.
+Every decision about a tree starts from one look at the processes below its roots
+(`subtree_table`): parent, group, session, zombie state and identity of each. The identity is
+psutil's own handle: two handles are equal only for the same pid *and* start time, so
+`signal_verified` pins the pid with a pidfd first and then asks psutil whether the handle still
+names that process (`is_running`); a recycled pid is never signalled. `process.host` builds the
+host's tree from these pieces, `process.jobs` a job's.
+
+The table is only what lies below the roots, found by psutil's `children(recursive=True)`: one
+pass over every process's parent link, then a full look only at what it found. A look at every
+process (`process_iter`) would cost three reads of each process on the machine per sweep.
 
 psutil has no process group or session, so those two come from `os.getpgid`/`os.getsid`. Our
 own code stays only where psutil has nothing: pidfds (here), the cgroup leaf (`process.cgroup`),
@@ -17,8 +22,10 @@ import contextlib
 import os
 import select
 import signal
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -41,33 +48,37 @@ class ProcInfo:
 def proc_info(pid: int) -> ProcInfo | None:
     """Parent, group, session, zombie state and identity of `pid`; None when it is gone."""
     try:
-        process = psutil.Process(pid)
+        return _info(psutil.Process(pid))
+    except psutil.Error:
+        return None
+
+
+def _info(process: psutil.Process) -> ProcInfo | None:
+    """What the table holds of one process; None once it is gone. Group and session are not
+    psutil's: a syscall each."""
+    try:
         with process.oneshot():
-            return _info(process, process.ppid(), process.status())
+            ppid, status = process.ppid(), process.status()
+        return ProcInfo(
+            process, ppid, os.getpgid(process.pid), os.getsid(process.pid), status in _ENDED
+        )
     except (psutil.Error, OSError):
         return None
 
 
-def _info(process: psutil.Process, ppid: int | None, status: str | None) -> ProcInfo | None:
-    """Group and session are not psutil's: a syscall each (raises OSError once it is gone)."""
-    if ppid is None or status is None:
-        return None
-    pid = process.pid
-    return ProcInfo(process, ppid, os.getpgid(pid), os.getsid(pid), status in _ENDED)
-
-
-def process_table() -> dict[int, ProcInfo]:
-    """One consistent-enough look at every process: the basis of each tree decision.
-
-    psutil's iterator keeps its handles from one call to the next and (since psutil 6) no longer
-    checks them for a reused pid, so a handle it kept could carry the start of a process long
-    gone: the cache is dropped first, and every identity here is read now."""
-    psutil.process_iter.cache_clear()
+def subtree_table(roots: Iterable[int], also: Iterable[int] = ()) -> dict[int, ProcInfo]:
+    """The processes `roots`, every process below them and those of `also` (without what is below
+    those): the part of the process table a decision about a tree needs. Gone ones are left out."""
     table: dict[int, ProcInfo] = {}
-    for process in psutil.process_iter(["ppid", "status"]):
-        with contextlib.suppress(OSError):
-            if (info := _info(process, process.info["ppid"], process.info["status"])) is not None:
-                table[process.pid] = info
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for process in (root, *root.children(recursive=True)):
+                if process.pid not in table and (info := _info(process)) is not None:
+                    table[process.pid] = info
+    for pid in also:
+        if pid not in table and (info := proc_info(pid)) is not None:
+            table[pid] = info
     return table
 
 
@@ -101,6 +112,79 @@ def signal_verified(process: psutil.Process, sig: int) -> tuple[bool, int | None
     if pidfd is not None:
         os.close(pidfd)
     return False, None
+
+
+class ProcessVerdicts:
+    """Answers about processes (is this sender in the host's tree?), each good for as long as the
+    process it is about lives.
+
+    A hit must cost next to nothing: a notify flood asks once per datagram, and psutil's look at a
+    process costs several times a bare read. So an entry holds a pidfd opened before its answer was
+    worked out, and stays good until that pidfd shows an exit (until then the pid cannot name
+    another process): one poll per hit. Without pidfds (macOS) an entry is keyed by psutil's
+    handle instead, a look at the process per ask. Bounded (each entry may hold an fd); the least
+    recently asked goes first. Thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[int | psutil.Process, tuple[int | None, bool]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def answer(self, pid: int, work: Callable[[ProcInfo], bool]) -> bool:
+        """`work(info)` for `pid`, or what it said before about this very process; False once the
+        process is gone."""
+        with self._lock:
+            hit = self._entries.get(pid)
+            if hit is not None and hit[0] is not None and not _has_exited(hit[0]):
+                self._entries.move_to_end(pid)
+                return hit[1]
+        pidfd = open_pidfd(pid)  # first: what we read next is then about this very process
+        info = proc_info(pid)
+        if info is None:
+            if pidfd is not None:
+                os.close(pidfd)
+            return False
+        key: int | psutil.Process = pid if pidfd is not None else info.process
+        if pidfd is None:
+            with self._lock:
+                if (hit := self._entries.get(key)) is not None:
+                    self._entries.move_to_end(key)
+                    return hit[1]
+        verdict = work(info)
+        self._keep(key, pidfd, verdict)
+        return verdict
+
+    def close(self) -> None:
+        """Forget everything and close the fds; nothing is kept from now on."""
+        with self._lock:
+            self._closed = True
+            for pidfd, _ in self._entries.values():
+                _close(pidfd)
+            self._entries.clear()
+
+    def _keep(self, key: int | psutil.Process, pidfd: int | None, verdict: bool) -> None:
+        with self._lock:
+            if self._closed:
+                _close(pidfd)
+                return
+            if (stale := self._entries.pop(key, None)) is not None:
+                _close(stale[0])
+            self._entries[key] = (pidfd, verdict)
+            while len(self._entries) > self._size:
+                _close(self._entries.popitem(last=False)[1][0])
+
+
+def _has_exited(pidfd: int) -> bool:
+    """poll, not select: the fd may be above 1024."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _close(pidfd: int | None) -> None:
+    if pidfd is not None:
+        os.close(pidfd)
 
 
 def await_exits(pidfds: list[int], deadline: float) -> None:
