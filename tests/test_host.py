@@ -491,3 +491,43 @@ def test_a_reused_pid_is_a_new_process_and_the_old_handle_signals_nothing(strays
     if pidfd is not None:
         proctree.await_exits([pidfd], time.monotonic() + WAIT)
     assert second.wait(WAIT) == -signal.SIGKILL
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="reusing a pid on purpose needs root")
+def test_a_remembered_answer_lasts_as_long_as_its_process(strays) -> None:
+    """is_in_tree's memory: asked again about the same live process it answers without looking;
+    once that process is gone its answer is never given for the next process under its pid; it
+    holds at most `size` pidfds and closes them all when the host goes."""
+    verdicts = proctree.ProcessVerdicts(2)
+    looked_at: list[int] = []
+
+    def work(info: proctree.ProcInfo) -> bool:
+        looked_at.append(info.process.pid)
+        return len(looked_at) == 1  # yes for the first process asked about, no for any other
+
+    fds_before = _open_fds()
+    first = subprocess.Popen(["sleep", "60"])
+    strays.append(first)
+    assert verdicts.answer(first.pid, work) and verdicts.answer(first.pid, work)
+    assert looked_at == [first.pid]
+    first.kill()
+    first.wait(WAIT)
+    assert not verdicts.answer(first.pid, work)  # gone: no answer for it
+    second = _take_pid_again(first.pid, strays)
+    if second is None:
+        pytest.skip(f"pid {first.pid} was taken by other processes every time")
+    assert not verdicts.answer(second.pid, work)  # looked at anew, not first's answer
+    assert looked_at == [first.pid, second.pid]
+    others = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    strays.extend(others)
+    for other in others:
+        verdicts.answer(other.pid, work)
+    assert _open_fds() == fds_before + 2  # the two kept pidfds
+    verdicts.close()
+    assert _open_fds() == fds_before
+    assert not verdicts.answer(others[0].pid, work)  # still answers, keeps nothing
+    assert _open_fds() == fds_before
