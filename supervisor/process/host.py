@@ -12,10 +12,12 @@ one). Only orphans are ours to reap, and they count as part of the host's tree.
 
 Every signal goes through a pidfd, opened and then checked against the start time we saw (psutil's
 identity of a process), so a recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS):
-psutil scans and polling. Process facts (the table, start times, figures) come from psutil through
-`process.proctree`, the leaf from `process.cgroup`; this module puts them together for the host (and
-re-exports `CgroupLeaf` and `process_stats`). What stays hand-written here is what psutil does not
-do: the subreaper, and its cheap read of our own children on the exit path.
+psutil and polling. Process facts (the tree below us, start times, figures) come from psutil
+through `process.proctree`, the leaf from `process.cgroup`; this module puts them together for the
+host (and re-exports `CgroupLeaf` and `process_stats`). What stays hand-written here is what psutil
+does not do: the subreaper, and its cheap read of our own children on the exit path. The cheap
+answers (cgroup members, our own children) come first; psutil's look below us only when they
+cannot vouch that the tree is gone.
 """
 
 from __future__ import annotations
