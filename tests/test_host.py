@@ -298,6 +298,45 @@ def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
     assert host.poll() == ExitStatus(None, signal.SIGKILL)
 
 
+# A host that leaves two processes and exits: a child in its process group and, below that child,
+# a grandchild in a session of its own; the host waits until both reported their pids.
+LEAVING_HOST = """
+import os, signal, sys, time
+out = sys.argv[1]
+
+def report(name):
+    tmp = os.path.join(out, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(out, name))
+
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.setsid()
+        report("setsid")
+    else:
+        report("child")
+    while True:
+        signal.pause()
+while not all(os.path.exists(os.path.join(out, n)) for n in ("child", "setsid")):
+    time.sleep(0.01)
+"""
+
+
+def test_kill_tree_after_the_host_left_finds_what_it_left(tmp_path: Path, hosts, subreaper) -> None:
+    """The host exited first. What it left is found without a cgroup: among our own children (as
+    subreaper) and by the host's process group, which no live process's pid names any more."""
+    host = HostProcess.spawn(python_spec(tmp_path, LEAVING_HOST, str(tmp_path)), None)
+    hosts.append(host)
+    pids = read_pids(tmp_path, "child", "setsid")
+    assert wait_exit(host) == ExitStatus(0, None)
+    assert host._owns_group({})  # the group outlives its leader
+    assert host.tree_pids() == set(pids.values())
+    assert kill_tree(host, None, timeout=WAIT) == 2
+    assert all(gone(pid) for pid in pids.values())
+    assert not host._owns_group({})
+
+
 def test_adopt_a_process_that_is_not_our_child(tmp_path: Path, strays) -> None:
     launcher_code = (
         "import subprocess, sys\n"
