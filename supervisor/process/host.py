@@ -72,7 +72,7 @@ _STUB = (
 )
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
-_TREE_CACHE_SIZE = 128  # senders whose answer is_in_tree remembers (each holds a pidfd)
+_TREE_CACHE_SIZE = 64  # senders is_in_tree remembers, each with a pidfd: a bounded share of fds
 _MAX_ANCESTRY = 64
 _POLL_SLICE = 0.01  # kill_tree without pidfd (macOS): pause between sweeps
 
