@@ -170,10 +170,10 @@ def mapped(pid: int, library: str) -> bool:
         return any(f"/{library}" in line for line in maps)
 
 
-def test_the_daemon_never_loads_libssl_and_hashes_with_hashlib(tmp_path: Path) -> None:
-    """At rest: no libssl, and no libcrypto (3 MiB) although peewee imports hashlib at its top:
-    hashlib loads at the first hash. A hashed snapshot (a `dir` data entry) has hashlib's
-    digest, and libcrypto is there from then on."""
+def test_the_daemon_loads_openssl_only_to_hash_a_snapshot(tmp_path: Path) -> None:
+    """At rest: neither libssl nor libcrypto (3 MiB), although peewee imports hashlib at its top;
+    psutil is there, as the source of process facts. The first hashed snapshot (a `dir` data entry)
+    imports hashlib for real, and its digest is hashlib's."""
     repo = make_sample_repo(tmp_path / "repo")
     assets = repo / "data" / "assets"
     assets.mkdir(parents=True)
@@ -185,7 +185,7 @@ def test_the_daemon_never_loads_libssl_and_hashes_with_hashlib(tmp_path: Path) -
         assert sup.process is not None
         pid = sup.process.pid
         assert not mapped(pid, "libssl.so") and not mapped(pid, "libcrypto.so")
-        assert not mapped(pid, "_psutil_linux")  # /proc is read directly (process.proctree)
+        assert mapped(pid, "_psutil_linux")  # process facts are psutil's (process.proctree)
         swap_id = sup.client.prepare("hash the assets")["id"]
         write_app(repo, {"version": "v2", "confirm": True})
         sup.client.activate(swap_id)

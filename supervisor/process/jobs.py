@@ -398,10 +398,10 @@ def _kill_job_tree(pid: int) -> None:
     killed parent would be reparented out of reach); then kills all of it at once. Each signal
     goes through `signal_verified`: a pid reused meanwhile is never hit.
     """
-    stopped: dict[int, float] = {}  # pid -> start, as the table saw it
+    stopped: dict[int, proctree.ProcInfo] = {}  # as the table saw each one
     signal_group(pid, signal.SIGSTOP)
     for _ in range(_FREEZE_ROUNDS):
-        table = proctree.process_table()
+        table = proctree.subtree_table([pid])
         if pid not in table:
             break
         found = {pid, *proctree.descendants(table, [pid])}
@@ -409,11 +409,11 @@ def _kill_job_tree(pid: int) -> None:
         if not fresh:
             break
         for member in fresh:
-            stopped[member] = table[member].start
-            _signal_and_close(proctree.signal_verified(member, stopped[member], signal.SIGSTOP))
+            stopped[member] = table[member]
+            _signal_and_close(proctree.signal_verified(table[member].process, signal.SIGSTOP))
     signal_group(pid, signal.SIGKILL)
-    for member, start in stopped.items():
-        _signal_and_close(proctree.signal_verified(member, start, signal.SIGKILL))
+    for info in stopped.values():
+        _signal_and_close(proctree.signal_verified(info.process, signal.SIGKILL))
 
 
 def _signal_and_close(outcome: tuple[bool, int | None]) -> None:
