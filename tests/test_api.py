@@ -755,3 +755,43 @@ def test_unreachable_socket_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nobody-home.sock"
     with pytest.raises(errors.NotReachable, match=f"{path}.*No such file"):
         Client(path, timeout=2).status()
+
+
+# --- JSON that cannot poison reads (issue 13) --------------------------------------------------
+
+
+class StoredSurrogateBackend(SwapBackend):
+    """What an older version let into the store: a lone surrogate in a swap's summary."""
+
+    def status(self) -> dict[str, Any]:
+        document = super().status()
+        document["swap"] = {"id": "s1", "summary": "cut \ud83d"}
+        return document
+
+    def metrics(self) -> str:
+        return 'swapguard_host_status_info{text="\udfff"} 1\n'
+
+
+def test_a_stored_lone_surrogate_is_escaped_not_a_500(serve: Any) -> None:
+    _server, path = serve(StoredSurrogateBackend())
+    status, _headers, body = exchange(path, request("GET", "/v1/status"))
+    assert status == 200 and json.loads(body)["swap"]["summary"] == "cut \ud83d"
+    status, _headers, body = exchange(path, request("GET", "/metrics"))
+    assert status == 200 and body == b'swapguard_host_status_info{text="?"} 1\n'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"summary": "\\ud83d"}', b'{"status": "\\ud800"}', b'{"x": ' + b"1" * 5000 + b"}"],
+)
+def test_surrogates_and_giant_numbers_are_400_and_get_bodies_are_ignored(
+    serve: Any, backend: SwapBackend, body: bytes
+) -> None:
+    _server, path = serve(backend)
+    for target in ("/v1/swaps", "/v1/heartbeat"):
+        status, _headers, answer = exchange(path, request("POST", target, body))
+        assert status == 400 and error_of(answer)["code"] == "bad_request", answer
+    for target in ("/v1/status", "/v1/swaps", "/v1/events?after=0"):
+        status, _headers, answer = exchange(path, request("GET", target, body))
+        assert status == 200, (target, answer)
+    assert backend.swaps == {} and backend.heartbeats == []

@@ -42,6 +42,7 @@ from supervisor.control.routes import (
     Peer,
     WrongMethod,
     encode_json,
+    encode_text,
     error_document,
     parse_body,
     resolve,
@@ -304,13 +305,14 @@ class _Connection(socketserver.BaseRequestHandler):
             if route.method == "POST" and not backend.may_write(self.peer):
                 who = "a peer of unknown uid" if self.peer.uid is None else f"uid {self.peer.uid}"
                 raise errors.Forbidden(f"{who} may not write to swapguard (pid {self.peer.pid})")
-            body = parse_body(raw_body, route.body)
+            # a GET's body means nothing to its route: never parsed, never refused
+            body = {} if route.method == "GET" else parse_body(raw_body, route.body)
             values |= {name: body.get(name, default) for name, default in route.body}
             values |= {"body": body, "peer": self.peer}
             payload = getattr(backend, route.call)(*(values[name] for name in route.args))
             if route.content_type == JSON_TYPE:
                 return _Answer(route.status, encode_json(payload))
-            return _Answer(route.status, payload.encode("utf-8"), route.content_type)
+            return _Answer(route.status, encode_text(payload), route.content_type)
         except errors.SwapguardError as err:
             return _error_answer(err)
         except Exception:
