@@ -37,6 +37,7 @@ from supervisor.state.store import StateLock, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation may take
 
 
 class LoopBackend(Backend):
@@ -51,14 +52,21 @@ class LoopBackend(Backend):
         self.allowed_gids = {_gid(name) for name in control.allow_groups}
         self._figures: tuple[int | None, float, dict[str, Any]] | None = None
         self._figures_lock = threading.Lock()
+        self.call_limit = CALL_LIMIT_S
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the loop thread (awaiting it if it is a coroutine) and wait for it."""
+        """Run `fn` on the loop thread (awaiting it if it is a coroutine) and wait for it.
+
+        A call answered 503 never takes effect later: one that has not reached the loop by then
+        is refused when it does; a coroutine under way is cancelled at its await (the runtime's
+        commands commit nothing before their last await), and if it finished first anyway its
+        own answer is given instead of the 503."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        tasks: list[asyncio.Future[Any]] = []
 
         def run() -> None:
             if not future.set_running_or_notify_cancel():
-                return
+                return  # answered 503 before it reached the loop: never run
             try:
                 result = fn(*args)
             except BaseException as exc:
@@ -68,16 +76,31 @@ class LoopBackend(Backend):
                 future.set_result(result)
                 return
             task = asyncio.ensure_future(result)
+            tasks.append(task)
             task.add_done_callback(lambda done: _settle(future, done))
 
         try:
             self.loop.call_soon_threadsafe(run)
         except RuntimeError as exc:  # loop closed under us: we are shutting down
             raise NotReachable("swapguard is shutting down") from exc
+        limit = self.call_limit
         try:
-            return future.result(timeout=CALL_LIMIT_S)
-        except concurrent.futures.TimeoutError as exc:
-            raise NotReachable(f"swapguard did not answer within {CALL_LIMIT_S:g} s") from exc
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise NotReachable(
+                    f"swapguard did not answer within {limit:g} s; the request was not applied"
+                ) from None
+        # under way on the loop: cancel it there, then report what it came to
+        try:
+            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
+            return future.result(timeout=_CANCEL_GRACE_S)
+        except (concurrent.futures.CancelledError, RuntimeError):
+            raise NotReachable(
+                f"swapguard did not finish within {limit:g} s; the request was cancelled"
+            ) from None
+        except concurrent.futures.TimeoutError:
+            raise NotReachable(f"swapguard's loop is stuck past {limit:g} s") from None
 
     def may_write(self, peer: Peer) -> bool:
         if peer.uid is None:  # no credentials on this platform: only the file mode protects
