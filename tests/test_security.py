@@ -1,10 +1,14 @@
-"""Issue 13, the daemon's side: a control request that timed out never takes effect later."""
+"""Issue 13 beyond the HTTP layer: timed-out requests, the state directory, check vs run, jobs."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
+import stat
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +16,7 @@ import pytest
 
 from supervisor.daemon.service import LoopBackend
 from supervisor.errors import NotReachable
+from supervisor.state.store import StateLock, Store, StoreError
 
 WAIT_S = 10.0
 
@@ -79,3 +84,67 @@ def test_a_request_that_timed_out_under_way_is_cancelled_and_never_commits(
     _on_loop(loop, event.set)  # the checkpoint ends after the answer
     _on_loop(loop, lambda: None)  # one more turn of the loop
     assert runtime.committed == []
+
+
+# --- a state directory nobody else controls ----------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody")
+
+
+def _nobody() -> pwd.struct_passwd:
+    return pwd.getpwnam("nobody")
+
+
+@needs_root
+def test_a_state_dir_owned_by_another_user_is_refused_and_its_symlink_not_written(
+    tmp_path: Path,
+) -> None:
+    """The attack: nobody owns state.dir and plants lock -> victim; root swapguard must not
+    truncate the victim (it did, writing its pid into it)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "lock").symlink_to(victim)
+    os.lchown(state / "lock", _nobody().pw_uid, _nobody().pw_gid)
+    os.chown(state, _nobody().pw_uid, _nobody().pw_gid)
+    with pytest.raises(StoreError, match=f"state dir {state} is owned by uid {_nobody().pw_uid}"):
+        StateLock.acquire(state)
+    with pytest.raises(StoreError, match="not by swapguard's user"):
+        Store.open(state)
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_symlink_in_an_own_state_dir_is_never_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in ("lock", "state.db", "state.db-wal", "state.db-journal"):
+        state = tmp_path / f"state-{name}"
+        state.mkdir(mode=0o700)
+        (state / name).symlink_to(victim)
+        with (
+            pytest.raises(StoreError, match=f"{state / name} is a symlink"),
+            StateLock.acquire(state),
+        ):
+            Store.open(state).close()
+        assert victim.read_text() == "precious\n"
+    hard = tmp_path / "state-hard"
+    hard.mkdir(mode=0o700)
+    os.link(victim, hard / "lock")
+    with pytest.raises(StoreError, match="2 hard links"):
+        StateLock.acquire(hard)
+    assert victim.read_text() == "precious\n"
+
+
+def test_state_dirs_and_parents_get_safe_modes_under_umask_000(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "b" / "state"
+    old = os.umask(0)
+    try:
+        with StateLock.acquire(state):
+            Store.open(state).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o755
+    assert stat.S_IMODE((state / "lock").stat().st_mode) == 0o600
