@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
+import shutil
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +152,31 @@ def test_state_dirs_and_parents_get_safe_modes_under_umask_000(tmp_path: Path) -
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o755
     assert stat.S_IMODE((state / "lock").stat().st_mode) == 0o600
+
+
+# --- write rights belong to the peer process, not to its pid number ----------------------------
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+@pytest.mark.parametrize("pinning", ["peerpidfd", "pidfd_open"])
+def test_pid_reuse_gives_no_write_right(pinning: str) -> None:
+    """A reader's connection, inherited by its child after the reader exits, stays read-only
+    even once a process of the host's tree holds the reader's old pid."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+             "tests.pid_reuse_attack", pinning],
+            cwd=root, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the attack did not finish: {exc.stderr!r}")
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no new pid namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["tree_pid"] == seen["reader"], "the host's child did not land on the reader's pid"
+    assert seen["answer"].startswith("HTTP/1.1 403 "), seen
+    assert "has exited; its write right ended with it" in seen["body"], seen
+    assert seen["actions"] == []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -36,6 +36,9 @@ class Peer:
     pid: int | None
     uid: int | None
     gid: int | None
+    # the process's start time (/proc ticks), taken while it was pinned: it tells the peer from
+    # a later process with its pid (None where nothing could be pinned)
+    start: int | None = field(default=None, compare=False)
 
 
 class Backend(Protocol):

@@ -25,7 +25,7 @@ from supervisor import clock, notify
 from supervisor.code.checkpoint import Checkpoint
 from supervisor.code.watch import CodeWatcher
 from supervisor.config.schema import Config
-from supervisor.control import views
+from supervisor.control import peers, views
 from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
@@ -103,6 +103,10 @@ class LoopBackend(Backend):
             raise NotReachable(f"swapguard's loop is stuck past {limit:g} s") from None
 
     def may_write(self, peer: Peer) -> bool:
+        """Root, our own user, the allowed users and groups, and the host's tree. Asked at accept
+        (which slots a connection may take) and at each write, on the caller's thread: the tree
+        is read from values the loop replaces whole, and the server checks that the pinned peer
+        was alive around the call, so `peer.pid` named that very process (its `start`)."""
         if peer.uid is None:  # no credentials on this platform: only the file mode protects
             return True
         if peer.uid in self.allowed_uids or (
@@ -113,9 +117,9 @@ class LoopBackend(Backend):
             return True
         if peer.pid is None:
             return False
-        return bool(
-            self._call(lambda: host.is_in_tree(peer.pid, self.runtime.process, self.runtime.cgroup))
-        )
+        if not host.is_in_tree(peer.pid, self.runtime.process, self.runtime.cgroup):
+            return False
+        return peers.started_as_pinned(peer)  # the pid named the pinned process throughout
 
     def status(self) -> dict:
         document = views.status(self.runtime)  # on this thread: see Runtime.machines
