@@ -180,3 +180,96 @@ def test_pid_reuse_gives_no_write_right(pinning: str) -> None:
     assert seen["answer"].startswith("HTTP/1.1 403 "), seen
     assert "has exited; its write right ended with it" in seen["body"], seen
     assert seen["actions"] == []
+
+
+# --- check refuses what run would refuse ---------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git_repo(path: Path) -> Path:
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    return path
+
+
+def _config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
+    tables = {
+        "host": {"command": ["sleep", "600"]},
+        "code": {"root": str(tmp_path / "repo")},
+        "control": {"socket": str(tmp_path / "c.sock")},
+        "state": {"dir": str(tmp_path / "state")},
+    }
+    for name, values in sections.items():
+        tables[name] = tables.get(name, {}) | values
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path = tmp_path / "swapguard.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _swapguard(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _long_dir(tmp_path: Path, total: int) -> Path:
+    """A folder whose path is `total` bytes long."""
+    room = total - len(os.fsencode(tmp_path)) - 1
+    assert room > 2, tmp_path
+    return tmp_path / ("d" * room)
+
+
+def _case(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """(config, the words the refusal must contain) for each thing `run` refuses."""
+    _git_repo(tmp_path / "repo")
+    if case == "staging socket name":
+        folder = _long_dir(tmp_path, 100)
+        folder.mkdir()
+        return _config(tmp_path, control={"socket": str(folder / "c.sock")}), "temporary name"
+    if case == "notify socket":
+        state = _long_dir(tmp_path, 100)
+        return _config(tmp_path, state={"dir": str(state)}), "notify socket"
+    if case == "unknown user":
+        return _config(tmp_path, control={"allow_users": ["nosuchuser"]}), "unknown user"
+    if case == "unknown group":
+        return _config(tmp_path, control={"allow_groups": ["nosuchgroup"]}), "unknown group"
+    if case == "not a git work tree":
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        return _config(tmp_path, code={"root": str(plain)}), "key 'code.root'"
+    assert case == "state dir of another user"
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, _nobody().pw_uid, _nobody().pw_gid)
+    return _config(tmp_path), "not by swapguard's user"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "staging socket name",
+        "notify socket",
+        "unknown user",
+        "unknown group",
+        "not a git work tree",
+        pytest.param("state dir of another user", marks=needs_root),
+    ],
+)
+def test_check_refuses_what_run_refuses_with_the_same_message(tmp_path: Path, case: str) -> None:
+    config, words = _case(tmp_path, case)
+    check = _swapguard("check", "--config", str(config))
+    run = _swapguard("run", "--config", str(config))
+    assert check.returncode == run.returncode == 2, (check, run)
+    assert words in check.stderr and "Traceback" not in check.stderr + run.stderr, check.stderr
+    assert check.stderr.strip() == run.stderr.strip().splitlines()[-1].strip(), (check, run)
+    assert not (tmp_path / "c.sock").exists()

@@ -499,8 +499,9 @@ def socket_path_problem(path: Path, *, staged: bool = False) -> str | None:
         staging = staging_socket_path(path)
         if (length := len(os.fsencode(staging))) > MAX_SOCKET_PATH_BYTES:
             return (
-                f"{path} is bound first under a temporary name of {length} bytes ({staging.name});"
-                f" unix socket paths allow {MAX_SOCKET_PATH_BYTES}"
+                f"{path} is bound first under a temporary name of {length} bytes "
+                f"(.<8 hex digits>.sock~ beside it); unix socket paths allow "
+                f"{MAX_SOCKET_PATH_BYTES}"
             )
     return None
 

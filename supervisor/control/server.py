@@ -452,7 +452,8 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         return [thread for _request, thread in live]
 
 
-def _group_id(group: str) -> int:
+def socket_group_id(group: str) -> int:
+    """The control socket's group (-1: keep ours); ConfigError naming an unknown one."""
     if not group:
         return -1
     if group.isdigit():
@@ -511,7 +512,7 @@ class ControlServer:
                 f"max_connections and max_per_uid >= 1 ({max_connections}, {max_per_uid})"
             )
         self.path = Path(path)
-        gid = _group_id(group)
+        gid = socket_group_id(group)
         # Bound under a short temporary name, given its mode and group, then renamed into place:
         # no client ever sees the socket with looser permissions than configured.
         if (problem := socket_path_problem(self.path, staged=True)) is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import grp
 import logging
 import os
 import pwd
@@ -29,9 +28,9 @@ from supervisor.control import peers, views
 from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
-from supervisor.daemon import footprint
+from supervisor.daemon import footprint, preflight
 from supervisor.daemon.runtime import Runtime
-from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
+from supervisor.errors import BadRequest, Conflict, NotFound, NotReachable
 from supervisor.process import host
 from supervisor.state.store import StateLock, Store
 
@@ -48,8 +47,13 @@ class LoopBackend(Backend):
         self.runtime = runtime
         self.loop = runtime.loop
         control = runtime.config.control
-        self.allowed_uids = {os.getuid(), 0} | {_uid(name) for name in control.allow_users}
-        self.allowed_gids = {_gid(name) for name in control.allow_groups}
+        users, groups = control.allow_users, control.allow_groups
+        self.allowed_uids = {os.getuid(), 0} | {
+            preflight.user_id(name, key="control.allow_users") for name in users
+        }
+        self.allowed_gids = {
+            preflight.group_id(name, key="control.allow_groups") for name in groups
+        }
         self._figures: tuple[int | None, float, dict[str, Any]] | None = None
         self._figures_lock = threading.Lock()
         self.call_limit = CALL_LIMIT_S
@@ -236,20 +240,6 @@ def _settle(future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -
         future.set_result(task.result())
 
 
-def _uid(name: str) -> int:
-    try:
-        return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
-    except KeyError as exc:
-        raise ConfigError(f"unknown user {name!r}", key="control.allow_users") from exc
-
-
-def _gid(name: str) -> int:
-    try:
-        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
-    except KeyError as exc:
-        raise ConfigError(f"unknown group {name!r}", key="control.allow_groups") from exc
-
-
 def _user_gids(uid: int) -> set[int]:
     try:
         entry = pwd.getpwuid(uid)
@@ -266,6 +256,7 @@ def cgroup_name(config: Config) -> str:
 def run(config: Config) -> int:
     """The service, in the foreground. Returns the process exit code."""
     footprint.tune_malloc()  # before any thread: see supervisor.daemon.footprint
+    preflight.preflight(config)  # what `check` refuses too, before anything is created
     lock = StateLock.acquire(config.state.dir)
     store = Store.open(config.state.dir)
     try:
