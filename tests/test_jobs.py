@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import stat
 import sys
 import threading
 import time
@@ -15,7 +16,14 @@ import psutil
 import pytest
 
 from supervisor.process import jobs
-from supervisor.process.jobs import OUTPUT_LIMIT, CancelToken, JobResult, run_job
+from supervisor.process.jobs import (
+    OUTPUT_FILES_KEPT,
+    OUTPUT_LIMIT,
+    CancelToken,
+    JobResult,
+    new_output_file,
+    run_job,
+)
 from tests.support import gone, wait_for
 
 PY = sys.executable
@@ -247,3 +255,37 @@ def test_bad_arguments_are_rejected_clearly(tmp_path: Path) -> None:
         run_job("ls -l", cwd=tmp_path, timeout=1)
     with pytest.raises(ValueError, match="timeout"):
         run_job(["true"], cwd=tmp_path, timeout=0)
+
+
+def test_output_to_a_private_file_is_kept_whole_and_logged_at_debug_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "output"
+    path = new_output_file(folder, "build")
+    with caplog.at_level(logging.INFO, logger="supervisor.process.jobs.build"):
+        result = run_job(
+            [sys.executable, "-c", "print('DB_PASSWORD=s3cret'); print('x' * 100000)"],
+            cwd=tmp_path,
+            timeout=WAIT,
+            log_name="build",
+            output_to=path,
+        )
+    assert result.ok
+    assert path.read_text().startswith("DB_PASSWORD=s3cret\n") and path.stat().st_size > 100000
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert not any("s3cret" in record.getMessage() for record in caplog.records)
+
+
+def test_output_files_are_pruned_and_a_foreign_folder_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "output"
+    made = [new_output_file(folder, "hook") for _ in range(OUTPUT_FILES_KEPT + 5)]
+    for path in made:
+        path.write_text("x")
+    new_output_file(folder, "hook").write_text("x")
+    assert len(list(folder.glob("hook-*.log"))) == OUTPUT_FILES_KEPT
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with pytest.raises(OSError, match="not a private folder"):
+        new_output_file(loose, "build")

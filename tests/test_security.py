@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -18,9 +19,11 @@ from typing import Any
 
 import pytest
 
+from supervisor.client import Client
 from supervisor.daemon.service import LoopBackend
 from supervisor.errors import NotReachable
 from supervisor.state.store import StateLock, Store, StoreError
+from tests.support import git, make_sample_repo, supervised, wait_for, write_app
 
 WAIT_S = 10.0
 
@@ -273,3 +276,87 @@ def test_check_refuses_what_run_refuses_with_the_same_message(tmp_path: Path, ca
     assert words in check.stderr and "Traceback" not in check.stderr + run.stderr, check.stderr
     assert check.stderr.strip() == run.stderr.strip().splitlines()[-1].strip(), (check, run)
     assert not (tmp_path / "c.sock").exists()
+
+
+# --- no secrets to readers -----------------------------------------------------------------------
+
+
+def _read_everything_as_nobody(socket_path: Path, swap_id: str) -> str:
+    """Every read endpoint, as nobody, in a forked child; the answers as one text."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(_nobody().pw_gid)
+            os.setuid(_nobody().pw_uid)
+            with Client(socket_path) as client:
+                seen = [client.status(), client.swaps(), client.swap(swap_id)]
+                seen.append(client.events(after=0, limit=5000))
+                seen.append(client.metrics())
+            os.write(write_fd, json.dumps(seen).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0, "nobody could not read"
+    return data.decode()
+
+
+@needs_root
+def test_a_build_that_prints_a_secret_leaks_it_to_no_reader(tmp_path: Path) -> None:
+    repo = make_sample_repo(tmp_path / "repo")
+    (repo / "build.py").write_text(
+        "import json, sys\nv = json.load(open('app.json'))['version']\n"
+        "print('DB_PASSWORD=s3cret-' + v)\nsys.exit(v == 'v2')\n"
+    )
+    git(repo, "add", "build.py")
+    git(repo, "commit", "-qm", "build script")
+    with supervised(repo, code={"build": [sys.executable, "build.py"]}) as sup:
+        sup.start()
+        os.chmod(sup.state, 0o755)
+        os.chmod(sup.socket, 0o666)
+        swap = sup.client.prepare("a build that echoes its secrets")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        doc = sup.wait_swap(swap["id"], "rolled_back", timeout=40)
+        assert doc["reason"] == "build_failed"
+        seen = _read_everything_as_nobody(sup.socket, swap["id"])
+        assert "s3cret" not in seen and "DB_PASSWORD" not in seen
+        failed = [e for e in doc["events"] if "build exit 1" in json.dumps(e["detail"])]
+        assert failed, doc["events"]
+        name = re.search(r"output in (build-[0-9-]+-[0-9a-f]+\.log)", json.dumps(failed[0]))
+        assert name is not None, failed[0]
+        kept = sup.state / "output" / name[1]
+        assert "DB_PASSWORD=s3cret-v2" in kept.read_text()
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+        assert "s3cret" not in sup.output()  # not in swapguard's own log either (DEBUG only)
+
+
+def test_the_host_gets_only_the_allowed_environment(tmp_path: Path) -> None:
+    repo = make_sample_repo(tmp_path / "repo")
+    dump = tmp_path / "env.json"
+    host = {
+        "inherit_env": ["PATH"],
+        "env": {"PORT": "8080"},
+        "ready": "started",
+        "min_uptime": "0.1s",
+        "command": [
+            sys.executable,
+            "-c",
+            "import json, os, sys, time\n"
+            f"json.dump(dict(os.environ), open({str(dump)!r} + '~', 'w'))\n"
+            f"os.replace({str(dump)!r} + '~', {str(dump)!r})\n"
+            "time.sleep(600)\n",
+        ],
+    }
+    with supervised(repo, host=host, data=False) as sup:
+        sup.start(env={"DB_PASSWORD": "s3cret"})
+        env = json.loads(wait_for(lambda: (dump.exists() and dump.read_text()) or None))
+    assert "DB_PASSWORD" not in env and env["PORT"] == "8080" and "PATH" in env
+    assert env["SWAPGUARD_SOCKET"] == str(sup.socket) and "NOTIFY_SOCKET" in env

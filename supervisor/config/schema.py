@@ -67,6 +67,7 @@ class HostConfig:
     command: tuple[str, ...]
     cwd: Path
     env: Mapping[str, str]
+    inherit_env: tuple[str, ...] | None  # None: all of swapguard's environment
     ready: ReadyMode
     start_timeout: float
     min_uptime: float
@@ -359,6 +360,19 @@ def _env(table: _Table) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+def _inherit_env(table: _Table) -> tuple[str, ...] | None:
+    """true: everything swapguard has; an array: only these variable names of it."""
+    if table.raw("inherit_env") is True:
+        return None
+    if table.raw("inherit_env") is False:
+        raise table.fail("inherit_env", "must be true or an array of names (use [] for none)")
+    names = table.strings("inherit_env", nonempty=True)
+    for index, name in enumerate(names):
+        if "=" in name:
+            raise table.fail("inherit_env", "is not a valid variable name (has '=')", index)
+    return names
+
+
 def _signal(table: _Table) -> signal.Signals:
     value = table.raw("stop_signal")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
@@ -415,6 +429,7 @@ def _parse_host(table: _Table) -> HostConfig:
         command=table.argv("command", required=True),
         cwd=table.path("cwd"),
         env=_env(table),
+        inherit_env=_inherit_env(table),
         ready=table.choice("ready", get_args(ReadyMode)),
         start_timeout=table.duration("start_timeout", positive=True),
         min_uptime=table.duration("min_uptime"),

@@ -26,8 +26,10 @@ QUEUE_LIMIT = 1000
 
 
 class HookRunner:
-    def __init__(self, config: HooksConfig, *, cwd: Path) -> None:
+    def __init__(self, config: HooksConfig, *, cwd: Path, output_dir: Path | None = None) -> None:
+        """`output_dir`: where each run's output is kept, readable by swapguard's user only."""
         self.argv = tuple(config.on_event)
+        self.output_dir = output_dir
         self.patterns = tuple(config.events)
         self.cwd = cwd
         self.dropped = 0
@@ -65,11 +67,22 @@ class HookRunner:
     def _work(self) -> None:
         while (event := self._queue.get()) is not None:
             payload = json.dumps(event).encode() + b"\n"
+            output = None
+            if self.output_dir is not None:
+                try:
+                    output = jobs.new_output_file(self.output_dir, "hook")
+                except OSError as exc:
+                    log.warning("hook output not kept: %s", exc)
             result = jobs.run_job(
-                self.argv, cwd=self.cwd, timeout=HOOK_TIMEOUT, stdin=payload, log_name="hook"
+                self.argv,
+                cwd=self.cwd,
+                timeout=HOOK_TIMEOUT,
+                stdin=payload,
+                log_name="hook",
+                output_to=output,
             )
             self.ran += 1
             if not result.ok:
                 self.failed += 1
-                why = "timed out" if result.timed_out else f"exit {result.returncode}"
-                log.warning("hook for %s %s", event.get("event"), why)
+                kept = "" if output is None else f"; output in {output}"
+                log.warning("hook for %s: %s%s", event.get("event"), result.describe(), kept)

@@ -46,7 +46,7 @@ from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
 from supervisor.daemon.hostrun import HostRunner
 from supervisor.daemon.notifyinput import NotifyInput
-from supervisor.daemon.swapwork import SwapWork
+from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork
 from supervisor.daemon.timer import WakeTimer
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
@@ -88,7 +88,9 @@ class Runtime:
         )
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
-        self.hooks = HookRunner(config.hooks, cwd=config.code.root)
+        self.hooks = HookRunner(
+            config.hooks, cwd=config.code.root, output_dir=config.state.dir / OUTPUT_DIR
+        )
         self.notify_server = NotifyServer(config.state.dir / "notify.sock")
         self.drift_guard = DriftGuard(
             config.code,

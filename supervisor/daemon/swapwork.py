@@ -24,6 +24,8 @@ from supervisor.state.store import SWAP_RECORDS_KEPT, Store
 
 log = logging.getLogger(__name__)
 
+OUTPUT_DIR = "output"
+"""Folder of state.dir that keeps build and hook output (0700, files 0600)."""
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
 
@@ -73,16 +75,21 @@ class SwapWork:
                     fsync_dir(target.parent)
 
     def build(self, phase: swaps.Step | None) -> None:
+        """Run the build; its output goes to a file only swapguard's user can read, and the
+        error (an event anyone who can read the socket sees) names that file, never quotes it."""
+        try:
+            output = jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "build")
+        except OSError as exc:
+            raise SwapguardError(f"build ({phase}) not run: {exc}") from None
         result = jobs.run_job(
             self.config.code.build,
             cwd=self.config.code.root,
             timeout=self.config.code.build_timeout,
             log_name="build",
+            output_to=output,
         )
         if not result.ok:
-            why = "timed out" if result.timed_out else f"exit {result.returncode}"
-            tail = result.output.strip().splitlines()[-5:]
-            raise SwapguardError(f"build {why} ({phase}): " + " | ".join(tail))
+            raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
 
     def restore_code(self, swap: swaps.Swap) -> Checkpoint:
         """Back to the swap's checkpoint, which is then the code the host runs on."""

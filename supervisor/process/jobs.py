@@ -12,6 +12,10 @@ its whole tree is stopped, then killed; when it exits by itself, whatever is lef
 group is killed too. Its output is read through a pipe, logged line by line and kept (the tail) for
 the result, all from the calling thread with `select`, so a background process that keeps the pipe
 open cannot hang the caller.
+
+Build and hook output may hold secrets (a build that echoes its environment), so with `output_to`
+it is written whole to a new file only swapguard's user can read (`new_output_file`), logged at
+DEBUG only, and what the caller reports (events) names that file instead of quoting it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import os
 import selectors
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -40,6 +45,8 @@ _registry: set[int] = set()
 _registry_lock = threading.Lock()
 _in_flight: set[CancelToken] = set()  # one per running job, for cancel_all
 
+OUTPUT_FILES_KEPT = 50
+"""Per kind (build, hook, ...): older output files are removed as new ones are made."""
 OUTPUT_LIMIT = 64 * 1024
 """The tail of a job's merged output kept in `JobResult.output`."""
 _LINE_LIMIT = 8 * 1024  # a "line" without a newline is logged in pieces of this size
@@ -47,6 +54,7 @@ _DRAIN_GRACE = 1.0  # after the job is gone: how long an escaped writer may keep
 _REAP_WAIT = 5.0  # after SIGKILL: how long to wait for the job itself to be reaped
 _FREEZE_ROUNDS = 20  # bound on the stop-everything sweeps of a job's tree (each finds new forks)
 _POLL_SLICE = 0.05  # only where pidfd is missing (macOS): how often to look for the exit
+_NEW_PRIVATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def register(pid: int) -> None:
@@ -146,13 +154,15 @@ def run_job(
     stdin: bytes | None = None,
     log_name: str = "job",
     cancel: CancelToken | None = None,
+    output_to: Path | None = None,
 ) -> JobResult:
     """Run one bounded command to its end and say how it went; blocking, for worker threads.
 
     Never raises for a failing command: a command that cannot start gives returncode 127 and the
     OSError text as output. `env` None inherits ours. Each output line is logged at INFO on
     `process.jobs.<log_name>` so that build output reaches the log. `cancel` (or `cancel_all`)
-    stops it early, like a timeout.
+    stops it early, like a timeout. `output_to` (from `new_output_file`): the whole output goes
+    there, and its lines are logged at DEBUG only.
     """
     command = _check_argv(argv)
     if not timeout > 0:
@@ -162,7 +172,7 @@ def run_job(
     with _registry_lock:
         _in_flight.add(token)
     try:
-        return _run(command, cwd, env, timeout, stdin, job_log, token)
+        return _run(command, cwd, env, timeout, stdin, _Output(job_log, output_to), token)
     finally:
         with _registry_lock:
             _in_flight.discard(token)
@@ -176,10 +186,11 @@ def _run(
     env: Mapping[str, str] | None,
     timeout: float,
     stdin: bytes | None,
-    job_log: logging.Logger,
+    output: _Output,
     cancel: CancelToken,
 ) -> JobResult:
     started = time.monotonic()
+    job_log = output.log
     try:
         with SPAWN_LOCK:
             proc = subprocess.Popen(
@@ -195,14 +206,17 @@ def _run(
             register(proc.pid)
     except (OSError, subprocess.SubprocessError) as exc:
         job_log.warning("cannot run %s (cwd %s): %s", command[0], cwd, exc)
+        output.feed(f"{exc}\n".encode())
+        output.close()
         return JobResult(command, 127, False, str(exc), time.monotonic() - started)
 
-    run = _JobRun(proc, _Output(job_log), stdin)
+    run = _JobRun(proc, output, stdin)
     try:
         ended_by = run.supervise(started + timeout, cancel)
     finally:
         run.finish()
         unregister(proc.pid)
+        output.close()
     result = JobResult(
         command,
         proc.returncode,
@@ -233,15 +247,45 @@ def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
     return command
 
 
-class _Output:
-    """The tail of the merged output, plus every complete line logged as it arrives."""
+def new_output_file(folder: Path, kind: str) -> Path:
+    """A fresh name for one job's output in `folder` (created 0700, never through a symlink);
+    the oldest files of that kind beyond OUTPUT_FILES_KEPT are removed."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise OSError(f"{folder} is not a private folder of swapguard's user; refusing it")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = folder / f"{kind}-{stamp}-{os.urandom(3).hex()}.log"
+    old = sorted(p for p in folder.glob(f"{kind}-*.log") if p.is_file())
+    for stale in old[: max(0, len(old) - OUTPUT_FILES_KEPT + 1)]:
+        stale.unlink(missing_ok=True)
+    return path
 
-    def __init__(self, job_log: logging.Logger) -> None:
-        self._log = job_log
+
+class _Output:
+    """The tail of the merged output, plus every complete line logged as it arrives (and, with
+    a file, all of it written there)."""
+
+    def __init__(self, job_log: logging.Logger, path: Path | None = None) -> None:
+        self.log = job_log
+        self._level = logging.INFO if path is None else logging.DEBUG
         self._tail = bytearray()
         self._partial = bytearray()
+        self._fd: int | None = None
+        if path is not None:
+            try:
+                self._fd = os.open(path, _NEW_PRIVATE_FILE, 0o600)
+            except OSError as exc:
+                job_log.warning("job output not kept: cannot create %s: %s", path, exc.strerror)
 
     def feed(self, chunk: bytes) -> None:
+        if self._fd is not None:
+            try:
+                os.write(self._fd, chunk)
+            except OSError as exc:  # a full disk must not stop the job's supervision
+                self.log.warning("job output file: %s", exc.strerror)
+                self.close()
         self._tail += chunk
         if len(self._tail) > OUTPUT_LIMIT:
             del self._tail[: len(self._tail) - OUTPUT_LIMIT]
@@ -259,11 +303,18 @@ class _Output:
             self._emit(self._partial)
             self._partial = bytearray()
 
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
     def text(self) -> str:
         return self._tail.decode(errors="replace")
 
     def _emit(self, line: bytes | bytearray) -> None:
-        self._log.info("%s", bytes(line).decode(errors="replace").rstrip("\r"))
+        if self.log.isEnabledFor(self._level):
+            self.log.log(self._level, "%s", bytes(line).decode(errors="replace").rstrip("\r"))
 
 
 class _JobRun:
