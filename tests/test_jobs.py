@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import stat
 import sys
 import threading
@@ -289,3 +290,55 @@ def test_output_files_are_pruned_and_a_foreign_folder_refused(tmp_path: Path) ->
     loose.chmod(0o777)
     with pytest.raises(OSError, match="not a private folder"):
         new_output_file(loose, "build")
+
+
+_LEAVES_A_DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()  # detach: a session of its own
+    time.sleep(float(sys.argv[3]))  # a slow detach (seen by the sampling without a cgroup)
+    if os.fork() == 0:  # the daemon, reparented to the subreaper once its parent exits
+        with open(sys.argv[1] + "~", "w") as out:
+            out.write(str(os.getpid()))
+        os.replace(sys.argv[1] + "~", sys.argv[1])
+        while True:
+            time.sleep(1)
+    os._exit(0)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("use_cgroup", [True, False], ids=["cgroup", "sampled"])
+def test_a_daemon_a_job_leaves_is_never_the_hosts_and_is_stopped_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    use_cgroup: bool,
+) -> None:  # fmt: skip
+    from supervisor.process import host
+    from supervisor.process.cgroup import CgroupLeaf
+
+    if not host.become_subreaper():
+        pytest.skip("no child subreaper on this platform")
+    if use_cgroup and CgroupLeaf.create("test-probe") is None:
+        pytest.skip("no writable cgroup v2 here")
+    if not use_cgroup:
+        monkeypatch.setattr(jobs.CgroupLeaf, "create", classmethod(lambda cls, name: None))
+    pid_file, go = tmp_path / "daemon.pid", tmp_path / "go"
+    results: list[JobResult] = []
+    argv = [PY, "-c", _LEAVES_A_DAEMON, str(pid_file), str(go), "0" if use_cgroup else "0.3"]
+    worker = threading.Thread(
+        target=lambda: results.append(run_job(argv, cwd=tmp_path, timeout=30, log_name="hook"))
+    )
+    with caplog.at_level(logging.WARNING, logger="supervisor.process.jobs.hook"):
+        worker.start()
+        daemon = read_pid(pid_file)
+        wait_for(lambda: psutil.Process(daemon).ppid() == os.getpid(), what="the reparenting")
+        assert jobs.is_job_process(daemon)
+        assert not host.is_in_tree(daemon, None, None)  # not the host's, though an orphan of ours
+        assert daemon not in host._live_tree(None, None, host.process_table())
+        go.write_text("")
+        worker.join(WAIT)
+    assert not worker.is_alive() and results[0].ok, results
+    assert results[0].left_behind == 1
+    assert gone(daemon)
+    assert any(f"left 1 processes running ({daemon})" in r.getMessage() for r in caplog.records)
