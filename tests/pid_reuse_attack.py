@@ -3,7 +3,9 @@
 
 A reader (nobody) connects to the control socket, hands the connection to its child and exits;
 a process of the host's tree is then started on the reader's old pid; the child writes
-`POST /v1/host/stop` on the inherited connection. Prints one JSON line: what happened.
+`POST /v1/host/stop` on the inherited connection. With `notify`: a stranger sends READY=1 and
+WATCHDOG=trigger to the notify socket and exits, and the tree's process takes its pid before the
+datagram is read. Prints one JSON line: what happened.
 """
 
 from __future__ import annotations
@@ -65,8 +67,47 @@ def wait_for_line(path: Path, count: int) -> list[str]:
     raise TimeoutError(f"{path}: fewer than {count} lines")
 
 
+def notify_attack(host: HostProcess, work: Path, report: Path) -> dict[str, Any]:
+    """A datagram whose sender's pid is a tree process's by the time it is read."""
+    from supervisor.control.notifysocket import NotifyServer
+    from supervisor.daemon.counters import Counters
+    from supervisor.daemon.notifyinput import NotifyInput
+
+    fed: list[str] = []
+    target = SimpleNamespace(
+        swap=None,
+        process=host,
+        cgroup=None,
+        feed_host=lambda event: fed.append(type(event).__name__),
+        heartbeat=lambda status, boot=None: fed.append("heartbeat"),
+        feed_swap=lambda event: fed.append(type(event).__name__),
+    )
+    counters = Counters()
+    with NotifyServer(work / "notify.sock") as server:
+        reader = NotifyInput(
+            server, counters, target, before_each=lambda: None, schedule=lambda coro: None
+        )
+        sender = os.fork()
+        if sender == 0:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"READY=1\nWATCHDOG=trigger", str(work / "notify.sock"))
+            os._exit(0)
+        os.waitpid(sender, 0)
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(sender - 1))
+        os.kill(host.pid, signal.SIGUSR1)
+        tree_pid = int(wait_for_line(report, 2)[1])
+        reader.on_readable()
+    return {
+        "reader": sender,
+        "tree_pid": tree_pid,
+        "fed": fed,
+        "dropped": counters.datagrams_dropped,
+        "received": counters.datagrams,
+    }
+
+
 def main() -> None:
-    peers.use_peer_pidfd = sys.argv[1] == "peerpidfd"
+    peers.use_peer_pidfd = sys.argv[1] != "pidfd_open"
     assert os.getpid() == 1, "run me as pid 1 of a new pid namespace"
     work = Path(tempfile.mkdtemp(prefix="sg-reuse-", dir="/tmp"))
     work.chmod(0o755)
@@ -75,6 +116,10 @@ def main() -> None:
         SpawnSpec((sys.executable, "-c", HOST, str(report)), work, dict(os.environ)), None
     )
     wait_for_line(report, 1)
+    if sys.argv[1] == "notify":
+        print(json.dumps(notify_attack(host, work, report)), flush=True)
+        host.signal_tree(signal.SIGKILL)
+        os._exit(0)
     runtime = SimpleNamespace(
         loop=None,
         config=SimpleNamespace(control=SimpleNamespace(allow_users=(), allow_groups=())),

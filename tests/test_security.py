@@ -185,6 +185,25 @@ def test_pid_reuse_gives_no_write_right(pinning: str) -> None:
     assert seen["actions"] == []
 
 
+@needs_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_datagram_from_a_pid_now_in_the_tree_is_dropped() -> None:
+    """The sender exited and a process of the host's tree took its pid before the datagram was
+    read: SCM_PIDFD pins the sender, so the datagram is judged by it (dropped), not by its pid."""
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+         "tests.pid_reuse_attack", "notify"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no new pid namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["tree_pid"] == seen["reader"], "the host's child did not land on the sender's pid"
+    assert seen["received"] == 1 and seen["dropped"] == 1 and seen["fed"] == [], seen
+
+
 # --- check refuses what run would refuse ---------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
