@@ -261,6 +261,11 @@ def _case(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "notify socket":
         state = _long_dir(tmp_path, 100)
         return _config(tmp_path, state={"dir": str(state)}), "notify socket"
+    if case == "socket folder open to others":
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        return _config(tmp_path, control={"socket": str(shared / "c.sock")}), "sticky bit"
     if case == "unknown user":
         return _config(tmp_path, control={"allow_users": ["nosuchuser"]}), "unknown user"
     if case == "unknown group":
@@ -281,6 +286,7 @@ def _case(tmp_path: Path, case: str) -> tuple[Path, str]:
     [
         "staging socket name",
         "notify socket",
+        "socket folder open to others",
         "unknown user",
         "unknown group",
         "not a git work tree",

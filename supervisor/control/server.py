@@ -465,6 +465,24 @@ def socket_group_id(group: str) -> int:
         raise errors.ConfigError(message, key="control.group") from None
 
 
+def socket_folder_problem(path: Path) -> str | None:
+    """Why the control socket's folder is unsafe to bind in, or None: where others may rename
+    files (writable by group or others, without the sticky bit), one could swap the socket file
+    for a symlink between its bind and its chmod, and have swapguard chmod a file of theirs."""
+    folder = path.parent
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None  # missing: bind names it
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        mode = stat.S_IMODE(info.st_mode)
+        return (
+            f"the control socket's folder {folder} is writable by group or others without the "
+            f"sticky bit (mode {mode:04o}); choose another control.socket or chmod go-w it"
+        )
+    return None
+
+
 def _clear_stale_socket(path: Path) -> None:
     """Remove a socket file nobody answers on; refuse to touch a live one or a non-socket."""
     try:
@@ -515,7 +533,8 @@ class ControlServer:
         gid = socket_group_id(group)
         # Bound under a short temporary name, given its mode and group, then renamed into place:
         # no client ever sees the socket with looser permissions than configured.
-        if (problem := socket_path_problem(self.path, staged=True)) is not None:
+        problem = socket_path_problem(self.path, staged=True) or socket_folder_problem(self.path)
+        if problem is not None:
             raise errors.ConfigError(problem, key="control.socket")
         staging = staging_socket_path(self.path)
         _clear_stale_socket(self.path)

@@ -15,7 +15,7 @@ import pwd
 
 from supervisor.code.checkpoint import CodeTree
 from supervisor.config.schema import Config
-from supervisor.control.server import socket_group_id
+from supervisor.control.server import socket_folder_problem, socket_group_id
 from supervisor.errors import CheckpointError, ConfigError
 from supervisor.state.lock import state_dir_problem
 
@@ -45,6 +45,8 @@ def preflight(config: Config) -> None:
     for name in config.control.allow_groups:
         group_id(name, key="control.allow_groups")
     socket_group_id(config.control.group)
+    if (problem := socket_folder_problem(config.control.socket)) is not None:
+        raise ConfigError(problem, key="control.socket")
     try:
         CodeTree(config.code.root).check_work_tree()
     except CheckpointError as exc:
