@@ -797,3 +797,77 @@ def test_surrogates_and_giant_numbers_are_400_and_get_bodies_are_ignored(
         status, _headers, answer = exchange(path, request("GET", target, body))
         assert status == 200, (target, answer)
     assert backend.swaps == {} and backend.heartbeats == []
+
+
+# --- availability and write rights under a hostile reader (issue 13) ---------------------------
+
+
+def test_a_reader_uid_gets_its_share_of_slots_and_a_writer_more(serve: Any) -> None:
+    _server, path = serve(SwapBackend(writers=set()), max_connections=8, max_per_uid=2)
+    held = [connect(path), connect(path)]
+    try:
+        for sock in held:
+            sock.sendall(request("GET", "/v1/status"))
+            assert read_response(sock)[0] == 200
+        with connect(path) as extra:
+            status, headers, body = read_response(extra)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert f"from uid {os.getuid()} (limit 2)" in error_of(body)["message"]
+    finally:
+        for sock in held:
+            sock.close()
+    _server, writable = serve(SwapBackend(), max_connections=8, max_per_uid=2)
+    writers = [connect(writable) for _ in range(8)]  # a writer is not held to the per-uid share
+    try:
+        for sock in writers:
+            sock.sendall(request("GET", "/v1/status"))
+            assert read_response(sock)[0] == 200
+    finally:
+        for sock in writers:
+            sock.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(serve: Any) -> None:
+    _server, path = serve(idle_timeout=0.3, request_timeout=10.0)
+    with connect(path) as sock:
+        sock.sendall(request("GET", "/v1/status"))
+        assert read_response(sock)[0] == 200
+        started = time.monotonic()
+        assert read_until_closed(sock) == b""
+        assert 0.2 <= time.monotonic() - started < 5.0
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="peers are pinned with pidfds (Linux)")
+def test_a_connection_outliving_the_process_that_opened_it_cannot_write(serve: Any) -> None:
+    """The opener hands the connection to its child and exits: the child may read, not write,
+    even as a user that may write (the right was the opener's, not its uid's or pid's)."""
+    backend = SwapBackend()
+    _server, path = serve(backend)
+    read_fd, write_fd = os.pipe()
+    opener = os.fork()
+    if opener == 0:  # pragma: no cover - the opener, then its child
+        code = 1
+        try:
+            sock = connect(path)
+            opener_fd = os.pidfd_open(os.getpid())
+            if os.fork() == 0:
+                # readable once the opener has exited
+                assert select.select([opener_fd], [], [], WAIT_S)[0], "the opener did not exit"
+                sock.sendall(request("GET", "/v1/status"))
+                answers = [read_response(sock)[0]]
+                sock.sendall(request("POST", "/v1/heartbeat", b"{}"))
+                status, _headers, body = read_response(sock)
+                answers += [status, error_of(body)["message"]]
+                os.write(write_fd, json.dumps(answers).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    os.waitpid(opener, 0)
+    with os.fdopen(read_fd, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], WAIT_S)
+        assert ready, "the inheriting child did not report"
+        answers = json.loads(pipe.read())
+    assert answers[:2] == [200, 403], answers
+    assert f"(pid {opener}) has exited; its write right ended with it" in answers[2]
+    assert backend.heartbeats == []

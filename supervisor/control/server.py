@@ -8,12 +8,19 @@ re-exported here). Reads are open to whoever can connect; every POST is a write,
 `Backend.may_write(peer)` against the kernel-reported peer credentials. h11 does the HTTP
 framing: a connection's thread reads with `recv`, feeds h11, and writes what h11 returns.
 
-Nothing is read without a bound: a request's first byte must come within `request_timeout` (idle
-keep-alive), the whole request within `request_timeout` of that byte; the header section is capped
-at 64 KiB and 100 fields, bodies at 64 KiB (by Content-Length, before reading). Past
-`max_connections` a connection gets 503 at once, without a thread, and is closed. A request that
-cannot be read to its end (bad framing, chunked, a limit, a hang-up or a timeout inside it) is
-answered, then the connection closes; other errors keep it alive. Requests log at DEBUG.
+Nothing is read without a bound: a kept-alive connection is closed after `idle_timeout` (5 s)
+without a request, a whole request must come within `request_timeout` of its first byte; the
+header section is capped at 64 KiB and 100 fields, bodies at 64 KiB (by Content-Length, before
+reading). A request that cannot be read to its end (bad framing, chunked, a limit, a hang-up or a
+timeout inside it) is answered, then the connection closes; other errors keep it alive. Requests
+log at DEBUG.
+
+No one who can merely read can take the socket away (issue 13). Each peer is pinned at accept
+(`control.peers`: a pidfd and a start time), and a write needs that very process alive around the
+`Backend.may_write` check, so a connection handed on by a process that then exited stays
+read-only whatever now holds its pid. Slots: past `max_connections`, past `max_per_uid` for a uid
+that may not write, or into the slots kept for writers, a connection gets 503 at once, without a
+thread, and is closed.
 """
 
 from __future__ import annotations
@@ -424,7 +431,8 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         if writer:
             return None
         if len(self.readers) >= limits.max_connections - limits.reserved:
-            return f"too many read-only control connections (limit {len(self.readers)})"
+            kept = limits.max_connections - limits.reserved
+            return f"too many read-only control connections (limit {kept}; the rest are writers')"
         held = sum(1 for other in self.readers.values() if other == uid)
         if held >= limits.max_per_uid:
             return f"too many control connections from uid {uid} (limit {limits.max_per_uid})"
