@@ -363,6 +363,32 @@ def test_a_build_that_prints_a_secret_leaks_it_to_no_reader(tmp_path: Path) -> N
         assert "s3cret" not in sup.output()  # not in swapguard's own log either (DEBUG only)
 
 
+@needs_root
+def test_a_health_check_that_prints_a_secret_leaks_it_to_no_reader(tmp_path: Path) -> None:
+    repo = make_sample_repo(tmp_path / "repo")
+    check = [
+        sys.executable,
+        "-c",
+        "import json, sys\nv = json.load(open('app.json'))['version']\n"
+        "print('API_TOKEN=s3cret-' + v)\nsys.exit(v != 'v1')\n",
+    ]
+    deadman = {"health_check": check, "health_interval": "300ms", "health_failures": 2}
+    with supervised(repo, deadman=deadman) as sup:
+        sup.start()
+        os.chmod(sup.state, 0o755)
+        os.chmod(sup.socket, 0o666)
+        swap = sup.client.prepare("an unhealthy version whose check echoes a secret")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        doc = sup.wait_swap(swap["id"], "rolled_back", timeout=40)
+        assert doc["reason"] == "health_failed"
+        seen = _read_everything_as_nobody(sup.socket, swap["id"])
+        assert "s3cret" not in seen and "API_TOKEN" not in seen
+        assert re.search(r"exit 1; output in health-[0-9-]+-[0-9a-f]+\.log", seen), seen[-2000:]
+        kept = sorted((sup.state / "output").glob("health-*.log"))
+        assert any("API_TOKEN=s3cret-v2" in path.read_text() for path in kept)
+
+
 def test_the_host_gets_only_the_allowed_environment(tmp_path: Path) -> None:
     repo = make_sample_repo(tmp_path / "repo")
     dump = tmp_path / "env.json"

@@ -46,7 +46,7 @@ from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
 from supervisor.daemon.hostrun import HostRunner
 from supervisor.daemon.notifyinput import NotifyInput
-from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork
+from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork, failure_detail
 from supervisor.daemon.timer import WakeTimer
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
@@ -460,7 +460,7 @@ class Runtime:
                 )
                 return
             result = future.result()
-            detail = "ok" if result.ok else (result.output.strip().splitlines() or ["failed"])[-1]
+            detail = failure_detail(result)  # never the check's output: readers see events
             self._feed_swap_quietly(
                 swaps.HealthChecked(now=clock.now(), ok=result.ok, detail=detail[:200])
             )

@@ -30,6 +30,16 @@ BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
 
 
+def failure_detail(result: jobs.JobResult) -> str:
+    """What an event may say of a job: how it ended and where its output is, never the output
+    (a reader of the control socket must not see what a build or a check printed)."""
+    if result.ok:
+        return "ok"
+    if result.output_file is None:
+        return result.describe()
+    return f"{result.describe()}; output in {result.output_file.name}"
+
+
 def _checkpoint(swap: swaps.Swap) -> Checkpoint:
     return Checkpoint.from_json(dict(swap.checkpoint))
 
@@ -102,11 +112,13 @@ class SwapWork:
         self.snapshots.restore(swap.id, _snapshots(swap))
 
     def health_check(self) -> jobs.JobResult:
+        """One run of the health check; its output is kept like the build's (`failure_detail`)."""
         return jobs.run_job(
             self.config.deadman.health_check,
             cwd=self.config.code.root,
             timeout=self.config.deadman.health_interval,
             log_name="health",
+            output_to=jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "health"),
         )
 
     def save_changes(self, swap: swaps.Swap) -> None:

@@ -33,7 +33,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from supervisor.process import proctree
@@ -156,6 +156,7 @@ class JobResult:
     duration: float
     cancelled: bool = False
     left_behind: int = 0  # processes the job left running (detached daemons), stopped with it
+    output_file: Path | None = None  # where the whole output is kept (`output_to`)
 
     @property
     def ok(self) -> bool:
@@ -204,7 +205,8 @@ def run_job(
     with _registry_lock:
         _in_flight.add(token)
     try:
-        return _run(command, cwd, env, timeout, stdin, JobOutput(job_log, output_to), token)
+        result = _run(command, cwd, env, timeout, stdin, JobOutput(job_log, output_to), token)
+        return result if output_to is None else replace(result, output_file=output_to)
     finally:
         with _registry_lock:
             _in_flight.discard(token)
