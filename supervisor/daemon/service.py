@@ -41,7 +41,8 @@ _CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation m
 
 class LoopBackend(Backend):
     """The control socket's view of the runtime: every call is marshalled onto the loop thread,
-    but for the status, read from values the loop replaces whole (`Runtime.machines`)."""
+    but for the status and `may_write`, read from values the loop replaces whole
+    (`Runtime.machines`, the host's process), and the store's reads."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
