@@ -26,12 +26,10 @@ thread, and is closed.
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -63,6 +61,12 @@ from supervisor.control.routes import IntParam as IntParam
 from supervisor.control.routes import Peer as Peer
 from supervisor.control.routes import Route as Route
 from supervisor.control.routes import parse_query as parse_query
+from supervisor.control.socketfile import ControlSocketInUse as ControlSocketInUse
+from supervisor.control.socketfile import (
+    clear_stale_socket,
+    socket_folder_problem,
+    socket_group_id,
+)
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_S = 300.0
@@ -84,12 +88,6 @@ _WEEKDAYS = b"Mon Tue Wed Thu Fri Sat Sun".split()
 _MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 _RETRY_HEAD = ((b"Retry-After", b"1"),)
 _CLOSE_JOIN_S = 5.0
-
-
-class ControlSocketInUse(errors.SwapguardError):
-    """A live swapguard already answers on the control socket path."""
-
-    code = "socket_in_use"
 
 
 class _ProtocolError(errors.SwapguardError):
@@ -460,61 +458,6 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         return [thread for _request, thread in live]
 
 
-def socket_group_id(group: str) -> int:
-    """The control socket's group (-1: keep ours); ConfigError naming an unknown one."""
-    if not group:
-        return -1
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        message = f"unknown group {group!r} for the control socket"
-        raise errors.ConfigError(message, key="control.group") from None
-
-
-def socket_folder_problem(path: Path) -> str | None:
-    """Why the control socket's folder is unsafe to bind in, or None: where others may rename
-    files (writable by group or others, without the sticky bit), one could swap the socket file
-    for a symlink between its bind and its chmod, and have swapguard chmod a file of theirs."""
-    folder = path.parent
-    try:
-        info = os.stat(folder)
-    except OSError:
-        return None  # missing: bind names it
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        mode = stat.S_IMODE(info.st_mode)
-        return (
-            f"the control socket's folder {folder} is writable by group or others without the "
-            f"sticky bit (mode {mode:04o}); choose another control.socket or chmod go-w it"
-        )
-    return None
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody answers on; refuse to touch a live one or a non-socket."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            message = f"{path} exists and is not a socket; refusing to replace it"
-            raise errors.ConfigError(message, key="control.socket")
-    except FileNotFoundError:
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            logger.info("removing stale control socket %s", path)
-            path.unlink(missing_ok=True)
-            return
-        except TimeoutError:
-            pass  # a listener with a full backlog is alive too
-        except OSError as err:
-            message = f"cannot check the existing socket {path}: {err.strerror or err}"
-            raise errors.ConfigError(message, key="control.socket") from None
-    raise ControlSocketInUse(f"another swapguard is answering on {path}")
-
-
 class ControlServer:
     """The control socket: bound and listening once constructed; `serve_in_thread` serves it."""
 
@@ -545,7 +488,7 @@ class ControlServer:
         if problem is not None:
             raise errors.ConfigError(problem, key="control.socket")
         staging = staging_socket_path(self.path)
-        _clear_stale_socket(self.path)
+        clear_stale_socket(self.path)
         reserved = min(RESERVED_SLOTS, max_connections // 4)
         limits = _Limits(request_timeout, idle_timeout, max_connections, max_per_uid, reserved)
         self._server = _UnixHTTPServer(backend, limits)

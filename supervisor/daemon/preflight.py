@@ -15,7 +15,7 @@ import pwd
 
 from supervisor.code.checkpoint import CodeTree
 from supervisor.config.schema import Config
-from supervisor.control.server import socket_folder_problem, socket_group_id
+from supervisor.control.socketfile import socket_folder_problem, socket_group_id
 from supervisor.errors import CheckpointError, ConfigError
 from supervisor.state.lock import state_dir_problem
 
