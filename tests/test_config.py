@@ -36,9 +36,9 @@ HOST = '[host]\ncommand = ["python3", "app.py"]\n'
 # The keys of CONTRACT.md "Configuration", written out here so the module can't grade itself.
 CONTRACT_KEYS = {
     "host": [
-        "command", "cwd", "env", "ready", "start_timeout", "min_uptime", "heartbeat_timeout",
-        "stop_signal", "stop_timeout", "restart", "restart_delay", "restart_delay_max",
-        "restart_reset_after", "output",
+        "command", "cwd", "env", "inherit_env", "ready", "start_timeout", "min_uptime",
+        "heartbeat_timeout", "stop_signal", "stop_timeout", "restart", "restart_delay",
+        "restart_delay_max", "restart_reset_after", "output",
     ],
     "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes"],
     "data": ["path", "kind"],
@@ -67,6 +67,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             command=command,
             cwd=folder,
             env=MappingProxyType({}),
+            inherit_env=None,
             ready="notify",
             start_timeout=60.0,
             min_uptime=1.0,

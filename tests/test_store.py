@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import select
 import signal
@@ -148,21 +147,17 @@ def test_open_creates_a_private_dir_and_the_current_schema(tmp_path: Path) -> No
     assert {"meta", "host_run", "event", "swap", "kv"} <= tables
 
 
-def test_an_operators_dir_mode_is_kept_and_a_writable_one_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_operators_dir_mode_is_kept_and_a_writable_one_refused(tmp_path: Path) -> None:
     private, shared = tmp_path / "private", tmp_path / "shared"
     private.mkdir(mode=0o750)
     os.chmod(private, 0o750)
     shared.mkdir()
     os.chmod(shared, 0o777)
-    with caplog.at_level(logging.WARNING, logger="supervisor.state.lock"):
-        Store.open(private).close()
-        assert not caplog.records
-        Store.open(shared).close()
+    Store.open(private).close()
+    with pytest.raises(StoreError, match=r"shared is writable by group or others \(mode 0777\)"):
+        Store.open(shared)
     assert private.stat().st_mode & 0o777 == 0o750
-    assert shared.stat().st_mode & 0o777 == 0o777
-    assert any("writable" in record.getMessage() for record in caplog.records)
+    assert shared.stat().st_mode & 0o777 == 0o777 and not list(shared.iterdir())
 
 
 def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:

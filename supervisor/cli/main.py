@@ -50,9 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from supervisor.config.schema import find_config, load_config
+    from supervisor.daemon.preflight import preflight
 
     path = find_config(args.config)
     config = load_config(path)
+    preflight(config)  # what `run` would refuse, with the same message
     print(f"{path}: ok (host: {' '.join(config.host.command)})")
     return EXIT_OK
 

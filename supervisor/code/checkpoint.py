@@ -234,6 +234,10 @@ class CodeTree:
 
     # --- public ---------------------------------------------------------------------------
 
+    def check_work_tree(self) -> None:
+        """Refuse (CheckpointError) unless root is the top of a git work tree (`check`, `run`)."""
+        self._git_dir(fresh=True)
+
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
         git_dir = self._git_dir(fresh=True)

@@ -28,6 +28,9 @@ _TEMPLATE = """\
 command = {command}  # argv; a string is split like a shell would, but no shell runs
 cwd = "."                 # working directory of the host
 env = {}                  # added to swapguard's own environment, e.g. { PORT = "8080" }
+inherit_env = true        # true: the host inherits swapguard's whole environment; or only
+                          # these names of it, e.g. ["PATH", "HOME", "LANG"] (env and the
+                          # NOTIFY_SOCKET/SWAPGUARD_* variables are always given)
 ready = "notify"          # "notify": ready at READY=1 | "started": ready once up for min_uptime
 start_timeout = "60s"     # not ready by then: restart (on probation: roll back)
 min_uptime = "1s"         # an exit sooner than this is a failed start

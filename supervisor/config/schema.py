@@ -45,8 +45,10 @@ CONFIG_ENV_VAR = "SWAPGUARD_CONFIG"
 # Bounds a user would want enforced; each error message states the bound it broke.
 MAX_DURATION_S = 365 * 24 * 3600.0  # longer than a year is a typo, and overflows some timers
 MAX_COUNT = 10_000
-# sun_path holds 108 bytes on Linux, 104 on macOS, both including the terminating NUL.
+# sun_path holds 108 bytes on Linux, 104 on macOS, both including the terminating NUL. The one
+# definition of the limit: the control and notify sockets and `check` all ask socket_path_problem.
 MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107
+NOTIFY_SOCKET_NAME = "notify.sock"
 
 _SECTIONS = ("host", "code", "data", "deadman", "control", "state", "hooks")
 _KEYS = {section: tuple(DEFAULTS.get(section, ())) for section in _SECTIONS}
@@ -65,6 +67,7 @@ class HostConfig:
     command: tuple[str, ...]
     cwd: Path
     env: Mapping[str, str]
+    inherit_env: tuple[str, ...] | None  # None: all of swapguard's environment
     ready: ReadyMode
     start_timeout: float
     min_uptime: float
@@ -357,6 +360,19 @@ def _env(table: _Table) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+def _inherit_env(table: _Table) -> tuple[str, ...] | None:
+    """true: everything swapguard has; an array: only these variable names of it."""
+    if table.raw("inherit_env") is True:
+        return None
+    if table.raw("inherit_env") is False:
+        raise table.fail("inherit_env", "must be true or an array of names (use [] for none)")
+    names = table.strings("inherit_env", nonempty=True)
+    for index, name in enumerate(names):
+        if "=" in name:
+            raise table.fail("inherit_env", "is not a valid variable name (has '=')", index)
+    return names
+
+
 def _signal(table: _Table) -> signal.Signals:
     value = table.raw("stop_signal")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
@@ -413,6 +429,7 @@ def _parse_host(table: _Table) -> HostConfig:
         command=table.argv("command", required=True),
         cwd=table.path("cwd"),
         env=_env(table),
+        inherit_env=_inherit_env(table),
         ready=table.choice("ready", get_args(ReadyMode)),
         start_timeout=table.duration("start_timeout", positive=True),
         min_uptime=table.duration("min_uptime"),
@@ -481,12 +498,33 @@ def _parse_deadman(table: _Table) -> DeadmanConfig:
     return deadman
 
 
+def staging_socket_path(path: Path) -> Path:
+    """The temporary name a socket is bound under before it is renamed into place (same folder,
+    always this long): no client ever sees it with looser permissions than configured."""
+    return path.with_name(f".{os.urandom(4).hex()}.sock~")
+
+
+def socket_path_problem(path: Path, *, staged: bool = False) -> str | None:
+    """Why `path` cannot be a unix socket's address, or None; `staged`: it is first bound under
+    `staging_socket_path`, which must fit too."""
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH_BYTES:
+        return f"{path} is {length} bytes; unix socket paths allow {MAX_SOCKET_PATH_BYTES}"
+    if staged:
+        staging = staging_socket_path(path)
+        if (length := len(os.fsencode(staging))) > MAX_SOCKET_PATH_BYTES:
+            return (
+                f"{path} is bound first under a temporary name of {length} bytes "
+                f"(.<8 hex digits>.sock~ beside it); unix socket paths allow "
+                f"{MAX_SOCKET_PATH_BYTES}"
+            )
+    return None
+
+
 def _parse_control(table: _Table) -> ControlConfig:
     socket_path = table.path("socket")
-    length = len(os.fsencode(socket_path))
-    if length > MAX_SOCKET_PATH_BYTES:
-        message = f"{socket_path} is {length} bytes; unix sockets allow {MAX_SOCKET_PATH_BYTES}"
-        raise table.fail("socket", message)
+    if (problem := socket_path_problem(socket_path, staged=True)) is not None:
+        raise table.fail("socket", problem)
     return ControlConfig(
         socket=socket_path,
         mode=_mode(table),
@@ -497,7 +535,10 @@ def _parse_control(table: _Table) -> ControlConfig:
 
 
 def _parse_state(table: _Table) -> StateConfig:
-    return StateConfig(dir=table.path("dir"), keep_swaps=table.count("keep_swaps"))
+    state_dir = table.path("dir")
+    if (problem := socket_path_problem(state_dir / NOTIFY_SOCKET_NAME)) is not None:
+        raise table.fail("dir", f"its notify socket {problem}; use a shorter state.dir")
+    return StateConfig(dir=state_dir, keep_swaps=table.count("keep_swaps"))
 
 
 def _parse_hooks(table: _Table) -> HooksConfig:

@@ -21,13 +21,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor import errors
+from supervisor.config.schema import socket_path_problem
+from supervisor.control import peers
+from supervisor.control.routes import Peer
 from supervisor.core.notifyproto import MAX_DATAGRAM_BYTES
 
 log = logging.getLogger(__name__)
 
 RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-_MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107  # sizeof(sun_path) - 1
+_PIDFD = struct.Struct("i")
 _SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None  # not exported by Python
 _HAS_PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
 
@@ -40,6 +44,9 @@ class Datagram:
     pid: int | None
     uid: int | None
     gid: int | None
+    # the sender's start time, pinned at receipt (`control.peers`); None where nothing pins
+    start: int | None = None
+    pinned: bool = True  # False: the sender's pid already named another process, or none
 
 
 class NotifyServer:
@@ -61,6 +68,9 @@ class NotifyServer:
             self._inode = os.stat(self.path).st_ino
             if _HAS_PASSCRED:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                if peers.SO_PASSPIDFD is not None:  # Linux >= 6.5: a pidfd of each sender
+                    with contextlib.suppress(OSError):
+                        self._sock.setsockopt(socket.SOL_SOCKET, peers.SO_PASSPIDFD, 1)
             _enlarge_receive_buffer(self._sock)
             self._sock.setblocking(False)
         except BaseException:
@@ -108,27 +118,43 @@ class NotifyServer:
         if not _HAS_PASSCRED:
             payload = self._sock.recv(bufsize)
             return Datagram(payload, None, None, None)
-        # Room for credentials only: the kernel closes any descriptors a sender passes (FDSTORE=1),
-        # so none can leak into swapguard.
+        # Room for credentials and the sender's pidfd only: the kernel closes the descriptors a
+        # sender passes (FDSTORE=1) that do not fit, and those that do are closed below.
         payload, ancillary, _flags, _address = self._sock.recvmsg(
-            bufsize, socket.CMSG_SPACE(_UCRED.size)
+            bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_PIDFD.size)
         )
+        received = peers.boot_ticks()
+        sender: Peer | None = None
+        pidfd: int | None = None
         for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid, uid, gid = _UCRED.unpack_from(data)
-                return Datagram(payload, pid, uid, gid)
-        return Datagram(payload, None, None, None)
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_CREDENTIALS:
+                sender = Peer(*_UCRED.unpack_from(data))
+            elif kind == peers.SCM_PIDFD and len(data) >= _PIDFD.size:
+                pidfd = _PIDFD.unpack_from(data)[0]
+            elif kind == socket.SCM_RIGHTS:  # passed fds that fit in beside: never kept
+                usable = len(data) - len(data) % _PIDFD.size
+                for (fd,) in _PIDFD.iter_unpack(data[:usable]):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        if sender is None:
+            if pidfd is not None:
+                os.close(pidfd)
+            return Datagram(payload, None, None, None)
+        if not peers.use_peer_pidfd and pidfd is not None:
+            os.close(pidfd)  # tests exercise the fallback
+            pidfd = None
+        pin = peers.pin_process(sender, pidfd, received, allow_exited=True)
+        pin.close()  # judged by the start time from here: a datagram outlives its sender
+        peer = pin.peer
+        return Datagram(payload, peer.pid, peer.uid, peer.gid, peer.start, pin.pinned)
 
 
 def _check_socket_path_length(path: str) -> None:
-    size = len(os.fsencode(path))
-    if size > _MAX_SOCKET_PATH_BYTES:
-        raise OSError(
-            errno.ENAMETOOLONG,
-            f"notify socket path is {size} bytes, over the unix socket limit of "
-            f"{_MAX_SOCKET_PATH_BYTES}; use a shorter state.dir",
-            path,
-        )
+    if (problem := socket_path_problem(Path(path))) is not None:
+        problem = f"its notify socket {problem}; use a shorter state.dir"
+        raise errors.ConfigError(problem, key="state.dir")
 
 
 def _remove_stale_socket(path: Path) -> None:

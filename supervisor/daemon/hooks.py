@@ -42,12 +42,15 @@ class HookRunner:
         config: HooksConfig,
         *,
         cwd: Path,
+        output_dir: Path | None = None,
         timeout: float = HOOK_TIMEOUT,
         attempts: int = HOOK_ATTEMPTS,
         retry_first: float = RETRY_FIRST_S,
         retry_max: float = RETRY_MAX_S,
     ) -> None:
+        """`output_dir`: where each run's output is kept, readable by swapguard's user only."""
         self.argv = tuple(config.on_event)
+        self.output_dir = output_dir
         self.patterns = tuple(config.events)
         self.cwd = cwd
         self.timeout = timeout
@@ -117,12 +120,25 @@ class HookRunner:
 
     def _run_once(self, event: dict[str, Any]) -> jobs.JobResult:
         payload = json.dumps(event).encode() + b"\n"
+        output = None
+        if self.output_dir is not None:
+            try:
+                output = jobs.new_output_file(self.output_dir, "hook")
+            except OSError as exc:
+                log.warning("hook output not kept: %s", exc)
         result = jobs.run_job(
-            self.argv, cwd=self.cwd, timeout=self.timeout, stdin=payload, log_name="hook"
+            self.argv,
+            cwd=self.cwd,
+            timeout=self.timeout,
+            stdin=payload,
+            log_name="hook",
+            output_to=output,
         )
         self.ran += 1
         if not result.ok:
             self.failed += 1
+            kept = "" if output is None else f"; output in {output}"
+            log.warning("hook for %s: %s%s", event.get("event"), result.describe(), kept)
         return result
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:

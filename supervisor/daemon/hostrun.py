@@ -126,7 +126,10 @@ class HostRunner:
             self.store.record_ready(self.run_id, time.time())
 
     def _child_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
+        inherit = self.config.host.inherit_env
         env = dict(os.environ)
+        if inherit is not None:  # an allow-list: nothing else of ours reaches the host
+            env = {name: value for name, value in env.items() if name in inherit}
         for key in _INHERITED_PROTOCOL_VARS:
             env.pop(key, None)
         env.update(self.config.host.env)

@@ -46,7 +46,7 @@ from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
 from supervisor.daemon.hostrun import HostRunner
 from supervisor.daemon.notifyinput import NotifyInput
-from supervisor.daemon.swapwork import SwapWork
+from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork, failure_detail
 from supervisor.daemon.timer import WakeTimer
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
@@ -88,7 +88,9 @@ class Runtime:
         )
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
-        self.hooks = HookRunner(config.hooks, cwd=config.code.root)
+        self.hooks = HookRunner(
+            config.hooks, cwd=config.code.root, output_dir=config.state.dir / OUTPUT_DIR
+        )
         self.notify_server = NotifyServer(config.state.dir / "notify.sock")
         self.drift_guard = DriftGuard(
             config.code,
@@ -458,7 +460,7 @@ class Runtime:
                 )
                 return
             result = future.result()
-            detail = "ok" if result.ok else (result.output.strip().splitlines() or ["failed"])[-1]
+            detail = failure_detail(result)  # never the check's output: readers see events
             self._feed_swap_quietly(
                 swaps.HealthChecked(now=clock.now(), ok=result.ok, detail=detail[:200])
             )

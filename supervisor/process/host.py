@@ -8,7 +8,8 @@ host's process group, or reparenting to us. `kill_tree` uses all of them.
 Our children are of three kinds: the host and the jobs (registered in `process.jobs`), children
 other modules start in our own session with plain `subprocess` (their owners reap both), and
 orphans of the host's tree, whose session is never ours (a process can leave a session, never join
-one). Only orphans are ours to reap, and they count as part of the host's tree.
+one). Only orphans are ours to reap, and they count as part of the host's tree, but for those a
+job left behind (`jobs.is_job_process`): a daemon detached by a build or a hook is not the host's.
 
 Every signal goes through a pidfd, opened and then checked against the start time we saw (psutil's
 identity of a process), so a recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS):
@@ -391,8 +392,14 @@ def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) ->
 
 
 def is_orphan(pid: int, info: ProcInfo, host_pid: int | None) -> bool:
-    """A child of ours that nobody waits for and that came from outside our session."""
+    """A child of ours that nobody waits for and that came from outside our session (ours to
+    reap)."""
     return info.sid != os.getsid(0) and pid not in jobs.registered() and pid != host_pid
+
+
+def _is_host_orphan(pid: int, info: ProcInfo, host_pid: int | None) -> bool:
+    """An orphan of the host's tree: one that no job (build, hook, health check) left behind."""
+    return is_orphan(pid, info, host_pid) and not jobs.is_job_process(pid)
 
 
 def _live_tree(
@@ -403,7 +410,9 @@ def _live_tree(
     if host is not None and host._alive_in(table):
         roots.add(host.pid)
     roots.update(
-        pid for pid, info in table.items() if info.ppid == me and is_orphan(pid, info, host_pid)
+        pid
+        for pid, info in table.items()
+        if info.ppid == me and _is_host_orphan(pid, info, host_pid)
     )
     members = roots | descendants(table, roots)
     return {
@@ -427,7 +436,7 @@ def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
         if host is not None and current == host.pid:
             return host._exit is None
         if current_info.ppid == me:
-            return is_orphan(current, current_info, None if host is None else host.pid)
+            return _is_host_orphan(current, current_info, None if host is None else host.pid)
         current = current_info.ppid
         parent_info = proc_info(current) if current > 1 else None
         if parent_info is None:

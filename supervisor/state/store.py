@@ -38,7 +38,7 @@ from supervisor.clock import rfc3339
 # Re-exported: the state dir and its lock are the store's first step.
 from supervisor.state.lock import LOCK_NAME as LOCK_NAME
 from supervisor.state.lock import StateLock as StateLock
-from supervisor.state.lock import StoreError, prepare_state_dir
+from supervisor.state.lock import StoreError, check_private_file, prepare_state_dir
 from supervisor.state.models import SCHEMA_VERSION, EventRow, HostRunRow, SwapRow, ValueRow
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class Store:
         state_dir = Path(state_dir)
         prepare_state_dir(state_dir)
         path = state_dir / DB_NAME
+        for name in (DB_NAME, *(DB_NAME + suffix for suffix in ("-wal", "-shm", "-journal"))):
+            check_private_file(state_dir / name)  # SQLite follows symlinks; refuse them first
         db = peewee.SqliteDatabase(
             str(path),
             pragmas=_CONNECT_PRAGMAS,
