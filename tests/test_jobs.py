@@ -335,7 +335,7 @@ def test_a_daemon_a_job_leaves_is_never_the_hosts_and_is_stopped_with_it(
         wait_for(lambda: psutil.Process(daemon).ppid() == os.getpid(), what="the reparenting")
         assert jobs.is_job_process(daemon)
         assert not host.is_in_tree(daemon, None, None)  # not the host's, though an orphan of ours
-        assert daemon not in host._live_tree(None, None, host.process_table())
+        assert daemon not in host._live_tree(None, None, host._tree_table(None, None))
         go.write_text("")
         worker.join(WAIT)
     assert not worker.is_alive() and results[0].ok, results

@@ -45,7 +45,7 @@ class Datagram:
     uid: int | None
     gid: int | None
     # the sender's start time, pinned at receipt (`control.peers`); None where nothing pins
-    start: int | None = None
+    start: float | None = None
     pinned: bool = True  # False: the sender's pid already named another process, or none
 
 
@@ -123,7 +123,7 @@ class NotifyServer:
         payload, ancillary, _flags, _address = self._sock.recvmsg(
             bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_PIDFD.size)
         )
-        received = peers.boot_ticks()
+        received = peers.now()
         sender: Peer | None = None
         pidfd: int | None = None
         for level, kind, data in ancillary:

@@ -9,7 +9,7 @@ that process started before the connection was accepted (a later one cannot be t
 keeps the process's start time; a write right is judged against the pinned process and ends with
 it (`PeerPin.alive`).
 
-Without /proc or pidfd (macOS) there is nothing to pin: the peer is taken as reported.
+Without pidfd (macOS) the start time alone tells a later process under the peer's pid apart.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import select
 import socket
 import struct
 import sys
-import time
 
 from supervisor.control.routes import Peer
-from supervisor.process.proctree import CLOCK_TICKS, HAVE_PROC, open_pidfd, proc_info
+from supervisor.process.proctree import open_pidfd, proc_info, started_at_uptime, uptime
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +34,9 @@ SCM_PIDFD = 4 if _LINUX else None
 _UCRED = "iII"  # struct ucred: pid, uid, gid (Linux)
 _XUCRED = "IIh16I"  # struct xucred: version, uid, ngroups, groups[16] (macOS, FreeBSD)
 use_peer_pidfd = SO_PEERPIDFD is not None  # tests turn it off to exercise the fallback
+START_ROUNDING_S = 0.01
+"""Start times count in clock ticks (10 ms): one tick of slack before a process counts as
+started after the moment it was seen."""
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -91,7 +93,7 @@ class PeerPin:
 
 def pin_connection(sock: socket.socket) -> PeerPin:
     """Pin the process at the other end of an accepted connection (call right after accept)."""
-    accepted = boot_ticks()
+    accepted = now()
     peer = peer_credentials(sock)
     exact = None
     if use_peer_pidfd and SO_PEERPIDFD is not None and peer.pid is not None:
@@ -101,16 +103,17 @@ def pin_connection(sock: socket.socket) -> PeerPin:
 
 
 def pin_process(
-    peer: Peer, exact_pidfd: int | None, seen_at: int | None, *, allow_exited: bool = False
+    peer: Peer, exact_pidfd: int | None, seen_at: float | None, *, allow_exited: bool = False
 ) -> PeerPin:
-    """Pin `peer` given the kernel's own pidfd for it (exact) or none; `seen_at` is a boot-clock
-    tick count by which the peer surely existed (a process started later is a stranger). Takes
-    ownership of `exact_pidfd`. `allow_exited`: a sender that exited but is not reaped yet (a
-    zombie keeps its pid) is still judged, by its start time (a datagram outlives its sender)."""
-    if peer.pid is None or peer.pid <= 0 or not HAVE_PROC:
+    """Pin `peer` given the kernel's own pidfd for it (exact) or none; `seen_at` is a moment
+    (`now`, seconds since boot) by which the peer surely existed (one started later is a
+    stranger). Takes ownership of `exact_pidfd`. `allow_exited`: a sender that exited but is not
+    reaped yet (a zombie keeps its pid) is still judged, by its start time (a datagram outlives
+    its sender)."""
+    if peer.pid is None or peer.pid <= 0:
         if exact_pidfd is not None:
             os.close(exact_pidfd)
-        return PeerPin(peer, None, pinned=peer.pid is None or not HAVE_PROC)
+        return PeerPin(peer, None, pinned=peer.pid is None)
     pidfd = exact_pidfd if exact_pidfd is not None else open_pidfd(peer.pid)
     info = proc_info(peer.pid)
     pin = PeerPin(peer, pidfd, pinned=True)
@@ -120,10 +123,11 @@ def pin_process(
         if not (allow_exited and info.zombie):
             return _unpinned(pin, "gone before it could be pinned")
         pin.close()  # judged by its start time alone from here
-    if exact_pidfd is None and seen_at is not None and info.start > seen_at + 1:
-        return _unpinned(pin, "reused by a later process")  # +1: a tick of rounding
+    started = started_at_uptime(info)
+    if exact_pidfd is None and seen_at is not None and started > seen_at + START_ROUNDING_S:
+        return _unpinned(pin, "reused by a later process")
     # without any pidfd (a kernel before 5.3) the start time alone tells a later process apart
-    pinned = Peer(peer.pid, peer.uid, peer.gid, start=int(info.start))
+    pinned = Peer(peer.pid, peer.uid, peer.gid, start=info.start)
     return PeerPin(pinned, pin._pidfd, pinned=True)
 
 
@@ -137,13 +141,12 @@ def started_as_pinned(peer: Peer) -> bool:
     """Does `peer.pid` still name the process pinned with `peer.start`? (Ask after a decision
     about the pid: a later process under that number has a later start.)"""
     if peer.pid is None or peer.start is None:
-        return peer.pid is None or not HAVE_PROC
+        return peer.pid is None
     info = proc_info(peer.pid)
     return info is not None and info.start == peer.start
 
 
-def boot_ticks() -> int | None:
-    """Now, in the unit and clock of /proc/<pid>/stat's start time (ticks since boot)."""
-    if not HAVE_PROC:
-        return None
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS)
+def now() -> float:
+    """Now, in seconds since boot: a process that started after this moment is not the peer that
+    was seen at it (`pin_process`'s `seen_at`)."""
+    return uptime()

@@ -36,9 +36,9 @@ class Peer:
     pid: int | None
     uid: int | None
     gid: int | None
-    # the process's start time (/proc ticks), taken while it was pinned: it tells the peer from
-    # a later process with its pid (None where nothing could be pinned)
-    start: int | None = field(default=None, compare=False)
+    # the process's start time (psutil's create_time), taken while it was pinned: it tells the
+    # peer from a later process with its pid (None where nothing could be pinned)
+    start: float | None = field(default=None, compare=False)
 
 
 class Backend(Protocol):

@@ -89,13 +89,12 @@ def registered() -> frozenset[int]:
 def is_job_process(pid: int) -> bool:
     """Was `pid` started by a job (build, health check, hook), directly or below it? Such a
     process is never part of the host's tree, even once it detached and was reparented to us."""
-    if proctree.HAVE_PROC:
-        try:
-            with open(f"/proc/{pid}/cgroup") as membership:
-                if f"/{LEAF_PARENT}/{_JOB_LEAF}" in membership.read():
-                    return True
-        except OSError:
-            pass
+    try:
+        with open(f"/proc/{pid}/cgroup") as membership:  # Linux: the job leaves' names
+            if f"/{LEAF_PARENT}/{_JOB_LEAF}" in membership.read():
+                return True
+    except OSError:
+        pass
     info = proctree.proc_info(pid)
     if info is None:
         return False
@@ -322,7 +321,7 @@ class _JobRun:
         self.output = output
         self.leaf = leaf
         self.left_behind = 0
-        self._sampled = leaf is None and proctree.HAVE_PROC  # no cgroup: sample the tree
+        self._sampled = leaf is None  # no cgroup: sample the tree
         self._out_fd: int | None = proc.stdout.fileno() if proc.stdout else None
         self._in_fd: int | None = proc.stdin.fileno() if proc.stdin else None
         self._pending_input = memoryview(stdin or b"")
@@ -405,25 +404,25 @@ class _JobRun:
         job, me = self.proc.pid, os.getpid()
         if self._sampled:
             self._sample_tree()  # a last look: what joined a known session since
-        table = proctree.process_table()
         if self.leaf is not None:
-            left = {pid: table[pid].start for pid in self.leaf.pids() if pid in table}
+            left = proctree.subtree_table((), also=self.leaf.pids())
         else:
             with _registry_lock:
                 mine = {pid: start for pid, (start, owner) in _tracked.items() if owner == job}
-            left = {pid: s for pid, s in mine.items() if pid in table and table[pid].start == s}
-        left = {pid: s for pid, s in left.items() if pid != job and not table[pid].zombie}
+            seen = proctree.subtree_table((), also=mine)
+            left = {pid: info for pid, info in seen.items() if info.start == mine[pid]}
+        left = {pid: info for pid, info in left.items() if pid != job and not info.zombie}
         handles = []
         if self.leaf is not None and left:
             self.leaf.kill()
-        for pid, start in left.items():
-            _sent, pidfd = proctree.signal_verified(pid, start, signal.SIGKILL)
+        for info in left.values():
+            _sent, pidfd = proctree.signal_verified(info.process, signal.SIGKILL)
             if pidfd is not None:
                 handles.append(pidfd)
         if handles:
             proctree.await_exits(handles, time.monotonic() + _REAP_WAIT)  # closes them
-        for pid in left:
-            if (info := proctree.proc_info(pid)) is not None and info.ppid == me:
+        for pid, info in left.items():
+            if info.ppid == me:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
         with _registry_lock:

@@ -44,6 +44,12 @@ class ProcInfo:
     sid: int
     zombie: bool
 
+    @property
+    def start(self) -> float:
+        """When it started (psutil's create_time, read once with the handle): a later process
+        under the same pid has a later one."""
+        return float(self.process.create_time())
+
 
 def proc_info(pid: int) -> ProcInfo | None:
     """Parent, group, session, zombie state and identity of `pid`; None when it is gone."""
@@ -79,6 +85,29 @@ def subtree_table(roots: Iterable[int], also: Iterable[int] = ()) -> dict[int, P
     for pid in also:
         if pid not in table and (info := proc_info(pid)) is not None:
             table[pid] = info
+    return table
+
+
+def uptime() -> float:
+    """Seconds since boot, on the clock of `started_at_uptime`."""
+    if (boottime := getattr(time, "CLOCK_BOOTTIME", None)) is not None:
+        return time.clock_gettime(boottime)
+    return time.time() - psutil.boot_time()
+
+
+def started_at_uptime(info: ProcInfo) -> float:
+    """When `info`'s process started, in seconds since boot: exact to the clock tick, where its
+    create_time (placed on the wall clock through a boot time in whole seconds) is not."""
+    return info.start - psutil.boot_time()
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process: for the fallbacks that must look at all of them (a job's sessions where
+    there is no cgroup); a tree decision reads `subtree_table` instead."""
+    table: dict[int, ProcInfo] = {}
+    for process in psutil.process_iter():
+        if (info := _info(process)) is not None:
+            table[process.pid] = info
     return table
 
 
