@@ -89,7 +89,10 @@ class Runtime:
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
         self.hooks = HookRunner(
-            config.hooks, cwd=config.code.root, output_dir=config.state.dir / OUTPUT_DIR
+            config.hooks,
+            store=store,
+            cwd=config.code.root,
+            output_dir=config.state.dir / OUTPUT_DIR,
         )
         self.notify_server = NotifyServer(config.state.dir / "notify.sock")
         self.drift_guard = DriftGuard(

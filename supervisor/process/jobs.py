@@ -187,22 +187,25 @@ def run_job(
     log_name: str = "job",
     cancel: CancelToken | None = None,
     output_to: Path | None = None,
+    with_the_swap: bool = True,
 ) -> JobResult:
     """Run one bounded command to its end and say how it went; blocking, for worker threads.
 
     Never raises for a failing command: a command that cannot start gives returncode 127 and the
     OSError text as output. `env` None inherits ours. Each output line is logged at INFO on
     `process.jobs.<log_name>` so that build output reaches the log. `cancel` (or `cancel_all`)
-    stops it early, like a timeout. `output_to` (from `new_output_file`): the whole output goes
-    there, and its lines are logged at DEBUG only.
+    stops it early, like a timeout; `with_the_swap=False` (a hook) keeps it out of `cancel_all`.
+    `output_to` (from `new_output_file`): the whole output goes there, and its lines are logged
+    at DEBUG only.
     """
     command = _check_argv(argv)
     if not timeout > 0:
         raise ValueError(f"run_job: timeout must be > 0 seconds, got {timeout!r}")
     job_log = logging.getLogger(f"{__name__}.{log_name}")
     token = cancel if cancel is not None else CancelToken()
-    with _registry_lock:
-        _in_flight.add(token)
+    if with_the_swap:
+        with _registry_lock:
+            _in_flight.add(token)
     try:
         result = _run(command, cwd, env, timeout, stdin, JobOutput(job_log, output_to), token)
         return result if output_to is None else replace(result, output_file=output_to)

@@ -256,6 +256,12 @@ class Store:
             rows = list(query.execute(db))
         return [_event(row) for row in rows]
 
+    def newest_event_id(self) -> int:
+        """The id of the newest event (0 before the first): where a new reader of the log starts."""
+        with self._session("read events") as db:
+            newest = EventRow.select(peewee.fn.MAX(EventRow.id)).scalar(db)
+        return int(newest or 0)
+
     # --- swaps ------------------------------------------------------------------------------
 
     def save_swap_with_events(
