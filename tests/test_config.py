@@ -44,7 +44,7 @@ CONTRACT_KEYS = {
     "data": ["path", "kind"],
     "deadman": [
         "window", "extend_by", "hard_cap", "max_crashes", "health_check", "health_interval",
-        "health_failures", "auto_confirm_after",
+        "health_failures", "auto_confirm_after", "stall_limit",
     ],
     "control": ["socket", "mode", "group", "allow_users", "allow_groups"],
     "state": ["dir", "keep_swaps"],
@@ -92,6 +92,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             health_interval=10.0,
             health_failures=3,
             auto_confirm_after=0.0,
+            stall_limit=5.0,
         ),
         control=ControlConfig(
             socket=folder / ".swapguard" / "control.sock",

@@ -45,6 +45,7 @@ CONFIG_ENV_VAR = "SWAPGUARD_CONFIG"
 # Bounds a user would want enforced; each error message states the bound it broke.
 MAX_DURATION_S = 365 * 24 * 3600.0  # longer than a year is a typo, and overflows some timers
 MAX_COUNT = 10_000
+MIN_STALL_LIMIT_S = 1.0
 # sun_path holds 108 bytes on Linux, 104 on macOS, both including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107
 
@@ -107,6 +108,7 @@ class DeadmanConfig:
     health_interval: float
     health_failures: int
     auto_confirm_after: float
+    stall_limit: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,7 +474,11 @@ def _parse_deadman(table: _Table) -> DeadmanConfig:
         health_interval=table.duration("health_interval", positive=True),
         health_failures=table.count("health_failures"),
         auto_confirm_after=table.duration("auto_confirm_after"),
+        stall_limit=table.duration("stall_limit"),
     )
+    if deadman.stall_limit < MIN_STALL_LIMIT_S:
+        message = f"must be at least {MIN_STALL_LIMIT_S:g}s: a busy machine pauses a loop that long"
+        raise table.fail("stall_limit", message)
     if deadman.hard_cap < deadman.window:
         raise table.fail("hard_cap", f"must be at least deadman.window ({deadman.window:g}s)")
     if deadman.auto_confirm_after >= deadman.hard_cap:

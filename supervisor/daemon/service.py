@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from supervisor import clock, notify
+from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint
 from supervisor.code.watch import CodeWatcher
 from supervisor.config.schema import Config
@@ -30,7 +30,9 @@ from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
 from supervisor.daemon import footprint
+from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
+from supervisor.daemon.stall import StallDetector
 from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
 from supervisor.process import host
 from supervisor.state.store import StateLock, Store
@@ -258,7 +260,10 @@ def run(config: Config) -> int:
 
 async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
     loop = asyncio.get_running_loop()
-    runtime = Runtime(config, store, cgroup=cgroup)
+    stall = StallDetector(loop, config.deadman.stall_limit)
+    stall.start()
+    manager = ServiceManager()
+    runtime = Runtime(config, store, cgroup=cgroup, manager=manager)
     server = ControlServer(
         config.control.socket,
         LoopBackend(runtime),
@@ -275,8 +280,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
         runtime.drift_guard.on_tree_changed()
-    notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
-    watchdog = _start_watchdog(loop)
+    manager.notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
+    manager.start_watchdog(loop)
     footprint.release_free_memory()  # what imports and start-up freed, once
     log.info(
         "swapguard %s supervising %s (control %s)",
@@ -285,12 +290,12 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         config.control.socket,
     )
     await stop.wait()
-    notify.sd_notify("STOPPING=1")
-    if watchdog is not None:
-        watchdog.cancel()
+    manager.notify("STOPPING=1")
+    manager.stop_watchdog()
     if watcher is not None:
         watcher.stop()
     await runtime.shutdown()
+    stall.stop()
     server.close()
     log.info("swapguard stopped")
 
@@ -310,19 +315,3 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
         log.warning("cannot watch %s: %s", config.code.root, exc)
         return None
     return watcher
-
-
-def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
-    """Ping our own manager's watchdog at half its WatchdogSec, from the loop: a hung loop shows."""
-    interval = notify.watchdog_interval()
-    if interval is None:
-        return None
-    handle: asyncio.TimerHandle | None = None
-
-    def ping() -> None:
-        nonlocal handle
-        notify.sd_notify("WATCHDOG=1")
-        handle = loop.call_later(interval, ping)
-
-    handle = loop.call_later(0, ping)
-    return handle
