@@ -154,6 +154,7 @@ def test_unit_supervises_for_adoption(path: Path, tmp_path: Path) -> None:
     assert unit.get(service, "NotifyAccess") == "main"
     assert timespan_seconds(unit.get(service, "WatchdogSec")) == 30
     assert unit.get(service, "Restart") == "always"
+    assert int(unit.get(service, "FileDescriptorStoreMax")) >= 2  # notify and control
     assert timespan_seconds(unit.get(service, "RestartSec")) == 1
     assert unit.get("Unit", "StartLimitIntervalSec") == "0"
     # A crash of swapguard must leave the host running for the next swapguard to adopt.

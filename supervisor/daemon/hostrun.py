@@ -40,6 +40,8 @@ _INHERITED_PROTOCOL_VARS = (
     "WATCHDOG_PID",
     "LISTEN_FDS",
     "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "FDSTORE",
 )
 """Our own manager's variables: the host gets ours (or none), never our manager's."""
 

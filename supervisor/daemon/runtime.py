@@ -93,7 +93,10 @@ class Runtime:
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
         self.hooks = HookRunner(config.hooks, cwd=config.code.root)
-        self.notify_server = NotifyServer(config.state.dir / "notify.sock")
+        self.notify_server = NotifyServer(
+            config.state.dir / "notify.sock", self.manager.handed_back.pop("notify", None)
+        )
+        self.manager.store_socket("notify", self.notify_server.bound_socket)
         self.drift_guard = DriftGuard(
             config.code,
             store,
@@ -171,6 +174,7 @@ class Runtime:
             host.kill_tree(self.host_runner.process, self.cgroup)
         jobs.cancel_all()
         self.hooks.close()
+        self.manager.forget_socket("notify")
         self.notify_server.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
