@@ -82,6 +82,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.check is not None:
+        return _check(client.status(), args.check)
     if not args.watch:
         doc = client.status()
         _print_json(doc) if args.json else print(console.render_status(doc))
@@ -100,6 +102,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _check(doc: dict[str, Any], probe: str) -> int:
+    """A probe's verdict as an exit code: `live` once swapguard answers (it restarts the host
+    itself), `ready` only while the host runs ready and no rollback waits for the operator."""
+    if probe == "live":
+        return EXIT_OK
+    host, swap = doc["host"], doc.get("swap")
+    if swap is not None and swap.get("state") == "failed":
+        print(f"not ready: swap {swap['id']} failed to roll back", file=sys.stderr)
+        return EXIT_FAILED
+    if host.get("state") != "running" or not host.get("ready"):
+        print(f"not ready: host {host.get('state')}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # --- swaps and host --------------------------------------------------------------------------
@@ -251,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", cmd_status, "show the supervisor, host and swap")
     status.add_argument("--watch", "-w", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    status.add_argument(
+        "--check",
+        nargs="?",
+        const="ready",
+        choices=("ready", "live"),
+        default=None,
+        help="a probe: 0 if ready (with 'live': if swapguard answers), else 1; 3 unreachable",
+    )
 
     swap = add("swap", cmd_swap, "prepare, activate, confirm, extend, roll back or abort swaps")
     swap_sub = swap.add_subparsers(dest="swap_action", required=True, metavar="ACTION")

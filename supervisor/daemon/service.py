@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import grp
 import logging
 import os
@@ -238,9 +239,21 @@ def cgroup_name(config: Config) -> str:
     return footprint.builtin_sha256_hex(str(config.state.dir).encode())[:16]
 
 
+def _lead_a_session_as_pid_1() -> None:
+    """As a container's PID 1, every orphan in the container is ours to reap. The reaper tells an
+    orphan from the children our own modules wait for by its session (`host.is_orphan`), so PID 1
+    must lead a session of its own, as runc's init does (one started by `unshare --fork` does not).
+    """
+    if os.getpid() == 1 and os.getsid(0) != 1:
+        with contextlib.suppress(OSError):
+            os.setsid()
+            log.info("PID 1 of a PID namespace: leading a session of our own to reap its orphans")
+
+
 def run(config: Config) -> int:
     """The service, in the foreground. Returns the process exit code."""
     footprint.tune_malloc()  # before any thread: see supervisor.daemon.footprint
+    _lead_a_session_as_pid_1()
     lock = StateLock.acquire(config.state.dir)
     store = Store.open(config.state.dir)
     try:
