@@ -39,6 +39,8 @@ restart_delay = "100ms"   # first delay after a failure; doubles per failure, wi
 restart_delay_max = "30s"    # the restart delay never grows past this
 restart_reset_after = "60s"  # ready this long: delay and failure count reset
 output = "inherit"        # "inherit" (swapguard's own stdout/stderr) or a log file path
+output_max_bytes = "0"    # > 0: rotate the output file at this size, e.g. "10MB"
+output_backups = 5        # rotated files kept: output.1 (newest) ... output.5
 
 # The code tree that a swap changes and a rollback restores.
 [code]

@@ -99,6 +99,8 @@ class HostRunner:
             cwd=self.config.host.cwd,
             env=self._child_env(extra_env),
             output=self.config.host.output,
+            output_max_bytes=self.config.host.output_max_bytes,
+            output_backups=self.config.host.output_backups,
         )
         wall = time.time()
         try:

@@ -35,7 +35,7 @@ from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
 from supervisor.daemon.stall import StallDetector
 from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
-from supervisor.process import host
+from supervisor.process import host, outputlog
 from supervisor.state.store import StateLock, Store
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+    loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
     server.serve_in_thread()
     await runtime.start()
     watcher = _start_watcher(config, runtime)
@@ -311,6 +311,13 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     stall.stop()
     server.close()
     log.info("swapguard stopped")
+
+
+def _reopen_logs() -> None:
+    """SIGHUP, as logrotate's postrotate sends it: the host's output loggers reopen their file.
+    The config is not reloaded: restart swapguard for that (the host is adopted)."""
+    log.info("SIGHUP: reopening the host's output file")
+    outputlog.reopen()
 
 
 def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
