@@ -42,6 +42,8 @@ restart_delay = "100ms"   # first delay after a failure; doubles per failure, wi
 restart_delay_max = "30s"    # the restart delay never grows past this
 restart_reset_after = "60s"  # ready this long: delay and failure count reset
 output = "inherit"        # "inherit" (swapguard's own stdout/stderr) or a log file path
+output_max_bytes = "0"    # > 0: rotate the output file at this size, e.g. "10MB"
+output_backups = 5        # rotated files kept: output.1 (newest) ... output.5
 
 # The code tree that a swap changes and a rollback restores.
 [code]
@@ -66,6 +68,7 @@ health_check = []         # argv run every health_interval on probation; exit 0 
 health_interval = "10s"   # how often health_check runs
 health_failures = 3       # consecutive failed health checks that roll back at once
 auto_confirm_after = "0"  # > 0: confirm once ready, heartbeating and healthy this long
+stall_limit = "5s"        # swapguard's own loop stuck this long: log where, exit 70 to be restarted
 
 # The control socket: HTTP/1.1 + JSON for the CLI, curl and the host itself.
 [control]

@@ -52,19 +52,21 @@ class Datagram:
 class NotifyServer:
     """A bound, non-blocking unix datagram socket that the daemon's event loop drains."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, inherited: socket.socket | None = None) -> None:
+        """Bind at `path`, or take `inherited` (from our manager's fd store) if it is bound there:
+        hosts that connected to it once keep sending to the same socket."""
         self.path = Path(path).absolute()
         _check_socket_path_length(str(self.path))
-        _remove_stale_socket(self.path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.inherited = inherited is not None and _bound_at(inherited, self.path)
+        if self.inherited:
+            assert inherited is not None
+            self._sock = inherited
+        else:
+            if inherited is not None:
+                log.warning("the stored notify socket is not bound at %s: binding anew", self.path)
+                inherited.close()
+            self._sock = self._bind()
         try:
-            self._sock.bind(str(self.path))
-        except BaseException:
-            self._sock.close()
-            raise
-        try:
-            # Anyone local may send; the daemon keeps only datagrams from the host's tree.
-            os.chmod(self.path, 0o666)
             self._inode = os.stat(self.path).st_ino
             if _HAS_PASSCRED:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -78,6 +80,23 @@ class NotifyServer:
             self.path.unlink(missing_ok=True)
             raise
         log.debug("notify socket bound at %s", self.path)
+
+    def _bind(self) -> socket.socket:
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(self.path))
+            # Anyone local may send; the daemon keeps only datagrams from the host's tree.
+            os.chmod(self.path, 0o666)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @property
+    def bound_socket(self) -> socket.socket:
+        """The bound socket itself, for our manager's fd store."""
+        return self._sock
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -155,6 +174,19 @@ def _check_socket_path_length(path: str) -> None:
     if (problem := socket_path_problem(Path(path))) is not None:
         problem = f"its notify socket {problem}; use a shorter state.dir"
         raise errors.ConfigError(problem, key="state.dir")
+
+
+def _bound_at(sock: socket.socket, path: Path) -> bool:
+    """A datagram socket bound at `path`, whose file is still there to be connected to."""
+    try:
+        return (
+            sock.family == socket.AF_UNIX
+            and sock.type == socket.SOCK_DGRAM
+            and sock.getsockname() == str(path)
+            and stat.S_ISSOCK(os.lstat(path).st_mode)
+        )
+    except OSError:
+        return False
 
 
 def _remove_stale_socket(path: Path) -> None:

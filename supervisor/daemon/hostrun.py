@@ -40,6 +40,8 @@ _INHERITED_PROTOCOL_VARS = (
     "WATCHDOG_PID",
     "LISTEN_FDS",
     "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "FDSTORE",
 )
 """Our own manager's variables: the host gets ours (or none), never our manager's."""
 
@@ -97,6 +99,8 @@ class HostRunner:
             cwd=self.config.host.cwd,
             env=self._child_env(extra_env),
             output=self.config.host.output,
+            output_max_bytes=self.config.host.output_max_bytes,
+            output_backups=self.config.host.output_backups,
         )
         wall = time.time()
         try:

@@ -85,13 +85,15 @@ class NotifyInput:
         for datagram in self.server.drain():
             self._before_each()
             self.counters.datagrams += 1
-            if datagram.pid is not None and not self._from_tree(datagram):
-                self.counters.datagrams_dropped += 1
-                continue
             try:
                 message = notifyproto.parse_datagram(datagram.payload)
             except notifyproto.NotifyError:
                 self.counters.datagrams_invalid += 1
+                continue
+            if message.asks_nothing:
+                continue  # e.g. systemd-notify's BARRIER=1, sent by a process already gone
+            if datagram.pid is not None and not self._from_tree(datagram):
+                self.counters.datagrams_dropped += 1
                 continue
             self._on_message(message)
 

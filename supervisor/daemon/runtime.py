@@ -27,24 +27,25 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from supervisor import clock, notify
+from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import Config
 from supervisor.control.notifysocket import NotifyServer
 from supervisor.core import lifecycle, swaps
 from supervisor.core.policies import host_policy, swap_policy
 from supervisor.core.wakeup import next_wakeup
+from supervisor.daemon import faults
 from supervisor.daemon.counters import Counters
 from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
 from supervisor.daemon.hostrun import HostRunner
+from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.notifyinput import NotifyInput
 from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork, failure_detail
 from supervisor.daemon.timer import WakeTimer
@@ -55,16 +56,19 @@ from supervisor.state.store import Store
 
 log = logging.getLogger(__name__)
 
-CRASH_AT = os.environ.get("SWAPGUARD_CRASH_AT")
-"""Fault injection for the test suite: `<state>/<step>` makes the process die (exit 86) right
-after that swap record is persisted and before its actions run, as a kill -9 would."""
-
-
 class Runtime:
     """Owns the supervisor's state. Construct on the loop thread; call `start()` once."""
 
-    def __init__(self, config: Config, store: Store, *, cgroup: host.CgroupLeaf | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        cgroup: host.CgroupLeaf | None,
+        manager: ServiceManager | None = None,
+    ) -> None:
         self.config = config
+        self.manager = manager or ServiceManager({})
         self.store = store
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
@@ -94,7 +98,10 @@ class Runtime:
             cwd=config.code.root,
             output_dir=config.state.dir / OUTPUT_DIR,
         )
-        self.notify_server = NotifyServer(config.state.dir / "notify.sock")
+        self.notify_server = NotifyServer(
+            config.state.dir / "notify.sock", self.manager.handed_back.pop("notify", None)
+        )
+        self.manager.store_socket("notify", self.notify_server.bound_socket)
         self.drift_guard = DriftGuard(
             config.code,
             store,
@@ -172,6 +179,7 @@ class Runtime:
             host.kill_tree(self.host_runner.process, self.cgroup)
         jobs.cancel_all()
         self.hooks.close()
+        self.manager.forget_socket("notify")
         self.notify_server.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -209,7 +217,7 @@ class Runtime:
         self.host, actions = lifecycle.step(self.host, event, self.host_policy)
         if self.host.state is not before:
             log.info("host %s --%s--> %s", before, type(event).__name__, self.host.state)
-            notify.sd_notify(f"STATUS=host {self.host.state}")
+            self.manager.notify(f"STATUS=host {self.host.state}")
         for action in actions:
             self._perform_host(action)
         self._after_change()
@@ -242,9 +250,7 @@ class Runtime:
             )
             for record in records:
                 self.hooks.submit(record.to_json())
-            if CRASH_AT is not None and f"{swap.state.value}/{swap.step}" == CRASH_AT:
-                log.warning("SWAPGUARD_CRASH_AT=%s: dying here", CRASH_AT)
-                os._exit(86)
+            faults.reached(f"{swap.state.value}/{swap.step}")
         if before is None or (before.state, before.step) != (swap.state, swap.step):
             log.info(
                 "swap %s: %s/%s -> %s/%s",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import pwd
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from supervisor import clock, notify
+from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint
 from supervisor.code.watch import CodeWatcher
 from supervisor.config.schema import Config
@@ -29,9 +30,11 @@ from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
 from supervisor.daemon import footprint, preflight
+from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
+from supervisor.daemon.stall import StallDetector
 from supervisor.errors import BadRequest, Conflict, NotFound, NotReachable
-from supervisor.process import host
+from supervisor.process import host, outputlog
 from supervisor.state.store import StateLock, Store
 
 log = logging.getLogger(__name__)
@@ -254,9 +257,21 @@ def cgroup_name(config: Config) -> str:
     return footprint.builtin_sha256_hex(str(config.state.dir).encode())[:16]
 
 
+def _lead_a_session_as_pid_1() -> None:
+    """As a container's PID 1, every orphan in the container is ours to reap. The reaper tells an
+    orphan from the children our own modules wait for by its session (`host.is_orphan`), so PID 1
+    must lead a session of its own, as runc's init does (one started by `unshare --fork` does not).
+    """
+    if os.getpid() == 1 and os.getsid(0) != 1:
+        with contextlib.suppress(OSError):
+            os.setsid()
+            log.info("PID 1 of a PID namespace: leading a session of our own to reap its orphans")
+
+
 def run(config: Config) -> int:
     """The service, in the foreground. Returns the process exit code."""
     footprint.tune_malloc()  # before any thread: see supervisor.daemon.footprint
+    _lead_a_session_as_pid_1()
     preflight.preflight(config)  # what `check` refuses too, before anything is created
     lock = StateLock.acquire(config.state.dir)
     store = Store.open(config.state.dir)
@@ -277,7 +292,10 @@ def run(config: Config) -> int:
 
 async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
     loop = asyncio.get_running_loop()
-    runtime = Runtime(config, store, cgroup=cgroup)
+    stall = StallDetector(loop, config.deadman.stall_limit)
+    stall.start()
+    manager = ServiceManager()
+    runtime = Runtime(config, store, cgroup=cgroup, manager=manager)
     server = ControlServer(
         config.control.socket,
         LoopBackend(runtime),
@@ -287,15 +305,15 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+    loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
     server.serve_in_thread()
     await runtime.start()
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
         runtime.drift_guard.on_tree_changed()
-    notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
-    watchdog = _start_watchdog(loop)
+    manager.notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
+    manager.start_watchdog(loop)
     footprint.release_free_memory()  # what imports and start-up freed, once
     log.info(
         "swapguard %s supervising %s (control %s)",
@@ -304,14 +322,21 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         config.control.socket,
     )
     await stop.wait()
-    notify.sd_notify("STOPPING=1")
-    if watchdog is not None:
-        watchdog.cancel()
+    manager.notify("STOPPING=1")
+    manager.stop_watchdog()
     if watcher is not None:
         watcher.stop()
     await runtime.shutdown()
+    stall.stop()
     server.close()
     log.info("swapguard stopped")
+
+
+def _reopen_logs() -> None:
+    """SIGHUP, as logrotate's postrotate sends it: the host's output loggers reopen their file.
+    The config is not reloaded: restart swapguard for that (the host is adopted)."""
+    log.info("SIGHUP: reopening the host's output file")
+    outputlog.reopen()
 
 
 def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
@@ -329,19 +354,3 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
         log.warning("cannot watch %s: %s", config.code.root, exc)
         return None
     return watcher
-
-
-def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
-    """Ping our own manager's watchdog at half its WatchdogSec, from the loop: a hung loop shows."""
-    interval = notify.watchdog_interval()
-    if interval is None:
-        return None
-    handle: asyncio.TimerHandle | None = None
-
-    def ping() -> None:
-        nonlocal handle
-        notify.sd_notify("WATCHDOG=1")
-        handle = loop.call_later(interval, ping)
-
-    handle = loop.call_later(0, ping)
-    return handle

@@ -41,7 +41,7 @@ from pathlib import Path
 import psutil
 
 from supervisor.errors import SwapguardError
-from supervisor.process import jobs
+from supervisor.process import jobs, outputlog
 from supervisor.process.cgroup import CgroupLeaf
 from supervisor.process.proctree import (
     ProcessVerdicts,
@@ -103,6 +103,8 @@ class SpawnSpec:
     cwd: Path
     env: Mapping[str, str]
     output: Path | None = None  # None: inherit our stdout/stderr
+    output_max_bytes: int = 0  # > 0: through a logger that rotates the file (`outputlog`)
+    output_backups: int = 5
 
     def __post_init__(self) -> None:
         argv = () if isinstance(self.argv, str | bytes) else tuple(self.argv)
@@ -532,7 +534,9 @@ def _open_output(spec: SpawnSpec) -> int | None:
     if spec.output is None:
         return None
     try:
-        return os.open(spec.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if spec.output_max_bytes > 0:
+            return outputlog.start(spec.output, spec.output_max_bytes, spec.output_backups)
+        return os.open(spec.output, outputlog.OPEN_FLAGS, outputlog.FILE_MODE)
     except OSError as exc:
         raise SpawnError(f"cannot open the host's output {spec.output}: {exc.strerror}") from exc
 
