@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor.errors import NotReachable
-from tests.support import WAIT, Supervisor, git, wait_for
+from tests.support import WAIT, Supervisor, git, gone, wait_for
 
 pytest.importorskip("sdnotify")
 STANDIN = Path(__file__).with_name("standin_manager.py")
@@ -128,3 +129,17 @@ def test_without_a_store_the_connect_once_client_goes_unheard(tmp_path: Path) ->
         kill9_and_wait_for_the_next(sup)
         doc = sup.wait_swap(swap_id, "rolled_back", timeout=WAIT * 2)
         assert doc["reason"] == "heartbeat_lost"
+
+
+def test_a_request_made_while_swapguard_is_down_is_answered_by_the_next(tmp_path: Path) -> None:
+    """The control socket is in the store too: it keeps listening while swapguard restarts, and a
+    client that connects in between waits in its backlog instead of being refused."""
+    repo = make_repo(tmp_path / "repo")
+    with under_standin(repo, store=True) as sup:
+        sup.wait_host(ready=True)
+        before = sup.status()["supervisor"]["pid"]
+        os.kill(before, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(before) or gone(before), what="swapguard dead")
+        status = sup.client.status()  # connects at once: the socket listens in the store
+        assert status["supervisor"]["pid"] != before
+        assert sup.output().count("removing stale control socket") == 0

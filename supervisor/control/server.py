@@ -64,6 +64,7 @@ from supervisor.control.routes import parse_query as parse_query
 from supervisor.control.socketfile import ControlSocketInUse as ControlSocketInUse
 from supervisor.control.socketfile import (
     clear_stale_socket,
+    listening_at,
     socket_folder_problem,
     socket_group_id,
 )
@@ -472,7 +473,11 @@ class ControlServer:
         idle_timeout: float = IDLE_TIMEOUT_S,
         max_connections: int = 64,
         max_per_uid: int = MAX_PER_UID,
+        inherited: socket.socket | None = None,
     ) -> None:
+        """`inherited`: the listening socket from our manager's fd store, taken instead of binding
+        anew when it still listens at `path` (clients queued in its backlog across our restart
+        are answered)."""
         if not 0 <= mode <= 0o777:
             raise errors.ConfigError(f"mode {mode:#o} is not a permission mode", key="control.mode")
         if min(request_timeout, idle_timeout) <= 0 or min(max_connections, max_per_uid) < 1:
@@ -487,22 +492,55 @@ class ControlServer:
         problem = socket_path_problem(self.path, staged=True) or socket_folder_problem(self.path)
         if problem is not None:
             raise errors.ConfigError(problem, key="control.socket")
-        staging = staging_socket_path(self.path)
-        clear_stale_socket(self.path)
         reserved = min(RESERVED_SLOTS, max_connections // 4)
         limits = _Limits(request_timeout, idle_timeout, max_connections, max_per_uid, reserved)
         self._server = _UnixHTTPServer(backend, limits)
+        self.inherited = inherited is not None and listening_at(inherited, self.path)
+        if self.inherited:
+            assert inherited is not None
+            self._take(inherited, mode, gid, group)
+        else:
+            if inherited is not None:
+                logger.warning("the stored control socket does not listen at %s", self.path)
+                inherited.close()
+            self._bind(mode, gid, group)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        logger.debug("control socket listening on %s (mode %#o)", self.path, mode)
+
+    def _take(self, inherited: socket.socket, mode: int, gid: int, group: str) -> None:
+        self._server.socket.close()
+        self._server.socket = inherited
+        self._server.server_address = str(self.path)
+        try:
+            self._apply_mode(self.path, mode, gid, group)  # the config may have changed
+            self._inode = os.lstat(self.path).st_ino
+        except BaseException:
+            self._server.server_close()
+            raise
+
+    def _apply_mode(self, path: Path, mode: int, gid: int, group: str) -> None:
+        os.chmod(path, mode)
+        if gid >= 0:
+            try:
+                os.chown(path, -1, gid)
+            except OSError as err:
+                message = f"cannot give the control socket to group {group!r}: {err}"
+                raise errors.ConfigError(message, key="control.group") from None
+
+    def _bind(self, mode: int, gid: int, group: str) -> None:
+        staging = staging_socket_path(self.path)
+        try:
+            clear_stale_socket(self.path)
+        except BaseException:
+            self._server.server_close()
+            raise
         try:
             staging.unlink(missing_ok=True)
             self._server.socket.bind(str(staging))
             try:
-                os.chmod(staging, mode)
-                if gid >= 0:
-                    try:
-                        os.chown(staging, -1, gid)
-                    except OSError as err:
-                        message = f"cannot give the control socket to group {group!r}: {err}"
-                        raise errors.ConfigError(message, key="control.group") from None
+                self._apply_mode(staging, mode, gid, group)
                 os.replace(staging, self.path)
             finally:
                 staging.unlink(missing_ok=True)
@@ -516,10 +554,11 @@ class ControlServer:
         except errors.ConfigError:
             self._server.server_close()
             raise
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._close_lock = threading.Lock()
-        logger.debug("control socket listening on %s (mode %#o)", self.path, mode)
+
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The socket itself, for our manager's fd store."""
+        return self._server.socket
 
     @property
     def open_connections(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from supervisor import errors
 
 logger = logging.getLogger(__name__)
+_STAGED_NAME = re.compile(r"\.[0-9a-f]{8}\.sock~")  # staging_socket_path's names
 
 
 class ControlSocketInUse(errors.SwapguardError):
@@ -78,3 +80,20 @@ def clear_stale_socket(path: Path) -> None:
             message = f"cannot check the existing socket {path}: {err.strerror or err}"
             raise errors.ConfigError(message, key="control.socket") from None
     raise ControlSocketInUse(f"another swapguard is answering on {path}")
+
+
+def listening_at(sock: socket.socket, path: Path) -> bool:
+    """A unix stream socket that listens, bound at `path` (or under the temporary name it was
+    first bound at beside it, then renamed: see `staging_socket_path`), whose file is there."""
+    try:
+        bound = Path(sock.getsockname())
+        return (
+            bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+            and sock.family == socket.AF_UNIX
+            and sock.type == socket.SOCK_STREAM
+            and bound.parent == path.parent
+            and (bound == path or _STAGED_NAME.fullmatch(bound.name) is not None)
+            and stat.S_ISSOCK(os.lstat(path).st_mode)
+        )
+    except (OSError, TypeError):
+        return False

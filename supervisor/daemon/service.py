@@ -301,7 +301,9 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         LoopBackend(runtime),
         mode=config.control.mode,
         group=config.control.group,
+        inherited=manager.handed_back.pop("control", None),
     )
+    manager.store_socket("control", server.listening_socket)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -328,6 +330,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         watcher.stop()
     await runtime.shutdown()
     stall.stop()
+    manager.forget_socket("control")
     server.close()
     log.info("swapguard stopped")
 
