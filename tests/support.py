@@ -116,7 +116,8 @@ class Supervisor:
 
     def __init__(self, repo: Path, *, host: dict[str, Any] | None = None,
                  deadman: dict[str, Any] | None = None, data: bool = True,
-                 code: dict[str, Any] | None = None, extra: str = "") -> None:
+                 code: dict[str, Any] | None = None, control: dict[str, Any] | None = None,
+                 extra: str = "") -> None:
         self.repo = repo
         self.state = Path(tempfile.mkdtemp(prefix="sg", dir="/tmp"))
         self.socket = self.state / "c.sock"
@@ -131,7 +132,9 @@ class Supervisor:
         if data:
             lines += ["[[data]]", f'path = "{repo}/data/app.db"', 'kind = "sqlite"']
         lines += ["[deadman]"] + [f"{k} = {toml_value(v)}" for k, v in (deadman or {}).items()]
-        lines += ["[control]", f'socket = "{self.socket}"', "[state]", f'dir = "{self.state}"']
+        lines += ["[control]", f'socket = "{self.socket}"']
+        lines += [f"{k} = {toml_value(v)}" for k, v in (control or {}).items()]
+        lines += ["[state]", f'dir = "{self.state}"']
         self.config = self.state.parent / (self.state.name + ".toml")
         self.config.write_text("\n".join(lines) + "\n" + extra)
         self.process: subprocess.Popen[bytes] | None = None

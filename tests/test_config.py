@@ -46,7 +46,7 @@ CONTRACT_KEYS = {
         "window", "extend_by", "hard_cap", "max_crashes", "health_check", "health_interval",
         "health_failures", "auto_confirm_after", "stall_limit",
     ],
-    "control": ["socket", "mode", "group", "allow_users", "allow_groups"],
+    "control": ["socket", "mode", "group", "allow_users", "allow_groups", "http_listen"],
     "state": ["dir", "keep_swaps"],
     "hooks": ["on_event", "events"],
 }  # fmt: skip
@@ -103,6 +103,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             group="",
             allow_users=(),
             allow_groups=(),
+            http_listen=None,
         ),
         state=StateConfig(dir=folder / ".swapguard", keep_swaps=20),
         hooks=HooksConfig(on_event=(), events=("swap.*", "host.crash_loop", "rollback.failed")),
@@ -610,3 +611,19 @@ def test_bad_sizes_name_the_key(tmp_path: Path, bad: str) -> None:
 def test_rotation_needs_an_output_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"host\.output_max_bytes.*host\.output"):
         load_config(write(tmp_path, HOST + 'output_max_bytes = "1MB"\n'))
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [('"127.0.0.1:9187"', ("127.0.0.1", 9187)), ('"[::1]:0"', ("::1", 0)),
+     ('"localhost:80"', ("localhost", 80)), ('""', None)],
+)  # fmt: skip
+def test_http_listen(tmp_path: Path, text: str, address: tuple[str, int] | None) -> None:
+    doc = HOST + f"[control]\nhttp_listen = {text}\n"
+    assert load_config(write(tmp_path, doc)).control.http_listen == address
+
+
+@pytest.mark.parametrize("bad", ['"9187"', '"::1:9187"', '"host:70000"', '":80"', '"h:x"'])
+def test_bad_http_listen_names_the_key(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"control\.http_listen.*host:port"):
+        load_config(write(tmp_path, HOST + f"[control]\nhttp_listen = {bad}\n"))

@@ -77,6 +77,7 @@ mode = "0660"             # permission bits of the socket file, an octal string
 group = ""                # group owner of the socket file ("": swapguard's own group)
 allow_users = []          # beside root, swapguard's own user and the host's tree: who may write
 allow_groups = []         # members of these groups may write too
+http_listen = ""          # e.g. "127.0.0.1:9187": read-only TCP for /metrics, /v1/status, /
 
 # swapguard's own state; never inside anything the host writes.
 [state]

@@ -133,6 +133,7 @@ class ControlConfig:
     group: str
     allow_users: tuple[str, ...]
     allow_groups: tuple[str, ...]
+    http_listen: tuple[str, int] | None  # (host, port) of the read-only TCP listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +576,24 @@ def _parse_control(table: _Table) -> ControlConfig:
         group=table.text("group"),
         allow_users=table.strings("allow_users", nonempty=True),
         allow_groups=table.strings("allow_groups", nonempty=True),
+        http_listen=_listen_address(table),
     )
+
+
+def _listen_address(table: _Table) -> tuple[str, int] | None:
+    """ "host:port" or "[v6 address]:port" (port 0: any free one); "" for none."""
+    text = table.text("http_listen").strip()
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # a bare v6 address: its port is ambiguous
+    if not (sep and host and port.isascii() and port.isdigit() and int(port) <= 65535):
+        message = f'must be "host:port" (e.g. "127.0.0.1:9187", "[::1]:9187"); got {_show(text)}'
+        raise table.fail("http_listen", message)
+    return host, int(port)
 
 
 def _parse_state(table: _Table) -> StateConfig:

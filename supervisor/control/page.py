@@ -1,11 +1,11 @@
-"""The status page at `/` of the read-only listener: one HTML document, no build, no assets.
+"""The status page at `/`: one HTML document, no build, no assets.
 
-Rendered here from the same documents the API serves (`GET /v1/status`, `GET /v1/swaps`), so it
-reads right with scripts off (and refreshes itself every few seconds through a <noscript> meta
-refresh). With scripts on, a small inline script fetches both documents every second, moves the
-deadline countdown ten times a second, and redraws the timeline. Everything the host or a request
-wrote (status text, summaries, reasons) is escaped here and set as text by the script, never as
-markup.
+Rendered here from the documents the API serves (the status and the last swaps), so it reads right
+with scripts off (and refreshes itself every few seconds through a <noscript> meta refresh). With
+scripts on, a small inline script fetches the page again every second and swaps its live part in,
+and moves the deadline countdown ten times a second between fetches. Everything the host or a
+request wrote (status text, summaries, reasons) is escaped here, so the page never needs more of
+the API than itself (the read-only TCP listener serves nothing else but /v1/status and /metrics).
 """
 
 from __future__ import annotations
@@ -28,63 +28,44 @@ td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;vertical
 
 _SCRIPT = """
 (function () {
-  var fetchedAt = 0, remaining = null;
-  function text(id, value) { document.getElementById(id).textContent = value; }
+  var remaining = null, fetchedAt = 0;
   function seconds(s) {
-    if (s === null || s === undefined) return "-";
     s = Math.max(0, s);
     var m = Math.floor(s / 60), r = s - 60 * m;
     return (m ? m + "m " : "") + r.toFixed(1) + "s";
   }
   function tick() {
-    if (remaining === null) { text("countdown", "-"); return; }
-    text("countdown", seconds(remaining - (Date.now() - fetchedAt) / 1000));
+    var clock = document.getElementById("countdown");
+    var left = remaining - (Date.now() - fetchedAt) / 1000;
+    if (remaining !== null) clock.textContent = seconds(left);
   }
-  function row(cells, cls) {
-    var tr = document.createElement("tr");
-    cells.forEach(function (value, i) {
-      var td = document.createElement("td");
-      td.textContent = value === null || value === undefined ? "-" : String(value);
-      if (i === 1) td.className = "state " + cls;
-      tr.appendChild(td);
-    });
-    return tr;
-  }
-  function draw(status, swaps) {
-    var host = status.host, swap = status.swap;
-    text("host-state", host.state + (host.ready ? " (ready)" : ""));
-    document.getElementById("host-state").className = "state " + host.state;
-    text("host-pid", host.pid === null ? "-" : host.pid);
-    text("host-restarts", host.restarts);
-    text("host-status", host.status_text || "-");
-    text("swap-id", swap ? swap.id : "none in flight");
-    text("swap-state", swap ? swap.state : "-");
-    document.getElementById("swap-state").className = "state " + (swap ? swap.state : "");
-    text("swap-summary", swap ? swap.summary || "-" : "-");
-    remaining = swap && swap.state === "probation" ? swap.remaining_s : null;
+  function adopt(live) {
+    var value = live.getAttribute("data-remaining");
+    remaining = value === "" ? null : parseFloat(value);
     fetchedAt = Date.now();
     tick();
-    var body = document.getElementById("timeline");
-    while (body.firstChild) body.removeChild(body.firstChild);
-    swaps.forEach(function (s) {
-      var at = s.finished_at || s.created_at;
-      body.appendChild(row([s.id, s.state, s.reason, s.summary, at], s.state));
-    });
   }
   function refresh() {
-    Promise.all([fetch("/v1/status"), fetch("/v1/swaps?limit=LIMIT")])
-      .then(function (r) { return Promise.all([r[0].json(), r[1].json()]); })
-      .then(function (docs) { draw(docs[0], docs[1].swaps || docs[1]); text("live", "live"); })
-      .catch(function () { text("live", "not reachable"); });
+    fetch("/", {cache: "no-store"})
+      .then(function (answer) { return answer.text(); })
+      .then(function (html) {
+        // The server escaped every value; a parsed document runs none of its scripts.
+        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
+        var live = document.getElementById("live");
+        live.replaceWith(document.importNode(fresh, true));
+        adopt(fresh);
+        document.getElementById("reach").textContent = "live";
+      })
+      .catch(function () { document.getElementById("reach").textContent = "not reachable"; });
   }
-  refresh();
+  adopt(document.getElementById("live"));
   setInterval(refresh, 1000);
   setInterval(tick, 100);
 })();
 """
 
 
-def render(status: Mapping[str, Any], swaps: Sequence[Mapping[str, Any]]) -> bytes:
+def render(status: Mapping[str, Any], swaps: Sequence[Mapping[str, Any]]) -> str:
     """The page as it is now: the host, the swap in flight and its deadline, the last swaps."""
     host, swap = status["host"], status.get("swap")
     remaining = swap.get("remaining_s") if swap and swap.get("state") == "probation" else None
@@ -94,14 +75,15 @@ def render(status: Mapping[str, Any], swaps: Sequence[Mapping[str, Any]]) -> byt
         for s in swaps[:TIMELINE_LENGTH]
     )  # fmt: skip
     host_state = f"{host['state']}{' (ready)' if host.get('ready') else ''}"
-    script = _SCRIPT.replace("LIMIT", str(TIMELINE_LENGTH))
+    remaining_attr = "" if remaining is None else f"{float(remaining):.3f}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <noscript><meta http-equiv="refresh" content="5"></noscript>
 <title>swapguard: host {_e(host["state"])}</title><style>{_STYLE}</style></head>
 <body>
-<h1>swapguard <small id="live">{_e(status["supervisor"].get("version"))}</small></h1>
+<h1>swapguard {_e(status["supervisor"].get("version"))} <small id="reach"></small></h1>
+<div id="live" data-remaining="{remaining_attr}">
 <h2>Host</h2>
 <table>
 <tr><th>state</th><td id="host-state" class="state {_e(host["state"])}">{_e(host_state)}</td></tr>
@@ -122,10 +104,11 @@ def render(status: Mapping[str, Any], swaps: Sequence[Mapping[str, Any]]) -> byt
 </thead><tbody id="timeline">
 {rows}
 </tbody></table>
-<script>{script}</script>
+</div>
+<script>{_SCRIPT}</script>
 </body></html>
 """
-    return page.encode("utf-8")
+    return page
 
 
 def _row(cells: Sequence[Any], state: str) -> str:

@@ -19,6 +19,7 @@ from supervisor import errors
 
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
 CALL_LIMIT_S = 60.0
 """The longest a request waits for the runtime before it is answered 503 `not_reachable`. A
 write can take that long (a confirm waits for the activation's data to reach the disk), so a
@@ -48,6 +49,7 @@ class Backend(Protocol):
     def status(self) -> dict[str, Any]: ...
     def events(self, after: int, limit: int) -> list[dict[str, Any]]: ...
     def metrics(self) -> str: ...
+    def page(self) -> str: ...
     def host_action(self, action: str) -> dict[str, Any]: ...
     def heartbeat(self, status: str | None, ready: bool, peer: Peer) -> dict[str, Any]: ...
     def list_swaps(self, limit: int) -> list[dict[str, Any]]: ...
@@ -90,10 +92,13 @@ _SWAP_ACTION = f"/v1/swaps/{_ID}/(?P<action>activate|confirm|extend|abort)"
 _ROLLBACK = f"/v1/swaps/{_ID}/(?P<action>rollback)"
 _SWAP_ARGS = ("swap_id", "action", "body")
 _EVENTS_QUERY = (IntParam("after", 0, 0, 2**63 - 1), IntParam("limit", 500, 1, 5000))
+READ_ONLY_CALLS = frozenset({"status", "metrics", "page"})
+"""What the TCP listener (`control.http_listen`) serves: a scraper and a browser's page, no more."""
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/status", "status"),
     Route("GET", "/v1/events", "events", ("after", "limit"), query=_EVENTS_QUERY),
     Route("GET", "/metrics", "metrics", content_type=METRICS_TYPE),
+    Route("GET", "/", "page", content_type=HTML_TYPE),
     Route("POST", "/v1/host/(?P<action>start|stop|restart)", "host_action", ("action",)),
     Route(
         "POST",

@@ -191,7 +191,7 @@ def _answer_and_close(request: socket.socket, answer: _Answer) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Limits:
+class Limits:
     request_timeout: float
     idle_timeout: float
     max_connections: int
@@ -206,7 +206,7 @@ class _Connection(socketserver.BaseRequestHandler):
     """Turns one connection's requests into backend calls; knows framing and deadlines, not the
     runtime. h11 never holds more than 64 KiB of a request's head: reads are sized to stop there."""
 
-    server: _UnixHTTPServer
+    server: SocketHTTPServer
     request: socket.socket
 
     def setup(self) -> None:
@@ -311,6 +311,8 @@ class _Connection(socketserver.BaseRequestHandler):
             target = "/" + target.lstrip("/")
         try:
             route, values = resolve(method, target)
+            if self.server.serves is not None and route.call not in self.server.serves:
+                raise errors.NotFound(f"{method} {target} is not served here (read-only listener)")
             backend = self.server.backend
             if route.method == "POST":
                 self._check_write_right(backend)
@@ -360,7 +362,7 @@ def _request_line(request: h11.Request) -> str:
 # --- the server ---------------------------------------------------------------------------------
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class SocketHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A thread per connection, bounded; knows its live connections so `close` can end them.
 
     Slots, so that no reader can lock anyone out: a uid that may not write holds at most
@@ -370,8 +372,9 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
     daemon_threads = True
     block_on_close = False  # ControlServer.close joins with a time limit instead
+    serves: frozenset[str] | None = None  # the calls it serves (None: every route)
 
-    def __init__(self, backend: Backend, limits: _Limits) -> None:
+    def __init__(self, backend: Backend, limits: Limits) -> None:
         self.backend = backend
         self.request_timeout = limits.request_timeout
         self.idle_timeout = limits.idle_timeout
@@ -493,8 +496,8 @@ class ControlServer:
         if problem is not None:
             raise errors.ConfigError(problem, key="control.socket")
         reserved = min(RESERVED_SLOTS, max_connections // 4)
-        limits = _Limits(request_timeout, idle_timeout, max_connections, max_per_uid, reserved)
-        self._server = _UnixHTTPServer(backend, limits)
+        limits = Limits(request_timeout, idle_timeout, max_connections, max_per_uid, reserved)
+        self._server = SocketHTTPServer(backend, limits)
         self.inherited = inherited is not None and listening_at(inherited, self.path)
         if self.inherited:
             assert inherited is not None

@@ -25,7 +25,8 @@ from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint
 from supervisor.code.watch import CodeWatcher
 from supervisor.config.schema import Config
-from supervisor.control import peers, views
+from supervisor.control import page, peers, views
+from supervisor.control.listener import ReadOnlyListener
 from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
@@ -159,6 +160,9 @@ class LoopBackend(Backend):
 
     def metrics(self) -> str:
         return str(self._call(views.metrics, self.runtime))
+
+    def page(self) -> str:
+        return page.render(self.status(), self.list_swaps(page.TIMELINE_LENGTH))
 
     def host_action(self, action: str) -> dict:
         events = {
@@ -304,6 +308,10 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         inherited=manager.handed_back.pop("control", None),
     )
     manager.store_socket("control", server.listening_socket)
+    listener = None
+    if config.control.http_listen is not None:
+        listener = ReadOnlyListener(*config.control.http_listen, LoopBackend(runtime))
+        listener.serve_in_thread()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -332,6 +340,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     stall.stop()
     manager.forget_socket("control")
     server.close()
+    if listener is not None:
+        listener.close()
     log.info("swapguard stopped")
 
 
