@@ -1,0 +1,162 @@
+"""How swapguard's cost grows with the code tree: 1k, 10k, 100k files.
+
+For each size, one git repo of small files (100 a folder) and one swapguard on it:
+- prepare: POST /v1/swaps round trip (the checkpoint), against git's own floor on the same tree,
+  which is the checkpoint's core: copy the index, `git add -A` into that temporary index,
+  `git write-tree` (best of two each);
+- rollback of a swap that touched 1% of the files: `swap.rollback_started` -> `swap.rolled_back`
+  (old host spawned) in swapguard's audit log, after an explicit rollback;
+- the drift watcher at rest: swapguard's RSS at every size, its CPU over a window at the largest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.measure import idle_cost
+from bench.peers import (
+    GIT_IDENTITY,
+    BenchError,
+    Swapguard,
+    SwapguardSetup,
+    git,
+    running_swapguard,
+    wait_until,
+)
+from bench.report import ratio
+from bench.rollback import event_at
+
+FILES_PER_FOLDER = 100
+SWAP_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class TreePlan:
+    files: tuple[int, ...]
+    idle_s: float  # the watcher's idle window at the largest size
+
+
+def _path(number: int) -> str:
+    return f"d{number // FILES_PER_FOLDER:05d}/f{number % FILES_PER_FOLDER:02d}.txt"
+
+
+def make_tree(root: Path, files: int) -> Path:
+    """A git repo of `files` small files in one commit; the host is `sleep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for number in range(files):
+        path = root / _path(number)
+        if number % FILES_PER_FOLDER == 0:
+            path.parent.mkdir()
+        path.write_text(f"file {number}\n")
+    (root / ".gitignore").write_text("data/\n")
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", f"{files} files")
+    return root
+
+
+def git_floor_s(repo: Path, scratch: Path) -> float:
+    """Best of two: copy the index, `git add -A` into the copy, `git write-tree`."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **GIT_IDENTITY, "GIT_INDEX_FILE": str(scratch / "index")}
+    best = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        shutil.copy2(repo / ".git" / "index", scratch / "index")
+        for args in (["add", "-A", "--", "."], ["write-tree"]):
+            done = subprocess.run(
+                ["git", "-C", str(repo), *args], env=env, capture_output=True, check=False
+            )
+            if done.returncode != 0:
+                raise BenchError(f"git {args[0]} in {repo} failed: {done.stderr.decode()[-200:]}")
+        best = min(best, time.perf_counter() - started)
+        (scratch / "index").unlink()
+    return best
+
+
+def _settled(guard: Swapguard, swap_id: str, states: tuple[str, ...]) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        doc = guard.client.swap(swap_id)
+        if doc["state"] in states:
+            return doc
+        if doc["state"] in ("failed", "aborted", "rolled_back", "confirmed"):
+            raise BenchError(f"swap {swap_id} ended {doc['state']} ({doc.get('reason')})")
+        return None
+
+    return wait_until(done, SWAP_TIMEOUT_S, f"swap {swap_id} to be {'/'.join(states)}", 0.02)
+
+
+def prepare_s(guard: Swapguard) -> tuple[float, str]:
+    """Best of two prepares (the first is aborted): (seconds, the id of the one kept)."""
+    best, swap_id = float("inf"), ""
+    for attempt in range(2):
+        started = time.perf_counter()
+        swap_id = guard.client.prepare(f"tree scale {attempt}")["id"]
+        best = min(best, time.perf_counter() - started)
+        if attempt == 0:
+            guard.client.abort(swap_id)
+            _settled(guard, swap_id, ("aborted",))
+    return best, swap_id
+
+
+def rollback_s(guard: Swapguard, repo: Path, swap_id: str, files: int) -> float:
+    """Touch 1% of the files, activate, roll back: started -> old host spawned, in seconds."""
+    for number in range(0, files, 100):
+        (repo / _path(number)).write_text(f"file {number}, version 2\n")
+    guard.client.activate(swap_id)
+    _settled(guard, swap_id, ("probation",))
+    guard.wait_host_ready(SWAP_TIMEOUT_S)
+    guard.client.rollback(swap_id, "bench")
+
+    def rolled_back() -> dict[str, Any] | None:
+        doc = guard.client.swap(swap_id)
+        if doc["state"] in ("failed", "confirmed"):
+            raise BenchError(f"swap {swap_id} ended {doc['state']}, not rolled back")
+        done = any(e["event"] == "swap.rolled_back" for e in doc.get("events") or ())
+        return doc if doc["state"] == "rolled_back" and done else None
+
+    doc = wait_until(rolled_back, SWAP_TIMEOUT_S, f"swap {swap_id} to roll back", 0.02)
+    events = doc["events"]
+    return event_at(events, "swap.rolled_back") - event_at(events, "swap.rollback_started")
+
+
+def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
+    """prepare, git's floor, rollback and the watcher's footprint at each size."""
+    prepares, floors, rollbacks, rss = [], [], [], []
+    cpu = 0.0
+    for files in plan.files:
+        where = folder / f"{files}"
+        repo = make_tree(where / "repo", files)
+        floors.append(git_floor_s(repo, where / "scratch"))
+        host = {"command": ["sleep", "100000"], "ready": "started", "min_uptime": "0.1s"}
+        setup = SwapguardSetup(repo=repo, host=host, deadman={"window": "10m"})
+        with running_swapguard(where / "sg", setup, tag) as guard:
+            seconds, swap_id = prepare_s(guard)
+            prepares.append(seconds)
+            rollbacks.append(rollback_s(guard, repo, swap_id, files))
+            guard.wait_host_ready(SWAP_TIMEOUT_S)
+            if files == plan.files[-1]:
+                time.sleep(1.0)  # let the watcher settle after the restore before the window
+                cpu, last_rss = idle_cost({"swapguard": guard.pid}, plan.idle_s)["swapguard"]
+                rss.append(last_rss)
+            else:
+                rss.append(idle_cost({"swapguard": guard.pid}, 0.1)["swapguard"][1])
+        shutil.rmtree(where, ignore_errors=True)
+    return {
+        "files": list(plan.files),
+        "prepare_s": prepares,
+        "git_limit_s": floors,
+        "rollback_s": rollbacks,
+        "rss_mib": rss,
+        "prepare_growth": ratio(prepares[-1], prepares[0]),
+        "git_limit_growth": ratio(floors[-1], floors[0]),
+        "rollback_growth": ratio(rollbacks[-1], rollbacks[0]),
+        "watcher_cpu_s_per_min": cpu,
+        "watcher_rss_mib": rss[-1],
+    }
