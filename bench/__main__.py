@@ -101,10 +101,6 @@ def describe(lineup: list[contest.Peer]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _progress(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
-
-
 class Bench:
     """One run: a temp root, a tag for every process, results and errors by section."""
 
@@ -115,16 +111,16 @@ class Bench:
 
     def step(self, name: str, work: Callable[[], dict[str, Any]]) -> None:
         """Run one group; its failure is recorded, not fatal, and its processes are killed."""
-        _progress(f"{name} ...")
+        peers.progress(f"{name} ...")
         started = time.monotonic()
         try:
             self.results.update(work())
         except Exception as exc:  # recorded; the other groups still run
             why = str(exc) if isinstance(exc, peers.BenchError) else f"{type(exc).__name__}: {exc}"
             self.errors.append(f"{name}: {why}")
-            _progress(f"{name} failed: {why}")
+            peers.progress(f"{name} failed: {why}")
         finally:
-            _progress(f"{name} took {time.monotonic() - started:.1f} s")
+            peers.progress(f"{name} took {time.monotonic() - started:.1f} s")
             peers.kill_tagged(self.tag)
 
     def restart(self) -> dict[str, Any]:
@@ -190,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     plan = Plan.for_run(args.quick)
     about = machine()
-    _progress(
+    peers.progress(
         f"{about['cpu']}, {about['cores']} cores, {about['kernel']}, Python {about['python']}"
     )
     lineup = contest.lineup(contest.Installs(args.supervisord, args.circusd, args.pm2))
     systems = describe(lineup)
     for name, system in systems.items():
         shown = f"skipped: {system['skipped']}" if system["skipped"] else system["version"]
-        _progress(f"{name}: {shown}")
+        peers.progress(f"{name}: {shown}")
     groups = args.only or list(GROUPS)
     tag = uuid.uuid4().hex
     root = Path(tempfile.mkdtemp(prefix="sgbench-", dir="/tmp"))
@@ -210,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         peers.kill_tagged(tag)
         shutil.rmtree(root, ignore_errors=True)
-    _progress(f"done in {time.monotonic() - started:.0f} s")
+    peers.progress(f"done in {time.monotonic() - started:.0f} s")
     if args.json:
         print(
             report.render_json(bench.results, about, bench.errors, quick=args.quick, peers=systems)

@@ -242,12 +242,12 @@ def restarts_and_cold_starts(
             gaps[name] += found
             colds[name].append(cold)
     return {
-        "restart_latency_ms": _versus(gaps, skipped, compat=True),
-        "cold_start_ms": _versus(colds, skipped, compat=False),
+        "restart_latency_ms": versus(gaps, skipped, compat=True),
+        "cold_start_ms": versus(colds, skipped, compat=False),
     }
 
 
-def _versus(
+def versus(
     samples: dict[str, list[float]], skipped: dict[str, str], *, compat: bool
 ) -> dict[str, Any]:
     """Medians of each system, the best peer and swapguard's ratios to it and to the floor."""

@@ -46,6 +46,11 @@ class BenchError(Exception):
     """A measurement could not be taken; the message says which and why."""
 
 
+def progress(text: str) -> None:
+    """One line of progress on stderr (the report goes to stdout)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
 def wait_until(
     predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02
 ) -> T:
