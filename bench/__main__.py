@@ -54,15 +54,15 @@ class Plan:
                 contest.ContestPlan(
                     rounds=4, gaps=5, slow_gaps=2, idle_s=10.0, status_requests=300
                 ),
-                50_000,
+                30_000,
                 1000,
                 rollback.SwapPlan(
                     small_mib=10, large_mib=200, small_swaps=8, large_swaps=2, stressed_swaps=6
                 ),
-                treescale.TreePlan(files=(1000, 10_000), idle_s=5.0),
+                treescale.TreePlan(files=(1000, 10_000), idle_s=4.0),
             )
         return cls(
-            contest.ContestPlan(rounds=8, gaps=4, slow_gaps=4, idle_s=20.0, status_requests=500),
+            contest.ContestPlan(rounds=6, gaps=6, slow_gaps=4, idle_s=20.0, status_requests=500),
             100_000,
             1000,
             rollback.SwapPlan(
