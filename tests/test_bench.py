@@ -207,3 +207,18 @@ def test_git_floor_of_a_small_tree(tmp_path: Path) -> None:
     assert (repo / "d00002" / "f49.txt").read_text() == "file 249\n"
     assert 0 < treescale.git_floor_s(repo, tmp_path / "scratch") < 30
     assert not (tmp_path / "scratch" / "index").exists()
+
+
+def test_peers_not_installed_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    installs = contest.Installs(
+        supervisord=tmp_path / "sd" / "bin" / "supervisord",
+        circusd=tmp_path / "circus" / "bin" / "circusd",
+        pm2=tmp_path / "pm2" / "node_modules" / "pm2",
+    )
+    lineup = {peer.name: peer for peer in contest.lineup(installs)}
+    assert list(lineup) == list(report.PEERS)
+    assert lineup["swapguard"].skipped is None
+    for name in ("supervisord", "circus", "pm2"):
+        reason = lineup[name].skipped
+        assert reason, name
+        assert "is not installed" in reason, reason
