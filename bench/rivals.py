@@ -256,9 +256,15 @@ class Pm2:
         argv = ["node", str(self.package / "bin" / "pm2"), *args]
         with (self.folder / "pm2-cli.log").open("ab") as log:
             done = subprocess.run(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self._env(),
-                cwd=self.folder, timeout=timeout, check=False,
-            )  # fmt: skip
+                argv,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=self._env(),
+                cwd=self.folder,
+                timeout=timeout,
+                check=False,
+            )
         if done.returncode != 0:
             raise BenchError(f"pm2 {args[0]} exited with {done.returncode}; see {self.folder}")
 
