@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, system in systems.items():
         shown = f"skipped: {system['skipped']}" if system["skipped"] else system["version"]
         peers.progress(f"{name}: {shown}")
+        about[name] = system["version"]  # the versions, as the older bench's machine had them
     groups = args.only or list(GROUPS)
     tag = uuid.uuid4().hex
     root = Path(tempfile.mkdtemp(prefix="sgbench-", dir="/tmp"))

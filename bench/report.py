@@ -270,7 +270,7 @@ def render_table(
     lines = [
         f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
         f"kernel {machine.get('kernel')}, Python {machine.get('python')}, "
-        f"load {machine.get('load_1m')} at start",
+        f"load {machine.get('load_1m')} at start, {machine.get('git')}",
         "",
     ]
     for name, about in (peers or {}).items():
