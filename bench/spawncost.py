@@ -5,8 +5,12 @@ exit -> next start gap is taken from the child's own stamps, as in the restart b
 - bare: fork/exec of the child (the floor);
 - stub: swapguard's spawn stub (`sh -c`, then exec) without the cgroup move;
 - stub + cgroup.procs: the stub writing its pid into a cgroup v2 leaf first (what swapguard does);
-- clone3 into the leaf: a child born in the leaf (CLONE_INTO_CGROUP, Linux >= 5.7), no move;
-- the cgroup.procs write alone, timed in this process (a helper child moved in and out).
+- clone3 into the leaf: a child born in the leaf (CLONE_INTO_CGROUP, Linux >= 5.7), no move; a
+  plain fork from ctypes (no CLONE_VM|CLONE_VFORK, which Python code cannot survive), so it also
+  pays the page-table copy that Popen's vfork avoids: an upper bound for this path;
+- the cgroup.procs write alone, timed in this process (a helper child moved in and out);
+- swapguard's full process-table scan (`process_table()`), which its SIGCHLD handler runs to reap
+  orphans whenever a child has exited, the host included: on the restart path.
 The cgroup rows need a writable cgroup v2 hierarchy (root); they are skipped with the reason
 otherwise. Prints one JSON object. Nothing here changes swapguard: it measures the options.
 """
@@ -132,6 +136,19 @@ def move_ms(leaf: Path, parent: Path, moves: int) -> dict[str, float]:
     return _summary(times)
 
 
+def process_table_ms(count: int) -> dict[str, float]:
+    """swapguard's process-table scan (every /proc/<pid>/stat), as its orphan reaper runs it."""
+    from supervisor.process.proctree import process_table
+
+    process_table()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        process_table()
+        times.append((time.perf_counter() - started) * 1000)
+    return {**_summary(times), "processes": len(process_table())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.spawncost", description=__doc__)
     parser.add_argument("--spawns", type=int, default=40, help="restarts timed per path")
@@ -162,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if leaf is not None and leaf.exists():
                 leaf.rmdir()
+    out["process_table_ms"] = process_table_ms(args.spawns)
     print(json.dumps(out, indent=1))
     return 0
 
