@@ -247,9 +247,11 @@ def _measured(section: str, r: Mapping[str, Any]) -> str:
                 f"rollback {back:.2f} s"
                 for files, prepare, limit, back in sizes
             )
+            busy = r.get("busy_after_start_s") or [math.nan]
             return (
                 f"{shown}; watcher at {r['files'][-1] // 1000}k: "
-                f"{_num(r['watcher_cpu_s_per_min'])} s/min, {_num(r['watcher_rss_mib'], 1)} MiB"
+                f"{_num(r['watcher_cpu_s_per_min'])} s/min, {_num(r['watcher_rss_mib'], 1)} MiB, "
+                f"busy {_num(busy[-1], 1)} s after start-up"
             )
     raise ValueError(f"unknown section {section!r}")
 

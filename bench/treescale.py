@@ -3,10 +3,11 @@
 For each size, one git repo of small files (100 a folder) and one swapguard on it:
 - prepare: POST /v1/swaps round trip (the checkpoint), against git's own floor on the same tree,
   which is the checkpoint's core: copy the index, `git add -A` into that temporary index,
-  `git write-tree` (best of three each, interleaved, after a settling second);
+  `git write-tree` (best of three each, interleaved, once swapguard is quiet after start-up);
 - rollback of a swap that touched 1% of the files: `swap.rollback_started` -> `swap.rolled_back`
   (old host spawned) in swapguard's audit log, after an explicit rollback;
-- the drift watcher at rest: swapguard's RSS at every size, its CPU over a window at the largest.
+- the drift watcher at rest: swapguard's RSS at every size, its CPU over a window at the largest,
+  and how long it stayed busy after start-up and after the restore before it was quiet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.measure import idle_cost
+from bench.measure import cpu_ns_by_thread, cpu_seconds_between, idle_cost
 from bench.peers import (
     GIT_IDENTITY,
     BenchError,
@@ -35,7 +36,9 @@ from bench.rollback import event_at
 
 FILES_PER_FOLDER = 100
 PREPARES = 3
-SETTLE_S = 1.0  # right after start-up a first prepare took 1.03 s against 0.14 s (10k files)
+QUIET_WINDOW_S = 0.5
+QUIET_CPU_S = 0.005  # under 1% of a core over the window
+QUIET_LIMIT_S = 120.0
 SWAP_TIMEOUT_S = 300.0
 
 
@@ -130,9 +133,24 @@ def rollback_s(guard: Swapguard, repo: Path, swap_id: str, files: int) -> float:
     return event_at(events, "swap.rolled_back") - event_at(events, "swap.rollback_started")
 
 
+def busy_for_s(pid: int, limit_s: float = QUIET_LIMIT_S) -> float:
+    """Seconds until `pid` spends a whole QUIET_WINDOW_S under QUIET_CPU_S of CPU: how long
+    it stays busy after start-up or a restore (at 100k files: > 15 s at 20-37 s/min of CPU in
+    its threads after start-up, ~5 s after a restore). `limit_s` when it never quiets."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = cpu_ns_by_thread(pid)
+        time.sleep(QUIET_WINDOW_S)  # the window measured, not a wait for a condition
+        if cpu_seconds_between(before, cpu_ns_by_thread(pid)) < QUIET_CPU_S:
+            return max(0.0, time.monotonic() - started - QUIET_WINDOW_S)
+    return limit_s
+
+
 def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
-    """prepare, git's floor, rollback and the watcher's footprint at each size."""
-    prepares, floors, rollbacks, rss = [], [], [], []
+    """prepare, git's floor, rollback and the watcher's footprint at each size. Each measurement
+    starts once swapguard is quiet: how long it was busy after start-up and after the restore
+    is reported too."""
+    prepares, floors, rollbacks, rss, busy_start, busy_restore = [], [], [], [], [], []
     cpu = 0.0
     for files in plan.files:
         where = folder / f"{files}"
@@ -143,7 +161,7 @@ def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
         setup = SwapguardSetup(repo=repo, host=host, deadman={"window": "10m"})
         with running_swapguard(where / "sg", setup, tag) as guard:
             progress(f"tree: swapguard up at {time.monotonic() - started:.1f} s")
-            time.sleep(SETTLE_S)  # a settling pause, not a wait for a condition
+            busy_start.append(busy_for_s(guard.pid))
             seconds, swap_id = prepare_s(guard, repo, where / "scratch")
             prepares.append(seconds[0])
             floors.append(seconds[1])
@@ -151,8 +169,8 @@ def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
             rollbacks.append(rollback_s(guard, repo, swap_id, files))
             progress(f"tree: rolled back at {time.monotonic() - started:.1f} s")
             guard.wait_host_ready(SWAP_TIMEOUT_S)
+            busy_restore.append(busy_for_s(guard.pid))
             if files == plan.files[-1]:
-                time.sleep(SETTLE_S)  # let the watcher settle after the restore
                 cpu, last_rss = idle_cost({"swapguard": guard.pid}, plan.idle_s)["swapguard"]
                 rss.append(last_rss)
             else:
@@ -169,4 +187,6 @@ def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
         "rollback_growth": ratio(rollbacks[-1], rollbacks[0]),
         "watcher_cpu_s_per_min": cpu,
         "watcher_rss_mib": rss[-1],
+        "busy_after_start_s": busy_start,
+        "busy_after_restore_s": busy_restore,
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,12 @@ def test_peers_not_installed_are_skipped_with_the_reason(tmp_path: Path) -> None
         reason = lineup[name].skipped
         assert reason, name
         assert "is not installed" in reason, reason
+
+
+def test_an_idle_process_is_quiet_at_once() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert treescale.busy_for_s(sleeper.pid, limit_s=10) < 1.0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
