@@ -251,7 +251,8 @@ def _measured(section: str, r: Mapping[str, Any]) -> str:
             return (
                 f"{shown}; watcher at {r['files'][-1] // 1000}k: "
                 f"{_num(r['watcher_cpu_s_per_min'])} s/min, {_num(r['watcher_rss_mib'], 1)} MiB, "
-                f"busy {_num(busy[-1], 1)} s after start-up"
+                f"busy {_num(busy[-1], 1)} s after start-up, "
+                f"{_num(r.get('watcher_read_pass_cpu_s'), 2)} s CPU for one read of every file"
             )
     raise ValueError(f"unknown section {section!r}")
 

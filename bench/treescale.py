@@ -7,7 +7,8 @@ For each size, one git repo of small files (100 a folder) and one swapguard on i
 - rollback of a swap that touched 1% of the files: `swap.rollback_started` -> `swap.rolled_back`
   (old host spawned) in swapguard's audit log, after an explicit rollback;
 - the drift watcher at rest: swapguard's RSS at every size, its CPU over a window at the largest,
-  and how long it stayed busy after start-up and after the restore before it was quiet.
+  and how long it stayed busy after start-up and after the restore before it was quiet; and the
+  CPU it spends while every file is read once, nothing written (at the largest size).
 """
 
 from __future__ import annotations
@@ -146,12 +147,24 @@ def busy_for_s(pid: int, limit_s: float = QUIET_LIMIT_S) -> float:
     return limit_s
 
 
+def read_pass_cpu_s(pid: int, repo: Path, files: int) -> float:
+    """CPU seconds `pid` spends while every file of the tree is read once, nothing written (what
+    a host loading its code, an editor or a `git status` does). Ideally 0: a read changes no
+    code. Counted until it is quiet again."""
+    before = cpu_ns_by_thread(pid)
+    for number in range(files):
+        with open(repo / _path(number), "rb") as source:
+            source.read()
+    busy_for_s(pid)
+    return cpu_seconds_between(before, cpu_ns_by_thread(pid))
+
+
 def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
     """prepare, git's floor, rollback and the watcher's footprint at each size. Each measurement
     starts once swapguard is quiet: how long it was busy after start-up and after the restore
     is reported too."""
     prepares, floors, rollbacks, rss, busy_start, busy_restore = [], [], [], [], [], []
-    cpu = 0.0
+    cpu = read_cpu = 0.0
     for files in plan.files:
         where = folder / f"{files}"
         started = time.monotonic()
@@ -171,6 +184,7 @@ def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
             guard.wait_host_ready(SWAP_TIMEOUT_S)
             busy_restore.append(busy_for_s(guard.pid))
             if files == plan.files[-1]:
+                read_cpu = read_pass_cpu_s(guard.pid, repo, files)
                 cpu, last_rss = idle_cost({"swapguard": guard.pid}, plan.idle_s)["swapguard"]
                 rss.append(last_rss)
             else:
@@ -187,6 +201,7 @@ def tree_scale(folder: Path, plan: TreePlan, tag: str) -> dict[str, Any]:
         "rollback_growth": ratio(rollbacks[-1], rollbacks[0]),
         "watcher_cpu_s_per_min": cpu,
         "watcher_rss_mib": rss[-1],
+        "watcher_read_pass_cpu_s": read_cpu,
         "busy_after_start_s": busy_start,
         "busy_after_restore_s": busy_restore,
     }
