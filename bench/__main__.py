@@ -22,39 +22,57 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import measure, peers, report, rollback
-from supervisor import __version__ as swapguard_version
+from bench import contest, measure, peers, report, rollback, treescale
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SUPERVISORD = REPO_ROOT / ".bench-venv" / "supervisord" / "bin" / "supervisord"
+BENCH_VENV = REPO_ROOT / ".bench-venv"
+DEFAULT_SUPERVISORD = BENCH_VENV / "supervisord" / "bin" / "supervisord"
+DEFAULT_CIRCUSD = BENCH_VENV / "circus" / "bin" / "circusd"
+DEFAULT_PM2 = BENCH_VENV / "pm2" / "node_modules" / "pm2"
 GROUPS = {
-    "restart": ("restart_latency_ms",),
-    "load": ("heartbeat", "idle"),
+    "restart": ("restart_latency_ms", "cold_start_ms"),
+    "load": ("status_p50_ms", "heartbeat", "idle"),
     "swaps": ("deadline_lateness_ms", "rollback_s", "activation_downtime_s", "snapshot"),
+    "tree": ("tree_scale",),
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """How much of each measurement: the full run, or --quick (under 3 minutes on 2 cores)."""
+    """How much of each measurement: the full run, or --quick (under 2 minutes on 2 cores)."""
 
-    exits: int
-    idle_s: float
-    status_requests: int
+    contest: contest.ContestPlan
     datagrams: int
     heartbeat_rate: int
     swaps: rollback.SwapPlan
+    tree: treescale.TreePlan
 
     @classmethod
     def for_run(cls, quick: bool) -> Plan:
         if quick:
-            swaps = rollback.SwapPlan(small_mib=10, large_mib=200, small_swaps=10, large_swaps=2)
-            return cls(20, 10.0, 500, 50_000, 1000, swaps)
-        swaps = rollback.SwapPlan(small_mib=10, large_mib=1024, small_swaps=20, large_swaps=3)
-        return cls(30, 20.0, 500, 100_000, 1000, swaps)
+            return cls(
+                contest.ContestPlan(
+                    rounds=4, gaps=5, slow_gaps=2, idle_s=10.0, status_requests=300
+                ),
+                30_000,
+                1000,
+                rollback.SwapPlan(
+                    small_mib=10, large_mib=200, small_swaps=8, large_swaps=2, stressed_swaps=6
+                ),
+                treescale.TreePlan(files=(1000, 10_000), idle_s=4.0),
+            )
+        return cls(
+            contest.ContestPlan(rounds=6, gaps=6, slow_gaps=4, idle_s=20.0, status_requests=500),
+            100_000,
+            1000,
+            rollback.SwapPlan(
+                small_mib=10, large_mib=1024, small_swaps=20, large_swaps=3, stressed_swaps=20
+            ),
+            treescale.TreePlan(files=(1000, 10_000, 100_000), idle_s=20.0),
+        )
 
 
-def machine(supervisord: Path) -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -64,77 +82,76 @@ def machine(supervisord: Path) -> dict[str, Any]:
                     break
     except OSError:
         pass
-    try:
-        peer = subprocess.run(
-            [str(supervisord), "--version"], capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-    except OSError:
-        peer = "not installed"
+    git = subprocess.run(["git", "--version"], capture_output=True, text=True, check=False)
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "kernel": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        "git": git.stdout.strip(),
         "load_1m": round(os.getloadavg()[0], 2),
-        "swapguard": swapguard_version,
-        "supervisord": f"supervisord {peer or 'unknown'}",
     }
 
 
-def _progress(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
+def describe(lineup: list[contest.Peer]) -> dict[str, dict[str, Any]]:
+    """Each system's version, settings and skip reason, for the report."""
+    return {
+        peer.name: {"version": peer.version, "settings": peer.settings, "skipped": peer.skipped}
+        for peer in lineup
+    }
 
 
 class Bench:
     """One run: a temp root, a tag for every process, results and errors by section."""
 
-    def __init__(self, root: Path, tag: str, plan: Plan, supervisord: Path) -> None:
-        self.root, self.tag, self.plan, self.supervisord = root, tag, plan, supervisord
+    def __init__(self, root: Path, tag: str, plan: Plan, lineup: list[contest.Peer]) -> None:
+        self.root, self.tag, self.plan, self.lineup = root, tag, plan, lineup
         self.results: dict[str, Any] = {}
         self.errors: list[str] = []
 
     def step(self, name: str, work: Callable[[], dict[str, Any]]) -> None:
         """Run one group; its failure is recorded, not fatal, and its processes are killed."""
-        _progress(f"{name} ...")
+        peers.progress(f"{name} ...")
         started = time.monotonic()
         try:
             self.results.update(work())
         except Exception as exc:  # recorded; the other groups still run
             why = str(exc) if isinstance(exc, peers.BenchError) else f"{type(exc).__name__}: {exc}"
             self.errors.append(f"{name}: {why}")
-            _progress(f"{name} failed: {why}")
+            peers.progress(f"{name} failed: {why}")
         finally:
-            _progress(f"{name} took {time.monotonic() - started:.1f} s")
+            peers.progress(f"{name} took {time.monotonic() - started:.1f} s")
             peers.kill_tagged(self.tag)
 
     def restart(self) -> dict[str, Any]:
-        folder = self.root / "restart"
-        figures = measure.restart_latency(folder, self.supervisord, self.plan.exits, self.tag)
-        return {"restart_latency_ms": figures}
+        return contest.restarts_and_cold_starts(
+            self.root / "restart", self.lineup, self.plan.contest, self.tag
+        )
 
     def load(self) -> dict[str, Any]:
-        idle, at_rest = measure.idle_and_status(
-            self.root / "idle",
-            self.supervisord,
-            self.plan.idle_s,
-            self.plan.status_requests,
-            self.tag,
-        )
+        rest = contest.at_rest(self.root / "idle", self.lineup, self.plan.contest, self.tag)
         hb_plan = measure.HeartbeatPlan(
-            self.plan.datagrams, self.plan.heartbeat_rate, self.plan.status_requests
+            self.plan.datagrams, self.plan.heartbeat_rate, self.plan.contest.status_requests
         )
         beat = measure.heartbeat(self.root / "heartbeat", hb_plan, self.tag)
-        return {"idle": idle, "heartbeat": {**beat, **at_rest}}
+        status = rest["status_p50_ms"]
+        beat["status_at_rest_p50_ms"] = status["swapguard"]  # the keys of the older bench
+        beat["supervisord_status_p50_ms"] = status["supervisord"]
+        return {**rest, "heartbeat": beat}
 
     def swaps(self) -> dict[str, Any]:
         return rollback.swap_sections(self.root / "swaps", self.plan.swaps, self.tag)
 
+    def tree(self) -> dict[str, Any]:
+        return {"tree_scale": treescale.tree_scale(self.root / "tree", self.plan.tree, self.tag)}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/bench", description="swapguard against supervisord 4.x and fork/exec."
+        prog="scripts/bench",
+        description="swapguard against supervisord, circus, PM2 and the physical limits.",
     )
-    parser.add_argument("--quick", action="store_true", help="smaller run, under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller run, under 2 minutes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--only", action="append", choices=sorted(GROUPS), help="run only this group (repeatable)"
@@ -144,6 +161,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path(os.environ.get("SWAPGUARD_BENCH_SUPERVISORD", DEFAULT_SUPERVISORD)),
         help="supervisord 4.x executable, from a venv without swapguard (scripts/bench makes it)",
+    )
+    parser.add_argument(
+        "--circusd",
+        type=Path,
+        default=Path(os.environ.get("SWAPGUARD_BENCH_CIRCUSD", DEFAULT_CIRCUSD)),
+        help="circusd from a venv of its own (scripts/bench makes it)",
+    )
+    parser.add_argument(
+        "--pm2",
+        type=Path,
+        default=Path(os.environ.get("SWAPGUARD_BENCH_PM2", DEFAULT_PM2)),
+        help="the pm2 npm package folder (scripts/bench installs it privately)",
     )
     return parser.parse_args(argv)
 
@@ -156,14 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     plan = Plan.for_run(args.quick)
-    about = machine(args.supervisord)
-    _progress(
+    about = machine()
+    peers.progress(
         f"{about['cpu']}, {about['cores']} cores, {about['kernel']}, Python {about['python']}"
     )
+    lineup = contest.lineup(contest.Installs(args.supervisord, args.circusd, args.pm2))
+    systems = describe(lineup)
+    for name, system in systems.items():
+        shown = f"skipped: {system['skipped']}" if system["skipped"] else system["version"]
+        peers.progress(f"{name}: {shown}")
+        about[name] = system["version"]  # the versions, as the older bench's machine had them
     groups = args.only or list(GROUPS)
     tag = uuid.uuid4().hex
     root = Path(tempfile.mkdtemp(prefix="sgbench-", dir="/tmp"))
-    bench = Bench(root, tag, plan, args.supervisord)
+    bench = Bench(root, tag, plan, lineup)
     started = time.monotonic()
     try:
         for group in GROUPS:
@@ -172,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         peers.kill_tagged(tag)
         shutil.rmtree(root, ignore_errors=True)
-    _progress(f"done in {time.monotonic() - started:.0f} s")
+    peers.progress(f"done in {time.monotonic() - started:.0f} s")
     if args.json:
-        print(report.render_json(bench.results, about, bench.errors, quick=args.quick))
+        print(
+            report.render_json(bench.results, about, bench.errors, quick=args.quick, peers=systems)
+        )
     else:
-        print(report.render_table(bench.results, about, bench.errors))
+        print(report.render_table(bench.results, about, bench.errors, systems))
     return 1 if bench.errors else 0
 
 

@@ -1,7 +1,7 @@
-"""Restart latency, notify throughput, control-socket latency and idle cost.
+"""The restarted child and its stamps, notify throughput, status under load, idle cost.
 
-Restart latency is measured from inside the child: one bash script, the same for all three
-restarters, appends a realtime stamp (`$EPOCHREALTIME`, a builtin: no fork) when it starts and
+Restart latency is measured from inside the child: one bash script, the same for every
+restarter, appends a realtime stamp (`$EPOCHREALTIME`, a builtin: no fork) when it starts and
 another just before it exits 1. The latency of a restart is the next child's start stamp minus the
 previous child's exit stamp, so the child's own start cost counts the same for everyone and what
 differs is the restarter: reaping, deciding, forking, exec.
@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +21,14 @@ import psutil
 
 from bench.peers import (
     BenchError,
-    Supervisord,
     SwapguardSetup,
     make_repo,
-    running_supervisord,
     running_swapguard,
     tagged_env,
+    timed_calls_ms,
     wait_until,
 )
-from bench.report import percentile, ratio
+from bench.report import percentile
 
 CHILD_SCRIPT = """\
 # The restarted child of the restart-latency bench: stamp the start, stamp the exit, fail.
@@ -118,55 +116,7 @@ def limit_gaps_ms(command: list[str], stamps: Path, exits: int, tag: str) -> lis
     return gaps[:exits]
 
 
-def swapguard_gaps_ms(folder: Path, exits: int, tag: str) -> list[float]:
-    stamps = folder / "stamps"
-    host = {
-        "command": child_command(folder, stamps),
-        "ready": "started",
-        "min_uptime": "0",
-        "restart": "always",
-        "restart_delay": "0",
-        "restart_delay_max": "1s",
-    }
-    repo = make_repo(folder / "repo", {"README": "restart bench\n"})
-    setup = SwapguardSetup(repo=repo, host=host)
-    with running_swapguard(folder / "sg", setup, tag, wait_ready=False):
-        wait_until(lambda: len(_gaps_in(stamps)) >= exits, 10 + exits, "swapguard's restarts")
-    return _gaps_in(stamps)[:exits]
-
-
-def supervisord_gaps_ms(folder: Path, binary: Path, exits: int, tag: str) -> list[float]:
-    stamps = folder / "stamps"
-    command = child_command(folder, stamps)
-    with running_supervisord(folder / "sd", binary, command, tag):
-        wait_until(
-            lambda: len(_gaps_in(stamps)) >= exits, 30 + 3 * exits, "supervisord's restarts", 0.1
-        )
-    return _gaps_in(stamps)[:exits]
-
-
-def restart_latency(folder: Path, supervisord: Path, exits: int, tag: str) -> dict[str, float]:
-    """p50 of each restarter, and supervisord / swapguard."""
-    limit_folder = folder / "limit"
-    command = child_command(limit_folder, limit_folder / "stamps")
-    limit = percentile(limit_gaps_ms(command, limit_folder / "stamps", exits, tag), 50)
-    guard = percentile(swapguard_gaps_ms(folder / "swapguard", exits, tag), 50)
-    peer = percentile(supervisord_gaps_ms(folder / "supervisord", supervisord, exits, tag), 50)
-    return {"swapguard": guard, "supervisord": peer, "limit": limit, "ratio": ratio(peer, guard)}
-
-
 # --- heartbeat and status under load ----------------------------------------------------------
-
-
-def timed_calls_ms(call: Callable[[], object], count: int) -> list[float]:
-    """Latency of `count` calls of a no-argument callable, after one warm-up call."""
-    call()
-    latencies = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        latencies.append((time.perf_counter() - started) * 1000)
-    return latencies
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,12 +169,6 @@ def heartbeat(folder: Path, plan: HeartbeatPlan, tag: str) -> dict[str, float]:
     }
 
 
-def supervisord_status_ms(daemon: Supervisord, requests: int) -> list[float]:
-    """supervisor.getAllProcessInfo over supervisord's unix socket, one kept connection."""
-    proxy = daemon.proxy()
-    return timed_calls_ms(proxy.supervisor.getAllProcessInfo, requests)
-
-
 # --- idle --------------------------------------------------------------------------------------
 
 
@@ -267,29 +211,3 @@ def idle_cost(pids: dict[str, int], seconds: float) -> dict[str, tuple[float, fl
             cpu = sum(proc.cpu_times()[:2]) - ticks[name]
         out[name] = (cpu / elapsed * 60, proc.memory_info().rss / 2**20)
     return out
-
-
-def idle_and_status(
-    folder: Path, supervisord: Path, seconds: float, requests: int, tag: str
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Both supervisors at rest with one idle child (`sleep`), measured side by side; then the
-    status latency of each at rest (XML-RPC getAllProcessInfo, GET /v1/status).
-    Returns (idle section, status figures for the heartbeat section)."""
-    sleeper = ["sleep", "100000"]
-    repo = make_repo(folder / "repo", {"README": "idle bench\n"})
-    setup = SwapguardSetup(repo=repo, host={"command": sleeper, "ready": "started"})
-    with (
-        running_swapguard(folder / "sg", setup, tag) as guard,
-        running_supervisord(folder / "sd", supervisord, sleeper, tag) as daemon,
-    ):
-        time.sleep(1.0)  # let both settle after start-up before the window opens
-        cost = idle_cost({"swapguard": guard.pid, "supervisord": daemon.pid}, seconds)
-        rpc_p50 = percentile(supervisord_status_ms(daemon, requests), 50)
-        rest_p50 = percentile(timed_calls_ms(guard.client.status, requests), 50)
-    idle = {
-        "cpu_s_per_min": cost["swapguard"][0],
-        "rss_mib": cost["swapguard"][1],
-        "supervisord_cpu_s_per_min": cost["supervisord"][0],
-        "supervisord_rss_mib": cost["supervisord"][1],
-    }
-    return idle, {"supervisord_status_p50_ms": rpc_p50, "status_at_rest_p50_ms": rest_p50}

@@ -1,4 +1,5 @@
-"""The contestants as real processes: swapguard and supervisord, each with its own folder.
+"""The contestants as real processes: swapguard and supervisord, each with its own folder
+(circus and PM2 are in `rivals`).
 
 Every process the bench starts carries `SWAPGUARD_BENCH_TAG=<run tag>` in its environment, and so
 does everything those processes start (the hosts, their children): `kill_tagged()` finds whatever
@@ -45,6 +46,11 @@ class BenchError(Exception):
     """A measurement could not be taken; the message says which and why."""
 
 
+def progress(text: str) -> None:
+    """One line of progress on stderr (the report goes to stdout)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
 def wait_until(
     predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02
 ) -> T:
@@ -62,6 +68,17 @@ def wait_until(
             why = f" (last error: {last_error})" if last_error else ""
             raise BenchError(f"timed out after {timeout:g}s waiting for {what}{why}")
         time.sleep(interval)
+
+
+def timed_calls_ms(call: Callable[[], object], count: int) -> list[float]:
+    """Latency of `count` calls of a no-argument callable, after one warm-up call."""
+    call()
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
 
 
 def tagged_env(tag: str, **extra: str) -> dict[str, str]:
@@ -144,6 +161,7 @@ class Swapguard:
         self.log = folder / "swapguard.log"
         self.config = folder / "swapguard.toml"
         self.process: subprocess.Popen[bytes] | None = None
+        self.launched_at = 0.0  # time.time() just before the process was started
         self.client = Client(self.socket, timeout=30)
 
     def render_config(self) -> str:
@@ -167,6 +185,7 @@ class Swapguard:
         self.config.write_text(self.render_config())
         argv = [sys.executable, "-m", "supervisor", "run", "--config", str(self.config)]
         with self.log.open("ab") as out:
+            self.launched_at = time.time()
             self.process = subprocess.Popen(
                 argv,
                 cwd=self.setup.repo,
@@ -197,6 +216,10 @@ class Swapguard:
             return host if host["ready"] and host["state"] == "running" else None
 
         return wait_until(ready, timeout, "swapguard's host to be ready")
+
+    def status_ms(self, count: int) -> list[float]:
+        """GET /v1/status through the Python client (one kept connection)."""
+        return timed_calls_ms(self.client.status, count)
 
     def metric(self, name: str) -> float:
         """One unlabelled sample of GET /metrics."""
@@ -286,6 +309,7 @@ class Supervisord:
         self.log = folder / "supervisord.log"
         self.config = folder / "supervisord.conf"
         self.process: subprocess.Popen[bytes] | None = None
+        self.launched_at = 0.0
 
     def render_config(self) -> str:
         command = shlex.join(self.command).replace("%", "%%")
@@ -322,6 +346,7 @@ stdout_logfile={self.folder / "host.log"}
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.render_config())
         with (self.folder / "stderr.log").open("ab") as err:
+            self.launched_at = time.time()
             self.process = subprocess.Popen(
                 [str(self.binary), "-n", "-c", str(self.config)],
                 cwd=self.folder,
@@ -350,6 +375,10 @@ stdout_logfile={self.folder / "host.log"}
     def pid(self) -> int:
         assert self.process is not None, "start() first"
         return self.process.pid
+
+    def status_ms(self, count: int) -> list[float]:
+        """supervisor.getAllProcessInfo over the unix socket, one kept connection."""
+        return timed_calls_ms(self.proxy().supervisor.getAllProcessInfo, count)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -4,7 +4,7 @@ Each swap is the real thing: prepare (checkpoint the code), write a new version 
 activate (stop the host, snapshot the SQLite [[data]] entry, spawn), then let the short deadman
 window run out. Every number comes from swapguard's own audit log (event `at`, millisecond
 precision) and the swap document's `deadline_at`:
-- lateness: deadline_at -> `swap.rollback_started`
+- lateness: deadline_at -> `swap.rollback_started` (at rest, and with CPU hogs and a disk writer)
 - rollback: deadline_at -> `swap.rolled_back` (the old version spawned again)
 - activation downtime: `host.stopped` -> `host.started` after `swap.activated`
 """
@@ -30,6 +30,7 @@ from bench.peers import (
     wait_until,
 )
 from bench.report import percentile, ratio
+from bench.stress import stressed
 from supervisor.data.snapshot import SnapshotStore
 
 WINDOW = "1s"
@@ -77,7 +78,7 @@ def _moment(stamp: str | None, what: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
-def _first(events: Iterable[Mapping[str, Any]], kind: str, after: float = -1.0) -> float:
+def event_at(events: Iterable[Mapping[str, Any]], kind: str, after: float = -1.0) -> float:
     for event in events:
         at = _moment(event["at"], f"time of {event['event']}")
         if event["event"] == kind and at >= after:
@@ -89,8 +90,8 @@ def swap_timing(swap: Mapping[str, Any], log: Sequence[Mapping[str, Any]]) -> Sw
     """Pure: the three figures of one rolled-back swap, from its document and the global log."""
     deadline = _moment(swap.get("deadline_at"), f"deadline_at for swap {swap.get('id')}")
     own = swap.get("events") or []
-    started = _first(own, "swap.rollback_started")
-    rolled_back = _first(own, "swap.rolled_back")
+    started = event_at(own, "swap.rollback_started")
+    rolled_back = event_at(own, "swap.rolled_back")
     ordered = sorted(log, key=lambda event: event["id"])
     activation = [event for event in ordered if event.get("swap_id") in (None, swap["id"])]
     activated = next((i for i, e in enumerate(activation) if e["event"] == "swap.activated"), None)
@@ -101,7 +102,7 @@ def swap_timing(swap: Mapping[str, Any], log: Sequence[Mapping[str, Any]]) -> Sw
     if stop_index is None:
         raise BenchError(f"the old host of swap {swap['id']} never stopped")
     stopped = _moment(after[stop_index]["at"], "host.stopped")
-    spawned = _first(after[stop_index:], "host.started")
+    spawned = event_at(after[stop_index:], "host.started")
     return SwapTiming((started - deadline) * 1000, rolled_back - deadline, spawned - stopped)
 
 
@@ -201,11 +202,13 @@ class SwapPlan:
     large_mib: int
     small_swaps: int
     large_swaps: int
+    stressed_swaps: int  # small swaps with two CPU hogs and a disk writer beside swapguard
 
 
-def swap_sections(folder: Path, plan: SwapPlan, tag: str) -> dict[str, dict[str, float]]:
+def swap_sections(folder: Path, plan: SwapPlan, tag: str) -> dict[str, dict[str, float | None]]:
     """deadline_lateness_ms, rollback_s, activation_downtime_s and snapshot, from one run.
-    Small and large swaps alternate, so a change in the machine's load hits both alike."""
+    Small and large swaps alternate, so a change in the machine's load hits both alike; then
+    small swaps again with two CPU hogs and a disk writer beside swapguard (stressed lateness)."""
     small_setup, _ = swap_instance(folder / "small", plan.small_mib)
     large_setup, database = swap_instance(folder / "large", plan.large_mib)
     size_mib = database.stat().st_size / 2**20
@@ -223,13 +226,17 @@ def swap_sections(folder: Path, plan: SwapPlan, tag: str) -> dict[str, dict[str,
                 large.append(large_runner.one())
             if number < plan.small_swaps:
                 small.append(small_runner.one())
+        with stressed(folder / "stress", tag):
+            loaded = [small_runner.one() for _ in range(plan.stressed_swaps)]
     lateness = [t.lateness_ms for t in small + large]
+    stressed_p99 = percentile([t.lateness_ms for t in loaded], 99) if loaded else None
     small_rollback = percentile([t.rollback_s for t in small], 50)
     large_rollback = percentile([t.rollback_s for t in large], 50)
     return {
         "deadline_lateness_ms": {
             "p50": percentile(lateness, 50),
             "p99": percentile(lateness, 99),
+            "stressed_p99": stressed_p99,
         },
         "rollback_s": {
             "small": small_rollback,
@@ -240,6 +247,7 @@ def swap_sections(folder: Path, plan: SwapPlan, tag: str) -> dict[str, dict[str,
         "activation_downtime_s": {
             "small": percentile([t.activation_downtime_s for t in small], 50),
             "large": percentile([t.activation_downtime_s for t in large], 50),
+            "copy_large": times.copy_s,
         },
         "snapshot": {
             "mib_s": size_mib / times.take_s,
