@@ -10,15 +10,34 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
 IDLE_TIMEOUT_S = 300.0
+CHANGES = [
+    FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent,
+    DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
+]  # fmt: skip
+"""What can change the tree. Opens and read-only closes are left out of the kernel's watch mask
+itself (watchdog's `event_filter`): a host that reads its tree costs the watcher nothing."""
 # watchdog's inotify backend warns when a new subdirectory re-registers a watch; harmless noise.
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
@@ -28,8 +47,6 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
         if any(path and not self.watcher.ignored(str(path)) for path in paths):
             self.watcher.poke()
@@ -52,12 +69,13 @@ class CodeWatcher:
         prefixes = [root / ".git", *ignore]
         self._ignore = tuple(str(p) for p in prefixes)
         self._timer: threading.Timer | None = None
+        self._last_change = 0.0
         self._lock = threading.Lock()
         # The dispatcher blocks on its queue; stop() puts a sentinel there, so a long timeout only
         # spares an idle swapguard a wake-up every second (watchdog's default).
         self._observer = Observer(timeout=IDLE_TIMEOUT_S)
         self._observer.daemon = True
-        self._observer.schedule(_Handler(self), str(root), recursive=True)
+        self._observer.schedule(_Handler(self), str(root), recursive=True, event_filter=CHANGES)
 
     def ignored(self, path: str) -> bool:
         return any(
@@ -69,15 +87,24 @@ class CodeWatcher:
         self._observer.start()
 
     def poke(self) -> None:
+        """A change: fire once the tree has been quiet for `debounce`. One timer at a time, moved
+        on by its own firing (a burst of a hundred thousand events starts no thread each)."""
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = threading.Timer(self.debounce, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+            self._last_change = time.monotonic()
+            if self._timer is None:
+                self._arm(self.debounce)
+
+    def _arm(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _fire(self) -> None:
         with self._lock:
+            quiet_for = time.monotonic() - self._last_change
+            if quiet_for < self.debounce:
+                self._arm(self.debounce - quiet_for)  # changes came since: wait for the quiet
+                return
             self._timer = None
         try:
             self.on_change()
