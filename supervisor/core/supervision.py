@@ -19,12 +19,15 @@ What is decided here:
   the swap, unchanged code is an ordinary start or crash.
 - The environment of the next spawn: the swap's variables on probation, the rolled-back ones for
   one spawn after a rollback.
+- A rollback that gave up (`failed`) leaves the host stopped; an operator's host request is
+  refused while a swap step drives the host.
 - A confirm of a new version whose copies of the data are not yet on disk waits for `SyncData`,
   and is answered (`AnswerConfirm`) once it took or was refused.
 
 Rules
 -----
-1. Pure: no I/O, no clock reads, no logging. `now` comes with every event.
+1. Pure: no I/O, no clock reads, no logging. `now` comes with every event. The data it decides
+   on (the record, policy, events, actions) is in `core.supervisionrecord`, re-exported here.
 2. Persisted before acted: every record a swap passes through gets a `PersistSwap` (with its
    audit events) ahead of the orders that follow from it, so a crash between two orders resumes
    at the step in flight. Every order is safe to perform twice.
@@ -38,11 +41,45 @@ Rules
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from supervisor.core import lifecycle, swaps
 from supervisor.core.instant import Instant
+from supervisor.core.supervisionrecord import (
+    Action,
+    AnswerConfirm,
+    CancelJobs,
+    CheckCodeChanged,
+    CodeCheck,
+    CodeChecked,
+    Emit,
+    Event,
+    HostInput,
+    HostRequested,
+    KillTree,
+    Outcome,
+    PersistSwap,
+    Policy,
+    PrepareRequested,
+    RecordReady,
+    RestoreCode,
+    RestoreData,
+    Resumed,
+    RunBuild,
+    RunHealthCheck,
+    SaveChanges,
+    SignalStop,
+    Spawn,
+    Supervision,
+    SwapFinished,
+    SyncData,
+    TakeSnapshots,
+    Tick,
+    VerifySnapshots,
+    WorkReported,
+    loaded,
+)
 from supervisor.core.swaprecord import stamp
 from supervisor.core.wakeup import next_wakeup as _next_wakeup
 from supervisor.errors import Conflict
@@ -52,234 +89,44 @@ SwapState = swaps.SwapState
 STOP_STEPS = frozenset({swaps.Step.STOP_OLD, swaps.Step.STOP_NEW})
 SPAWN_STEPS = frozenset({swaps.Step.SPAWN_NEW, swaps.Step.SPAWN_OLD})
 
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    host: lifecycle.Policy
-    swap: swaps.Policy
-
-
-@dataclass(frozen=True, slots=True)
-class CodeCheck:
-    """An activation check in flight: does the tree differ from the prepared swap's checkpoint?"""
-
-    swap_id: str
-    spawn: bool  # a host start waits for the answer (unchanged code: start the old version)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Supervision:
-    """The whole supervised state; the runtime replaces it whole (readers on other threads see
-    one consistent record)."""
-
-    host: lifecycle.Host = field(default_factory=lifecycle.Host)
-    swap: swaps.Swap | None = None
-    env: Mapping[str, str] = field(default_factory=dict)  # added to the next spawn's environment
-    env_one_shot: bool = False  # the rolled-back variables: cleared by the next spawn
-    check: CodeCheck | None = None
-    confirm_waiting: str | None = None  # the swap whose confirm waits for its data on disk
-
-
-def loaded(swap: swaps.Swap | None) -> Supervision:
-    """A restarted runtime's record before anything happened: the swap the store had in flight."""
-    return Supervision(swap=swap)
-
-
-# --- events: past facts, each with the moment the runtime saw it -------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HostInput:
-    """A lifecycle event (a request, a fact about the process, a heartbeat); `now` stamps what it
-    means for the swap, `event.now` is the same moment on the boot clock."""
-
-    now: Instant
-    event: lifecycle.Event
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Tick:
-    """The timer fired: both machines see the time, the swap's deadlines first."""
-
-    now: Instant
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Resumed:
-    """A restarted runtime adopted the live host (or found none) and took the code baseline: the
-    swap in flight goes on from its step, and the host starts unless a swap step drives it."""
-
-    now: Instant
-    adopted: bool
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PrepareRequested:
-    now: Instant
-    swap_id: str
-    summary: str
-    checkpoint: Mapping[str, Any]
-    auto: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CodeChecked:
-    """The answer to `CheckCodeChanged`; a check that failed counts as changed (guarded)."""
-
-    now: Instant
-    swap_id: str
-    changed: bool
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkReported:
-    """The outcome of work ordered for swap `swap_id`: a step, the data sync, a health check."""
-
-    swap_id: str
-    event: swaps.StepDone | swaps.StepFailed | swaps.DataSynced | swaps.HealthChecked
-
-
-Event = HostInput | Tick | Resumed | PrepareRequested | CodeChecked | WorkReported | swaps.Request
-
-
-# --- actions: orders for the runtime -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Spawn:
-    """Start the host with `env` added; report back `lifecycle.Spawned` or `SpawnFailed`.
-    `swap_id`: the swap whose new version this is, recorded with the run."""
-
-    env: Mapping[str, str]
-    swap_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class SignalStop:
-    """`stop_signal` to the host's tree."""
-
-
-@dataclass(frozen=True, slots=True)
-class KillTree:
-    """SIGKILL what is left of the host's tree; `process_too`: its main process is still ours."""
-
-    process_too: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Emit:
-    """An audit event about the host."""
-
-    event: str
-    detail: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class RecordReady:
-    """The host's run became ready: a restarted supervisor adopts it as ready."""
-
-
-@dataclass(frozen=True, slots=True)
-class CheckCodeChanged:
-    """Does the code tree differ from `checkpoint`? Report back `CodeChecked`."""
-
-    swap_id: str
-    checkpoint: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class PersistSwap:
-    """Save the record and its audit events in one transaction, before the orders that follow."""
-
-    swap: swaps.Swap
-    events: tuple[tuple[str, Mapping[str, Any]], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SaveChanges:
-    """Keep the list of changed files of the swap (the old version is stopping)."""
-
-    swap: swaps.Swap
-
-
-@dataclass(frozen=True, slots=True)
-class VerifySnapshots:
-    """The new version runs: check the snapshots' integrity in the background, report an event."""
-
-    swap: swaps.Swap
-
-
-@dataclass(frozen=True, slots=True)
-class TakeSnapshots:
-    swap: swaps.Swap  # report WorkReported(StepDone(SNAPSHOT, {"data": ..., "unsynced": ...}))
-
-
-@dataclass(frozen=True, slots=True)
-class RunBuild:
-    swap: swaps.Swap  # its step says which build (BUILD_NEW, BUILD_OLD)
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreCode:
-    swap: swaps.Swap
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreData:
-    swap: swaps.Swap
-
-
-@dataclass(frozen=True, slots=True)
-class SyncData:
-    swap: swaps.Swap  # report WorkReported(DataSynced)
-
-
-@dataclass(frozen=True, slots=True)
-class RunHealthCheck:
-    swap_id: str  # report WorkReported(HealthChecked)
-
-
-@dataclass(frozen=True, slots=True)
-class CancelJobs:
-    """Kill a build or health check in flight: the swap moved on."""
-
-
-@dataclass(frozen=True, slots=True)
-class SwapFinished:
-    """The swap ended (confirmed, rolled back, aborted): count it, settle its files."""
-
-    swap: swaps.Swap
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerConfirm:
-    """A confirm that waited for the data is answered: `error` None if it took."""
-
-    swap_id: str
-    error: str | None
-
-
-Action = (
-    Spawn
-    | SignalStop
-    | KillTree
-    | Emit
-    | RecordReady
-    | CheckCodeChanged
-    | PersistSwap
-    | SaveChanges
-    | VerifySnapshots
-    | TakeSnapshots
-    | RunBuild
-    | RestoreCode
-    | RestoreData
-    | SyncData
-    | RunHealthCheck
-    | CancelJobs
-    | SwapFinished
-    | AnswerConfirm
-)
-Outcome = tuple[Supervision, list[Action]]
+__all__ = [
+    "Action",
+    "AnswerConfirm",
+    "CancelJobs",
+    "CheckCodeChanged",
+    "CodeCheck",
+    "CodeChecked",
+    "Emit",
+    "Event",
+    "HostInput",
+    "HostRequested",
+    "HostState",
+    "KillTree",
+    "Outcome",
+    "PersistSwap",
+    "Policy",
+    "PrepareRequested",
+    "RecordReady",
+    "RestoreCode",
+    "RestoreData",
+    "Resumed",
+    "RunBuild",
+    "RunHealthCheck",
+    "SaveChanges",
+    "SignalStop",
+    "Spawn",
+    "Supervision",
+    "SwapFinished",
+    "SwapState",
+    "SyncData",
+    "TakeSnapshots",
+    "Tick",
+    "VerifySnapshots",
+    "WorkReported",
+    "loaded",
+    "next_wakeup",
+    "step",
+]
 
 
 # --- the machine -------------------------------------------------------------------------------
@@ -341,6 +188,13 @@ class _Turn:
         match event:
             case HostInput(event=host_event):
                 self.host(host_event)
+            case HostRequested(event=request):
+                swap = self.state.swap
+                if swap is not None and swap.step is not None:  # the tree or data is mid-change
+                    raise Conflict(
+                        f"swap {swap.id} is at step {swap.step}; the host follows the swap"
+                    )
+                self.host(request)
             case Tick(now=now):
                 if self.state.swap is not None:
                     self.swap(swaps.Tick(now=now))
@@ -369,8 +223,12 @@ class _Turn:
         swap = self.state.swap
         if swap is not None:
             if swap.state is SwapState.PROBATION and swap.deadline is not None:
-                self.set(env={"SWAPGUARD_SWAP_ID": swap.id,
-                              "SWAPGUARD_DEADLINE": stamp(swap.deadline) or ""})
+                self.set(
+                    env={
+                        "SWAPGUARD_SWAP_ID": swap.id,
+                        "SWAPGUARD_DEADLINE": stamp(swap.deadline) or "",
+                    }
+                )
             self.commit(*swaps.resume(swap, self.policy.swap, self.now), before=swap)
         swap = self.state.swap
         swap_drives_host = swap is not None and (
@@ -490,6 +348,11 @@ class _Turn:
             self.actions.append(VerifySnapshots(new))
         for order in orders:
             self.swap_order(new, order)
+        gave_up = before is not None and before.state is not SwapState.FAILED
+        if new.state is SwapState.FAILED and gave_up:
+            # The rollback gave up: the host stays stopped for the operator, whatever the
+            # lifecycle would retry (a spawn of the old version that keeps failing backs off).
+            self.host(lifecycle.StopRequested(now=self.now.boot))
         if new.state in swaps.TERMINAL:
             self.finished = new
             self.set(swap=None, check=None)

@@ -209,6 +209,13 @@ class Runtime:
     def feed_host(self, event: lifecycle.Event) -> None:
         self.feed(sv.HostInput(now=clock.now(), event=event))
 
+    def request_host(
+        self,
+        event: lifecycle.StartRequested | lifecycle.StopRequested | lifecycle.RestartRequested,
+    ) -> None:
+        """An operator's host request; raises Conflict while a swap step drives the host."""
+        self.feed(sv.HostRequested(now=clock.now(), event=event))
+
     def feed_swap(self, event: swaps.Event) -> None:
         """A request for the swap in flight; raises Conflict when it is not allowed now."""
         if not isinstance(event, swaps.Request):

@@ -31,7 +31,7 @@ from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
 from supervisor.daemon import footprint
 from supervisor.daemon.runtime import Runtime
-from supervisor.errors import BadRequest, ConfigError, Conflict, NotFound, NotReachable
+from supervisor.errors import BadRequest, ConfigError, NotFound, NotReachable
 from supervisor.process import host
 from supervisor.state.store import StateLock, Store
 
@@ -135,10 +135,7 @@ class LoopBackend(Backend):
             raise BadRequest(f"unknown host action {action!r}")
 
         def act() -> dict:
-            swap = self.runtime.swap
-            if swap is not None and swap.step is not None:  # the tree or data is mid-change
-                raise Conflict(f"swap {swap.id} is at step {swap.step}; the host follows the swap")
-            self.runtime.feed_host(events[action](now=clock.boot_clock()))
+            self.runtime.request_host(events[action](now=clock.boot_clock()))
             return views.status(self.runtime)["host"]
 
         return dict(self._call(act))
