@@ -250,8 +250,11 @@ class _Turn:
         check = self.state.check
         if check is None or check.swap_id != event.swap_id:
             return  # rule 4
-        self.set(check=None)
         swap = self.state.swap
+        aborting = swap is not None and swap.state is SwapState.PREPARED and swap.step is not None
+        if aborting:
+            return  # the code is being restored: the abort's end decides (see `commit`)
+        self.set(check=None)
         if event.changed and _prepared_idle(swap) and swap is not None and swap.id == check.swap_id:
             self.swap(swaps.ActivateRequested(now=event.now))
             return
@@ -355,10 +358,26 @@ class _Turn:
             self.host(lifecycle.StopRequested(now=self.now.boot))
         if new.state in swaps.TERMINAL:
             self.finished = new
-            self.set(swap=None, check=None)
+            self.set(swap=None)
             if not self.state.env_one_shot:
                 self.set(env={})
             self.actions.append(SwapFinished(new))
+        if (check := self.state.check) is not None and not _prepared_idle(self.state.swap):
+            self.after_check(check, new, before)
+
+    def after_check(self, check: CodeCheck, new: swaps.Swap, before: swaps.Swap | None) -> None:
+        """The swap moved while a code check was out: an activation has stopped the host; an
+        abort that ended lets a start held by the check go ahead; one in progress holds it."""
+        if new.state is SwapState.PREPARED and new.step is not None:
+            return
+        self.set(check=None)
+        if new.state is SwapState.PREPARED:  # the abort gave up: the tree is in doubt, ask again
+            if check.spawn:
+                self.check_code(spawn=True)
+            return
+        host = self.state.host
+        if check.spawn and host.state is HostState.STARTING and host.pid is None:
+            self.spawn(checked=True)
 
     def swap_order(self, swap: swaps.Swap, order: swaps.Action) -> None:
         match order:
