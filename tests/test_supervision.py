@@ -7,6 +7,7 @@ work waits for the test to answer) and checks every order against the record it 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
@@ -384,6 +385,21 @@ def test_requests_that_are_refused_change_nothing() -> None:
         Harness(policy(), before).feed(
             sv.PrepareRequested(now=T0, swap_id="bad id", summary="", checkpoint={})
         )
+
+
+def test_a_heartbeat_moves_only_the_host_clock_and_keeps_every_other_field() -> None:
+    harness = running()
+    swap = on_probation(harness, unsynced=True)
+    harness.feed(swaps.ConfirmRequested(now=harness.now))
+    full = replace(harness.state, check=sv.CodeCheck("x", spawn=False), env_one_shot=True)
+    assert all(getattr(full, f.name) != getattr(sv.Supervision(), f.name) for f in fields(full))
+    beat = lc.Heartbeat(now=600.0, status="busy")
+    beaten = sv.heartbeat(full, beat, harness.policy)
+    assert beaten == replace(full, host=lc.step(full.host, beat, harness.policy.host)[0])
+    assert sv.step(full, sv.HostInput(now=T0, event=beat), harness.policy) == (beaten, [])
+    assert beaten is not None and beaten.swap == swap and beaten.host.status_text == "busy"
+    adopted, _ = lc.step(lc.Host(), lc.Adopted(now=1.0, pid=3, ready=False), harness.policy.host)
+    assert sv.heartbeat(sv.Supervision(host=adopted), beat, harness.policy) is None
 
 
 # --- random walks ------------------------------------------------------------------------------

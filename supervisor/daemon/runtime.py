@@ -461,16 +461,14 @@ class Runtime:
     # --- heartbeats (from notify datagrams and the control socket) -------------------------
 
     def heartbeat(self, status: str | None, boot: float | None = None) -> None:
-        boot = boot if boot is not None else clock.boot_clock()
-        event = sv.HostInput(
-            now=clock.Instant(time.time(), boot, clock.BOOT_ID),
-            event=lifecycle.Heartbeat(now=boot, status=status),
+        beat = lifecycle.Heartbeat(
+            now=boot if boot is not None else clock.boot_clock(), status=status
         )
-        if self._feeding or self.state.host.ready_unseen:
-            self.feed(event)  # an adopted host's first heartbeat makes it ready
+        beaten = None if self._feeding else sv.heartbeat(self.state, beat, self.policy)
+        if beaten is None:
+            self.feed(sv.HostInput(now=clock.now(), event=beat))  # e.g. an adopted host's first
             return
-        self.state, _ = sv.step(self.state, event, self.policy)  # never an order
-        self.published = self.state
+        self.state = self.published = beaten
         # A heartbeat only pushes the next wake-up later; the armed timer stays valid.
         if self.timer.at is None:
             self.timer.arm(sv.next_wakeup(self.state, self.policy, clock.now()))
