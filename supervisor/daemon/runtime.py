@@ -112,6 +112,7 @@ class Runtime:
         )
         self._queue: deque[sv.Event] = deque()
         self._feeding = False
+        self._event_name = "-"
         self._confirm_waiters: dict[str, list[asyncio.Future[str | None]]] = {}
         self._listeners: list[Callable[[], None]] = []
 
@@ -225,9 +226,11 @@ class Runtime:
     def _apply(self, event: sv.Event) -> None:
         before = self.state.host.state
         self.state, actions = sv.step(self.state, event, self.policy)
+        wrapped = sv.HostInput | sv.HostRequested | sv.WorkReported
+        inner = event.event if isinstance(event, wrapped) else event
+        self._event_name = type(inner).__name__  # for the swap's transition, logged on saving
         if self.state.host.state is not before:
-            name = type(event.event if isinstance(event, sv.HostInput) else event).__name__
-            log.info("host %s --%s--> %s", before, name, self.state.host.state)
+            log.info("host %s --%s--> %s", before, self._event_name, self.state.host.state)
             notify.sd_notify(f"STATUS=host {self.state.host.state}")
         for action in actions:
             self._perform(action)
@@ -302,7 +305,7 @@ class Runtime:
         )
         for record in records:
             self.hooks.submit(record.to_json())
-        log.info("swap %s: %s/%s", swap.id, swap.state, swap.step)
+        log.info("swap %s --%s--> %s/%s", swap.id, self._event_name, swap.state, swap.step)
         if CRASH_AT is not None and f"{swap.state.value}/{swap.step}" == CRASH_AT:
             log.warning("SWAPGUARD_CRASH_AT=%s: dying here", CRASH_AT)
             os._exit(86)
