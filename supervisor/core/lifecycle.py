@@ -328,8 +328,12 @@ def _on_watchdog_trigger(host: Host, event: WatchdogTriggered, policy: Policy) -
     return _heartbeat_lost(host, event.now, policy, {"trigger": True})
 
 
-def _failure(host: Host, now: float, policy: Policy, detail: dict) -> Result:
-    """Count a failure and either restart at once, back off, or stay down (restart = "no")."""
+def _failure(
+    host: Host, now: float, policy: Policy, detail: dict, *, at_once: bool = True
+) -> Result:
+    """Count a failure and either restart at once, back off, or stay down (restart = "no").
+    `at_once=False`: even a zero delay goes through backoff, so a spawn that keeps failing
+    (nothing to exec) waits for the next turn of the loop instead of retrying within this one."""
     failures = host.failures + 1
     actions: list[Action] = []
     if failures == CRASH_LOOP_FAILURES:
@@ -337,8 +341,8 @@ def _failure(host: Host, now: float, policy: Policy, detail: dict) -> Result:
     host = replace(host, failures=failures, pid=None)
     if policy.restart == "no" or not host.wanted:
         return replace(host, state=HostState.STOPPED, wanted=False), actions
-    delay = policy.backoff(failures)
-    if delay <= 0:
+    delay = max(policy.backoff(failures), 0.0)
+    if delay <= 0 and at_once:
         host, spawn = _spawn(replace(host, restarts=host.restarts + 1))
         return host, actions + spawn
     backoff = replace(host, state=HostState.BACKOFF, backoff_until=now + delay)
@@ -383,7 +387,7 @@ def _on_spawn_failed(host: Host, event: SpawnFailed, policy: Policy) -> Result:
         return host, []
     host = replace(host, last_exit=LastExit(127, None, event.wall))
     detail = {"error": event.error}
-    host, more = _failure(host, event.now, policy, detail)
+    host, more = _failure(host, event.now, policy, detail, at_once=False)
     return host, [Emit(Fact.SPAWN_FAILED, detail), *more]
 
 
