@@ -16,7 +16,8 @@ What is decided here:
   is stopped; a start step whose host already runs (adopted after a restart of ours) is done.
 - A host start while a swap is prepared starts the new code, an activation, and so may an exit
   of the host on its own: the code is checked first (`CheckCodeChanged`); changed code activates
-  the swap, unchanged code is an ordinary start or crash.
+  the swap, unchanged code is an ordinary start or crash. A start the check holds waits for an
+  abort in progress and goes ahead once the abort ended.
 - The environment of the next spawn: the swap's variables on probation, the rolled-back ones for
   one spawn after a rollback.
 - A rollback that gave up (`failed`) leaves the host stopped; an operator's host request is
@@ -34,8 +35,8 @@ Rules
 3. A request the machines refuse raises `Conflict` (or `BadRequest`) and changes nothing.
 4. Results of work for a swap that is no longer the one in flight are dropped; a code check
    answered for a check no longer waited on is dropped.
-5. The machines' own rules stay theirs: this module never reaches into a record's fields to make
-   a transition the machine's table does not know.
+5. The machines' own rules stay theirs: a host or swap record changes only through its own
+   machine's `step` (`resume`, `new_swap`); this module decides what to feed them.
 """
 
 from __future__ import annotations
