@@ -1,7 +1,7 @@
 """The control socket's client, for the CLI and for Python hosts.
 
 One keep-alive connection is kept per `Client`, so `status --watch` and a host's heartbeats do not
-reconnect each time. The server closes idle connections after its request timeout; a request that
+reconnect each time. The server closes idle connections after its idle timeout (5 s); a request that
 finds its reused connection closed is sent again once on a fresh one. Every failure surfaces as an
 `errors.SwapguardError`: the server's own error (by its code, else by HTTP status), or
 `errors.NotReachable` naming the socket when there is no answer at all.

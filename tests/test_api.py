@@ -456,7 +456,9 @@ def test_a_refused_writer_gets_403_naming_its_uid(serve: Any) -> None:
         assert client.status()["host"]["state"] == "running"  # reads stay open
         with pytest.raises(errors.Forbidden, match=f"uid {os.getuid()} may not write"):
             client.heartbeat()
-    assert backend.asked == [Peer(os.getpid(), os.getuid(), os.getgid())]
+    # asked once at accept (which slots it may take) and once for the write
+    assert set(backend.asked) == {Peer(os.getpid(), os.getuid(), os.getgid())}
+    assert backend.asked[-1].start is not None  # pinned: the process, not just its pid
     assert backend.heartbeats == []
 
 
@@ -513,7 +515,7 @@ def test_a_peer_under_another_uid_may_read_but_not_write(serve: Any) -> None:
         nobody_uid = pwd.getpwnam("nobody").pw_uid
         assert seen["uid"] == nobody_uid and seen["read"] == "running"
         assert seen["write"] == f"uid {nobody_uid} may not write to swapguard (pid {seen['pid']})"
-        assert [(p.pid, p.uid) for p in backend.asked] == [(seen["pid"], nobody_uid)]
+        assert {(p.pid, p.uid) for p in backend.asked} == {(seen["pid"], nobody_uid)}
         assert backend.heartbeats == []
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
@@ -755,3 +757,117 @@ def test_unreachable_socket_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nobody-home.sock"
     with pytest.raises(errors.NotReachable, match=f"{path}.*No such file"):
         Client(path, timeout=2).status()
+
+
+# --- JSON that cannot poison reads (issue 13) --------------------------------------------------
+
+
+class StoredSurrogateBackend(SwapBackend):
+    """What an older version let into the store: a lone surrogate in a swap's summary."""
+
+    def status(self) -> dict[str, Any]:
+        document = super().status()
+        document["swap"] = {"id": "s1", "summary": "cut \ud83d"}
+        return document
+
+    def metrics(self) -> str:
+        return 'swapguard_host_status_info{text="\udfff"} 1\n'
+
+
+def test_a_stored_lone_surrogate_is_escaped_not_a_500(serve: Any) -> None:
+    _server, path = serve(StoredSurrogateBackend())
+    status, _headers, body = exchange(path, request("GET", "/v1/status"))
+    assert status == 200 and json.loads(body)["swap"]["summary"] == "cut \ud83d"
+    status, _headers, body = exchange(path, request("GET", "/metrics"))
+    assert status == 200 and body == b'swapguard_host_status_info{text="?"} 1\n'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"summary": "\\ud83d"}', b'{"status": "\\ud800"}', b'{"x": ' + b"1" * 5000 + b"}"],
+)
+def test_surrogates_and_giant_numbers_are_400_and_get_bodies_are_ignored(
+    serve: Any, backend: SwapBackend, body: bytes
+) -> None:
+    _server, path = serve(backend)
+    for target in ("/v1/swaps", "/v1/heartbeat"):
+        status, _headers, answer = exchange(path, request("POST", target, body))
+        assert status == 400 and error_of(answer)["code"] == "bad_request", answer
+    for target in ("/v1/status", "/v1/swaps", "/v1/events?after=0"):
+        status, _headers, answer = exchange(path, request("GET", target, body))
+        assert status == 200, (target, answer)
+    assert backend.swaps == {} and backend.heartbeats == []
+
+
+# --- availability and write rights under a hostile reader (issue 13) ---------------------------
+
+
+def test_a_reader_uid_gets_its_share_of_slots_and_a_writer_more(serve: Any) -> None:
+    _server, path = serve(SwapBackend(writers=set()), max_connections=8, max_per_uid=2)
+    held = [connect(path), connect(path)]
+    try:
+        for sock in held:
+            sock.sendall(request("GET", "/v1/status"))
+            assert read_response(sock)[0] == 200
+        with connect(path) as extra:
+            status, headers, body = read_response(extra)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert f"from uid {os.getuid()} (limit 2)" in error_of(body)["message"]
+    finally:
+        for sock in held:
+            sock.close()
+    _server, writable = serve(SwapBackend(), max_connections=8, max_per_uid=2)
+    writers = [connect(writable) for _ in range(8)]  # a writer is not held to the per-uid share
+    try:
+        for sock in writers:
+            sock.sendall(request("GET", "/v1/status"))
+            assert read_response(sock)[0] == 200
+    finally:
+        for sock in writers:
+            sock.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(serve: Any) -> None:
+    _server, path = serve(idle_timeout=0.3, request_timeout=10.0)
+    with connect(path) as sock:
+        sock.sendall(request("GET", "/v1/status"))
+        assert read_response(sock)[0] == 200
+        started = time.monotonic()
+        assert read_until_closed(sock) == b""
+        assert 0.2 <= time.monotonic() - started < 5.0
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="peers are pinned with pidfds (Linux)")
+def test_a_connection_outliving_the_process_that_opened_it_cannot_write(serve: Any) -> None:
+    """The opener hands the connection to its child and exits: the child may read, not write,
+    even as a user that may write (the right was the opener's, not its uid's or pid's)."""
+    backend = SwapBackend()
+    _server, path = serve(backend)
+    read_fd, write_fd = os.pipe()
+    opener = os.fork()
+    if opener == 0:  # pragma: no cover - the opener, then its child
+        code = 1
+        try:
+            sock = connect(path)
+            opener_fd = os.pidfd_open(os.getpid())
+            if os.fork() == 0:
+                # readable once the opener has exited
+                assert select.select([opener_fd], [], [], WAIT_S)[0], "the opener did not exit"
+                sock.sendall(request("GET", "/v1/status"))
+                answers = [read_response(sock)[0]]
+                sock.sendall(request("POST", "/v1/heartbeat", b"{}"))
+                status, _headers, body = read_response(sock)
+                answers += [status, error_of(body)["message"]]
+                os.write(write_fd, json.dumps(answers).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    os.waitpid(opener, 0)
+    with os.fdopen(read_fd, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], WAIT_S)
+        assert ready, "the inheriting child did not report"
+        answers = json.loads(pipe.read())
+    assert answers[:2] == [200, 403], answers
+    assert f"(pid {opener}) has exited; its write right ended with it" in answers[2]
+    assert backend.heartbeats == []

@@ -630,28 +630,81 @@ def test_take_cost_grows_with_what_changed_not_with_tree_size(tmp_path: Path) ->
     assert not tree.differs(second)
 
 
+# A writer of its own: files and whole folders appear and vanish while git lists and reads them.
+_CHURN = """
+import itertools, os, sys
+root = sys.argv[1]
+for n in itertools.count():
+    folder = os.path.join(root, f"churn{n % 3}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(30):
+        with open(os.path.join(folder, f"t{i}.txt"), "w") as f:
+            f.write(str(n) * 2000)
+    for i in range(30):
+        os.unlink(os.path.join(folder, f"t{i}.txt"))
+    os.rmdir(folder)
+    if n == 0:
+        print("churning", flush=True)
+"""
+
+
+def _tree_without_churn(repo: Path, commit: str) -> list[str]:
+    listed = git(repo, "ls-tree", "-r", "--full-tree", commit).splitlines()
+    return [line for line in listed if not line.split("\t", 1)[1].startswith("churn")]
+
+
 def test_take_survives_files_that_vanish_while_it_runs(repo: Path) -> None:
-    """A host may write and delete files while we checkpoint: git add must not fail on them."""
-    import threading
-
-    stop = threading.Event()
-
-    def churn() -> None:
-        n = 0
-        while not stop.is_set():
-            for i in range(50):
-                (repo / f"churn-{i}.tmp").write_text(str(n))
-            for i in range(50):
-                with contextlib.suppress(FileNotFoundError):
-                    (repo / f"churn-{i}.tmp").unlink()
-            n += 1
-
-    worker = threading.Thread(target=churn)
-    worker.start()
+    """A host may write and delete files while we checkpoint (issue 14 item 5): no take fails
+    (git add is tried again within a bounded time), and the rest of the tree is exact."""
+    tree = code_tree(repo)
+    calm = tree.take("calm")
+    churner = subprocess.Popen(
+        [sys.executable, "-c", _CHURN, str(repo)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        tree = code_tree(repo)
-        for round_ in range(6):
-            assert tree.take(f"churn{round_}").commit
+        assert churner.stdout is not None and churner.stdout.readline() == "churning\n"
+        for round_ in range(8):
+            taken = tree.take(f"churn{round_}")
+            assert _tree_without_churn(repo, taken.commit) == _tree_without_churn(repo, calm.commit)
+            assert churner.poll() is None, "the churner stopped: the test proves nothing"
     finally:
-        stop.set()
-        worker.join()
+        churner.kill()
+        churner.wait(timeout=WAIT_S)
+
+
+def test_prepare_through_swapguard_while_a_process_churns_the_tree(tmp_path: Path) -> None:
+    """The same churn beside a real `swapguard run`: POST /v1/swaps answers 201 every time."""
+    from tests.support import make_sample_repo, supervised
+
+    repo = make_sample_repo(tmp_path / "repo")
+    with supervised(repo, code={"undeclared_changes": "warn"}) as sup:
+        sup.start()
+        for round_ in range(3):
+            churner = subprocess.Popen(
+                [sys.executable, "-c", _CHURN, str(repo)], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert churner.stdout is not None and churner.stdout.readline() == "churning\n"
+                swap = sup.client.prepare(f"while files churn {round_}")
+                assert swap["state"] == "prepared" and churner.poll() is None
+            finally:
+                churner.kill()
+                churner.wait(timeout=WAIT_S)
+            sup.client.abort(swap["id"])
+            sup.wait_swap(swap["id"], "aborted")
+
+
+@pytest.mark.parametrize(
+    ("stderr", "vanished"),
+    [
+        ("fatal: unable to stat 'churn1/t3.txt': No such file or directory", True),
+        ("fatal: unable to stat 'a b/x': Not a directory", True),
+        ('error: open("src/x.py"): No such file or directory\nfatal: adding files failed', True),
+        ("fatal: unable to stat 'locked/x': Permission denied", False),  # would not go away
+        ("fatal: Unable to create '/r/.git/index.lock': File exists.", False),
+    ],
+)
+def test_only_a_file_that_vanished_makes_the_take_try_again(stderr: str, vanished: bool) -> None:
+    from supervisor.code.checkpoint import _vanished_file
+
+    assert _vanished_file(CheckpointError(f"git add failed in /r (exit 128): {stderr}")) is vanished

@@ -36,15 +36,15 @@ HOST = '[host]\ncommand = ["python3", "app.py"]\n'
 # The keys of CONTRACT.md "Configuration", written out here so the module can't grade itself.
 CONTRACT_KEYS = {
     "host": [
-        "command", "cwd", "env", "ready", "start_timeout", "min_uptime", "heartbeat_timeout",
-        "stop_signal", "stop_timeout", "restart", "restart_delay", "restart_delay_max",
-        "restart_reset_after", "output",
+        "command", "cwd", "env", "inherit_env", "ready", "start_timeout", "min_uptime",
+        "heartbeat_timeout", "stop_signal", "stop_timeout", "restart", "restart_delay",
+        "restart_delay_max", "restart_reset_after", "output", "output_max_bytes", "output_backups",
     ],
     "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes"],
     "data": ["path", "kind"],
     "deadman": [
         "window", "extend_by", "hard_cap", "max_crashes", "health_check", "health_interval",
-        "health_failures", "auto_confirm_after",
+        "health_failures", "auto_confirm_after", "stall_limit",
     ],
     "control": ["socket", "mode", "group", "allow_users", "allow_groups"],
     "state": ["dir", "keep_swaps"],
@@ -67,6 +67,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             command=command,
             cwd=folder,
             env=MappingProxyType({}),
+            inherit_env=None,
             ready="notify",
             start_timeout=60.0,
             min_uptime=1.0,
@@ -78,6 +79,8 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             restart_delay_max=30.0,
             restart_reset_after=60.0,
             output=None,
+            output_max_bytes=0,
+            output_backups=5,
         ),
         code=CodeConfig(
             root=folder, extra_paths=(), build=(), build_timeout=600.0, undeclared_changes="guard"
@@ -92,6 +95,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             health_interval=10.0,
             health_failures=3,
             auto_confirm_after=0.0,
+            stall_limit=5.0,
         ),
         control=ControlConfig(
             socket=folder / ".swapguard" / "control.sock",
@@ -579,3 +583,30 @@ def test_any_file_text_loads_or_raises_config_error(
         load_config(path)
     except ConfigError as error:
         assert error.file == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("0", 0), (4096, 4096), ('"10MB"', 10_000_000), ('"512KiB"', 524_288),
+     ('"1.5GiB"', 1_610_612_736), ('"64 kb"', 64_000), ('"7B"', 7)],
+)  # fmt: skip
+def test_sizes(tmp_path: Path, text: object, size: int) -> None:
+    doc = HOST + f'output = "out.log"\noutput_max_bytes = {text}\n'
+    value = size if size == 0 or size >= 4096 else None
+    if value is None:
+        with pytest.raises(ConfigError, match=r"host\.output_max_bytes"):
+            load_config(write(tmp_path, doc))
+        return
+    assert load_config(write(tmp_path, doc)).host.output_max_bytes == size
+
+
+@pytest.mark.parametrize("bad", ['"10 MiBs"', '"-1"', "-5", '"1e3"', "true", '"1 PB2"'])
+def test_bad_sizes_name_the_key(tmp_path: Path, bad: str) -> None:
+    doc = HOST + f'output = "out.log"\noutput_max_bytes = {bad}\n'
+    with pytest.raises(ConfigError, match=r"host.output_max_bytes.*must be a size"):
+        load_config(write(tmp_path, doc))
+
+
+def test_rotation_needs_an_output_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"host\.output_max_bytes.*host\.output"):
+        load_config(write(tmp_path, HOST + 'output_max_bytes = "1MB"\n'))

@@ -107,7 +107,7 @@ def test_unwritable_state_dir_refuses_to_start_and_touches_nothing(
     repo: Path, tmp_path: Path, inside: bool
 ) -> None:
     before = tree_state(repo)
-    with tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
+    with tmpfs(tmp_path / "ro", "ro,size=1m,mode=0700") as readonly:
         state = readonly / "state" if inside else readonly
         config = tmp_path / "swapguard.toml"
         config.write_text(

@@ -131,6 +131,22 @@ def test_a_module_kept_out_cannot_be_imported() -> None:
         sys.modules.pop(name, None)
 
 
+def test_a_module_loaded_on_first_use_is_the_real_one_from_its_first_attribute() -> None:
+    source = (
+        "import sys\n"
+        "from supervisor.daemon import footprint\n"
+        "footprint.load_on_first_use(('hashlib',))\n"
+        "import hashlib, peewee\n"
+        "assert '_hashlib' not in sys.modules, 'loaded by peewee\\'s import'\n"
+        "print(hashlib.sha256(b'x').hexdigest(), hashlib.md5(b'x').hexdigest())\n"
+        "assert '_hashlib' in sys.modules and sys.modules['hashlib'] is not hashlib\n"
+    )
+    assert run_python(source).split() == [
+        hashlib.sha256(b"x").hexdigest(),
+        hashlib.md5(b"x").hexdigest(),
+    ]
+
+
 def test_builtin_sha256_is_hashlibs() -> None:
     for data in (b"", b"/var/lib/swapguard", bytes(range(256)) * 9):
         assert footprint.builtin_sha256_hex(data) == hashlib.sha256(data).hexdigest()
@@ -141,10 +157,9 @@ def test_builtin_sha256_is_hashlibs() -> None:
 
 def test_the_store_bounds_its_page_cache(tmp_path: Path) -> None:
     with Store.open(tmp_path / "state") as store:
-        assert store.effective_pragmas("cache_size") == {"cache_size": -CACHE_KIB}
-        assert store.effective_pragmas()["journal_mode"] == "wal"
-        with pytest.raises(ValueError, match="identifier"):
-            store.effective_pragmas("cache_size; DROP TABLE event")
+        # cache_size is the connection's own: ask the store's (private) database
+        assert store._db.pragma("cache_size") == -CACHE_KIB
+        assert store._db.pragma("journal_mode") == "wal"
 
 
 # --- the daemon -----------------------------------------------------------------------------
@@ -156,8 +171,9 @@ def mapped(pid: int, library: str) -> bool:
 
 
 def test_the_daemon_loads_openssl_only_to_hash_a_snapshot(tmp_path: Path) -> None:
-    """At rest: neither libssl nor libcrypto (3.5 MiB), nor psutil. The first hashed snapshot (a
-    `dir` data entry) imports hashlib for real, and its digest is hashlib's."""
+    """At rest: neither libssl nor libcrypto (3 MiB), although peewee imports hashlib at its top;
+    psutil is there, as the source of process facts. The first hashed snapshot (a `dir` data entry)
+    imports hashlib for real, and its digest is hashlib's."""
     repo = make_sample_repo(tmp_path / "repo")
     assets = repo / "data" / "assets"
     assets.mkdir(parents=True)
@@ -169,7 +185,7 @@ def test_the_daemon_loads_openssl_only_to_hash_a_snapshot(tmp_path: Path) -> Non
         assert sup.process is not None
         pid = sup.process.pid
         assert not mapped(pid, "libssl.so") and not mapped(pid, "libcrypto.so")
-        assert not mapped(pid, "_psutil_linux")  # /proc is read directly (process.proctree)
+        assert mapped(pid, "_psutil_linux")  # process facts are psutil's (process.proctree)
         swap_id = sup.client.prepare("hash the assets")["id"]
         write_app(repo, {"version": "v2", "confirm": True})
         sup.client.activate(swap_id)

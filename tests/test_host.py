@@ -280,8 +280,9 @@ def test_kill_tree_leaves_no_survivor(tmp_path: Path, hosts, request, use_cgroup
 def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
     tmp_path: Path, hosts, subreaper, monkeypatch
 ) -> None:
-    """macOS has neither /proc nor pidfd: run the psutil and polling paths here instead."""
-    monkeypatch.setattr(proctree, "HAVE_PROC", False)
+    """macOS has neither pidfd nor /proc/self/task/*/children: run psutil's children and the
+    polling paths here instead."""
+    monkeypatch.setattr(host_module, "_own_children", lambda: None)
     monkeypatch.setattr(proctree, "open_pidfd", lambda pid: None)
     monkeypatch.setattr(host_module, "open_pidfd", lambda pid: None)
     host = HostProcess.spawn(python_spec(tmp_path, TREE_HOST, str(tmp_path)), None)
@@ -295,6 +296,45 @@ def test_without_proc_and_pidfd_the_fallbacks_still_kill_the_tree(
     assert kill_tree(host, None, timeout=WAIT) >= len(pids)
     assert all(gone(pid) for pid in pids.values())
     assert host.poll() == ExitStatus(None, signal.SIGKILL)
+
+
+# A host that leaves two processes and exits: a child in its process group and, below that child,
+# a grandchild in a session of its own; the host waits until both reported their pids.
+LEAVING_HOST = """
+import os, signal, sys, time
+out = sys.argv[1]
+
+def report(name):
+    tmp = os.path.join(out, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(out, name))
+
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.setsid()
+        report("setsid")
+    else:
+        report("child")
+    while True:
+        signal.pause()
+while not all(os.path.exists(os.path.join(out, n)) for n in ("child", "setsid")):
+    time.sleep(0.01)
+"""
+
+
+def test_kill_tree_after_the_host_left_finds_what_it_left(tmp_path: Path, hosts, subreaper) -> None:
+    """The host exited first. What it left is found without a cgroup: among our own children (as
+    subreaper) and by the host's process group, which no live process's pid names any more."""
+    host = HostProcess.spawn(python_spec(tmp_path, LEAVING_HOST, str(tmp_path)), None)
+    hosts.append(host)
+    pids = read_pids(tmp_path, "child", "setsid")
+    assert wait_exit(host) == ExitStatus(0, None)
+    assert host._owns_group({})  # the group outlives its leader
+    assert host.tree_pids() == set(pids.values())
+    assert kill_tree(host, None, timeout=WAIT) == 2
+    assert all(gone(pid) for pid in pids.values())
+    assert not host._owns_group({})
 
 
 def test_adopt_a_process_that_is_not_our_child(tmp_path: Path, strays) -> None:
@@ -452,26 +492,81 @@ def test_process_stats_sums_rss_and_cpu(strays) -> None:
     assert process_stats([]) == (0, 0.0)
 
 
-@pytest.mark.skipif(not proctree.HAVE_PROC, reason="/proc is read only where it exists")
-def test_proc_reads_agree_with_psutil(strays) -> None:
-    """On Linux the daemon reads /proc itself instead of importing psutil (0.8 MiB of RSS):
-    what it reads must be what psutil says."""
-    sleeper = subprocess.Popen(["sleep", "30"])
-    strays.append(sleeper)
-    me, other = psutil.Process(os.getpid()), psutil.Process(sleeper.pid)
-    for pid, proc in ((os.getpid(), me), (sleeper.pid, other)):
-        assert proctree.create_time(pid) == pytest.approx(proc.create_time(), abs=0.01)
-    wait_for(  # until `sleep` has loaded and sits still: its RSS moves no more
-        lambda: other.status() == psutil.STATUS_SLEEPING
-        and other.memory_info().rss == other.memory_info().rss,
-        what="sleep to settle",
-    )
-    rss, cpu = process_stats([sleeper.pid])
-    assert rss == other.memory_info().rss
-    assert cpu == pytest.approx(sum(other.cpu_times()[:2]), abs=0.02)
-    mine_before = sum(me.cpu_times()[:2])
-    _, cpu = process_stats([os.getpid()])
-    assert mine_before - 0.02 <= cpu <= sum(me.cpu_times()[:2]) + 0.02
-    sleeper.kill()
-    sleeper.wait(WAIT)
-    assert proctree.create_time(sleeper.pid) is None
+def _take_pid_again(pid: int, strays: list[subprocess.Popen]) -> subprocess.Popen | None:
+    """A new process that gets `pid` (freed) once more, through /proc/sys/kernel/ns_last_pid (root);
+    None when other processes took it first every time."""
+    for _ in range(50):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "60"])
+        strays.append(proc)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait(WAIT)
+    return None
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="reusing a pid on purpose needs root")
+def test_a_reused_pid_is_a_new_process_and_the_old_handle_signals_nothing(strays) -> None:
+    """A process's identity is psutil's handle (pid and start time): a later look at the table
+    names the new process, and a handle on the old one, kept from an earlier look, never signals
+    the process that got its pid."""
+    first = subprocess.Popen(["sleep", "60"])
+    strays.append(first)
+    old = proctree.subtree_table([os.getpid()])[first.pid].process
+    first.kill()
+    first.wait(WAIT)
+    second = _take_pid_again(first.pid, strays)
+    if second is None:
+        pytest.skip(f"pid {first.pid} was taken by other processes every time")
+    fresh = proctree.subtree_table([os.getpid()])[second.pid].process
+    assert fresh != old and fresh == psutil.Process(second.pid)
+    assert proctree.signal_verified(old, signal.SIGKILL) == (False, None)
+    sent, pidfd = proctree.signal_verified(fresh, signal.SIGKILL)
+    assert sent
+    if pidfd is not None:
+        proctree.await_exits([pidfd], time.monotonic() + WAIT)
+    assert second.wait(WAIT) == -signal.SIGKILL
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="reusing a pid on purpose needs root")
+def test_a_remembered_answer_lasts_as_long_as_its_process(strays) -> None:
+    """is_in_tree's memory: asked again about the same live process it answers without looking;
+    once that process is gone its answer is never given for the next process under its pid; it
+    holds at most `size` pidfds and closes them all when the host goes."""
+    verdicts = proctree.ProcessVerdicts(2)
+    looked_at: list[int] = []
+
+    def work(info: proctree.ProcInfo) -> bool:
+        looked_at.append(info.process.pid)
+        return len(looked_at) == 1  # yes for the first process asked about, no for any other
+
+    fds_before = _open_fds()
+    first = subprocess.Popen(["sleep", "60"])
+    strays.append(first)
+    assert verdicts.answer(first.pid, work) and verdicts.answer(first.pid, work)
+    assert looked_at == [first.pid]
+    first.kill()
+    first.wait(WAIT)
+    assert not verdicts.answer(first.pid, work)  # gone: no answer for it
+    second = _take_pid_again(first.pid, strays)
+    if second is None:
+        pytest.skip(f"pid {first.pid} was taken by other processes every time")
+    assert not verdicts.answer(second.pid, work)  # looked at anew, not first's answer
+    assert looked_at == [first.pid, second.pid]
+    others = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    strays.extend(others)
+    for other in others:
+        verdicts.answer(other.pid, work)
+    assert _open_fds() == fds_before + 2  # the two kept pidfds
+    verdicts.close()
+    assert _open_fds() == fds_before
+    assert not verdicts.answer(others[0].pid, work)  # still answers, keeps nothing
+    assert _open_fds() == fds_before

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import stat
 import sys
 import threading
 import time
@@ -15,7 +17,14 @@ import psutil
 import pytest
 
 from supervisor.process import jobs
-from supervisor.process.jobs import OUTPUT_LIMIT, CancelToken, JobResult, run_job
+from supervisor.process.jobs import (
+    OUTPUT_FILES_KEPT,
+    OUTPUT_LIMIT,
+    CancelToken,
+    JobResult,
+    new_output_file,
+    run_job,
+)
 from tests.support import gone, wait_for
 
 PY = sys.executable
@@ -247,3 +256,89 @@ def test_bad_arguments_are_rejected_clearly(tmp_path: Path) -> None:
         run_job("ls -l", cwd=tmp_path, timeout=1)
     with pytest.raises(ValueError, match="timeout"):
         run_job(["true"], cwd=tmp_path, timeout=0)
+
+
+def test_output_to_a_private_file_is_kept_whole_and_logged_at_debug_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "output"
+    path = new_output_file(folder, "build")
+    with caplog.at_level(logging.INFO, logger="supervisor.process.jobs.build"):
+        result = run_job(
+            [sys.executable, "-c", "print('DB_PASSWORD=s3cret'); print('x' * 100000)"],
+            cwd=tmp_path,
+            timeout=WAIT,
+            log_name="build",
+            output_to=path,
+        )
+    assert result.ok
+    assert path.read_text().startswith("DB_PASSWORD=s3cret\n") and path.stat().st_size > 100000
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert not any("s3cret" in record.getMessage() for record in caplog.records)
+
+
+def test_output_files_are_pruned_and_a_foreign_folder_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "output"
+    made = [new_output_file(folder, "hook") for _ in range(OUTPUT_FILES_KEPT + 5)]
+    for path in made:
+        path.write_text("x")
+    new_output_file(folder, "hook").write_text("x")
+    assert len(list(folder.glob("hook-*.log"))) == OUTPUT_FILES_KEPT
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with pytest.raises(OSError, match="not a private folder"):
+        new_output_file(loose, "build")
+
+
+_LEAVES_A_DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()  # detach: a session of its own
+    time.sleep(float(sys.argv[3]))  # a slow detach (seen by the sampling without a cgroup)
+    if os.fork() == 0:  # the daemon, reparented to the subreaper once its parent exits
+        with open(sys.argv[1] + "~", "w") as out:
+            out.write(str(os.getpid()))
+        os.replace(sys.argv[1] + "~", sys.argv[1])
+        while True:
+            time.sleep(1)
+    os._exit(0)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("use_cgroup", [True, False], ids=["cgroup", "sampled"])
+def test_a_daemon_a_job_leaves_is_never_the_hosts_and_is_stopped_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    use_cgroup: bool,
+) -> None:  # fmt: skip
+    from supervisor.process import host
+    from supervisor.process.cgroup import CgroupLeaf
+
+    if not host.become_subreaper():
+        pytest.skip("no child subreaper on this platform")
+    if use_cgroup and CgroupLeaf.create("test-probe") is None:
+        pytest.skip("no writable cgroup v2 here")
+    if not use_cgroup:
+        monkeypatch.setattr(jobs.CgroupLeaf, "create", classmethod(lambda cls, name: None))
+    pid_file, go = tmp_path / "daemon.pid", tmp_path / "go"
+    results: list[JobResult] = []
+    argv = [PY, "-c", _LEAVES_A_DAEMON, str(pid_file), str(go), "0" if use_cgroup else "0.3"]
+    worker = threading.Thread(
+        target=lambda: results.append(run_job(argv, cwd=tmp_path, timeout=30, log_name="hook"))
+    )
+    with caplog.at_level(logging.WARNING, logger="supervisor.process.jobs.hook"):
+        worker.start()
+        daemon = read_pid(pid_file)
+        wait_for(lambda: psutil.Process(daemon).ppid() == os.getpid(), what="the reparenting")
+        assert jobs.is_job_process(daemon)
+        assert not host.is_in_tree(daemon, None, None)  # not the host's, though an orphan of ours
+        assert daemon not in host._live_tree(None, None, host._tree_table(None, None))
+        go.write_text("")
+        worker.join(WAIT)
+    assert not worker.is_alive() and results[0].ok, results
+    assert results[0].left_behind == 1
+    assert gone(daemon)
+    assert any(f"left 1 processes running ({daemon})" in r.getMessage() for r in caplog.records)

@@ -45,6 +45,8 @@ CORE_STDLIB = {
     "math",
     "random",
     "re",
+    # the backoff formula is built of its wait strategies: arithmetic, no clock, no I/O (read)
+    "tenacity",
     "typing",
 }
 

@@ -7,6 +7,7 @@ settings, each unit goes through `systemd-analyze verify`, whose warnings are fa
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import re
@@ -154,6 +155,7 @@ def test_unit_supervises_for_adoption(path: Path, tmp_path: Path) -> None:
     assert unit.get(service, "NotifyAccess") == "main"
     assert timespan_seconds(unit.get(service, "WatchdogSec")) == 30
     assert unit.get(service, "Restart") == "always"
+    assert int(unit.get(service, "FileDescriptorStoreMax")) >= 2  # notify and control
     assert timespan_seconds(unit.get(service, "RestartSec")) == 1
     assert unit.get("Unit", "StartLimitIntervalSec") == "0"
     # A crash of swapguard must leave the host running for the next swapguard to adopt.
@@ -297,3 +299,29 @@ def test_launchd_plist(tmp_path: Path) -> None:
         assert Path(plist[key]).is_absolute(), f"{key} must be an absolute path"
     assert "/usr/local/bin" in plist["EnvironmentVariables"]["PATH"].split(":")
     assert 1 <= plist["ThrottleInterval"] <= 10
+
+
+CONTAINER = Path(__file__).resolve().parent.parent / "packaging" / "container"
+
+
+def _exec_form(line: str) -> list[str]:
+    """The JSON array of a Dockerfile instruction in exec form (`CMD ["a", "b"]`)."""
+    return json.loads(line[line.index("[") :])
+
+
+def test_container_example_runs_swapguard_as_pid_1_with_real_probes(tmp_path: Path) -> None:
+    dockerfile = (CONTAINER / "Dockerfile").read_text().splitlines()
+    entry = next(line for line in dockerfile if line.startswith("ENTRYPOINT"))
+    assert _exec_form(entry) == ["swapguard", "run"]  # exec form: swapguard itself is PID 1
+    assert "STOPSIGNAL SIGTERM" in dockerfile
+    health = next(line for line in dockerfile if line.startswith("HEALTHCHECK"))
+    probes = [_exec_form(health[health.index("CMD") :])]
+    pod = (CONTAINER / "kubernetes.yaml").read_text()
+    probes += [json.loads(m) for m in re.findall(r"command: (\[.*\])", pod)]
+    assert len(probes) == 3
+    for argv in probes:
+        assert argv[0] == "swapguard"
+        args = build_parser().parse_args(argv[1:])  # flags the CLI really has
+        assert args.command == "status" and args.check in ("live", "ready")
+    grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", pod).group(1))
+    assert grace >= default_stop_timeout(tmp_path) + 5

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config.schema import load_config
-from supervisor.core.policies import JITTER, host_policy
+from supervisor.core.policies import JITTER_FRACTION, host_policy
 
 
 def policy_for(tmp_path: Path, delay: str, most: str, seed: int = 7):
@@ -20,16 +20,20 @@ def policy_for(tmp_path: Path, delay: str, most: str, seed: int = 7):
 
 
 def test_backoff_doubles_per_failure_with_jitter_up_to_the_cap(tmp_path: Path) -> None:
-    backoff = policy_for(tmp_path, "1s", "10s").backoff
-    for failures, base in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0)):
+    # 2 s, not 1 s: a jitter read as seconds instead of a fraction of the delay would show
+    backoff = policy_for(tmp_path, "2s", "20s").backoff
+    jitter_s = 2.0 * JITTER_FRACTION
+    for failures, base in ((1, 2.0), (2, 4.0), (3, 8.0), (4, 16.0)):
         delays = [backoff(failures) for _ in range(200)]
-        assert all(base <= d <= base + JITTER for d in delays), (failures, min(delays), max(delays))
-        assert max(delays) - min(delays) > JITTER / 2  # the jitter is really there
-    assert backoff(5) == backoff(10_000) == 10.0  # capped, and no overflow far out
+        spread = (failures, min(delays), max(delays))
+        assert all(base <= d <= base + jitter_s for d in delays), spread
+        assert max(delays) - min(delays) > jitter_s / 2  # the jitter is really there
+    assert backoff(5) == backoff(10_000) == 20.0  # capped, jitter included, and no overflow far out
 
 
 def test_a_zero_restart_delay_restarts_at_once(tmp_path: Path) -> None:
-    assert policy_for(tmp_path, "0s", "10s").backoff(7) == 0.0
+    backoff = policy_for(tmp_path, "0s", "10s").backoff
+    assert backoff(1) == backoff(7) == backoff(100_000) == 0.0
 
 
 @pytest.mark.parametrize("seed", [1, 2])

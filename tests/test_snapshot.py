@@ -3,7 +3,9 @@ without cleaning up, real crashes (SIGKILL / os._exit) at every restore step, re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import select
 import shutil
@@ -16,14 +18,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from supervisor.data import restoresteps
+from supervisor.data import restoresteps, sqlitebusy
 from supervisor.data.datacopy import FLUSH_STEP, StopSignal, copy_file_hashed, fsync_dir, fsync_file
 from supervisor.data.snapshot import (
     ENTRY_STEPS,
@@ -1071,3 +1073,117 @@ def test_data_snapshot_json_round_trip() -> None:
 def test_data_snapshot_rejects_bad_records(record: Any, message: str) -> None:
     with pytest.raises(SnapshotError, match=message):
         DataSnapshot.from_json(record)
+
+
+# --- a database another process holds for a while: tenacity tries again within a bound -----------
+
+
+@contextmanager
+def holding(db: Path, lock: str) -> Iterator[Callable[[], None]]:
+    """A real process holds `db`: "write" (BEGIN IMMEDIATE, one row in flight, committed when
+    released) or "read" (a read transaction on a WAL with frames in it, which keeps a TRUNCATE
+    checkpoint from finishing). Yields the release; the child then exits."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+
+    def body() -> None:
+        os.close(hold_w)
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("PRAGMA wal_autocheckpoint=0")
+        if lock == "write":
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("INSERT INTO t(v) VALUES ('held')")
+        else:
+            con.execute("INSERT INTO t(v) VALUES ('held')")  # a frame the reader sits behind
+            con.execute("BEGIN")
+            con.execute("SELECT count(*) FROM t").fetchone()
+        os.write(ready_w, b"x")
+        os.read(hold_r, 1)
+        con.execute("COMMIT")
+        con.close()
+
+    child = fork_child(body)
+    try:
+        assert select.select([ready_r], [], [], WAIT_S)[0], "the holder never took its lock"
+        yield lambda: os.close(hold_w)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(hold_w)
+        assert wait_child(child) == 0
+        for fd in (ready_r, ready_w, hold_r):
+            os.close(fd)
+
+
+@contextmanager
+def busy_seen() -> Iterator[threading.Event]:
+    """Set once a call logged that it found a database busy and will try again."""
+    seen = threading.Event()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "trying again" in record.getMessage():
+                seen.set()
+
+    logger = logging.getLogger(sqlitebusy.__name__)
+    handler, level = Handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def in_thread(call: Callable[[], Any]) -> Callable[[], Any]:
+    """Start `call`; the returned function joins it (bounded) and gives its result or error."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def join() -> Any:
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "the call never returned"
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return join
+
+
+@pytest.mark.parametrize("lock", ["write", "read"])
+def test_take_tries_again_while_another_process_holds_the_database(
+    tmp_path: Path, data: Path, lock: str
+) -> None:
+    db = data / "app.db"
+    writer(db, BASE)
+    store = SnapshotStore(tmp_path / "snapshots", busy_timeout=WAIT_S)
+    with holding(db, lock) as release, busy_seen() as seen:
+        join = in_thread(lambda: store.take(SWAP, [(db, "sqlite")]))
+        assert seen.wait(WAIT_S), "the take never found the database busy"
+        release()
+        [snap] = join()
+    copy = store.root / SWAP / "0"
+    assert snap.bytes == copy.stat().st_size and sidecars(copy) == []
+    with closing(sqlite3.connect(f"file:{copy}?mode=ro&immutable=1", uri=True)) as con:
+        assert con.execute("SELECT v FROM t ORDER BY id").fetchall()[-1] == ("held",)
+
+
+def test_settle_kept_folds_the_wal_once_a_straggler_lets_go(data: Path) -> None:
+    db = data / "app.db.rolled-back-x"
+    writer(db, BASE)
+    assert sidecars(db)  # the WAL holds the rows
+    with holding(db, "read") as release, busy_seen() as seen:
+        join = in_thread(lambda: restoresteps.settle_kept({"kind": "sqlite", "kept": str(db)}))
+        assert seen.wait(WAIT_S), "settle_kept never found the copy busy"
+        release()
+        join()
+    assert not os.path.exists(f"{db}-wal") or os.path.getsize(f"{db}-wal") == 0
+    assert dump(db)[-1] == (len(BASE) + 1, "held") and integrity(db) == "ok"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import select
 import signal
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from supervisor.errors import StateLocked, SwapguardError
+from supervisor.state import schema
 from supervisor.state import store as store_module
 from supervisor.state.store import (
     SCHEMA_VERSION,
@@ -32,6 +32,7 @@ from supervisor.state.store import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
+MAIN_V2_STORE = Path(__file__).with_name("fixtures") / "state-v2.sql"
 
 # The v1 schema exactly as the first release wrote it: a fixture of history, never regenerated.
 V1_SCHEMA = """
@@ -67,7 +68,53 @@ def raw(path: Path) -> Iterator[sqlite3.Connection]:
 
 def stored_version(db_path: Path) -> int:
     with raw(db_path) as conn:
-        return int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def pragmas(store: Store, *names: str) -> dict[str, Any]:
+    """What the store's own connection runs with (per-connection pragmas: only it can tell)."""
+    return {name: store._db.pragma(name) for name in names}
+
+
+def runs(store: Store) -> list[HostRun]:
+    """Every host run on disk, newest first."""
+    columns = ", ".join(HostRun.__slots__)
+    with raw(store.path) as conn:
+        rows = conn.execute(f"SELECT {columns} FROM host_run ORDER BY id DESC").fetchall()
+    return [HostRun(*row) for row in rows]
+
+
+def last_event_id(store: Store) -> int:
+    events = store.events_after(0, limit=100_000)
+    return events[-1].id if events else 0
+
+
+def save_swap(
+    store: Store, swap_id: str, state: str, created_at: float, record: dict[str, Any]
+) -> None:
+    store.save_swap_with_events(swap_id, state, created_at, record, [])
+
+
+def schema_of(db_path: Path) -> dict[str, Any]:
+    """Tables with their columns (name, type, not null, primary key) and indexes with theirs.
+    A primary key's NOT NULL is left out: main's DDL did not say it and peewee's does (SQLite lets
+    a TEXT PRIMARY KEY hold NULL unless told), and no key column has ever held one."""
+    with raw(db_path) as conn:
+        names = conn.execute("SELECT type, name, tbl_name FROM sqlite_master ORDER BY name")
+        found: dict[str, Any] = {}
+        for kind, name, table in names.fetchall():
+            if kind == "table":
+                info = conn.execute(f"PRAGMA table_info({name})").fetchall()
+                found[name] = [(col[1], col[2], col[5] or col[3], col[5]) for col in info]
+            elif kind == "index" and not name.startswith("sqlite_autoindex"):
+                columns = [col[2] for col in conn.execute(f"PRAGMA index_info({name})")]
+                found[name] = (table, columns)
+    return found
+
+
+def rows_of(db_path: Path, table: str) -> list[tuple[Any, ...]]:
+    with raw(db_path) as conn:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
 
 
 def dir_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -100,21 +147,17 @@ def test_open_creates_a_private_dir_and_the_current_schema(tmp_path: Path) -> No
     assert {"meta", "host_run", "event", "swap", "kv"} <= tables
 
 
-def test_an_operators_dir_mode_is_kept_and_a_writable_one_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_operators_dir_mode_is_kept_and_a_writable_one_refused(tmp_path: Path) -> None:
     private, shared = tmp_path / "private", tmp_path / "shared"
     private.mkdir(mode=0o750)
     os.chmod(private, 0o750)
     shared.mkdir()
     os.chmod(shared, 0o777)
-    with caplog.at_level(logging.WARNING, logger="supervisor.state.lock"):
-        Store.open(private).close()
-        assert not caplog.records
-        Store.open(shared).close()
+    Store.open(private).close()
+    with pytest.raises(StoreError, match=r"shared is writable by group or others \(mode 0777\)"):
+        Store.open(shared)
     assert private.stat().st_mode & 0o777 == 0o750
-    assert shared.stat().st_mode & 0o777 == 0o777
-    assert any("writable" in record.getMessage() for record in caplog.records)
+    assert shared.stat().st_mode & 0o777 == 0o777 and not list(shared.iterdir())
 
 
 def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
@@ -124,7 +167,7 @@ def test_a_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_wal_and_full_sync_are_really_set(store: Store) -> None:
-    assert store.effective_pragmas() == {
+    assert pragmas(store, "journal_mode", "synchronous", "foreign_keys", "busy_timeout") == {
         "journal_mode": "wal",
         "synchronous": 2,
         "foreign_keys": 1,
@@ -157,13 +200,108 @@ def test_a_v1_file_is_migrated_with_its_rows(tmp_path: Path) -> None:
         assert store.append_event("after.migration").id == 2
 
 
+def fresh_store(folder: Path) -> Path:
+    Store.open(folder).close()
+    return folder / "state.db"
+
+
+def main_v2_store(folder: Path) -> Path:
+    """The store today's main wrote (tests/fixtures/state-v2.sql), as a WAL-mode file again."""
+    db_path = folder / "state.db"
+    with raw(db_path) as conn:
+        conn.executescript(MAIN_V2_STORE.read_text())
+        assert conn.execute("PRAGMA journal_mode = wal").fetchone()[0] == "wal"
+    return db_path
+
+
+def test_a_store_written_by_main_is_migrated_with_every_row(tmp_path: Path) -> None:
+    db_path = main_v2_store(tmp_path)
+    assert stored_version(db_path) == 0
+    tables = ("host_run", "event", "swap", "kv", "sqlite_sequence")
+    before = {table: rows_of(db_path, table) for table in tables}
+    assert [len(before[table]) for table in tables] == [3, 17, 2, 4, 2]
+    assert rows_of(db_path, "meta") == [("schema_version", "2")]
+    with Store.open(tmp_path) as store:
+        assert stored_version(db_path) == SCHEMA_VERSION
+        assert {table: rows_of(db_path, table) for table in tables} == before
+        # v3's one change of data: swapguard <= 0.1 now refuses the file as newer than it knows
+        assert rows_of(db_path, "meta") == [("schema_version", "3")]
+        # and the store reads it all as main did
+        live = store.live_run()
+        assert live is not None and (live.id, live.exited_at) == (3, None)
+        assert live == HostRun(*before["host_run"][-1])
+        events = store.events_after(0, limit=100)
+        assert [(e.id, e.at, e.kind, e.swap_id) for e in events] == [
+            (row[0], row[1], row[2], row[4]) for row in before["event"]
+        ]
+        assert [event.detail for event in events] == [json.loads(row[3]) for row in before["event"]]
+        confirmed, rolled_back = (row[0] for row in before["swap"])
+        assert [s["id"] for s in store.list_swaps()] == [rolled_back, confirmed]
+        assert store.load_swap(confirmed) == json.loads(before["swap"][0][4])
+        assert store.active_swap() is None
+        assert store.finished_swap_ids_beyond(1) == [confirmed]
+        rolled_back_ids = [row[0] for row in before["event"] if row[4] == rolled_back]
+        assert [e.id for e in store.events_after(0, swap_id=rolled_back)] == rolled_back_ids
+        assert store.get_value("host_checkpoint_confirmed") == confirmed
+        for key, text, _ in before["kv"]:
+            assert store.get_value(key) == json.loads(text)
+        assert store.append_event("after.migration").id == 18  # AUTOINCREMENT carried on
+        assert store.record_spawn(9, 1.0, "boot", 1.0, None, None) == 4
+    assert schema_of(db_path) == schema_of(fresh_store(tmp_path / "fresh"))
+
+
+def test_a_fresh_store_and_a_migrated_v1_store_have_the_same_schema(tmp_path: Path) -> None:
+    """Every step replays for a new file, so the two paths cannot drift apart."""
+    with raw(tmp_path / "state.db") as conn:
+        conn.executescript(V1_SCHEMA)
+    Store.open(tmp_path).close()
+    migrated, fresh = schema_of(tmp_path / "state.db"), schema_of(fresh_store(tmp_path / "new"))
+    assert migrated == fresh
+    assert {"host_run", "event", "swap", "kv", "meta", "swap_created_at", "event_swap_id"} <= set(
+        fresh
+    )
+
+
+def test_the_schema_history_has_one_step_per_version() -> None:
+    assert len(schema.STEPS) == SCHEMA_VERSION
+
+
+def test_an_up_to_date_store_opens_without_the_schema_history(tmp_path: Path) -> None:
+    """playhouse.migrate is for files that need a step; a daemon restart does not load it."""
+    fresh_store(tmp_path)
+    opens = python(
+        "import json, sys; from pathlib import Path; from supervisor.state.store import Store\n"
+        "Store.open(Path(sys.argv[1])).close()\n"
+        "names = [m for m in sys.modules if m.startswith(('playhouse', 'supervisor.state.'))]\n"
+        "print(json.dumps(sorted(names)))",
+        str(tmp_path),
+        stdout=subprocess.PIPE,
+    )
+    output, _ = opens.communicate(timeout=WAIT_S)
+    assert opens.returncode == 0
+    loaded = json.loads(output)
+    assert "supervisor.state.store" in loaded and "supervisor.state.schema" not in loaded
+    assert not [name for name in loaded if name.startswith("playhouse")]
+
+
+def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """All the steps and the new version are one transaction: a step that fails undoes them all."""
+    db_path = tmp_path / "state.db"
+    with raw(db_path) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute("CREATE TABLE kv (key TEXT)")  # in the way of step 2
+    before = schema_of(db_path)
+    with pytest.raises(StoreError, match='migration to v2 failed: table "kv" already exists'):
+        Store.open(tmp_path)
+    assert schema_of(db_path) == before
+    assert (stored_version(db_path), rows_of(db_path, "meta")) == (0, [("schema_version", "1")])
+
+
 def test_a_newer_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
     Store.open(tmp_path).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.db"]  # WAL folded in at close
     with raw(tmp_path / "state.db") as conn:
-        conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,)
-        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     before = dir_snapshot(tmp_path)
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer") as caught:
         Store.open(tmp_path)
@@ -172,13 +310,21 @@ def test_a_newer_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
 
 
 def test_files_that_are_not_state_stores_are_refused_untouched(tmp_path: Path) -> None:
-    foreign, garbage = tmp_path / "foreign", tmp_path / "garbage"
-    foreign.mkdir()
-    garbage.mkdir()
+    foreign, garbage, unversioned = tmp_path / "foreign", tmp_path / "garbage", tmp_path / "meta"
+    for folder in (foreign, garbage, unversioned):
+        folder.mkdir()
     with raw(foreign / "state.db") as conn:
         conn.execute("CREATE TABLE users (name TEXT)")
     (garbage / "state.db").write_bytes(b"this is no database " * 100)
-    for folder, reason in ((foreign, "not a swapguard state store"), (garbage, "not a database")):
+    with raw(unversioned / "state.db") as conn:  # a v1 store whose version row is gone
+        conn.executescript(V1_SCHEMA)
+        conn.execute("DELETE FROM meta")
+    cases = (
+        (foreign, "not a swapguard state store"),
+        (garbage, "not a database"),
+        (unversioned, r"user_version is 0 and meta.schema_version is None"),
+    )
+    for folder, reason in cases:
         before = dir_snapshot(folder)
         with pytest.raises(StoreError, match=reason):
             Store.open(folder)
@@ -200,7 +346,7 @@ def test_a_closed_store_says_so(tmp_path: Path) -> None:
     opened.close()
     opened.close()  # idempotent
     with pytest.raises(StoreError, match="closed"):
-        opened.last_event_id()
+        opened.events_after(0)
 
 
 # --- host runs ------------------------------------------------------------------------------
@@ -217,10 +363,9 @@ def test_host_runs_round_trip(store: Store) -> None:
     )
     store.record_exit(second, 16.0, None, signal.SIGKILL)
     assert store.live_run() is None
-    newest, oldest = store.last_runs(5)
+    newest, oldest = runs(store)
     assert newest.exit_signal == signal.SIGKILL and newest.exit_code is None
     assert oldest == HostRun(first, 100, 10.25, "boot-1", 11.0, 12.0, 13.0, 1, None, "cp-1", None)
-    assert store.last_runs(1) == [newest]
 
 
 def test_host_run_updates_and_spawns_check_their_input(store: Store) -> None:
@@ -231,21 +376,22 @@ def test_host_run_updates_and_spawns_check_their_input(store: Store) -> None:
     with pytest.raises(ValueError, match="started_at"):
         store.record_spawn(5, 1.0, "boot", float("nan"), None, None)
     with pytest.raises(ValueError, match="limit"):
-        store.last_runs(0)
+        store.events_after(0, limit=0)
+    assert runs(store) == []
 
 
 # --- events ---------------------------------------------------------------------------------
 
 
 def test_events_are_ordered_and_paged_by_id(store: Store) -> None:
-    assert store.last_event_id() == 0
+    assert last_event_id(store) == 0
     appended = [
         store.append_event("swap.prepared", {"summary": "x"}, swap_id="s1", at=1_700_000_000.5),
         store.append_event("host.started", {"pid": 7}),
         store.append_event("swap.activated", None, swap_id="s1"),
     ]
     assert [event.id for event in appended] == [1, 2, 3]
-    assert store.last_event_id() == 3
+    assert last_event_id(store) == 3
     assert store.events_after(0) == appended
     assert store.events_after(1, limit=1) == [appended[1]]
     assert store.events_after(3) == []
@@ -275,7 +421,7 @@ def test_bad_events_are_refused_by_name(store: Store) -> None:
         store.append_event("x", ["not", "a", "mapping"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not JSON-serializable"):
         store.append_event("x", {"when": object()})
-    assert store.last_event_id() == 0
+    assert last_event_id(store) == 0
 
 
 # --- swaps ----------------------------------------------------------------------------------
@@ -287,16 +433,16 @@ def swap_record(swap_id: str, state: str, **extra: Any) -> dict[str, Any]:
 
 def test_swaps_round_trip_and_upsert(store: Store) -> None:
     assert store.load_swap("s1") is None
-    store.save_swap("s1", "prepared", 10.0, swap_record("s1", "prepared"))
-    store.save_swap("s1", "probation", 10.0, swap_record("s1", "probation", deadline=99.5))
+    save_swap(store, "s1", "prepared", 10.0, swap_record("s1", "prepared"))
+    save_swap(store, "s1", "probation", 10.0, swap_record("s1", "probation", deadline=99.5))
     assert store.load_swap("s1") == swap_record("s1", "probation", deadline=99.5)
     assert store.list_swaps() == [swap_record("s1", "probation", deadline=99.5)]
 
 
 def test_swaps_list_newest_first_with_ties_in_insertion_order(store: Store) -> None:
     for swap_id, created_at in (("old", 1.0), ("tie-a", 5.0), ("tie-b", 5.0), ("mid", 3.0)):
-        store.save_swap(swap_id, "confirmed", created_at, {"id": swap_id})
-    store.save_swap("tie-a", "confirmed", 5.0, {"id": "tie-a", "again": True})  # keeps its place
+        save_swap(store, swap_id, "confirmed", created_at, {"id": swap_id})
+    save_swap(store, "tie-a", "confirmed", 5.0, {"id": "tie-a", "again": True})  # keeps its place
     assert [s["id"] for s in store.list_swaps()] == ["tie-b", "tie-a", "mid", "old"]
     assert [s["id"] for s in store.list_swaps(limit=2)] == ["tie-b", "tie-a"]
 
@@ -304,18 +450,18 @@ def test_swaps_list_newest_first_with_ties_in_insertion_order(store: Store) -> N
 def test_active_swap_is_the_one_not_finished_and_failed_is_not_finished(store: Store) -> None:
     assert store.active_swap() is None
     for n, state in enumerate(("confirmed", "rolled_back", "aborted")):
-        store.save_swap(f"done-{n}", state, float(n), {"id": f"done-{n}"})
+        save_swap(store, f"done-{n}", state, float(n), {"id": f"done-{n}"})
     assert store.active_swap() is None
-    store.save_swap("f", "failed", 9.0, {"id": "f", "state": "failed"})
+    save_swap(store, "f", "failed", 9.0, {"id": "f", "state": "failed"})
     assert store.active_swap() == {"id": "f", "state": "failed"}
-    store.save_swap("f", "rolled_back", 9.0, {"id": "f", "state": "rolled_back"})
+    save_swap(store, "f", "rolled_back", 9.0, {"id": "f", "state": "rolled_back"})
     assert store.active_swap() is None
 
 
 def test_finished_swaps_beyond_keep_are_listed_for_pruning(store: Store) -> None:
     states = ["confirmed", "rolled_back", "failed", "aborted", "confirmed", "probation"]
     for n, state in enumerate(states):
-        store.save_swap(f"s{n}", state, float(n), {})
+        save_swap(store, f"s{n}", state, float(n), {})
     assert store.finished_swap_ids_beyond(2) == ["s1", "s0"]
     assert store.finished_swap_ids_beyond(0) == ["s4", "s3", "s1", "s0"]
     assert store.finished_swap_ids_beyond(10) == []
@@ -326,7 +472,7 @@ def test_finished_swaps_beyond_keep_are_listed_for_pruning(store: Store) -> None
 def test_finished_swap_records_beyond_keep_are_forgotten(store: Store) -> None:
     states = ["confirmed", "rolled_back", "failed", "aborted", "confirmed", "probation"]
     for n, state in enumerate(states):
-        store.save_swap(f"s{n}", state, float(n), {})
+        save_swap(store, f"s{n}", state, float(n), {})
     assert store.forget_finished_swaps_beyond(2) == 2
     assert [f"s{n}" for n in range(6) if store.load_swap(f"s{n}") is not None] == [
         "s2", "s3", "s4", "s5"
@@ -345,36 +491,38 @@ def test_history_is_trimmed_past_the_newest_kept(
     for n in range(1, 41):
         store.append_event("host.started", {"n": n})
     assert [e.id for e in store.events_after(0, limit=100)] == list(range(26, 41))
-    assert store.last_event_id() == 40
+    assert last_event_id(store) == 40
     for n in range(1, 21):
         run_id = store.record_spawn(100 + n, 1.0, "boot", float(n), None, None)
         if n not in (3, 20):
             store.record_exit(run_id, float(n), 0, None)
-    assert [run.id for run in store.last_runs(100)] == [20, 19, 18, 17, 16, 3]
-    assert store.live_run() is not None and store.live_run().id == 20
+    assert [run.id for run in runs(store)] == [20, 19, 18, 17, 16, 3]
+    assert (live := store.live_run()) is not None and live.id == 20
 
 
-def test_a_swap_and_its_event_commit_together_or_not_at_all(store: Store) -> None:
-    event = store.save_swap_with_event(
-        "s1", "probation", 1.0, {"id": "s1"}, "swap.activated", {"deadline": 2.0}, at=1.5
-    )
-    assert event == EventRecord(1, 1.5, "swap.activated", {"deadline": 2.0}, "s1")
+def test_a_swap_and_its_events_commit_together_or_not_at_all(store: Store) -> None:
+    events = [("swap.activated", {"deadline": 2.0}), ("swap.probation", {})]
+    first, second = store.save_swap_with_events("s1", "probation", 1.0, {"id": "s1"}, events)
+    assert first == EventRecord(1, first.at, "swap.activated", {"deadline": 2.0}, "s1")
+    assert (second.id, second.kind, second.swap_id) == (2, "swap.probation", "s1")
+    assert store.events_after(0) == [first, second]
     with pytest.raises(ValueError, match="not JSON-serializable"):
-        store.save_swap_with_event("s1", "confirmed", 1.0, {"id": "s1"}, "bad", {"x": {1, 2}})
+        bad = [("fine", {}), ("bad", {"x": {1, 2}})]
+        store.save_swap_with_events("s1", "confirmed", 1.0, {"id": "s1"}, bad)
     assert store.load_swap("s1") == {"id": "s1"}  # the swap write was rolled back with the event
     assert store.active_swap() == {"id": "s1"}
-    assert store.last_event_id() == 1
+    assert last_event_id(store) == 2
 
 
 def test_bad_swaps_are_refused_by_name(store: Store) -> None:
     with pytest.raises(ValueError, match=r"record\['state'\] is 'prepared', not 'probation'"):
-        store.save_swap("s1", "probation", 1.0, {"state": "prepared"})
+        save_swap(store, "s1", "probation", 1.0, {"state": "prepared"})
     with pytest.raises(ValueError, match="swap id"):
-        store.save_swap("", "prepared", 1.0, {})
+        save_swap(store, "", "prepared", 1.0, {})
     with pytest.raises(ValueError, match="record of swap s1 must be a mapping"):
-        store.save_swap("s1", "prepared", 1.0, [])  # type: ignore[arg-type]
+        save_swap(store, "s1", "prepared", 1.0, [])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not JSON-serializable"):
-        store.save_swap("s1", "prepared", 1.0, {"deadline": float("inf")})
+        save_swap(store, "s1", "prepared", 1.0, {"deadline": float("inf")})
     assert store.list_swaps() == []
 
 
@@ -405,7 +553,7 @@ def test_threads_share_one_store(store: Store) -> None:
         thread.start()
     for thread in workers:
         thread.join(WAIT_S)
-    assert store.last_event_id() == 80
+    assert last_event_id(store) == 80
     assert [store.get_value(f"w{w}") for w in range(4)] == [19] * 4
 
 
@@ -427,7 +575,7 @@ def test_two_stores_written_by_threads_at_once_keep_their_own_rows(tmp_path: Pat
             thread.join(WAIT_S)
         for name, opened in stores.items():
             assert {event.kind for event in opened.events_after(0)} == {f"{name}.tick"}
-            assert opened.last_event_id() == 30
+            assert last_event_id(opened) == 30
             assert [opened.get_value(f"{other}{w}") for other in stores for w in range(2)] == (
                 [14, 14, None, None] if name == "a" else [None, None, 14, 14]
             )
@@ -452,12 +600,12 @@ def test_a_reader_thread_never_sees_half_a_transaction(store: Store) -> None:
     writer.start()
     assert writing.wait(WAIT_S)
     while writer.is_alive():
-        count = store.last_event_id()
+        count = last_event_id(store)
         if count % 2:
             odd_counts.append(count)
     writer.join(WAIT_S)
     assert odd_counts == []
-    assert store.last_event_id() == 120
+    assert last_event_id(store) == 120
     assert store.load_swap("s1") == {"n": 59}
 
 
@@ -466,8 +614,7 @@ def statements(store: Store) -> Iterator[list[str]]:
     """The SQL the store's own connection runs meanwhile (the store's private connection: no
     public surface says which statements a write issues)."""
     seen: list[str] = []
-    conn = store._conn
-    assert conn is not None
+    conn = store._db.connection()
     conn.set_trace_callback(seen.append)
     try:
         yield seen
@@ -497,7 +644,7 @@ def test_each_write_is_one_immediate_transaction_and_host_facts_skip_the_fsync(
         body = seen[len(head[relaxed]) : -len(tail[relaxed])]
         assert seen == [*head[relaxed], *body, *tail[relaxed]]
         assert body and not [s for s in body if s.startswith(("BEGIN", "COMMIT", "PRAGMA"))]
-    assert store.effective_pragmas("synchronous") == {"synchronous": 2}
+    assert pragmas(store, "synchronous") == {"synchronous": 2}
 
 
 def test_a_failed_relaxed_write_rolls_back_and_still_restores_full_sync(store: Store) -> None:
@@ -508,9 +655,9 @@ def test_a_failed_relaxed_write_rolls_back_and_still_restores_full_sync(store: S
         store.append_event("", swap_id=None)  # not a host fact, but fails inside its transaction
     with pytest.raises(ValueError, match="not JSON-serializable"):
         store.append_event("host.bad", {"x": object()})  # relaxed, fails inside
-    assert store.effective_pragmas("synchronous") == {"synchronous": 2}
-    assert store.last_event_id() == 0
-    assert store.last_runs(5) == []
+    assert pragmas(store, "synchronous") == {"synchronous": 2}
+    assert last_event_id(store) == 0
+    assert runs(store) == []
 
 
 def test_sqlite_errors_become_store_errors_naming_the_file_and_the_step(store: Store) -> None:
@@ -524,7 +671,24 @@ def test_sqlite_errors_become_store_errors_naming_the_file_and_the_step(store: S
         store.get_value("k")
     assert str(store.path) in str(caught.value)
     store.append_event("still.works")  # the failed transaction left nothing open
-    assert store.last_event_id() == 1
+    assert last_event_id(store) == 1
+
+
+def test_a_full_disk_fails_a_write_by_its_reason_and_changes_nothing(store: Store) -> None:
+    """On SQLITE_FULL, SQLite rolls the whole transaction back by itself: peewee's ROLLBACK then
+    fails ("no transaction is active"), and the error must still name the full disk."""
+    store.append_event("swap.before", swap_id="s0")
+    store._db.pragma("max_page_count", store._db.pragma("page_count"))  # not one page more
+    big = {"blob": "x" * 100_000}
+    with pytest.raises(StoreError, match=r"save swap with events failed: database or disk is full"):
+        store.save_swap_with_events("s1", "prepared", 1.0, big, [("swap.prepared", {})])
+    with pytest.raises(StoreError, match=r"append event failed: database or disk is full"):
+        store.append_event("host.output", big)  # relaxed: full sync must come back all the same
+    assert pragmas(store, "synchronous") == {"synchronous": 2}
+    assert store.load_swap("s1") is None and last_event_id(store) == 1
+    store._db.pragma("max_page_count", 1 << 20)  # room again: the same store goes on
+    store.save_swap_with_events("s1", "prepared", 1.0, big, [("swap.prepared", {})])
+    assert store.load_swap("s1") == big and last_event_id(store) == 2
 
 
 # --- the state lock -------------------------------------------------------------------------
@@ -605,9 +769,9 @@ for seq in range(1, 100_000):
     blob = os.urandom(6000).hex()  # several pages per row
     digest = hashlib.sha256(blob.encode()).hexdigest()
     record = {"seq": seq, "blob": blob, "sha256": digest}
-    store.save_swap_with_event(
-        f"swap-{seq % 7}", "probation", float(seq), record, "swap.saved",
-        {"seq": seq, "sha256": digest},
+    store.save_swap_with_events(
+        f"swap-{seq % 7}", "probation", float(seq), record,
+        [("swap.saved", {"seq": seq, "sha256": digest})],
     )
     store.set_value("last_seq", seq)
     if seq == 30:

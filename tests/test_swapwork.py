@@ -58,7 +58,9 @@ def test_settle_syncs_what_a_rollback_kept_then_prunes(
 
         prepared, _ = swaps.new_swap(id="s1", summary="", now=clock.now(), checkpoint={})
         finished = replace(prepared, state=swaps.SwapState.ROLLED_BACK)
-        store.save_swap("s1", "rolled_back", prepared.created_at.wall, finished.to_json())
+        store.save_swap_with_events(
+            "s1", "rolled_back", prepared.created_at.wall, finished.to_json(), []
+        )
         work.settle(finished, keep=5)
         assert synced == [kept]
 
@@ -72,6 +74,8 @@ def test_settle_syncs_what_a_rollback_kept_then_prunes(
             ]
 
         newer = replace(finished, id="s2", state=swaps.SwapState.CONFIRMED)
-        store.save_swap("s2", "confirmed", prepared.created_at.wall + 1, newer.to_json())
+        store.save_swap_with_events(
+            "s2", "confirmed", prepared.created_at.wall + 1, newer.to_json(), []
+        )
         work.settle(newer, keep=1)  # s1 is pruned: its kept copy goes with its snapshot
         assert not kept.exists() and snapshots.kept_copies("s1") == []

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 refused or failed, 2 usage or config, 3 unreachable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,13 @@ from supervisor.cli import console
 from supervisor.errors import ConfigError, NotReachable, SwapguardError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 for -n, refused with a usage error otherwise."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return int(text)
 
 
 def _print_json(value: Any) -> None:
@@ -40,6 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Before the daemon's modules load: no libssl ever (no TLS).
     footprint.keep_out_of_process(("ssl",))
+    footprint.load_on_first_use()
     from supervisor.config.schema import find_config, load_config
     from supervisor.daemon import service as daemon
 
@@ -49,9 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from supervisor.config.schema import find_config, load_config
+    from supervisor.daemon.preflight import preflight
 
     path = find_config(args.config)
     config = load_config(path)
+    preflight(config)  # what `run` would refuse, with the same message
     print(f"{path}: ok (host: {' '.join(config.host.command)})")
     return EXIT_OK
 
@@ -74,6 +85,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.check is not None:
+        return _check(client.status(), args.check)
     if not args.watch:
         doc = client.status()
         _print_json(doc) if args.json else print(console.render_status(doc))
@@ -92,6 +105,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _check(doc: dict[str, Any], probe: str) -> int:
+    """A probe's verdict as an exit code: `live` once swapguard answers (it restarts the host
+    itself), `ready` only while the host runs ready and no rollback waits for the operator."""
+    if probe == "live":
+        return EXIT_OK
+    host, swap = doc["host"], doc.get("swap")
+    if swap is not None and swap.get("state") == "failed":
+        print(f"not ready: swap {swap['id']} failed to roll back", file=sys.stderr)
+        return EXIT_FAILED
+    if host.get("state") != "running" or not host.get("ready"):
+        print(f"not ready: host {host.get('state')}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # --- swaps and host --------------------------------------------------------------------------
@@ -168,6 +196,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from supervisor.cli import logs
     from supervisor.config.schema import find_config, load_config
 
     config = load_config(find_config(args.config))
@@ -182,20 +211,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"swapguard logs: {path} does not exist yet", file=sys.stderr)
         return EXIT_FAILED
-    with path.open("rb") as stream:
-        stream.seek(max(0, path.stat().st_size - args.bytes))
-        sys.stdout.buffer.write(stream.read())
-        sys.stdout.flush()
-        try:
-            while args.follow:
-                chunk = stream.read()
-                if chunk:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.25)
-        except KeyboardInterrupt:
-            pass
+    with contextlib.suppress(KeyboardInterrupt):
+        logs.show(path, args.lines, args.follow)
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from supervisor.cli import events
+
+    with contextlib.suppress(KeyboardInterrupt):
+        events.show(
+            _client(args), last=args.lines, swap_id=args.swap, as_json=args.json, keep=args.follow
+        )
     return EXIT_OK
 
 
@@ -244,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", cmd_status, "show the supervisor, host and swap")
     status.add_argument("--watch", "-w", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    status.add_argument(
+        "--check",
+        nargs="?",
+        const="ready",
+        choices=("ready", "live"),
+        default=None,
+        help="a probe: 0 if ready (with 'live': if swapguard answers), else 1; 3 unreachable",
+    )
 
     swap = add("swap", cmd_swap, "prepare, activate, confirm, extend, roll back or abort swaps")
     swap_sub = swap.add_subparsers(dest="swap_action", required=True, metavar="ACTION")
@@ -267,8 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("--confirm", metavar="SWAP_ID", default=None)
 
     logs = add("logs", cmd_logs, "show the host's output file (host.output)")
-    logs.add_argument("--follow", "-f", action="store_true")
-    logs.add_argument("--bytes", type=int, default=16 * 1024, help=argparse.SUPPRESS)
+    logs.add_argument("--lines", "-n", type=_count, default=50, help="last N lines (default 50)")
+    logs.add_argument("--follow", "-f", action="store_true", help="then what is appended")
+
+    events = add("events", cmd_events, "show the audit log (swaps, host, hooks)")
+    events.add_argument("--lines", "-n", type=_count, default=50, help="last N events")
+    events.add_argument("--follow", "-f", action="store_true", help="then each new event")
+    events.add_argument("--swap", metavar="SWAP_ID", default=None, help="only this swap's")
 
     demo = add("demo", cmd_demo, "a guided tour on a throwaway repository")
     demo.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
@@ -287,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run"
         else "%(levelname)s: %(message)s",
     )
+    logging.getLogger("peewee").setLevel(logging.INFO)  # at DEBUG it logs every SQL statement
     try:
         return int(args.handler(args))
     except ConfigError as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import random
 import re
 import shutil
 import subprocess
@@ -40,10 +41,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+import tenacity
+
+from supervisor.core.backoff import exponential
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-_ADD_ATTEMPTS = 5
+_VANISHED_RETRY_FOR_S = 10.0
+"""How long a take keeps retrying `git add` while files vanish under it; a prepare's client waits
+65 s, and a churn that beats dozens of attempts in this time is not a tree one can checkpoint."""
+# git's words for a path that was listed, then gone (or its folder turned into a file) when read.
+_VANISHED = re.compile(
+    r"""(unable to stat '.*'|open\(".*"\)): (No such file or directory|Not a directory)"""
+)
 
 REF_ROOT = "refs/swapguard"
 _CHECKPOINTS = f"{REF_ROOT}/checkpoints"
@@ -224,6 +234,10 @@ class CodeTree:
 
     # --- public ---------------------------------------------------------------------------
 
+    def check_work_tree(self) -> None:
+        """Refuse (CheckpointError) unless root is the top of a git work tree (`check`, `run`)."""
+        self._git_dir(fresh=True)
+
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
         git_dir = self._git_dir(fresh=True)
@@ -331,16 +345,17 @@ class CodeTree:
         return self._git.out("write-tree", index=index).strip()
 
     def _add_all(self, index: Path, skip: list[str]) -> None:
-        """`git add -A`, again when a file vanished between git listing and reading it: a host
-        that writes and deletes files while we checkpoint must not fail the checkpoint."""
-        for attempt in range(_ADD_ATTEMPTS):
-            try:
+        """`git add -A`, again within a bounded time when a file vanished between git listing and
+        reading it: a host that writes and deletes files while we checkpoint must not fail it."""
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_vanished_file),
+            wait=exponential(0.01, 0.25, jitter=0.01, rng=random.Random()),
+            stop=tenacity.stop_after_delay(_VANISHED_RETRY_FOR_S),
+            before_sleep=_log_vanished,
+            reraise=True,
+        ):
+            with attempt:
                 self._git.out("add", "-A", "--", ".", *skip, index=index)
-                return
-            except CheckpointError as exc:
-                if "unable to stat" not in exc.message or attempt == _ADD_ATTEMPTS - 1:
-                    raise
-                log.info("a file vanished during the checkpoint; adding again")
 
     def _exclude_pathspecs(self, index: Path) -> list[str]:
         """Pathspecs that keep excluded files from being hashed at all (a big database would be).
@@ -551,6 +566,18 @@ class CodeTree:
             if absolute.is_relative_to(base) and absolute != base:
                 return absolute.relative_to(base).as_posix()
         return None
+
+
+def _vanished_file(exc: BaseException) -> bool:
+    return isinstance(exc, CheckpointError) and _VANISHED.search(exc.message) is not None
+
+
+def _log_vanished(state: tenacity.RetryCallState) -> None:
+    found = _VANISHED.search(str(state.outcome.exception())) if state.outcome else None
+    log.info(
+        "a file vanished during the checkpoint (%s); adding again in %.0f ms (attempt %d)",
+        found.group(1) if found else "?", state.upcoming_sleep * 1000, state.attempt_number + 1,
+    )
 
 
 def _relative_extra(path: str) -> str:

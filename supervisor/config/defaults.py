@@ -28,6 +28,9 @@ _TEMPLATE = """\
 command = {command}  # argv; a string is split like a shell would, but no shell runs
 cwd = "."                 # working directory of the host
 env = {}                  # added to swapguard's own environment, e.g. { PORT = "8080" }
+inherit_env = true        # true: the host inherits swapguard's whole environment; or only
+                          # these names of it, e.g. ["PATH", "HOME", "LANG"] (env and the
+                          # NOTIFY_SOCKET/SWAPGUARD_* variables are always given)
 ready = "notify"          # "notify": ready at READY=1 | "started": ready once up for min_uptime
 start_timeout = "60s"     # not ready by then: restart (on probation: roll back)
 min_uptime = "1s"         # an exit sooner than this is a failed start
@@ -39,6 +42,8 @@ restart_delay = "100ms"   # first delay after a failure; doubles per failure, wi
 restart_delay_max = "30s"    # the restart delay never grows past this
 restart_reset_after = "60s"  # ready this long: delay and failure count reset
 output = "inherit"        # "inherit" (swapguard's own stdout/stderr) or a log file path
+output_max_bytes = "0"    # > 0: rotate the output file at this size, e.g. "10MB"
+output_backups = 5        # rotated files kept: output.1 (newest) ... output.5
 
 # The code tree that a swap changes and a rollback restores.
 [code]
@@ -63,6 +68,7 @@ health_check = []         # argv run every health_interval on probation; exit 0 
 health_interval = "10s"   # how often health_check runs
 health_failures = 3       # consecutive failed health checks that roll back at once
 auto_confirm_after = "0"  # > 0: confirm once ready, heartbeating and healthy this long
+stall_limit = "5s"        # swapguard's own loop stuck this long: log where, exit 70 to be restarted
 
 # The control socket: HTTP/1.1 + JSON for the CLI, curl and the host itself.
 [control]
@@ -79,7 +85,8 @@ keep_swaps = 20           # finished swaps whose snapshots (and kept data) are k
 
 # A command run on events, e.g. to page someone when a rollback fails.
 [hooks]
-on_event = []             # argv; runs once per event with the event JSON on stdin, 10 s limit
+on_event = []             # argv; runs per event with the event JSON on stdin, 10 s limit;
+                          # a run that fails or times out is retried: 4 runs, 1-8 s apart
 events = ["swap.*", "host.crash_loop", "rollback.failed"]  # event names, fnmatch globs
 """
 # The template is the one source of the defaults, so `swapguard init` cannot drift from them.

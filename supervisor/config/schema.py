@@ -45,8 +45,12 @@ CONFIG_ENV_VAR = "SWAPGUARD_CONFIG"
 # Bounds a user would want enforced; each error message states the bound it broke.
 MAX_DURATION_S = 365 * 24 * 3600.0  # longer than a year is a typo, and overflows some timers
 MAX_COUNT = 10_000
-# sun_path holds 108 bytes on Linux, 104 on macOS, both including the terminating NUL.
+MIN_STALL_LIMIT_S = 1.0
+MIN_OUTPUT_ROTATE_BYTES = 4096
+# sun_path holds 108 bytes on Linux, 104 on macOS, both including the terminating NUL. The one
+# definition of the limit: the control and notify sockets and `check` all ask socket_path_problem.
 MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107
+NOTIFY_SOCKET_NAME = "notify.sock"
 
 _SECTIONS = ("host", "code", "data", "deadman", "control", "state", "hooks")
 _KEYS = {section: tuple(DEFAULTS.get(section, ())) for section in _SECTIONS}
@@ -56,6 +60,15 @@ _KEYS["data"] = ("path", "kind")  # an entry is nothing without both
 _DURATION_PATTERN = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+) ?(?P<unit>ms|s|m|h)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _DURATION_FORMS = 'a duration: seconds >= 0, or a string like "250ms", "1.5s", "90s", "2m", "1h"'
+_SIZE_PATTERN = re.compile(
+    r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+) ?(?P<unit>[KMGTkmgt]i?[Bb]|[Bb])?"
+)
+_UNIT_BYTES = {
+    "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
+_SIZE_FORMS = 'a size: bytes >= 0, or a string like "512KiB", "10MB", "1GiB"'
+MAX_SIZE_BYTES = 2**50
 _MODE_PATTERN = re.compile(r"(?:0o|0)?(?P<digits>[0-7]{1,3})")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -65,6 +78,7 @@ class HostConfig:
     command: tuple[str, ...]
     cwd: Path
     env: Mapping[str, str]
+    inherit_env: tuple[str, ...] | None  # None: all of swapguard's environment
     ready: ReadyMode
     start_timeout: float
     min_uptime: float
@@ -76,6 +90,8 @@ class HostConfig:
     restart_delay_max: float
     restart_reset_after: float
     output: Path | None  # None: inherit swapguard's own stdout/stderr
+    output_max_bytes: int  # > 0: a logger process rotates the output file at this size
+    output_backups: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +123,7 @@ class DeadmanConfig:
     health_interval: float
     health_failures: int
     auto_confirm_after: float
+    stall_limit: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +235,22 @@ def parse_duration(value: object, *, key: str, file: str) -> float:
     return seconds
 
 
+def parse_size(value: object, *, key: str, file: str) -> int:
+    """Bytes from a whole number or a string like "512KiB", "10MB", "1.5GiB" (SI and IEC units)."""
+    size: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_PATTERN.fullmatch(value.strip())
+        if match:
+            size = float(match["number"]) * _UNIT_BYTES[(match["unit"] or "B").upper()]
+    if size is None or size < 0:
+        raise ConfigError(f"must be {_SIZE_FORMS}; got {_show(value)}", file=file, key=key)
+    if size > MAX_SIZE_BYTES:
+        raise ConfigError(f"must be at most 1 PiB; got {_show(value)}", file=file, key=key)
+    return int(size)
+
+
 # --- reading one table ----------------------------------------------------------------------
 
 
@@ -279,12 +312,15 @@ class _Table:
             raise self.fail(field, f"must be greater than 0; got {_show(self.raw(field))}")
         return seconds
 
-    def count(self, field: str) -> int:
+    def size(self, field: str) -> int:
+        return parse_size(self.raw(field), key=self.key(field), file=self.file)
+
+    def count(self, field: str, *, minimum: int = 1) -> int:
         value = self.raw(field)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(field, f"must be an integer; got {_show(value)}")
-        if not 1 <= value <= MAX_COUNT:
-            raise self.fail(field, f"must be between 1 and {MAX_COUNT}; got {value}")
+        if not minimum <= value <= MAX_COUNT:
+            raise self.fail(field, f"must be between {minimum} and {MAX_COUNT}; got {value}")
         return value
 
     def strings(self, field: str, *, nonempty: bool = False) -> tuple[str, ...]:
@@ -357,6 +393,19 @@ def _env(table: _Table) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+def _inherit_env(table: _Table) -> tuple[str, ...] | None:
+    """true: everything swapguard has; an array: only these variable names of it."""
+    if table.raw("inherit_env") is True:
+        return None
+    if table.raw("inherit_env") is False:
+        raise table.fail("inherit_env", "must be true or an array of names (use [] for none)")
+    names = table.strings("inherit_env", nonempty=True)
+    for index, name in enumerate(names):
+        if "=" in name:
+            raise table.fail("inherit_env", "is not a valid variable name (has '=')", index)
+    return names
+
+
 def _signal(table: _Table) -> signal.Signals:
     value = table.raw("stop_signal")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
@@ -413,6 +462,7 @@ def _parse_host(table: _Table) -> HostConfig:
         command=table.argv("command", required=True),
         cwd=table.path("cwd"),
         env=_env(table),
+        inherit_env=_inherit_env(table),
         ready=table.choice("ready", get_args(ReadyMode)),
         start_timeout=table.duration("start_timeout", positive=True),
         min_uptime=table.duration("min_uptime"),
@@ -424,7 +474,14 @@ def _parse_host(table: _Table) -> HostConfig:
         restart_delay_max=table.duration("restart_delay_max"),
         restart_reset_after=table.duration("restart_reset_after"),
         output=None if table.text("output") == "inherit" else table.path("output"),
+        output_max_bytes=table.size("output_max_bytes"),
+        output_backups=table.count("output_backups", minimum=0),
     )
+    if host.output_max_bytes and host.output is None:
+        raise table.fail("output_max_bytes", 'rotates the output file: set host.output to a path')
+    if 0 < host.output_max_bytes < MIN_OUTPUT_ROTATE_BYTES:
+        message = f"must be 0 (off) or at least {MIN_OUTPUT_ROTATE_BYTES} bytes"
+        raise table.fail("output_max_bytes", message)
     if host.restart_delay > host.restart_delay_max:
         message = f"must not exceed host.restart_delay_max ({host.restart_delay_max:g}s)"
         raise table.fail("restart_delay", message)
@@ -472,7 +529,11 @@ def _parse_deadman(table: _Table) -> DeadmanConfig:
         health_interval=table.duration("health_interval", positive=True),
         health_failures=table.count("health_failures"),
         auto_confirm_after=table.duration("auto_confirm_after"),
+        stall_limit=table.duration("stall_limit"),
     )
+    if deadman.stall_limit < MIN_STALL_LIMIT_S:
+        message = f"must be at least {MIN_STALL_LIMIT_S:g}s: a busy machine pauses a loop that long"
+        raise table.fail("stall_limit", message)
     if deadman.hard_cap < deadman.window:
         raise table.fail("hard_cap", f"must be at least deadman.window ({deadman.window:g}s)")
     if deadman.auto_confirm_after >= deadman.hard_cap:
@@ -481,12 +542,33 @@ def _parse_deadman(table: _Table) -> DeadmanConfig:
     return deadman
 
 
+def staging_socket_path(path: Path) -> Path:
+    """The temporary name a socket is bound under before it is renamed into place (same folder,
+    always this long): no client ever sees it with looser permissions than configured."""
+    return path.with_name(f".{os.urandom(4).hex()}.sock~")
+
+
+def socket_path_problem(path: Path, *, staged: bool = False) -> str | None:
+    """Why `path` cannot be a unix socket's address, or None; `staged`: it is first bound under
+    `staging_socket_path`, which must fit too."""
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH_BYTES:
+        return f"{path} is {length} bytes; unix socket paths allow {MAX_SOCKET_PATH_BYTES}"
+    if staged:
+        staging = staging_socket_path(path)
+        if (length := len(os.fsencode(staging))) > MAX_SOCKET_PATH_BYTES:
+            return (
+                f"{path} is bound first under a temporary name of {length} bytes "
+                f"(.<8 hex digits>.sock~ beside it); unix socket paths allow "
+                f"{MAX_SOCKET_PATH_BYTES}"
+            )
+    return None
+
+
 def _parse_control(table: _Table) -> ControlConfig:
     socket_path = table.path("socket")
-    length = len(os.fsencode(socket_path))
-    if length > MAX_SOCKET_PATH_BYTES:
-        message = f"{socket_path} is {length} bytes; unix sockets allow {MAX_SOCKET_PATH_BYTES}"
-        raise table.fail("socket", message)
+    if (problem := socket_path_problem(socket_path, staged=True)) is not None:
+        raise table.fail("socket", problem)
     return ControlConfig(
         socket=socket_path,
         mode=_mode(table),
@@ -497,7 +579,10 @@ def _parse_control(table: _Table) -> ControlConfig:
 
 
 def _parse_state(table: _Table) -> StateConfig:
-    return StateConfig(dir=table.path("dir"), keep_swaps=table.count("keep_swaps"))
+    state_dir = table.path("dir")
+    if (problem := socket_path_problem(state_dir / NOTIFY_SOCKET_NAME)) is not None:
+        raise table.fail("dir", f"its notify socket {problem}; use a shorter state.dir")
+    return StateConfig(dir=state_dir, keep_swaps=table.count("keep_swaps"))
 
 
 def _parse_hooks(table: _Table) -> HooksConfig:

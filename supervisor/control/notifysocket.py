@@ -21,13 +21,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor import errors
+from supervisor.config.schema import socket_path_problem
+from supervisor.control import peers
+from supervisor.control.routes import Peer
 from supervisor.core.notifyproto import MAX_DATAGRAM_BYTES
 
 log = logging.getLogger(__name__)
 
 RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-_MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107  # sizeof(sun_path) - 1
+_PIDFD = struct.Struct("i")
 _SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None  # not exported by Python
 _HAS_PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
 
@@ -40,27 +44,35 @@ class Datagram:
     pid: int | None
     uid: int | None
     gid: int | None
+    # the sender's start time, pinned at receipt (`control.peers`); None where nothing pins
+    start: float | None = None
+    pinned: bool = True  # False: the sender's pid already named another process, or none
 
 
 class NotifyServer:
     """A bound, non-blocking unix datagram socket that the daemon's event loop drains."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, inherited: socket.socket | None = None) -> None:
+        """Bind at `path`, or take `inherited` (from our manager's fd store) if it is bound there:
+        hosts that connected to it once keep sending to the same socket."""
         self.path = Path(path).absolute()
         _check_socket_path_length(str(self.path))
-        _remove_stale_socket(self.path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.inherited = inherited is not None and _bound_at(inherited, self.path)
+        if self.inherited:
+            assert inherited is not None
+            self._sock = inherited
+        else:
+            if inherited is not None:
+                log.warning("the stored notify socket is not bound at %s: binding anew", self.path)
+                inherited.close()
+            self._sock = self._bind()
         try:
-            self._sock.bind(str(self.path))
-        except BaseException:
-            self._sock.close()
-            raise
-        try:
-            # Anyone local may send; the daemon keeps only datagrams from the host's tree.
-            os.chmod(self.path, 0o666)
             self._inode = os.stat(self.path).st_ino
             if _HAS_PASSCRED:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                if peers.SO_PASSPIDFD is not None:  # Linux >= 6.5: a pidfd of each sender
+                    with contextlib.suppress(OSError):
+                        self._sock.setsockopt(socket.SOL_SOCKET, peers.SO_PASSPIDFD, 1)
             _enlarge_receive_buffer(self._sock)
             self._sock.setblocking(False)
         except BaseException:
@@ -68,6 +80,23 @@ class NotifyServer:
             self.path.unlink(missing_ok=True)
             raise
         log.debug("notify socket bound at %s", self.path)
+
+    def _bind(self) -> socket.socket:
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(self.path))
+            # Anyone local may send; the daemon keeps only datagrams from the host's tree.
+            os.chmod(self.path, 0o666)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @property
+    def bound_socket(self) -> socket.socket:
+        """The bound socket itself, for our manager's fd store."""
+        return self._sock
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -108,27 +137,56 @@ class NotifyServer:
         if not _HAS_PASSCRED:
             payload = self._sock.recv(bufsize)
             return Datagram(payload, None, None, None)
-        # Room for credentials only: the kernel closes any descriptors a sender passes (FDSTORE=1),
-        # so none can leak into swapguard.
+        # Room for credentials and the sender's pidfd only: the kernel closes the descriptors a
+        # sender passes (FDSTORE=1) that do not fit, and those that do are closed below.
         payload, ancillary, _flags, _address = self._sock.recvmsg(
-            bufsize, socket.CMSG_SPACE(_UCRED.size)
+            bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_PIDFD.size)
         )
+        received = peers.now()
+        sender: Peer | None = None
+        pidfd: int | None = None
         for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid, uid, gid = _UCRED.unpack_from(data)
-                return Datagram(payload, pid, uid, gid)
-        return Datagram(payload, None, None, None)
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_CREDENTIALS:
+                sender = Peer(*_UCRED.unpack_from(data))
+            elif kind == peers.SCM_PIDFD and len(data) >= _PIDFD.size:
+                pidfd = _PIDFD.unpack_from(data)[0]
+            elif kind == socket.SCM_RIGHTS:  # passed fds that fit in beside: never kept
+                usable = len(data) - len(data) % _PIDFD.size
+                for (fd,) in _PIDFD.iter_unpack(data[:usable]):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        if sender is None:
+            if pidfd is not None:
+                os.close(pidfd)
+            return Datagram(payload, None, None, None)
+        if not peers.use_peer_pidfd and pidfd is not None:
+            os.close(pidfd)  # tests exercise the fallback
+            pidfd = None
+        pin = peers.pin_process(sender, pidfd, received, allow_exited=True)
+        pin.close()  # judged by the start time from here: a datagram outlives its sender
+        peer = pin.peer
+        return Datagram(payload, peer.pid, peer.uid, peer.gid, peer.start, pin.pinned)
 
 
 def _check_socket_path_length(path: str) -> None:
-    size = len(os.fsencode(path))
-    if size > _MAX_SOCKET_PATH_BYTES:
-        raise OSError(
-            errno.ENAMETOOLONG,
-            f"notify socket path is {size} bytes, over the unix socket limit of "
-            f"{_MAX_SOCKET_PATH_BYTES}; use a shorter state.dir",
-            path,
+    if (problem := socket_path_problem(Path(path))) is not None:
+        problem = f"its notify socket {problem}; use a shorter state.dir"
+        raise errors.ConfigError(problem, key="state.dir")
+
+
+def _bound_at(sock: socket.socket, path: Path) -> bool:
+    """A datagram socket bound at `path`, whose file is still there to be connected to."""
+    try:
+        return (
+            sock.family == socket.AF_UNIX
+            and sock.type == socket.SOCK_DGRAM
+            and sock.getsockname() == str(path)
+            and stat.S_ISSOCK(os.lstat(path).st_mode)
         )
+    except OSError:
+        return False
 
 
 def _remove_stale_socket(path: Path) -> None:

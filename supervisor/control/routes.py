@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -24,6 +24,8 @@ CALL_LIMIT_S = 60.0
 write can take that long (a confirm waits for the activation's data to reach the disk), so a
 client waits a little longer for any POST's answer."""
 # Swap ids travel in paths; all-dot names are refused too, so no id can look like a path step.
+MAX_NUMBER_CHARS = 64
+"""No body field is a number: a longer one is refused before Python's int() limit raises."""
 SWAP_ID = re.compile(r"(?!\.+\Z)[A-Za-z0-9._-]{1,64}\Z")
 
 
@@ -34,6 +36,9 @@ class Peer:
     pid: int | None
     uid: int | None
     gid: int | None
+    # the process's start time (psutil's create_time), taken while it was pinned: it tells the
+    # peer from a later process with its pid (None where nothing could be pinned)
+    start: float | None = field(default=None, compare=False)
 
 
 class Backend(Protocol):
@@ -171,6 +176,25 @@ def _no_constants(name: str) -> Any:
     raise errors.BadRequest(f"malformed JSON: {name} is not a JSON value")
 
 
+def _bounded_number(text: str) -> Any:
+    """No field takes a number; a huge one must still be refused before int() chokes on it."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise errors.BadRequest(f"malformed JSON: a number of {len(text)} characters")
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Refuse lone UTF-16 surrogates (a cut emoji from JSON.stringify): stored, they could not be
+    encoded again, and every later read of them would fail."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise errors.BadRequest(
+                f"{where} holds a lone UTF-16 surrogate at character {err.start}"
+            ) from None
+
+
 def parse_body(raw: bytes, fields: tuple[tuple[str, str | bool | None], ...]) -> dict[str, Any]:
     """An empty body, or a JSON object of the route's optional fields (null = absent): strings,
     or booleans where the field's default is a boolean."""
@@ -178,7 +202,13 @@ def parse_body(raw: bytes, fields: tuple[tuple[str, str | bool | None], ...]) ->
     if raw.strip():
         try:
             text = raw.decode("utf-8")
-            data = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_no_constants)
+            data = json.loads(
+                text,
+                object_pairs_hook=_unique_object,
+                parse_constant=_no_constants,
+                parse_int=_bounded_number,
+                parse_float=_bounded_number,
+            )
         except UnicodeDecodeError as err:
             raise errors.BadRequest(f"body is not UTF-8 (byte {err.start})") from None
         except json.JSONDecodeError as err:
@@ -190,6 +220,7 @@ def parse_body(raw: bytes, fields: tuple[tuple[str, str | bool | None], ...]) ->
         raise errors.BadRequest(f"body must be a JSON object, got {type(data).__name__}")
     defaults = dict(fields)
     for key, value in data.items():
+        _check_text(key, "a field name")
         if key not in defaults:
             allowed = ", ".join(repr(name) for name in defaults) or "none"
             raise errors.BadRequest(f"unknown field {key!r} (allowed: {allowed})")
@@ -197,11 +228,23 @@ def parse_body(raw: bytes, fields: tuple[tuple[str, str | bool | None], ...]) ->
         if value is not None and not isinstance(value, wanted):
             kind = "boolean" if wanted is bool else "string"
             raise errors.BadRequest(f"field {key!r} must be a {kind}, got {type(value).__name__}")
+        _check_text(value, f"field {key!r}")
     return {key: value for key, value in data.items() if value is not None}
 
 
 def encode_json(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
+    """UTF-8 JSON; a lone surrogate that got stored anyway (before 400 refused it, or from a
+    datagram) is escaped as \\uXXXX rather than making the read fail."""
+    text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(payload, allow_nan=False).encode("ascii") + b"\n"
+
+
+def encode_text(text: str) -> bytes:
+    """A text answer (metrics) as UTF-8, a lone surrogate replaced rather than failing."""
+    return text.encode("utf-8", "replace")
 
 
 def error_document(code: str, message: str) -> bytes:

@@ -8,24 +8,28 @@ re-exported here). Reads are open to whoever can connect; every POST is a write,
 `Backend.may_write(peer)` against the kernel-reported peer credentials. h11 does the HTTP
 framing: a connection's thread reads with `recv`, feeds h11, and writes what h11 returns.
 
-Nothing is read without a bound: a request's first byte must come within `request_timeout` (idle
-keep-alive), the whole request within `request_timeout` of that byte; the header section is capped
-at 64 KiB and 100 fields, bodies at 64 KiB (by Content-Length, before reading). Past
-`max_connections` a connection gets 503 at once, without a thread, and is closed. A request that
-cannot be read to its end (bad framing, chunked, a limit, a hang-up or a timeout inside it) is
-answered, then the connection closes; other errors keep it alive. Requests log at DEBUG.
+Nothing is read without a bound: a kept-alive connection is closed after `idle_timeout` (5 s)
+without a request, a whole request must come within `request_timeout` of its first byte; the
+header section is capped at 64 KiB and 100 fields, bodies at 64 KiB (by Content-Length, before
+reading). A request that cannot be read to its end (bad framing, chunked, a limit, a hang-up or a
+timeout inside it) is answered, then the connection closes; other errors keep it alive. Requests
+log at DEBUG.
+
+No one who can merely read can take the socket away (issue 13). Each peer is pinned at accept
+(`control.peers`: a pidfd and a start time), and a write needs that very process alive around the
+`Backend.may_write` check, so a connection handed on by a process that then exited stays
+read-only whatever now holds its pid. Slots: past `max_connections`, past `max_per_uid` for a uid
+that may not write, or into the slots kept for writers, a connection gets 503 at once, without a
+thread, and is closed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
 import socket
 import socketserver
-import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -36,12 +40,14 @@ from typing import Any
 import h11
 
 from supervisor import __version__, errors
+from supervisor.config.schema import socket_path_problem, staging_socket_path
+from supervisor.control.peers import PeerPin, pin_connection
 from supervisor.control.routes import (
     JSON_TYPE,
     Backend,
-    Peer,
     WrongMethod,
     encode_json,
+    encode_text,
     error_document,
     parse_body,
     resolve,
@@ -52,11 +58,24 @@ from supervisor.control.routes import METRICS_TYPE as METRICS_TYPE
 from supervisor.control.routes import ROUTES as ROUTES
 from supervisor.control.routes import SWAP_ID as SWAP_ID
 from supervisor.control.routes import IntParam as IntParam
+from supervisor.control.routes import Peer as Peer
 from supervisor.control.routes import Route as Route
 from supervisor.control.routes import parse_query as parse_query
+from supervisor.control.socketfile import ControlSocketInUse as ControlSocketInUse
+from supervisor.control.socketfile import (
+    clear_stale_socket,
+    socket_folder_problem,
+    socket_group_id,
+)
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_S = 300.0
+IDLE_TIMEOUT_S = 5.0
+"""How long a kept-alive connection may sit between requests: a reader holds no slot for long."""
+MAX_PER_UID = 16
+"""Connections one uid may hold unless it may write: one user cannot take every slot."""
+RESERVED_SLOTS = 16
+"""Of `max_connections`, the ones only writers (allowed users, the host's tree) may take."""
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024  # the request line and the header fields together
@@ -67,15 +86,8 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 _SERVER = f"swapguard/{__version__}".encode("ascii")
 _WEEKDAYS = b"Mon Tue Wed Thu Fri Sat Sun".split()
 _MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
-_RETRY = ((b"Retry-After", b"1"),)
-_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux (103 on macOS)
+_RETRY_HEAD = ((b"Retry-After", b"1"),)
 _CLOSE_JOIN_S = 5.0
-
-
-class ControlSocketInUse(errors.SwapguardError):
-    """A live swapguard already answers on the control socket path."""
-
-    code = "socket_in_use"
 
 
 class _ProtocolError(errors.SwapguardError):
@@ -85,31 +97,6 @@ class _ProtocolError(errors.SwapguardError):
         super().__init__(message)
         self.http_status = status
         self.code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-
-
-# --- peer credentials ---------------------------------------------------------------------------
-
-_UCRED = "iII"  # struct ucred: pid, uid, gid (Linux)
-_XUCRED = "IIh16I"  # struct xucred: version, uid, ngroups, groups[16] (macOS, FreeBSD)
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    """The connecting process's pid/uid/gid from the kernel; Nones where the OS cannot say."""
-    try:
-        if (so_peercred := getattr(socket, "SO_PEERCRED", None)) is not None:
-            raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize(_UCRED))
-            return Peer(*struct.unpack(_UCRED, raw))
-        if (local_peercred := getattr(socket, "LOCAL_PEERCRED", None)) is not None:
-            sol_local = getattr(socket, "SOL_LOCAL", 0)
-            raw = sock.getsockopt(sol_local, local_peercred, struct.calcsize(_XUCRED))
-            _version, uid, ngroups, *groups = struct.unpack(_XUCRED, raw)
-            pid = None
-            if (local_peerpid := getattr(socket, "LOCAL_PEERPID", None)) is not None:
-                pid = struct.unpack("i", sock.getsockopt(sol_local, local_peerpid, 4))[0]
-            return Peer(pid, uid, groups[0] if ngroups > 0 else None)
-    except (OSError, struct.error) as err:
-        logger.debug("peer credentials unavailable: %s", err)
-    return Peer(None, None, None)
 
 
 # --- requests and answers, without I/O -----------------------------------------------------------
@@ -190,6 +177,27 @@ def _protocol_error(err: h11.RemoteProtocolError, unread: bytes) -> _ProtocolErr
     return _ProtocolError(status, message)
 
 
+def _answer_and_close(request: socket.socket, answer: _Answer) -> None:
+    """Answer a connection that gets no thread, without waiting on it: drain what it sent (so
+    closing does not reset the peer), then write what fits the socket buffer."""
+    with contextlib.suppress(OSError):
+        request.setblocking(False)
+        while request.recv(65536):
+            pass
+    with contextlib.suppress(OSError):
+        # a fresh h11 may answer before a request; the answer fits the socket buffer: no wait
+        request.sendall(_response(h11.Connection(h11.SERVER), answer))
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    request_timeout: float
+    idle_timeout: float
+    max_connections: int
+    max_per_uid: int
+    reserved: int
+
+
 # --- one connection (one thread each) ------------------------------------------------------------
 
 
@@ -201,9 +209,11 @@ class _Connection(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def setup(self) -> None:
-        self.peer = peer_credentials(self.request)
-        self.who = f"pid {self.peer.pid} uid {self.peer.uid}"  # unix peers have no address
+        self.pin = self.server.pin_of(self.request)  # pinned at accept
+        self.peer = self.pin.peer
+        self.who = self.pin.describe()  # unix peers have no address
         self.timeout = self.server.request_timeout
+        self.idle_timeout = self.server.idle_timeout
         # h11 refuses a head that is incomplete past this size; reads stop one byte later.
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES - 1)
         self.deadline: float | None = None  # set by the request's first byte
@@ -259,7 +269,7 @@ class _Connection(socketserver.BaseRequestHandler):
         """Feed h11 one read, bounded by the deadline; False for a clean end between requests."""
         in_head = self.http.their_state is h11.IDLE
         size = max(1, MAX_HEADER_BYTES - self.buffered) if in_head else _RECV_BYTES
-        wait = self.timeout if self.deadline is None else self.deadline - time.monotonic()
+        wait = self.idle_timeout if self.deadline is None else self.deadline - time.monotonic()
         try:
             if wait <= 0:
                 raise TimeoutError
@@ -301,21 +311,36 @@ class _Connection(socketserver.BaseRequestHandler):
         try:
             route, values = resolve(method, target)
             backend = self.server.backend
-            if route.method == "POST" and not backend.may_write(self.peer):
-                who = "a peer of unknown uid" if self.peer.uid is None else f"uid {self.peer.uid}"
-                raise errors.Forbidden(f"{who} may not write to swapguard (pid {self.peer.pid})")
-            body = parse_body(raw_body, route.body)
+            if route.method == "POST":
+                self._check_write_right(backend)
+            # a GET's body means nothing to its route: never parsed, never refused
+            body = {} if route.method == "GET" else parse_body(raw_body, route.body)
             values |= {name: body.get(name, default) for name, default in route.body}
             values |= {"body": body, "peer": self.peer}
             payload = getattr(backend, route.call)(*(values[name] for name in route.args))
             if route.content_type == JSON_TYPE:
                 return _Answer(route.status, encode_json(payload))
-            return _Answer(route.status, payload.encode("utf-8"), route.content_type)
+            return _Answer(route.status, encode_text(payload), route.content_type)
         except errors.SwapguardError as err:
             return _error_answer(err)
         except Exception:
             logger.exception("control request %s %s failed", method, target)
             return _error_answer(errors.SwapguardError("internal error"))
+
+    def _check_write_right(self, backend: Backend) -> None:
+        """The right belongs to the process pinned at accept, alive before and after the check
+        (so the pid the backend looked at named that very process throughout)."""
+        if not self.pin.alive():
+            raise errors.Forbidden(
+                f"the process that opened this connection (pid {self.peer.pid}) has exited; "
+                f"its write right ended with it"
+            )
+        allowed = backend.may_write(self.peer)
+        if not self.pin.alive():
+            raise errors.Forbidden(f"the peer process (pid {self.peer.pid}) exited meanwhile")
+        if not allowed:
+            who = "a peer of unknown uid" if self.peer.uid is None else f"uid {self.peer.uid}"
+            raise errors.Forbidden(f"{who} may not write to swapguard (pid {self.peer.pid})")
 
     def _write(self, data: bytes) -> None:
         self._timeout(self.timeout)  # reading may have left a short one; writing gets it all
@@ -335,24 +360,40 @@ def _request_line(request: h11.Request) -> str:
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A thread per connection, bounded; knows its live connections so `close` can end them."""
+    """A thread per connection, bounded; knows its live connections so `close` can end them.
+
+    Slots, so that no reader can lock anyone out: a uid that may not write holds at most
+    `max_per_uid` connections, and readers together leave `reserved` of `max_connections` to
+    writers (root, swapguard's user, allowed users, the host's tree). Each peer is pinned at
+    accept (`control.peers`); its class is decided then, by `Backend.may_write`."""
 
     daemon_threads = True
     block_on_close = False  # ControlServer.close joins with a time limit instead
 
-    def __init__(self, backend: Backend, request_timeout: float, max_connections: int) -> None:
+    def __init__(self, backend: Backend, limits: _Limits) -> None:
         self.backend = backend
-        self.request_timeout = request_timeout
-        self.max_connections = max_connections
-        self.request_queue_size = max(5, max_connections)
+        self.request_timeout = limits.request_timeout
+        self.idle_timeout = limits.idle_timeout
+        self.limits = limits
+        self.request_queue_size = max(5, limits.max_connections)
         self.lock = threading.Lock()
         self.live: dict[socket.socket, threading.Thread] = {}
+        self.pins: dict[socket.socket, PeerPin] = {}
+        self.readers: dict[socket.socket, int | None] = {}  # uid of each connection of a reader
         super().__init__("", _Connection, bind_and_activate=False)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def pin_of(self, request: socket.socket) -> PeerPin:
         with self.lock:
+            return self.pins[request]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        pin = pin_connection(request)
+        writer = pin.alive() and self._may_write(pin)
+        uid = pin.peer.uid
+        with self.lock:
+            refusal = self._refusal(writer, uid)
             thread = None
-            if len(self.live) < self.max_connections:
+            if refusal is None:
                 thread = threading.Thread(
                     target=self.process_request_thread,
                     args=(request, client_address),
@@ -360,24 +401,48 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
                     daemon=True,
                 )
                 self.live[request] = thread
+                self.pins[request] = pin
+                if not writer:
+                    self.readers[request] = uid
         if thread is not None:
             thread.start()
             return
-        logger.debug("control: refused a connection, %d are open", len(self.live))
-        message = f"too many control connections (limit {self.max_connections}); retry shortly"
-        busy = _Answer(503, error_document("busy", message), headers=_RETRY, close=True)
-        with contextlib.suppress(OSError):
-            request.setblocking(False)
-            while request.recv(65536):  # drain what came, so closing does not reset the peer
-                pass
-        with contextlib.suppress(OSError):
-            # a fresh h11 may answer before a request; the answer fits the socket buffer: no wait
-            request.sendall(_response(h11.Connection(h11.SERVER), busy))
-        self.shutdown_request(request)
+        pin.close()
+        logger.debug("control: refused %s: %s", pin.describe(), refusal)
+        document = error_document("busy", f"{refusal}; retry shortly")
+        busy = _Answer(503, document, headers=_RETRY_HEAD, close=True)
+        _answer_and_close(request, busy)
+        super().shutdown_request(request)
+
+    def _may_write(self, pin: PeerPin) -> bool:
+        try:
+            return bool(self.backend.may_write(pin.peer))
+        except Exception:  # a slot decision must not end the accept loop
+            logger.exception("control: cannot classify %s", pin.describe())
+            return False
+
+    def _refusal(self, writer: bool, uid: int | None) -> str | None:
+        """Why a new connection gets no slot, or None (called with the lock held)."""
+        limits = self.limits
+        if len(self.live) >= limits.max_connections:
+            return f"too many control connections (limit {limits.max_connections})"
+        if writer:
+            return None
+        if len(self.readers) >= limits.max_connections - limits.reserved:
+            kept = limits.max_connections - limits.reserved
+            return f"too many read-only control connections (limit {kept}; the rest are writers')"
+        held = sum(1 for other in self.readers.values() if other == uid)
+        if held >= limits.max_per_uid:
+            return f"too many control connections from uid {uid} (limit {limits.max_per_uid})"
+        return None
 
     def shutdown_request(self, request: Any) -> None:
         with self.lock:
             self.live.pop(request, None)
+            self.readers.pop(request, None)
+            pin = self.pins.pop(request, None)
+        if pin is not None:
+            pin.close()
         super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -393,42 +458,6 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         return [thread for _request, thread in live]
 
 
-def _group_id(group: str) -> int:
-    if not group:
-        return -1
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        message = f"unknown group {group!r} for the control socket"
-        raise errors.ConfigError(message, key="control.group") from None
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody answers on; refuse to touch a live one or a non-socket."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            message = f"{path} exists and is not a socket; refusing to replace it"
-            raise errors.ConfigError(message, key="control.socket")
-    except FileNotFoundError:
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            logger.info("removing stale control socket %s", path)
-            path.unlink(missing_ok=True)
-            return
-        except TimeoutError:
-            pass  # a listener with a full backlog is alive too
-        except OSError as err:
-            message = f"cannot check the existing socket {path}: {err.strerror or err}"
-            raise errors.ConfigError(message, key="control.socket") from None
-    raise ControlSocketInUse(f"another swapguard is answering on {path}")
-
-
 class ControlServer:
     """The control socket: bound and listening once constructed; `serve_in_thread` serves it."""
 
@@ -440,22 +469,29 @@ class ControlServer:
         mode: int = 0o660,
         group: str = "",
         request_timeout: float = 10.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
         max_connections: int = 64,
+        max_per_uid: int = MAX_PER_UID,
     ) -> None:
         if not 0 <= mode <= 0o777:
             raise errors.ConfigError(f"mode {mode:#o} is not a permission mode", key="control.mode")
-        if request_timeout <= 0 or max_connections < 1:
-            raise ValueError(f"need request_timeout > 0 ({request_timeout}), max_connections >= 1")
+        if min(request_timeout, idle_timeout) <= 0 or min(max_connections, max_per_uid) < 1:
+            raise ValueError(
+                f"need timeouts > 0 ({request_timeout}, {idle_timeout}), "
+                f"max_connections and max_per_uid >= 1 ({max_connections}, {max_per_uid})"
+            )
         self.path = Path(path)
-        gid = _group_id(group)
+        gid = socket_group_id(group)
         # Bound under a short temporary name, given its mode and group, then renamed into place:
         # no client ever sees the socket with looser permissions than configured.
-        staging = self.path.with_name(f".{os.urandom(4).hex()}.sock~")
-        if max(len(os.fsencode(self.path)), len(os.fsencode(staging))) > _SUN_PATH_MAX:
-            message = f"socket path {self.path} is too long for a unix socket address"
-            raise errors.ConfigError(message, key="control.socket")
-        _clear_stale_socket(self.path)
-        self._server = _UnixHTTPServer(backend, request_timeout, max_connections)
+        problem = socket_path_problem(self.path, staged=True) or socket_folder_problem(self.path)
+        if problem is not None:
+            raise errors.ConfigError(problem, key="control.socket")
+        staging = staging_socket_path(self.path)
+        clear_stale_socket(self.path)
+        reserved = min(RESERVED_SLOTS, max_connections // 4)
+        limits = _Limits(request_timeout, idle_timeout, max_connections, max_per_uid, reserved)
+        self._server = _UnixHTTPServer(backend, limits)
         try:
             staging.unlink(missing_ok=True)
             self._server.socket.bind(str(staging))

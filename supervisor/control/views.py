@@ -179,7 +179,7 @@ def metrics(runtime: Runtime) -> str:
         out,
         "swapguard_hook_events_dropped_total",
         "counter",
-        "Events not passed to the hook because its queue was full.",
+        "Events the hook never got: its queue was full, or it failed every attempt.",
         runtime.hooks.dropped,
     )
     return "\n".join(out) + "\n"

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from supervisor.core.backoff import Backoff
+
 CRASH_LOOP_FAILURES = 5
 """Consecutive failures after which the host is reported as crash-looping."""
 
@@ -78,7 +80,8 @@ class Policy:
     stop_timeout: float = 10.0
     restart: str = "always"
     restart_reset_after: float = 60.0
-    backoff: Callable[[int], float] = field(default=lambda failures: 0.1 * 2 ** (failures - 1))
+    # without a config: the config's default restart_delay and restart_delay_max, no jitter
+    backoff: Callable[[int], float] = field(default=Backoff(first=0.1, cap=30.0))
 
 
 @dataclass(frozen=True, slots=True)

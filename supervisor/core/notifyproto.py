@@ -41,6 +41,19 @@ class NotifyMessage:
     confirm_swap_id: str | None = None
     mainpid: int | None = None
 
+    @property
+    def asks_nothing(self) -> bool:
+        """Nothing here that swapguard acts on (a lone BARRIER=1 of systemd-notify, STOPPING=1,
+        unknown keys): whoever sent it, it needs no trust and is not a dropped datagram."""
+        return not (
+            self.ready
+            or self.watchdog
+            or self.watchdog_trigger
+            or self.status is not None
+            or self.extend_timeout_usec is not None
+            or self.confirm_swap_id is not None
+        )
+
 
 def parse_datagram(data: bytes) -> NotifyMessage:
     """Parse one notify datagram, or raise NotifyError naming the first thing wrong with it."""

@@ -6,29 +6,26 @@ import random
 from typing import TYPE_CHECKING
 
 from supervisor.core import lifecycle, swaps
+from supervisor.core.backoff import Backoff
 
 if TYPE_CHECKING:
     from supervisor.config.schema import Config
 
-JITTER = 0.25
-"""Up to this fraction of `restart_delay` is added at random to each backoff, so hosts restarted
-together (a shared dependency went down) do not come back in lockstep."""
+JITTER_FRACTION = 0.25
+"""A fraction of `restart_delay`: up to this times restart_delay seconds are added at random to
+each backoff, so hosts restarted together (a shared dependency went down) do not come back in
+lockstep."""
 
 
 def host_policy(config: Config, rng: random.Random | None = None) -> lifecycle.Policy:
-    """The lifecycle machine's policy; `rng` is for tests (the jitter's source)."""
+    """The lifecycle machine's policy; `rng` is the jitter's source (tests fix it)."""
     cfg = config.host
-    uniform = (rng or random.Random()).uniform
-
-    def backoff(failures: int) -> float:
-        """restart_delay, doubled for each failure in a row after the first, plus jitter;
-        never past restart_delay_max."""
-        if cfg.restart_delay <= 0:
-            return 0.0
-        doublings = min(max(failures - 1, 0), 64)  # past 2**64 any delay is over any cap
-        delay = cfg.restart_delay * 2.0**doublings + uniform(0, cfg.restart_delay * JITTER)
-        return min(delay, cfg.restart_delay_max)
-
+    backoff = Backoff(
+        first=cfg.restart_delay,
+        cap=cfg.restart_delay_max,
+        jitter=cfg.restart_delay * JITTER_FRACTION,
+        rng=rng or random.Random(),
+    )
     return lifecycle.Policy(
         ready_mode=cfg.ready,
         start_timeout=cfg.start_timeout,

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from supervisor.core.backoff import Backoff
 from supervisor.core.instant import Instant
 from supervisor.core.swaprecord import (
     ACTIVATION_STEPS,
@@ -158,7 +159,8 @@ def _step_failed_retry(swap: Swap, event: StepFailed, policy: Policy) -> Outcome
     swap = replace(swap, attempts=attempts, last_error=event.error, retry_at=None)
     detail = {"step": event.step.value, "error": event.error, "attempt": attempts}
     if attempts < policy.max_step_attempts:
-        delay = min(policy.retry_delay * 2 ** (attempts - 1), policy.retry_delay_max)
+        # no jitter: one rollback has no herd to spread, and the record stays a function of events
+        delay = Backoff(first=policy.retry_delay, cap=policy.retry_delay_max)(attempts)
         swap = replace(swap, retry_at=event.now.plus(delay))
         return swap, [Emit("swap.step_failed", {**detail, "retry_in_s": delay})]
     if swap.state is SwapState.PREPARED:  # the abort gives up: still prepared, may be asked again

@@ -15,8 +15,9 @@ imports below and elsewhere were cut, see README "Benchmarks"):
 - `malloc_trim(0)` returns the free pages inside the arenas (not only at their top): once after
   start-up, when import and start-up garbage is gone.
 - `hashlib` maps OpenSSL's libcrypto on import: 3.5 MiB of RSS (3 MiB of it file pages). The
-  snapshot code imports it at its first hash, so a supervisor that never snapshots data never
-  loads it; naming the cgroup at start-up uses CPython's own sha256 (`builtin_sha256_hex`).
+  snapshot code imports it at its first hash, and naming the cgroup at start-up uses CPython's
+  own sha256 (`builtin_sha256_hex`); but peewee (the state store) imports hashlib itself, so
+  libcrypto is mapped from start-up all the same.
   `ssl` (libssl, 4 MiB) is kept out for good: swapguard never speaks TLS.
 Everything here is a no-op where it cannot apply (no glibc, a module already imported).
 """
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import logging
 import os
 import sys
+import types
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,32 @@ def keep_out_of_process(names: tuple[str, ...] = ("ssl",)) -> None:
     http.client import `ssl` only if it is there. A module already imported stays."""
     for name in names:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+LOADED_ON_FIRST_USE = ("hashlib",)
+"""Modules that the daemon's libraries import at their top for what a resting daemon never does,
+loaded at their first use instead: hashlib (peewee hashes a migration's constraint names with it;
+our snapshot digests need it) maps OpenSSL's libcrypto, 3 MiB of RSS."""
+
+
+class _LoadedOnFirstUse(types.ModuleType):
+    """Stands in `sys.modules` for a module until one of its attributes is read; from then on it
+    hands out the real module's. (importlib's LazyLoader cannot serve: on CPython 3.11 a plain
+    `import name` reads the module's `__spec__`, which loads it.)"""
+
+    def __getattr__(self, attribute: str) -> object:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        return getattr(real, attribute)
+
+
+def load_on_first_use(names: tuple[str, ...] = LOADED_ON_FIRST_USE) -> None:
+    """Import each of `names` only when first used; one already imported stays as it is."""
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = _LoadedOnFirstUse(name)
 
 
 def builtin_sha256_hex(data: bytes) -> str:

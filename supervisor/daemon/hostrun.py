@@ -40,6 +40,8 @@ _INHERITED_PROTOCOL_VARS = (
     "WATCHDOG_PID",
     "LISTEN_FDS",
     "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "FDSTORE",
 )
 """Our own manager's variables: the host gets ours (or none), never our manager's."""
 
@@ -99,6 +101,8 @@ class HostRunner:
             cwd=self.config.host.cwd,
             env=self._child_env(extra_env),
             output=self.config.host.output,
+            output_max_bytes=self.config.host.output_max_bytes,
+            output_backups=self.config.host.output_backups,
         )
         wall = time.time()
         try:
@@ -128,7 +132,10 @@ class HostRunner:
             self.store.record_ready(self.run_id, time.time())
 
     def _child_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
+        inherit = self.config.host.inherit_env
         env = dict(os.environ)
+        if inherit is not None:  # an allow-list: nothing else of ours reaches the host
+            env = {name: value for name, value in env.items() if name in inherit}
         for key in _INHERITED_PROTOCOL_VARS:
             env.pop(key, None)
         env.update(self.config.host.env)

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from supervisor import clock
-from supervisor.control.notifysocket import NotifyServer
+from supervisor.control import peers
+from supervisor.control.notifysocket import Datagram, NotifyServer
+from supervisor.control.routes import Peer
 from supervisor.core import lifecycle, notifyproto, swaps
 from supervisor.errors import Conflict
 from supervisor.process import host
@@ -76,17 +78,27 @@ class NotifyInput:
         for datagram in self.server.drain():
             self._before_each()
             self.counters.datagrams += 1
-            if datagram.pid is not None and not host.is_in_tree(
-                datagram.pid, self.target.process, self.target.cgroup
-            ):
-                self.counters.datagrams_dropped += 1
-                continue
             try:
                 message = notifyproto.parse_datagram(datagram.payload)
             except notifyproto.NotifyError:
                 self.counters.datagrams_invalid += 1
                 continue
+            if message.asks_nothing:
+                continue  # e.g. systemd-notify's BARRIER=1, sent by a process already gone
+            if datagram.pid is not None and not self._from_tree(datagram):
+                self.counters.datagrams_dropped += 1
+                continue
             self._on_message(message)
+
+    def _from_tree(self, datagram: Datagram) -> bool:
+        """Was the sender, the very process pinned at receipt, part of the host's tree? Its pid
+        must still name that process after the check (a later one has a later start)."""
+        if not datagram.pinned:
+            return False  # gone, or its pid already named another process, when received
+        if not host.is_in_tree(datagram.pid or 0, self.target.process, self.target.cgroup):
+            return False
+        sender = Peer(datagram.pid, datagram.uid, datagram.gid, start=datagram.start)
+        return peers.started_as_pinned(sender)
 
     def _on_message(self, message: notifyproto.NotifyMessage) -> None:
         target = self.target

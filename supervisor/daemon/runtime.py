@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import signal
 import time
 from collections import deque
@@ -38,19 +37,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from supervisor import clock, notify
+from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import Config
 from supervisor.control.notifysocket import NotifyServer
 from supervisor.core import lifecycle, swaps
 from supervisor.core import supervision as sv
 from supervisor.core.policies import host_policy, swap_policy
+from supervisor.daemon import faults
 from supervisor.daemon.counters import Counters
 from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
 from supervisor.daemon.hostrun import HostRunner
+from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.notifyinput import NotifyInput
-from supervisor.daemon.swapwork import SwapWork
+from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork, failure_detail
 from supervisor.daemon.timer import WakeTimer
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
@@ -59,16 +60,20 @@ from supervisor.state.store import Store
 
 log = logging.getLogger(__name__)
 
-CRASH_AT = os.environ.get("SWAPGUARD_CRASH_AT")
-"""Fault injection for the test suite: `<state>/<step>` makes the process die (exit 86) right
-after that swap record is persisted and before its actions run, as a kill -9 would."""
-
 
 class Runtime:
     """Owns the supervisor's state. Construct on the loop thread; call `start()` once."""
 
-    def __init__(self, config: Config, store: Store, *, cgroup: host.CgroupLeaf | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        cgroup: host.CgroupLeaf | None,
+        manager: ServiceManager | None = None,
+    ) -> None:
         self.config = config
+        self.manager = manager or ServiceManager({})
         self.store = store
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
@@ -92,8 +97,16 @@ class Runtime:
         )
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
-        self.hooks = HookRunner(config.hooks, cwd=config.code.root)
-        self.notify_server = NotifyServer(config.state.dir / "notify.sock")
+        self.hooks = HookRunner(
+            config.hooks,
+            store=store,
+            cwd=config.code.root,
+            output_dir=config.state.dir / OUTPUT_DIR,
+        )
+        self.notify_server = NotifyServer(
+            config.state.dir / "notify.sock", self.manager.handed_back.pop("notify", None)
+        )
+        self.manager.store_socket("notify", self.notify_server.bound_socket)
         self.drift_guard = DriftGuard(
             config.code,
             store,
@@ -163,6 +176,7 @@ class Runtime:
             host.kill_tree(self.host_runner.process, self.cgroup)
         jobs.cancel_all()
         self.hooks.close()
+        self.manager.forget_socket("notify")
         self.notify_server.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -231,7 +245,7 @@ class Runtime:
         self._event_name = type(inner).__name__  # for the swap's transition, logged on saving
         if self.state.host.state is not before:
             log.info("host %s --%s--> %s", before, self._event_name, self.state.host.state)
-            notify.sd_notify(f"STATUS=host {self.state.host.state}")
+            self.manager.notify(f"STATUS=host {self.state.host.state}")
         for action in actions:
             self._perform(action)
 
@@ -306,9 +320,7 @@ class Runtime:
         for record in records:
             self.hooks.submit(record.to_json())
         log.info("swap %s --%s--> %s/%s", swap.id, self._event_name, swap.state, swap.step)
-        if CRASH_AT is not None and f"{swap.state.value}/{swap.step}" == CRASH_AT:
-            log.warning("SWAPGUARD_CRASH_AT=%s: dying here", CRASH_AT)
-            os._exit(86)
+        faults.reached(f"{swap.state.value}/{swap.step}")
 
     def _check_code(self, swap_id: str, checkpoint: Mapping[str, Any]) -> None:
         """In a worker: does the tree differ from the prepared swap's checkpoint?"""
@@ -374,7 +386,7 @@ class Runtime:
             else:
                 result = future.result()
                 ok = result.ok
-                detail = "ok" if ok else (result.output.strip().splitlines() or ["failed"])[-1]
+                detail = failure_detail(result)  # never the check's output: readers see events
             event = swaps.HealthChecked(now=clock.now(), ok=ok, detail=detail[:200])
             self.feed(sv.WorkReported(swap_id=swap_id, event=event))
 

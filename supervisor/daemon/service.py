@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import grp
+import contextlib
 import logging
 import os
 import pwd
@@ -21,44 +21,60 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from supervisor import clock, notify
+from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint
 from supervisor.code.watch import CodeWatcher
 from supervisor.config.schema import Config
-from supervisor.control import views
+from supervisor.control import peers, views
 from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
-from supervisor.daemon import footprint
+from supervisor.daemon import footprint, preflight
+from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
-from supervisor.errors import BadRequest, ConfigError, NotFound, NotReachable
-from supervisor.process import host
+from supervisor.daemon.stall import StallDetector
+from supervisor.errors import BadRequest, NotFound, NotReachable
+from supervisor.process import host, outputlog
 from supervisor.state.store import StateLock, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation may take
 
 
 class LoopBackend(Backend):
     """The control socket's view of the runtime: every call is marshalled onto the loop thread,
-    but for the status, read from values the loop replaces whole (`Runtime.machines`)."""
+    but for the status and `may_write`, read from values the loop replaces whole
+    (`Runtime.machines`, the host's process), and the store's reads."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.loop = runtime.loop
         control = runtime.config.control
-        self.allowed_uids = {os.getuid(), 0} | {_uid(name) for name in control.allow_users}
-        self.allowed_gids = {_gid(name) for name in control.allow_groups}
+        users, groups = control.allow_users, control.allow_groups
+        self.allowed_uids = {os.getuid(), 0} | {
+            preflight.user_id(name, key="control.allow_users") for name in users
+        }
+        self.allowed_gids = {
+            preflight.group_id(name, key="control.allow_groups") for name in groups
+        }
         self._figures: tuple[int | None, float, dict[str, Any]] | None = None
         self._figures_lock = threading.Lock()
+        self.call_limit = CALL_LIMIT_S
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the loop thread (awaiting it if it is a coroutine) and wait for it."""
+        """Run `fn` on the loop thread (awaiting it if it is a coroutine) and wait for it.
+
+        A call answered 503 never takes effect later: one that has not reached the loop by then
+        is refused when it does; a coroutine under way is cancelled at its await (the runtime's
+        commands commit nothing before their last await), and if it finished first anyway its
+        own answer is given instead of the 503."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        tasks: list[asyncio.Future[Any]] = []
 
         def run() -> None:
             if not future.set_running_or_notify_cancel():
-                return
+                return  # answered 503 before it reached the loop: never run
             try:
                 result = fn(*args)
             except BaseException as exc:
@@ -68,18 +84,37 @@ class LoopBackend(Backend):
                 future.set_result(result)
                 return
             task = asyncio.ensure_future(result)
+            tasks.append(task)
             task.add_done_callback(lambda done: _settle(future, done))
 
         try:
             self.loop.call_soon_threadsafe(run)
         except RuntimeError as exc:  # loop closed under us: we are shutting down
             raise NotReachable("swapguard is shutting down") from exc
+        limit = self.call_limit
         try:
-            return future.result(timeout=CALL_LIMIT_S)
-        except concurrent.futures.TimeoutError as exc:
-            raise NotReachable(f"swapguard did not answer within {CALL_LIMIT_S:g} s") from exc
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise NotReachable(
+                    f"swapguard did not answer within {limit:g} s; the request was not applied"
+                ) from None
+        # under way on the loop: cancel it there, then report what it came to
+        try:
+            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
+            return future.result(timeout=_CANCEL_GRACE_S)
+        except (concurrent.futures.CancelledError, RuntimeError):
+            raise NotReachable(
+                f"swapguard did not finish within {limit:g} s; the request was cancelled"
+            ) from None
+        except concurrent.futures.TimeoutError:
+            raise NotReachable(f"swapguard's loop is stuck past {limit:g} s") from None
 
     def may_write(self, peer: Peer) -> bool:
+        """Root, our own user, the allowed users and groups, and the host's tree. Asked at accept
+        (which slots a connection may take) and at each write, on the caller's thread: the tree
+        is read from values the loop replaces whole, and the server checks that the pinned peer
+        was alive around the call, so `peer.pid` named that very process (its `start`)."""
         if peer.uid is None:  # no credentials on this platform: only the file mode protects
             return True
         if peer.uid in self.allowed_uids or (
@@ -90,9 +125,9 @@ class LoopBackend(Backend):
             return True
         if peer.pid is None:
             return False
-        return bool(
-            self._call(lambda: host.is_in_tree(peer.pid, self.runtime.process, self.runtime.cgroup))
-        )
+        if not host.is_in_tree(peer.pid, self.runtime.process, self.runtime.cgroup):
+            return False
+        return peers.started_as_pinned(peer)  # the pid named the pinned process throughout
 
     def status(self) -> dict:
         document = views.status(self.runtime)  # on this thread: see Runtime.machines
@@ -206,20 +241,6 @@ def _settle(future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -
         future.set_result(task.result())
 
 
-def _uid(name: str) -> int:
-    try:
-        return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
-    except KeyError as exc:
-        raise ConfigError(f"unknown user {name!r}", key="control.allow_users") from exc
-
-
-def _gid(name: str) -> int:
-    try:
-        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
-    except KeyError as exc:
-        raise ConfigError(f"unknown group {name!r}", key="control.allow_groups") from exc
-
-
 def _user_gids(uid: int) -> set[int]:
     try:
         entry = pwd.getpwuid(uid)
@@ -233,9 +254,22 @@ def cgroup_name(config: Config) -> str:
     return footprint.builtin_sha256_hex(str(config.state.dir).encode())[:16]
 
 
+def _lead_a_session_as_pid_1() -> None:
+    """As a container's PID 1, every orphan in the container is ours to reap. The reaper tells an
+    orphan from the children our own modules wait for by its session (`host.is_orphan`), so PID 1
+    must lead a session of its own, as runc's init does (one started by `unshare --fork` does not).
+    """
+    if os.getpid() == 1 and os.getsid(0) != 1:
+        with contextlib.suppress(OSError):
+            os.setsid()
+            log.info("PID 1 of a PID namespace: leading a session of our own to reap its orphans")
+
+
 def run(config: Config) -> int:
     """The service, in the foreground. Returns the process exit code."""
     footprint.tune_malloc()  # before any thread: see supervisor.daemon.footprint
+    _lead_a_session_as_pid_1()
+    preflight.preflight(config)  # what `check` refuses too, before anything is created
     lock = StateLock.acquire(config.state.dir)
     store = Store.open(config.state.dir)
     try:
@@ -255,7 +289,10 @@ def run(config: Config) -> int:
 
 async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
     loop = asyncio.get_running_loop()
-    runtime = Runtime(config, store, cgroup=cgroup)
+    stall = StallDetector(loop, config.deadman.stall_limit)
+    stall.start()
+    manager = ServiceManager()
+    runtime = Runtime(config, store, cgroup=cgroup, manager=manager)
     server = ControlServer(
         config.control.socket,
         LoopBackend(runtime),
@@ -265,15 +302,15 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+    loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
     server.serve_in_thread()
     await runtime.start()
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
         runtime.drift_guard.on_tree_changed()
-    notify.sd_notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
-    watchdog = _start_watchdog(loop)
+    manager.notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
+    manager.start_watchdog(loop)
     footprint.release_free_memory()  # what imports and start-up freed, once
     log.info(
         "swapguard %s supervising %s (control %s)",
@@ -282,14 +319,21 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         config.control.socket,
     )
     await stop.wait()
-    notify.sd_notify("STOPPING=1")
-    if watchdog is not None:
-        watchdog.cancel()
+    manager.notify("STOPPING=1")
+    manager.stop_watchdog()
     if watcher is not None:
         watcher.stop()
     await runtime.shutdown()
+    stall.stop()
     server.close()
     log.info("swapguard stopped")
+
+
+def _reopen_logs() -> None:
+    """SIGHUP, as logrotate's postrotate sends it: the host's output loggers reopen their file.
+    The config is not reloaded: restart swapguard for that (the host is adopted)."""
+    log.info("SIGHUP: reopening the host's output file")
+    outputlog.reopen()
 
 
 def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
@@ -307,19 +351,3 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
         log.warning("cannot watch %s: %s", config.code.root, exc)
         return None
     return watcher
-
-
-def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
-    """Ping our own manager's watchdog at half its WatchdogSec, from the loop: a hung loop shows."""
-    interval = notify.watchdog_interval()
-    if interval is None:
-        return None
-    handle: asyncio.TimerHandle | None = None
-
-    def ping() -> None:
-        nonlocal handle
-        notify.sd_notify("WATCHDOG=1")
-        handle = loop.call_later(interval, ping)
-
-    handle = loop.call_later(0, ping)
-    return handle

@@ -24,8 +24,20 @@ from supervisor.state.store import SWAP_RECORDS_KEPT, Store
 
 log = logging.getLogger(__name__)
 
+OUTPUT_DIR = "output"
+"""Folder of state.dir that keeps build and hook output (0700, files 0600)."""
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
+
+
+def failure_detail(result: jobs.JobResult) -> str:
+    """What an event may say of a job: how it ended and where its output is, never the output
+    (a reader of the control socket must not see what a build or a check printed)."""
+    if result.ok:
+        return "ok"
+    if result.output_file is None:
+        return result.describe()
+    return f"{result.describe()}; output in {result.output_file.name}"
 
 
 def _checkpoint(swap: swaps.Swap) -> Checkpoint:
@@ -73,16 +85,21 @@ class SwapWork:
                     fsync_dir(target.parent)
 
     def build(self, phase: swaps.Step | None) -> None:
+        """Run the build; its output goes to a file only swapguard's user can read, and the
+        error (an event anyone who can read the socket sees) names that file, never quotes it."""
+        try:
+            output = jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "build")
+        except OSError as exc:
+            raise SwapguardError(f"build ({phase}) not run: {exc}") from None
         result = jobs.run_job(
             self.config.code.build,
             cwd=self.config.code.root,
             timeout=self.config.code.build_timeout,
             log_name="build",
+            output_to=output,
         )
         if not result.ok:
-            why = "timed out" if result.timed_out else f"exit {result.returncode}"
-            tail = result.output.strip().splitlines()[-5:]
-            raise SwapguardError(f"build {why} ({phase}): " + " | ".join(tail))
+            raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
 
     def restore_code(self, swap: swaps.Swap) -> Checkpoint:
         """Back to the swap's checkpoint, which is then the code the host runs on."""
@@ -95,11 +112,13 @@ class SwapWork:
         self.snapshots.restore(swap.id, _snapshots(swap))
 
     def health_check(self) -> jobs.JobResult:
+        """One run of the health check; its output is kept like the build's (`failure_detail`)."""
         return jobs.run_job(
             self.config.deadman.health_check,
             cwd=self.config.code.root,
             timeout=self.config.deadman.health_interval,
             log_name="health",
+            output_to=jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "health"),
         )
 
     def save_changes(self, swap: swaps.Swap) -> None:

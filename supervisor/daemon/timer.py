@@ -7,14 +7,21 @@ Rules it keeps:
   wake-up later, cost no re-arming.
 - Once it fires it is disarmed before the callback runs, so the callback's re-arm always takes,
   even for the same moment (a timer that fired a hair early ticks again).
+- A callback that raises leaves the timer armed all the same (soon), never disarmed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from supervisor import clock
+
+log = logging.getLogger(__name__)
+
+RETRY_FAILED_TICK_S = 0.2
+"""How soon a tick that raised is tried again: soon enough for any deadline's 1 s of grace."""
 
 
 class WakeTimer:
@@ -57,4 +64,11 @@ class WakeTimer:
 
     def _wake(self) -> None:
         self._handle, self._at = None, None
-        self._on_wake()
+        try:
+            self._on_wake()
+        except Exception:
+            # A tick that raised (a full state disk, say) may have left the machines' actions
+            # half done and the timer unarmed: tick again soon, so no deadline is dropped.
+            log.exception("a tick failed; ticking again in %.1fs", RETRY_FAILED_TICK_S)
+            if self._at is None or self._at > clock.boot_clock() + RETRY_FAILED_TICK_S:
+                self.arm(clock.boot_clock() + RETRY_FAILED_TICK_S)

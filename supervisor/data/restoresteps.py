@@ -36,12 +36,16 @@ from supervisor.data.datacopy import (
     tree_digest,
     verify_sqlite_copy,
 )
+from supervisor.data.sqlitebusy import ATTEMPT_TIMEOUT_S, SqliteBusy, while_busy
 from supervisor.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 
 ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
 JOURNAL = "restore.json"
+SETTLE_BUSY_FOR_S = 2.0
+"""How long settle_kept tries while a straggler of the new version holds the kept copy: it runs
+before the old version starts, and a copy left with its sidecars is whole, only not one file."""
 
 Json = dict[str, Any]
 PlaceFile = Callable[[Path, Path], str]  # links or copies a file; says which: "link" | "copy"
@@ -201,11 +205,18 @@ def settle_kept(entry: Json) -> None:
     if len(names) == 1 or not all(stat.S_ISREG(os.lstat(name).st_mode) for name in names):
         return  # one file already; or a symlink SQLite would follow: leave it untouched
     try:
-        with contextlib.closing(connect_sqlite(Path(kept), "mode=rw", 1.0)) as con:
-            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    except sqlite3.Error as exc:
+        for attempt in while_busy(SETTLE_BUSY_FOR_S, kept):
+            with attempt:
+                _fold_kept_wal(Path(kept))
+    except (sqlite3.Error, SqliteBusy) as exc:
         log.warning("kept copy %s stays as it was, sidecars and all: %s", kept, exc)
+
+
+def _fold_kept_wal(kept: Path) -> None:
+    with contextlib.closing(connect_sqlite(kept, "mode=rw", ATTEMPT_TIMEOUT_S)) as con:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+            raise SqliteBusy("its WAL could not be checkpointed: a reader holds it")
 
 
 def same_file(path: str | Path, other: str | Path) -> bool:

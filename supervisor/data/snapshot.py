@@ -66,6 +66,7 @@ from supervisor.data.datacopy import (
 )
 from supervisor.data.datacopy import file_digest as file_digest  # re-exported, unused here
 from supervisor.data.restoresteps import ENTRY_STEPS
+from supervisor.data.sqlitebusy import ATTEMPT_TIMEOUT_S, SqliteBusy, is_busy, while_busy
 from supervisor.errors import SnapshotError
 
 log = logging.getLogger(__name__)
@@ -296,22 +297,13 @@ class SnapshotStore:
             if os.path.lexists(side) and not stat.S_ISREG(os.lstat(side).st_mode):
                 raise SnapshotError(f"{side} is not a regular file")
         try:
-            with contextlib.closing(connect_sqlite(db, "mode=rw", self.busy_timeout)) as con:
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                con.execute(
-                    "BEGIN IMMEDIATE"
-                )  # a writer still at work fails this after the timeout
-                con.execute("COMMIT")
-                busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            for attempt in while_busy(self.busy_timeout, str(db)):
+                with attempt:
+                    _fold_wal(db, min(ATTEMPT_TIMEOUT_S, self.busy_timeout))
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not is_busy(exc):
                 raise
             raise SnapshotError(f"locked by another process (is the host running?): {exc}") from exc
-        if busy:
-            raise SnapshotError("locked: the WAL could not be checkpointed (host running?)")
-        for side in (f"{db}-wal", f"{db}-journal"):
-            if os.path.lexists(side) and os.lstat(side).st_size:
-                raise SnapshotError(f"{side} still holds data after a checkpoint (a writer?)")
 
     def _commit_staging(self, staging: Path, final: Path) -> None:
         """Rename the finished staging folder into place; an older take of the swap goes."""
@@ -528,6 +520,20 @@ def _link(target: Path, dest: Path) -> bool:
         if exc.errno not in _NO_LINK:
             raise
         return False
+
+
+def _fold_wal(db: Path, timeout: float) -> None:
+    """One try at making the main file the whole database; SqliteBusy if someone held it back."""
+    with contextlib.closing(connect_sqlite(db, "mode=rw", timeout)) as con:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        con.execute("BEGIN IMMEDIATE")  # a writer still at work fails this after the timeout
+        con.execute("COMMIT")
+        busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    if busy:
+        raise SqliteBusy("locked: the WAL could not be checkpointed (host running?)")
+    for side in (f"{db}-wal", f"{db}-journal"):
+        if os.path.lexists(side) and os.lstat(side).st_size:
+            raise SqliteBusy(f"{side} still holds data after a checkpoint (a writer?)")
 
 
 def _swap_in_working_copy(target: Path, swap_id: str, original: Path | None) -> None:

@@ -16,13 +16,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import psutil
+import tenacity
 
 APP_VERSION_1: dict[str, Any] = {"version": "v1", "behaviour": "ok", "confirm": False}
 WINDOW_S = 6.0  # [deadman] window: short, so the tour takes well under a minute
@@ -253,13 +253,13 @@ def _still_host(proc: psutil.Process, root: str) -> bool:
 
 def remove(sandbox: Sandbox, attempts: int = 5) -> None:
     """rmtree, retried briefly: a process that just died may still be closing files."""
-    for attempt in range(attempts):
-        try:
-            shutil.rmtree(sandbox.root)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(
+            lambda exc: isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+        ),
+        wait=tenacity.wait_fixed(0.2),
+        stop=tenacity.stop_after_attempt(attempts),
+        reraise=True,
+    )
+    with contextlib.suppress(FileNotFoundError):  # gone already, or went while we removed it
+        retrying(shutil.rmtree, sandbox.root)

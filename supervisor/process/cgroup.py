@@ -16,6 +16,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _CGROUP_PARENT = "swapguard"
+LEAF_PARENT = _CGROUP_PARENT
+"""The folder of our leaves in the hierarchy: /proc/<pid>/cgroup of a member names it."""
 _CGROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 

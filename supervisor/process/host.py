@@ -8,12 +8,17 @@ host's process group, or reparenting to us. `kill_tree` uses all of them.
 Our children are of three kinds: the host and the jobs (registered in `process.jobs`), children
 other modules start in our own session with plain `subprocess` (their owners reap both), and
 orphans of the host's tree, whose session is never ours (a process can leave a session, never join
-one). Only orphans are ours to reap, and they count as part of the host's tree.
+one). Only orphans are ours to reap, and they count as part of the host's tree, but for those a
+job left behind (`jobs.is_job_process`): a daemon detached by a build or a hook is not the host's.
 
-Every signal goes through a pidfd, opened and then checked against the start time we saw, so a
-recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS): psutil scans and polling.
-The process table and verified signals are `process.proctree`, the leaf `process.cgroup`;
-this module puts them together for the host (and re-exports `CgroupLeaf` and `process_stats`).
+Every signal goes through a pidfd, opened and then checked against the start time we saw (psutil's
+identity of a process), so a recycled pid is never hit. Without pidfd, cgroup or subreaper (macOS):
+psutil and polling. Process facts (the tree below us, start times, figures) come from psutil
+through `process.proctree`, the leaf from `process.cgroup`; this module puts them together for the
+host (and re-exports `CgroupLeaf` and `process_stats`). What stays hand-written here is what psutil
+does not do: the subreaper, and its cheap read of our own children on the exit path. The cheap
+answers (cgroup members, our own children) come first; psutil's look below us only when they
+cannot vouch that the tree is gone.
 """
 
 from __future__ import annotations
@@ -29,24 +34,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from supervisor.errors import SwapguardError
-from supervisor.process import jobs
+from supervisor.process import jobs, outputlog
 from supervisor.process.cgroup import CgroupLeaf
 from supervisor.process.proctree import (
+    ProcessVerdicts,
     ProcInfo,
     await_exits,
-    create_time,
     descendants,
     open_pidfd,
     proc_info,
-    process_table,
     signal_group,
     signal_verified,
+    subtree_table,
 )
 from supervisor.process.proctree import process_stats as process_stats  # re-exported
 
@@ -54,7 +60,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 
-# A create_time rests on /proc/stat's btime: whole seconds that may shift by one.
+# An epoch create_time rests on /proc/stat's btime: whole seconds that may shift by one.
 _CREATE_TIME_SLACK = 1.05
 _CGROUP_VAR = "SWAPGUARD_CGROUP_PROCS"
 _STUB = (
@@ -67,7 +73,7 @@ _STUB = (
 )
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
-_TREE_CACHE_SIZE = 256
+_TREE_CACHE_SIZE = 64  # senders is_in_tree remembers, each with a pidfd: a bounded share of fds
 _MAX_ANCESTRY = 64
 _POLL_SLICE = 0.01  # kill_tree without pidfd (macOS): pause between sweeps
 
@@ -97,6 +103,8 @@ class SpawnSpec:
     cwd: Path
     env: Mapping[str, str]
     output: Path | None = None  # None: inherit our stdout/stderr
+    output_max_bytes: int = 0  # > 0: through a logger that rotates the file (`outputlog`)
+    output_backups: int = 5
 
     def __post_init__(self) -> None:
         argv = () if isinstance(self.argv, str | bytes) else tuple(self.argv)
@@ -155,21 +163,19 @@ class HostProcess:
         self.is_child = is_child
         self._cgroup = cgroup
         self._reap_lock = threading.Lock()
+        self._in_tree = ProcessVerdicts(_TREE_CACHE_SIZE)  # is_in_tree's answers
         self._pidfd = open_pidfd(pid)  # first: all we read next is then about this very process
         try:
-            info = proc_info(pid)
-            started = None if info is None else create_time(pid, info)
-            if info is None or started is None:
-                raise ProcessLookupError(f"no process {pid}")
-            self.create_time: float = started
+            self._process = psutil.Process(pid)  # its identity: pid and start time
+            self.create_time: float = self._process.create_time()  # recorded for adoption
+        except psutil.Error as exc:
+            self.close()
+            raise ProcessLookupError(f"no process {pid}") from exc
         except BaseException:
             self.close()
             raise
-        self._start_key = info.start
         self._popen: subprocess.Popen[bytes] | None = None
         self._exit: ExitStatus | None = None
-        self._tree_cache: OrderedDict[tuple[int, float], bool] = OrderedDict()
-        self._cache_lock = threading.Lock()
 
     @classmethod
     def spawn(cls, spec: SpawnSpec, cgroup: CgroupLeaf | None) -> HostProcess:
@@ -214,9 +220,10 @@ class HostProcess:
         if host._exit_visible() or abs(host.create_time - create_time) > _CREATE_TIME_SLACK:
             host.close()
             return None
-        if (info := proc_info(pid)) is not None and info.ppid == os.getpid():
-            host.is_child = True  # we re-exec'd ourselves: still our child, so we reap it
-            jobs.register(pid)
+        with contextlib.suppress(psutil.Error):
+            if host._process.ppid() == os.getpid():
+                host.is_child = True  # we re-exec'd ourselves: still our child, so we reap it
+                jobs.register(pid)
         log.info("host adopted: pid %d", pid)
         return host
 
@@ -248,19 +255,20 @@ class HostProcess:
 
     def tree_pids(self) -> set[int]:
         """Live pids of the host, its descendants, its cgroup and our non-job orphans."""
-        return set(_live_tree(self, self._cgroup, process_table()))
+        return set(_live_tree(self, self._cgroup, _tree_table(self, self._cgroup)))
 
     def signal_tree(self, sig: int) -> None:
         """Send `sig` to every process of the tree and to the host's process group."""
-        table = process_table()
-        for pid, info in _live_tree(self, self._cgroup, table).items():
-            pidfd = signal_verified(pid, info.start, sig)[1]
+        table = _tree_table(self, self._cgroup)
+        for info in _live_tree(self, self._cgroup, table).values():
+            pidfd = signal_verified(info.process, sig)[1]
             if pidfd is not None:
                 os.close(pidfd)
         if self._owns_group(table):
             signal_group(self.pid, sig)
 
     def close(self) -> None:
+        self._in_tree.close()
         with self._reap_lock:  # poll may be selecting on it in kill_tree's worker thread
             if self._pidfd is not None:
                 os.close(self._pidfd)
@@ -273,37 +281,45 @@ class HostProcess:
             poller.register(self._pidfd, select.POLLIN)
             return bool(poller.poll(0))
         info = proc_info(self.pid)
-        return info is None or info.zombie or info.start != self._start_key
+        return info is None or info.zombie or info.process != self._process
 
     def _alive_in(self, table: Mapping[int, ProcInfo]) -> bool:
         info = table.get(self.pid)
-        return self._exit is None and info is not None and info.start == self._start_key
+        return self._exit is None and info is not None and info.process == self._process
 
     def _owns_group(self, table: Mapping[int, ProcInfo]) -> bool:
-        """May we killpg(host pid)? Only while that number still names the host's group."""
-        current = table.get(self.pid)
-        if current is not None:  # the host itself, unreaped, or a stranger under its old pid
-            return current.start == self._start_key
-        return any(info.pgid == self.pid for info in table.values())
+        """May we killpg(host pid)? Only while that number still names the host's group: the host
+        itself, unreaped, or once no process has its pid, a group by that number (POSIX gives no
+        new process a pid that still names a group). `table` is partial: a stranger now under
+        the host's pid need not be in it, so the pid is looked at directly when it is missing."""
+        current = table.get(self.pid) or proc_info(self.pid)
+        if current is not None:  # the host itself, or a stranger under its old pid
+            return current.process == self._process
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # it exists; signal_group will shrug off the same refusal
+        return True
 
 
 def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: float = 5.0) -> int:
     """SIGKILL the host's whole tree and reap what we can; blocking but bounded by `timeout`.
 
-    Returns how many processes were killed (each counted once).
+    Returns how many processes were killed (each counted once). The cheap checks come first and
+    after each sweep (`_nothing_left`: the cgroup's member list, our own children as subreaper);
+    every process on the machine is scanned only while they cannot vouch that the tree is gone.
     """
-    if _nothing_left(host, cgroup):  # the common case, a host that exited alone: no scan
-        _reap(host)
-        return 0
     deadline = time.monotonic() + timeout
-    killed: set[tuple[int, float]] = set()
-    if cgroup is not None:
-        table = process_table()
-        members = [(pid, table[pid].start) for pid in cgroup.pids() if pid in table]
+    killed: set[psutil.Process] = set()  # psutil's handles: equal for the same pid and start
+    if cgroup is not None and not _nothing_left(host, cgroup):
+        members = _handles(cgroup.pids())  # taken before the kill, to count it
         if members and cgroup.kill():
             killed.update(members)
-    while True:
-        table = process_table()
+            _kill_and_wait(members, deadline)  # already dying: this waits for their exits
+    while not _nothing_left(host, cgroup):
+        table = _tree_table(host, cgroup)
         if host is not None and host._owns_group(table):
             signal_group(host.pid, signal.SIGKILL)
         tree = _live_tree(host, cgroup, table)
@@ -312,38 +328,45 @@ def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: floa
         if time.monotonic() >= deadline:
             log.error("kill_tree: %d processes survive SIGKILL: %s", len(tree), sorted(tree))
             break
-        handles = []
-        for pid, info in tree.items():
-            sent, pidfd = signal_verified(pid, info.start, signal.SIGKILL)
-            if sent:
-                killed.add((pid, info.start))
-            if pidfd is not None:
-                handles.append(pidfd)
-        if handles:
-            await_exits(handles, deadline)
-        else:  # no pidfd (macOS): nothing to block on, so pace the sweeps
-            time.sleep(_POLL_SLICE)
-        _reap(host)
+        killed.update(_kill_and_wait([info.process for info in tree.values()], deadline))
     _reap(host)
     if killed:
         log.info("killed %d processes of the host's tree", len(killed))
     return len(killed)
 
 
+def _kill_and_wait(processes: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """SIGKILL each (verified) and wait, bounded, for their exits; returns those signalled."""
+    signalled, pidfds = [], []
+    for process in processes:
+        sent, pidfd = signal_verified(process, signal.SIGKILL)
+        if sent:
+            signalled.append(process)
+        if pidfd is not None:
+            pidfds.append(pidfd)
+    if pidfds:
+        await_exits(pidfds, deadline)
+    else:  # no pidfd (macOS): nothing to block on, so pace the sweeps
+        time.sleep(_POLL_SLICE)
+    return signalled
+
+
 def reap_orphans() -> list[int]:
     """Reap zombie orphans of the host's tree (call on SIGCHLD); returns the reaped pids."""
     try:
         if _PEEK is not None and os.waitid(os.P_ALL, 0, _PEEK) is None:
-            return []  # no child has exited: skip the scan
+            return []  # no child has exited: nothing to look for
     except ChildProcessError:
         return []
-    me, reaped = os.getpid(), []
+    reaped = []
     with jobs.SPAWN_LOCK:
-        for pid, info in process_table().items():
-            if info.ppid == me and info.zombie and is_orphan(pid, info, None):
-                with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                        reaped.append(pid)
+        children = _own_children()
+        if children is None:
+            children = {child.pid for child in psutil.Process().children()}
+        for pid in _orphans(children):  # waitpid passes over one still alive
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped.append(pid)
     if reaped:
         log.debug("reaped orphans %s", reaped)
     return reaped
@@ -351,35 +374,34 @@ def reap_orphans() -> list[int]:
 
 def is_in_tree(pid: int, host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
     """Is `pid` (a notify datagram's sender) the host, its descendant, in its cgroup, or a non-job
-    orphan of ours (or below one)? Cached per host by (pid, start time): a new host, a new cache."""
+    orphan of ours (or below one)? Remembered per host and sender process (a notify flood asks once
+    per datagram): a new host, a new memory."""
     if pid <= 0 or pid == os.getpid():
         return False
     if host is not None and pid == host.pid and host._exit is None:
         return True
-    info = proc_info(pid)
-    if info is None:
-        return False
+
+    def work(info: ProcInfo) -> bool:
+        return (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, host)
+
     if host is None:
-        return (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, None)
-    key = (pid, info.start)
-    with host._cache_lock:
-        if (cached := host._tree_cache.get(key)) is not None:
-            host._tree_cache.move_to_end(key)
-            return cached
-    answer = (cgroup is not None and pid in cgroup.pids()) or _descends(pid, info, host)
-    with host._cache_lock:
-        host._tree_cache[key] = answer
-        while len(host._tree_cache) > _TREE_CACHE_SIZE:
-            host._tree_cache.popitem(last=False)
-    return answer
+        info = proc_info(pid)
+        return info is not None and work(info)
+    return host._in_tree.answer(pid, work)
 
 
 # --- internals ---------------------------------------------------------------------------
 
 
 def is_orphan(pid: int, info: ProcInfo, host_pid: int | None) -> bool:
-    """A child of ours that nobody waits for and that came from outside our session."""
+    """A child of ours that nobody waits for and that came from outside our session (ours to
+    reap)."""
     return info.sid != os.getsid(0) and pid not in jobs.registered() and pid != host_pid
+
+
+def _is_host_orphan(pid: int, info: ProcInfo, host_pid: int | None) -> bool:
+    """An orphan of the host's tree: one that no job (build, hook, health check) left behind."""
+    return is_orphan(pid, info, host_pid) and not jobs.is_job_process(pid)
 
 
 def _live_tree(
@@ -390,12 +412,23 @@ def _live_tree(
     if host is not None and host._alive_in(table):
         roots.add(host.pid)
     roots.update(
-        pid for pid, info in table.items() if info.ppid == me and is_orphan(pid, info, host_pid)
+        pid
+        for pid, info in table.items()
+        if info.ppid == me and _is_host_orphan(pid, info, host_pid)
     )
     members = roots | descendants(table, roots)
     return {
         pid: table[pid] for pid in members if pid in table and pid != me and not table[pid].zombie
     }
+
+
+def _tree_table(host: HostProcess | None, cgroup: CgroupLeaf | None) -> dict[int, ProcInfo]:
+    """What may belong to the host's tree: all below us (as subreaper, the tree's orphans too),
+    an adopted host and all below it, and the cgroup's members."""
+    roots = [os.getpid()]
+    if host is not None and not host.is_child:
+        roots.append(host.pid)
+    return subtree_table(roots, cgroup.pids() if cgroup is not None else ())
 
 
 def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
@@ -405,7 +438,7 @@ def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
         if host is not None and current == host.pid:
             return host._exit is None
         if current_info.ppid == me:
-            return is_orphan(current, current_info, None if host is None else host.pid)
+            return _is_host_orphan(current, current_info, None if host is None else host.pid)
         current = current_info.ppid
         parent_info = proc_info(current) if current > 1 else None
         if parent_info is None:
@@ -415,20 +448,37 @@ def _descends(pid: int, info: ProcInfo, host: HostProcess | None) -> bool:
 
 
 def _nothing_left(host: HostProcess | None, cgroup: CgroupLeaf | None) -> bool:
-    """True only when it is cheap to be sure the tree is empty: the host is gone, and its cgroup
-    is empty, or (as subreaper) no child of ours but our own jobs is alive."""
+    """True only when it is cheap to be sure the tree is empty: the host is gone (reaped here),
+    its cgroup (if any) is empty, and, as subreaper, no orphan of the tree is among our children
+    (zombie ones are reaped here). An adopted host's orphans went to init, not to us: for it only
+    a cgroup can vouch."""
     if host is not None and host.poll() is None:
         return False
-    if cgroup is not None:
-        return not cgroup.pids()
+    if cgroup is not None and cgroup.pids():
+        return False
     if host is not None and not host.is_child:
-        return False  # an adopted host's orphans went to init, not to us
+        return cgroup is not None
+    reap_orphans()
     children = _own_children()
-    return children is not None and not (children - jobs.registered())
+    return children is not None and not _orphans(children)
+
+
+def _orphans(children: set[int]) -> set[int]:
+    """Those of our `children` that are orphans of the host's tree: neither jobs nor from our own
+    session (a process can leave a session, never join one)."""
+    own_session, found = os.getsid(0), set()
+    for pid in children - jobs.registered():
+        with contextlib.suppress(ProcessLookupError):  # reaped meanwhile
+            if os.getsid(pid) != own_session:
+                found.add(pid)
+    return found
 
 
 def _own_children() -> set[int] | None:
-    """Our children from /proc/self/task/*/children (Linux), None where it cannot be read."""
+    """Our children from /proc/self/task/*/children (Linux), None where it cannot be read.
+
+    The subreaper's own read, kept beside psutil on purpose: it runs at every exit of the host,
+    and psutil finds children only by a scan of every process on the machine."""
     try:
         tasks = os.listdir("/proc/self/task")
         found: set[int] = set()
@@ -437,6 +487,15 @@ def _own_children() -> set[int] | None:
                 found.update(int(pid) for pid in listing.read().split())
     except (OSError, ValueError):
         return None
+    return found
+
+
+def _handles(pids: list[int]) -> list[psutil.Process]:
+    """psutil's handles on those of `pids` still there."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.append(psutil.Process(pid))
     return found
 
 
@@ -475,7 +534,9 @@ def _open_output(spec: SpawnSpec) -> int | None:
     if spec.output is None:
         return None
     try:
-        return os.open(spec.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if spec.output_max_bytes > 0:
+            return outputlog.start(spec.output, spec.output_max_bytes, spec.output_backups)
+        return os.open(spec.output, outputlog.OPEN_FLAGS, outputlog.FILE_MODE)
     except OSError as exc:
         raise SpawnError(f"cannot open the host's output {spec.output}: {exc.strerror}") from exc
 

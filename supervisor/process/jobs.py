@@ -9,26 +9,39 @@ reaper holds the same lock while it scans: no window in which a fresh child look
 
 A job runs in a session of its own and must not outlive its bound: at the timeout (or on cancel)
 its whole tree is stopped, then killed; when it exits by itself, whatever is left in its process
-group is killed too. Its output is read through a pipe, logged line by line and kept (the tail) for
-the result, all from the calling thread with `select`, so a background process that keeps the pipe
-open cannot hang the caller.
+group is killed too. A job's tree is never the host's: each job runs in a cgroup leaf of its own
+(`job-...`, joined before exec, where cgroup v2 is writable), so a daemon it detaches (setsid,
+double fork) is still known as the job's (`is_job_process`), reported and stopped with it. Without
+a cgroup the job's tree is sampled while it runs, which a fast enough double fork can escape.
+
+Its output is read through a pipe, logged line by line and kept (the tail) for the result, all
+from the calling thread with `select`, so a background process that keeps the pipe open cannot
+hang the caller; the output itself (tail, log lines, a private file) is `process.joboutput`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from supervisor.process import proctree
+from supervisor.process.cgroup import LEAF_PARENT, CgroupLeaf
+from supervisor.process.joboutput import OUTPUT_FILES_KEPT as OUTPUT_FILES_KEPT
+from supervisor.process.joboutput import OUTPUT_LIMIT as OUTPUT_LIMIT
+from supervisor.process.joboutput import JobOutput
+from supervisor.process.joboutput import new_output_file as new_output_file
 from supervisor.process.proctree import open_pidfd, signal_group
 
 log = logging.getLogger(__name__)
@@ -40,13 +53,20 @@ _registry: set[int] = set()
 _registry_lock = threading.Lock()
 _in_flight: set[CancelToken] = set()  # one per running job, for cancel_all
 
-OUTPUT_LIMIT = 64 * 1024
-"""The tail of a job's merged output kept in `JobResult.output`."""
-_LINE_LIMIT = 8 * 1024  # a "line" without a newline is logged in pieces of this size
 _DRAIN_GRACE = 1.0  # after the job is gone: how long an escaped writer may keep the pipe open
 _REAP_WAIT = 5.0  # after SIGKILL: how long to wait for the job itself to be reaped
 _FREEZE_ROUNDS = 20  # bound on the stop-everything sweeps of a job's tree (each finds new forks)
 _POLL_SLICE = 0.05  # only where pidfd is missing (macOS): how often to look for the exit
+_TRACK_SLICE = 0.1  # without a cgroup: how often a running job's tree is sampled
+_JOB_LEAF = "job-"
+_CGROUP_VAR = "SWAPGUARD_CGROUP_PROCS"
+_STUB = (
+    'echo 0 2>/dev/null > "$SWAPGUARD_CGROUP_PROCS" '
+    '|| echo "swapguard: the job runs outside its cgroup" >&2; '
+    'unset SWAPGUARD_CGROUP_PROCS; exec "$@"'
+)
+_job_numbers = itertools.count(1)
+_tracked: dict[int, tuple[float, int]] = {}  # no cgroup: pid -> (start, job pid) seen in a tree
 
 
 def register(pid: int) -> None:
@@ -64,6 +84,24 @@ def unregister(pid: int) -> None:
 def registered() -> frozenset[int]:
     with _registry_lock:
         return frozenset(_registry)
+
+
+def is_job_process(pid: int) -> bool:
+    """Was `pid` started by a job (build, health check, hook), directly or below it? Such a
+    process is never part of the host's tree, even once it detached and was reparented to us."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as membership:  # Linux: the job leaves' names
+            if f"/{LEAF_PARENT}/{_JOB_LEAF}" in membership.read():
+                return True
+    except OSError:
+        pass
+    info = proctree.proc_info(pid)
+    if info is None:
+        return False
+    with _registry_lock:
+        seen = _tracked.get(pid)
+        leader = _tracked.get(info.sid)  # in a session a job's process opened (setsid)
+    return (seen is not None and info.start == seen[0]) or leader is not None
 
 
 def cancel_all() -> int:
@@ -116,6 +154,8 @@ class JobResult:
     output: str
     duration: float
     cancelled: bool = False
+    left_behind: int = 0  # processes the job left running (detached daemons), stopped with it
+    output_file: Path | None = None  # where the whole output is kept (`output_to`)
 
     @property
     def ok(self) -> bool:
@@ -146,23 +186,29 @@ def run_job(
     stdin: bytes | None = None,
     log_name: str = "job",
     cancel: CancelToken | None = None,
+    output_to: Path | None = None,
+    with_the_swap: bool = True,
 ) -> JobResult:
     """Run one bounded command to its end and say how it went; blocking, for worker threads.
 
     Never raises for a failing command: a command that cannot start gives returncode 127 and the
     OSError text as output. `env` None inherits ours. Each output line is logged at INFO on
     `process.jobs.<log_name>` so that build output reaches the log. `cancel` (or `cancel_all`)
-    stops it early, like a timeout.
+    stops it early, like a timeout; `with_the_swap=False` (a hook) keeps it out of `cancel_all`.
+    `output_to` (from `new_output_file`): the whole output goes there, and its lines are logged
+    at DEBUG only.
     """
     command = _check_argv(argv)
     if not timeout > 0:
         raise ValueError(f"run_job: timeout must be > 0 seconds, got {timeout!r}")
     job_log = logging.getLogger(f"{__name__}.{log_name}")
     token = cancel if cancel is not None else CancelToken()
-    with _registry_lock:
-        _in_flight.add(token)
+    if with_the_swap:
+        with _registry_lock:
+            _in_flight.add(token)
     try:
-        return _run(command, cwd, env, timeout, stdin, job_log, token)
+        result = _run(command, cwd, env, timeout, stdin, JobOutput(job_log, output_to), token)
+        return result if output_to is None else replace(result, output_file=output_to)
     finally:
         with _registry_lock:
             _in_flight.discard(token)
@@ -176,16 +222,19 @@ def _run(
     env: Mapping[str, str] | None,
     timeout: float,
     stdin: bytes | None,
-    job_log: logging.Logger,
+    output: JobOutput,
     cancel: CancelToken,
 ) -> JobResult:
     started = time.monotonic()
+    job_log = output.log
+    leaf = CgroupLeaf.create(f"{_JOB_LEAF}{os.getpid()}-{next(_job_numbers)}")
     try:
+        argv, full_env = _in_leaf(command, cwd, env, leaf)
         with SPAWN_LOCK:
             proc = subprocess.Popen(
-                command,
+                argv,
                 cwd=cwd,
-                env=None if env is None else dict(env),
+                env=full_env,
                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -194,15 +243,20 @@ def _run(
             )
             register(proc.pid)
     except (OSError, subprocess.SubprocessError) as exc:
+        if leaf is not None:
+            leaf.remove()
         job_log.warning("cannot run %s (cwd %s): %s", command[0], cwd, exc)
+        output.feed(f"{exc}\n".encode())
+        output.close()
         return JobResult(command, 127, False, str(exc), time.monotonic() - started)
 
-    run = _JobRun(proc, _Output(job_log), stdin)
+    run = _JobRun(proc, output, stdin, leaf)
     try:
         ended_by = run.supervise(started + timeout, cancel)
     finally:
         run.finish()
         unregister(proc.pid)
+        output.close()
     result = JobResult(
         command,
         proc.returncode,
@@ -210,6 +264,7 @@ def _run(
         output=run.output.text(),
         duration=time.monotonic() - started,
         cancelled=ended_by == "cancel",
+        left_behind=run.left_behind,
     )
     job_log.log(
         logging.INFO if result.ok else logging.WARNING,
@@ -219,6 +274,28 @@ def _run(
         result.duration,
     )
     return result
+
+
+def _in_leaf(
+    command: tuple[str, ...], cwd: Path, env: Mapping[str, str] | None, leaf: CgroupLeaf | None
+) -> tuple[tuple[str, ...], dict[str, str] | None]:
+    """The argv and environment that start `command` inside `leaf`: a /bin/sh stub joins it and
+    execs the command in place (same pid), as for the host. The stub would report a missing
+    program only as exit 127, so it is looked for here first (FileNotFoundError)."""
+    if leaf is None:
+        return command, None if env is None else dict(env)
+    full_env = dict(os.environ if env is None else env)
+    program = command[0]
+    if Path(cwd).is_dir():  # else Popen names the missing folder
+        if "/" in program:
+            candidate = Path(cwd) / program
+            found = candidate.is_file() and os.access(candidate, os.X_OK)
+        else:
+            found = shutil.which(program, path=full_env.get("PATH", os.defpath)) is not None
+        if not found:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    full_env[_CGROUP_VAR] = str(leaf.path / "cgroup.procs")
+    return ("/bin/sh", "-c", _STUB, "swapguard-job", *command), full_env
 
 
 def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
@@ -233,45 +310,21 @@ def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
     return command
 
 
-class _Output:
-    """The tail of the merged output, plus every complete line logged as it arrives."""
-
-    def __init__(self, job_log: logging.Logger) -> None:
-        self._log = job_log
-        self._tail = bytearray()
-        self._partial = bytearray()
-
-    def feed(self, chunk: bytes) -> None:
-        self._tail += chunk
-        if len(self._tail) > OUTPUT_LIMIT:
-            del self._tail[: len(self._tail) - OUTPUT_LIMIT]
-        self._partial += chunk
-        *lines, rest = self._partial.split(b"\n")
-        for line in lines:
-            self._emit(line)
-        self._partial = bytearray(rest)
-        while len(self._partial) > _LINE_LIMIT:
-            self._emit(self._partial[:_LINE_LIMIT])
-            del self._partial[:_LINE_LIMIT]
-
-    def flush(self) -> None:
-        if self._partial:
-            self._emit(self._partial)
-            self._partial = bytearray()
-
-    def text(self) -> str:
-        return self._tail.decode(errors="replace")
-
-    def _emit(self, line: bytes | bytearray) -> None:
-        self._log.info("%s", bytes(line).decode(errors="replace").rstrip("\r"))
-
-
 class _JobRun:
     """The select loop of one job: output, stdin, the exit (pidfd), the deadline, a cancel."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], output: _Output, stdin: bytes | None):
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        output: JobOutput,
+        stdin: bytes | None,
+        leaf: CgroupLeaf | None,
+    ) -> None:
         self.proc = proc
         self.output = output
+        self.leaf = leaf
+        self.left_behind = 0
+        self._sampled = leaf is None  # no cgroup: sample the tree
         self._out_fd: int | None = proc.stdout.fileno() if proc.stdout else None
         self._in_fd: int | None = proc.stdin.fileno() if proc.stdin else None
         self._pending_input = memoryview(stdin or b"")
@@ -303,6 +356,9 @@ class _JobRun:
                 if cancel.cancelled:
                     return "cancel"
                 wait = remaining if self._exit_fd is not None else min(remaining, _POLL_SLICE)
+                if self._sampled:
+                    self._sample_tree()
+                    wait = min(wait, _TRACK_SLICE)
                 for key, _ in selector.select(wait):
                     if key.fd == self._out_fd and not self._read_output():
                         selector.unregister(key.fd)
@@ -321,6 +377,7 @@ class _JobRun:
                 self.proc.wait(timeout=_REAP_WAIT)
             except subprocess.TimeoutExpired:
                 log.error("job %d did not die within %.0fs of SIGKILL", self.proc.pid, _REAP_WAIT)
+            self._stop_left_behind()
             self._drain(time.monotonic() + _DRAIN_GRACE)
         finally:
             self._close_input()
@@ -330,6 +387,60 @@ class _JobRun:
             if self._exit_fd is not None:
                 os.close(self._exit_fd)
                 self._exit_fd = None
+
+    def _sample_tree(self) -> None:
+        """No cgroup: note every process of the job's tree and session, so that one that
+        detaches later is still known as the job's (`is_job_process`)."""
+        job = self.proc.pid
+        table = proctree.process_table()
+        with _registry_lock:
+            sessions = {job} | {pid for pid, (_s, owner) in _tracked.items() if owner == job}
+        members = proctree.descendants(table, [job])
+        members.update(pid for pid, info in table.items() if info.sid in sessions)
+        members.discard(job)
+        with _registry_lock:
+            for pid in members:
+                _tracked.setdefault(pid, (table[pid].start, job))
+
+    def _stop_left_behind(self) -> None:
+        """Kill what the job left running (a detached daemon), report it, reap what is ours."""
+        job, me = self.proc.pid, os.getpid()
+        if self._sampled:
+            self._sample_tree()  # a last look: what joined a known session since
+        if self.leaf is not None:
+            left = proctree.subtree_table((), also=self.leaf.pids())
+        else:
+            with _registry_lock:
+                mine = {pid: start for pid, (start, owner) in _tracked.items() if owner == job}
+            seen = proctree.subtree_table((), also=mine)
+            left = {pid: info for pid, info in seen.items() if info.start == mine[pid]}
+        left = {pid: info for pid, info in left.items() if pid != job and not info.zombie}
+        handles = []
+        if self.leaf is not None and left:
+            self.leaf.kill()
+        for info in left.values():
+            _sent, pidfd = proctree.signal_verified(info.process, signal.SIGKILL)
+            if pidfd is not None:
+                handles.append(pidfd)
+        if handles:
+            proctree.await_exits(handles, time.monotonic() + _REAP_WAIT)  # closes them
+        for pid, info in left.items():
+            if info.ppid == me:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        with _registry_lock:
+            for pid in [pid for pid, (_s, owner) in _tracked.items() if owner == job]:
+                del _tracked[pid]
+        if self.leaf is not None:
+            self.leaf.remove()
+        if left:
+            self.left_behind = len(left)
+            self.output.log.warning(
+                "job %d left %d processes running (%s): stopped with it",
+                job,
+                len(left),
+                ", ".join(map(str, sorted(left))),
+            )
 
     def _exited(self) -> bool:
         """Has the job exited? Peeks without reaping, so its pid keeps naming its group."""
@@ -398,10 +509,10 @@ def _kill_job_tree(pid: int) -> None:
     killed parent would be reparented out of reach); then kills all of it at once. Each signal
     goes through `signal_verified`: a pid reused meanwhile is never hit.
     """
-    stopped: dict[int, float] = {}  # pid -> start, as the table saw it
+    stopped: dict[int, proctree.ProcInfo] = {}  # as the table saw each one
     signal_group(pid, signal.SIGSTOP)
     for _ in range(_FREEZE_ROUNDS):
-        table = proctree.process_table()
+        table = proctree.subtree_table([pid])
         if pid not in table:
             break
         found = {pid, *proctree.descendants(table, [pid])}
@@ -409,11 +520,11 @@ def _kill_job_tree(pid: int) -> None:
         if not fresh:
             break
         for member in fresh:
-            stopped[member] = table[member].start
-            _signal_and_close(proctree.signal_verified(member, stopped[member], signal.SIGSTOP))
+            stopped[member] = table[member]
+            _signal_and_close(proctree.signal_verified(table[member].process, signal.SIGSTOP))
     signal_group(pid, signal.SIGKILL)
-    for member, start in stopped.items():
-        _signal_and_close(proctree.signal_verified(member, start, signal.SIGKILL))
+    for info in stopped.values():
+        _signal_and_close(proctree.signal_verified(info.process, signal.SIGKILL))
 
 
 def _signal_and_close(outcome: tuple[bool, int | None]) -> None:

@@ -1,14 +1,19 @@
-"""The process table, read from /proc (psutil elsewhere), and signals that never hit a stranger.
+"""Process facts from psutil, and signals that never hit a stranger.
 
-Every decision about the host's tree starts from one look at every process (`process_table`): its
-parent, group, session, zombie state and start time. The start time is what tells a process from a
-later one that got its pid: `signal_verified` pins the pid with a pidfd first and then checks it, so
-a recycled pid is never signalled. `process.host` builds the host's tree from these pieces.
+Every decision about a tree starts from one look at the processes below its roots
+(`subtree_table`): parent, group, session, zombie state and identity of each. The identity is
+psutil's own handle: two handles are equal only for the same pid *and* start time, so
+`signal_verified` pins the pid with a pidfd first and then asks psutil whether the handle still
+names that process (`is_running`); a recycled pid is never signalled. `process.host` builds the
+host's tree from these pieces, `process.jobs` a job's.
 
-Where /proc is there (Linux), everything here is read from it (a process's stat, its statm for
-memory, /proc/stat once for the boot time), and psutil is never imported: it is 0.8 MiB of a
-resting daemon's RSS, for what those reads already say. Elsewhere (macOS) psutil answers,
-imported at its first use.
+The table is only what lies below the roots, found by psutil's `children(recursive=True)`: one
+pass over every process's parent link, then a full look only at what it found. A look at every
+process (`process_iter`) would cost three reads of each process on the machine per sweep.
+
+psutil has no process group or session, so those two come from `os.getpgid`/`os.getsid`. Our
+own code stays only where psutil has nothing: pidfds (here), the cgroup leaf (`process.cgroup`),
+the child subreaper and its own-children read on the exit path (`process.host`).
 """
 
 from __future__ import annotations
@@ -17,112 +22,93 @@ import contextlib
 import os
 import select
 import signal
+import threading
 import time
-import types
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-HAVE_PROC = Path("/proc/self/stat").exists()
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if HAVE_PROC else 100
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if HAVE_PROC else 4096
-# Fields of /proc/<pid>/stat counted after the ")" that ends the command name (state is 0).
-_PPID, _PGID, _SID, _UTIME, _STIME, _START = 1, 2, 3, 11, 12, 19
+import psutil
+
 _SWEEP_WAIT = 0.5  # await_exits: longest wait for SIGKILLed processes before the next sweep
+_ENDED = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 @dataclass(frozen=True, slots=True)
 class ProcInfo:
     """What a tree decision needs to know of one process."""
 
+    process: psutil.Process  # its identity: equal only to a handle on the same pid and start
     ppid: int
     pgid: int
     sid: int
     zombie: bool
-    start: float  # opaque: equal for the same process, different once the pid is reused
 
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and ")")."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except OSError:
-        return None
-    end = data.rfind(b")")
-    return data[end + 2 :].split() if end > 0 else None
+    @property
+    def start(self) -> float:
+        """When it started (psutil's create_time, read once with the handle): a later process
+        under the same pid has a later one."""
+        return float(self.process.create_time())
 
 
 def proc_info(pid: int) -> ProcInfo | None:
-    """Parent, group, session, zombie and start of `pid` from /proc (psutil elsewhere)."""
-    if not HAVE_PROC:
-        return _psutil_info(pid)
-    if (fields := _stat_fields(pid)) is None:
-        return None
+    """Parent, group, session, zombie state and identity of `pid`; None when it is gone."""
     try:
+        return _info(psutil.Process(pid))
+    except psutil.Error:
+        return None
+
+
+def _info(process: psutil.Process) -> ProcInfo | None:
+    """What the table holds of one process; None once it is gone. Group and session are not
+    psutil's: a syscall each."""
+    try:
+        with process.oneshot():
+            ppid, status = process.ppid(), process.status()
         return ProcInfo(
-            ppid=int(fields[_PPID]),
-            pgid=int(fields[_PGID]),
-            sid=int(fields[_SID]),
-            zombie=fields[0] in (b"Z", b"X"),
-            start=int(fields[_START]),
+            process, ppid, os.getpgid(process.pid), os.getsid(process.pid), status in _ENDED
         )
-    except (ValueError, IndexError):
-        return None
-
-
-def create_time(pid: int, info: ProcInfo | None = None) -> float | None:
-    """When `pid` started, in seconds since the epoch, as psutil reckons it (boot time from
-    /proc/stat plus the start in clock ticks); None when it is gone."""
-    if not HAVE_PROC:
-        psutil = _psutil()
-        try:
-            return float(psutil.Process(pid).create_time())
-        except psutil.Error:
-            return None
-    info = info or proc_info(pid)
-    return None if info is None else info.start / CLOCK_TICKS + boot_time()
-
-
-def boot_time() -> float:
-    """/proc/stat's btime (whole seconds), read once as psutil does: the kernel derives it from
-    the wall clock, so reading it again after a clock step could move every start time."""
-    global _BOOT_TIME
-    if _BOOT_TIME is None:
-        with open("/proc/stat", "rb") as stat:
-            line = next(line for line in stat if line.startswith(b"btime "))
-        _BOOT_TIME = float(line.split()[1])
-    return _BOOT_TIME
-
-
-_BOOT_TIME: float | None = None
-
-
-def _psutil() -> types.ModuleType:
-    import psutil
-
-    return psutil
-
-
-def _psutil_info(pid: int) -> ProcInfo | None:
-    psutil = _psutil()
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            ppid, status, start = proc.ppid(), proc.status(), proc.create_time()
-        pgid, sid = os.getpgid(pid), os.getsid(pid)
     except (psutil.Error, OSError):
         return None
-    return ProcInfo(ppid, pgid, sid, status == psutil.STATUS_ZOMBIE, start)
+
+
+def subtree_table(roots: Iterable[int], also: Iterable[int] = ()) -> dict[int, ProcInfo]:
+    """The processes `roots`, every process below them and those of `also` (without what is below
+    those): the part of the process table a decision about a tree needs. Gone ones are left out."""
+    table: dict[int, ProcInfo] = {}
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for process in (root, *root.children(recursive=True)):
+                if process.pid not in table and (info := _info(process)) is not None:
+                    table[process.pid] = info
+    for pid in also:
+        if pid not in table and (info := proc_info(pid)) is not None:
+            table[pid] = info
+    return table
+
+
+def uptime() -> float:
+    """Seconds since boot, on the clock of `started_at_uptime`."""
+    if (boottime := getattr(time, "CLOCK_BOOTTIME", None)) is not None:
+        return time.clock_gettime(boottime)
+    return time.time() - psutil.boot_time()
+
+
+def started_at_uptime(info: ProcInfo) -> float:
+    """When `info`'s process started, in seconds since boot: exact to the clock tick, where its
+    create_time (placed on the wall clock through a boot time in whole seconds) is not."""
+    return info.start - psutil.boot_time()
 
 
 def process_table() -> dict[int, ProcInfo]:
-    """One consistent-enough look at every process: the basis of each tree decision."""
-    if HAVE_PROC:
-        pids: Iterable[int] = (int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
-    else:
-        pids = _psutil().pids()
-    return {pid: info for pid in pids if (info := proc_info(pid)) is not None}
+    """Every process: for the fallbacks that must look at all of them (a job's sessions where
+    there is no cgroup); a tree decision reads `subtree_table` instead."""
+    table: dict[int, ProcInfo] = {}
+    for process in psutil.process_iter():
+        if (info := _info(process)) is not None:
+            table[process.pid] = info
+    return table
 
 
 def descendants(table: Mapping[int, ProcInfo], roots: Iterable[int]) -> set[int]:
@@ -140,22 +126,94 @@ def descendants(table: Mapping[int, ProcInfo], roots: Iterable[int]) -> set[int]
     return found
 
 
-def signal_verified(pid: int, start: float, sig: int) -> tuple[bool, int | None]:
-    """Signal `pid` only if it is still the process that started at `start`; race-free with a
-    pidfd (it pins the process, then the start time is checked). Returns whether it was sent
-    and the pidfd (the caller closes it) to wait on its exit."""
-    pidfd = open_pidfd(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        info = proc_info(pid)
-        if info is not None and info.start == start:
+def signal_verified(process: psutil.Process, sig: int) -> tuple[bool, int | None]:
+    """Signal `process` only if its pid still names it; race-free with a pidfd (it pins the
+    process, then psutil compares the start time). Returns whether it was sent and the pidfd
+    (the caller closes it) to wait on its exit."""
+    pidfd = open_pidfd(process.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+        if process.is_running():
             if pidfd is not None:
                 signal.pidfd_send_signal(pidfd, sig)
             else:
-                os.kill(pid, sig)
+                os.kill(process.pid, sig)
             return True, pidfd
     if pidfd is not None:
         os.close(pidfd)
     return False, None
+
+
+class ProcessVerdicts:
+    """Answers about processes (is this sender in the host's tree?), each good for as long as the
+    process it is about lives.
+
+    A hit must cost next to nothing: a notify flood asks once per datagram, and psutil's look at a
+    process costs several times a bare read. So an entry holds a pidfd opened before its answer was
+    worked out, and stays good until that pidfd shows an exit (until then the pid cannot name
+    another process): one poll per hit. Without pidfds (macOS) an entry is keyed by psutil's
+    handle instead, a look at the process per ask. Bounded (each entry may hold an fd); the least
+    recently asked goes first. Thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[int | psutil.Process, tuple[int | None, bool]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def answer(self, pid: int, work: Callable[[ProcInfo], bool]) -> bool:
+        """`work(info)` for `pid`, or what it said before about this very process; False once the
+        process is gone."""
+        with self._lock:
+            hit = self._entries.get(pid)
+            if hit is not None and hit[0] is not None and not _has_exited(hit[0]):
+                self._entries.move_to_end(pid)
+                return hit[1]
+        pidfd = open_pidfd(pid)  # first: what we read next is then about this very process
+        info = proc_info(pid)
+        if info is None:
+            if pidfd is not None:
+                os.close(pidfd)
+            return False
+        key: int | psutil.Process = pid if pidfd is not None else info.process
+        if pidfd is None:
+            with self._lock:
+                if (hit := self._entries.get(key)) is not None:
+                    self._entries.move_to_end(key)
+                    return hit[1]
+        verdict = work(info)
+        self._keep(key, pidfd, verdict)
+        return verdict
+
+    def close(self) -> None:
+        """Forget everything and close the fds; nothing is kept from now on."""
+        with self._lock:
+            self._closed = True
+            for pidfd, _ in self._entries.values():
+                _close(pidfd)
+            self._entries.clear()
+
+    def _keep(self, key: int | psutil.Process, pidfd: int | None, verdict: bool) -> None:
+        with self._lock:
+            if self._closed:
+                _close(pidfd)
+                return
+            if (stale := self._entries.pop(key, None)) is not None:
+                _close(stale[0])
+            self._entries[key] = (pidfd, verdict)
+            while len(self._entries) > self._size:
+                _close(self._entries.popitem(last=False)[1][0])
+
+
+def _has_exited(pidfd: int) -> bool:
+    """poll, not select: the fd may be above 1024."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _close(pidfd: int | None) -> None:
+    if pidfd is not None:
+        os.close(pidfd)
 
 
 def await_exits(pidfds: list[int], deadline: float) -> None:
@@ -180,32 +238,12 @@ def await_exits(pidfds: list[int], deadline: float) -> None:
 
 def process_stats(pids: Iterable[int]) -> tuple[int, float]:
     """Total RSS bytes and CPU seconds (user + system) of `pids`; vanished ones count 0."""
-    if not HAVE_PROC:
-        return _psutil_stats(pids)
-    pages = ticks = 0
-    for pid in pids:
-        if (fields := _stat_fields(pid)) is None:
-            continue
-        try:
-            # statm's resident count, as psutil reads it: stat's rss field is a per-CPU
-            # approximation that can lag by a few hundred KiB
-            with open(f"/proc/{pid}/statm", "rb") as statm:
-                resident = int(statm.read().split()[1])
-            busy = int(fields[_UTIME]) + int(fields[_STIME])
-        except (OSError, ValueError, IndexError):
-            continue
-        pages, ticks = pages + resident, ticks + busy
-    return pages * PAGE_SIZE, ticks / CLOCK_TICKS
-
-
-def _psutil_stats(pids: Iterable[int]) -> tuple[int, float]:
-    psutil = _psutil()
     rss, cpu = 0, 0.0
     for pid in pids:
         try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                memory, times = proc.memory_info(), proc.cpu_times()
+            process = psutil.Process(pid)
+            with process.oneshot():
+                memory, times = process.memory_info(), process.cpu_times()
         except psutil.Error:
             continue
         rss += memory.rss

@@ -2,14 +2,16 @@
 
 - `StateLock` is a `flock` on `state.dir/lock`: the kernel drops it when its holder dies, so a stale
   file never blocks, and a second swapguard on the same state refuses to start.
-- `prepare_state_dir` makes `state.dir` 0700 when it is missing and leaves an operator's own folder
-  as it is (warning when others may write to it); the lock and the store both start with it.
+- `prepare_state_dir` makes `state.dir` 0700 when it is missing (parents 0755, whatever the umask)
+  and refuses one that another user owns or may write to; the lock and the store both start with
+  it. Files in it are opened without following symlinks (`open_private`, `check_private_file`).
 - `StoreError` is defined here, not in `supervisor.state.store`, because these are the state store's
   first steps and the store imports this module; `supervisor.state.store` re-exports all three.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -32,22 +34,93 @@ class StoreError(SwapguardError):
 # --- the folder -----------------------------------------------------------------------------
 
 
-def prepare_state_dir(state_dir: Path) -> None:
-    """Create `state_dir` 0700 if missing; leave an existing one as the operator made it."""
-    if state_dir.exists():
-        if not state_dir.is_dir():
-            raise StoreError(f"state dir {state_dir} exists and is not a directory")
-        mode = stat.S_IMODE(state_dir.stat().st_mode)
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            logger.warning("state dir %s is group/world-writable (mode %o)", state_dir, mode)
-        return
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why `state_dir` may not hold swapguard's state, or None. A folder another user owns or may
+    write to could hold planted symlinks (the lock, the store, snapshots) that swapguard would
+    write through with its own rights. A missing one is fine: it is created private."""
     try:
-        state_dir.mkdir(mode=0o700, parents=True)
-        os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
-    except FileExistsError:
-        return  # another process created it just now: theirs to set up
+        link = os.lstat(state_dir)
+        info = os.stat(state_dir)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        raise StoreError(f"cannot create state dir {state_dir}: {exc}") from exc
+        return f"state dir {state_dir}: cannot inspect it: {exc.strerror or exc}"
+    me = os.geteuid()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, me):
+        return (
+            f"state dir {state_dir} is a symlink owned by uid {link.st_uid}, not by swapguard's "
+            f"user (uid {me}) or root"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        return f"state dir {state_dir} exists and is not a directory"
+    if info.st_uid != me:
+        return (
+            f"state dir {state_dir} is owned by uid {info.st_uid}, not by swapguard's user "
+            f"(uid {me}); chown it or choose another state.dir"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"state dir {state_dir} is writable by group or others (mode {mode:04o}); "
+            f"run chmod go-w on it"
+        )
+    return None
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create `state_dir` 0700 (missing parents 0755), whatever the umask; refuse an existing one
+    that is not swapguard's own (`state_dir_problem`)."""
+    state_dir = Path(state_dir)
+    missing = [folder for folder in (state_dir, *state_dir.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        mode = 0o700 if folder == state_dir else 0o755
+        try:
+            os.mkdir(folder, mode)  # the umask can only take bits away: never looser than this
+            os.chmod(folder, mode)  # nor tighter (a umask of 077 would hide the parents)
+        except FileExistsError:
+            pass  # made by someone else just now: judged below like any existing folder
+        except OSError as exc:
+            raise StoreError(f"cannot create state dir {folder}: {exc.strerror or exc}") from exc
+    if (problem := state_dir_problem(state_dir)) is not None:
+        raise StoreError(problem)
+
+
+def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open a file of the state dir without following a symlink, and make sure it is a plain
+    file of swapguard's own with one link (a hard link to a victim would be written through)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"{path} is a symlink; refusing to open it") from None
+        raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    if (problem := _file_problem(path, os.fstat(fd))) is not None:
+        os.close(fd)
+        raise StoreError(problem)
+    return fd
+
+
+def check_private_file(path: Path) -> None:
+    """For files opened by a library that cannot be given O_NOFOLLOW (SQLite): refuse the path
+    if it is anything but a missing name or a plain file of ours with one link."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise StoreError(f"{path} is a symlink; refusing to open it")
+    if (problem := _file_problem(path, info)) is not None:
+        raise StoreError(problem)
+
+
+def _file_problem(path: Path, info: os.stat_result) -> str | None:
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file; refusing to open it"
+    if info.st_uid != os.geteuid():
+        return f"{path} is owned by uid {info.st_uid}, not by swapguard's user; refusing it"
+    if info.st_nlink != 1:
+        return f"{path} has {info.st_nlink} hard links; refusing to write through them"
+    return None
 
 
 # --- one swapguard per state dir ------------------------------------------------------------
@@ -70,10 +143,7 @@ class StateLock:
         state_dir = Path(state_dir)
         prepare_state_dir(state_dir)
         path = state_dir / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot open lock file {path}: {exc}") from exc
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

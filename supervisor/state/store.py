@@ -3,14 +3,16 @@
 Why it looks like this:
 - Everything swapguard must remember across its own death lives here, never in anything the host
   can write. One SQLite file in WAL mode with `synchronous = FULL`; every logical write is one
-  `BEGIN IMMEDIATE` transaction, so a crash leaves each row either old or new, never half.
-- Plain `sqlite3`, no ORM: four tables and a dozen short parameterized queries, and an ORM cost
-  2.5 MiB of the idle daemon's RSS. Callers get frozen dataclasses and plain dicts, never rows.
-- One connection per `Store` (autocommit mode: the store issues BEGIN IMMEDIATE / COMMIT /
-  ROLLBACK itself), serialized by the store's own lock, so the loop and the API threads never run
-  a statement inside each other's transaction, and two stores in one process share nothing.
-- The schema is an ordered list of migrations in raw SQL (history never changes). An older file
-  is migrated in one transaction; a newer one is refused and left untouched.
+  `db.atomic("IMMEDIATE")` transaction, so a crash leaves each row either old or new, never half.
+- peewee, as the design card names it: the tables are models (`supervisor.state.models`), queries
+  are built from them, upserts are `on_conflict`, and the schema history is playhouse.migrate steps
+  keyed by `PRAGMA user_version` (`supervisor.state.schema`). Only this package imports peewee;
+  callers get frozen dataclasses and plain dicts, never models.
+- One `SqliteDatabase` per `Store`, pinned to one connection (`thread_safe=False`: not one per
+  thread) and serialized by the store's own lock, so the loop and the API threads never run a
+  statement inside each other's transaction, and two stores in one process share nothing. Every
+  query runs on the store's database (`query.execute(db)`): the models are never bound.
+- An older file is migrated in one transaction; a newer one is refused and left untouched.
 - The folder itself (created 0700) and its `StateLock` (one swapguard per state dir) are in
   `supervisor.state.lock`; `StoreError`, `StateLock` and `prepare_state_dir` are re-exported here.
 """
@@ -23,24 +25,28 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import peewee
 
 from supervisor.clock import rfc3339
 
 # Re-exported: the state dir and its lock are the store's first step.
 from supervisor.state.lock import LOCK_NAME as LOCK_NAME
 from supervisor.state.lock import StateLock as StateLock
-from supervisor.state.lock import StoreError, prepare_state_dir
+from supervisor.state.lock import StoreError, check_private_file, prepare_state_dir
+from supervisor.state.models import SCHEMA_VERSION, EventRow, HostRunRow, SwapRow, ValueRow
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
 TERMINAL_SWAP_STATES = frozenset({"confirmed", "rolled_back", "aborted"})
 """Swaps in these states are finished. `failed` is not: it waits for the operator to retry."""
+_TERMINAL = tuple(sorted(TERMINAL_SWAP_STATES))  # bound in this order: the same SQL every time
 
 _BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 512
@@ -52,7 +58,8 @@ _CONNECT_PRAGMAS = (
     ("busy_timeout", _BUSY_TIMEOUT_MS),
     ("cache_size", -CACHE_KIB),  # negative: KiB, whatever the page size
 )
-_CHECKED_PRAGMAS = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+_DB_ERRORS = (peewee.PeeweeException, sqlite3.Error)
+"""peewee wraps what its statements raise; a row fetched from a cursor can still raise sqlite3's."""
 
 EVENTS_KEPT = 100_000
 RUNS_KEPT = 10_000
@@ -105,66 +112,18 @@ class EventRecord:
         }
 
 
-# --- schema history: append only, never edit a released step ------------------------------
-
-_MIGRATION_1 = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE host_run (id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER NOT NULL,
-        create_time REAL NOT NULL, boot_id TEXT NOT NULL, started_at REAL NOT NULL,
-        ready_at REAL, exited_at REAL, exit_code INTEGER, exit_signal INTEGER,
-        code_version TEXT, swap_id TEXT)""",
-    """CREATE TABLE event (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
-        kind TEXT NOT NULL, detail TEXT NOT NULL, swap_id TEXT)""",
-    """CREATE TABLE swap (id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at REAL NOT NULL,
-        updated_at REAL NOT NULL, record TEXT NOT NULL)""",
-    "CREATE INDEX swap_created_at ON swap (created_at)",
-)
-_MIGRATION_2 = (
-    "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL)",
-    "CREATE INDEX event_swap_id ON event (swap_id, id)",
-    "CREATE INDEX swap_state ON swap (state)",
-)
+# --- queries shared by several methods ------------------------------------------------------
 
 
-def _run_statements(statements: tuple[str, ...]) -> Callable[[sqlite3.Connection], None]:
-    # One execute() per statement: executescript() would COMMIT the migration's transaction.
-    def migrate(conn: sqlite3.Connection) -> None:
-        for statement in statements:
-            conn.execute(statement)
-
-    return migrate
+def _newest_first(query: peewee.ModelSelect[SwapRow]) -> peewee.ModelSelect[SwapRow]:
+    """By created_at, ties in insertion order (rowid: an upsert keeps it, see `_upsert_swap`)."""
+    return query.order_by(SwapRow.created_at.desc(), peewee.SQL("rowid").desc())
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _run_statements(_MIGRATION_1),  # v1: runs, events, swaps
-    _run_statements(_MIGRATION_2),  # v2: key/value table, per-swap event and state indexes
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-# --- queries: the columns of each SELECT are in the order of the record they fill -------------
-
-_RUN_COLUMNS = (
-    "id, pid, create_time, boot_id, started_at, ready_at, exited_at, exit_code, exit_signal,"
-    " code_version, swap_id"
-)
-_EVENT_COLUMNS = "id, at, kind, detail, swap_id"
-_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
-_NEWEST_FIRST = "ORDER BY created_at DESC, rowid DESC"  # rowid: ties in insertion order
-_TERMINAL = tuple(sorted(TERMINAL_SWAP_STATES))
-_TERMINAL_MARKS = ", ".join("?" for _ in _TERMINAL)
-# Ids of finished swaps, newest first, past the newest `?` of them (bind *_TERMINAL, the count).
-_FINISHED_PAST_KEEP = (
-    f"SELECT id FROM swap WHERE state IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT -1 OFFSET ?"
-)
-# ON CONFLICT DO UPDATE keeps the rowid (REPLACE would not), so ties keep their order.
-_UPSERT_SWAP = """INSERT INTO swap (id, state, created_at, updated_at, record)
-    VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,
-    created_at = excluded.created_at, updated_at = excluded.updated_at, record = excluded.record"""
-_UPSERT_VALUE = """INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)
-    ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"""
-_INSERT_RUN = """INSERT INTO host_run (pid, create_time, boot_id, started_at, code_version,
-    swap_id) VALUES (?, ?, ?, ?, ?, ?)"""
+def _finished_past(keep: int) -> peewee.ModelSelect[SwapRow]:
+    """Ids of finished swaps, newest first, past the newest `keep` of them."""
+    finished = SwapRow.select(SwapRow.id).where(SwapRow.state.in_(_TERMINAL))
+    return _newest_first(finished).offset(_count("keep", keep, 0))
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -173,47 +132,45 @@ _INSERT_RUN = """INSERT INTO host_run (pid, create_time, boot_id, started_at, co
 class Store:
     """The daemon's memory. Thread-safe; every method is one short transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn: sqlite3.Connection | None = conn
+    def __init__(self, db: peewee.SqliteDatabase, path: Path) -> None:
+        self._db = db
         self._lock = threading.Lock()
         self.path = path
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
-        """Create the state dir if needed, open `state.db`, migrate it to `SCHEMA_VERSION`."""
+        """Create the state dir if needed, open `state.db`, migrate it to SCHEMA_VERSION."""
         state_dir = Path(state_dir)
         prepare_state_dir(state_dir)
         path = state_dir / DB_NAME
+        for name in (DB_NAME, *(DB_NAME + suffix for suffix in ("-wal", "-shm", "-journal"))):
+            check_private_file(state_dir / name)  # SQLite follows symlinks; refuse them first
+        db = peewee.SqliteDatabase(
+            str(path),
+            pragmas=_CONNECT_PRAGMAS,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            thread_safe=False,  # one connection for every thread, serialized by Store._lock
+            check_same_thread=False,  # sqlite3's own check would refuse the API threads
+            autoconnect=False,  # a closed store says so instead of opening again
+        )
         try:
-            conn = sqlite3.connect(
-                path,
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,  # autocommit: the store's own BEGIN IMMEDIATE / COMMIT
-                check_same_thread=False,  # the loop and the API threads; see _session's lock
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state store {path}: {exc}") from exc
-        try:
-            for name, value in _CONNECT_PRAGMAS:
-                conn.execute(f"PRAGMA {name} = {value}")  # constants above, never input
-            _migrate(conn, path)
-            _enable_wal(conn, path)
+            db.connect()
+            _migrate(db, path)
+            _enable_wal(db, path)
         except BaseException as exc:
-            with suppress(sqlite3.Error):
-                conn.close()  # any transaction was rolled back on the way out
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot open state store {path}: {exc}") from exc
+            with suppress(*_DB_ERRORS):
+                db.close()  # any transaction was rolled back on the way out
+            if isinstance(exc, _DB_ERRORS):
+                raise StoreError(f"cannot open state store {path}: {_first_failure(exc)}") from exc
             raise
-        return cls(conn, path)
+        return cls(db, path)
 
     def close(self) -> None:
+        """Idempotent. The last connection to go folds the WAL into the file."""
         with self._lock:
-            conn, self._conn = self._conn, None
-            if conn is None:
-                return
             try:
-                conn.close()  # the last connection folds the WAL into the file
-            except sqlite3.Error as exc:
+                self._db.close()
+            except _DB_ERRORS as exc:
                 raise StoreError(f"state store {self.path}: close failed: {exc}") from exc
 
     def __enter__(self) -> Store:
@@ -221,18 +178,6 @@ class Store:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def effective_pragmas(self, *names: str) -> dict[str, Any]:
-        """What the connection really runs with (WAL and FULL sync are what make writes safe):
-        the pragmas `names`, by default those that safety rests on."""
-        for name in names:
-            if not name.isidentifier():
-                raise ValueError(f"pragma name must be an identifier, got {name!r}")
-        with self._session("read pragmas") as conn:
-            return {
-                name: conn.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in names or _CHECKED_PRAGMAS
-            }
 
     # --- host runs --------------------------------------------------------------------------
 
@@ -246,44 +191,41 @@ class Store:
         swap_id: str | None,
     ) -> int:
         """Remember a spawn before anything else can happen to it; returns the run id."""
-        row = (
-            _count("pid", pid, 1),
-            _finite("create_time", create_time),
-            _text("boot_id", boot_id),
-            _finite("started_at", started_at),
-            code_version,
-            swap_id,
+        insert = HostRunRow.insert(
+            pid=_count("pid", pid, 1),
+            create_time=_finite("create_time", create_time),
+            boot_id=_text("boot_id", boot_id),
+            started_at=_finite("started_at", started_at),
+            code_version=code_version,
+            swap_id=swap_id,
         )
-        with self._session("record spawn", write=True, durable=False) as conn:
-            run_id = _row_id(conn.execute(_INSERT_RUN, row))
+        with self._session("record spawn", write=True, durable=False) as db:
+            run_id: int = insert.execute(db)
             if run_id % _TRIM_EVERY == 0:  # a live run is never trimmed: adoption needs it
-                trim = "DELETE FROM host_run WHERE id <= ? AND exited_at IS NOT NULL"
-                conn.execute(trim, (run_id - RUNS_KEPT,))
+                past = (HostRunRow.id <= run_id - RUNS_KEPT) & HostRunRow.exited_at.is_null(False)
+                HostRunRow.delete().where(past).execute(db)
             return run_id
 
     def record_ready(self, run_id: int, at: float) -> None:
-        self._update_run(run_id, "record ready", "ready_at = ?", _finite("at", at))
+        self._update_run(run_id, "record ready", ready_at=_finite("at", at))
 
     def record_exit(self, run_id: int, at: float, code: int | None, signal: int | None) -> None:
-        columns = "exited_at = ?, exit_code = ?, exit_signal = ?"
-        self._update_run(run_id, "record exit", columns, _finite("at", at), code, signal)
+        self._update_run(
+            run_id, "record exit", exited_at=_finite("at", at), exit_code=code, exit_signal=signal
+        )
 
     def live_run(self) -> HostRun | None:
         """The newest run with no exit recorded: the host to adopt after swapguard restarts."""
-        where = "WHERE exited_at IS NULL ORDER BY id DESC LIMIT 1"
-        rows = self._fetch("find live run", f"SELECT {_RUN_COLUMNS} FROM host_run {where}")
-        return HostRun(*rows[0]) if rows else None
+        query = HostRunRow.select().where(HostRunRow.exited_at.is_null())
+        query = query.order_by(HostRunRow.id.desc()).dicts()
+        with self._session("find live run") as db:
+            row = query.first(db)
+        return HostRun(**row) if row else None
 
-    def last_runs(self, limit: int) -> list[HostRun]:
-        """Newest first."""
-        query = f"SELECT {_RUN_COLUMNS} FROM host_run ORDER BY id DESC LIMIT ?"
-        return [HostRun(*row) for row in self._fetch("list runs", query, _count("limit", limit, 1))]
-
-    def _update_run(self, run_id: int, what: str, columns: str, *values: Any) -> None:
-        """`columns` is this module's constant text; the values are always bound."""
-        query = f"UPDATE host_run SET {columns} WHERE id = ?"
-        with self._session(what, write=True, durable=False) as conn:
-            if not conn.execute(query, (*values, run_id)).rowcount:
+    def _update_run(self, run_id: int, what: str, **columns: Any) -> None:
+        update = HostRunRow.update(**columns).where(HostRunRow.id == run_id)
+        with self._session(what, write=True, durable=False) as db:
+            if not update.execute(db):
                 raise StoreError(f"{what}: no host run with id {run_id!r}")  # rolled back
 
     # --- audit log --------------------------------------------------------------------------
@@ -297,48 +239,30 @@ class Store:
     ) -> EventRecord:
         # Swap events must survive a power loss; the host's own are as mortal as the host.
         durable = swap_id is not None or not kind.startswith("host.")
-        with self._session("append event", write=True, durable=durable) as conn:
-            return _insert_event(conn, kind, detail, swap_id, at)
+        with self._session("append event", write=True, durable=durable) as db:
+            return _insert_event(db, kind, detail, swap_id, at)
 
     def events_after(
         self, after: int, limit: int = 500, swap_id: str | None = None
     ) -> list[EventRecord]:
         """Events with id > `after`, oldest first: `after` is a cursor that never repeats."""
-        params = (_count("after", after, 0), _count("limit", limit, 1))
-        where = "id > ? ORDER BY id LIMIT ?"
+        where = EventRow.id > _count("after", after, 0)
         if swap_id is not None:  # not `? IS NULL OR ...`: the event_swap_id index must serve it
-            where, params = "id > ? AND swap_id = ? ORDER BY id LIMIT ?", (after, swap_id, limit)
-        query = f"SELECT {_EVENT_COLUMNS} FROM event WHERE {where}"
-        return [_event(row) for row in self._fetch("read events", query, *params)]
+            where = where & (EventRow.swap_id == swap_id)
+        columns = (EventRow.id, EventRow.at, EventRow.kind, EventRow.detail, EventRow.swap_id)
+        query = EventRow.select(*columns).where(where).order_by(EventRow.id)
+        query = query.limit(_count("limit", limit, 1)).tuples()
+        with self._session("read events") as db:
+            rows = list(query.execute(db))
+        return [_event(row) for row in rows]
 
-    def last_event_id(self) -> int:
-        """0 while the log is empty; ids are never reused and the newest is never trimmed, so
-        this never goes back."""
-        return self._fetch("read last event id", "SELECT MAX(id) FROM event")[0][0] or 0
+    def newest_event_id(self) -> int:
+        """The id of the newest event (0 before the first): where a new reader of the log starts."""
+        with self._session("read events") as db:
+            newest = EventRow.select(peewee.fn.MAX(EventRow.id)).scalar(db)
+        return int(newest or 0)
 
     # --- swaps ------------------------------------------------------------------------------
-
-    def save_swap(
-        self, swap_id: str, state: str, created_at: float, record: Mapping[str, Any]
-    ) -> None:
-        """Insert or replace the swap machine's record, whole, in one transaction."""
-        with self._session("save swap", write=True) as conn:
-            _upsert_swap(conn, swap_id, state, created_at, record)
-
-    def save_swap_with_event(
-        self,
-        swap_id: str,
-        state: str,
-        created_at: float,
-        record: Mapping[str, Any],
-        kind: str,
-        detail: Mapping[str, Any] | None = None,
-        at: float | None = None,
-    ) -> EventRecord:
-        """A transition and its audit entry, committed together or not at all."""
-        with self._session("save swap with event", write=True) as conn:
-            _upsert_swap(conn, swap_id, state, created_at, record)
-            return _insert_event(conn, kind, detail, swap_id, at)
 
     def save_swap_with_events(
         self,
@@ -348,26 +272,35 @@ class Store:
         record: Mapping[str, Any],
         events: Sequence[tuple[str, Mapping[str, Any]]],
     ) -> list[EventRecord]:
-        """A transition and all its audit entries, committed together or not at all: a reader
-        never sees a swap in a state whose event is missing."""
-        with self._session("save swap with events", write=True) as conn:
-            _upsert_swap(conn, swap_id, state, created_at, record)
-            return [_insert_event(conn, kind, detail, swap_id, None) for kind, detail in events]
+        """The swap machine's record, whole, and all the audit entries of its transition,
+        committed together or not at all: a reader never sees a swap in a state whose event is
+        missing."""
+        with self._session("save swap with events", write=True) as db:
+            _upsert_swap(db, swap_id, state, created_at, record)
+            return [_insert_event(db, kind, detail, swap_id, None) for kind, detail in events]
 
     def load_swap(self, swap_id: str) -> dict[str, Any] | None:
-        rows = self._fetch("load swap", "SELECT record FROM swap WHERE id = ?", swap_id)
-        return json.loads(rows[0][0]) if rows else None
+        query = SwapRow.select(SwapRow.record).where(SwapRow.id == swap_id)
+        with self._session("load swap") as db:
+            text = query.scalar(db)
+        return json.loads(text) if text is not None else None
 
     def list_swaps(self, limit: int = 20) -> list[dict[str, Any]]:
         """Newest first, by created_at then insertion order."""
-        query = f"SELECT record FROM swap {_NEWEST_FIRST} LIMIT ?"
-        rows = self._fetch("list swaps", query, _count("limit", limit, 1))
+        query = _newest_first(SwapRow.select(SwapRow.record))
+        query = query.limit(_count("limit", limit, 1)).tuples()
+        with self._session("list swaps") as db:
+            rows = list(query.execute(db))
         return [json.loads(record) for (record,) in rows]
 
     def active_swap(self) -> dict[str, Any] | None:
         """The swap in flight (any state but a terminal one), or None."""
-        where = f"WHERE state NOT IN ({_TERMINAL_MARKS}) {_NEWEST_FIRST} LIMIT 2"
-        rows = self._fetch("find active swap", f"SELECT id, record FROM swap {where}", *_TERMINAL)
+        unfinished = SwapRow.select(SwapRow.id, SwapRow.record).where(
+            SwapRow.state.not_in(_TERMINAL)
+        )
+        query = _newest_first(unfinished).limit(2).tuples()
+        with self._session("find active swap") as db:
+            rows = list(query.execute(db))
         if len(rows) > 1:
             logger.warning("more than one swap in flight: %s and %s", rows[0][0], rows[1][0])
         return json.loads(rows[0][1]) if rows else None
@@ -375,96 +308,111 @@ class Store:
     def forget_finished_swaps_beyond(self, keep: int) -> int:
         """Delete the records of finished swaps other than the newest `keep` (their events stay
         until trimmed); returns how many went."""
-        doomed = f"DELETE FROM swap WHERE id IN ({_FINISHED_PAST_KEEP})"
-        params = (*_TERMINAL, _count("keep", keep, 0))
-        return self._write("forget finished swaps", doomed, *params).rowcount
+        doomed = SwapRow.delete().where(SwapRow.id.in_(_finished_past(keep)))
+        with self._session("forget finished swaps", write=True) as db:
+            forgotten: int = doomed.execute(db)
+            return forgotten
 
     def finished_swap_ids_beyond(self, keep: int) -> list[str]:
         """Finished swaps other than the newest `keep` of them (newest first): their snapshots
         may go. `failed` swaps are never listed: a retried rollback needs their snapshots."""
-        params = (*_TERMINAL, _count("keep", keep, 0))
-        rows = self._fetch("list finished swaps", _FINISHED_PAST_KEEP, *params)
-        return [swap_id for (swap_id,) in rows]
+        query = _finished_past(keep).tuples()
+        with self._session("list finished swaps") as db:
+            return [swap_id for (swap_id,) in query.execute(db)]
 
     # --- small values -----------------------------------------------------------------------
 
     def get_value(self, key: str) -> Any | None:
-        rows = self._fetch("read value", "SELECT value FROM kv WHERE key = ?", key)
-        return json.loads(rows[0][0]) if rows else None
+        query = ValueRow.select(ValueRow.value).where(ValueRow.key == key)
+        with self._session("read value") as db:
+            text = query.scalar(db)
+        return json.loads(text) if text is not None else None
 
     def set_value(self, key: str, value: Any) -> None:
         """Store any JSON value; None deletes the key (get_value answers None either way)."""
         _text("value key", key)
+        change: peewee.ModelDelete | peewee.ModelInsert
         if value is None:
-            self._write("write value", "DELETE FROM kv WHERE key = ?", key)
+            change = ValueRow.delete().where(ValueRow.key == key)
         else:
             text = _dumps(value, f"value {key!r}")
-            self._write("write value", _UPSERT_VALUE, key, text, time.time())
+            change = ValueRow.insert(key=key, value=text, updated_at=time.time()).on_conflict(
+                conflict_target=[ValueRow.key], preserve=[ValueRow.value, ValueRow.updated_at]
+            )
+        with self._session("write value", write=True) as db:
+            change.execute(db)
 
     # --- plumbing ---------------------------------------------------------------------------
-
-    def _fetch(self, what: str, query: str, *params: Any) -> list[Any]:
-        """All the rows at once, inside the lock: a half-read SELECT would hold a read snapshot
-        open on the shared connection (and pin the WAL) until its cursor is dropped."""
-        with self._session(what) as conn:
-            return conn.execute(query, params).fetchall()
-
-    def _write(self, what: str, query: str, *params: Any, durable: bool = True) -> sqlite3.Cursor:
-        """One statement, one transaction."""
-        with self._session(what, write=True, durable=durable) as conn:
-            return conn.execute(query, params)
 
     @contextmanager
     def _session(
         self, what: str, *, write: bool = False, durable: bool = True
-    ) -> Iterator[sqlite3.Connection]:
-        """The connection, to this thread alone (and in a transaction, for a write).
+    ) -> Iterator[peewee.SqliteDatabase]:
+        """The database, to this thread alone (and in a transaction, for a write). A read must
+        take all its rows before it leaves: a half-read SELECT would hold a read snapshot open on
+        the shared connection (and pin the WAL) until its cursor is dropped.
 
         `durable=False` commits without an fsync (WAL, synchronous NORMAL): still atomic and
         safe against a crash of swapguard, only a power loss may drop it. For facts about the
         host process, which a power loss ends anyway, that keeps restarts fast."""
         with self._lock:
-            conn = self._conn
-            if conn is None:
+            db = self._db
+            if db.is_closed():
                 raise StoreError(f"state store {self.path} is closed ({what})")
             try:
                 if not write:
-                    yield conn
+                    yield db
                     return
                 if not durable:
-                    conn.execute("PRAGMA synchronous = NORMAL")
+                    db.pragma("synchronous", "NORMAL")
                 try:
-                    with _transaction(conn):
-                        yield conn
+                    # BEGIN IMMEDIATE takes the write lock up front (no deadlock on a read-to-write
+                    # upgrade); anything raised inside, a failed COMMIT included, rolls it back.
+                    with db.atomic("IMMEDIATE"):
+                        yield db
                 finally:
                     if not durable:
-                        conn.execute("PRAGMA synchronous = FULL")
-            except sqlite3.Error as exc:
-                raise StoreError(f"state store {self.path}: {what} failed: {exc}") from exc
+                        db.pragma("synchronous", "FULL")
+            except _DB_ERRORS as exc:
+                failure = _first_failure(exc)
+                raise StoreError(f"state store {self.path}: {what} failed: {failure}") from exc
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE takes the write lock up front (no deadlock on a read-to-write upgrade);
-    anything raised inside, a failed COMMIT included, rolls the whole transaction back."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                logger.exception("rollback failed; the connection's next statement will tell")
-        raise
+def _first_failure(exc: BaseException) -> BaseException:
+    """The database error that started it. When SQLite has already rolled a transaction back on
+    its own (disk full, I/O error), peewee's ROLLBACK fails as well ("no transaction is active")
+    and would hide the reason."""
+    while isinstance(exc.__context__, _DB_ERRORS):
+        exc = exc.__context__
+    return exc
 
 
 # --- opening --------------------------------------------------------------------------------
 
 
-def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
-    mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+def _migrate(db: peewee.SqliteDatabase, path: Path) -> None:
+    """Runs before `_enable_wal` (which writes to a new file), so a file from a newer swapguard is
+    refused untouched."""
+    with db.atomic("IMMEDIATE"):  # every step and the new version commit together
+        version = db.pragma("user_version")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state store {path} has schema version {version}, newer than this swapguard knows"
+                f" ({SCHEMA_VERSION}); upgrade swapguard or point state.dir elsewhere"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        from supervisor.state import schema  # the history: loaded for a file that needs it
+
+        was = schema.upgrade(db, version, path)
+    if was:
+        logger.info("state store %s migrated from v%d to v%d", path, was, SCHEMA_VERSION)
+    else:
+        logger.info("state store %s created (schema v%d)", path, SCHEMA_VERSION)
+
+
+def _enable_wal(db: peewee.SqliteDatabase, path: Path) -> None:
+    mode = db.pragma("journal_mode", "wal")
     if str(mode).lower() != "wal":
         raise StoreError(
             f"state store {path}: SQLite refused WAL mode (got {mode!r}); state.dir must be on a"
@@ -472,51 +420,11 @@ def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Runs before WAL is switched on, so a file from a newer swapguard is refused untouched."""
-    with _transaction(conn):  # all steps and the new version commit together
-        tables = {name for (name,) in conn.execute(_TABLES).fetchall()}
-        version = _stored_version(conn, path) if "meta" in tables else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"state store {path} has schema version {version}, newer than this swapguard knows"
-                f" ({SCHEMA_VERSION}); upgrade swapguard or point state.dir elsewhere"
-            )
-        if version == 0 and tables:
-            raise StoreError(f"{path} is a SQLite file but not a swapguard state store")
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            try:
-                MIGRATIONS[number - 1](conn)
-            except sqlite3.Error as exc:
-                raise StoreError(
-                    f"state store {path}: migration to v{number} failed: {exc}"
-                ) from exc
-        if version != SCHEMA_VERSION:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
-    if version != SCHEMA_VERSION:
-        logger.info("state store %s migrated from v%d to v%d", path, version, SCHEMA_VERSION)
-
-
-def _stored_version(conn: sqlite3.Connection, path: Path) -> int:
-    """The meta table's schema_version."""
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    try:
-        return int(row[0])
-    except (TypeError, ValueError):
-        raise StoreError(
-            f"state store {path}: meta.schema_version is missing or bad: {row!r}"
-        ) from None
-
-
 # --- writes shared by several transactions ----------------------------------------------------
 
 
 def _insert_event(
-    conn: sqlite3.Connection,
+    db: peewee.Database,
     kind: str,
     detail: Mapping[str, Any] | None,
     swap_id: str | None,
@@ -524,18 +432,15 @@ def _insert_event(
 ) -> EventRecord:
     when = time.time() if at is None else _finite("at", at)
     text = _dumps(_mapping(f"detail of event {kind!r}", detail or {}), f"detail of {kind!r}")
-    cursor = conn.execute(
-        "INSERT INTO event (at, kind, detail, swap_id) VALUES (?, ?, ?, ?)",
-        (when, _text("event kind", kind), text, swap_id),
-    )
-    event_id = _row_id(cursor)
+    insert = EventRow.insert(at=when, kind=_text("event kind", kind), detail=text, swap_id=swap_id)
+    event_id: int = insert.execute(db)
     if event_id % _TRIM_EVERY == 0:
-        conn.execute("DELETE FROM event WHERE id <= ?", (event_id - EVENTS_KEPT,))
+        EventRow.delete().where(EventRow.id <= event_id - EVENTS_KEPT).execute(db)
     return EventRecord(event_id, when, kind, json.loads(text), swap_id)
 
 
 def _upsert_swap(
-    conn: sqlite3.Connection,
+    db: peewee.Database,
     swap_id: str,
     state: str,
     created_at: float,
@@ -547,18 +452,19 @@ def _upsert_swap(
     for key, column in (("id", swap_id), ("state", state)):
         if key in record and record[key] != column:
             raise ValueError(f"swap {swap_id}: record[{key!r}] is {record[key]!r}, not {column!r}")
-    created_at = _finite("created_at", created_at)
-    text = _dumps(record, f"record of swap {swap_id}")
-    conn.execute(_UPSERT_SWAP, (swap_id, state, created_at, time.time(), text))
+    row = SwapRow.insert(
+        id=swap_id,
+        state=state,
+        created_at=_finite("created_at", created_at),
+        updated_at=time.time(),
+        record=_dumps(record, f"record of swap {swap_id}"),
+    )
+    # DO UPDATE keeps the rowid (REPLACE would not), so ties keep their order.
+    updated = [SwapRow.state, SwapRow.created_at, SwapRow.updated_at, SwapRow.record]
+    row.on_conflict(conflict_target=[SwapRow.id], preserve=updated).execute(db)
 
 
 # --- rows to records, values to JSON --------------------------------------------------------
-
-
-def _row_id(cursor: sqlite3.Cursor) -> int:
-    row_id = cursor.lastrowid
-    assert row_id is not None, "an INSERT always sets lastrowid"
-    return row_id
 
 
 def _event(row: tuple[Any, ...]) -> EventRecord:

@@ -1,0 +1,80 @@
+"""The control socket's file: the folder it is bound in, its group, a stale one left by a crash.
+
+Why apart from `control.server`: these are decisions about a path on disk, asked by `swapguard
+check` (through `daemon.preflight`) as well as by the server before it binds, with the same
+messages; the server owns the socket itself and the HTTP spoken on it.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+
+from supervisor import errors
+
+logger = logging.getLogger(__name__)
+
+
+class ControlSocketInUse(errors.SwapguardError):
+    """A live swapguard already answers on the control socket path."""
+
+    code = "socket_in_use"
+
+
+def socket_group_id(group: str) -> int:
+    """The control socket's group (-1: keep ours); ConfigError naming an unknown one."""
+    if not group:
+        return -1
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        message = f"unknown group {group!r} for the control socket"
+        raise errors.ConfigError(message, key="control.group") from None
+
+
+def socket_folder_problem(path: Path) -> str | None:
+    """Why the control socket's folder is unsafe to bind in, or None: where others may rename
+    files (writable by group or others, without the sticky bit), one could swap the socket file
+    for a symlink between its bind and its chmod, and have swapguard chmod a file of theirs."""
+    folder = path.parent
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None  # missing: bind names it
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        mode = stat.S_IMODE(info.st_mode)
+        return (
+            f"the control socket's folder {folder} is writable by group or others without the "
+            f"sticky bit (mode {mode:04o}); choose another control.socket or chmod go-w it"
+        )
+    return None
+
+
+def clear_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody answers on; refuse to touch a live one or a non-socket."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            message = f"{path} exists and is not a socket; refusing to replace it"
+            raise errors.ConfigError(message, key="control.socket")
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            logger.info("removing stale control socket %s", path)
+            path.unlink(missing_ok=True)
+            return
+        except TimeoutError:
+            pass  # a listener with a full backlog is alive too
+        except OSError as err:
+            message = f"cannot check the existing socket {path}: {err.strerror or err}"
+            raise errors.ConfigError(message, key="control.socket") from None
+    raise ControlSocketInUse(f"another swapguard is answering on {path}")

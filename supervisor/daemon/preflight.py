@@ -1,0 +1,53 @@
+"""What `swapguard run` refuses before it starts anything, asked by `swapguard check` as well.
+
+Why it exists: `check` passed configs that `run` then refused (a socket path too long once bound
+under its temporary name, an unknown user, a code root that is not a git work tree, a state dir
+another user controls), or that `run` refused half-way, leaving a cgroup leaf behind. Each rule
+that needs the machine (users, groups, files, git) is asked here, once, by both commands, so
+they refuse alike and with the same message. Rules that need only the file (socket path lengths)
+are in `config.schema` already.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+
+from supervisor.code.checkpoint import CodeTree
+from supervisor.config.schema import Config
+from supervisor.control.socketfile import socket_folder_problem, socket_group_id
+from supervisor.errors import CheckpointError, ConfigError
+from supervisor.state.lock import state_dir_problem
+
+
+def user_id(name: str, *, key: str) -> int:
+    """A uid from a name or a number; ConfigError naming the key for an unknown user."""
+    try:
+        return int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ConfigError(f"unknown user {name!r}", key=key) from None
+
+
+def group_id(name: str, *, key: str) -> int:
+    """A gid from a name or a number; ConfigError naming the key for an unknown group."""
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"unknown group {name!r}", key=key) from None
+
+
+def preflight(config: Config) -> None:
+    """Raise the first reason `run` would refuse this config (a ConfigError naming the key)."""
+    if (problem := state_dir_problem(config.state.dir)) is not None:
+        raise ConfigError(problem, key="state.dir")
+    for name in config.control.allow_users:
+        user_id(name, key="control.allow_users")
+    for name in config.control.allow_groups:
+        group_id(name, key="control.allow_groups")
+    socket_group_id(config.control.group)
+    if (problem := socket_folder_problem(config.control.socket)) is not None:
+        raise ConfigError(problem, key="control.socket")
+    try:
+        CodeTree(config.code.root).check_work_tree()
+    except CheckpointError as exc:
+        raise ConfigError(exc.message, key="code.root") from None
