@@ -84,9 +84,7 @@ def notify_attack(host: HostProcess, work: Path, report: Path) -> dict[str, Any]
     )
     counters = Counters()
     with NotifyServer(work / "notify.sock") as server:
-        reader = NotifyInput(
-            server, counters, target, before_each=lambda: None, schedule=lambda coro: None
-        )
+        reader = NotifyInput(server, counters, target, before_each=lambda: None)
         sender = os.fork()
         if sender == 0:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

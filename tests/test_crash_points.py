@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -461,17 +462,24 @@ def test_a_host_that_got_ready_while_no_supervisor_ran_is_ready_once_adopted(
     tmp_path: Path,
 ) -> None:
     """READY=1 is sent once; if it went to a dead supervisor, the adopted host's heartbeats must
-    make it ready, not a start timeout (which on probation would roll a good version back)."""
+    make it ready, not a start timeout (which on probation would roll a good version back).
+    Status tells the truth on the way: `starting` always with a pid (a spawn is never seen half
+    done), and once adopted the host's own start time and uptime, not the adoption's."""
     repo = make_sample_repo(tmp_path / "late")
     (repo / "app.py").write_text(LATE_READY_HOST)
     with supervised(repo, data=False, host={"start_timeout": "60s"}) as sup:
         sup.start(wait_ready=False)
-        pid = sup.wait_host(ready=False, state="starting")["pid"]
+        first = sup.wait_host(ready=False, state="starting")
+        assert first["pid"] is not None, first
         sup.kill9()
         (repo / "go").write_text("")  # the host gets ready while nobody listens
         sup.start(wait_ready=False)
         host = sup.wait_host(ready=True, timeout=10)
-        assert host["pid"] == pid and host["restarts"] == 0
+        assert host["pid"] == first["pid"] and host["restarts"] == 0
+        started = datetime.fromisoformat(host["started_at"].replace("Z", "+00:00")).timestamp()
+        before = datetime.fromisoformat(first["started_at"].replace("Z", "+00:00")).timestamp()
+        assert abs(started - before) <= 1.5, (first, host)  # a process start time: whole seconds
+        assert host["uptime_s"] >= time.time() - before - 1.5
 
 
 def test_an_undeclared_change_while_no_supervisor_ran_is_guarded(repo: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from supervisor.core import lifecycle as lc
 
@@ -155,6 +158,18 @@ def test_spawn_failure_backs_off() -> None:
     assert emitted(actions)[0] == "host.spawn_failed" and host.state is lc.HostState.BACKOFF
 
 
+def test_a_failed_spawn_backs_off_even_with_no_delay() -> None:
+    """Nothing to exec fails at once, every time: a zero delay must not retry within the turn
+    (the runtime would spin), but at the next tick."""
+    policy = lc.Policy(backoff=lambda n: 0.0)
+    host, _ = run([lc.StartRequested(now=0)], policy)
+    host, actions = lc.step(host, lc.SpawnFailed(now=1, wall=0, error="ENOENT"), policy)
+    assert host.state is lc.HostState.BACKOFF and lc.Spawn() not in actions
+    assert lc.next_wakeup(host, policy) == 1
+    host, actions = lc.step(host, lc.Tick(now=1), policy)
+    assert actions == [lc.Spawn()]
+
+
 def test_stop_during_backoff_and_start_again() -> None:
     host = running()
     host, _ = lc.step(host, lc.Exited(now=1, wall=0, code=1, signal=None), POLICY)
@@ -208,3 +223,137 @@ def test_a_deferred_spawn_does_not_time_out_on_the_previous_spawn_time() -> None
     assert actions == [] and host.state is lc.HostState.STARTING
     host, _ = lc.step(host, lc.Spawned(now=201, pid=7), POLICY)
     assert host.pid == 7 and lc.next_wakeup(host, POLICY) == 206
+
+
+# --- random walks ------------------------------------------------------------------------------
+
+
+class HostWalk(RuleBasedStateMachine):
+    """The runtime's side played by the walk: a Spawn is performed at once (the process starts or
+    the spawn fails), a process exits when the walk says; invariants hold after every event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = POLICY
+        self.host = lc.Host()
+        self.now = 0.0
+        self.process: int | None = None  # the live host process, as the runtime sees it
+        self.next_pid = 100
+        self.spawn_fails = False
+
+    @initialize(
+        ready_mode=st.sampled_from(["notify", "started"]),
+        restart=st.sampled_from(["always", "on-failure", "no"]),
+        heartbeat_timeout=st.sampled_from([0.0, 2.0]),
+        delay=st.sampled_from([0.0, 0.5]),
+        adopted=st.sampled_from([None, False, True]),
+    )
+    def configure(
+        self, ready_mode: str, restart: str, heartbeat_timeout: float, delay: float,
+        adopted: bool | None,
+    ) -> None:  # fmt: skip
+        self.policy = lc.Policy(
+            ready_mode=ready_mode, start_timeout=5, min_uptime=1,
+            heartbeat_timeout=heartbeat_timeout, stop_timeout=3, restart=restart,
+            restart_reset_after=10, backoff=lambda n: delay * 2 ** (n - 1),
+        )  # fmt: skip
+        if adopted is not None:
+            self.process = self.next_pid
+            self.feed(lc.Adopted(now=self.now, pid=self.process, ready=adopted, started=-50.0))
+
+    def feed(self, event: lc.Event) -> None:
+        before = self.host
+        self.host, actions = lc.step(before, event, self.policy)
+        asked = before.stop_purpose in (lc.StopPurpose.HALT, lc.StopPurpose.RESTART)
+        if isinstance(event, lc.Exited) and before.state is lc.HostState.STOPPING and asked:
+            assert self.host.failures == before.failures, "an intentional stop counted"
+        for action in actions:  # every action is allowed in the state it came from
+            match action:
+                case lc.Spawn():
+                    assert self.process is None, "a second host while one runs"
+                    assert self.host.state is lc.HostState.STARTING and self.host.pid is None
+                    self.spawn()
+                case lc.SignalStop():
+                    assert self.host.state is lc.HostState.STOPPING and self.process is not None
+                case lc.KillTree():
+                    assert isinstance(event, lc.Exited | lc.Tick)
+                case lc.Emit(event=fact):
+                    assert isinstance(fact, lc.Fact)
+
+    def spawn(self) -> None:
+        """What the runtime does with a Spawn: at once, before any other event."""
+        if self.spawn_fails:
+            self.feed(lc.SpawnFailed(now=self.now, wall=0, error="ENOENT"))
+            return
+        self.next_pid += 1
+        self.process = self.next_pid
+        self.feed(lc.Spawned(now=self.now, pid=self.process))
+
+    @rule(fails=st.booleans())
+    def spawns_fail(self, fails: bool) -> None:
+        self.spawn_fails = fails
+
+    @rule(seconds=st.floats(0.0, 20.0))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def time_reaches_the_next_wakeup(self) -> None:
+        wake = lc.next_wakeup(self.host, self.policy)
+        if wake is not None and wake > self.now:
+            self.now = wake
+
+    @rule()
+    def tick(self) -> None:
+        self.feed(lc.Tick(now=self.now))
+
+    @rule(request=st.sampled_from([lc.StartRequested, lc.StopRequested, lc.RestartRequested]))
+    def operator(self, request: type[lc.StartRequested]) -> None:
+        self.feed(request(now=self.now))
+
+    @precondition(lambda self: self.process is not None)
+    @rule(code=st.sampled_from([0, 1, None]))
+    def process_exits(self, code: int | None) -> None:
+        self.process = None
+        signal = None if code is not None else 9
+        self.feed(lc.Exited(now=self.now, wall=0, code=code, signal=signal))
+
+    @precondition(lambda self: self.process is not None)
+    @rule(message=st.sampled_from(["ready", "heartbeat", "trigger"]))
+    def host_says(self, message: str) -> None:
+        event = {"ready": lc.Ready, "heartbeat": lc.Heartbeat, "trigger": lc.WatchdogTriggered}
+        self.feed(event[message](now=self.now))
+
+    @invariant()
+    def the_machine_knows_the_live_process(self) -> None:
+        assert self.host.pid == self.process
+        if self.host.state in (lc.HostState.STOPPED, lc.HostState.BACKOFF):
+            assert self.process is None
+
+    @invariant()
+    def never_starting_without_a_process(self) -> None:
+        """A spawn is performed in the same turn: no `starting` without a pid is ever left."""
+        assert not (self.host.state is lc.HostState.STARTING and self.host.pid is None)
+
+    @invariant()
+    def nothing_waits_without_a_wakeup(self) -> None:
+        wake = lc.next_wakeup(self.host, self.policy)
+        if self.host.state is lc.HostState.BACKOFF:
+            assert wake is not None and self.host.backoff_until == wake
+        if self.host.state is lc.HostState.STOPPING and self.host.kill_at is not None:
+            assert wake is not None and wake <= self.host.kill_at
+
+    @invariant()
+    def uptime_counts_from_the_process_start(self) -> None:
+        if self.host.pid is not None:
+            assert self.host.started_at is not None and self.host.spawned_at is not None
+            assert self.host.started_at <= self.host.spawned_at
+
+
+HostWalk.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestHostWalk = HostWalk.TestCase

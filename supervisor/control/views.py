@@ -28,16 +28,21 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
         None if host.last_heartbeat is None else round(boot_now - host.last_heartbeat, 3)
     )
     uptime = None
-    if host.spawned_at is not None and host.state in (HostState.STARTING, HostState.RUNNING):
-        uptime = round(boot_now - host.spawned_at, 3)
+    if host.started_at is not None and host.state in (HostState.STARTING, HostState.RUNNING):
+        uptime = round(boot_now - host.started_at, 3)
+    # A start whose spawn waits (a code check while a swap is prepared) has no process yet:
+    # nothing runs, so the host shows as stopped until it has a pid.
+    state = host.state
+    if state is HostState.STARTING and host.pid is None:
+        state = HostState.STOPPED
     backoff = None
     if host.state is HostState.BACKOFF and host.backoff_until is not None:
         backoff = round(max(0.0, host.backoff_until - boot_now), 3)
     return {
-        "state": host.state.value,
+        "state": state.value,
         "pid": host.pid,
         "ready": host.ready,
-        "started_at": clock.rfc3339(_wall_of(host.spawned_at, boot_now, wall_now)),
+        "started_at": clock.rfc3339(_wall_of(host.started_at, boot_now, wall_now)),
         "uptime_s": uptime,
         "restarts": host.restarts,
         "failures": host.failures,

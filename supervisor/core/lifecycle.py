@@ -9,8 +9,8 @@ never sleeps: the runtime arms one timer for `next_wakeup()` and feeds a `Tick` 
 
 Rules:
 1. Everything that decides a transition lives in this file; the swap machine (`swaps.py`) learns
-   about the host only through the `Emit` actions this machine returns (`host.exited`,
-   `host.start_timeout`, `host.heartbeat_lost`), which the runtime forwards.
+   about the host only through the facts of the `Emit` actions this machine returns (typed:
+   `Fact.EXITED`, `Fact.START_TIMEOUT`, ...), which `core.supervision` turns into swap events.
 2. An intentional stop or restart is never a failure: it moves no backoff and counts no crash.
 3. A failure (exit before ready, exit sooner than `min_uptime`, non-zero exit, death by signal,
    start timeout, lost heartbeat) grows the backoff; `restart_reset_after` of readiness forgets
@@ -19,6 +19,9 @@ Rules:
    and is retried at `restart_delay_max` for ever, unless `restart = "no"`.
 5. A host adopted before its READY=1 was seen (it went to a supervisor that died) is ready at its
    first heartbeat: READY=1 is sent once, and waiting for it again would fail a ready host.
+6. `started_at` is the process's own start (an adopted host's too): its uptime, and what an exit
+   is measured against; `spawned_at` is when this supervisor began to watch it, which start
+   timeouts run from.
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ class HostState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     BACKOFF = "backoff"
+
+
+class Fact(StrEnum):
+    """What `Emit` reports: an audit event's kind, and for the swap machine a typed fact."""
+
+    STARTED = "host.started"
+    ADOPTED = "host.adopted"
+    READY = "host.ready"
+    EXITED = "host.exited"  # an exit nobody asked for
+    STOPPED = "host.stopped"  # an exit after a stop order
+    SPAWN_FAILED = "host.spawn_failed"
+    START_TIMEOUT = "host.start_timeout"
+    HEARTBEAT_LOST = "host.heartbeat_lost"
+    STOP_TIMEOUT = "host.stop_timeout"
+    BACKOFF = "host.backoff"
+    BACKOFF_RESET = "host.backoff_reset"
+    CRASH_LOOP = "host.crash_loop"
 
 
 class StopPurpose(StrEnum):
@@ -80,7 +100,8 @@ class Host:
     state: HostState = HostState.STOPPED
     wanted: bool = False  # should the host be up? (operator stop and restart = "no" clear it)
     pid: int | None = None
-    spawned_at: float | None = None  # boot clock
+    spawned_at: float | None = None  # boot clock: spawned, or adopted (timeouts run from here)
+    started_at: float | None = None  # boot clock: the process's own start (rule 6)
     ready_at: float | None = None
     last_heartbeat: float | None = None
     status_text: str | None = None
@@ -128,6 +149,7 @@ class Adopted:
     now: float
     pid: int
     ready: bool
+    started: float | None = None  # boot clock: when the process itself started, if known
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,7 +224,7 @@ class KillTree:
 
 @dataclass(frozen=True, slots=True)
 class Emit:
-    event: str
+    event: Fact
     detail: dict = field(default_factory=dict)
 
 
@@ -217,7 +239,7 @@ def _spawn(host: Host) -> Result:
     # start timeout must not run from the previous process's spawn time.
     starting = replace(
         host, state=HostState.STARTING, backoff_until=None, kill_at=None, ready_unseen=False,
-        pid=None, spawned_at=None,
+        pid=None, spawned_at=None, started_at=None,
     )
     return starting, [Spawn()]
 
@@ -262,19 +284,20 @@ def _on_spawned(host: Host, event: Spawned, policy: Policy) -> Result:
     if host.state is not HostState.STARTING:
         return host, []
     return replace(
-        host, pid=event.pid, spawned_at=event.now, ready_at=None, last_heartbeat=None,
-        status_text=None,
-    ), [Emit("host.started", {"pid": event.pid})]
+        host, pid=event.pid, spawned_at=event.now, started_at=event.now, ready_at=None,
+        last_heartbeat=None, status_text=None,
+    ), [Emit(Fact.STARTED, {"pid": event.pid})]
 
 
 def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
     state = HostState.RUNNING if event.ready else HostState.STARTING
     adopted = replace(
         host, state=state, wanted=True, pid=event.pid, spawned_at=event.now,
+        started_at=min(event.started, event.now) if event.started is not None else event.now,
         ready_at=event.now if event.ready else None, last_heartbeat=event.now,
         ready_unseen=not event.ready,
     )
-    return adopted, [Emit("host.adopted", {"pid": event.pid})]
+    return adopted, [Emit(Fact.ADOPTED, {"pid": event.pid})]
 
 
 def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
@@ -284,7 +307,7 @@ def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
         host, state=HostState.RUNNING, ready_at=event.now, last_heartbeat=event.now,
         ready_unseen=False,
     )
-    return ready, [Emit("host.ready", {"pid": host.pid})]
+    return ready, [Emit(Fact.READY, {"pid": host.pid})]
 
 
 def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
@@ -299,7 +322,7 @@ def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
 
 def _heartbeat_lost(host: Host, now: float, policy: Policy, detail: dict) -> Result:
     stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
-    return stopping, [Emit("host.heartbeat_lost", {"pid": host.pid, **detail}), *actions]
+    return stopping, [Emit(Fact.HEARTBEAT_LOST, {"pid": host.pid, **detail}), *actions]
 
 
 def _on_watchdog_trigger(host: Host, event: WatchdogTriggered, policy: Policy) -> Result:
@@ -308,21 +331,25 @@ def _on_watchdog_trigger(host: Host, event: WatchdogTriggered, policy: Policy) -
     return _heartbeat_lost(host, event.now, policy, {"trigger": True})
 
 
-def _failure(host: Host, now: float, policy: Policy, detail: dict) -> Result:
-    """Count a failure and either restart at once, back off, or stay down (restart = "no")."""
+def _failure(
+    host: Host, now: float, policy: Policy, detail: dict, *, at_once: bool = True
+) -> Result:
+    """Count a failure and either restart at once, back off, or stay down (restart = "no").
+    `at_once=False`: even a zero delay goes through backoff, so a spawn that keeps failing
+    (nothing to exec) waits for the next turn of the loop instead of retrying within this one."""
     failures = host.failures + 1
     actions: list[Action] = []
     if failures == CRASH_LOOP_FAILURES:
-        actions.append(Emit("host.crash_loop", {"failures": failures, **detail}))
+        actions.append(Emit(Fact.CRASH_LOOP, {"failures": failures, **detail}))
     host = replace(host, failures=failures, pid=None)
     if policy.restart == "no" or not host.wanted:
         return replace(host, state=HostState.STOPPED, wanted=False), actions
-    delay = policy.backoff(failures)
-    if delay <= 0:
+    delay = max(policy.backoff(failures), 0.0)
+    if delay <= 0 and at_once:
         host, spawn = _spawn(replace(host, restarts=host.restarts + 1))
         return host, actions + spawn
     backoff = replace(host, state=HostState.BACKOFF, backoff_until=now + delay)
-    actions.append(Emit("host.backoff", {"delay_s": round(delay, 3), "failures": failures}))
+    actions.append(Emit(Fact.BACKOFF, {"delay_s": round(delay, 3), "failures": failures}))
     return backoff, actions
 
 
@@ -337,7 +364,7 @@ def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
     if host.state is HostState.STOPPING:
         purpose = host.stop_purpose
         host = replace(host, state=HostState.STOPPED, pid=None, stop_purpose=None)
-        actions.append(Emit("host.stopped", exit_detail))
+        actions.append(Emit(Fact.STOPPED, exit_detail))
         if purpose is StopPurpose.RESTART and host.wanted:
             host, spawn = _spawn(replace(host, restarts=host.restarts + 1))
             return host, actions + spawn
@@ -345,8 +372,8 @@ def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
             host, more = _failure(host, event.now, policy, exit_detail)
             return host, actions + more
         return host, actions
-    actions.append(Emit("host.exited", exit_detail))
-    uptime = event.now - (host.spawned_at if host.spawned_at is not None else event.now)
+    actions.append(Emit(Fact.EXITED, exit_detail))
+    uptime = event.now - (host.started_at if host.started_at is not None else event.now)
     failed = last.failed or host.state is HostState.STARTING or uptime < policy.min_uptime
     if failed:
         host, more = _failure(host, event.now, policy, exit_detail)
@@ -363,14 +390,14 @@ def _on_spawn_failed(host: Host, event: SpawnFailed, policy: Policy) -> Result:
         return host, []
     host = replace(host, last_exit=LastExit(127, None, event.wall))
     detail = {"error": event.error}
-    host, more = _failure(host, event.now, policy, detail)
-    return host, [Emit("host.spawn_failed", detail), *more]
+    host, more = _failure(host, event.now, policy, detail, at_once=False)
+    return host, [Emit(Fact.SPAWN_FAILED, detail), *more]
 
 
 def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
     now = event.now
     if host.state is HostState.STOPPING and host.kill_at is not None and now >= host.kill_at:
-        timed_out = Emit("host.stop_timeout", {"pid": host.pid})
+        timed_out = Emit(Fact.STOP_TIMEOUT, {"pid": host.pid})
         return replace(host, kill_at=None), [KillTree(), timed_out]
     if (
         host.state is HostState.BACKOFF
@@ -383,7 +410,7 @@ def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
             return _on_ready(host, Ready(now=now), policy)
         if policy.ready_mode == "notify" and now >= host.spawned_at + policy.start_timeout:
             stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
-            return stopping, [Emit("host.start_timeout", {"pid": host.pid}), *actions]
+            return stopping, [Emit(Fact.START_TIMEOUT, {"pid": host.pid}), *actions]
     if host.state is HostState.RUNNING:
         if (
             policy.heartbeat_timeout > 0
@@ -392,14 +419,14 @@ def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
         ):
             stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
             age = round(now - host.last_heartbeat, 3)
-            lost = Emit("host.heartbeat_lost", {"pid": host.pid, "age_s": age})
+            lost = Emit(Fact.HEARTBEAT_LOST, {"pid": host.pid, "age_s": age})
             return stopping, [lost, *actions]
         if (
             host.failures
             and host.ready_at is not None
             and now >= host.ready_at + policy.restart_reset_after
         ):
-            return replace(host, failures=0), [Emit("host.backoff_reset", {})]
+            return replace(host, failures=0), [Emit(Fact.BACKOFF_RESET, {})]
     return host, []
 
 

@@ -85,8 +85,10 @@ class HostRunner:
             return None
         self.process, self.run_id = process, run.id
         self._watch_exit(process)
+        boot = clock.boot_clock()
+        up_for = max(0.0, time.time() - process.create_time)  # its own start, not our restart
         return lifecycle.Adopted(
-            now=clock.boot_clock(), pid=process.pid, ready=run.ready_at is not None
+            now=boot, pid=process.pid, ready=run.ready_at is not None, started=boot - up_for
         )
 
     def spawn(

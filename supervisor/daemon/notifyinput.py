@@ -5,24 +5,23 @@ neither decides anything.
 Here a batch of datagrams is taken off the socket, a sender outside the host's tree is dropped,
 a datagram that does not parse is counted and ignored, and each message becomes calls on the
 runtime: READY and WATCHDOG=trigger feed the host machine, WATCHDOG=1 and STATUS are heartbeats,
-EXTEND_TIMEOUT_USEC extends the swap, and SWAPGUARD_CONFIRM confirms it once the data copies are
-on disk.
+EXTEND_TIMEOUT_USEC extends the swap, and SWAPGUARD_CONFIRM confirms it (the machine makes a
+confirm wait while the new version's data copies are being flushed).
 
 Rules it keeps:
 - Loop thread only.
 - Before each datagram the timer gets its chance (`before_each`): a flood must not hold the
   deadman clock back by a whole batch.
 - A host's refused request is logged once, not at every repeat; it is never an error of ours.
-- At most one datagram confirm waits for the data at a time: repeats while it waits are dropped.
-- It reaches the runtime only through `NotifyTarget` (the runtime's public face), the callables
+- It reaches the runtime only through `NotifyTarget` (the runtime's public face), the callable
   and the `Counters` record it is given.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from supervisor import clock
 from supervisor.control import peers
@@ -56,8 +55,6 @@ class NotifyTarget(Protocol):
 
     def feed_swap(self, event: swaps.Event) -> None: ...
 
-    async def data_on_disk(self, swap_id: str) -> None: ...
-
 
 class NotifyInput:
     """Register `on_readable` as the loop's reader of the notify socket."""
@@ -69,16 +66,12 @@ class NotifyInput:
         target: NotifyTarget,
         *,
         before_each: Callable[[], None],
-        schedule: Callable[[Coroutine[Any, Any, Any]], None],
     ) -> None:
-        """`schedule` runs a coroutine in the background with its errors logged."""
         self.server = server
         self.counters = counters
         self.target = target
         self._before_each = before_each
-        self._schedule = schedule
         self._last_refusal: str | None = None  # a host repeating a refused request: logged once
-        self._confirm_waiting = False  # a datagram's confirm waits for SyncData; one is enough
 
     def on_readable(self) -> None:
         """The socket has datagrams: take a batch and act on those from the host's tree."""
@@ -122,22 +115,7 @@ class NotifyInput:
             by = message.extend_timeout_usec / 1e6
             self._swap_command(swaps.ExtendRequested(now=clock.now(), by=by))
         swap = target.swap
-        if (
-            message.confirm_swap_id is not None
-            and swap is not None
-            and swap.id == message.confirm_swap_id
-            and not self._confirm_waiting
-        ):
-            self._confirm_waiting = True
-            self._schedule(self._confirm(swap.id))
-
-    async def _confirm(self, swap_id: str) -> None:
-        try:
-            await self.target.data_on_disk(swap_id)
-        finally:
-            self._confirm_waiting = False
-        swap = self.target.swap
-        if swap is not None and swap.id == swap_id:
+        if swap is not None and message.confirm_swap_id == swap.id:
             self._swap_command(swaps.ConfirmRequested(now=clock.now()))
 
     def _swap_command(self, event: swaps.Event) -> None:

@@ -34,7 +34,7 @@ from supervisor.daemon import footprint, preflight
 from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
 from supervisor.daemon.stall import StallDetector
-from supervisor.errors import BadRequest, Conflict, NotFound, NotReachable
+from supervisor.errors import BadRequest, NotFound, NotReachable
 from supervisor.process import host, outputlog
 from supervisor.state.store import StateLock, Store
 
@@ -174,10 +174,7 @@ class LoopBackend(Backend):
             raise BadRequest(f"unknown host action {action!r}")
 
         def act() -> dict:
-            swap = self.runtime.swap
-            if swap is not None and swap.step is not None:  # the tree or data is mid-change
-                raise Conflict(f"swap {swap.id} is at step {swap.step}; the host follows the swap")
-            self.runtime.feed_host(events[action](now=clock.boot_clock()))
+            self.runtime.request_host(events[action](now=clock.boot_clock()))
             return views.status(self.runtime)["host"]
 
         return dict(self._call(act))
