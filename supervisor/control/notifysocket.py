@@ -47,6 +47,9 @@ class Datagram:
     # the sender's start time, pinned at receipt (`control.peers`); None where nothing pins
     start: float | None = None
     pinned: bool = True  # False: the sender's pid already named another process, or none
+    # the sender's live pin, where the kernel named the very process (SCM_PIDFD): kept by the
+    # server for its next datagrams; a check while it is alive needs no look at start times
+    sender: peers.PeerPin | None = None
 
 
 class NotifyServer:
@@ -66,6 +69,7 @@ class NotifyServer:
                 log.warning("the stored notify socket is not bound at %s: binding anew", self.path)
                 inherited.close()
             self._sock = self._bind()
+        self._senders = peers.KnownSenders()
         try:
             self._inode = os.stat(self.path).st_ino
             if _HAS_PASSCRED:
@@ -120,6 +124,7 @@ class NotifyServer:
         """Close the socket and remove its file, unless another server has since taken the path."""
         if self._sock.fileno() == -1:
             return
+        self._senders.close()
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.path).st_ino == self._inode:
@@ -164,7 +169,13 @@ class NotifyServer:
         if not peers.use_peer_pidfd and pidfd is not None:
             os.close(pidfd)  # tests exercise the fallback
             pidfd = None
-        pin = peers.pin_process(sender, pidfd, received, allow_exited=True)
+        if pidfd is not None:
+            pin, kept = self._senders.pin(pidfd, sender, received)
+            if kept:  # the very sending process, alive: its next datagrams cost no psutil
+                peer = pin.peer
+                return Datagram(payload, peer.pid, sender.uid, sender.gid, peer.start, True, pin)
+        else:
+            pin = peers.pin_process(sender, None, received, allow_exited=True)
         pin.close()  # judged by the start time from here: a datagram outlives its sender
         peer = pin.peer
         return Datagram(payload, peer.pid, peer.uid, peer.gid, peer.start, pin.pinned)

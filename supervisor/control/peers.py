@@ -21,6 +21,7 @@ import select
 import socket
 import struct
 import sys
+from collections import OrderedDict
 
 from supervisor.control.routes import Peer
 from supervisor.process.proctree import open_pidfd, proc_info, started_at_uptime, uptime
@@ -77,15 +78,23 @@ class PeerPin:
             return False
         if self._pidfd is None:
             return True  # nothing to pin with here: the peer is taken as reported
-        poller = select.poll()  # poll, not select: the fd may be above 1024
-        poller.register(self._pidfd, select.POLLIN)
-        return not poller.poll(0)
+        return not exited(self._pidfd)
 
     def close(self) -> None:
         if self._pidfd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = None
+
+    @property
+    def holds_process(self) -> bool:
+        """Pinned by a pidfd still open (not a start time alone, nor nothing)."""
+        return self._pinned and self._pidfd is not None
+
+    def retire(self) -> None:
+        """Close it for good: from now on it vouches for nothing (`alive` is False)."""
+        self.close()
+        self._pinned = False
 
     def describe(self) -> str:
         return f"pid {self.peer.pid} uid {self.peer.uid}"
@@ -150,3 +159,71 @@ def now() -> float:
     """Now, in seconds since boot: a process that started after this moment is not the peer that
     was seen at it (`pin_process`'s `seen_at`)."""
     return uptime()
+
+
+def exited(pidfd: int) -> bool:
+    """Has the process behind `pidfd` exited? (A pidfd polls readable once it has.)"""
+    poller = select.poll()  # poll, not select: the fd may be above 1024
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class KnownSenders:
+    """Notify senders pinned before, by the identity of the kernel's pidfd for them: a heartbeat
+    from a known sender costs an fstat and a poll, not a look at its process (a flood sends
+    thousands a second). The identity is the pidfd's inode on pidfs (Linux >= 6.9), unique to one
+    process for the life of the boot; where pidfds share an inode, nothing is kept. Each entry
+    holds a pin (one fd); bounded, the oldest retired first."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._pins: OrderedDict[int, PeerPin] = OrderedDict()
+        self._usable: bool | None = None
+
+    def pin(self, pidfd: int, sender: Peer, seen_at: float) -> tuple[PeerPin, bool]:
+        """Pin the sender behind `pidfd` (the kernel's own, taken) as `pin_process` would for a
+        datagram, and whether the pin is kept here (alive, for the sender's next datagrams): a
+        pin not kept is the caller's to close."""
+        identity = self._identity(pidfd)
+        known = self._pins.get(identity) if identity is not None else None
+        if known is not None and known.peer.pid == sender.pid and known.alive():
+            os.close(pidfd)
+            self._pins.move_to_end(identity)
+            return known, True
+        pin = pin_process(sender, pidfd, seen_at, allow_exited=True)
+        if identity is None or not pin.holds_process:
+            return pin, False
+        if (stale := self._pins.pop(identity, None)) is not None:
+            stale.retire()
+        self._pins[identity] = pin
+        while len(self._pins) > self._size:
+            self._pins.popitem(last=False)[1].retire()
+        return pin, True
+
+    def _identity(self, pidfd: int) -> int | None:
+        if not self._identities_are_unique():
+            return None
+        try:
+            return os.fstat(pidfd).st_ino
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        for pin in self._pins.values():
+            pin.retire()
+        self._pins.clear()
+
+    def _identities_are_unique(self) -> bool:
+        if self._usable is None:
+            ours, init = open_pidfd(os.getpid()), open_pidfd(1)
+            try:
+                self._usable = (
+                    ours is not None
+                    and init is not None
+                    and os.fstat(ours).st_ino != os.fstat(init).st_ino
+                )
+            finally:
+                for fd in (ours, init):
+                    if fd is not None:
+                        os.close(fd)
+        return self._usable

@@ -76,25 +76,34 @@ class NotifyInput:
     def on_readable(self) -> None:
         """The socket has datagrams: take a batch and act on those from the host's tree."""
         for datagram in self.server.drain():
-            self._before_each()
-            self.counters.datagrams += 1
-            try:
-                message = notifyproto.parse_datagram(datagram.payload)
-            except notifyproto.NotifyError:
-                self.counters.datagrams_invalid += 1
-                continue
-            if message.asks_nothing:
-                continue  # e.g. systemd-notify's BARRIER=1, sent by a process already gone
-            if datagram.pid is not None and not self._from_tree(datagram):
-                self.counters.datagrams_dropped += 1
-                continue
-            self._on_message(message)
+            self._take(datagram)
+
+    def _take(self, datagram: Datagram) -> None:
+        self._before_each()
+        self.counters.datagrams += 1
+        try:
+            message = notifyproto.parse_datagram(datagram.payload)
+        except notifyproto.NotifyError:
+            self.counters.datagrams_invalid += 1
+            return
+        if message.asks_nothing:
+            return  # e.g. systemd-notify's BARRIER=1, sent by a process already gone
+        if datagram.pid is not None and not self._from_tree(datagram):
+            self.counters.datagrams_dropped += 1
+            return
+        self._on_message(message)
 
     def _from_tree(self, datagram: Datagram) -> bool:
         """Was the sender, the very process pinned at receipt, part of the host's tree? Its pid
         must still name that process after the check (a later one has a later start)."""
         if not datagram.pinned:
             return False  # gone, or its pid already named another process, when received
+        pin = datagram.sender
+        if pin is not None and pin.alive():
+            # The sender itself, alive before and after the check: its pid named it throughout,
+            # so the verdict is about the sender.
+            in_tree = host.is_in_tree(datagram.pid or 0, self.target.process, self.target.cgroup)
+            return in_tree and pin.alive()
         if not host.is_in_tree(datagram.pid or 0, self.target.process, self.target.cgroup):
             return False
         sender = Peer(datagram.pid, datagram.uid, datagram.gid, start=datagram.start)
