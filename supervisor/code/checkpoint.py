@@ -31,6 +31,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -40,10 +41,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from supervisor.code import treemodes
+from supervisor.code.gitlocks import INDEX_LOCK, GitLocks, fsync_folder, index_locked_error
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 _ADD_ATTEMPTS = 5
+_LOCK_WAIT_S = 1.0  # a git of somebody else's holding index.lock: how long a restore waits
+PENDING_INDEX = "swapguard-index-pending"  # the index a restore could not yet put in place
 
 REF_ROOT = "refs/swapguard"
 _CHECKPOINTS = f"{REF_ROOT}/checkpoints"
@@ -75,6 +82,13 @@ _IN_PROGRESS = (
 )
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
+_LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
+# `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
+_NOT_ADDABLE = re.compile(
+    r"error: (.+): can only add regular files, symbolic links or git-directories"
+)
+# Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
+_LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
@@ -221,20 +235,22 @@ class CodeTree:
         self.excluded = tuple(sorted({r for p in exclude if (r := self._relative_excluded(p))}))
         self._git = _Git(self.root)
         self._known_git_dir: Path | None = None
+        self._blocked_by: str | None = None
 
     # --- public ---------------------------------------------------------------------------
 
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
         git_dir = self._git_dir(fresh=True)
-        if (git_dir / "index.lock").exists():
-            raise CheckpointError(
-                f"{git_dir / 'index.lock'} exists: another git command is running or crashed; "
-                "remove the file once no git process is left"
-            )
-        for marker, what in _IN_PROGRESS:
-            if (git_dir / marker).exists():
-                raise CheckpointError(f"{self.root}: {what} is in progress ({git_dir / marker})")
+        self._locks().clear_stale()
+        if foreign := self._locks().foreign_index_lock():
+            raise index_locked_error(foreign)
+        self._refuse_in_progress(git_dir)
+
+    def index_locked(self) -> str | None:
+        """The index.lock that kept the last restore from putting the index back, while it lasts
+        (the index is put back by the first operation after it goes)."""
+        return self._blocked_by
 
     def take(self, name: str) -> Checkpoint:
         """Capture the tree as refs/swapguard/checkpoints/<name>; the user's state is untouched."""
@@ -245,33 +261,49 @@ class CodeTree:
         with self._scratch() as scratch:
             index_tree = self._index_tree(scratch / "staged")
             tree = self._capture(scratch / "capture")
+        modes = treemodes.odd_modes(self.root, self._listing(tree), treemodes.umask())
         parents = [head] if head else []
         if index_tree:
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
-        commit = self._commit(tree, parents, f"swapguard checkpoint {name}\n\nbranch: {branch}")
-        self._git.out(
-            "update-ref", "-m", f"swapguard: checkpoint {name}", f"{_CHECKPOINTS}/{name}", commit
-        )
+        message = f"swapguard checkpoint {name}\n\nbranch: {branch}\n{treemodes.to_message(modes)}"
+        commit = self._commit(tree, parents, message)
+        ref = f"{_CHECKPOINTS}/{name}"
+        with self._locks().holding([*_LOCKS, f"{ref}.lock"]):
+            self._git.out("update-ref", "-m", f"swapguard: checkpoint {name}", ref, commit)
         log.info("checkpoint %s of %s: %s (%.0f ms)", name, self.root, commit[:12], _ms(started))
         return Checkpoint(commit=commit, index_tree=index_tree, head=head, branch=branch)
 
     def restore(self, cp: Checkpoint, *, name: str) -> None:
-        """Make work tree, index, HEAD and branch what they were at `cp`; lose no commit or file."""
+        """Make work tree, index, HEAD and branch what they were at `cp`; lose no commit or file.
+
+        Whatever the new version left (symlinks for folders, FIFOs, sockets, locked folders) is
+        replaced, never followed or opened. An index.lock somebody else holds does not stop it:
+        the work tree, HEAD and branch are restored, and the index once the lock goes."""
         _check_name(name)
         started = time.monotonic()
-        self.check()
+        git_dir = self._git_dir(fresh=True)
+        locks = self._locks()
+        locks.clear_stale()
+        self._refuse_in_progress(git_dir)
         target = self._tree_of(cp)
-        with self._scratch() as scratch:
+        listing = self._listing(target)
+        mask = treemodes.umask()
+        ref_locks = [f"{_ABANDONED}/{name}.lock", f"refs/heads/{cp.branch}.lock"]
+        with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
+            treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             index = scratch / "current"
-            current = self._capture(index)
+            current = self._capture(index, aside=True)
+            self._remove_untracked_special(current, listing)
             doomed = self._ignored_in_the_way(current, target, index)
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
                 self._git.out("add", "-f", "--", *map(_literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
             self._keep_abandoned(current, cp, name)
             self._git.out("read-tree", "--reset", "-u", target, index=index)
+            recorded = treemodes.from_message(self._git.out("cat-file", "commit", cp.commit))
+            treemodes.put_back(self.root, listing, recorded, mask)
             self._put_index(cp.index_tree, worktree_index=index)
-        self._put_head(cp, name)
+            self._put_head(cp, name)
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
@@ -316,44 +348,78 @@ class CodeTree:
 
     # --- capture ----------------------------------------------------------------------------
 
-    def _capture(self, index: Path) -> str:
-        """Write the tree of the work tree as it is, through a scratch copy of the index."""
+    def _capture(self, index: Path, *, aside: bool = False) -> str:
+        """Write the tree of the work tree as it is, through a scratch copy of the index. What
+        git cannot hold (a FIFO, a socket, a device) counts as absent; with `aside` (a restore
+        about to write the tree) it is removed first, never opened."""
+        self._finish_pending_index()
         real = self._git_dir() / "index"
         if real.exists():
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
         skip = self._exclude_pathspecs(index)
-        self._add_all(index, skip)
-        present = [p for p in self.extra_paths if os.path.lexists(self.root / p)]
+        self._add_all(index, skip, aside=aside)
+        present = [p for p in self.extra_paths if _plain(self.root, p)]
         if present:
             self._git.out("add", "-f", "--", *map(_literal, present), *skip, index=index)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
 
-    def _add_all(self, index: Path, skip: list[str]) -> None:
+    def _add_all(self, index: Path, skip: list[str], *, aside: bool) -> None:
         """`git add -A`, again when a file vanished between git listing and reading it: a host
-        that writes and deletes files while we checkpoint must not fail the checkpoint."""
+        that writes and deletes files while we checkpoint must not fail the checkpoint. A path
+        git cannot hold is dropped from the index (and with `aside`, from the tree)."""
         for attempt in range(_ADD_ATTEMPTS):
             try:
-                self._git.out("add", "-A", "--", ".", *skip, index=index)
+                self._git.out("add", "-A", "--ignore-errors", "--", ".", *skip, index=index)
                 return
             except CheckpointError as exc:
+                special = _NOT_ADDABLE.findall(exc.message)
+                others = [
+                    line
+                    for line in exc.message.split(": ", 1)[-1].splitlines()
+                    if line.strip() and not _NOT_ADDABLE.search(line)
+                ]
+                if special and not others:
+                    self._drop_special(index, special, aside=aside)
+                    continue
                 if "unable to stat" not in exc.message or attempt == _ADD_ATTEMPTS - 1:
                     raise
                 log.info("a file vanished during the checkpoint; adding again")
+
+    def _drop_special(self, index: Path, paths: list[str], *, aside: bool) -> None:
+        """Paths that are neither file, link nor folder: never code. A restore removes them."""
+        log.warning("not code (neither file, link nor folder): %s", ", ".join(paths[:5]))
+        self._git.out(
+            "rm",
+            "--cached",
+            "-f",
+            "-q",
+            "--ignore-unmatch",
+            "--",
+            *map(_literal, paths),
+            index=index,
+        )
+        if aside:
+            for path in paths:
+                full = self.root / path
+                if _below_real_dirs(self.root, path) and _is_special(full):
+                    full.unlink()
 
     def _exclude_pathspecs(self, index: Path) -> list[str]:
         """Pathspecs that keep excluded files from being hashed at all (a big database would be).
 
         Ignored ones are left out: `git add` fails on a pathspec that names an ignored path.
         """
-        if not self.excluded:
+        # a path below a symlink (a data folder on another volume) is not in the tree at all
+        reachable = [path for path in self.excluded if _below_real_dirs(self.root, path)]
+        if not reachable:
             return []
         listed = self._git.run(
-            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(self.excluded)
+            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(reachable)
         )
         ignored = set((listed or "").split("\0"))
-        return [f":(exclude,literal){path}" for path in self.excluded if path not in ignored]
+        return [f":(exclude,literal){path}" for path in reachable if path not in ignored]
 
     def _index_tree(self, scratch: Path) -> str:
         """The tree the user staged, from a copy: write-tree may rewrite the index it reads."""
@@ -366,7 +432,7 @@ class CodeTree:
 
     def _forget_excluded(self, index: Path) -> None:
         """Drop excluded paths that the user's index tracks: never captured, never restored."""
-        if self.excluded:
+        if self.excluded:  # (rm --cached looks at no path on disk, symlinked or not)
             self._git.out(
                 "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
                 *map(_literal, self.excluded), index=index,
@@ -406,21 +472,57 @@ class CodeTree:
                         f"restore would replace {self.root / path} but it holds the excluded "
                         f"{self.root / excluded}; move it away and retry"
                     )
+            blocking = _first_non_dir_above(self.root, path)
+            if blocking is not None:  # a file or symlink where a folder must be: nothing below it
+                if blocking in self.excluded:
+                    raise CheckpointError(
+                        f"restore needs a folder at the excluded {self.root / blocking}"
+                    )
+                if not _is_special(self.root / blocking):
+                    doomed.add(blocking)
+                continue
             full = self.root / path
             if _is_real_dir(full):
                 listed = self._git.out(*_LS_IGNORED, _literal(path), index=index)
-                doomed.update(filter(None, listed.split("\0")))
-            elif os.path.lexists(full):
+                doomed.update(p for p in listed.split("\0") if p and not _is_special(self.root / p))
+            elif os.path.lexists(full) and not _is_special(full):
                 doomed.add(path)
-            for parent in PurePosixPath(path).parents:
-                above = self.root / parent
-                if parent.name and os.path.lexists(above) and not _is_real_dir(above):
-                    if str(parent) in self.excluded:
-                        raise CheckpointError(
-                            f"restore needs a folder at the excluded {self.root / parent}"
-                        )
-                    doomed.add(str(parent))
         return sorted(doomed)
+
+    def _remove_untracked_special(self, current: str, target: list[tuple[str, str]]) -> None:
+        """FIFOs, sockets and devices git passes over in silence, in any folder of the current or
+        the target tree: unless ignored or excluded they are the new version's, and go (never
+        opened)."""
+        folders = {path for mode, path in [*self._listing(current), *target] if mode == "040000"}
+        found = []
+        for folder in sorted({"", *folders}):
+            if folder and not (
+                _below_real_dirs(self.root, folder) and _is_real_dir(self.root / folder)
+            ):
+                continue
+            try:
+                with os.scandir(self.root / folder) as entries:
+                    for entry in entries:
+                        kinds = (
+                            entry.is_file(follow_symlinks=False),
+                            entry.is_dir(follow_symlinks=False),
+                            entry.is_symlink(),
+                        )
+                        if not any(kinds):
+                            found.append(f"{folder}/{entry.name}" if folder else entry.name)
+            except OSError:
+                continue
+        found = [
+            p for p in found if not any(p == e or p.startswith(e + "/") for e in self.excluded)
+        ]
+        if not found:
+            return
+        listed = self._git.run("check-ignore", "-z", "--stdin", ok=(1,), stdin="\0".join(found))
+        ignored = set((listed or "").split("\0"))
+        for path in found:
+            if path not in ignored and _is_special(self.root / path):
+                (self.root / path).unlink()
+                log.info("removed %s: neither file, link nor folder, and not ignored", path)
 
     def _keep_abandoned(self, current: str, cp: Checkpoint, name: str) -> None:
         """Keep the abandoned state, its HEAD and its branch tip reachable under swapguard's refs.
@@ -457,28 +559,64 @@ class CodeTree:
         """Replace the user's index with the staged tree of the checkpoint, atomically.
 
         Built from the index that just wrote the work tree, so unchanged entries keep their stat
-        data and the refresh only hashes what is staged differently from the work tree.
-        """
+        data and the refresh only hashes what is staged differently from the work tree. While
+        somebody else holds index.lock (past a short wait), the new index waits beside it as
+        PENDING_INDEX, and the first operation after the lock goes puts it in place."""
         git_dir = self._git_dir()
-        real = git_dir / "index"
-        if not index_tree:
-            with self._index_lock(git_dir):
-                real.unlink(missing_ok=True)
-            return
         for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
         staged = git_dir / f"swapguard-index.{os.getpid()}"
-        shutil.copy2(worktree_index, staged)
+        if index_tree:
+            shutil.copy2(worktree_index, staged)
         try:
-            if real.exists():
-                os.chmod(staged, real.stat().st_mode & 0o7777)
-            self._git.give(staged)
-            self._git.out("read-tree", "--reset", index_tree, index=staged)
-            self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
-            with self._index_lock(git_dir):
-                os.replace(staged, real)
+            if index_tree:
+                real = git_dir / "index"
+                if real.exists():
+                    os.chmod(staged, real.stat().st_mode & 0o7777)
+                self._git.give(staged)
+                self._git.out("read-tree", "--reset", index_tree, index=staged)
+                self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
+            pending = git_dir / PENDING_INDEX
+            pending.unlink(missing_ok=True)
+            if index_tree:
+                os.rename(staged, pending)
+            else:
+                _write_empty_marker(pending)  # no index at all: the checkpoint had none
+            fsync_folder(git_dir)
         finally:
             staged.unlink(missing_ok=True)
+        self._finish_pending_index(wait=_LOCK_WAIT_S)
+
+    def _finish_pending_index(self, *, wait: float = 0.0) -> None:
+        """Put a pending index in place once nobody else holds index.lock (within `wait`)."""
+        git_dir = self._git_dir()
+        pending = git_dir / PENDING_INDEX
+        if not os.path.lexists(pending):
+            self._blocked_by = None
+            return
+        locks = self._locks()
+        locks.clear_stale()
+        try:
+            for attempt in _lock_attempts(wait):
+                with attempt, locks.holding([INDEX_LOCK]), locks.index_lock():
+                    real = git_dir / "index"
+                    if os.lstat(pending).st_size == 0:
+                        real.unlink(missing_ok=True)
+                        pending.unlink()
+                    else:
+                        os.replace(pending, real)
+                    fsync_folder(git_dir)
+        except FileExistsError:
+            self._blocked_by = locks.foreign_index_lock() or str(git_dir / INDEX_LOCK)
+            log.warning(
+                "%s: git's index stays as the new version left it while %s exists "
+                "(held by another process); it is put back once that goes",
+                self.root, self._blocked_by,
+            )  # fmt: skip
+            return
+        if self._blocked_by:
+            log.info("%s: the index is back, %s went", self.root, self._blocked_by)
+        self._blocked_by = None
 
     def _put_head(self, cp: Checkpoint, name: str) -> None:
         message = f"swapguard: restore {name}"
@@ -493,18 +631,22 @@ class CodeTree:
         if self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,)) != branch_ref + "\n":
             self._git.out("symbolic-ref", "-m", message, "HEAD", branch_ref)
 
-    @contextmanager
-    def _index_lock(self, git_dir: Path) -> Iterator[None]:
-        """Hold index.lock the way git does, so no git command writes the index meanwhile."""
-        lock = git_dir / "index.lock"
-        try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError as exc:
-            raise CheckpointError(f"{lock} exists: another git command is running") from exc
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+    def _locks(self) -> GitLocks:
+        return GitLocks(self._git_dir())
+
+    def _refuse_in_progress(self, git_dir: Path) -> None:
+        for marker, what in _IN_PROGRESS:
+            if (git_dir / marker).exists():
+                raise CheckpointError(f"{self.root}: {what} is in progress ({git_dir / marker})")
+
+    def _listing(self, tree: str) -> list[tuple[str, str]]:
+        """(git mode, path) of every blob, link and folder of `tree`."""
+        found = []
+        for line in self._git.out(*_LS_TREE, tree).split("\0"):
+            if line:
+                meta, path = line.split("\t", 1)
+                found.append((meta.split(" ", 1)[0], path))
+        return found
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -566,7 +708,57 @@ def _relative_extra(path: str) -> str:
 
 
 def _is_real_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_special(path: Path) -> bool:
+    """A FIFO, socket or device: git cannot hold it, and opening it could block or act."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
+
+
+def _plain(root: Path, path: str) -> bool:
+    """`path` exists as a file, link or folder, reached through real folders only."""
+    return (
+        _below_real_dirs(root, path)
+        and os.path.lexists(root / path)
+        and not _is_special(root / path)
+    )
+
+
+def _first_non_dir_above(root: Path, path: str) -> str | None:
+    """The topmost folder of `path` (below root) that is now something else, or None."""
+    for parent in reversed(PurePosixPath(path).parents):
+        if parent.name and os.path.lexists(root / parent) and not _is_real_dir(root / parent):
+            return str(parent)
+    return None
+
+
+def _below_real_dirs(root: Path, path: str) -> bool:
+    """Every folder between root and `path` is a real folder, not a symlink to one."""
+    return all(
+        not parent.name or _is_real_dir(root / parent) for parent in PurePosixPath(path).parents
+    )
+
+
+def _lock_attempts(wait: float) -> Retrying:
+    """Short waits for a lock somebody else holds, bounded by `wait` (then FileExistsError)."""
+    return Retrying(
+        retry=retry_if_exception_type(FileExistsError),
+        wait=wait_exponential(multiplier=0.02, max=0.25),
+        stop=stop_after_delay(wait),
+        reraise=True,
+    )
+
+
+def _write_empty_marker(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
 
 
 def _ms(started: float) -> float:
