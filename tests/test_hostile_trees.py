@@ -6,9 +6,11 @@ The end-to-end catalogue (a real swapguard, host and deadline) is tests/test_hos
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,8 +19,13 @@ from typing import Any
 
 import pytest
 
+from supervisor.data.datacopy import copy_file_hashed, file_digest, fsync_file
+from supervisor.data.snapshot import SnapshotStore
 from tests.test_checkpoint import code_tree, git, snapshot_state, write
 from tests.test_checkpoint import repo as repo  # the fixture
+from tests.test_snapshot import SWAP
+from tests.test_snapshot import data as data  # the fixture
+from tests.test_snapshot import store as store  # the fixture
 
 
 def folder_modes(repo: Path) -> dict[str, int]:
@@ -137,3 +144,75 @@ def test_a_symlinked_data_folder_works_for_take_changes_and_restore(repo: Path) 
     tree.restore(cp, name="s1")
     assert snapshot_state(repo) == before
     assert (volume / "app.db").read_text() == "data v1\n"
+
+
+# --- what a hostile new version leaves at the data paths ----------------------------------------
+
+
+def make_db(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as con:
+        con.execute("PRAGMA journal_mode=wal")
+        con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        con.executemany("INSERT INTO t(v) VALUES (?)", [("row",)] * 100)
+
+
+def fifo_at(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def socket_at(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+
+
+def symlink_at(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/etc/hostname")
+
+
+@pytest.mark.parametrize("sidecar", ["", "-wal"])
+@pytest.mark.parametrize("plant", [fifo_at, socket_at, symlink_at], ids=lambda p: p.__name__)
+def test_a_special_file_at_a_data_path_is_moved_aside_never_opened(
+    store: SnapshotStore, data: Path, plant: Callable[[Path], None], sidecar: str
+) -> None:
+    db = data / "app.db"
+    make_db(db)
+    before = db.read_bytes()
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    plant(Path(f"{db}{sidecar}"))
+
+    store.restore(SWAP, snaps)  # a FIFO opened for reading would block here for ever
+    assert db.read_bytes() == before
+    assert not any(Path(f"{db}{s}").exists() for s in ("-wal", "-journal"))
+    kept = Path(f"{db}.rolled-back-{SWAP}{sidecar}")
+    assert os.path.lexists(kept) and not stat.S_ISREG(kept.lstat().st_mode)
+    for path in store.kept_copies(SWAP):
+        fsync_file(path)  # what settle does: returns at once for what is not a regular file
+    assert not fsync_file(kept)
+    assert Path("/etc/hostname").exists()
+
+
+def test_a_locked_data_folder_gets_its_mode_back(store: SnapshotStore, data: Path) -> None:
+    db = data / "app.db"
+    make_db(db)
+    data.chmod(0o750)
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    data.chmod(0)
+    store.restore(SWAP, snaps)
+    assert stat.S_IMODE(data.lstat().st_mode) == 0o750
+
+
+def test_copies_keep_holes(tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as handle:
+        handle.write(b"head")
+        handle.seek(256 * 2**20)
+        handle.write(b"middle")
+        handle.truncate(512 * 2**20)  # ends in a hole
+    copy = tmp_path / "copy.bin"
+    size, digest = copy_file_hashed(sparse, copy)
+    assert size == sparse.stat().st_size == copy.stat().st_size
+    assert digest == file_digest(sparse)[1]
+    assert copy.stat().st_blocks * 512 < 2**20, "the copy filled its holes"

@@ -69,7 +69,7 @@ class SwapWork:
                 fsync_file(target, wanted)  # gone or replaced by the new version: its business
                 if not wanted():
                     return
-                if target.parent.is_dir():
+                if target.parent.is_dir() and not target.parent.is_symlink():
                     fsync_dir(target.parent)
 
     def build(self, phase: swaps.Step | None) -> None:
