@@ -7,21 +7,29 @@ The end-to-end catalogue (a real swapguard, host and deadline) is tests/test_hos
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import shutil
+import signal
 import socket
 import sqlite3
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+from supervisor.code.gitlocks import Owner
 from supervisor.data.datacopy import copy_file_hashed, file_digest, fsync_file
 from supervisor.data.snapshot import SnapshotStore
-from tests.test_checkpoint import code_tree, git, snapshot_state, write
+from tests.test_checkpoint import code_tree, git, modify, snapshot_state, write
 from tests.test_checkpoint import repo as repo  # the fixture
 from tests.test_snapshot import SWAP
 from tests.test_snapshot import data as data  # the fixture
@@ -54,6 +62,9 @@ def unix_socket_at(path: Path) -> Iterator[None]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind(str(path))
         yield
+
+
+KILLS = 5  # restores killed at a random instant (the e2e chaos test kills swapguard itself)
 
 
 # --- what a hostile new version leaves in the code tree ---------------------------------------
@@ -216,3 +227,86 @@ def test_copies_keep_holes(tmp_path: Path) -> None:
     assert size == sparse.stat().st_size == copy.stat().st_size
     assert digest == file_digest(sparse)[1]
     assert copy.stat().st_blocks * 512 < 2**20, "the copy filled its holes"
+
+
+# --- git locks: ours are cleared after a crash, anybody else's are waited out --------------------
+
+
+def dead_owner() -> Owner:
+    """The identity of a process that has exited (as swapguard after a kill -9)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = Owner(child.pid, psutil.Process(child.pid).create_time())
+    child.wait()
+    return owner
+
+
+def test_locks_left_by_a_dead_swapguard_are_cleared_on_resume(repo: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    modify(repo)
+    owner, git_dir = dead_owner(), repo / ".git"
+    (git_dir / "index.lock").write_bytes(owner.token())
+    (git_dir / "HEAD.lock").write_text("0" * 40 + "\n")
+    journal = {"pid": owner.pid, "started": owner.started, "locks": ["index.lock", "HEAD.lock"]}
+    (git_dir / f"swapguard-locks-{owner.pid}-0.json").write_text(json.dumps(journal))
+
+    tree.restore(cp, name="s1")
+
+    assert snapshot_state(repo) == before
+    assert not list(git_dir.glob("*.lock")) and not list(git_dir.glob("swapguard-locks-*"))
+    assert tree.index_locked() is None
+
+
+def test_an_index_lock_of_somebody_else_is_reported_never_stolen(repo: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    modify(repo)
+    git(repo, "add", "-A")
+    lock = repo / ".git/index.lock"
+    lock.write_bytes(b"DIRC a git of the new version, killed mid-write")
+
+    started = time.monotonic()
+    tree.restore(cp, name="s1")  # the work tree, HEAD and branch: the index waits for the lock
+    assert time.monotonic() - started < 10
+    assert tree.index_locked() == str(lock)
+    assert lock.read_bytes().startswith(b"DIRC a git")
+    assert (repo / "src/app.py").read_text() == "print('v1, unstaged')\n"
+    assert not tree.finish_index(wait=0.2)
+
+    lock.unlink()  # its owner (or an operator) lets go
+    assert tree.finish_index(wait=0.2)
+    assert tree.index_locked() is None
+    assert snapshot_state(repo) == before
+
+
+def test_restore_killed_at_random_instants_never_leaves_a_lock(repo: Path, tmp_path: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    script = (
+        "import json, sys\nfrom pathlib import Path\n"
+        "from supervisor.code.checkpoint import Checkpoint\n"
+        "from tests.test_checkpoint import code_tree\n"
+        "tree = code_tree(Path(sys.argv[1]))\n"
+        "tree.restore(Checkpoint.from_json(json.loads(sys.argv[2])), name='s1')\n"
+    )
+    rng = random.Random(12)
+    for _ in range(KILLS):
+        modify(repo)
+        for i in range(50):
+            write(repo / f"gen/{i:02}.py", f"N = {i}\n")
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, str(repo), json.dumps(cp.to_json())],
+            cwd=Path(__file__).parent.parent,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+            start_new_session=True,  # killpg kills the git it runs too, as a crash would
+        )
+        time.sleep(rng.uniform(0.05, 0.6))  # a random instant of the restore, not a wait
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        tree.restore(cp, name="s1")  # no operator: whatever lock the killed one left is known
+        assert snapshot_state(repo) == before
+        assert not list((repo / ".git").glob("index.lock"))

@@ -236,6 +236,7 @@ class CodeTree:
         self._git = _Git(self.root)
         self._known_git_dir: Path | None = None
         self._blocked_by: str | None = None
+        self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
 
     # --- public ---------------------------------------------------------------------------
 
@@ -251,6 +252,12 @@ class CodeTree:
         """The index.lock that kept the last restore from putting the index back, while it lasts
         (the index is put back by the first operation after it goes)."""
         return self._blocked_by
+
+    def finish_index(self, wait: float) -> bool:
+        """Put back an index a restore left pending, waiting up to `wait` seconds for somebody
+        else's index.lock to go; whether none is pending any more."""
+        self._finish_pending_index(wait=wait)
+        return self._blocked_by is None
 
     def take(self, name: str) -> Checkpoint:
         """Capture the tree as refs/swapguard/checkpoints/<name>; the user's state is untouched."""
@@ -578,6 +585,7 @@ class CodeTree:
                 self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
             pending = git_dir / PENDING_INDEX
             pending.unlink(missing_ok=True)
+            self._pending_over = _signature(git_dir / "index")
             if index_tree:
                 os.rename(staged, pending)
             else:
@@ -596,10 +604,15 @@ class CodeTree:
             return
         locks = self._locks()
         locks.clear_stale()
+        real = git_dir / "index"
+        if self._pending_over is not None and _signature(real) != self._pending_over:
+            log.warning("%s: the index was written since the restore; keeping it", self.root)
+            pending.unlink(missing_ok=True)
+            self._blocked_by = self._pending_over = None
+            return
         try:
             for attempt in _lock_attempts(wait):
                 with attempt, locks.holding([INDEX_LOCK]), locks.index_lock():
-                    real = git_dir / "index"
                     if os.lstat(pending).st_size == 0:
                         real.unlink(missing_ok=True)
                         pending.unlink()
@@ -616,7 +629,7 @@ class CodeTree:
             return
         if self._blocked_by:
             log.info("%s: the index is back, %s went", self.root, self._blocked_by)
-        self._blocked_by = None
+        self._blocked_by = self._pending_over = None
 
     def _put_head(self, cp: Checkpoint, name: str) -> None:
         message = f"swapguard: restore {name}"
@@ -755,6 +768,15 @@ def _lock_attempts(wait: float) -> Retrying:
         stop=stop_after_delay(wait),
         reraise=True,
     )
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    """Enough of a file's stat to tell that somebody wrote it: (inode, size, mtime); 0s if none."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _write_empty_marker(path: Path) -> None:

@@ -24,6 +24,10 @@ from supervisor.state.store import SWAP_RECORDS_KEPT, Store
 
 log = logging.getLogger(__name__)
 
+INDEX_WAIT_S = 10.0
+"""After a rollback, how long a worker waits for somebody else's index.lock to go so it can put
+git's index back (else the next checkpoint, change listing or drift check does)."""
+
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
 
@@ -88,6 +92,12 @@ class SwapWork:
         """Back to the swap's checkpoint, which is then the code the host runs on."""
         checkpoint = _checkpoint(swap)
         self.code.restore(checkpoint, name=swap.id)
+        if lock := self.code.index_locked():
+            self.store.append_event(
+                "code.index_locked",
+                {"lock": lock, "detail": "git's index is put back once this lock goes"},
+                swap_id=swap.id,
+            )
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
         return checkpoint
 
@@ -135,6 +145,8 @@ class SwapWork:
         have been cut short), then prune. A failure is logged: nothing waits for this."""
         try:
             if swap.state is swaps.SwapState.ROLLED_BACK:
+                if not self.code.finish_index(wait=INDEX_WAIT_S):
+                    log.warning("swap %s: git's index is still locked; put back later", swap.id)
                 kept = self.snapshots.kept_copies(swap.id)
                 for path in kept:
                     fsync_file(path)
