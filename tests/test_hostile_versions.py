@@ -400,26 +400,26 @@ def test_the_state_file_system_full(tmp_path: Path) -> None:
 
 ROUNDS = 5
 ROUND_CASES = [
-    folder_to_symlink_out_of_the_tree,
-    fifo_at_the_database,
-    symlink_at_the_wal,
-    chmod_000_on_a_code_folder,
-    index_lock_held_through_the_deadline,
+    Case(folder_to_symlink_out_of_the_tree),
+    Case(fifo_at_the_database),
+    Case(symlink_at_the_wal),
+    Case(chmod_000_on_a_code_folder),
+    Case(index_lock_held_through_the_deadline, after=_lock_reported_then_released),
 ]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
 def test_hostile_versions_five_times_in_a_row_in_one_supervisor(tmp_path: Path) -> None:
     """No worker, thread or file descriptor leaks from one hostile rollback to the next."""
-    by_name = {c.id: c for c in (p.values[0] if hasattr(p, "values") else p for p in CASES)}
     with catalogue_supervisor(tmp_path) as (sup, scene):
         assert sup.process is not None
         pid = None
         threads: list[int] = []
         for _ in range(ROUNDS):
-            for attack in ROUND_CASES:
-                pid = run_case(sup, scene, by_name[attack.__name__], v1_pid=pid)["pid"]
+            for case in ROUND_CASES:
+                pid = run_case(sup, scene, case, v1_pid=pid)["pid"]
             threads.append(len(os.listdir(f"/proc/{sup.process.pid}/task")))
         print(f"\nswapguard's threads after each round: {threads}")
         assert threads[-1] <= threads[0] + 2
-    assert sys.platform.startswith("linux")
