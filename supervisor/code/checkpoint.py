@@ -13,6 +13,14 @@ under `refs/swapguard/abandoned/<name>` before anything is changed), then lets
 chmods only what differs. Then the index, branch and HEAD are put back. Every step sets an
 absolute state, so a restore repeated after a crash ends exact.
 
+Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
+a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
+them: they count as absent, and a restore removes them), folders and files it locked (opened up
+first; every mode the checkpoint recorded comes back, `treemodes`). The locks it takes in `.git`
+are journaled as ours before they are taken (`gitlocks`), so a crash leaves none that blocks the
+next run; somebody else's `index.lock` is waited on briefly, then the index alone is left pending
+until it goes: the work tree, HEAD and branch are restored all the same.
+
 Limits (documented, not hidden):
 - Submodules are recorded as their gitlink (the commit) only; their own work trees are neither
   captured nor restored.
@@ -28,11 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import re
 import shutil
-import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -41,35 +46,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
-
-from supervisor.code import treemodes
-from supervisor.code.gitlocks import INDEX_LOCK, GitLocks, fsync_folder, index_locked_error
+from supervisor.code import treemodes, treepaths
+from supervisor.code.gitcmd import Git as _Git
+from supervisor.code.gitcmd import literal
+from supervisor.code.gitlocks import INDEX_LOCK, GitLocks, index_locked_error, signature
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 _ADD_ATTEMPTS = 5
 _LOCK_WAIT_S = 1.0  # a git of somebody else's holding index.lock: how long a restore waits
-PENDING_INDEX = "swapguard-index-pending"  # the index a restore could not yet put in place
 
 REF_ROOT = "refs/swapguard"
 _CHECKPOINTS = f"{REF_ROOT}/checkpoints"
 _ABANDONED = f"{REF_ROOT}/abandoned"
 
-# Config that would make a scratch-index operation slow, lossy or chatty, overridden per call.
-_GIT_CONFIG = (
-    "core.fsmonitor=false",  # a stale token in a copied index could hide a change
-    "core.splitIndex=false",
-    "gc.auto=0",
-    "maintenance.auto=false",
-    "advice.addEmbeddedRepo=false",
-)
-_IDENTITY = {
-    "GIT_AUTHOR_NAME": "swapguard",
-    "GIT_AUTHOR_EMAIL": "swapguard@localhost",
-    "GIT_COMMITTER_NAME": "swapguard",
-    "GIT_COMMITTER_EMAIL": "swapguard@localhost",
-}
 # Files in the git dir that mean an operation is half done; a checkpoint now would be a lie.
 _IN_PROGRESS = (
     ("MERGE_HEAD", "a merge"),
@@ -136,85 +126,6 @@ class Checkpoint:
 class Change:
     path: str
     change: Literal["added", "modified", "deleted"]
-
-
-@dataclass(frozen=True)
-class _Owner:
-    """Whom git runs as when we are root and the tree belongs to someone else."""
-
-    uid: int
-    gid: int
-    home: str
-
-
-def _owner_of(root: Path) -> _Owner | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None
-    try:
-        stat = root.stat()
-    except OSError:
-        return None  # check() reports the missing root
-    if stat.st_uid == 0:
-        return None
-    try:
-        entry = pwd.getpwuid(stat.st_uid)
-    except KeyError:
-        return _Owner(stat.st_uid, stat.st_gid, "/")
-    return _Owner(stat.st_uid, entry.pw_gid, entry.pw_dir)
-
-
-class _Git:
-    """Runs the git binary in one work tree with a clean, explicit environment."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.owner = _owner_of(root)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        env.update(_IDENTITY, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
-        if self.owner is not None:
-            env["HOME"] = self.owner.home
-        self._env = env
-        self._config = [arg for item in _GIT_CONFIG for arg in ("-c", item)]
-
-    def run(
-        self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
-    ) -> str | None:
-        """Git's stdout, or None when it exited with an accepted non-zero code."""
-        env = self._env if index is None else {**self._env, "GIT_INDEX_FILE": str(index)}
-        owner = self.owner
-        try:
-            proc = subprocess.run(
-                ["git", *self._config, *args],
-                cwd=self.root,
-                env=env,
-                input=os.fsencode(stdin),
-                capture_output=True,
-                user=owner.uid if owner else None,
-                group=owner.gid if owner else None,
-                extra_groups=[] if owner else None,
-            )
-        except FileNotFoundError as exc:
-            raise CheckpointError("git is not installed or not on PATH") from exc
-        if proc.returncode == 0:
-            return os.fsdecode(proc.stdout)
-        if proc.returncode in ok:
-            return None
-        stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
-        raise CheckpointError(
-            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
-        )
-
-    def out(self, *args: str, index: Path | None = None) -> str:
-        return self.run(*args, index=index) or ""
-
-    def give(self, path: Path) -> None:
-        """Hand a scratch file or folder we created to the user git runs as."""
-        if self.owner is not None:
-            os.chown(path, self.owner.uid, self.owner.gid)
-
-
-def _literal(path: str) -> str:
-    return f":(literal){path}"
 
 
 def _check_name(name: str) -> None:
@@ -303,7 +214,7 @@ class CodeTree:
             self._remove_untracked_special(current, listing)
             doomed = self._ignored_in_the_way(current, target, index)
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
-                self._git.out("add", "-f", "--", *map(_literal, doomed), index=index)
+                self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
             self._keep_abandoned(current, cp, name)
             self._git.out("read-tree", "--reset", "-u", target, index=index)
@@ -366,9 +277,9 @@ class CodeTree:
             self._git.give(index)
         skip = self._exclude_pathspecs(index)
         self._add_all(index, skip, aside=aside)
-        present = [p for p in self.extra_paths if _plain(self.root, p)]
+        present = [p for p in self.extra_paths if treepaths.plain(self.root, p)]
         if present:
-            self._git.out("add", "-f", "--", *map(_literal, present), *skip, index=index)
+            self._git.out("add", "-f", "--", *map(literal, present), *skip, index=index)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
 
@@ -404,13 +315,13 @@ class CodeTree:
             "-q",
             "--ignore-unmatch",
             "--",
-            *map(_literal, paths),
+            *map(literal, paths),
             index=index,
         )
         if aside:
             for path in paths:
                 full = self.root / path
-                if _below_real_dirs(self.root, path) and _is_special(full):
+                if treepaths.below_real_dirs(self.root, path) and treepaths.is_special(full):
                     full.unlink()
 
     def _exclude_pathspecs(self, index: Path) -> list[str]:
@@ -419,7 +330,7 @@ class CodeTree:
         Ignored ones are left out: `git add` fails on a pathspec that names an ignored path.
         """
         # a path below a symlink (a data folder on another volume) is not in the tree at all
-        reachable = [path for path in self.excluded if _below_real_dirs(self.root, path)]
+        reachable = [path for path in self.excluded if treepaths.below_real_dirs(self.root, path)]
         if not reachable:
             return []
         listed = self._git.run(
@@ -442,7 +353,7 @@ class CodeTree:
         if self.excluded:  # (rm --cached looks at no path on disk, symlinked or not)
             self._git.out(
                 "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
-                *map(_literal, self.excluded), index=index,
+                *map(literal, self.excluded), index=index,
             )  # fmt: skip
 
     def _tree_of(self, cp: Checkpoint) -> str:
@@ -479,20 +390,22 @@ class CodeTree:
                         f"restore would replace {self.root / path} but it holds the excluded "
                         f"{self.root / excluded}; move it away and retry"
                     )
-            blocking = _first_non_dir_above(self.root, path)
+            blocking = treepaths.first_non_dir_above(self.root, path)
             if blocking is not None:  # a file or symlink where a folder must be: nothing below it
                 if blocking in self.excluded:
                     raise CheckpointError(
                         f"restore needs a folder at the excluded {self.root / blocking}"
                     )
-                if not _is_special(self.root / blocking):
+                if not treepaths.is_special(self.root / blocking):
                     doomed.add(blocking)
                 continue
             full = self.root / path
-            if _is_real_dir(full):
-                listed = self._git.out(*_LS_IGNORED, _literal(path), index=index)
-                doomed.update(p for p in listed.split("\0") if p and not _is_special(self.root / p))
-            elif os.path.lexists(full) and not _is_special(full):
+            if treepaths.is_real_dir(full):
+                listed = self._git.out(*_LS_IGNORED, literal(path), index=index)
+                doomed.update(
+                    p for p in listed.split("\0") if p and not treepaths.is_special(self.root / p)
+                )
+            elif os.path.lexists(full) and not treepaths.is_special(full):
                 doomed.add(path)
         return sorted(doomed)
 
@@ -501,24 +414,7 @@ class CodeTree:
         the target tree: unless ignored or excluded they are the new version's, and go (never
         opened)."""
         folders = {path for mode, path in [*self._listing(current), *target] if mode == "040000"}
-        found = []
-        for folder in sorted({"", *folders}):
-            if folder and not (
-                _below_real_dirs(self.root, folder) and _is_real_dir(self.root / folder)
-            ):
-                continue
-            try:
-                with os.scandir(self.root / folder) as entries:
-                    for entry in entries:
-                        kinds = (
-                            entry.is_file(follow_symlinks=False),
-                            entry.is_dir(follow_symlinks=False),
-                            entry.is_symlink(),
-                        )
-                        if not any(kinds):
-                            found.append(f"{folder}/{entry.name}" if folder else entry.name)
-            except OSError:
-                continue
+        found = treepaths.special_entries(self.root, {"", *folders})
         found = [
             p for p in found if not any(p == e or p.startswith(e + "/") for e in self.excluded)
         ]
@@ -527,7 +423,7 @@ class CodeTree:
         listed = self._git.run("check-ignore", "-z", "--stdin", ok=(1,), stdin="\0".join(found))
         ignored = set((listed or "").split("\0"))
         for path in found:
-            if path not in ignored and _is_special(self.root / path):
+            if path not in ignored and treepaths.is_special(self.root / path):
                 (self.root / path).unlink()
                 log.info("removed %s: neither file, link nor folder, and not ignored", path)
 
@@ -583,44 +479,25 @@ class CodeTree:
                 self._git.give(staged)
                 self._git.out("read-tree", "--reset", index_tree, index=staged)
                 self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
-            pending = git_dir / PENDING_INDEX
-            pending.unlink(missing_ok=True)
-            self._pending_over = _signature(git_dir / "index")
-            if index_tree:
-                os.rename(staged, pending)
-            else:
-                _write_empty_marker(pending)  # no index at all: the checkpoint had none
-            fsync_folder(git_dir)
+            self._pending_over = self._locks().make_pending(staged if index_tree else None)
         finally:
             staged.unlink(missing_ok=True)
         self._finish_pending_index(wait=_LOCK_WAIT_S)
 
     def _finish_pending_index(self, *, wait: float = 0.0) -> None:
         """Put a pending index in place once nobody else holds index.lock (within `wait`)."""
-        git_dir = self._git_dir()
-        pending = git_dir / PENDING_INDEX
-        if not os.path.lexists(pending):
+        locks = self._locks()
+        if not locks.pending():
             self._blocked_by = None
             return
-        locks = self._locks()
         locks.clear_stale()
-        real = git_dir / "index"
-        if self._pending_over is not None and _signature(real) != self._pending_over:
+        if self._pending_over is not None and signature(locks.index) != self._pending_over:
             log.warning("%s: the index was written since the restore; keeping it", self.root)
-            pending.unlink(missing_ok=True)
+            locks.drop_pending()
             self._blocked_by = self._pending_over = None
             return
-        try:
-            for attempt in _lock_attempts(wait):
-                with attempt, locks.holding([INDEX_LOCK]), locks.index_lock():
-                    if os.lstat(pending).st_size == 0:
-                        real.unlink(missing_ok=True)
-                        pending.unlink()
-                    else:
-                        os.replace(pending, real)
-                    fsync_folder(git_dir)
-        except FileExistsError:
-            self._blocked_by = locks.foreign_index_lock() or str(git_dir / INDEX_LOCK)
+        if not locks.put_pending(wait):
+            self._blocked_by = locks.foreign_index_lock() or str(locks.git_dir / INDEX_LOCK)
             log.warning(
                 "%s: git's index stays as the new version left it while %s exists "
                 "(held by another process); it is put back once that goes",
@@ -718,69 +595,6 @@ def _relative_extra(path: str) -> str:
     if pure.parts[0] == ".git":
         raise ConfigError(f"{str(path)!r} lies inside .git", key="code.extra_paths")
     return pure.as_posix()
-
-
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _is_special(path: Path) -> bool:
-    """A FIFO, socket or device: git cannot hold it, and opening it could block or act."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
-
-
-def _plain(root: Path, path: str) -> bool:
-    """`path` exists as a file, link or folder, reached through real folders only."""
-    return (
-        _below_real_dirs(root, path)
-        and os.path.lexists(root / path)
-        and not _is_special(root / path)
-    )
-
-
-def _first_non_dir_above(root: Path, path: str) -> str | None:
-    """The topmost folder of `path` (below root) that is now something else, or None."""
-    for parent in reversed(PurePosixPath(path).parents):
-        if parent.name and os.path.lexists(root / parent) and not _is_real_dir(root / parent):
-            return str(parent)
-    return None
-
-
-def _below_real_dirs(root: Path, path: str) -> bool:
-    """Every folder between root and `path` is a real folder, not a symlink to one."""
-    return all(
-        not parent.name or _is_real_dir(root / parent) for parent in PurePosixPath(path).parents
-    )
-
-
-def _lock_attempts(wait: float) -> Retrying:
-    """Short waits for a lock somebody else holds, bounded by `wait` (then FileExistsError)."""
-    return Retrying(
-        retry=retry_if_exception_type(FileExistsError),
-        wait=wait_exponential(multiplier=0.02, max=0.25),
-        stop=stop_after_delay(wait),
-        reraise=True,
-    )
-
-
-def _signature(path: Path) -> tuple[int, int, int]:
-    """Enough of a file's stat to tell that somebody wrote it: (inode, size, mtime); 0s if none."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _write_empty_marker(path: Path) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
 
 
 def _ms(started: float) -> float:

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from supervisor.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 INDEX_LOCK = "index.lock"
+PENDING_INDEX = "swapguard-index-pending"  # the index a restore could not put in place yet
 _JOURNAL_PREFIX = "swapguard-locks-"
 _TOKEN_PREFIX = b"swapguard-lock "
 _MAX_JOURNAL = 64 * 1024
@@ -146,10 +148,69 @@ class GitLocks:
         finally:
             lock.unlink(missing_ok=True)
 
+    @property
+    def index(self) -> Path:
+        return self.git_dir / "index"
+
+    def pending(self) -> bool:
+        return os.path.lexists(self.git_dir / PENDING_INDEX)
+
+    def make_pending(self, staged: Path | None) -> tuple[int, int, int]:
+        """Leave `staged` (None: no index at all) as the index to put in place once we may;
+        returns the signature of the index it is to replace."""
+        pending = self.git_dir / PENDING_INDEX
+        pending.unlink(missing_ok=True)
+        over = signature(self.index)
+        if staged is not None:
+            os.rename(staged, pending)
+        else:
+            os.close(os.open(pending, _CREATE, 0o644))  # empty: the checkpoint had no index
+        fsync_folder(self.git_dir)
+        return over
+
+    def put_pending(self, wait: float) -> bool:
+        """Put the pending index in place under index.lock, waiting up to `wait` seconds for
+        somebody else's lock to go; False if it did not."""
+        pending = self.git_dir / PENDING_INDEX
+        try:
+            for attempt in _lock_attempts(wait):
+                with attempt, self.holding([INDEX_LOCK]), self.index_lock():
+                    if os.lstat(pending).st_size == 0:
+                        self.index.unlink(missing_ok=True)
+                        pending.unlink()
+                    else:
+                        os.replace(pending, self.index)
+                    fsync_folder(self.git_dir)
+        except FileExistsError:
+            return False
+        return True
+
+    def drop_pending(self) -> None:
+        (self.git_dir / PENDING_INDEX).unlink(missing_ok=True)
+
     def foreign_index_lock(self) -> str | None:
         """The path of an index.lock somebody else holds, or None."""
         path = self.git_dir / INDEX_LOCK
         return str(path) if os.path.lexists(path) else None
+
+
+def signature(path: Path) -> tuple[int, int, int]:
+    """Enough of a file's stat to tell that somebody wrote it: (inode, size, mtime); 0s if none."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _lock_attempts(wait: float) -> Retrying:
+    """Short waits for a lock somebody else holds, bounded by `wait` (then FileExistsError)."""
+    return Retrying(
+        retry=retry_if_exception_type(FileExistsError),
+        wait=wait_exponential(multiplier=0.02, max=0.25),
+        stop=stop_after_delay(wait),
+        reraise=True,
+    )
 
 
 def index_locked_error(path: str) -> CheckpointError:
