@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -26,11 +27,21 @@ from typing import Any
 import psutil
 import pytest
 
+from supervisor.code.checkpoint import CodeTree
 from supervisor.code.gitlocks import Owner
 from supervisor.data.datacopy import copy_file_hashed, file_digest, fsync_file
 from supervisor.data.snapshot import SnapshotStore
-from tests.test_checkpoint import code_tree, git, modify, snapshot_state, write
+from tests.test_checkpoint import (
+    code_tree,
+    commit_all,
+    git,
+    init_repo,
+    modify,
+    snapshot_state,
+    write,
+)
 from tests.test_checkpoint import repo as repo  # the fixture
+from tests.test_checkpoint import shared_dir as shared_dir  # the fixture
 from tests.test_snapshot import SWAP
 from tests.test_snapshot import data as data  # the fixture
 from tests.test_snapshot import store as store  # the fixture
@@ -310,3 +321,55 @@ def test_restore_killed_at_random_instants_never_leaves_a_lock(repo: Path, tmp_p
         tree.restore(cp, name="s1")  # no operator: whatever lock the killed one left is known
         assert snapshot_state(repo) == before
         assert not list((repo / ".git").glob("index.lock"))
+
+
+def file_to_device(repo: Path) -> None:
+    (repo / "src/lib.py").unlink()
+    os.mknod(repo / "src/lib.py", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # /dev/null's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_a_device_node_in_the_tree_is_removed_never_opened(repo: Path) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    file_to_device(repo)
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_a_device_node_at_a_data_path_is_moved_aside(store: SnapshotStore, data: Path) -> None:
+    db = data / "app.db"
+    make_db(db)
+    before = db.read_bytes()
+    snaps = store.take(SWAP, [(db, "sqlite")])
+    db.unlink()
+    os.mknod(db, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    store.restore(SWAP, snaps)
+    assert db.read_bytes() == before
+    assert stat.S_ISCHR(Path(f"{db}.rolled-back-{SWAP}").lstat().st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the tree to another user")
+def test_as_root_a_tree_of_another_user_with_locked_folders_is_restored(
+    shared_dir: Path,
+) -> None:
+    """git runs as the tree's owner, who cannot enter a folder chmod 000: it is opened first."""
+    nobody = pwd.getpwnam("nobody")
+    repo = shared_dir / "repo"
+    init_repo(repo)
+    write(repo / "src/app.py", "v1\n")
+    write(repo / "src/deep/mod.py", "deep\n")
+    commit_all(repo, "first")
+    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(repo)], check=True)
+    tree = CodeTree(repo)
+    before, modes = snapshot_state(repo), folder_modes(repo)
+    cp = tree.take("s1")
+    write(repo / "src/app.py", "v2\n")
+    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(repo)], check=True)
+    (repo / "src/deep").chmod(0)
+    (repo / "src").chmod(0)
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    assert folder_modes(repo) == modes

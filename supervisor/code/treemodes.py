@@ -88,17 +88,19 @@ def from_message(message: str) -> Modes:
 
 
 def open_up(root: Path, folders: Iterable[str]) -> None:
-    """Give us back the right to enter and change each folder we own (top down), so an
-    unprivileged restore is not stopped by a folder the new version locked. Never through a
-    symlink: a path that is not a real folder is left to git, which replaces it."""
-    uid = os.geteuid() if hasattr(os, "geteuid") else -1
+    """Give the owner back the right to enter and change each folder (top down), so a restore
+    whose git runs unprivileged (as swapguard's user, or as the tree's owner when swapguard is
+    root) is not stopped by a folder the new version locked. Only folders we may chmod; never
+    through a symlink: a path that is not a real folder is left to git, which replaces it."""
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1  # root may change any folder
     for rel in sorted(set(folders), key=lambda p: p.count("/")):
         path = root / rel
         try:
             st = os.lstat(path)
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and st.st_mode & 0o700 != 0o700:
+        mine = uid == 0 or st.st_uid == uid
+        if stat.S_ISDIR(st.st_mode) and mine and st.st_mode & 0o700 != 0o700:
             os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
 
 

@@ -265,7 +265,7 @@ def reclaim_folder(target: str, swap_id: str, entry: Json) -> None:
         os.mkdir(folder, 0o700)
         put_folder_back(folder, entry)
         fsync_dir(Path(parent))
-    elif st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
+    elif st.st_mode & 0o700 != 0o700 and os.geteuid() in (0, st.st_uid):
         os.chmod(folder, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
 
 
