@@ -213,13 +213,8 @@ def _spawn(host: Host) -> Result:
     # No pid and no spawn time until Spawned: the spawn may be deferred (an activation), and a
     # start timeout must not run from the previous process's spawn time.
     starting = replace(
-        host,
-        state=HostState.STARTING,
-        backoff_until=None,
-        kill_at=None,
-        ready_unseen=False,
-        pid=None,
-        spawned_at=None,
+        host, state=HostState.STARTING, backoff_until=None, kill_at=None, ready_unseen=False,
+        pid=None, spawned_at=None,
     )
     return starting, [Spawn()]
 
@@ -264,11 +259,7 @@ def _on_spawned(host: Host, event: Spawned, policy: Policy) -> Result:
     if host.state is not HostState.STARTING:
         return host, []
     return replace(
-        host,
-        pid=event.pid,
-        spawned_at=event.now,
-        ready_at=None,
-        last_heartbeat=None,
+        host, pid=event.pid, spawned_at=event.now, ready_at=None, last_heartbeat=None,
         status_text=None,
     ), [Emit("host.started", {"pid": event.pid})]
 
@@ -276,13 +267,8 @@ def _on_spawned(host: Host, event: Spawned, policy: Policy) -> Result:
 def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
     state = HostState.RUNNING if event.ready else HostState.STARTING
     adopted = replace(
-        host,
-        state=state,
-        wanted=True,
-        pid=event.pid,
-        spawned_at=event.now,
-        ready_at=event.now if event.ready else None,
-        last_heartbeat=event.now,
+        host, state=state, wanted=True, pid=event.pid, spawned_at=event.now,
+        ready_at=event.now if event.ready else None, last_heartbeat=event.now,
         ready_unseen=not event.ready,
     )
     return adopted, [Emit("host.adopted", {"pid": event.pid})]
@@ -292,10 +278,7 @@ def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
     if host.state is not HostState.STARTING or host.pid is None:
         return host, []
     ready = replace(
-        host,
-        state=HostState.RUNNING,
-        ready_at=event.now,
-        last_heartbeat=event.now,
+        host, state=HostState.RUNNING, ready_at=event.now, last_heartbeat=event.now,
         ready_unseen=False,
     )
     return ready, [Emit("host.ready", {"pid": host.pid})]

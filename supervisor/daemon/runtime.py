@@ -561,8 +561,8 @@ class Runtime:
         # A heartbeat only pushes the next wake-up later; the armed timer stays valid.
         if before is None:
             self.timer.arm(
-                next_wakeup(self.host, self.host_policy, self.swap, self.swap_policy, clock.now())
-            )
+            next_wakeup(self.host, self.host_policy, self.swap, self.swap_policy, clock.now())
+        )
 
     # --- the timer, events, background tasks ------------------------------------------------
 
