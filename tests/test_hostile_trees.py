@@ -373,3 +373,23 @@ def test_as_root_a_tree_of_another_user_with_locked_folders_is_restored(
     tree.restore(cp, name="s1")
     assert snapshot_state(repo) == before
     assert folder_modes(repo) == modes
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo"])
+def test_an_index_replaced_by_a_symlink_or_fifo_is_never_read(
+    repo: Path, tmp_path: Path, plant: str
+) -> None:
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    modify(repo)
+    index = repo / ".git/index"
+    index.unlink()
+    if plant == "symlink":
+        (tmp_path / "big").write_bytes(b"\0" * 1024)
+        index.symlink_to(tmp_path / "big")
+    else:
+        os.mkfifo(index)
+    tree.restore(cp, name="s1")  # reading a FIFO index would block here for ever
+    assert snapshot_state(repo) == before
+    assert (tmp_path / "big").exists() or plant == "fifo"

@@ -272,7 +272,7 @@ class CodeTree:
         about to write the tree) it is removed first, never opened."""
         self._finish_pending_index()
         real = self._git_dir() / "index"
-        if real.exists():
+        if treepaths.is_regular(real):  # a symlink or FIFO planted there is no index: never read
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
         skip = self._exclude_pathspecs(index)
@@ -342,7 +342,7 @@ class CodeTree:
     def _index_tree(self, scratch: Path) -> str:
         """The tree the user staged, from a copy: write-tree may rewrite the index it reads."""
         real = self._git_dir() / "index"
-        if not real.exists():
+        if not treepaths.is_regular(real):
             return ""
         shutil.copy2(real, scratch)
         self._git.give(scratch)

@@ -8,14 +8,31 @@ decided in one place.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import CheckpointError
+
+GIT_TIMEOUT_S = 300.0
+"""No git command of ours runs longer: a tree on a hung file system fails the step (it is then
+retried with backoff) instead of holding a worker for ever."""
+
+@functools.cache
+def _no_index() -> str:
+    """A path where no index is, nor ever will be, for commands that need none: git would
+    otherwise read `.git/index` itself, where a new version may have left a FIFO (git would
+    block for ever) or garbage. Its folder is ours and anybody may look in it (git may run as
+    the tree's owner)."""
+    folder = tempfile.mkdtemp(prefix="swapguard-no-index-")
+    os.chmod(folder, 0o755)
+    return os.path.join(folder, "index")
+
 
 # Config that would make a scratch-index operation slow, lossy or chatty, overridden per call.
 _GIT_CONFIG = (
@@ -75,7 +92,7 @@ class Git:
         self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
     ) -> str | None:
         """Git's stdout, or None when it exited with an accepted non-zero code."""
-        env = self._env if index is None else {**self._env, "GIT_INDEX_FILE": str(index)}
+        env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
             proc = subprocess.run(
@@ -87,9 +104,14 @@ class Git:
                 user=owner.uid if owner else None,
                 group=owner.gid if owner else None,
                 extra_groups=[] if owner else None,
+                timeout=GIT_TIMEOUT_S,
             )
         except FileNotFoundError as exc:
             raise CheckpointError("git is not installed or not on PATH") from exc
+        except subprocess.TimeoutExpired as exc:  # killed: its scratch-index lock goes with it
+            raise CheckpointError(
+                f"git {args[0]} in {self.root} did not finish within {GIT_TIMEOUT_S:.0f}s"
+            ) from exc
         if proc.returncode == 0:
             return os.fsdecode(proc.stdout)
         if proc.returncode in ok:

@@ -51,6 +51,13 @@ def below_real_dirs(root: Path, path: str) -> bool:
     )
 
 
+def is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def special_entries(root: Path, folders: Iterable[str]) -> list[str]:
     """FIFOs, sockets and devices directly in each of `folders` (relative; "" is root) that are
     real folders reached through real folders; `.git` at the top is skipped. No stat calls:
