@@ -8,9 +8,11 @@ decided in one place.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import pwd
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ def _no_index() -> str:
     the tree's owner)."""
     folder = tempfile.mkdtemp(prefix="swapguard-no-index-")
     os.chmod(folder, 0o755)
+    atexit.register(shutil.rmtree, folder, True)
     return os.path.join(folder, "index")
 
 
