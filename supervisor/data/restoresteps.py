@@ -269,7 +269,7 @@ def reclaim_folder(target: str, swap_id: str, entry: Json) -> None:
         os.chmod(folder, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
 
 
-def put_folder_back(folder: str, entry: Json) -> None:
+def put_folder_back(folder: str | Path, entry: Json) -> None:
     """The folder's mode and owner as the take recorded them (older manifests: left alone)."""
     if "folder_mode" not in entry:
         return
