@@ -359,9 +359,9 @@ def test_a_crash_at_one_step_resumes_and_ends_exact(repo: Path, point: str) -> N
 
 @pytest.mark.slow
 def test_a_crash_once_the_rollback_failed_leaves_it_for_the_operator(repo: Path) -> None:
-    """failed/<step>: the rollback gave up on a merge left in progress (a stale index.lock no
-    longer stops it: issue 12); after a crash the swap is still failed, the host still down,
-    and the operator's retry completes it."""
+    """failed/<step>: the rollback gave up on a ref it cannot write (a file where swapguard's
+    refs/swapguard/abandoned folder goes); after a crash the swap is still failed, the host
+    still down, and the operator's retry completes it."""
     with supervised(repo, **{**CONFIG, "deadman": {"window": "2s", "hard_cap": "60s"}}) as sup:
         run = Run(sup, [])
         run.start()
@@ -370,9 +370,9 @@ def test_a_crash_once_the_rollback_failed_leaves_it_for_the_operator(repo: Path)
         run.write_new_version()
         run.act("activate")
         run.wait_on_probation()
-        lock = repo / ".git" / "MERGE_HEAD"
-        lock.write_text(git(repo, "rev-parse", "HEAD"))
-        sup.kill9()  # re-armed: die once the rollback gives up on the merge
+        lock = repo / ".git" / "refs" / "swapguard" / "abandoned"
+        lock.write_text("in the way\n")
+        sup.kill9()  # re-armed: die once the rollback gives up on the ref
         launch(sup, "failed/restore_code")
         expect_crash(sup, "failed/restore_code")  # 5 attempts, 1+2+4+8 s apart
         launch(sup, None)

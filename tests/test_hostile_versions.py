@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -162,6 +163,19 @@ def index_lock_held_through_the_deadline(scene: Scene) -> None:
     scene.notes["lock"] = lock
 
 
+def merge_left_in_conflict(scene: Scene) -> None:
+    repo = scene.repo
+    git(repo, "checkout", "-q", "-b", "side", "HEAD~1")
+    (repo / "lib/mod.py").write_text("X = 'side'\n")
+    git(repo, "commit", "-qm", "side", "--", "lib/mod.py")
+    git(repo, "checkout", "-q", "main")
+    (repo / "lib/mod.py").write_text("X = 'main'\n")
+    git(repo, "commit", "-qm", "main", "--", "lib/mod.py")
+    with contextlib.suppress(subprocess.CalledProcessError):
+        git(repo, "merge", "side")
+    assert (repo / ".git/MERGE_HEAD").exists()
+
+
 def _lock_reported_then_released(sup: Supervisor, scene: Scene) -> None:
     lock = scene.notes["lock"]
     assert sup.status()["code"]["index_locked"] == str(lock)
@@ -205,6 +219,7 @@ CASES = [
         marks=[pytest.mark.slow, pytest.mark.timeout(600)],
     ),
     Case(index_lock_held_through_the_deadline, after=_lock_reported_then_released),
+    Case(merge_left_in_conflict),
 ]
 
 

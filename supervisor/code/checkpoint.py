@@ -49,7 +49,13 @@ from typing import Any, Literal
 from supervisor.code import treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
 from supervisor.code.gitcmd import literal
-from supervisor.code.gitlocks import INDEX_LOCK, GitLocks, index_locked_error, signature
+from supervisor.code.gitlocks import (
+    INDEX_LOCK,
+    GitLocks,
+    fsync_folder,
+    index_locked_error,
+    signature,
+)
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,8 @@ _IN_PROGRESS = (
     ("sequencer", "a cherry-pick or revert sequence"),
     ("BISECT_LOG", "a bisect"),
 )
+# What accompanies those files; set aside with them
+_COMPANIONS = ("MERGE_MSG", "MERGE_MODE", "AUTO_MERGE", "SQUASH_MSG", "MERGE_RR")
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
@@ -202,7 +210,7 @@ class CodeTree:
         git_dir = self._git_dir(fresh=True)
         locks = self._locks()
         locks.clear_stale()
-        self._refuse_in_progress(git_dir)
+        self._set_aside_in_progress(git_dir, name)
         target = self._tree_of(cp)
         listing = self._listing(target)
         mask = treemodes.umask()
@@ -528,6 +536,29 @@ class CodeTree:
         for marker, what in _IN_PROGRESS:
             if (git_dir / marker).exists():
                 raise CheckpointError(f"{self.root}: {what} is in progress ({git_dir / marker})")
+
+    def _set_aside_in_progress(self, git_dir: Path, name: str) -> None:
+        """A merge, rebase, cherry-pick... begun since the checkpoint (a take refuses during one)
+        is the new version's: its state files are moved into `swapguard-aside-<name>/` of the
+        git dir (renamed, never read), so that it cannot stop its own rollback."""
+        found = [m for m in (*(m for m, _ in _IN_PROGRESS), *_COMPANIONS) if (git_dir / m).exists()]
+        if not any(m in found for m, _ in _IN_PROGRESS):
+            return
+        aside = git_dir / f"swapguard-aside-{name}"
+        aside.mkdir(exist_ok=True)
+        for marker in found:
+            dest, counter = aside / marker, 0
+            while os.path.lexists(dest):
+                counter += 1
+                dest = aside / f"{marker}.{counter}"
+            os.rename(git_dir / marker, dest)
+        fsync_folder(git_dir)
+        log.warning(
+            "%s: set aside a git operation in progress (%s) in %s",
+            self.root,
+            ", ".join(found),
+            aside,
+        )
 
     def _listing(self, tree: str) -> list[tuple[str, str]]:
         """(git mode, path) of every blob, link and folder of `tree`."""
