@@ -52,8 +52,9 @@ from supervisor.code.gitcmd import literal
 from supervisor.code.gitlocks import (
     INDEX_LOCK,
     GitLocks,
-    fsync_folder,
     index_locked_error,
+    refuse_in_progress,
+    set_aside_in_progress,
     signature,
 )
 from supervisor.errors import CheckpointError, ConfigError
@@ -66,18 +67,6 @@ REF_ROOT = "refs/swapguard"
 _CHECKPOINTS = f"{REF_ROOT}/checkpoints"
 _ABANDONED = f"{REF_ROOT}/abandoned"
 
-# Files in the git dir that mean an operation is half done; a checkpoint now would be a lie.
-_IN_PROGRESS = (
-    ("MERGE_HEAD", "a merge"),
-    ("rebase-merge", "a rebase"),
-    ("rebase-apply", "a rebase or git am"),
-    ("CHERRY_PICK_HEAD", "a cherry-pick"),
-    ("REVERT_HEAD", "a revert"),
-    ("sequencer", "a cherry-pick or revert sequence"),
-    ("BISECT_LOG", "a bisect"),
-)
-# What accompanies those files; set aside with them
-_COMPANIONS = ("MERGE_MSG", "MERGE_MODE", "AUTO_MERGE", "SQUASH_MSG", "MERGE_RR")
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
@@ -165,7 +154,7 @@ class CodeTree:
         self._locks().clear_stale()
         if foreign := self._locks().foreign_index_lock():
             raise index_locked_error(foreign)
-        self._refuse_in_progress(git_dir)
+        refuse_in_progress(self.root, git_dir)
 
     def index_locked(self) -> str | None:
         """The index.lock that kept the last restore from putting the index back, while it lasts
@@ -210,7 +199,7 @@ class CodeTree:
         git_dir = self._git_dir(fresh=True)
         locks = self._locks()
         locks.clear_stale()
-        self._set_aside_in_progress(git_dir, name)
+        set_aside_in_progress(self.root, git_dir, name)
         target = self._tree_of(cp)
         listing = self._listing(target)
         mask = treemodes.umask()
@@ -531,34 +520,6 @@ class CodeTree:
 
     def _locks(self) -> GitLocks:
         return GitLocks(self._git_dir())
-
-    def _refuse_in_progress(self, git_dir: Path) -> None:
-        for marker, what in _IN_PROGRESS:
-            if (git_dir / marker).exists():
-                raise CheckpointError(f"{self.root}: {what} is in progress ({git_dir / marker})")
-
-    def _set_aside_in_progress(self, git_dir: Path, name: str) -> None:
-        """A merge, rebase, cherry-pick... begun since the checkpoint (a take refuses during one)
-        is the new version's: its state files are moved into `swapguard-aside-<name>/` of the
-        git dir (renamed, never read), so that it cannot stop its own rollback."""
-        found = [m for m in (*(m for m, _ in _IN_PROGRESS), *_COMPANIONS) if (git_dir / m).exists()]
-        if not any(m in found for m, _ in _IN_PROGRESS):
-            return
-        aside = git_dir / f"swapguard-aside-{name}"
-        aside.mkdir(exist_ok=True)
-        for marker in found:
-            dest, counter = aside / marker, 0
-            while os.path.lexists(dest):
-                counter += 1
-                dest = aside / f"{marker}.{counter}"
-            os.rename(git_dir / marker, dest)
-        fsync_folder(git_dir)
-        log.warning(
-            "%s: set aside a git operation in progress (%s) in %s",
-            self.root,
-            ", ".join(found),
-            aside,
-        )
 
     def _listing(self, tree: str) -> list[tuple[str, str]]:
         """(git mode, path) of every blob, link and folder of `tree`."""

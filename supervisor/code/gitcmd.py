@@ -25,6 +25,7 @@ GIT_TIMEOUT_S = 300.0
 """No git command of ours runs longer: a tree on a hung file system fails the step (it is then
 retried with backoff) instead of holding a worker for ever."""
 
+
 @functools.cache
 def _no_index() -> str:
     """A path where no index is, nor ever will be, for commands that need none: git would

@@ -1,4 +1,5 @@
-"""The locks swapguard takes in a git dir: known to be ours after a crash, never stolen otherwise.
+"""The locks swapguard takes in a git dir: known to be ours after a crash, never stolen otherwise;
+and the other git-dir state that could stop a rollback (a half-done merge or rebase).
 
 Why: a kill -9 of swapguard (or of the git it runs) between taking a lock and releasing it
 leaves the lock file behind, and every later git command, ours included, then refuses to run:
@@ -41,6 +42,18 @@ _TOKEN_PREFIX = b"swapguard-lock "
 _MAX_JOURNAL = 64 * 1024
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# Files in the git dir that mean an operation is half done; a checkpoint now would be a lie.
+_IN_PROGRESS = (
+    ("MERGE_HEAD", "a merge"),
+    ("rebase-merge", "a rebase"),
+    ("rebase-apply", "a rebase or git am"),
+    ("CHERRY_PICK_HEAD", "a cherry-pick"),
+    ("REVERT_HEAD", "a revert"),
+    ("sequencer", "a cherry-pick or revert sequence"),
+    ("BISECT_LOG", "a bisect"),
+)
+# What accompanies those files; set aside with them
+_COMPANIONS = ("MERGE_MSG", "MERGE_MODE", "AUTO_MERGE", "SQUASH_MSG", "MERGE_RR")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 
@@ -211,6 +224,37 @@ def _lock_attempts(wait: float) -> Retrying:
         stop=stop_after_delay(wait),
         reraise=True,
     )
+
+
+def refuse_in_progress(root: Path, git_dir: Path) -> None:
+    """CheckpointError while a merge, rebase, cherry-pick... is half done: a checkpoint now
+    would describe a state nobody chose."""
+    for marker, what in _IN_PROGRESS:
+        if (git_dir / marker).exists():
+            raise CheckpointError(f"{root}: {what} is in progress ({git_dir / marker})")
+
+
+def set_aside_in_progress(root: Path, git_dir: Path, name: str) -> list[str]:
+    """A merge, rebase, cherry-pick... begun since the checkpoint (a take refuses during one) is
+    the new version's: its state files are moved into `swapguard-aside-<name>/` of the git dir
+    (renamed, never read), so that it cannot stop its own rollback. The names moved."""
+    markers = [marker for marker, _ in _IN_PROGRESS]
+    found = [m for m in (*markers, *_COMPANIONS) if os.path.lexists(git_dir / m)]
+    if not any(m in found for m in markers):
+        return []
+    aside = git_dir / f"swapguard-aside-{name}"
+    aside.mkdir(exist_ok=True)
+    for marker in found:
+        dest, counter = aside / marker, 0
+        while os.path.lexists(dest):
+            counter += 1
+            dest = aside / f"{marker}.{counter}"
+        os.rename(git_dir / marker, dest)
+    fsync_folder(git_dir)
+    log.warning(
+        "%s: set aside a git operation in progress (%s) in %s", root, ", ".join(found), aside
+    )
+    return found
 
 
 def index_locked_error(path: str) -> CheckpointError:
