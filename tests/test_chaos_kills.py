@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Supervisor, supervised
+from tests.support import Supervisor, supervised, wait_for
 from tests.test_crash_points import CONFIG, _swap_in_store, assert_rolled_back_exactly
 from tests.test_crash_points import repo as repo  # the fixture: sample host, build, dist/
 from tests.test_swap_e2e import db_dump, new_version, tree_state
@@ -71,8 +71,8 @@ def chaos(sup: Supervisor, kills: int, rng: random.Random) -> tuple[Counter[str]
                 break
             pace = 0.8  # then early in what the restarted daemon resumes
         assert_rolled_back_exactly(sup, swap_id, "deadline", before_tree, before_db)
-        leftovers = [p.name for p in (repo / ".git").glob("*.lock")]
-        assert leftovers == [], leftovers
+        # a git of swapguard's may hold one for milliseconds (a prune); none may stay
+        wait_for(lambda: not list((repo / ".git").glob("*.lock")), 5.0, what="no lock left")
         assert sup.status()["code"]["index_locked"] is None
         sup.wait_host(ready=True)
     return hit, swaps

@@ -258,7 +258,12 @@ class CodeTree:
             ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] in wanted
         ]
         if doomed:
-            self._git.run("update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed))
+            locks = self._locks()
+            locks.clear_stale()
+            with locks.holding([*_LOCKS, *(f"{ref}.lock" for ref in doomed)]):
+                self._git.run(
+                    "update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed)
+                )
             log.info("dropped %s", ", ".join(doomed))
 
     # --- capture ----------------------------------------------------------------------------
