@@ -10,6 +10,7 @@ default run kills a handful of times; `scripts/test --slow` a hundred times in f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.process.cgroup import CgroupLeaf
 from tests.support import Supervisor, supervised, wait_for
 from tests.test_crash_points import CONFIG, _swap_in_store, assert_rolled_back_exactly
 from tests.test_crash_points import repo as repo  # the fixture: sample host, build, dist/
@@ -100,3 +102,25 @@ def test_kills_at_random_instants_of_activation_and_rollback(repo: Path) -> None
 @pytest.mark.timeout(3600)
 def test_a_hundred_kills_at_random_instants(repo: Path) -> None:
     run_chaos(repo, SLOW_KILLS, seed=2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="moves a process into the host's cgroup leaf")
+def test_a_host_spawned_but_never_recorded_is_killed_before_another_starts(repo: Path) -> None:
+    """What a kill between spawning the host and recording it leaves: a live process in the
+    host's cgroup leaf that no run records. The next swapguard must not start a second host."""
+    with supervised(repo) as sup:
+        sup.start()
+        host_pid = sup.status()["host"]["pid"]
+        leaf = CgroupLeaf.create(hashlib.sha256(str(sup.state).encode()).hexdigest()[:16])
+        if leaf is None or host_pid not in leaf.pids():
+            pytest.skip("no cgroup leaf for the host here")
+        kill_all_of_swapguard(sup)
+        os.kill(host_pid, signal.SIGKILL)  # the recorded run is gone ...
+        wait_for(lambda: host_pid not in leaf.pids(), what="the recorded host to go")
+        stray = subprocess.Popen(  # ... and an unrecorded one runs in the leaf
+            ["sleep", "300"], start_new_session=True
+        )
+        leaf.add(stray.pid)
+        sup.start()
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+        assert leaf.pids() == [sup.status()["host"]["pid"]]
