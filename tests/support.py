@@ -117,9 +117,9 @@ class Supervisor:
     def __init__(self, repo: Path, *, host: dict[str, Any] | None = None,
                  deadman: dict[str, Any] | None = None, data: bool = True,
                  code: dict[str, Any] | None = None, control: dict[str, Any] | None = None,
-                 extra: str = "") -> None:
+                 extra: str = "", state_parent: Path | None = None) -> None:
         self.repo = repo
-        self.state = Path(tempfile.mkdtemp(prefix="sg", dir="/tmp"))
+        self.state = Path(tempfile.mkdtemp(prefix="sg", dir=str(state_parent or "/tmp")))
         self.socket = self.state / "c.sock"
         self.log = self.state.parent / (self.state.name + ".log")
         host_cfg = {"command": [sys.executable, "app.py"], "cwd": str(repo), "ready": "notify",

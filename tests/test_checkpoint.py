@@ -409,7 +409,7 @@ def test_take_refuses_while_index_lock_exists(repo: Path) -> None:
     assert git(repo, "for-each-ref", "refs/swapguard/") == ""
 
 
-def test_take_and_restore_refuse_during_a_merge(tmp_path: Path) -> None:
+def test_take_refuses_during_a_merge_and_restore_sets_it_aside(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     init_repo(repo)
     write(repo / "a.txt", "base\n")
@@ -427,9 +427,13 @@ def test_take_and_restore_refuse_during_a_merge(tmp_path: Path) -> None:
     before = snapshot_state(repo)
     with pytest.raises(CheckpointError, match="a merge is in progress"):
         tree.take("s1")
-    with pytest.raises(CheckpointError, match="a merge is in progress"):
-        tree.restore(cp, name="s1")
     assert snapshot_state(repo) == before
+    # a merge begun since the checkpoint (by the new version) does not stop its rollback
+    tree.restore(cp, name="s1")
+    assert not (repo / ".git/MERGE_HEAD").exists()
+    assert (repo / ".git/swapguard-aside-s1/MERGE_HEAD").exists()
+    assert (repo / "a.txt").read_text() == "base\n"
+    assert git(repo, "status", "--porcelain") == ""
 
 
 def test_unborn_branch(tmp_path: Path) -> None:

@@ -615,11 +615,12 @@ def test_restore_does_not_let_sqlite_follow_a_planted_sidecar_symlink(
     assert os.path.islink(f"{kept(db)}-wal")
 
 
-def test_restore_refuses_a_folder_turned_into_a_symlink(
+def test_restore_moves_aside_a_folder_turned_into_a_symlink(
     store: SnapshotStore, data: Path, tmp_path: Path
 ) -> None:
     notes = data / "notes.txt"
     notes.write_text("old")
+    data.chmod(0o750)
     snaps = store.take(SWAP, [(notes, "file")])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -627,11 +628,34 @@ def test_restore_refuses_a_folder_turned_into_a_symlink(
     shutil.rmtree(data)
     data.symlink_to(elsewhere)
 
+    store.restore(SWAP, snaps)
+
+    assert not data.is_symlink() and notes.read_text() == "old"
+    assert stat.S_IMODE(data.lstat().st_mode) == 0o750
+    kept = data.with_name(f"{data.name}.rolled-back-{SWAP}")
+    assert kept.is_symlink() and os.readlink(kept) == str(elsewhere)
+    assert os.listdir(elsewhere) == ["notes.txt"]
+    assert (elsewhere / "notes.txt").read_text() == "not yours"
+
+
+def test_restore_refuses_a_folder_further_up_turned_into_a_symlink(
+    store: SnapshotStore, data: Path, tmp_path: Path
+) -> None:
+    (data / "deeper").mkdir()
+    notes = data / "deeper" / "notes.txt"
+    notes.write_text("old")
+    snaps = store.take(SWAP, [(notes, "file")])
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deeper").mkdir(parents=True)
+    (elsewhere / "deeper" / "notes.txt").write_text("not yours")
+    shutil.rmtree(data)
+    data.symlink_to(elsewhere)
+
     with pytest.raises(SnapshotError, match=rf"data entry {notes} \(file\), step set_aside"):
         store.restore(SWAP, snaps)
 
-    assert os.listdir(elsewhere) == ["notes.txt"]
-    assert (elsewhere / "notes.txt").read_text() == "not yours"
+    assert os.listdir(elsewhere / "deeper") == ["notes.txt"]
+    assert (elsewhere / "deeper" / "notes.txt").read_text() == "not yours"
     store.prune([])
     assert (store.root / SWAP).exists(), "an unfinished restore keeps its snapshot"
 

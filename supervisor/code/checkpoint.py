@@ -13,6 +13,14 @@ under `refs/swapguard/abandoned/<name>` before anything is changed), then lets
 chmods only what differs. Then the index, branch and HEAD are put back. Every step sets an
 absolute state, so a restore repeated after a crash ends exact.
 
+Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
+a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
+them: they count as absent, and a restore removes them), folders and files it locked (opened up
+first; every mode the checkpoint recorded comes back, `treemodes`). The locks it takes in `.git`
+are journaled as ours before they are taken (`gitlocks`), so a crash leaves none that blocks the
+next run; somebody else's `index.lock` is waited on briefly, then the index alone is left pending
+until it goes: the work tree, HEAD and branch are restored all the same.
+
 Limits (documented, not hidden):
 - Submodules are recorded as their gitlink (the commit) only; their own work trees are neither
   captured nor restored.
@@ -28,11 +36,9 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import random
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -43,10 +49,23 @@ from typing import Any, Literal
 
 import tenacity
 
+from supervisor.code import treemodes, treepaths
+from supervisor.code.gitcmd import Git as _Git
+from supervisor.code.gitcmd import literal
+from supervisor.code.gitlocks import (
+    INDEX_LOCK,
+    GitLocks,
+    index_locked_error,
+    refuse_in_progress,
+    set_aside_in_progress,
+    signature,
+)
 from supervisor.core.backoff import exponential
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
+_SPECIAL_ROUNDS = 5  # `git add` again after dropping paths it cannot hold: rounds at most
+_LOCK_WAIT_S = 1.0  # a git of somebody else's holding index.lock: how long a restore waits
 _VANISHED_RETRY_FOR_S = 10.0
 """How long a take keeps retrying `git add` while files vanish under it; a prepare's client waits
 65 s, and a churn that beats dozens of attempts in this time is not a tree one can checkpoint."""
@@ -59,32 +78,15 @@ REF_ROOT = "refs/swapguard"
 _CHECKPOINTS = f"{REF_ROOT}/checkpoints"
 _ABANDONED = f"{REF_ROOT}/abandoned"
 
-# Config that would make a scratch-index operation slow, lossy or chatty, overridden per call.
-_GIT_CONFIG = (
-    "core.fsmonitor=false",  # a stale token in a copied index could hide a change
-    "core.splitIndex=false",
-    "gc.auto=0",
-    "maintenance.auto=false",
-    "advice.addEmbeddedRepo=false",
-)
-_IDENTITY = {
-    "GIT_AUTHOR_NAME": "swapguard",
-    "GIT_AUTHOR_EMAIL": "swapguard@localhost",
-    "GIT_COMMITTER_NAME": "swapguard",
-    "GIT_COMMITTER_EMAIL": "swapguard@localhost",
-}
-# Files in the git dir that mean an operation is half done; a checkpoint now would be a lie.
-_IN_PROGRESS = (
-    ("MERGE_HEAD", "a merge"),
-    ("rebase-merge", "a rebase"),
-    ("rebase-apply", "a rebase or git am"),
-    ("CHERRY_PICK_HEAD", "a cherry-pick"),
-    ("REVERT_HEAD", "a revert"),
-    ("sequencer", "a cherry-pick or revert sequence"),
-    ("BISECT_LOG", "a bisect"),
-)
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
+_LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
+# `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
+_NOT_ADDABLE = re.compile(
+    r"error: (.+): can only add regular files, symbolic links or git-directories"
+)
+# Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
+_LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
@@ -134,85 +136,6 @@ class Change:
     change: Literal["added", "modified", "deleted"]
 
 
-@dataclass(frozen=True)
-class _Owner:
-    """Whom git runs as when we are root and the tree belongs to someone else."""
-
-    uid: int
-    gid: int
-    home: str
-
-
-def _owner_of(root: Path) -> _Owner | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None
-    try:
-        stat = root.stat()
-    except OSError:
-        return None  # check() reports the missing root
-    if stat.st_uid == 0:
-        return None
-    try:
-        entry = pwd.getpwuid(stat.st_uid)
-    except KeyError:
-        return _Owner(stat.st_uid, stat.st_gid, "/")
-    return _Owner(stat.st_uid, entry.pw_gid, entry.pw_dir)
-
-
-class _Git:
-    """Runs the git binary in one work tree with a clean, explicit environment."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.owner = _owner_of(root)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        env.update(_IDENTITY, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
-        if self.owner is not None:
-            env["HOME"] = self.owner.home
-        self._env = env
-        self._config = [arg for item in _GIT_CONFIG for arg in ("-c", item)]
-
-    def run(
-        self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
-    ) -> str | None:
-        """Git's stdout, or None when it exited with an accepted non-zero code."""
-        env = self._env if index is None else {**self._env, "GIT_INDEX_FILE": str(index)}
-        owner = self.owner
-        try:
-            proc = subprocess.run(
-                ["git", *self._config, *args],
-                cwd=self.root,
-                env=env,
-                input=os.fsencode(stdin),
-                capture_output=True,
-                user=owner.uid if owner else None,
-                group=owner.gid if owner else None,
-                extra_groups=[] if owner else None,
-            )
-        except FileNotFoundError as exc:
-            raise CheckpointError("git is not installed or not on PATH") from exc
-        if proc.returncode == 0:
-            return os.fsdecode(proc.stdout)
-        if proc.returncode in ok:
-            return None
-        stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
-        raise CheckpointError(
-            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
-        )
-
-    def out(self, *args: str, index: Path | None = None) -> str:
-        return self.run(*args, index=index) or ""
-
-    def give(self, path: Path) -> None:
-        """Hand a scratch file or folder we created to the user git runs as."""
-        if self.owner is not None:
-            os.chown(path, self.owner.uid, self.owner.gid)
-
-
-def _literal(path: str) -> str:
-    return f":(literal){path}"
-
-
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".lock"):
         raise CheckpointError(
@@ -231,6 +154,8 @@ class CodeTree:
         self.excluded = tuple(sorted({r for p in exclude if (r := self._relative_excluded(p))}))
         self._git = _Git(self.root)
         self._known_git_dir: Path | None = None
+        self._blocked_by: str | None = None
+        self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
 
     # --- public ---------------------------------------------------------------------------
 
@@ -241,14 +166,21 @@ class CodeTree:
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
         git_dir = self._git_dir(fresh=True)
-        if (git_dir / "index.lock").exists():
-            raise CheckpointError(
-                f"{git_dir / 'index.lock'} exists: another git command is running or crashed; "
-                "remove the file once no git process is left"
-            )
-        for marker, what in _IN_PROGRESS:
-            if (git_dir / marker).exists():
-                raise CheckpointError(f"{self.root}: {what} is in progress ({git_dir / marker})")
+        self._locks().clear_stale()
+        if foreign := self._locks().foreign_index_lock():
+            raise index_locked_error(foreign)
+        refuse_in_progress(self.root, git_dir)
+
+    def index_locked(self) -> str | None:
+        """The index.lock that kept the last restore from putting the index back, while it lasts
+        (the index is put back by the first operation after it goes)."""
+        return self._blocked_by
+
+    def finish_index(self, wait: float) -> bool:
+        """Put back an index a restore left pending, waiting up to `wait` seconds for somebody
+        else's index.lock to go; whether none is pending any more."""
+        self._finish_pending_index(wait=wait)
+        return self._blocked_by is None
 
     def take(self, name: str) -> Checkpoint:
         """Capture the tree as refs/swapguard/checkpoints/<name>; the user's state is untouched."""
@@ -259,33 +191,49 @@ class CodeTree:
         with self._scratch() as scratch:
             index_tree = self._index_tree(scratch / "staged")
             tree = self._capture(scratch / "capture")
+        modes = treemodes.odd_modes(self.root, self._listing(tree), treemodes.umask())
         parents = [head] if head else []
         if index_tree:
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
-        commit = self._commit(tree, parents, f"swapguard checkpoint {name}\n\nbranch: {branch}")
-        self._git.out(
-            "update-ref", "-m", f"swapguard: checkpoint {name}", f"{_CHECKPOINTS}/{name}", commit
-        )
+        message = f"swapguard checkpoint {name}\n\nbranch: {branch}\n{treemodes.to_message(modes)}"
+        commit = self._commit(tree, parents, message)
+        ref = f"{_CHECKPOINTS}/{name}"
+        with self._locks().holding([*_LOCKS, f"{ref}.lock"]):
+            self._git.out("update-ref", "-m", f"swapguard: checkpoint {name}", ref, commit)
         log.info("checkpoint %s of %s: %s (%.0f ms)", name, self.root, commit[:12], _ms(started))
         return Checkpoint(commit=commit, index_tree=index_tree, head=head, branch=branch)
 
     def restore(self, cp: Checkpoint, *, name: str) -> None:
-        """Make work tree, index, HEAD and branch what they were at `cp`; lose no commit or file."""
+        """Make work tree, index, HEAD and branch what they were at `cp`; lose no commit or file.
+
+        Whatever the new version left (symlinks for folders, FIFOs, sockets, locked folders) is
+        replaced, never followed or opened. An index.lock somebody else holds does not stop it:
+        the work tree, HEAD and branch are restored, and the index once the lock goes."""
         _check_name(name)
         started = time.monotonic()
-        self.check()
+        git_dir = self._git_dir(fresh=True)
+        locks = self._locks()
+        locks.clear_stale()
+        set_aside_in_progress(self.root, git_dir, name)
         target = self._tree_of(cp)
-        with self._scratch() as scratch:
+        listing = self._listing(target)
+        mask = treemodes.umask()
+        ref_locks = [f"{_ABANDONED}/{name}.lock", f"refs/heads/{cp.branch}.lock"]
+        with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
+            treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             index = scratch / "current"
-            current = self._capture(index)
+            current = self._capture(index, aside=True)
+            self._remove_untracked_special(current, listing)
             doomed = self._ignored_in_the_way(current, target, index)
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
-                self._git.out("add", "-f", "--", *map(_literal, doomed), index=index)
+                self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
             self._keep_abandoned(current, cp, name)
             self._git.out("read-tree", "--reset", "-u", target, index=index)
+            recorded = treemodes.from_message(self._git.out("cat-file", "commit", cp.commit))
+            treemodes.put_back(self.root, listing, recorded, mask)
             self._put_index(cp.index_tree, worktree_index=index)
-        self._put_head(cp, name)
+            self._put_head(cp, name)
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
@@ -325,26 +273,34 @@ class CodeTree:
             ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] in wanted
         ]
         if doomed:
-            self._git.run("update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed))
+            locks = self._locks()
+            locks.clear_stale()
+            with locks.holding([*_LOCKS, *(f"{ref}.lock" for ref in doomed)]):
+                self._git.run(
+                    "update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed)
+                )
             log.info("dropped %s", ", ".join(doomed))
 
     # --- capture ----------------------------------------------------------------------------
 
-    def _capture(self, index: Path) -> str:
-        """Write the tree of the work tree as it is, through a scratch copy of the index."""
+    def _capture(self, index: Path, *, aside: bool = False) -> str:
+        """Write the tree of the work tree as it is, through a scratch copy of the index. What
+        git cannot hold (a FIFO, a socket, a device) counts as absent; with `aside` (a restore
+        about to write the tree) it is removed first, never opened."""
+        self._finish_pending_index()
         real = self._git_dir() / "index"
-        if real.exists():
+        if treepaths.is_regular(real):  # a symlink or FIFO planted there is no index: never read
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
         skip = self._exclude_pathspecs(index)
-        self._add_all(index, skip)
-        present = [p for p in self.extra_paths if os.path.lexists(self.root / p)]
+        self._add_all(index, skip, aside=aside)
+        present = [p for p in self.extra_paths if treepaths.plain(self.root, p)]
         if present:
-            self._git.out("add", "-f", "--", *map(_literal, present), *skip, index=index)
+            self._git.out("add", "-f", "--", *map(literal, present), *skip, index=index)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
 
-    def _add_all(self, index: Path, skip: list[str]) -> None:
+    def _add_all(self, index: Path, skip: list[str], *, aside: bool) -> None:
         """`git add -A`, again within a bounded time when a file vanished between git listing and
         reading it: a host that writes and deletes files while we checkpoint must not fail it."""
         for attempt in tenacity.Retrying(
@@ -355,25 +311,65 @@ class CodeTree:
             reraise=True,
         ):
             with attempt:
-                self._git.out("add", "-A", "--", ".", *skip, index=index)
+                self._add_once(index, skip, aside=aside)
+
+    def _add_once(self, index: Path, skip: list[str], *, aside: bool) -> None:
+        """One `git add -A`; a path git cannot hold (a FIFO, a socket, a device) is dropped from
+        the index (and with `aside`, from the tree) and the add runs again."""
+        for _ in range(_SPECIAL_ROUNDS):
+            try:
+                self._git.out("add", "-A", "--ignore-errors", "--", ".", *skip, index=index)
+                return
+            except CheckpointError as exc:
+                special = _NOT_ADDABLE.findall(exc.message)
+                others = [
+                    line
+                    for line in exc.message.split(": ", 1)[-1].splitlines()
+                    if line.strip() and not _NOT_ADDABLE.search(line)
+                ]
+                if not (special and not others):
+                    raise
+                self._drop_special(index, special, aside=aside)
+        raise CheckpointError(f"git add kept finding paths it cannot hold in {self.root}")
+
+    def _drop_special(self, index: Path, paths: list[str], *, aside: bool) -> None:
+        """Paths that are neither file, link nor folder: never code. A restore removes them."""
+        log.warning("not code (neither file, link nor folder): %s", ", ".join(paths[:5]))
+        self._git.out(
+            "rm",
+            "--cached",
+            "-f",
+            "-q",
+            "--ignore-unmatch",
+            "--",
+            *map(literal, paths),
+            index=index,
+        )
+        if aside:
+            for path in paths:
+                full = self.root / path
+                if treepaths.below_real_dirs(self.root, path) and treepaths.is_special(full):
+                    full.unlink()
 
     def _exclude_pathspecs(self, index: Path) -> list[str]:
         """Pathspecs that keep excluded files from being hashed at all (a big database would be).
 
         Ignored ones are left out: `git add` fails on a pathspec that names an ignored path.
         """
-        if not self.excluded:
+        # a path below a symlink (a data folder on another volume) is not in the tree at all
+        reachable = [path for path in self.excluded if treepaths.below_real_dirs(self.root, path)]
+        if not reachable:
             return []
         listed = self._git.run(
-            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(self.excluded)
+            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(reachable)
         )
         ignored = set((listed or "").split("\0"))
-        return [f":(exclude,literal){path}" for path in self.excluded if path not in ignored]
+        return [f":(exclude,literal){path}" for path in reachable if path not in ignored]
 
     def _index_tree(self, scratch: Path) -> str:
         """The tree the user staged, from a copy: write-tree may rewrite the index it reads."""
         real = self._git_dir() / "index"
-        if not real.exists():
+        if not treepaths.is_regular(real):
             return ""
         shutil.copy2(real, scratch)
         self._git.give(scratch)
@@ -381,10 +377,10 @@ class CodeTree:
 
     def _forget_excluded(self, index: Path) -> None:
         """Drop excluded paths that the user's index tracks: never captured, never restored."""
-        if self.excluded:
+        if self.excluded:  # (rm --cached looks at no path on disk, symlinked or not)
             self._git.out(
                 "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
-                *map(_literal, self.excluded), index=index,
+                *map(literal, self.excluded), index=index,
             )  # fmt: skip
 
     def _tree_of(self, cp: Checkpoint) -> str:
@@ -421,21 +417,42 @@ class CodeTree:
                         f"restore would replace {self.root / path} but it holds the excluded "
                         f"{self.root / excluded}; move it away and retry"
                     )
+            blocking = treepaths.first_non_dir_above(self.root, path)
+            if blocking is not None:  # a file or symlink where a folder must be: nothing below it
+                if blocking in self.excluded:
+                    raise CheckpointError(
+                        f"restore needs a folder at the excluded {self.root / blocking}"
+                    )
+                if not treepaths.is_special(self.root / blocking):
+                    doomed.add(blocking)
+                continue
             full = self.root / path
-            if _is_real_dir(full):
-                listed = self._git.out(*_LS_IGNORED, _literal(path), index=index)
-                doomed.update(filter(None, listed.split("\0")))
-            elif os.path.lexists(full):
+            if treepaths.is_real_dir(full):
+                listed = self._git.out(*_LS_IGNORED, literal(path), index=index)
+                doomed.update(
+                    p for p in listed.split("\0") if p and not treepaths.is_special(self.root / p)
+                )
+            elif os.path.lexists(full) and not treepaths.is_special(full):
                 doomed.add(path)
-            for parent in PurePosixPath(path).parents:
-                above = self.root / parent
-                if parent.name and os.path.lexists(above) and not _is_real_dir(above):
-                    if str(parent) in self.excluded:
-                        raise CheckpointError(
-                            f"restore needs a folder at the excluded {self.root / parent}"
-                        )
-                    doomed.add(str(parent))
         return sorted(doomed)
+
+    def _remove_untracked_special(self, current: str, target: list[tuple[str, str]]) -> None:
+        """FIFOs, sockets and devices git passes over in silence, in any folder of the current or
+        the target tree: unless ignored or excluded they are the new version's, and go (never
+        opened)."""
+        folders = {path for mode, path in [*self._listing(current), *target] if mode == "040000"}
+        found = treepaths.special_entries(self.root, {"", *folders})
+        found = [
+            p for p in found if not any(p == e or p.startswith(e + "/") for e in self.excluded)
+        ]
+        if not found:
+            return
+        listed = self._git.run("check-ignore", "-z", "--stdin", ok=(1,), stdin="\0".join(found))
+        ignored = set((listed or "").split("\0"))
+        for path in found:
+            if path not in ignored and treepaths.is_special(self.root / path):
+                (self.root / path).unlink()
+                log.info("removed %s: neither file, link nor folder, and not ignored", path)
 
     def _keep_abandoned(self, current: str, cp: Checkpoint, name: str) -> None:
         """Keep the abandoned state, its HEAD and its branch tip reachable under swapguard's refs.
@@ -472,28 +489,51 @@ class CodeTree:
         """Replace the user's index with the staged tree of the checkpoint, atomically.
 
         Built from the index that just wrote the work tree, so unchanged entries keep their stat
-        data and the refresh only hashes what is staged differently from the work tree.
-        """
+        data and the refresh only hashes what is staged differently from the work tree. While
+        somebody else holds index.lock (past a short wait), the new index waits beside it as
+        PENDING_INDEX, and the first operation after the lock goes puts it in place."""
         git_dir = self._git_dir()
-        real = git_dir / "index"
-        if not index_tree:
-            with self._index_lock(git_dir):
-                real.unlink(missing_ok=True)
-            return
         for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
         staged = git_dir / f"swapguard-index.{os.getpid()}"
-        shutil.copy2(worktree_index, staged)
+        if index_tree:
+            shutil.copy2(worktree_index, staged)
         try:
-            if real.exists():
-                os.chmod(staged, real.stat().st_mode & 0o7777)
-            self._git.give(staged)
-            self._git.out("read-tree", "--reset", index_tree, index=staged)
-            self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
-            with self._index_lock(git_dir):
-                os.replace(staged, real)
+            if index_tree:
+                real = git_dir / "index"
+                if real.exists():
+                    os.chmod(staged, real.stat().st_mode & 0o7777)
+                self._git.give(staged)
+                self._git.out("read-tree", "--reset", index_tree, index=staged)
+                self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
+            self._pending_over = self._locks().make_pending(staged if index_tree else None)
         finally:
             staged.unlink(missing_ok=True)
+        self._finish_pending_index(wait=_LOCK_WAIT_S)
+
+    def _finish_pending_index(self, *, wait: float = 0.0) -> None:
+        """Put a pending index in place once nobody else holds index.lock (within `wait`)."""
+        locks = self._locks()
+        if not locks.pending():
+            self._blocked_by = None
+            return
+        locks.clear_stale()
+        if self._pending_over is not None and signature(locks.index) != self._pending_over:
+            log.warning("%s: the index was written since the restore; keeping it", self.root)
+            locks.drop_pending()
+            self._blocked_by = self._pending_over = None
+            return
+        if not locks.put_pending(wait):
+            self._blocked_by = locks.foreign_index_lock() or str(locks.git_dir / INDEX_LOCK)
+            log.warning(
+                "%s: git's index stays as the new version left it while %s exists "
+                "(held by another process); it is put back once that goes",
+                self.root, self._blocked_by,
+            )  # fmt: skip
+            return
+        if self._blocked_by:
+            log.info("%s: the index is back, %s went", self.root, self._blocked_by)
+        self._blocked_by = self._pending_over = None
 
     def _put_head(self, cp: Checkpoint, name: str) -> None:
         message = f"swapguard: restore {name}"
@@ -508,18 +548,17 @@ class CodeTree:
         if self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,)) != branch_ref + "\n":
             self._git.out("symbolic-ref", "-m", message, "HEAD", branch_ref)
 
-    @contextmanager
-    def _index_lock(self, git_dir: Path) -> Iterator[None]:
-        """Hold index.lock the way git does, so no git command writes the index meanwhile."""
-        lock = git_dir / "index.lock"
-        try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError as exc:
-            raise CheckpointError(f"{lock} exists: another git command is running") from exc
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+    def _locks(self) -> GitLocks:
+        return GitLocks(self._git_dir())
+
+    def _listing(self, tree: str) -> list[tuple[str, str]]:
+        """(git mode, path) of every blob, link and folder of `tree`."""
+        found = []
+        for line in self._git.out(*_LS_TREE, tree).split("\0"):
+            if line:
+                meta, path = line.split("\t", 1)
+                found.append((meta.split(" ", 1)[0], path))
+        return found
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -590,10 +629,6 @@ def _relative_extra(path: str) -> str:
     if pure.parts[0] == ".git":
         raise ConfigError(f"{str(path)!r} lies inside .git", key="code.extra_paths")
     return pure.as_posix()
-
-
-def _is_real_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
 
 
 def _ms(started: float) -> float:

@@ -81,6 +81,7 @@ def status(runtime: Runtime) -> dict[str, Any]:
             "root": str(runtime.config.code.root),
             "head": drift.head,
             "drift": drift.drifted,
+            "index_locked": runtime.code.index_locked(),  # someone's index.lock holds our index
         },
     }
 

@@ -19,6 +19,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -33,6 +34,9 @@ from supervisor.state.store import Store
 
 if TYPE_CHECKING:
     from supervisor.daemon.counters import Counters
+
+log = logging.getLogger(__name__)
+_UNRECORDED_GONE_S = 2.0  # how long adoption waits for an unrecorded host to be gone
 
 _INHERITED_PROTOCOL_VARS = (
     "NOTIFY_SOCKET",
@@ -77,11 +81,13 @@ class HostRunner:
         """The host a previous supervisor left running, if its recorded run is still alive."""
         run = self.store.live_run()
         if run is None:
+            self._kill_unrecorded()
             return None
         process = host.HostProcess.adopt(run.pid, run.create_time, cgroup=self.cgroup)
         if process is None:
             self.store.record_exit(run.id, time.time(), None, None)
             self._emit("host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"})
+            self._kill_unrecorded()
             return None
         self.process, self.run_id = process, run.id
         self._watch_exit(process)
@@ -90,6 +96,19 @@ class HostRunner:
         return lifecycle.Adopted(
             now=boot, pid=process.pid, ready=run.ready_at is not None, started=boot - up_for
         )
+
+    def _kill_unrecorded(self) -> None:
+        """A host in our cgroup leaf that no run records was spawned by a swapguard killed before
+        it recorded the spawn: never two hosts, so it goes before one is started (issue 12's
+        chaos test found it). Without a cgroup it cannot be found."""
+        if self.cgroup is None or not (members := self.cgroup.pids()):
+            return
+        log.warning("killing %s: a host spawned by a swapguard that died before recording it",
+                    members)
+        self.cgroup.kill()
+        deadline = time.monotonic() + _UNRECORDED_GONE_S
+        while self.cgroup.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)  # exits take milliseconds once SIGKILL is sent; bounded all the same
 
     def spawn(
         self, extra_env: Mapping[str, str], *, code_version: str | None, swap_id: str | None

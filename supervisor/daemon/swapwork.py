@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 OUTPUT_DIR = "output"
 """Folder of state.dir that keeps build and hook output (0700, files 0600)."""
+
+INDEX_WAIT_S = 10.0
+"""After a rollback, how long a worker waits for somebody else's index.lock to go so it can put
+git's index back (else the next checkpoint, change listing or drift check does)."""
+
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
 
@@ -81,7 +86,7 @@ class SwapWork:
                 fsync_file(target, wanted)  # gone or replaced by the new version: its business
                 if not wanted():
                     return
-                if target.parent.is_dir():
+                if target.parent.is_dir() and not target.parent.is_symlink():
                     fsync_dir(target.parent)
 
     def build(self, phase: swaps.Step | None) -> None:
@@ -105,6 +110,12 @@ class SwapWork:
         """Back to the swap's checkpoint, which is then the code the host runs on."""
         checkpoint = _checkpoint(swap)
         self.code.restore(checkpoint, name=swap.id)
+        if lock := self.code.index_locked():
+            self.store.append_event(
+                "code.index_locked",
+                {"lock": lock, "detail": "git's index is put back once this lock goes"},
+                swap_id=swap.id,
+            )
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
         return checkpoint
 
@@ -154,6 +165,8 @@ class SwapWork:
         have been cut short), then prune. A failure is logged: nothing waits for this."""
         try:
             if swap.state is swaps.SwapState.ROLLED_BACK:
+                if not self.code.finish_index(wait=INDEX_WAIT_S):
+                    log.warning("swap %s: git's index is still locked; put back later", swap.id)
                 kept = self.snapshots.kept_copies(swap.id)
                 for path in kept:
                     fsync_file(path)

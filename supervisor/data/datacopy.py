@@ -37,7 +37,7 @@ from supervisor.errors import SnapshotError
 log = logging.getLogger(__name__)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO never blocks
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _CREATE_READABLE = CREATE_FLAGS & ~os.O_WRONLY | os.O_RDWR  # copy_file_hashed reads it back
@@ -119,18 +119,11 @@ def fsync_file(path: Path, wanted: Callable[[], bool] = lambda: True) -> bool:
     time where Linux allows; `wanted()` is asked between steps, and a flush no longer wanted
     stops there. True once the file is on disk; False if there is none, or it was not wanted.
     Each step is followed by an fsync of the file's folder (see FLUSH_STEP)."""
-    try:
-        fd = os.open(path, READ_FLAGS)
-    except (FileNotFoundError, NotADirectoryError):
+    fd = open_regular(path)
+    if fd is None:
         return False
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symlink: not ours to sync
-            return False
-        raise
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return False
         if (write_out := _sync_file_range()) is not None and st.st_size > FLUSH_STEP:
             for offset in range(0, st.st_size, FLUSH_STEP):
                 if not wanted():
@@ -144,6 +137,26 @@ def fsync_file(path: Path, wanted: Callable[[], bool] = lambda: True) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def open_regular(path: Path) -> int | None:
+    """A read-only fd of the regular file at `path`, or None if there is none. Never through a
+    symlink, and never blocking or acting on what the new version may have left there: a FIFO
+    (an open would wait for a writer for ever), a socket, a device node."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, READ_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or socket meanwhile
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the lstat and the open
+        os.close(fd)
+        return None
+    return fd
 
 
 @functools.cache
@@ -162,27 +175,57 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 def _clone_or_copy(src_fd: int, dst_fd: int) -> int:
     """FICLONE (btrfs, xfs: instant), else copy_file_range, else read/write (macOS): the bytes
-    copied."""
+    of the file accounted for. Only the source's data is copied: its holes stay holes (a sparse
+    file must not grow to its full size in the copy, the disk may not hold that)."""
     try:
         fcntl.ioctl(dst_fd, _FICLONE, src_fd)
         return os.fstat(dst_fd).st_size
     except OSError:
         pass  # ext4, tmpfs, macOS: copy instead
-    copied = 0
+    size = os.fstat(src_fd).st_size
     try:
-        while step := os.copy_file_range(src_fd, dst_fd, _CHUNK):
-            copied += step
-        return copied
+        done = _copy_data(src_fd, dst_fd, size, _kernel_copy)
     except (AttributeError, OSError) as exc:  # AttributeError: not Linux
         if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
-            raise  # else both offsets moved together: carry on by hand from there
-    buffer = memoryview(bytearray(_CHUNK))
-    while step := os.readv(src_fd, [buffer]):
-        written = 0
-        while written < step:
-            written += os.write(dst_fd, buffer[written:step])
-        copied += step
-    return copied
+            raise
+        done = _copy_data(src_fd, dst_fd, size, _user_copy)  # again from the start, by hand
+    os.ftruncate(dst_fd, done)  # a hole at the end is a size, not data
+    return done
+
+
+def _copy_data(
+    src_fd: int, dst_fd: int, size: int, copy: Callable[[int, int, int, int], int]
+) -> int:
+    """Copy each data segment of the source (SEEK_DATA/SEEK_HOLE) to the same offsets; the
+    offset reached (`size` unless the source shrank meanwhile)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            return size  # nothing but a hole up to the end
+        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+        while start < end:
+            step = copy(src_fd, dst_fd, start, min(end - start, _CHUNK))
+            if not step:
+                return start  # the source shrank under us
+            start += step
+        offset = end
+    return size
+
+
+def _kernel_copy(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src_fd, dst_fd, count, offset, offset)
+
+
+def _user_copy(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    data = os.pread(src_fd, count, offset)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(dst_fd, data[written:], offset + written)
+    return len(data)
 
 
 class _DigestBeside:
@@ -358,8 +401,8 @@ def connect_sqlite(path: Path, query: str, timeout: float) -> sqlite3.Connection
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename or create in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Make a rename or create in `folder` durable (not through a symlink in its place)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

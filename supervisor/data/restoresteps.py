@@ -133,6 +133,7 @@ def run_step(step: str, swap_dir: Path, entry: Json, place_file: PlaceFile) -> N
 def set_aside(swap_dir: Path, entry: Json) -> None:
     """Rename whatever is at the target now (SQLite: with its sidecars) to the kept name."""
     target, kept = entry["path"], entry["kept"]
+    reclaim_folder(target, swap_dir.name, entry)
     check_folder(target)
     if entry["existed"] and same_file(target, swap_dir / str(entry["index"])):
         os.unlink(target)  # still the snapshot itself (a take cut short): nothing to keep
@@ -185,6 +186,7 @@ def swap_in(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
         remove_path(Path(path))
         fsync_dir(folder)
     if not entry["existed"]:
+        put_folder_back(folder, entry)
         return
     staged = staged_name(target, swap_dir.name)
     if not os.path.lexists(staged) and not os.path.lexists(target):
@@ -194,6 +196,7 @@ def swap_in(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
             raise SnapshotError("something reappeared at the target mid-restore")
         os.replace(staged, target)
         fsync_dir(folder)
+    put_folder_back(folder, entry)
 
 
 def settle_kept(entry: Json) -> None:
@@ -229,6 +232,66 @@ def same_file(path: str | Path, other: str | Path) -> bool:
 def staged_name(target: str, swap_id: str) -> str:
     folder, name = os.path.split(target)
     return os.path.join(folder, f".{name}.swapguard-restore-{swap_id}")
+
+
+def folder_record(target: str) -> Json:
+    """The mode and owner of a target's folder, for the manifest: a restore puts them back."""
+    try:
+        st = os.lstat(os.path.dirname(target))
+    except FileNotFoundError:
+        return {}
+    return {
+        "folder_mode": stat.S_IMODE(st.st_mode),
+        "folder_uid": st.st_uid,
+        "folder_gid": st.st_gid,
+    }
+
+
+def reclaim_folder(target: str, swap_id: str, entry: Json) -> None:
+    """Make the target's folder a real folder we may change again: a symlink, file or anything
+    else the new version put in its place is moved aside (never followed) as
+    `<folder>.rolled-back-<swap id>`, and a folder it locked is opened up (its recorded mode
+    comes back at swap_in). Only the target's own folder: one further up is refused."""
+    folder = os.path.dirname(target)
+    parent = os.path.dirname(folder)
+    if os.path.realpath(parent) != parent:
+        raise SnapshotError(
+            f"{parent} now resolves to {os.path.realpath(parent)}; not following it"
+        )
+    try:
+        st: os.stat_result | None = os.lstat(folder)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        kept = f"{folder}.rolled-back-{swap_id}"
+        counter = 0
+        while os.path.lexists(kept):
+            counter += 1
+            kept = f"{folder}.rolled-back-{swap_id}.{counter}"
+        os.rename(folder, kept)
+        fsync_dir(Path(parent))
+        log.warning("%s was no longer a folder; kept what was there as %s", folder, kept)
+        st = None
+    if st is None:
+        os.mkdir(folder, 0o700)
+        put_folder_back(folder, entry)
+        fsync_dir(Path(parent))
+    elif st.st_mode & 0o700 != 0o700 and os.geteuid() in (0, st.st_uid):
+        os.chmod(folder, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
+
+
+def put_folder_back(folder: str | Path, entry: Json) -> None:
+    """The folder's mode and owner as the take recorded them (older manifests: left alone)."""
+    if "folder_mode" not in entry:
+        return
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    if (st.st_uid, st.st_gid) != (entry["folder_uid"], entry["folder_gid"]):
+        with contextlib.suppress(PermissionError):
+            os.chown(folder, entry["folder_uid"], entry["folder_gid"], follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) != entry["folder_mode"]:
+        os.chmod(folder, entry["folder_mode"], follow_symlinks=False)
 
 
 def check_folder(target: str) -> None:

@@ -216,7 +216,10 @@ class SnapshotStore:
                 except (OSError, sqlite3.Error, SnapshotError) as exc:
                     raise SnapshotError(f"data entry {target} ({kind}): {explain(exc)}") from exc
             self._before_step("commit_take")
-            listed = [{"index": i, **snap.to_json()} for i, snap in enumerate(records)]
+            listed = [
+                {"index": i, **snap.to_json(), **restoresteps.folder_record(snap.path)}
+                for i, snap in enumerate(records)
+            ]
             write_json(staging / _MANIFEST, {"swap_id": swap_id, "entries": listed})
             self._commit_staging(staging, final)
         except BaseException:

@@ -1,0 +1,138 @@
+"""The git binary, run in one work tree with a clean, explicit environment.
+
+Why a module of its own: every git command swapguard runs goes through here, so the environment
+(no GIT_* of the caller, a fixed identity, no optional locks, C locale) and the user it runs as
+(the tree's owner when swapguard is root, so nothing in the tree or `.git` becomes root's) are
+decided in one place.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.errors import CheckpointError
+
+GIT_TIMEOUT_S = 300.0
+"""No git command of ours runs longer: a tree on a hung file system fails the step (it is then
+retried with backoff) instead of holding a worker for ever."""
+
+
+@functools.cache
+def _no_index() -> str:
+    """A path where no index is, nor ever will be, for commands that need none: git would
+    otherwise read `.git/index` itself, where a new version may have left a FIFO (git would
+    block for ever) or garbage. Its folder is ours and anybody may look in it (git may run as
+    the tree's owner)."""
+    folder = tempfile.mkdtemp(prefix="swapguard-no-index-")
+    os.chmod(folder, 0o755)
+    atexit.register(shutil.rmtree, folder, True)
+    return os.path.join(folder, "index")
+
+
+# Config that would make a scratch-index operation slow, lossy or chatty, overridden per call.
+_GIT_CONFIG = (
+    "core.fsmonitor=false",  # a stale token in a copied index could hide a change
+    "core.splitIndex=false",
+    "gc.auto=0",
+    "maintenance.auto=false",
+    "advice.addEmbeddedRepo=false",
+)
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "swapguard",
+    "GIT_AUTHOR_EMAIL": "swapguard@localhost",
+    "GIT_COMMITTER_NAME": "swapguard",
+    "GIT_COMMITTER_EMAIL": "swapguard@localhost",
+}
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Whom git runs as when we are root and the tree belongs to someone else."""
+
+    uid: int
+    gid: int
+    home: str
+
+
+def _owner_of(root: Path) -> _Owner | None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    try:
+        stat = root.stat()
+    except OSError:
+        return None  # check() reports the missing root
+    if stat.st_uid == 0:
+        return None
+    try:
+        entry = pwd.getpwuid(stat.st_uid)
+    except KeyError:
+        return _Owner(stat.st_uid, stat.st_gid, "/")
+    return _Owner(stat.st_uid, entry.pw_gid, entry.pw_dir)
+
+
+class Git:
+    """Runs the git binary in one work tree with a clean, explicit environment."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.owner = _owner_of(root)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        env.update(_IDENTITY, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+        if self.owner is not None:
+            env["HOME"] = self.owner.home
+        self._env = env
+        self._config = [arg for item in _GIT_CONFIG for arg in ("-c", item)]
+
+    def run(
+        self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
+    ) -> str | None:
+        """Git's stdout, or None when it exited with an accepted non-zero code."""
+        env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
+        owner = self.owner
+        try:
+            proc = subprocess.run(
+                ["git", *self._config, *args],
+                cwd=self.root,
+                env=env,
+                input=os.fsencode(stdin),
+                capture_output=True,
+                user=owner.uid if owner else None,
+                group=owner.gid if owner else None,
+                extra_groups=[] if owner else None,
+                timeout=GIT_TIMEOUT_S,
+            )
+        except FileNotFoundError as exc:
+            raise CheckpointError("git is not installed or not on PATH") from exc
+        except subprocess.TimeoutExpired as exc:  # killed: its scratch-index lock goes with it
+            raise CheckpointError(
+                f"git {args[0]} in {self.root} did not finish within {GIT_TIMEOUT_S:.0f}s"
+            ) from exc
+        if proc.returncode == 0:
+            return os.fsdecode(proc.stdout)
+        if proc.returncode in ok:
+            return None
+        stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
+        raise CheckpointError(
+            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
+        )
+
+    def out(self, *args: str, index: Path | None = None) -> str:
+        return self.run(*args, index=index) or ""
+
+    def give(self, path: Path) -> None:
+        """Hand a scratch file or folder we created to the user git runs as."""
+        if self.owner is not None:
+            os.chown(path, self.owner.uid, self.owner.gid)
+
+
+def literal(path: str) -> str:
+    return f":(literal){path}"

@@ -1,0 +1,136 @@
+"""Permission bits of a code tree beyond the one git keeps (a file's executable bit).
+
+Why: a new version may chmod 000 a folder or a file, or make a folder read-only. Git neither
+records nor restores such bits (nor any folder's), so without this a rollback would bring the
+old content back under the new version's modes, or, run unprivileged, fail on a folder it can no
+longer enter. A checkpoint records the files and folders whose bits differ from what git would
+give them (few, usually none); a restore first opens up what it must enter, and afterwards puts
+every path of the tree back to its recorded bits, or git's default for the rest.
+
+The record travels in the checkpoint commit's message, one `mode <octal> <json path>` line each,
+so it lives exactly as long as the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+
+_LINE = re.compile(r"mode ([0-7]{1,5}) (\".*\")")
+Modes = dict[str, int]
+Listing = list[tuple[str, str]]  # (git mode, path) of every blob, link and tree of a tree
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("Umask:"):
+                        return int(line.split()[1], 8)
+        except (OSError, ValueError):
+            pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def default_mode(git_mode: str, mask: int) -> int | None:
+    """The bits git gives a path of this git mode when it writes it; None for a link or gitlink."""
+    if git_mode == "040000":
+        return 0o777 & ~mask
+    if git_mode == "100755":
+        return 0o777 & ~mask
+    if git_mode == "100644":
+        return 0o666 & ~mask
+    return None
+
+
+def odd_modes(root: Path, listing: Listing, mask: int) -> Modes:
+    """The paths of `listing` whose bits differ from git's default for them."""
+    found: Modes = {}
+    for git_mode, path in listing:
+        default = default_mode(git_mode, mask)
+        if default is None:
+            continue
+        try:
+            st = os.lstat(root / path)
+        except OSError:
+            continue  # vanished since git listed it
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if stat.S_IMODE(st.st_mode) != default:
+            found[path] = stat.S_IMODE(st.st_mode)
+    return found
+
+
+def to_message(modes: Modes) -> str:
+    return "".join(f"mode {mode:o} {json.dumps(path)}\n" for path, mode in sorted(modes.items()))
+
+
+def from_message(message: str) -> Modes:
+    found: Modes = {}
+    for line in message.splitlines():
+        if match := _LINE.fullmatch(line):
+            try:
+                path = json.loads(match.group(2))
+            except ValueError:
+                continue
+            if isinstance(path, str):
+                found[path] = int(match.group(1), 8)
+    return found
+
+
+def open_up(root: Path, folders: Iterable[str]) -> None:
+    """Give the owner back the right to enter and change each folder (top down), so a restore
+    whose git runs unprivileged (as swapguard's user, or as the tree's owner when swapguard is
+    root) is not stopped by a folder the new version locked. Only folders we may chmod; never
+    through a symlink: a path that is not a real folder is left to git, which replaces it."""
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1  # root may change any folder
+    for rel in sorted(set(folders), key=lambda p: p.count("/")):
+        path = root / rel
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        mine = uid == 0 or st.st_uid == uid
+        if stat.S_ISDIR(st.st_mode) and mine and st.st_mode & 0o700 != 0o700:
+            os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
+
+
+def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[str]:
+    """Set every path of `listing` to its recorded bits, else git's default; the paths changed.
+    Deepest first, so a folder is closed only once what is below it is done."""
+    changed = []
+    for git_mode, path in sorted(listing, key=lambda item: -item[1].count("/")):
+        wanted = recorded.get(path, default_mode(git_mode, mask))
+        if wanted is None:
+            continue
+        full = root / path
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        kind_ok = stat.S_ISDIR(st.st_mode) if git_mode == "040000" else stat.S_ISREG(st.st_mode)
+        if kind_ok and stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(full, wanted, follow_symlinks=False)
+            changed.append(path)
+    return changed
+
+
+def folders_of(paths: Iterable[str]) -> Iterator[str]:
+    """Every folder above each path (relative, root excluded), once."""
+    seen: set[str] = set()
+    for path in paths:
+        for parent in PurePosixPath(path).parents:
+            name = str(parent)
+            if name == "." or name in seen:
+                continue
+            seen.add(name)
+            yield name
