@@ -394,11 +394,6 @@ def test_a_sparse_data_file_on_a_small_file_system(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 12 item 3 (branch h-runtime): a tick that cannot write the store leaves the "
-    "timer unarmed; the rollback then never starts",
-    strict=False,
-)
 def test_the_state_file_system_full(tmp_path: Path) -> None:
     """The new version fills the file system of state.dir: the rollback still ends exact (the
     filler is the new version's, left where it put it; swapguard needs no space it did not

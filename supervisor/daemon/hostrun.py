@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
+import tenacity
+
 from supervisor import clock
 from supervisor.config.schema import Config
 from supervisor.core import lifecycle
@@ -130,9 +132,7 @@ class HostRunner:
             return lifecycle.SpawnFailed(now=clock.boot_clock(), wall=wall, error=exc.message)
         self.counters.spawns += 1
         try:
-            self.run_id = self.store.record_spawn(
-                process.pid, process.create_time, clock.BOOT_ID, wall, code_version, swap_id
-            )
+            self.run_id = self._record_spawn(process, wall, code_version, swap_id)
         except SwapguardError as exc:
             # A host we could not record would not be adopted after a restart of ours, and a
             # second one would start: better no host than an untracked one.
@@ -145,10 +145,24 @@ class HostRunner:
         self._watch_exit(process)
         return lifecycle.Spawned(now=clock.boot_clock(), pid=process.pid)
 
+    def _record_spawn(
+        self, process: host.HostProcess, wall: float, code_version: str | None, swap_id: str | None
+    ) -> int:
+        """Twice at most: a full state disk gives back the store's reserve on the first refusal."""
+        for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(2), reraise=True):
+            with attempt:
+                return self.store.record_spawn(
+                    process.pid, process.create_time, clock.BOOT_ID, wall, code_version, swap_id
+                )
+        raise AssertionError("unreachable: tenacity reraises")
+
     def record_ready(self) -> None:
         """The current run became ready: a restarted supervisor adopts it as ready."""
         if self.run_id is not None:
-            self.store.record_ready(self.run_id, time.time())
+            try:
+                self.store.record_ready(self.run_id, time.time())
+            except SwapguardError as exc:  # adopted as starting then: its next heartbeat readies it
+                log.error("host run %d: readiness not recorded: %s", self.run_id, exc)
 
     def _child_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
         inherit = self.config.host.inherit_env
@@ -187,7 +201,10 @@ class HostRunner:
         process.close()
         wall = time.time()
         if self.run_id is not None:
-            self.store.record_exit(self.run_id, wall, status.code, status.signal)
+            try:
+                self.store.record_exit(self.run_id, wall, status.code, status.signal)
+            except SwapguardError as exc:  # a restart finds the run's process gone all the same
+                log.error("host run %d: exit not recorded: %s", self.run_id, exc)
         if self.process is process:
             self.process = None
         self._on_exit(

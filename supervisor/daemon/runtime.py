@@ -56,9 +56,12 @@ from supervisor.daemon.timer import WakeTimer
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
 from supervisor.process import host, jobs
-from supervisor.state.store import Store
+from supervisor.state.store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+SAVE_RETRY_S = 1.0
+"""A swap record the store refused (a full state disk) is saved again this often."""
 
 
 class Runtime:
@@ -128,6 +131,8 @@ class Runtime:
         self._event_name = "-"
         self._confirm_waiters: dict[str, list[asyncio.Future[str | None]]] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._unsaved: tuple[swaps.Swap, list[tuple[str, dict[str, Any]]]] | None = None
+        self._save_retry: asyncio.TimerHandle | None = None
 
     # --- start and shutdown --------------------------------------------------------------
 
@@ -310,17 +315,37 @@ class Runtime:
     def _persist(self, swap: swaps.Swap, events: tuple[tuple[str, Mapping[str, Any]], ...]) -> None:
         # The record and its events in one transaction: a reader never sees one without the
         # other, and both are on disk before any action that follows runs.
-        records = self.store.save_swap_with_events(
-            swap.id,
-            swap.state.value,
-            swap.created_at.wall,
-            swap.to_json(),
-            [(kind, dict(detail)) for kind, detail in events],
-        )
+        log.info("swap %s --%s--> %s/%s", swap.id, self._event_name, swap.state, swap.step)
+        unsaved_events = self._unsaved[1] if self._unsaved is not None else []
+        self._unsaved = (swap, [*unsaved_events, *((kind, dict(d)) for kind, d in events)])
+        self._save_unsaved()
+        faults.reached(f"{swap.state.value}/{swap.step}")
+
+    def _save_unsaved(self) -> None:
+        """Save the newest record not yet on disk, with every event since the last save. When the
+        store refuses (a full state disk), the orders go on all the same (safety first: a new
+        version past its deadline is stopped and rolled back; every step is repeatable, so a
+        crash before the save redoes them) and the save is tried again until it takes."""
+        if self._unsaved is None:
+            return
+        swap, events = self._unsaved
+        try:
+            records = self.store.save_swap_with_events(
+                swap.id, swap.state.value, swap.created_at.wall, swap.to_json(), events
+            )
+        except StoreError as exc:
+            log.error("swap %s: cannot save its record (%s); acting anyway, saving again in "
+                      "%.1f s", swap.id, exc, SAVE_RETRY_S)  # fmt: skip
+            if self._save_retry is None:
+                self._save_retry = self.loop.call_later(SAVE_RETRY_S, self._retry_save)
+            return
+        self._unsaved = None
         for record in records:
             self.hooks.submit(record.to_json())
-        log.info("swap %s --%s--> %s/%s", swap.id, self._event_name, swap.state, swap.step)
-        faults.reached(f"{swap.state.value}/{swap.step}")
+
+    def _retry_save(self) -> None:
+        self._save_retry = None
+        self._save_unsaved()
 
     def _check_code(self, swap_id: str, checkpoint: Mapping[str, Any]) -> None:
         """In a worker: does the tree differ from the prepared swap's checkpoint?"""
@@ -494,7 +519,13 @@ class Runtime:
         self.feed(sv.Tick(now=clock.now()))
 
     def _emit(self, kind: str, detail: Mapping[str, Any], swap_id: str | None = None) -> None:
-        record = self.store.append_event(kind, dict(detail), swap_id=swap_id)
+        """Into the audit log; a store that refuses it costs the entry (logged), never the orders
+        that follow it."""
+        try:
+            record = self.store.append_event(kind, dict(detail), swap_id=swap_id)
+        except StoreError as exc:
+            log.error("event %s %s not recorded: %s", kind, dict(detail), exc)
+            return
         self.hooks.submit(record.to_json())
 
     def _schedule(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -61,6 +62,8 @@ _CONNECT_PRAGMAS = (
 _DB_ERRORS = (peewee.PeeweeException, sqlite3.Error)
 """peewee wraps what its statements raise; a row fetched from a cursor can still raise sqlite3's."""
 
+RESERVE_NAME = "reserve"
+RESERVE_BYTES = 4 << 20
 EVENTS_KEPT = 100_000
 RUNS_KEPT = 10_000
 SWAP_RECORDS_KEPT = 1_000
@@ -163,6 +166,7 @@ class Store:
             if isinstance(exc, _DB_ERRORS):
                 raise StoreError(f"cannot open state store {path}: {_first_failure(exc)}") from exc
             raise
+        _keep_reserve(state_dir / RESERVE_NAME)  # once the store is ours and opened
         return cls(db, path)
 
     def close(self) -> None:
@@ -375,7 +379,41 @@ class Store:
                         db.pragma("synchronous", "FULL")
             except _DB_ERRORS as exc:
                 failure = _first_failure(exc)
+                if write and "full" in str(failure).lower():
+                    self._release_reserve()  # the caller's next try has room
                 raise StoreError(f"state store {self.path}: {what} failed: {failure}") from exc
+
+    def _release_reserve(self) -> None:
+        reserve = self.path.with_name(RESERVE_NAME)
+        with suppress(FileNotFoundError):
+            reserve.unlink()
+            logger.error(
+                "the state store's file system is full: released its %d MiB reserve (%s); "
+                "free space there", RESERVE_BYTES >> 20, reserve,
+            )  # fmt: skip
+
+
+def _keep_reserve(path: Path) -> None:
+    """Hold `RESERVE_BYTES` of the state's file system (real blocks, not a hole), given back the
+    moment a write finds it full: whoever filled it (a hostile new version), swapguard can still
+    record the rollback. Where there is no room for it now, it is made at a later start."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        logger.warning("no state store reserve at %s: %s", path, exc)
+        return
+    try:
+        size = os.fstat(fd).st_size
+        chunk = bytes(1 << 20)
+        while size < RESERVE_BYTES:
+            size += os.pwrite(fd, chunk[: RESERVE_BYTES - size], size)
+        os.fsync(fd)
+    except OSError as exc:
+        logger.warning("no state store reserve at %s: %s", path, exc)
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 def _first_failure(exc: BaseException) -> BaseException:
