@@ -519,6 +519,10 @@ def test_a_reused_pid_is_a_new_process_and_the_old_handle_signals_nothing(strays
     old = proctree.subtree_table([os.getpid()])[first.pid].process
     first.kill()
     first.wait(WAIT)
+    # Start times count in clock ticks (10 ms): a pid taken again within the same tick would
+    # carry the same start, and only a pidfd held from before tells the two apart. A real reuse
+    # comes after the pid space wrapped, far later; here the next tick is made to come first.
+    time.sleep(0.05)
     second = _take_pid_again(first.pid, strays)
     if second is None:
         pytest.skip(f"pid {first.pid} was taken by other processes every time")

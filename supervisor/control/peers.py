@@ -195,6 +195,8 @@ class KnownSenders:
             return pin, False
         if (stale := self._pins.pop(identity, None)) is not None:
             stale.retire()
+        for gone in [key for key, kept in self._pins.items() if not kept.alive()]:
+            self._pins.pop(gone).retire()  # a new sender: the dead ones' fds go now, not later
         self._pins[identity] = pin
         while len(self._pins) > self._size:
             self._pins.popitem(last=False)[1].retire()

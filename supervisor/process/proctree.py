@@ -199,6 +199,9 @@ class ProcessVerdicts:
                 return
             if (stale := self._entries.pop(key, None)) is not None:
                 _close(stale[0])
+            dead = [k for k, (fd, _) in self._entries.items() if fd is not None and _has_exited(fd)]
+            for gone in dead:  # a new entry is a new process: the dead ones' fds go now
+                _close(self._entries.pop(gone)[0])
             self._entries[key] = (pidfd, verdict)
             while len(self._entries) > self._size:
                 _close(self._entries.popitem(last=False)[1][0])
