@@ -244,7 +244,8 @@ def _server_error(status: int, data: bytes) -> errors.SwapguardError:
     except (ValueError, KeyError, TypeError):
         message = data.decode("utf-8", "replace").strip()
     if not message:
-        message = f"{status} {HTTPStatus(status).phrase if status in HTTPStatus else ''}".strip()
+        known = status in HTTPStatus.__members__.values()  # `int in HTTPStatus` raises on 3.11
+        message = f"{status} {HTTPStatus(status).phrase if known else ''}".strip()
     cls = _BY_CODE.get(code) or _BY_STATUS.get(status)
     if cls is None:
         cls = errors.BadRequest if 400 <= status < 500 else errors.SwapguardError

@@ -3,6 +3,7 @@ runtime as long as the server itself would (a confirm waits for the activation's
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -75,3 +76,35 @@ def test_a_confirm_waits_past_the_client_timeout_for_the_runtime(
             answer.result(timeout=4 * CLIENT_TIMEOUT_S)
         backend.release.set()
         assert answer.result(timeout=10) == {"id": "s1", "state": "confirmed"}
+
+
+@pytest.mark.parametrize(
+    ("status_line", "error", "message"),
+    [
+        ("502 Bad Gateway", errors.SwapguardError, "502 Bad Gateway"),
+        ("599 Whatever", errors.SwapguardError, "599"),  # not an HTTPStatus member
+        ("418 Teapot", errors.BadRequest, "418 I'm a Teapot"),
+    ],
+)
+def test_an_answer_with_no_body_becomes_an_error_named_by_its_status(
+    tmp_path: Path, status_line: str, error: type[errors.SwapguardError], message: str
+) -> None:
+    """Whatever answers on the socket (a proxy, an older swapguard), the client raises its own
+    error, never a TypeError of its own making."""
+    path = tmp_path / "c.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def answer_once() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(f"HTTP/1.1 {status_line}\r\nContent-Length: 0\r\n\r\n".encode())
+
+        server = threading.Thread(target=answer_once, daemon=True)
+        server.start()
+        with Client(path, timeout=5) as client, pytest.raises(error) as raised:
+            client.status()
+        server.join(5)
+    assert str(raised.value) == message
