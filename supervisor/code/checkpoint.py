@@ -461,11 +461,11 @@ class CodeTree:
         a merge commit when some commit would otherwise become unreachable.
         """
         ref = f"{_ABANDONED}/{name}"
-        tips = [self.head()]
+        candidates = [self.head()]
         if cp.branch:
             found = self._git.run("rev-parse", "-q", "--verify", f"refs/heads/{cp.branch}", ok=(1,))
-            tips.append(found.strip() if found else None)
-        tips = list(dict.fromkeys(tip for tip in tips if tip))
+            candidates.append(found.strip() if found else None)
+        tips = list(dict.fromkeys(tip for tip in candidates if tip))
         previous = self._git.run("rev-parse", "-q", "--verify", ref, ok=(1,))
         if previous is None:
             commit = self._commit(current, tips, f"swapguard abandoned {name}")

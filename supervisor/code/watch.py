@@ -58,7 +58,7 @@ class CodeWatcher:
     def __init__(
         self,
         root: Path,
-        on_change: Callable[[], None],
+        on_change: Callable[[], object],
         *,
         ignore: Iterable[Path] = (),
         debounce: float = 0.3,

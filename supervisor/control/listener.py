@@ -46,7 +46,8 @@ class ReadOnlyListener:
         )
         self._server = _TCPHTTPServer(backend, limits, family)
         try:
-            self._server.server_address = (host, port)
+            # the base is typed for a unix socket's path; this subclass binds an (host, port)
+            self._server.server_address = (host, port)  # type: ignore[assignment]
             self._server.server_bind()
             self._server.server_activate()
         except OSError as err:

@@ -7,8 +7,10 @@ wall clock can, so a stored deadline carries both. Reading the clocks is `superv
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +33,7 @@ class Instant:
         return {"wall": self.wall, "boot": self.boot, "boot_id": self.boot_id}
 
     @classmethod
-    def from_json(cls, data: dict) -> Instant:
+    def from_json(cls, data: Mapping[str, Any]) -> Instant:
         return cls(float(data["wall"]), float(data["boot"]), str(data["boot_id"]))
 
 

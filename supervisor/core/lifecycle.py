@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from supervisor.core.backoff import Backoff
 
@@ -225,7 +226,7 @@ class KillTree:
 @dataclass(frozen=True, slots=True)
 class Emit:
     event: Fact
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 Action = Spawn | SignalStop | KillTree | Emit
@@ -320,7 +321,7 @@ def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
     return host, []
 
 
-def _heartbeat_lost(host: Host, now: float, policy: Policy, detail: dict) -> Result:
+def _heartbeat_lost(host: Host, now: float, policy: Policy, detail: dict[str, Any]) -> Result:
     stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
     return stopping, [Emit(Fact.HEARTBEAT_LOST, {"pid": host.pid, **detail}), *actions]
 
@@ -332,7 +333,7 @@ def _on_watchdog_trigger(host: Host, event: WatchdogTriggered, policy: Policy) -
 
 
 def _failure(
-    host: Host, now: float, policy: Policy, detail: dict, *, at_once: bool = True
+    host: Host, now: float, policy: Policy, detail: dict[str, Any], *, at_once: bool = True
 ) -> Result:
     """Count a failure and either restart at once, back off, or stay down (restart = "no").
     `at_once=False`: even a zero delay goes through backoff, so a spawn that keeps failing
@@ -430,7 +431,8 @@ def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
     return host, []
 
 
-_HANDLERS: dict[type, Callable[[Host, Event, Policy], Result]] = {
+# Each handler takes its own event type: Any, since a Callable's parameter can't follow the key.
+_HANDLERS: dict[type[Event], Callable[[Host, Any, Policy], Result]] = {
     StartRequested: _on_start,
     StopRequested: _on_stop,
     RestartRequested: _on_restart,

@@ -47,6 +47,7 @@ from supervisor.core.instant import Instant
 from supervisor.core.swaprecord import (
     ACTIVATION_STEPS,
     ROLLBACK_STEPS,
+    STEPS_ALLOWED,
     TERMINAL,
     AbortRequested,
     Action,
@@ -83,8 +84,59 @@ from supervisor.core.swaprecord import (
     earliest,
     stamp,
 )
-from supervisor.core.swaprecord import STEPS_ALLOWED as STEPS_ALLOWED  # re-exported, unused here
 from supervisor.errors import BadRequest, Conflict
+
+# The machine's surface: its own names and the record's (rule 1); callers need only `swaps`.
+__all__ = [
+    "ACTIVATION_STEPS",
+    "MIN_EXTENSION",
+    "ROLLBACK_STEPS",
+    "STEPS_ALLOWED",
+    "TERMINAL",
+    "TRANSITIONS",
+    "AbortRequested",
+    "Action",
+    "ActivateRequested",
+    "CancelJobs",
+    "ConfirmRequested",
+    "DataSynced",
+    "Emit",
+    "Event",
+    "ExtendRequested",
+    "Handler",
+    "HealthChecked",
+    "HeartbeatLost",
+    "HostCrashed",
+    "HostNotReady",
+    "HostReady",
+    "HostSpawned",
+    "Outcome",
+    "Policy",
+    "Request",
+    "RestoreCode",
+    "RestoreData",
+    "RollbackRequested",
+    "RunBuild",
+    "RunHealthCheck",
+    "StartHost",
+    "Step",
+    "StepDone",
+    "StepFailed",
+    "StopHost",
+    "Swap",
+    "SwapState",
+    "SyncData",
+    "TakeSnapshots",
+    "Tick",
+    "Transition",
+    "earliest",
+    "mermaid",
+    "new_swap",
+    "next_wakeup",
+    "resume",
+    "stamp",
+    "step",
+]
 
 _SWAP_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAX_SUMMARY = 4096
@@ -157,7 +209,7 @@ def _step_failed_retry(swap: Swap, event: StepFailed, policy: Policy) -> Outcome
     """A failed rollback or abort step: retry with backoff, then give up to the operator."""
     attempts = swap.attempts + 1
     swap = replace(swap, attempts=attempts, last_error=event.error, retry_at=None)
-    detail = {"step": event.step.value, "error": event.error, "attempt": attempts}
+    detail: dict[str, Any] = {"step": event.step.value, "error": event.error, "attempt": attempts}
     if attempts < policy.max_step_attempts:
         # no jitter: one rollback has no herd to spread, and the record stays a function of events
         delay = Backoff(first=policy.retry_delay, cap=policy.retry_delay_max)(attempts)
@@ -170,10 +222,10 @@ def _step_failed_retry(swap: Swap, event: StepFailed, policy: Policy) -> Outcome
 
 
 def _retry_due(swap: Swap, event: Tick, policy: Policy) -> Outcome:
-    if swap.step is None or not _reached(swap.retry_at, event.now):
+    if (step := swap.step) is None or not _reached(swap.retry_at, event.now):
         return swap, []
     swap = replace(swap, retry_at=None)
-    return swap, [_STEP_ACTION[swap.step](swap)]
+    return swap, [_STEP_ACTION[step](swap)]
 
 
 # --- handlers: one per (state, event type) -----------------------------------------------------
@@ -384,10 +436,11 @@ def _rolled_back(swap: Swap, event: Event, policy: Policy) -> Outcome:
 
 
 def _retry_failed_rollback(swap: Swap, event: RollbackRequested, policy: Policy) -> Outcome:
-    assert swap.step is not None
+    step = swap.step
+    assert step is not None
     swap = replace(swap, state=SwapState.ROLLING_BACK, attempts=0, retry_at=None)
-    detail = {"step": swap.step.value, "by": event.reason}
-    return swap, [Emit("swap.rollback_retried", detail), _STEP_ACTION[swap.step](swap)]
+    detail = {"step": step.value, "by": event.reason}
+    return swap, [Emit("swap.rollback_retried", detail), _STEP_ACTION[step](swap)]
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -509,10 +562,10 @@ def resume(swap: Swap, policy: Policy, now: Instant) -> Outcome:
         if swap.step is None:
             return swap, [SyncData()]
     in_flight = swap.state in (SwapState.PREPARED, SwapState.PROBATION, SwapState.ROLLING_BACK)
-    if not in_flight or swap.step is None:
+    if not in_flight or (step := swap.step) is None:
         return swap, []
     swap = replace(swap, retry_at=None)
-    return swap, [_STEP_ACTION[swap.step](swap)]
+    return swap, [_STEP_ACTION[step](swap)]
 
 
 def next_wakeup(swap: Swap, policy: Policy) -> Instant | None:

@@ -101,9 +101,12 @@ class DriftGuard:
             return
         checkpoint = Checkpoint.from_json(baseline)
         future = self.loop.run_in_executor(self.pool, self.code.differs, checkpoint)
-        future.add_done_callback(
-            lambda f: f.exception() is None and f.result() and self._on_drift(checkpoint)
-        )
+
+        def done(finished: asyncio.Future[bool]) -> None:
+            if finished.exception() is None and finished.result():
+                self._on_drift(checkpoint)
+
+        future.add_done_callback(done)
 
     def on_host_spawned(self) -> None:
         """A new host process: status shows its HEAD, and a drifted tree it starts on is the

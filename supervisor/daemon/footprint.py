@@ -120,7 +120,7 @@ def builtin_sha256_hex(data: bytes) -> str:
         from _sha2 import sha256  # type: ignore[import-not-found]  # CPython >= 3.12
     except ImportError:
         try:
-            from _sha256 import sha256  # type: ignore[import-not-found,no-redef]  # CPython 3.11
+            from _sha256 import sha256  # type: ignore[import-not-found]  # CPython 3.11
         except ImportError:  # a build without the builtin hashes: OpenSSL's, then
             from hashlib import sha256
     return str(sha256(data).hexdigest())

@@ -56,6 +56,7 @@ from supervisor.daemon.timer import WakeTimer
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
 from supervisor.process import host, jobs
+from supervisor.process.host import HostProcess
 from supervisor.state.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class Runtime:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     @property
-    def process(self) -> host.HostProcess | None:
+    def process(self) -> HostProcess | None:
         """The host's live process, None while none runs (the control socket checks peers)."""
         return self.host_runner.process
 
@@ -197,7 +198,12 @@ class Runtime:
     async def _next_change(self) -> None:
         """Returns after the next change of the host or the swap."""
         waiter = self.loop.create_future()
-        self._listeners.append(lambda: waiter.done() or waiter.set_result(None))
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self._listeners.append(wake)
         await waiter
 
     # --- the machine -----------------------------------------------------------------------
@@ -488,7 +494,8 @@ class Runtime:
             self._confirm_waiters.setdefault(swap_id, []).append(answer)
             if (error := await answer) is not None:
                 raise Conflict(error)
-        return self.swap or swaps.Swap.from_json(self.store.load_swap(swap_id) or {})
+        current = self.swap  # None once the event finished the swap: then the store has it
+        return current if current is not None else self._swap_for(swap_id)
 
     def _swap_for(self, swap_id: str) -> swaps.Swap:
         if self.swap is not None and self.swap.id == swap_id:

@@ -165,7 +165,8 @@ class LoopBackend(Backend):
         return page.render(self.status(), self.list_swaps(page.TIMELINE_LENGTH))
 
     def host_action(self, action: str) -> dict:
-        events = {
+        Asked = lifecycle.StartRequested | lifecycle.StopRequested | lifecycle.RestartRequested
+        events: dict[str, type[Asked]] = {
             "start": lifecycle.StartRequested,
             "stop": lifecycle.StopRequested,
             "restart": lifecycle.RestartRequested,

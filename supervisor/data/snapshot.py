@@ -112,8 +112,8 @@ class DataSnapshot:
         """Also reads records written before `verified` and `linked` existed."""
         if not isinstance(data, dict) or any(name not in data for name in _FIELDS):
             raise SnapshotError(f"snapshot record must be an object with {_FIELDS}; got {data!r}")
-        fields = (data[name] for name in _FIELDS)
-        return cls(*fields, verified=data.get("verified"), linked=data.get("linked", False))
+        fields = {name: data[name] for name in _FIELDS}
+        return cls(**fields, verified=data.get("verified"), linked=data.get("linked", False))
 
 
 def _snapshot_problem(snap: DataSnapshot) -> str | None:
