@@ -61,6 +61,7 @@ from supervisor.code.gitlocks import (
     signature,
 )
 from supervisor.core.backoff import exponential
+from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,6 @@ _NOT_ADDABLE = re.compile(
 )
 # Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
 _LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
 
@@ -137,10 +137,9 @@ class Change:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".lock"):
-        raise CheckpointError(
-            f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_', '-' (no .lock suffix)"
-        )
+    """Checkpoints are named by their swap's id (or "baseline"): the id syntax fits a ref name."""
+    if not is_swap_id(name):
+        raise CheckpointError(f"checkpoint name {name!r}: expected a swap id, {SWAP_ID_SYNTAX}")
 
 
 class CodeTree:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from supervisor import errors
+from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -24,10 +25,8 @@ CALL_LIMIT_S = 60.0
 """The longest a request waits for the runtime before it is answered 503 `not_reachable`. A
 write can take that long (a confirm waits for the activation's data to reach the disk), so a
 client waits a little longer for any POST's answer."""
-# Swap ids travel in paths; all-dot names are refused too, so no id can look like a path step.
 MAX_NUMBER_CHARS = 64
 """No body field is a number: a longer one is refused before Python's int() limit raises."""
-SWAP_ID = re.compile(r"(?!\.+\Z)[A-Za-z0-9._-]{1,64}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +137,8 @@ def resolve(method: str, target: str) -> tuple[Route, dict[str, Any]]:
         raise WrongMethod(f"{method} is not allowed on {parts.path}; use {', '.join(allow)}", allow)
     route, match = chosen
     values: dict[str, Any] = match.groupdict()
-    if "swap_id" in values and not SWAP_ID.match(values["swap_id"]):
-        raise errors.BadRequest(
-            f"invalid swap id {values['swap_id']!r}: expected 1-64 of A-Z a-z 0-9 . _ -"
-        )
+    if "swap_id" in values and not is_swap_id(values["swap_id"]):
+        raise errors.BadRequest(f"invalid swap id {values['swap_id']!r}: expected {SWAP_ID_SYNTAX}")
     return route, values | parse_query(parts.query, route.query)
 
 

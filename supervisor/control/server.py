@@ -56,7 +56,6 @@ from supervisor.control.routes import (
 # Re-exported, so that the whole control API stays importable from here.
 from supervisor.control.routes import METRICS_TYPE as METRICS_TYPE
 from supervisor.control.routes import ROUTES as ROUTES
-from supervisor.control.routes import SWAP_ID as SWAP_ID
 from supervisor.control.routes import IntParam as IntParam
 from supervisor.control.routes import Peer as Peer
 from supervisor.control.routes import Route as Route

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.errors import BadRequest
 
 MAX_DATAGRAM_BYTES = 4096
@@ -112,8 +113,10 @@ def _optional_swap_id(fields: Mapping[str, str]) -> str | None:
     raw = fields.get("X_SWAPGUARD_CONFIRM")
     if raw is None:
         return None
-    if not raw or raw != raw.strip():
-        raise NotifyError(f"X_SWAPGUARD_CONFIRM needs a swap id, got {_excerpt(raw)}")
+    if not is_swap_id(raw):
+        raise NotifyError(
+            f"X_SWAPGUARD_CONFIRM needs a swap id ({SWAP_ID_SYNTAX}), got {_excerpt(raw)}"
+        )
     return raw
 
 

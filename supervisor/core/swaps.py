@@ -37,12 +37,12 @@ Rules
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from supervisor.core.backoff import Backoff
+from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.core.instant import Instant
 from supervisor.core.swaprecord import (
     ACTIVATION_STEPS,
@@ -138,7 +138,6 @@ __all__ = [
     "step",
 ]
 
-_SWAP_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAX_SUMMARY = 4096
 
 Outcome = tuple[Swap, list[Action]]
@@ -509,8 +508,8 @@ def new_swap(
     *, id: str, summary: str, now: Instant, checkpoint: Mapping[str, Any], auto: bool = False
 ) -> Outcome:
     """A prepared swap: the code is checkpointed, the host still runs the old version."""
-    if not isinstance(id, str) or not _SWAP_ID.fullmatch(id):
-        raise BadRequest(f"swap id must be 1-64 of [A-Za-z0-9._-], not {id!r}")
+    if not is_swap_id(id):
+        raise BadRequest(f"swap id must be {SWAP_ID_SYNTAX}, not {id!r}")
     if not isinstance(summary, str) or len(summary) > _MAX_SUMMARY:
         raise BadRequest(f"summary must be a string of at most {_MAX_SUMMARY} characters")
     swap = Swap(

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.data import restoresteps
 from supervisor.data.datacopy import SQLITE_MAGIC as SQLITE_MAGIC  # re-exported, unused here
 from supervisor.data.datacopy import (
@@ -79,7 +80,6 @@ VERIFY_STEPS = ("verify_entry",)
 Json = dict[str, Any]
 Verdict = tuple[str, bool, str]  # verify(): (path, ok, detail)
 _FIELDS = ("path", "kind", "existed", "bytes", "sha256")
-_SWAP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST, _JOURNAL = "manifest.json", restoresteps.JOURNAL
 _STAGING, _REPLACED = ".taking-", ".replaced-"
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EACCES)
@@ -559,5 +559,5 @@ def _within(path: str, root: str) -> bool:
 
 
 def _check_swap_id(swap_id: str) -> None:
-    if not isinstance(swap_id, str) or not _SWAP_ID.fullmatch(swap_id):
-        raise SnapshotError(f"swap id {swap_id!r} is not a plain name ([A-Za-z0-9._-], max 128)")
+    if not is_swap_id(swap_id):
+        raise SnapshotError(f"swap id {swap_id!r}: expected {SWAP_ID_SYNTAX}")
