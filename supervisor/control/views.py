@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor import __version__, clock
 from supervisor.core.lifecycle import Host, HostState
+from supervisor.core.swaps import TERMINAL, SwapState
 
 if TYPE_CHECKING:
     from supervisor.daemon.runtime import Runtime
@@ -164,7 +165,7 @@ def metrics(runtime: Runtime) -> str:
     )
     out.append("# HELP swapguard_swaps_finished_total Swaps finished since start, by final state.")
     out.append("# TYPE swapguard_swaps_finished_total counter")
-    for state in ("confirmed", "rolled_back", "aborted"):
+    for state in [final for final in SwapState if final in TERMINAL]:  # in a stable order
         out.append(
             f'swapguard_swaps_finished_total{{state="{state}"}} '
             f"{counters.swaps_finished.get(state, 0)}"

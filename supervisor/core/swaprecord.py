@@ -30,6 +30,10 @@ class SwapState(StrEnum):
 
 
 TERMINAL = frozenset({SwapState.CONFIRMED, SwapState.ROLLED_BACK, SwapState.ABORTED})
+"""Finished: nothing happens to the swap again, and the next one may be prepared. The one list of
+these (the store, the metrics and the demo take theirs from here)."""
+AT_REST = TERMINAL | {SwapState.FAILED}
+"""Nothing happens to the swap unless someone asks: no step is ordered, no clock runs."""
 
 
 class Step(StrEnum):

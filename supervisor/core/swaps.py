@@ -46,6 +46,7 @@ from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.core.instant import Instant
 from supervisor.core.swaprecord import (
     ACTIVATION_STEPS,
+    AT_REST,
     ROLLBACK_STEPS,
     STEPS_ALLOWED,
     TERMINAL,
@@ -89,6 +90,7 @@ from supervisor.errors import BadRequest, Conflict
 # The machine's surface: its own names and the record's (rule 1); callers need only `swaps`.
 __all__ = [
     "ACTIVATION_STEPS",
+    "AT_REST",
     "MIN_EXTENSION",
     "ROLLBACK_STEPS",
     "STEPS_ALLOWED",
@@ -560,8 +562,7 @@ def resume(swap: Swap, policy: Policy, now: Instant) -> Outcome:
             return _rollback(swap, "activation_failed", now, why)
         if swap.step is None:
             return swap, [SyncData()]
-    in_flight = swap.state in (SwapState.PREPARED, SwapState.PROBATION, SwapState.ROLLING_BACK)
-    if not in_flight or (step := swap.step) is None:
+    if swap.state in AT_REST or (step := swap.step) is None:
         return swap, []
     swap = replace(swap, retry_at=None)
     return swap, [_STEP_ACTION[step](swap)]
@@ -569,7 +570,7 @@ def resume(swap: Swap, policy: Policy, now: Instant) -> Outcome:
 
 def next_wakeup(swap: Swap, policy: Policy) -> Instant | None:
     """When the runtime's single timer should feed the next Tick; None if nothing is timed."""
-    if swap.state in TERMINAL or swap.state is SwapState.FAILED:
+    if swap.state in AT_REST:
         return None
     moments = [swap.retry_at]
     if swap.state is SwapState.PROBATION:

@@ -17,6 +17,7 @@ import psutil
 
 from supervisor.cli.console import duration
 from supervisor.client import Client
+from supervisor.core.swaps import AT_REST
 from supervisor.demo import sandbox as sb
 from supervisor.demo.screen import Screen, arrow, bullet, countdown, heading
 from supervisor.errors import NotReachable
@@ -25,7 +26,7 @@ T = TypeVar("T")
 WAIT_S = 30.0  # any one wait; the normal path needs a few seconds
 POLL_S = 0.1
 PLAIN_COUNTDOWN_EVERY_S = 1.5
-FINISHED = ("confirmed", "rolled_back", "failed", "aborted")
+FINISHED = frozenset(state.value for state in AT_REST)  # failed too: it waits for the operator
 
 
 class DemoFailed(Exception):

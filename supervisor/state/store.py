@@ -35,6 +35,7 @@ from typing import Any
 import peewee
 
 from supervisor.clock import rfc3339
+from supervisor.core.swaps import TERMINAL
 
 # Re-exported: the state dir and its lock are the store's first step.
 from supervisor.state.lock import LOCK_NAME as LOCK_NAME
@@ -45,7 +46,7 @@ from supervisor.state.models import SCHEMA_VERSION, EventRow, HostRunRow, SwapRo
 logger = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
-TERMINAL_SWAP_STATES = frozenset({"confirmed", "rolled_back", "aborted"})
+TERMINAL_SWAP_STATES = frozenset(state.value for state in TERMINAL)
 """Swaps in these states are finished. `failed` is not: it waits for the operator to retry."""
 _TERMINAL = tuple(sorted(TERMINAL_SWAP_STATES))  # bound in this order: the same SQL every time
 
