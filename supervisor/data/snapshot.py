@@ -475,16 +475,6 @@ class SnapshotStore:
                     log.warning("not pruning %s now: %s", path, err.strerror or err)
             fsync_dir(self.root)
 
-    def total_bytes(self) -> int:
-        """Bytes held in the store, each inode counted once."""
-        sizes: dict[tuple[int, int], int] = {}
-        for folder, _, files in os.walk(self.root):
-            for name in files:
-                st = os.lstat(os.path.join(folder, name))
-                if stat.S_ISREG(st.st_mode):
-                    sizes[st.st_dev, st.st_ino] = st.st_size
-        return sum(sizes.values())
-
 
 def _verify_entry(copy: Path, entry: Json, stop: StopSignal) -> tuple[bool, str]:
     if not entry["existed"]:

@@ -49,10 +49,6 @@ class CgroupLeaf:
             return None
         return cls(leaf)
 
-    def add(self, pid: int) -> None:
-        """Move `pid` into the leaf; raises OSError (ProcessLookupError when it is gone)."""
-        (self.path / "cgroup.procs").write_text(str(pid))
-
     def pids(self) -> list[int]:
         try:
             return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
