@@ -33,7 +33,7 @@ from supervisor.errors import ConfigError
 
 HOST = '[host]\ncommand = ["python3", "app.py"]\n'
 
-# The keys of CONTRACT.md "Configuration", written out here so the module can't grade itself.
+# The keys of the README's "Configuration reference", written out so the module can't grade itself.
 CONTRACT_KEYS = {
     "host": [
         "command", "cwd", "env", "inherit_env", "ready", "start_timeout", "min_uptime",

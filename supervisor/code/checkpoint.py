@@ -1,11 +1,12 @@
 """Exact, side-effect-free checkpoints of a git work tree, and exact restore.
 
-Theory of operation (FIELD-NOTES "git"): a checkpoint is an ordinary commit whose tree is the work
-tree as it is (tracked, untracked-not-ignored, and the ignored `extra_paths`), built in a scratch
-copy of `.git/index` so the user's index, branch, HEAD, stash and config are never touched, and
-so the stat cache makes the cost proportional to what changed. Its first parent is HEAD; a second
-parent holds the user's staged state (as `git stash` does), which keeps that tree from being
-garbage-collected. A ref under `refs/swapguard/` keeps both reachable.
+Theory of operation: a checkpoint is an ordinary commit whose tree is the work tree as it is
+(tracked, untracked-not-ignored, and the ignored `extra_paths`), built in a scratch copy of
+`.git/index` so the user's index, branch, HEAD, stash and config are never touched, and so the
+stat cache makes the cost proportional to what changed. (`git stash create` would leave untracked
+files out; it, `git restore` and `git checkout` all rewrite the user's index.) Its first parent is
+HEAD; a second parent holds the user's staged state (as `git stash` does), which keeps that tree
+from being garbage-collected. A ref under `refs/swapguard/` keeps both reachable.
 
 Restore builds the same kind of tree of the current state (and keeps it, with the current HEAD,
 under `refs/swapguard/abandoned/<name>` before anything is changed), then lets

@@ -484,7 +484,7 @@ def _verify_entry(copy: Path, entry: Json, stop: StopSignal) -> tuple[bool, str]
     return sqlite_verdict(copy, entry["bytes"], stop)
 
 
-# --- the restore plan and its per-entry steps ------------------------------------------------
+# --- records and working copies ----------------------------------------------------------------
 
 
 def _match(swap_id: str, recorded: Json, snapshots: Sequence[DataSnapshot]) -> list[Json]:
@@ -541,7 +541,7 @@ def _swap_in_working_copy(target: Path, swap_id: str, original: Path | None) -> 
     os.rename(working, target)
 
 
-# --- the journal and small checks ---------------------------------------------------------------
+# --- small checks (the journal and the restore steps are restoresteps') --------------------------
 
 
 def _within(path: str, root: str) -> bool:
