@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import stat
@@ -362,7 +363,76 @@ def test_restore_refuses_to_replace_a_folder_that_holds_an_excluded_file(tmp_pat
     assert (repo / "var/app.db").read_text() == "live data\n"
 
 
-def test_restore_twice_and_after_being_killed_half_way(repo: Path, tmp_path: Path) -> None:
+# A restore in a child process that stops just before one of its steps (a CodeTree method, or a
+# git command line), says so, and waits there to be killed: a crash at a known point, whatever
+# the machine's load.
+_STOPPING_RESTORE = """
+import json, sys, time
+from pathlib import Path
+from supervisor.code import checkpoint
+from tests.test_checkpoint import code_tree
+
+repo, cp = Path(sys.argv[1]), checkpoint.Checkpoint.from_json(json.loads(sys.argv[2]))
+stop_at = sys.argv[3]
+
+def stop(*args, **kwargs):
+    print("stopped", flush=True)
+    time.sleep(600)
+
+if stop_at.startswith("git "):
+    command, run_git = stop_at.split()[1:], checkpoint._Git.run
+
+    def run(self, *args, **kwargs):
+        if list(args[: len(command)]) == command:
+            stop()
+        return run_git(self, *args, **kwargs)
+
+    checkpoint._Git.run = run
+else:
+    setattr(checkpoint.CodeTree, stop_at, stop)
+code_tree(repo).restore(cp, name="s1")
+print("finished", flush=True)
+"""
+
+
+def kill_restore_at(repo: Path, cp: Checkpoint, stop_at: str, scratch: Path) -> None:
+    """Run a restore of `cp` in a child, SIGKILL it where it stopped, and check it did stop."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STOPPING_RESTORE, str(repo), json.dumps(cp.to_json()), stop_at],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "TMPDIR": str(scratch)},  # the killed child leaves its scratch here
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # killpg also kills any git it runs, as a crash would
+    )
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], WAIT_S)
+        said = child.stdout.readline().strip() if ready else "nothing"
+        assert said == "stopped", f"the restore said {said!r} instead of stopping at {stop_at}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=WAIT_S)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+
+# (the step the restore is killed before, and what it must have left half done)
+CRASH_POINTS = {
+    "_keep_abandoned": "nothing changed yet: the new version's tree, HEAD and index",
+    "git read-tree --reset -u": "nothing changed yet but the abandoned state's ref",
+    "_put_index": "the work tree restored; the user's index and HEAD still the new version's",
+    "git update-index -q --refresh": "the checkpoint's index staged aside, not in its place",
+    "_put_head": "work tree and index restored; HEAD and branch still the new version's",
+}
+
+
+@pytest.mark.parametrize("stop_at", list(CRASH_POINTS))
+def test_restore_killed_half_way_then_repeated_ends_exact(
+    repo: Path, tmp_path: Path, stop_at: str
+) -> None:
     tree = code_tree(repo)
     before = snapshot_state(repo)
     cp = tree.take("s1")
@@ -370,30 +440,29 @@ def test_restore_twice_and_after_being_killed_half_way(repo: Path, tmp_path: Pat
         write(repo / f"gen/{i:03}.py", f"N = {i}\n")
     commit(repo)
     new_head = git(repo, "rev-parse", "HEAD").strip()
-    script = (
-        "import json, sys\nfrom pathlib import Path\n"
-        "from supervisor.code.checkpoint import Checkpoint, CodeTree\n"
-        "repo = Path(sys.argv[1])\n"
-        "from tests.test_checkpoint import code_tree\n"
-        "tree = code_tree(repo)\n"
-        "tree.restore(Checkpoint.from_json(json.loads(sys.argv[2])), name='s1')\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(repo), json.dumps(cp.to_json())],
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "TMPDIR": str(tmp_path)},  # the killed child leaves its scratch here
-        start_new_session=True,  # killpg below also kills the git it is running, as a crash would
-    )
-    ref = repo / ".git/refs/swapguard/abandoned/s1"
-    deadline = time.monotonic() + WAIT_S
-    while not ref.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    with contextlib.suppress(ProcessLookupError):  # it may have finished already
-        os.killpg(child.pid, signal.SIGKILL)
-    child.wait(timeout=WAIT_S)
-    (repo / ".git/index.lock").unlink(missing_ok=True)  # what an operator would do after a crash
+    changed = snapshot_state(repo)
+
+    kill_restore_at(repo, cp, stop_at, tmp_path)
+
+    half_done = snapshot_state(repo)
+    assert half_done["head"] == new_head, CRASH_POINTS[stop_at]
+    if stop_at in ("_keep_abandoned", "git read-tree --reset -u"):
+        assert half_done == changed, CRASH_POINTS[stop_at]
+        kept = (repo / ".git/refs/swapguard/abandoned/s1").exists()
+        assert kept == (stop_at != "_keep_abandoned"), CRASH_POINTS[stop_at]
+    else:
+        assert not (repo / "gen").exists(), CRASH_POINTS[stop_at]
+        assert half_done["files"] == before["files"], CRASH_POINTS[stop_at]
+    staged_aside = list((repo / ".git").glob("swapguard-index.*"))
+    assert bool(staged_aside) == (stop_at == "git update-index -q --refresh"), CRASH_POINTS[stop_at]
+    assert not (repo / ".git/index.lock").exists()  # killed between steps, not inside git
+    # the restore died holding its locks: their journal is left for the next one to clear
+    assert list((repo / ".git").glob("swapguard-locks-*.json")), "killed outside the restore?"
+
     tree.restore(cp, name="s1")
     assert snapshot_state(repo) == before
+    assert not list((repo / ".git").glob("swapguard-index.*"))
+    assert not list((repo / ".git").glob("swapguard-locks-*.json"))
     first = abandoned(repo, "s1")
     tree.restore(cp, name="s1")
     assert snapshot_state(repo) == before
