@@ -15,13 +15,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from supervisor.core.instant import wall_of
 from supervisor.errors import SwapguardError
 from tests.support import Supervisor, make_sample_repo, rows, supervised, wait_for
 from tests.test_swap_e2e import db_dump, new_version, tree_state
@@ -128,10 +128,6 @@ def hostile_log(repo: Path) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in path.read_text().splitlines() if " " in line]
 
 
-def epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
 def swap_doc(sup: Supervisor, swap_id: str) -> dict[str, Any] | None:
     """The swap, or None while the control socket is too busy to answer (a flooded socket)."""
     try:
@@ -170,12 +166,12 @@ def rollback_started_at(sup: Supervisor, doc: dict[str, Any]) -> float:
     its first 1000 events, which a host that extends in a loop can fill on its own."""
     for event in doc["events"]:
         if event["event"] == "swap.rollback_started":
-            return epoch(event["at"])
+            return wall_of(event["at"])
     cursor = 0
     while page := sup.client.events(after=cursor, limit=1000):
         for event in page:
             if event["event"] == "swap.rollback_started" and event["swap_id"] == doc["id"]:
-                return epoch(event["at"])
+                return wall_of(event["at"])
         cursor = page[-1]["id"]
     raise AssertionError(f"swap {doc['id']} has no swap.rollback_started event")
 
@@ -183,8 +179,8 @@ def rollback_started_at(sup: Supervisor, doc: dict[str, Any]) -> float:
 def rollback_lateness(sup: Supervisor, doc: dict[str, Any]) -> tuple[float, float]:
     """Seconds from activation to the rollback's start, and from min(deadline, hard cap) to it."""
     started = rollback_started_at(sup, doc)
-    due = min(epoch(doc["deadline_at"]), epoch(doc["hard_cap_at"]))
-    return started - epoch(doc["activated_at"]), started - due
+    due = min(wall_of(doc["deadline_at"]), wall_of(doc["hard_cap_at"]))
+    return started - wall_of(doc["activated_at"]), started - due
 
 
 def assert_data_exact(db: Path, before: dict[str, list], swap_id: str) -> None:

@@ -19,9 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.core.instant import wall_of
 from supervisor.errors import Conflict
 from tests.support import Supervisor, git, make_sample_repo, supervised, wait_for, write_app
-from tests.test_hostile_hosts import epoch, hostile_repo, repo_processes, rollback_lateness
+from tests.test_hostile_hosts import hostile_repo, repo_processes, rollback_lateness
 
 KEEP_SWAPS = 5
 FD_SLACK = 5
@@ -146,7 +147,7 @@ def one_cycle(sup: Supervisor, cycle: int) -> tuple[str, str]:
         assert doc["reason"] in ("deadline", "not_ready"), (refused, doc["reason"])
         assert rollback_lateness(sup, doc)[1] <= 1.0
     if ending == "late":  # only a clock that ran out excuses it; a refusal for any other reason
-        due = min(epoch(doc["deadline_at"]), epoch(doc["hard_cap_at"]))  # fails the soak
+        due = min(wall_of(doc["deadline_at"]), wall_of(doc["hard_cap_at"]))  # fails the soak
         early = due - answered_at
         assert early <= 0, f"cycle {cycle}: refused {early:.2f}s before its deadline: {refused}"
     return swap_id, ending

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from supervisor.core.instant import wall_of
 from supervisor.errors import Conflict, NotReachable
 from tests.support import (
     Supervisor,
@@ -192,14 +193,8 @@ def test_each_trigger_rolls_back_exactly(repo: Path, app: dict, deadman: dict, h
         assert "migrated_v2" in db_dump(db.with_name(f"app.db.rolled-back-{swap['id']}"))
         if reason == "deadline":
             events = {e["event"]: e["at"] for e in doc["events"]}
-            started = _seconds(events["swap.rollback_started"])
-            assert started - _seconds(doc["deadline_at"]) <= 1.0
-
-
-def _seconds(stamp: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            started = wall_of(events["swap.rollback_started"])
+            assert started - wall_of(doc["deadline_at"]) <= 1.0
 
 
 def test_health_check_failures_roll_back(repo: Path) -> None:
@@ -419,7 +414,7 @@ def test_a_host_extends_its_probation_by_the_time_it_names(repo: Path) -> None:
         sup.client.activate(swap["id"])
         wait_for(lambda: "swap.extended" in sup.events(), what="the host's extension")
         doc = sup.client.swap(swap["id"])
-        deadline = _seconds(doc["deadline_at"]) - _seconds(doc["activated_at"])
+        deadline = wall_of(doc["deadline_at"]) - wall_of(doc["activated_at"])
         assert 85 <= deadline <= 100, doc  # spawn + ready take a moment after activation
         sup.client.confirm(swap["id"])
         sup.wait_swap(swap["id"], "confirmed")

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from supervisor.clock import Instant, rfc3339
 from supervisor.core import swaps
+from supervisor.core.instant import wall_of
 from supervisor.core.swaps import (
     TERMINAL,
     TRANSITIONS,
@@ -760,6 +761,13 @@ def test_instants_from_another_boot_compare_by_wall_clock() -> None:
 def test_bad_values_are_named(make: Callable[[], Any], error: type, names: str) -> None:
     with pytest.raises(error, match=names):
         make()
+
+
+@given(st.floats(min_value=0, max_value=2**34, allow_nan=False))
+def test_api_timestamps_read_back_to_the_millisecond(wall: float) -> None:
+    stamp = rfc3339(wall)
+    assert stamp is not None and stamp.endswith("Z")
+    assert abs(wall_of(stamp) - wall) < 0.001
 
 
 def test_the_diagram_is_drawn_from_the_table() -> None:

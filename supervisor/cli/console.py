@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
+
+from supervisor.core.instant import wall_of
 
 
 def duration(seconds: float | None) -> str:
@@ -43,8 +44,7 @@ def size(num_bytes: int | None) -> str:
 def _since(stamp: str | None) -> float | None:
     if not stamp:
         return None
-    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    return max(0.0, time.time() - moment)
+    return max(0.0, time.time() - wall_of(stamp))
 
 
 def describe_exit(last_exit: Mapping[str, Any] | None) -> str:

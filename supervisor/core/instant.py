@@ -43,3 +43,8 @@ def rfc3339(wall: float | None) -> str | None:
         return None
     stamp = datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
     return stamp.replace("+00:00", "Z")
+
+
+def wall_of(stamp: str) -> float:
+    """The wall-clock seconds an API timestamp stands for: `rfc3339` read back (to the ms)."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

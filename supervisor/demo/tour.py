@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 import psutil
 
 from supervisor.cli.console import duration
 from supervisor.client import Client
+from supervisor.core.instant import wall_of
 from supervisor.core.swaps import AT_REST
 from supervisor.demo import sandbox as sb
 from supervisor.demo.screen import Screen, arrow, bullet, countdown, heading
@@ -63,10 +63,6 @@ def event_of(swap: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
             return event
     seen = ", ".join(event["event"] for event in swap.get("events", ()))
     raise DemoFailed(f"swap {swap['id']} has no {kind} event (it has: {seen or 'none'})")
-
-
-def wall(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 class Tour:
@@ -179,8 +175,8 @@ class Tour:
             f"swap {swap_id}: expected rolled_back (deadline), got "
             f"{final['state']} ({final['reason']})",
         )
-        started = wall(event_of(final, "swap.rollback_started")["at"])
-        late = started - wall(final["deadline_at"])
+        started = wall_of(event_of(final, "swap.rollback_started")["at"])
+        late = started - wall_of(final["deadline_at"])
         expect(late <= 1.0, f"the rollback began {late:.2f}s after the deadline (limit: 1s)")
         rolled = event_of(final, "swap.rolled_back")
         self.screen.say(
@@ -201,18 +197,18 @@ class Tour:
             final["state"] == "confirmed",
             f"swap {swap_id}: expected confirmed, got {final['state']} ({final['reason']})",
         )
-        confirmed_at = wall(event_of(final, "swap.confirmed")["at"])
+        confirmed_at = wall_of(event_of(final, "swap.confirmed")["at"])
         self.screen.say(
             bullet(
                 True,
                 "v4 sent X_SWAPGUARD_CONFIRM once ready (the demo never called confirm): "
-                f"confirmed {confirmed_at - wall(final['activated_at']):.1f}s after activation",
+                f"confirmed {confirmed_at - wall_of(final['activated_at']):.1f}s after activation",
             )
         )
 
         def still_running(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
             host, beat = doc["host"], doc["host"]["last_heartbeat_at"]
-            fresh = beat is not None and wall(beat) > confirmed_at + 1.0
+            fresh = beat is not None and wall_of(beat) > confirmed_at + 1.0
             return doc if host["ready"] and fresh and doc["swap"] is None else None
 
         doc = self.wait(still_running, "v4 to keep running and heartbeating after its confirm")
