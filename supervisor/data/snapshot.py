@@ -43,8 +43,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from supervisor.config.schema import DataKind
 from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.data import restoresteps
 from supervisor.data.datacopy import SQLITE_MAGIC as SQLITE_MAGIC  # re-exported, unused here
@@ -72,7 +73,7 @@ from supervisor.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("sqlite", "file", "dir")
+KINDS: tuple[str, ...] = get_args(DataKind)  # the config's [[data]] kinds
 RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
 TAKE_STEPS = ("take_entry", "commit_take", "swap_in_copies")
 VERIFY_STEPS = ("verify_entry",)
