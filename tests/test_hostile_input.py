@@ -369,10 +369,11 @@ def requests(swap_id: str) -> st.SearchStrategy[tuple[str, str, bytes]]:
 
 def predicted(method: str, target: str, body: bytes, swap_id: str) -> set[int] | None:
     """The statuses the daemon may give; None for a valid write that would change the state."""
-    if len(body) > MAX_BODY_BYTES:
-        return {413}
+    # The request line is parsed before the body is looked at: a bad target is 400 at any size.
     if not re.fullmatch(r"[\x21-\x7e]+", target):  # a request target is visible ASCII (RFC 9112)
         return {400}
+    if len(body) > MAX_BODY_BYTES:
+        return {413}
     if target.startswith("//"):  # the server reduces a leading '//' to '/'
         target = "/" + target.lstrip("/")
     try:
