@@ -254,12 +254,13 @@ def test_the_new_version_works_on_a_copy_and_the_original_file_comes_back(repo: 
     with supervised(repo) as sup:
         start_v1(sup)
         db = repo / "data" / "app.db"
-        original = db.stat().st_ino
+        original, v1_pid = db.stat().st_ino, sup.status()["host"]["pid"]
         first, _, _ = prepare_and_activate(sup, {"version": "v2"})
         wait_for(lambda: sup.client.swap(first)["step"] is None, what="v2 to be spawned")
         assert (sup.state / "snapshots" / first / "0").stat().st_ino == original
         assert db.stat().st_ino != original
         assert sup.client.confirm(first)["state"] == "confirmed"
+        sup.wait_host(ready=True, pid_not=v1_pid)  # v2 migrated before READY; v3 stops it next
         copy = db.stat().st_ino
         # v2 may be confirmed before it migrated: what the rollback of v3 keeps must hold it
         wait_for(lambda: "migrated_v2" in db_dump(db), what="v2 to migrate its copy")
