@@ -188,6 +188,7 @@ class KnownSenders:
         known = self._pins.get(identity) if identity is not None else None
         if known is not None and known.peer.pid == sender.pid and known.alive():
             os.close(pidfd)
+            assert identity is not None  # `known` was found under it
             self._pins.move_to_end(identity)
             return known, True
         pin = pin_process(sender, pidfd, seen_at, allow_exited=True)
