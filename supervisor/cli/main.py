@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +54,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from supervisor.daemon import service as daemon
 
     config = load_config(find_config(args.config))
-    return daemon.run(config)
+    code = daemon.run(config)
+    main = threading.main_thread()
+    stuck = [t.name for t in threading.enumerate() if t is not main and not t.daemon]
+    if stuck:  # a worker inside a call that never returns must not hold the exit: all is saved
+        logging.getLogger(__name__).warning("exiting with work still running: %s", stuck)
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:

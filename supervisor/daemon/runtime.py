@@ -184,7 +184,9 @@ class Runtime:
         self.hooks.close()
         self.manager.forget_socket("notify")
         self.notify_server.close()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        # Queued work is dropped; a worker still inside a call (a hung file system, say) is
+        # not waited for: the process ends without it (see cli `run`).
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def process(self) -> HostProcess | None:
