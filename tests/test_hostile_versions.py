@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 
+from supervisor.core.instant import wall_of
 from tests.support import Supervisor, git, make_sample_repo, rows, supervised, wait_for
 from tests.test_env_faults import tmpfs
 from tests.test_hostile_hosts import (
     ROLLBACK_START_SLACK_S,
     assert_data_exact,
-    epoch,
     repo_processes,
     rollback_lateness,
 )
@@ -305,8 +305,8 @@ def run_case(
     took = time.monotonic() - began
     assert doc["state"] == "rolled_back", [e for e in doc["events"] if "fail" in e["event"]]
     since_activation, late = rollback_lateness(sup, doc)
-    rolled = [epoch(e["at"]) for e in doc["events"] if e["event"] == "swap.rolled_back"]
-    rollback_s = rolled[0] - (epoch(doc["activated_at"]) + since_activation)
+    rolled = [wall_of(e["at"]) for e in doc["events"] if e["event"] == "swap.rolled_back"]
+    rollback_s = rolled[0] - (wall_of(doc["activated_at"]) + since_activation)
     assert late <= ROLLBACK_START_SLACK_S, late
     running = sup.wait_host(ready=True, pid_not=v1_pid)
     wait_for(
