@@ -120,7 +120,7 @@ def test_a_host_spawned_but_never_recorded_is_killed_before_another_starts(repo:
         stray = subprocess.Popen(  # ... and an unrecorded one runs in the leaf
             ["sleep", "300"], start_new_session=True
         )
-        leaf.add(stray.pid)
+        (leaf.path / "cgroup.procs").write_text(str(stray.pid))  # into the host's leaf
         sup.start()
         assert stray.wait(timeout=10) == -signal.SIGKILL
         assert leaf.pids() == [sup.status()["host"]["pid"]]

@@ -109,10 +109,12 @@ def test_a_connect_once_client_is_heard_across_a_restart_with_the_fd_store(tmp_p
         kill9_and_wait_for_the_next(sup)
         restarted = sup.status()["supervisor"]["started_at"]
         # heard by the new swapguard: a heartbeat after its start, the same host (adopted)
-        wait_for(
-            lambda: (h := sup.status()["host"])["last_heartbeat_at"] > restarted and h["ready"],
-            what="a heartbeat heard by the restarted swapguard",
-        )
+        def heard_since_the_restart() -> bool:
+            host = sup.status()["host"]
+            beat = host["last_heartbeat_at"]  # None until the restarted swapguard hears one
+            return beat is not None and beat > restarted and host["ready"]
+
+        wait_for(heard_since_the_restart, what="a heartbeat heard by the restarted swapguard")
         (repo / "confirm-now").touch()
         doc = sup.wait_swap(swap_id, "confirmed")
         assert doc["state"] == "confirmed"
