@@ -137,6 +137,12 @@ def main() -> None:
         os.setuid(nobody.pw_uid)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(work / "control.sock"))
+        # One read first, so the server has accepted (and pinned) the connection while its
+        # opener lives: the attack is on a connection outliving its opener. (A pid taken between
+        # connect and accept is told apart only by SO_PEERPIDFD: see the README's limits.)
+        conn.settimeout(WAIT_S)
+        conn.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.recv(65536)
         if os.fork() == 0:  # its child keeps the connection and waits for the pid to be reused
             os.read(go_read, 1)
             conn.settimeout(WAIT_S)

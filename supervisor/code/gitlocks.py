@@ -80,7 +80,7 @@ class Owner:
 def _start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return None
 
 
@@ -188,6 +188,8 @@ class GitLocks:
         try:
             for attempt in _lock_attempts(wait):
                 with attempt, self.holding([INDEX_LOCK]), self.index_lock():
+                    if not os.path.lexists(pending):
+                        return True  # another thread of ours put it in place meanwhile
                     if os.lstat(pending).st_size == 0:
                         self.index.unlink(missing_ok=True)
                         pending.unlink()

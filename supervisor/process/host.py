@@ -168,7 +168,7 @@ class HostProcess:
         try:
             self._process = psutil.Process(pid)  # its identity: pid and start time
             self.create_time: float = self._process.create_time()  # recorded for adoption
-        except psutil.Error as exc:
+        except (psutil.Error, OSError) as exc:
             self.close()
             raise ProcessLookupError(f"no process {pid}") from exc
         except BaseException:
@@ -220,7 +220,7 @@ class HostProcess:
         if host._exit_visible() or abs(host.create_time - create_time) > _CREATE_TIME_SLACK:
             host.close()
             return None
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             if host._process.ppid() == os.getpid():
                 host.is_child = True  # we re-exec'd ourselves: still our child, so we reap it
                 jobs.register(pid)
@@ -494,7 +494,7 @@ def _handles(pids: list[int]) -> list[psutil.Process]:
     """psutil's handles on those of `pids` still there."""
     found = []
     for pid in pids:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             found.append(psutil.Process(pid))
     return found
 

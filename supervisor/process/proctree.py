@@ -55,7 +55,7 @@ def proc_info(pid: int) -> ProcInfo | None:
     """Parent, group, session, zombie state and identity of `pid`; None when it is gone."""
     try:
         return _info(psutil.Process(pid))
-    except psutil.Error:
+    except (psutil.Error, OSError):  # psutil lets a /proc file gone mid-read through as OSError
         return None
 
 
@@ -77,7 +77,7 @@ def subtree_table(roots: Iterable[int], also: Iterable[int] = ()) -> dict[int, P
     those): the part of the process table a decision about a tree needs. Gone ones are left out."""
     table: dict[int, ProcInfo] = {}
     for pid in roots:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             root = psutil.Process(pid)
             for process in (root, *root.children(recursive=True)):
                 if process.pid not in table and (info := _info(process)) is not None:
@@ -131,7 +131,7 @@ def signal_verified(process: psutil.Process, sig: int) -> tuple[bool, int | None
     process, then psutil compares the start time). Returns whether it was sent and the pidfd
     (the caller closes it) to wait on its exit."""
     pidfd = open_pidfd(process.pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+    with contextlib.suppress(OSError, psutil.Error):
         if process.is_running():
             if pidfd is not None:
                 signal.pidfd_send_signal(pidfd, sig)
@@ -247,7 +247,7 @@ def process_stats(pids: Iterable[int]) -> tuple[int, float]:
             process = psutil.Process(pid)
             with process.oneshot():
                 memory, times = process.memory_info(), process.cpu_times()
-        except psutil.Error:
+        except (psutil.Error, OSError):
             continue
         rss += memory.rss
         cpu += times.user + times.system
