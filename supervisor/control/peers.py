@@ -17,14 +17,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import struct
 import sys
 from collections import OrderedDict
 
 from supervisor.control.routes import Peer
-from supervisor.process.proctree import open_pidfd, proc_info, started_at_uptime, uptime
+from supervisor.process.proctree import (
+    has_exited,
+    open_pidfd,
+    proc_info,
+    started_at_uptime,
+    uptime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class PeerPin:
             return False
         if self._pidfd is None:
             return True  # nothing to pin with here: the peer is taken as reported
-        return not exited(self._pidfd)
+        return not has_exited(self._pidfd)
 
     def close(self) -> None:
         if self._pidfd is not None:
@@ -159,13 +164,6 @@ def now() -> float:
     """Now, in seconds since boot: a process that started after this moment is not the peer that
     was seen at it (`pin_process`'s `seen_at`)."""
     return uptime()
-
-
-def exited(pidfd: int) -> bool:
-    """Has the process behind `pidfd` exited? (A pidfd polls readable once it has.)"""
-    poller = select.poll()  # poll, not select: the fd may be above 1024
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class KnownSenders:

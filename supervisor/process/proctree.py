@@ -165,7 +165,7 @@ class ProcessVerdicts:
         process is gone."""
         with self._lock:
             hit = self._entries.get(pid)
-            if hit is not None and hit[0] is not None and not _has_exited(hit[0]):
+            if hit is not None and hit[0] is not None and not has_exited(hit[0]):
                 self._entries.move_to_end(pid)
                 return hit[1]
         pidfd = open_pidfd(pid)  # first: what we read next is then about this very process
@@ -199,7 +199,7 @@ class ProcessVerdicts:
                 return
             if (stale := self._entries.pop(key, None)) is not None:
                 _close(stale[0])
-            dead = [k for k, (fd, _) in self._entries.items() if fd is not None and _has_exited(fd)]
+            dead = [k for k, (fd, _) in self._entries.items() if fd is not None and has_exited(fd)]
             for gone in dead:  # a new entry is a new process: the dead ones' fds go now
                 _close(self._entries.pop(gone)[0])
             self._entries[key] = (pidfd, verdict)
@@ -207,8 +207,9 @@ class ProcessVerdicts:
                 _close(self._entries.popitem(last=False)[1][0])
 
 
-def _has_exited(pidfd: int) -> bool:
-    """poll, not select: the fd may be above 1024."""
+def has_exited(pidfd: int) -> bool:
+    """Has the process behind `pidfd` exited? (A pidfd polls readable once it has; poll, not
+    select: the fd may be above 1024.)"""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(0))
