@@ -405,6 +405,8 @@ def _keep_reserve(path: Path) -> None:
         return
     try:
         size = os.fstat(fd).st_size
+        if size >= RESERVE_BYTES:
+            return  # held since an earlier start: no write, no fsync at start-up
         chunk = bytes(1 << 20)
         while size < RESERVE_BYTES:
             size += os.pwrite(fd, chunk[: RESERVE_BYTES - size], size)
