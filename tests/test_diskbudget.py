@@ -63,7 +63,9 @@ PRUNE_CASES = [
 def test_plan_prune(
     keep_swaps: int, budget: int, reserve: int, kept: set[str], over: tuple[str, ...]
 ) -> None:
-    plan = plan_prune(HISTORY, keep_swaps=keep_swaps, keep_bytes=budget * MiB, reserve=reserve * MiB)
+    plan = plan_prune(
+        HISTORY, keep_swaps=keep_swaps, keep_bytes=budget * MiB, reserve=reserve * MiB
+    )
     assert plan.keep == kept
     assert plan.over_budget == over
     assert set(plan.drop) == {h.swap_id for h in HISTORY} - kept
@@ -183,6 +185,6 @@ def test_keep_bytes_prunes_oldest_first_never_in_flight_nor_last_rollback(tmp_pa
         work.prune(keep=20)
         assert set(diskusage.swap_folders(snapshots.root)) == {"s4", "s5"}
         # ... and an activation cannot fit its snapshot beside them: refused, nothing pruned.
-        with pytest.raises(InsufficientStorage, match="state.keep_bytes"):
+        with pytest.raises(InsufficientStorage, match=r"state\.keep_bytes"):
             work.check_disk(make_room=True)
         assert set(diskusage.swap_folders(snapshots.root)) == {"s4", "s5"}

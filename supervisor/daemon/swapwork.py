@@ -253,6 +253,7 @@ class SwapWork:
             records.insert(0, active)
         swaps_held = [(str(record["id"]), str(record["state"])) for record in records]
         self.usage = diskusage.measure(self.snapshots.root, swaps_held, time.time())
+        self._space = None  # the free space is read afresh with the figures just measured
         return self.usage
 
     def _labelled_paths(self) -> list[tuple[str, Path]]:
