@@ -181,3 +181,50 @@ def test_an_activation_nobody_asked_for_that_cannot_fit_rolls_back_before_copyin
         sup.wait_host(ready=True, pid_not=old["pid"])
         assert '"v1"' in (repo / "app.json").read_text()
         assert rows(db, "SELECT count(*) FROM blobs") == before
+
+
+def test_a_new_version_that_fills_the_disk_is_rolled_back_all_the_same(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """The README's promise for a full file system: data and state.dir share a tmpfs, the new
+    version fills it to the last byte, and the rollback still ends exact (renames and links need
+    no room; the store's reserve keeps its records writable)."""
+    shared = small_fs(48 * MiB)
+    repo = make_sample_repo(shared / "repo")
+    db = repo / "data" / "app.db"
+    make_database(db, 4 * MiB)
+    with supervised(repo, state_parent=shared, deadman={"window": "60s"}) as sup:
+        sup.log = tmp_path / "swapguard.log"  # not on the file system about to be filled
+        old = sup.start().status()["host"]
+        before = rows(db, "SELECT count(*) FROM blobs")
+        swap = sup.client.prepare("v2")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        new = sup.wait_host(ready=True, pid_not=old["pid"])
+        wait_for(
+            lambda: "swap.probation" in sup.events()
+            and sup.client.swap(swap["id"])["data_on_disk"],
+            what="the new version on probation, its data flushed",
+        )
+
+        writer = sqlite3.connect(db, isolation_level=None, timeout=10)
+        with contextlib.closing(writer), contextlib.suppress(sqlite3.OperationalError):
+            while True:  # until "database or disk is full"
+                writer.execute("INSERT INTO blobs VALUES (randomblob(?))", (MiB // 4,))
+        with contextlib.suppress(OSError), (repo / "data" / "junk").open("wb") as junk:
+            while True:  # the last bytes too
+                junk.write(b"x" * 4096)
+                junk.flush()
+        assert os.statvfs(shared).f_bavail == 0
+
+        sup.client.rollback(swap["id"], reason="disk filled")
+        sup.wait_swap(swap["id"], "rolled_back", timeout=60)
+        sup.wait_host(ready=True, pid_not=new["pid"])
+        assert rows(db, "SELECT count(*) FROM blobs") == before
+        kept = db.with_name(f"app.db.rolled-back-{swap['id']}")
+        assert rows(kept, "SELECT count(*) FROM blobs")[0][0] > before[0][0]
+        disk = wait_for(
+            lambda: (d := sup.status()["disk"])["kept_data_bytes"] > 4 * MiB and d,
+            what="the kept data measured",
+        )
+        assert disk["file_systems"][0]["holds"] == ["state.dir", "snapshots", str(db)]

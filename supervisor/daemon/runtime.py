@@ -511,7 +511,10 @@ class Runtime:
         """Raises InsufficientStorage when an activation's snapshot would not fit (a worker
         measures; `core.diskbudget` decides). With `make_room`, the budget's prune runs first."""
         check = functools.partial(self.work.check_disk, make_room=make_room)
-        await self.loop.run_in_executor(self.pool, check)
+        try:
+            await self.loop.run_in_executor(self.pool, check)
+        except OSError as exc:  # cannot tell: go ahead, the take checks again before it copies
+            log.warning("cannot measure the disk for the snapshot: %s", exc)
 
     def _swap_for(self, swap_id: str) -> swaps.Swap:
         if self.swap is not None and self.swap.id == swap_id:
