@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.data import diskusage
 from supervisor.errors import InsufficientStorage
 from tests.support import git, make_sample_repo, rows, supervised, wait_for, write_app
 
@@ -228,3 +229,40 @@ def test_a_new_version_that_fills_the_disk_is_rolled_back_all_the_same(
             what="the kept data measured",
         )
         assert disk["file_systems"][0]["holds"] == ["state.dir", "snapshots", str(db)]
+
+
+def test_what_a_take_needs_lands_on_the_file_system_of_state_dir(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """The estimate the fit check uses: the snapshot on state.dir's file system whatever the
+    data's, and across file systems the rollback's copy beside the data too; allocated bytes,
+    SQLite with its WAL, a folder's files, nothing through a symlink, a missing entry free."""
+    other = small_fs(16 * MiB)
+    state = tmp_path / "state"
+    state.mkdir()
+    near, far = tmp_path / "near.db", other / "far.db"
+    make_database(near, 2 * MiB)
+    make_database(far, 2 * MiB)
+    writer = sqlite3.connect(near, isolation_level=None)  # open: its WAL is not folded at close
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO blobs VALUES (randomblob(?))", (MiB,))
+    wal = os.lstat(f"{near}-wal").st_blocks * 512
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "file").write_bytes(os.urandom(MiB))
+    (folder / "elsewhere").symlink_to(other)  # never followed
+    entries = [(near, "sqlite"), (far, "sqlite"), (folder, "dir"), (tmp_path / "gone", "file")]
+    with contextlib.closing(writer):
+        needs = diskusage.take_needs(entries, state)
+        main = os.lstat(near).st_blocks * 512
+    state_fs, other_fs = diskusage.fs_key(state), diskusage.fs_key(other)
+    assert [(n.path, n.fs, n.budgeted) for n in needs] == [
+        (str(near), state_fs, True),
+        (str(far), state_fs, True),
+        (str(far), other_fs, False),  # the rollback copies it back across file systems
+        (str(folder), state_fs, True),
+    ]
+    sizes = [n.bytes for n in needs]
+    assert sizes[0] == main + wal and wal >= MiB
+    assert sizes[1] == sizes[2] == os.lstat(far).st_blocks * 512
+    assert sizes[3] == MiB

@@ -78,8 +78,12 @@ class SwapWork:
         entries = [(entry.path, entry.kind) for entry in self.config.data]
         # An activation that was not asked for (the host exited on changed code) had no check
         # before the host stopped: refuse here, before a byte is copied, rather than at ENOSPC.
-        needs = diskusage.take_needs(entries, self.snapshots.root)
-        space = [fs for fs, _ in diskusage.file_systems(self._labelled_paths())]
+        try:
+            needs = diskusage.take_needs(entries, self.snapshots.root)
+            space = [fs for fs, _ in diskusage.file_systems(self._labelled_paths())]
+        except OSError as exc:  # cannot tell: the take itself finds out
+            log.warning("swap %s: cannot measure the disk before the snapshot: %s", swap.id, exc)
+            needs, space = [], []
         if problem := diskbudget.fit_problem(needs, space, diskbudget.NOTHING_PRUNED, keep_bytes=0):
             raise InsufficientStorage(problem)
         taken = self.snapshots.take(swap.id, entries)
@@ -241,16 +245,21 @@ class SwapWork:
             if make_room and plan.drop:
                 self._drop(plan, usage)
 
-    def measure_disk(self) -> diskusage.Usage:
-        """Measure what the snapshots and kept data hold now (status and /metrics show it)."""
-        with self._pruning:
-            return self._measure(self.config.state.keep_swaps)
+    def measure_disk(self) -> diskusage.Usage | None:
+        """Measure what the snapshots and kept data hold now (status and /metrics show it); a
+        failure is logged and leaves the last figures: nothing waits for this."""
+        try:
+            with self._pruning:
+                return self._measure(self.config.state.keep_swaps)
+        except (SwapguardError, OSError) as exc:
+            log.warning("cannot measure the disk: %s", getattr(exc, "message", exc))
+            return None
 
     def _measure(self, keep: int) -> diskusage.Usage:
         records = self.store.list_swaps(limit=keep)
         active = self.store.active_swap()
         if active is not None and all(record["id"] != active["id"] for record in records):
-            records.insert(0, active)
+            records.append(active)  # an older failed swap: kept, without taking a newer's place
         swaps_held = [(str(record["id"]), str(record["state"])) for record in records]
         self.usage = diskusage.measure(self.snapshots.root, swaps_held, time.time())
         self._space = None  # the free space is read afresh with the figures just measured
