@@ -146,11 +146,15 @@ def fit_problem(
             continue
         released = plan.released.get(key, 0)
         if wanted + HEADROOM > fs.free + released:
-            what = ", ".join(f"{need.path} {show_bytes(need.bytes)}" for need in on_fs)
+            what = ", ".join(
+                f"{need.path}: {show_bytes(need.bytes)}"
+                + ("" if need.budgeted else " for a rollback's copy")
+                for need in on_fs
+            )
             freed = f" (+ {show_bytes(released)} from pruning old swaps)" if released else ""
             problems.append(
                 f"the file system of {fs.path} has {show_bytes(fs.free)} free{freed}; the"
-                f" snapshot needs {show_bytes(wanted)} there ({what}) and"
+                f" activation needs {show_bytes(wanted)} there ({what}) and"
                 f" {show_bytes(HEADROOM)} left over"
             )
     snapshot = sum(need.bytes for need in needs if need.budgeted)
