@@ -179,9 +179,13 @@ def test_keep_bytes_prunes_oldest_first_never_in_flight_nor_last_rollback(tmp_pa
         assert work.usage.snapshots + work.usage.kept <= 3 * MiB + MiB // 2
         assert work.usage.kept >= MiB  # the last rollback's kept data is measured
 
+        # An activation makes room first: s3 goes so that its snapshot fits in 4 MiB.
+        work.config = replace(config, state=replace(config.state, keep_bytes=4 * MiB))
+        work.check_disk(make_room=True)
+        assert set(diskusage.swap_folders(snapshots.root)) == {"s4", "s5"}
+
         # A budget so small nothing else fits: the swap in flight and the last rollback stay.
-        tight = replace(config, state=replace(config.state, keep_bytes=1))
-        work.config = tight
+        work.config = replace(config, state=replace(config.state, keep_bytes=1))
         work.prune(keep=20)
         assert set(diskusage.swap_folders(snapshots.root)) == {"s4", "s5"}
         # ... and an activation cannot fit its snapshot beside them: refused, nothing pruned.
