@@ -87,6 +87,14 @@ class SnapshotError(SwapguardError):
     code = "snapshot_failed"
 
 
+class InsufficientStorage(SwapguardError):
+    """A data snapshot would not fit (free space, or state.keep_bytes): refused before the host
+    is stopped, nothing changed. 507 as in WebDAV: the request is fine, the disk is not."""
+
+    code = "insufficient_storage"
+    http_status = 507
+
+
 class NotReachable(SwapguardError):
     """The client could not reach the control socket."""
 

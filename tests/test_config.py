@@ -47,7 +47,7 @@ CONTRACT_KEYS = {
         "health_failures", "auto_confirm_after", "stall_limit",
     ],
     "control": ["socket", "mode", "group", "allow_users", "allow_groups", "http_listen"],
-    "state": ["dir", "keep_swaps"],
+    "state": ["dir", "keep_swaps", "keep_bytes"],
     "hooks": ["on_event", "events"],
 }  # fmt: skip
 
@@ -105,7 +105,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             allow_groups=(),
             http_listen=None,
         ),
-        state=StateConfig(dir=folder / ".swapguard", keep_swaps=20),
+        state=StateConfig(dir=folder / ".swapguard", keep_swaps=20, keep_bytes=0),
         hooks=HooksConfig(on_event=(), events=("swap.*", "host.crash_loop", "rollback.failed")),
     )
 
@@ -445,6 +445,8 @@ BAD_INPUTS: list[tuple[str, str]] = [
     (HOST + "[state]\ndir = '..'\n", "state.dir"),
     (HOST + "[state]\nkeep_swaps = 0\n", "state.keep_swaps"),
     (HOST + "[state]\nkeep_swaps = true\n", "state.keep_swaps"),
+    (HOST + "[state]\nkeep_bytes = -1\n", "state.keep_bytes"),
+    (HOST + "[state]\nkeep_bytes = '2 gigs'\n", "state.keep_bytes"),
     # [hooks]
     (HOST + "[hooks]\nbogus = 1\n", "hooks.bogus"),
     (HOST + "[hooks]\non_event = 1\n", "hooks.on_event"),

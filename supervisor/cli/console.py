@@ -111,10 +111,22 @@ def render_status(doc: Mapping[str, Any]) -> str:
         )
     )
     rows.append(("Swap", render_swap_line(swap) if swap else "none in flight"))
+    if (disk := doc.get("disk")) is not None:
+        rows.append(("Disk", render_disk_line(disk)))
     width = max(len(label) for label, _ in rows)
     lines = [f"{_dot(state, bool(host.get('ready')))} swapguard: host {headline}"]
     lines += [f"  {label:>{width}}: {value}" for label, value in rows]
     return "\n".join(lines)
+
+
+def render_disk_line(disk: Mapping[str, Any]) -> str:
+    """`snapshots 96.0MiB + kept data 48.0MiB of 2.0GiB; 3.1GiB free on /srv/app/.swapguard`"""
+    used = f"snapshots {size(disk.get('snapshots_bytes'))} + kept data "
+    used += size(disk.get("kept_data_bytes"))
+    if disk.get("keep_bytes"):
+        used += f" of {size(disk['keep_bytes'])}"
+    free = [f"{size(fs['free_bytes'])} free on {fs['path']}" for fs in disk.get("file_systems", [])]
+    return "; ".join([used, *free])
 
 
 def render_swap_line(swap: Mapping[str, Any]) -> str:

@@ -83,6 +83,7 @@ http_listen = ""          # e.g. "127.0.0.1:9187": read-only TCP for /metrics, /
 [state]
 dir = ".swapguard"        # state store, snapshots, notify socket; created 0700
 keep_swaps = 20           # finished swaps whose snapshots (and kept data) are kept
+keep_bytes = "0"          # > 0: disk budget of snapshots + kept data, e.g. "2GiB"; oldest go first
 
 # A command run on events, e.g. to page someone when a rollback fails.
 [hooks]

@@ -140,6 +140,7 @@ class ControlConfig:
 class StateConfig:
     dir: Path
     keep_swaps: int
+    keep_bytes: int = 0  # > 0: the disk budget of snapshots and kept probation data
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,7 +601,8 @@ def _parse_state(table: _Table) -> StateConfig:
     state_dir = table.path("dir")
     if (problem := socket_path_problem(state_dir / NOTIFY_SOCKET_NAME)) is not None:
         raise table.fail("dir", f"its notify socket {problem}; use a shorter state.dir")
-    return StateConfig(dir=state_dir, keep_swaps=table.count("keep_swaps"))
+    keep_swaps, keep_bytes = table.count("keep_swaps"), table.size("keep_bytes")
+    return StateConfig(dir=state_dir, keep_swaps=keep_swaps, keep_bytes=keep_bytes)
 
 
 def _parse_hooks(table: _Table) -> HooksConfig:

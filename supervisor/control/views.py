@@ -84,6 +84,26 @@ def status(runtime: Runtime) -> dict[str, Any]:
             "drift": drift.drifted,
             "index_locked": runtime.code.index_locked(),  # someone's index.lock holds our index
         },
+        "disk": disk_view(runtime),
+    }
+
+
+def disk_view(runtime: Runtime) -> dict[str, Any]:
+    """What the snapshots and the kept probation data hold (as last measured: at start, after
+    each activation and each finished swap) and the space of each file system involved (now)."""
+    usage = runtime.work.usage
+    budget = runtime.config.state.keep_bytes
+    return {
+        "keep_bytes": budget or None,
+        "used_bytes": None if usage is None else usage.snapshots + usage.kept,
+        "snapshots_bytes": None if usage is None else usage.snapshots,
+        "kept_data_bytes": None if usage is None else usage.kept,
+        "swaps_held": None if usage is None else sum(1 for held in usage.held if held.total),
+        "measured_at": None if usage is None else clock.rfc3339(usage.measured_at),
+        "file_systems": [
+            {"path": fs.path, "holds": holds, "free_bytes": fs.free, "size_bytes": fs.size}
+            for fs, holds in runtime.work.file_systems()
+        ],
     }
 
 
@@ -184,4 +204,37 @@ def metrics(runtime: Runtime) -> str:
         "Events the hook never got: its queue was full, or it failed every attempt.",
         runtime.hooks.dropped,
     )
+    _disk_lines(out, runtime)
     return "\n".join(out) + "\n"
+
+
+def _disk_lines(out: list[str], runtime: Runtime) -> None:
+    usage = runtime.work.usage
+    if usage is not None:
+        out.append(
+            "# HELP swapguard_disk_used_bytes Bytes held by snapshots and by kept probation data."
+        )
+        out.append("# TYPE swapguard_disk_used_bytes gauge")
+        out.append(f'swapguard_disk_used_bytes{{what="snapshots"}} {usage.snapshots}')
+        out.append(f'swapguard_disk_used_bytes{{what="kept_data"}} {usage.kept}')
+    _line(
+        out,
+        "swapguard_disk_budget_bytes",
+        "gauge",
+        "state.keep_bytes (0: no byte bound).",
+        runtime.config.state.keep_bytes,
+    )
+    space = runtime.work.file_systems()
+    for name, help_text, field in (
+        ("swapguard_fs_free_bytes", "Free bytes of each file system involved.", "free"),
+        ("swapguard_fs_size_bytes", "Size of each file system involved.", "size"),
+    ):
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} gauge")
+        for fs, _ in space:
+            out.append(f'{name}{{path="{_label(fs.path)}"}} {getattr(fs, field)}')
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and line feed escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -169,6 +169,7 @@ class Runtime:
         await self.drift_guard.take_at_start(adopted=adopted is not None)
         self.feed(sv.Resumed(now=clock.now(), adopted=adopted is not None))
         self.timer.wake_now()
+        self.pool.submit(self.work.measure_disk)  # status and /metrics show the disk at once
 
     async def shutdown(self) -> None:
         """SIGTERM/SIGINT: stop the host gracefully, then let the loop end."""
@@ -451,6 +452,10 @@ class Runtime:
     ) -> swaps.Swap:
         if self.swap is not None:
             raise Conflict(f"swap {self.swap.id} is in flight ({self.swap.state})")
+        if not auto:  # the drift guard's swap is not refused: its take refuses, and rolls back
+            await self._disk_fits(make_room=False)
+            if self.swap is not None:
+                raise Conflict(f"swap {self.swap.id} is in flight ({self.swap.state})")
         swap_id = clock.new_id()
         if checkpoint is None:
             checkpoint = await self.loop.run_in_executor(
@@ -469,6 +474,9 @@ class Runtime:
         return self.swap
 
     async def command_swap(self, swap_id: str, action: str, body: Mapping[str, Any]) -> swaps.Swap:
+        current = self.swap
+        if action == "activate" and current is not None and _activatable(current, swap_id):
+            await self._disk_fits(make_room=True)  # refused here: the host was never stopped
         swap = self._swap_for(swap_id)
         now = clock.now()
         event: swaps.Request
@@ -498,6 +506,15 @@ class Runtime:
                 raise Conflict(error)
         current = self.swap  # None once the event finished the swap: then the store has it
         return current if current is not None else self._swap_for(swap_id)
+
+    async def _disk_fits(self, *, make_room: bool) -> None:
+        """Raises InsufficientStorage when an activation's snapshot would not fit (a worker
+        measures; `core.diskbudget` decides). With `make_room`, the budget's prune runs first."""
+        check = functools.partial(self.work.check_disk, make_room=make_room)
+        try:
+            await self.loop.run_in_executor(self.pool, check)
+        except OSError as exc:  # cannot tell: go ahead, the take checks again before it copies
+            log.warning("cannot measure the disk for the snapshot: %s", exc)
 
     def _swap_for(self, swap_id: str) -> swaps.Swap:
         if self.swap is not None and self.swap.id == swap_id:
@@ -544,6 +561,11 @@ class Runtime:
     def _prepare_in_background(self, summary: str, checkpoint: Checkpoint) -> None:
         """The drift guard's automatic swap, prepared from the baseline it was given."""
         self._schedule(self.prepare(summary, auto=True, checkpoint=checkpoint))
+
+
+def _activatable(swap: swaps.Swap, swap_id: str) -> bool:
+    """An activate request for `swap` would stop the host (else the machine refuses it anyway)."""
+    return swap.id == swap_id and swap.state is swaps.SwapState.PREPARED and swap.step is None
 
 
 def _where(swap: swaps.Swap) -> tuple[str, str, str | None]:

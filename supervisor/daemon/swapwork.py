@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import Config
-from supervisor.core import swaps
+from supervisor.core import diskbudget, swaps
+from supervisor.data import diskusage
 from supervisor.data.datacopy import fsync_dir, fsync_file
 from supervisor.data.snapshot import DataSnapshot, SnapshotStore
-from supervisor.errors import SwapguardError
+from supervisor.errors import InsufficientStorage, SwapguardError
 from supervisor.process import jobs
 from supervisor.state.store import SWAP_RECORDS_KEPT, Store
 
@@ -30,6 +32,9 @@ OUTPUT_DIR = "output"
 INDEX_WAIT_S = 10.0
 """After a rollback, how long a worker waits for somebody else's index.lock to go so it can put
 git's index back (else the next checkpoint, change listing or drift check does)."""
+
+SPACE_FRESH_S = 1.0
+"""How old the free space that status and /metrics show may be."""
 
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
@@ -62,6 +67,8 @@ class SwapWork:
         self.code = code
         self.snapshots = snapshots
         self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
+        self._space: tuple[float, list[tuple[diskbudget.FileSystem, list[str]]]] | None = None
+        self.usage: diskusage.Usage | None = None  # the last measure; views read it, never change
 
     def take_checkpoint(self, name: str) -> Checkpoint:
         self.code.check()
@@ -69,6 +76,16 @@ class SwapWork:
 
     def take_snapshots(self, swap: swaps.Swap) -> dict[str, Any]:
         entries = [(entry.path, entry.kind) for entry in self.config.data]
+        # An activation that was not asked for (the host exited on changed code) had no check
+        # before the host stopped: refuse here, before a byte is copied, rather than at ENOSPC.
+        try:
+            needs = diskusage.take_needs(entries, self.snapshots.root)
+            space = [fs for fs, _ in diskusage.file_systems(self._labelled_paths())]
+        except OSError as exc:  # cannot tell: the take itself finds out
+            log.warning("swap %s: cannot measure the disk before the snapshot: %s", swap.id, exc)
+            needs, space = [], []
+        if problem := diskbudget.fit_problem(needs, space, diskbudget.NOTHING_PRUNED, keep_bytes=0):
+            raise InsufficientStorage(problem)
         taken = self.snapshots.take(swap.id, entries)
         return {
             "data": [snap.to_json() for snap in taken],
@@ -149,6 +166,7 @@ class SwapWork:
         Returns the event to record, or None when there was nothing to verify."""
         if not swap.data:
             return None
+        self.measure_disk()  # the new snapshot, off the activation path
         try:
             results = self.snapshots.verify(swap.id, _snapshots(swap))
         except SwapguardError as exc:
@@ -180,14 +198,87 @@ class SwapWork:
 
     def prune(self, keep: int) -> None:
         """Drop checkpoints and snapshots of finished swaps beyond the newest `keep`, and their
-        records beyond SWAP_RECORDS_KEPT."""
+        records beyond SWAP_RECORDS_KEPT; then, under state.keep_bytes, the snapshots and kept
+        data of the oldest finished swaps until the rest fit (`core.diskbudget`)."""
         with self._pruning:
             self._prune(keep)
 
     def _prune(self, keep: int) -> None:
         self.code.drop(*self.store.finished_swap_ids_beyond(keep))
         self.store.forget_finished_swaps_beyond(max(keep, SWAP_RECORDS_KEPT))
-        keep_ids = {record["id"] for record in self.store.list_swaps(limit=keep)}
-        if (active := self.store.active_swap()) is not None:
-            keep_ids.add(active["id"])
-        self.snapshots.prune(keep_ids)
+        usage = self._measure(keep)
+        plan = diskbudget.plan_prune(
+            usage.held, keep_swaps=keep, keep_bytes=self.config.state.keep_bytes
+        )
+        self._drop(plan, usage)
+
+    def _drop(self, plan: diskbudget.PrunePlan, usage: diskusage.Usage) -> None:
+        """Carry out `plan`: the snapshot store keeps exactly its swaps (and removes leftovers)."""
+        held = {swap.swap_id: swap.total for swap in usage.held}
+        for swap_id in plan.over_budget:
+            log.info("pruning swap %s: its snapshot and kept data (%d bytes) are over"
+                     " state.keep_bytes", swap_id, held[swap_id])  # fmt: skip
+        self.snapshots.prune(plan.keep)
+        self._measure(self.config.state.keep_swaps)
+
+    # --- the disk budget -------------------------------------------------------------------
+
+    def check_disk(self, *, make_room: bool) -> None:
+        """Raise InsufficientStorage, naming paths and bytes, when an activation's snapshot would
+        not fit now: free space on each file system involved, and state.keep_bytes. Nothing
+        changes when it is refused. With `make_room`, the oldest finished swaps the budget lets
+        go are pruned first (the activation is about to write its snapshot)."""
+        entries = [(entry.path, entry.kind) for entry in self.config.data]
+        if not entries:
+            return
+        keep_swaps, keep_bytes = self.config.state.keep_swaps, self.config.state.keep_bytes
+        with self._pruning:
+            needs = diskusage.take_needs(entries, self.snapshots.root)
+            usage = self._measure(keep_swaps)
+            reserve = sum(need.bytes for need in needs if need.budgeted)
+            plan = diskbudget.plan_prune(
+                usage.held, keep_swaps=keep_swaps, keep_bytes=keep_bytes, reserve=reserve
+            )
+            space = [fs for fs, _ in diskusage.file_systems(self._labelled_paths())]
+            if problem := diskbudget.fit_problem(needs, space, plan, keep_bytes=keep_bytes):
+                raise InsufficientStorage(problem)
+            if make_room and plan.drop:
+                self._drop(plan, usage)
+
+    def measure_disk(self) -> diskusage.Usage | None:
+        """Measure what the snapshots and kept data hold now (status and /metrics show it); a
+        failure is logged and leaves the last figures: nothing waits for this."""
+        try:
+            with self._pruning:
+                return self._measure(self.config.state.keep_swaps)
+        except (SwapguardError, OSError) as exc:
+            log.warning("cannot measure the disk: %s", getattr(exc, "message", exc))
+            return None
+
+    def _measure(self, keep: int) -> diskusage.Usage:
+        records = self.store.list_swaps(limit=keep)
+        active = self.store.active_swap()
+        if active is not None and all(record["id"] != active["id"] for record in records):
+            records.append(active)  # an older failed swap: kept, without taking a newer's place
+        swaps_held = [(str(record["id"]), str(record["state"])) for record in records]
+        self.usage = diskusage.measure(self.snapshots.root, swaps_held, time.time())
+        self._space = None  # the free space is read afresh with the figures just measured
+        return self.usage
+
+    def _labelled_paths(self) -> list[tuple[str, Path]]:
+        """What lives where: state.dir first, then each data entry (metrics label them so)."""
+        return [("state.dir", self.config.state.dir), ("snapshots", self.snapshots.root)] + [
+            (str(entry.path), entry.path) for entry in self.config.data
+        ]
+
+    def file_systems(self) -> list[tuple[diskbudget.FileSystem, list[str]]]:
+        """The file systems involved, with their free space at most a second old (a status
+        under a heartbeat flood should not cost a statvfs each)."""
+        now = time.monotonic()
+        cached = self._space
+        if cached is None or now >= cached[0]:
+            cached = self._space = (
+                now + SPACE_FRESH_S,
+                diskusage.file_systems(self._labelled_paths()),
+            )
+        return cached[1]
