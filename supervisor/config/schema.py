@@ -215,7 +215,9 @@ def parse_config(document: Mapping[str, object], *, source: Path) -> Config:
         state=_parse_state(top.section("state")),
         hooks=_parse_hooks(top.section("hooks")),
     )
-    _check_layout(config, top.file)
+    state = document.get("state")
+    state_dir_given = isinstance(state, Mapping) and "dir" in state
+    _check_layout(config, top.file, state_dir_given=state_dir_given)
     return config
 
 
@@ -619,12 +621,16 @@ def _overlap(first: Path, second: Path) -> bool:
     return _nested(first, second) or _nested(second, first)
 
 
-def _check_layout(config: Config, file: str) -> None:
-    """Keep the state store, the code tree and the data entries from stepping on each other."""
+def _check_layout(config: Config, file: str, *, state_dir_given: bool) -> None:
+    """Keep the state store, the code tree and the data entries from stepping on each other.
+    A clash with the default state.dir blames code.root: the key the user wrote."""
     state_dir, root = config.state.dir, config.code.root
     if _nested(root, state_dir):
-        message = f"{state_dir} is or holds code.root; a restore of the code would overwrite it"
-        raise ConfigError(message, file=file, key="state.dir")
+        if state_dir_given:
+            message = f"{state_dir} is or holds code.root; a restore of the code would overwrite it"
+            raise ConfigError(message, file=file, key="state.dir")
+        message = f"{root} is or lies inside state.dir ({state_dir}); set state.dir elsewhere"
+        raise ConfigError(message, file=file, key="code.root")
     for index, extra in enumerate(config.code.extra_paths):
         if _overlap(root / extra, state_dir):
             message = f"{extra!r} overlaps state.dir ({state_dir}), which is never captured"
