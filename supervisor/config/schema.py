@@ -32,6 +32,7 @@ from typing import Any, Literal, get_args
 from supervisor.config.defaults import DEFAULTS
 from supervisor.config.defaults import PLACEHOLDER_COMMAND as PLACEHOLDER_COMMAND  # re-exported
 from supervisor.config.defaults import render_init as render_init  # re-exported
+from supervisor.config.noncode import GENERATED, pattern_problem
 from supervisor.errors import ConfigError
 
 ReadyMode = Literal["notify", "started"]
@@ -101,6 +102,7 @@ class CodeConfig:
     build: tuple[str, ...]
     build_timeout: float
     undeclared_changes: UndeclaredChanges
+    ignore: tuple[str, ...] = ()  # gitignore patterns, after the built-in GENERATED ones
 
 
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
@@ -170,6 +172,12 @@ class Config:
             paths.append(entry.path)
             paths.extend(entry.path.with_name(entry.path.name + s) for s in SQLITE_SIDECARS)
         return paths
+
+    def non_code_patterns(self) -> tuple[str, ...]:
+        """The rest of the same rule, by pattern: generated files (bytecode, tool caches, editor
+        files) and `code.ignore`, in gitignore syntax relative to code.root. Checkpoints leave
+        untracked files that match them out; the code watcher ignores them."""
+        return (*GENERATED, *self.code.ignore)
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -499,7 +507,17 @@ def _parse_code(table: _Table) -> CodeConfig:
         build=table.argv("build"),
         build_timeout=table.duration("build_timeout", positive=True),
         undeclared_changes=table.choice("undeclared_changes", get_args(UndeclaredChanges)),
+        ignore=_ignore_patterns(table),
     )
+
+
+def _ignore_patterns(table: _Table) -> tuple[str, ...]:
+    """gitignore patterns of files that are never code; each a plain one-line pattern."""
+    patterns = table.strings("ignore")
+    for index, pattern in enumerate(patterns):
+        if (problem := pattern_problem(pattern)) is not None:
+            raise table.fail("ignore", f"{problem}; got {pattern!r}", index)
+    return patterns
 
 
 def _parse_data(top: _Table) -> tuple[DataEntry, ...]:
