@@ -40,7 +40,7 @@ CONTRACT_KEYS = {
         "heartbeat_timeout", "stop_signal", "stop_timeout", "restart", "restart_delay",
         "restart_delay_max", "restart_reset_after", "output", "output_max_bytes", "output_backups",
     ],
-    "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes"],
+    "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes", "ignore"],
     "data": ["path", "kind"],
     "deadman": [
         "window", "extend_by", "hard_cap", "max_crashes", "health_check", "health_interval",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.cli.main import main
 from supervisor.code.checkpoint import CodeTree
 from supervisor.config.noncode import GENERATED
 from tests.test_checkpoint import commit_all, git, init_repo, write
@@ -132,3 +133,24 @@ def test_a_restore_needs_no_room_from_generated_files(repo: Path) -> None:
     tree.restore(checkpoint, name="v1")
     assert (repo / "tool").read_text() == "#!/bin/sh\n"
     assert not tree.differs(checkpoint)
+
+
+def test_init_and_check_point_out_untracked_files_that_look_generated(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(repo / "build/out.js", "built")
+    write(repo / "app.log", "log")
+    write(repo / PYC, "bytecode")  # generated, and handled: nothing to say
+    write(repo / "dist/bundle.js", "tracked: the host's")
+    git(repo, "add", "dist/bundle.js")
+    monkeypatch.chdir(repo)
+    assert main(["init", "--", "python3", "app.py"]) == 0
+    said = capsys.readouterr().err
+    assert "looks generated: app.log, build/ (in" in said and "code.ignore" in said
+    assert main(["check"]) == 0
+    assert "looks generated: app.log, build/ (in" in capsys.readouterr().err
+    (repo / "swapguard.toml").write_text(
+        (repo / "swapguard.toml").read_text().replace("ignore = []", 'ignore = ["*.log", "build/"]')
+    )
+    assert main(["check"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -269,6 +269,13 @@ class CodeTree:
             current = self._capture(scratch / "current")
         return current != self._tree_of(cp)
 
+    def looks_generated(self) -> list[str]:
+        """Untracked, not ignored paths that look like build output, logs or environments:
+        code to swapguard, so each change there is drift (`init` and `check` point them out)."""
+        index = self._git_dir(fresh=True) / "index"
+        found = index if treepaths.is_regular(index) else None
+        return generated.looks_generated(self._git, found, self.excluded)
+
     def head(self) -> str | None:
         """HEAD's commit, or None on an unborn branch."""
         found = self._git.run("rev-parse", "-q", "--verify", "HEAD^{commit}", ok=(1,))

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from supervisor.code import treepaths
 from supervisor.code.gitcmd import Git, literal
+from supervisor.config.noncode import LOOKS_GENERATED, IgnoreRules
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,26 @@ def drop_untracked_generated(git: Git, index: Path, tracked_tree: str) -> None:
 def _listed(git: Git, index: Path, excludes: str) -> set[str]:
     listed = git.out("ls-files", "-z", "--cached", "--ignored", excludes, index=index)
     return set(filter(None, listed.split("\0")))
+
+
+def looks_generated(git: Git, index: Path | None, excluded: Sequence[str]) -> list[str]:
+    """Untracked, not ignored paths (folders listed once, ending in '/') that look like build
+    output, logs or environments (`LOOKS_GENERATED`), outside the `excluded` paths. `index`:
+    the user's, read only (None: there is none yet, everything is untracked)."""
+    root = git.root
+    skip = [
+        f":(exclude,literal){path}" for path in excluded if treepaths.below_real_dirs(root, path)
+    ]
+    listed = git.out(
+        "ls-files", "-z", "--others", "--exclude-standard", "--directory", "--no-empty-directory",
+        "--", ".", *skip, index=index,
+    )  # fmt: skip
+    rules = IgnoreRules(LOOKS_GENERATED)
+    return [
+        entry
+        for entry in filter(None, listed.split("\0"))
+        if rules.matches(entry.rstrip("/"), is_dir=entry.endswith("/"))
+    ]
 
 
 def clear_stale_bytecode(root: Path, rewritten: Sequence[str], kept: set[str]) -> None:
