@@ -416,8 +416,8 @@ class CodeTree:
             self._forget_excluded(index)
             generated.drop_untracked_generated(self._git, index, cp.index_tree)
             tree = self._git.out("write-tree", index=index).strip()
-        if len(self._trees) >= 16:
-            self._trees.pop(next(iter(self._trees)))
+        if len(self._trees) >= 16:  # (clear: atomic, whichever worker thread gets here)
+            self._trees.clear()
         self._trees[cp.commit] = tree
         return tree
 

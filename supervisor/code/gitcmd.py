@@ -112,12 +112,13 @@ class Git:
             os.chmod(folder, 0o755)  # git may run as the tree's owner
             atexit.register(shutil.rmtree, folder, True)
             ours = "".join(f"{pattern}\n" for pattern in self.excludes)
-            theirs = _read_small_text(self._user_excludes_path())
+            theirs = _read_small_text(self._user_excludes_path(), self.owner)
             files = (os.path.join(folder, "merged"), os.path.join(folder, "ours"))
             for path, text in zip(files, (theirs + "\n" + ours, ours), strict=True):
                 with open(path, "w", encoding="utf-8") as out:
                     out.write(text)
-                os.chmod(path, 0o644)
+                os.chmod(path, 0o600)  # the user's excludes are theirs to read
+                self.give(Path(path))
             self._excludes_files = files
         return self._excludes_files
 
@@ -185,15 +186,24 @@ class Git:
             os.chown(path, self.owner.uid, self.owner.gid)
 
 
-def _read_small_text(path: str) -> str:
-    """A regular file's text (at most 1 MiB; a FIFO is never opened), else ""."""
+def _read_small_text(path: str, owner: _Owner | None) -> str:
+    """A regular file's text (at most 1 MiB), else "". Opened non-blocking (a FIFO never holds
+    us). Run as root for the tree's `owner`, only a file that owner could have read counts
+    (theirs, or readable by all): a path the repo's config names must not leak root's files."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return ""
-        with open(path, "rb") as file:
-            return file.read(1 << 20).decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError:
         return ""
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return ""
+        if owner is not None and info.st_uid != owner.uid and not info.st_mode & stat.S_IROTH:
+            return ""
+        try:
+            return file.read(1 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 def literal(path: str) -> str:
