@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 from supervisor.config.defaults import DEFAULTS
 from supervisor.config.defaults import PLACEHOLDER_COMMAND as PLACEHOLDER_COMMAND  # re-exported
 from supervisor.config.defaults import render_init as render_init  # re-exported
-from supervisor.config.noncode import GENERATED, pattern_problem
+from supervisor.config.noncode import GENERATED, IgnoreRules, pattern_problem
 from supervisor.errors import ConfigError
 
 ReadyMode = Literal["notify", "started"]
@@ -501,7 +501,7 @@ def _parse_host(table: _Table) -> HostConfig:
 
 
 def _parse_code(table: _Table) -> CodeConfig:
-    return CodeConfig(
+    code = CodeConfig(
         root=table.path("root"),
         extra_paths=_extra_paths(table),
         build=table.argv("build"),
@@ -509,6 +509,21 @@ def _parse_code(table: _Table) -> CodeConfig:
         undeclared_changes=table.choice("undeclared_changes", get_args(UndeclaredChanges)),
         ignore=_ignore_patterns(table),
     )
+    _check_extra_paths_are_code(table, code)
+    return code
+
+
+def _check_extra_paths_are_code(table: _Table, code: CodeConfig) -> None:
+    """An extra path that an ignore pattern matches would be listed and then left out."""
+    rules = IgnoreRules((*GENERATED, *code.ignore))
+    for index, extra in enumerate(code.extra_paths):
+        if rules.matches(extra, is_dir=True) or rules.matches(extra):
+            message = (
+                f"{extra!r} is matched by code.ignore or the built-in generated files, so it "
+                f"would never be captured; remove it, or re-include it with \"!{extra}\" in "
+                "code.ignore"
+            )
+            raise table.fail("extra_paths", message, index)
 
 
 def _ignore_patterns(table: _Table) -> tuple[str, ...]:
