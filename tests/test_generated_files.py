@@ -4,6 +4,10 @@ unless declared (tracked, re-included); the user's repo and ignore rules stay as
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -154,3 +158,28 @@ def test_init_and_check_point_out_untracked_files_that_look_generated(
     )
     assert main(["check"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_as_root_a_root_only_file_named_as_excludes_file_is_never_read(tmp_path: Path) -> None:
+    """The tree's owner (or a new version) can point core.excludesFile anywhere; swapguard, as
+    root, must not copy a file that owner could not read into one the owner can."""
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(prefix="swapguard-test-"))
+    try:
+        shared.chmod(0o755)
+        secret = shared / "root-only"
+        secret.write_text("*.txt\n")
+        secret.chmod(0o600)
+        repo = shared / "repo"
+        init_repo(repo)
+        write(repo / "app.py", "v1\n")
+        commit_all(repo, "v1")
+        git(repo, "config", "core.excludesFile", str(secret))
+        write(repo / "notes.txt", "code")
+        subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(repo)], check=True)
+        assert "notes.txt" in captured(CodeTree(repo))  # its pattern never applied
+        secret.chmod(0o644)  # readable by all: git as the owner would have read it too
+        assert "notes.txt" not in captured(CodeTree(repo), "again")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
