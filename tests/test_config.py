@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from supervisor.config.noncode import GENERATED
 from supervisor.config.schema import (
     CodeConfig,
     Config,
@@ -40,7 +41,7 @@ CONTRACT_KEYS = {
         "heartbeat_timeout", "stop_signal", "stop_timeout", "restart", "restart_delay",
         "restart_delay_max", "restart_reset_after", "output", "output_max_bytes", "output_backups",
     ],
-    "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes"],
+    "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes", "ignore"],
     "data": ["path", "kind"],
     "deadman": [
         "window", "extend_by", "hard_cap", "max_crashes", "health_check", "health_interval",
@@ -124,6 +125,13 @@ def test_non_code_paths_are_state_socket_output_and_data_with_sidecars(tmp_path:
 
 
 # --- defaults and init --------------------------------------------------------------------------
+
+
+def test_non_code_patterns_are_the_built_in_list_then_code_ignore(tmp_path: Path) -> None:
+    text = HOST + '[code]\nextra_paths = ["dist"]\nignore = ["tmp/", "dist/", "!dist"]\n'
+    config = load_config(write(tmp_path, text))
+    assert config.code.ignore == ("tmp/", "dist/", "!dist")  # re-included: an extra path may be
+    assert config.non_code_patterns() == (*GENERATED, "tmp/", "dist/", "!dist")
 
 
 def test_only_the_command_gives_the_contract_defaults(tmp_path: Path) -> None:
@@ -438,6 +446,13 @@ BAD_INPUTS: list[tuple[str, str]] = [
     (HOST + "[control]\nallow_users = 'root'\n", "control.allow_users"),
     (HOST + "[control]\nallow_users = ['']\n", "control.allow_users[0]"),
     (HOST + "[control]\nallow_groups = ['ops', 1]\n", "control.allow_groups[1]"),
+    (HOST + "[code]\nignore = 'tmp/'\n", "code.ignore"),
+    (HOST + "[code]\nignore = ['tmp/', '# a comment']\n", "code.ignore[1]"),
+    (HOST + "[code]\nignore = ['tmp/ ']\n", "code.ignore[0]"),
+    (HOST + "[code]\nignore = ['[[:alpha:]]']\n", "code.ignore[0]"),
+    (HOST + "[code]\nignore = ['!']\n", "code.ignore[0]"),
+    (HOST + "[code]\nextra_paths = ['out', 'dist']\nignore = ['dist/']\n", "code.extra_paths[1]"),
+    (HOST + "[code]\nextra_paths = ['node_modules/.cache']\n", "code.extra_paths[0]"),
     # [state]
     (HOST + "[state]\nbogus = 1\n", "state.bogus"),
     (HOST + "[state]\ndir = 1\n", "state.dir"),

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from supervisor.code.watch import CodeWatcher
+from supervisor.config.noncode import GENERATED
 from tests.support import wait_for
 
 
@@ -50,5 +51,46 @@ def test_a_burst_costs_no_thread_per_event(tmp_path: Path) -> None:
         (tmp_path / "seen").write_text("")
         count = len(calls)
         wait_for(lambda: len(calls) > count, what="the change after the ignored one")
+    finally:
+        watcher.stop()
+
+
+def test_generated_files_do_not_wake_it(tmp_path: Path) -> None:
+    """Python writing bytecode (a temp file renamed into `__pycache__`), a test run's cache and
+    an editor's swap file are no change; a `code.ignore` pattern neither; code still is."""
+    (tmp_path / "pkg").mkdir()
+    calls: list[int] = []
+    watcher = CodeWatcher(
+        tmp_path, lambda: calls.append(1), patterns=(*GENERATED, "tmp/"), debounce=0.2
+    )
+    woke: list[str] = []  # the paths that passed the filter
+    ignored = watcher.ignored
+
+    def recording(path: str, *, is_dir: bool = False) -> bool:
+        if not (result := ignored(path, is_dir=is_dir)):
+            woke.append(path)
+        return result
+
+    watcher.ignored = recording  # type: ignore[method-assign]
+    watcher.start()
+    try:
+        cache = tmp_path / "pkg" / "__pycache__"
+        cache.mkdir()
+        (cache / "mod.cpython-311.pyc.140").write_bytes(b"bytecode")
+        (cache / "mod.cpython-311.pyc.140").rename(cache / "mod.cpython-311.pyc")
+        (tmp_path / ".pytest_cache" / "v").mkdir(parents=True)
+        (tmp_path / ".pytest_cache" / "v" / "lastfailed").write_text("{}")
+        (tmp_path / "pkg" / ".mod.py.swp").write_text("vim")
+        (tmp_path / "tmp").mkdir()
+        (tmp_path / "tmp" / "scratch").write_text("x")
+        (tmp_path / "pkg" / "mod.py").write_text("VERSION = 2\n")  # the one change of code
+        wait_for(lambda: calls, what="the code change")
+        (tmp_path / "pkg" / "__pycache__" / "other.cpython-311.pyc").write_bytes(b"more")
+        (tmp_path / "marker.py").write_text("")
+        wait_for(lambda: len(calls) >= 2, what="the marker")
+        assert set(woke) == {str(tmp_path / "pkg" / "mod.py"), str(tmp_path / "marker.py")}
+        assert watcher.ignored(str(cache / "x.pyc"))
+        assert watcher.ignored(str(cache), is_dir=True)
+        assert not watcher.ignored(str(tmp_path / "pkg" / "mod.py"))
     finally:
         watcher.stop()

@@ -15,11 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor import __version__
 from supervisor.cli import console
 from supervisor.errors import ConfigError, NotReachable, SwapguardError
+
+if TYPE_CHECKING:
+    from supervisor.config.schema import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -71,12 +74,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
     preflight(config)  # what `run` would refuse, with the same message
+    _advise(config)
     print(f"{path}: ok (host: {' '.join(config.host.command)})")
     return EXIT_OK
 
 
+def _advise(config: Config) -> None:
+    """Warnings of `check` and `init` (stderr): accepted, but likely not what the user means."""
+    from supervisor.daemon.preflight import advice
+
+    for line in advice(config):
+        print(f"swapguard: warning: {line}", file=sys.stderr)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    from supervisor.config.schema import render_init
+    from supervisor.config.schema import load_config, render_init
 
     path = Path(args.config or "swapguard.toml")
     if path.exists() and not args.force:
@@ -85,6 +97,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     path.write_text(render_init(command or None))
     print(f"wrote {path}; check it with: swapguard check --config {path}")
+    with contextlib.suppress(SwapguardError):  # advice only: init has done its job
+        _advise(load_config(path))
     return EXIT_OK
 
 

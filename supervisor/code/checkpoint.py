@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import tenacity
 
-from supervisor.code import treemodes, treepaths
+from supervisor.code import generated, treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
 from supervisor.code.gitcmd import literal
 from supervisor.code.gitlocks import (
@@ -61,6 +61,7 @@ from supervisor.code.gitlocks import (
     set_aside_in_progress,
     signature,
 )
+from supervisor.config.noncode import GENERATED
 from supervisor.core.backoff import exponential
 from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.errors import CheckpointError, ConfigError
@@ -73,7 +74,8 @@ _VANISHED_RETRY_FOR_S = 10.0
 65 s, and a churn that beats dozens of attempts in this time is not a tree one can checkpoint."""
 # git's words for a path that was listed, then gone (or its folder turned into a file) when read.
 _VANISHED = re.compile(
-    r"""(unable to stat '.*'|open\(".*"\)): (No such file or directory|Not a directory)"""
+    r"""((?:unable to stat|pathspec) '.*'|open\(".*"\))"""
+    r"""(?:: (?:No such file or directory|Not a directory)| did not match any files)"""
 )
 
 REF_ROOT = "refs/swapguard"
@@ -147,12 +149,20 @@ class CodeTree:
     """Checkpoints and restores of one git work tree (blocking; run it in a worker thread)."""
 
     def __init__(
-        self, root: Path, *, extra_paths: Sequence[str] = (), exclude: Sequence[Path] = ()
+        self,
+        root: Path,
+        *,
+        extra_paths: Sequence[str] = (),
+        exclude: Sequence[Path] = (),
+        ignore: Sequence[str] = GENERATED,
     ) -> None:
+        """`exclude`: absolute paths that are never code; `ignore`: gitignore patterns of
+        untracked files that are never code (Config.non_code_paths / non_code_patterns)."""
         self.root = Path(os.path.abspath(root))
         self.extra_paths = tuple(_relative_extra(p) for p in extra_paths)
         self.excluded = tuple(sorted({r for p in exclude if (r := self._relative_excluded(p))}))
-        self._git = _Git(self.root)
+        self._git = _Git(self.root, excludes=ignore)
+        self._trees: dict[str, str] = {}  # checkpoint commit -> its tree as compared today
         self._known_git_dir: Path | None = None
         self._blocked_by: str | None = None
         self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
@@ -230,6 +240,9 @@ class CodeTree:
                 current = self._git.out("write-tree", index=index).strip()
             self._keep_abandoned(current, cp, name)
             self._git.out("read-tree", "--reset", "-u", target, index=index)
+            rewritten = self._git.out(*_DIFF, "--name-only", current, target).split("\0")
+            kept = {path for _, path in listing}
+            generated.clear_stale_bytecode(self.root, [p for p in rewritten if p], kept)
             recorded = treemodes.from_message(self._git.out("cat-file", "commit", cp.commit))
             treemodes.put_back(self.root, listing, recorded, mask)
             self._put_index(cp.index_tree, worktree_index=index)
@@ -255,6 +268,13 @@ class CodeTree:
         with self._scratch() as scratch:
             current = self._capture(scratch / "current")
         return current != self._tree_of(cp)
+
+    def looks_generated(self) -> list[str]:
+        """Untracked, not ignored paths that look like build output, logs or environments:
+        code to swapguard, so each change there is drift (`init` and `check` point them out)."""
+        index = self._git_dir(fresh=True) / "index"
+        found = index if treepaths.is_regular(index) else None
+        return generated.looks_generated(self._git, found, self.excluded)
 
     def head(self) -> str | None:
         """HEAD's commit, or None on an unborn branch."""
@@ -294,9 +314,6 @@ class CodeTree:
             self._git.give(index)
         skip = self._exclude_pathspecs(index)
         self._add_all(index, skip, aside=aside)
-        present = [p for p in self.extra_paths if treepaths.plain(self.root, p)]
-        if present:
-            self._git.out("add", "-f", "--", *map(literal, present), *skip, index=index)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
 
@@ -312,6 +329,10 @@ class CodeTree:
         ):
             with attempt:
                 self._add_once(index, skip, aside=aside)
+                present = [p for p in self.extra_paths if treepaths.plain(self.root, p)]
+                if present:  # minus generated files below them (`git add -f` would take them)
+                    found = generated.extra_files(self._git, index, present, skip)
+                    generated.add_files(self._git, index, found)
 
     def _add_once(self, index: Path, skip: list[str], *, aside: bool) -> None:
         """One `git add -A`; a path git cannot hold (a FIFO, a socket, a device) is dropped from
@@ -384,15 +405,21 @@ class CodeTree:
             )  # fmt: skip
 
     def _tree_of(self, cp: Checkpoint) -> str:
-        """The checkpoint's tree minus excluded paths (exclude may have grown since the take)."""
+        """The checkpoint's tree minus excluded paths and untracked generated files (both may
+        have grown since the take). Worked out once per checkpoint: a commit never changes."""
+        if (known := self._trees.get(cp.commit)) is not None:
+            return known
         tree = self._git.out("rev-parse", "--verify", f"{cp.commit}^{{tree}}").strip()
-        if not self.excluded:
-            return tree
         with self._scratch() as scratch:
             index = scratch / "filtered"
             self._git.out("read-tree", tree, index=index)
             self._forget_excluded(index)
-            return self._git.out("write-tree", index=index).strip()
+            generated.drop_untracked_generated(self._git, index, cp.index_tree)
+            tree = self._git.out("write-tree", index=index).strip()
+        if len(self._trees) >= 16:  # (clear: atomic, whichever worker thread gets here)
+            self._trees.clear()
+        self._trees[cp.commit] = tree
+        return tree
 
     def _commit(self, tree: str, parents: Sequence[str], message: str) -> str:
         args = ["commit-tree", "--no-gpg-sign", "-m", message, tree]

@@ -13,6 +13,7 @@ import functools
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -80,9 +81,14 @@ def _owner_of(root: Path) -> _Owner | None:
 
 
 class Git:
-    """Runs the git binary in one work tree with a clean, explicit environment."""
+    """Runs the git binary in one work tree with a clean, explicit environment.
 
-    def __init__(self, root: Path) -> None:
+    `excludes` (gitignore patterns: the files that are never code) are added to the ignore rules
+    of every command run here, and only here: they go to a file of ours given as
+    `core.excludesFile`, after the user's own global excludes file (which that setting would
+    otherwise replace), so the user's repo, config and `.gitignore` are never touched."""
+
+    def __init__(self, root: Path, *, excludes: Sequence[str] = ()) -> None:
         self.root = root
         self.owner = _owner_of(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
@@ -91,16 +97,62 @@ class Git:
             env["HOME"] = self.owner.home
         self._env = env
         self._config = [arg for item in _GIT_CONFIG for arg in ("-c", item)]
+        self.excludes = tuple(excludes)
+        self._excludes_files: tuple[str, str] | None = None
+
+    def excludes_file(self) -> str | None:
+        """A file holding `excludes` alone (for `ls-files --exclude-from`), or None if none."""
+        return self._prepare_excludes()[1] if self.excludes else None
+
+    def _prepare_excludes(self) -> tuple[str, str]:
+        """(merged, ours): written once, on first use; the user's global excludes file is read
+        then (a change to it takes a restart of swapguard, like a config change)."""
+        if self._excludes_files is None:
+            folder = tempfile.mkdtemp(prefix="swapguard-excludes-")
+            os.chmod(folder, 0o755)  # git may run as the tree's owner
+            atexit.register(shutil.rmtree, folder, True)
+            ours = "".join(f"{pattern}\n" for pattern in self.excludes)
+            theirs = _read_small_text(self._user_excludes_path(), self.owner)
+            files = (os.path.join(folder, "merged"), os.path.join(folder, "ours"))
+            for path, text in zip(files, (theirs + "\n" + ours, ours), strict=True):
+                with open(path, "w", encoding="utf-8") as out:
+                    out.write(text)
+                os.chmod(path, 0o600)  # the user's excludes are theirs to read
+                self.give(Path(path))
+            self._excludes_files = files
+        return self._excludes_files
+
+    def _user_excludes_path(self) -> str:
+        """Where git would read the user's global excludes: core.excludesFile, else XDG's."""
+        found = self._run(("config", "--path", "--get", "core.excludesFile"), None, (1,), "", [])
+        if found and found.strip():
+            return found.strip()
+        home = self._env.get("HOME", "/")
+        xdg = self._env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        return os.path.join(xdg, "git", "ignore")
 
     def run(
         self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
     ) -> str | None:
         """Git's stdout, or None when it exited with an accepted non-zero code."""
+        config = list(self._config)
+        if self.excludes:
+            config += ["-c", f"core.excludesFile={self._prepare_excludes()[0]}"]
+        return self._run(args, index, ok, stdin, config)
+
+    def _run(
+        self,
+        args: Sequence[str],
+        index: Path | None,
+        ok: Sequence[int],
+        stdin: str,
+        config: Sequence[str],
+    ) -> str | None:
         env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
             proc = subprocess.run(
-                ["git", *self._config, *args],
+                ["git", *config, *args],
                 cwd=self.root,
                 env=env,
                 input=os.fsencode(stdin),
@@ -125,13 +177,33 @@ class Git:
             f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
         )
 
-    def out(self, *args: str, index: Path | None = None) -> str:
-        return self.run(*args, index=index) or ""
+    def out(self, *args: str, index: Path | None = None, stdin: str = "") -> str:
+        return self.run(*args, index=index, stdin=stdin) or ""
 
     def give(self, path: Path) -> None:
         """Hand a scratch file or folder we created to the user git runs as."""
         if self.owner is not None:
             os.chown(path, self.owner.uid, self.owner.gid)
+
+
+def _read_small_text(path: str, owner: _Owner | None) -> str:
+    """A regular file's text (at most 1 MiB), else "". Opened non-blocking (a FIFO never holds
+    us). Run as root for the tree's `owner`, only a file that owner could have read counts
+    (theirs, or readable by all): a path the repo's config names must not leak root's files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return ""
+        if owner is not None and info.st_uid != owner.uid and not info.st_mode & stat.S_IROTH:
+            return ""
+        try:
+            return file.read(1 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 def literal(path: str) -> str:

@@ -4,15 +4,22 @@ The watcher does not decide what a change means: it only says "something under t
 at most once per `debounce` seconds. The runtime then asks git whether the tree differs from the
 version the host runs on, which also settles ignored files and swapguard's own restores (a restore
 puts the tree back to a checkpoint, so it never reads as drift).
+
+What is never code does not even wake it: `.git`, the non-code paths of the config, and files
+matching the non-code patterns (bytecode, tool caches, `code.ignore`; `IgnoreRules`, the same
+patterns git is given for the checkpoints). Python writing `__pycache__` at every start costs
+nothing. A tracked file that matches a pattern is still code for the checkpoints, but its change
+alone does not wake the watcher: the next drift check sees it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from watchdog.events import (
@@ -30,6 +37,8 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from supervisor.config.noncode import GENERATED, IgnoreRules
+
 log = logging.getLogger(__name__)
 IDLE_TIMEOUT_S = 300.0
 CHANGES = [
@@ -38,6 +47,11 @@ CHANGES = [
 ]  # fmt: skip
 """What can change the tree. Opens and read-only closes are left out of the kernel's watch mask
 itself (watchdog's `event_filter`): a host that reads its tree costs the watcher nothing."""
+PARENT_NOTICES = sys.platform.startswith("linux")
+"""inotify reports every change of a folder's entries as an event of the entry itself, and
+watchdog adds a DirModifiedEvent of the folder to each: redundant, and it would make a file
+written in `__pycache__` wake the watcher through `__pycache__`'s parent. Elsewhere (FSEvents'
+rescan of a folder) such an event may be all there is, so it counts."""
 # watchdog's inotify backend warns when a new subdirectory re-registers a watch; harmless noise.
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
@@ -47,8 +61,11 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if PARENT_NOTICES and isinstance(event, DirModifiedEvent):
+            return
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
-        if any(path and not self.watcher.ignored(str(path)) for path in paths):
+        is_dir = event.is_directory
+        if any(path and not self.watcher.ignored(str(path), is_dir=is_dir) for path in paths):
             self.watcher.poke()
 
 
@@ -61,9 +78,14 @@ class CodeWatcher:
         on_change: Callable[[], object],
         *,
         ignore: Iterable[Path] = (),
+        patterns: Sequence[str] = GENERATED,
         debounce: float = 0.3,
     ) -> None:
+        """`ignore`: absolute paths that are never code; `patterns`: gitignore patterns, relative
+        to root, of files that are never code (Config.non_code_paths / non_code_patterns)."""
         self.root = root
+        self._root_prefix = str(root).rstrip("/") + "/"
+        self._rules = IgnoreRules(patterns)
         self.on_change = on_change
         self.debounce = debounce
         prefixes = [root / ".git", *ignore]
@@ -77,11 +99,15 @@ class CodeWatcher:
         self._observer.daemon = True
         self._observer.schedule(_Handler(self), str(root), recursive=True, event_filter=CHANGES)
 
-    def ignored(self, path: str) -> bool:
-        return any(
+    def ignored(self, path: str, *, is_dir: bool = False) -> bool:
+        """Whether a change at `path` (absolute, as watchdog names it) is never a code change."""
+        if any(
             path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + "-")
             for prefix in self._ignore
-        )
+        ):
+            return True
+        relative = path.removeprefix(self._root_prefix)
+        return relative != path and self._rules.matches(relative, is_dir=is_dir)
 
     def start(self) -> None:
         self._observer.start()

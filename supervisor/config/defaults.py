@@ -52,6 +52,10 @@ extra_paths = []          # git-ignored paths under root to capture too, e.g. ["
 build = []                # argv run in root before a new version starts and after a rollback
 build_timeout = "10m"     # a longer build fails (and a new version rolls back)
 undeclared_changes = "guard"  # edits while no swap is prepared: "guard" | "warn" | "ignore"
+ignore = []               # gitignore patterns that are never code (not drift, not captured),
+                          # besides the built-in generated files: __pycache__/, *.py[co],
+                          # .pytest_cache/, .mypy_cache/, node_modules/.cache/, editor swap
+                          # files, ...; e.g. ["tmp/", "*.cache"]; "!pattern" re-includes
 
 # Data restored together with the code on rollback; repeat the block for each entry.
 # [[data]]

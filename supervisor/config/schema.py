@@ -32,6 +32,7 @@ from typing import Any, Literal, get_args
 from supervisor.config.defaults import DEFAULTS
 from supervisor.config.defaults import PLACEHOLDER_COMMAND as PLACEHOLDER_COMMAND  # re-exported
 from supervisor.config.defaults import render_init as render_init  # re-exported
+from supervisor.config.noncode import GENERATED, IgnoreRules, pattern_problem
 from supervisor.errors import ConfigError
 
 ReadyMode = Literal["notify", "started"]
@@ -101,6 +102,7 @@ class CodeConfig:
     build: tuple[str, ...]
     build_timeout: float
     undeclared_changes: UndeclaredChanges
+    ignore: tuple[str, ...] = ()  # gitignore patterns, after the built-in GENERATED ones
 
 
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
@@ -171,6 +173,12 @@ class Config:
             paths.append(entry.path)
             paths.extend(entry.path.with_name(entry.path.name + s) for s in SQLITE_SIDECARS)
         return paths
+
+    def non_code_patterns(self) -> tuple[str, ...]:
+        """The rest of the same rule, by pattern: generated files (bytecode, tool caches, editor
+        files) and `code.ignore`, in gitignore syntax relative to code.root. Checkpoints leave
+        untracked files that match them out; the code watcher ignores them."""
+        return (*GENERATED, *self.code.ignore)
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -496,13 +504,38 @@ def _parse_host(table: _Table) -> HostConfig:
 
 
 def _parse_code(table: _Table) -> CodeConfig:
-    return CodeConfig(
+    code = CodeConfig(
         root=table.path("root"),
         extra_paths=_extra_paths(table),
         build=table.argv("build"),
         build_timeout=table.duration("build_timeout", positive=True),
         undeclared_changes=table.choice("undeclared_changes", get_args(UndeclaredChanges)),
+        ignore=_ignore_patterns(table),
     )
+    _check_extra_paths_are_code(table, code)
+    return code
+
+
+def _check_extra_paths_are_code(table: _Table, code: CodeConfig) -> None:
+    """An extra path that an ignore pattern matches would be listed and then left out."""
+    rules = IgnoreRules((*GENERATED, *code.ignore))
+    for index, extra in enumerate(code.extra_paths):
+        if rules.matches(extra, is_dir=True) or rules.matches(extra):
+            message = (
+                f"{extra!r} is matched by code.ignore or the built-in generated files, so it "
+                f"would never be captured; remove it, or re-include it with \"!{extra}\" in "
+                "code.ignore"
+            )
+            raise table.fail("extra_paths", message, index)
+
+
+def _ignore_patterns(table: _Table) -> tuple[str, ...]:
+    """gitignore patterns of files that are never code; each a plain one-line pattern."""
+    patterns = table.strings("ignore")
+    for index, pattern in enumerate(patterns):
+        if (problem := pattern_problem(pattern)) is not None:
+            raise table.fail("ignore", f"{problem}; got {pattern!r}", index)
+    return patterns
 
 
 def _parse_data(top: _Table) -> tuple[DataEntry, ...]:

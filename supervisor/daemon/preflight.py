@@ -36,6 +36,29 @@ def group_id(name: str, *, key: str) -> int:
         raise ConfigError(f"unknown group {name!r}", key=key) from None
 
 
+def advice(config: Config) -> list[str]:
+    """What `check` and `init` point out, though `run` accepts it: untracked files that look
+    generated but are code to swapguard (each change there is an undeclared change)."""
+    tree = CodeTree(
+        config.code.root,
+        extra_paths=config.code.extra_paths,
+        exclude=config.non_code_paths(),
+        ignore=config.non_code_patterns(),
+    )
+    try:
+        found = [p for p in tree.looks_generated() if p.rstrip("/") not in tree.extra_paths]
+    except CheckpointError:
+        return []  # not a work tree: preflight says so
+    if not found:
+        return []
+    shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+    return [
+        f"untracked and not ignored, but looks generated: {shown} (in {config.code.root}). "
+        "swapguard counts it as code: every change there is an undeclared change, and every "
+        "checkpoint copies it. If it is not code, list it in .gitignore or in code.ignore"
+    ]
+
+
 def preflight(config: Config) -> None:
     """Raise the first reason `run` would refuse this config (a ConfigError naming the key)."""
     if (problem := state_dir_problem(config.state.dir)) is not None:

@@ -97,7 +97,10 @@ class Runtime:
         )
         self.started_at = time.time()
         self.code = CodeTree(
-            config.code.root, extra_paths=config.code.extra_paths, exclude=config.non_code_paths()
+            config.code.root,
+            extra_paths=config.code.extra_paths,
+            exclude=config.non_code_paths(),
+            ignore=config.non_code_patterns(),
         )
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)

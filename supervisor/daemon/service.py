@@ -358,6 +358,7 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
         config.code.root,
         lambda: loop.call_soon_threadsafe(runtime.drift_guard.on_tree_changed),
         ignore=config.non_code_paths(),
+        patterns=config.non_code_patterns(),
     )
     try:
         watcher.start()
