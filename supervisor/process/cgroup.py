@@ -55,6 +55,16 @@ class CgroupLeaf:
         except (OSError, ValueError):
             return []
 
+    def add(self, pid: int) -> bool:
+        """Move `pid` into the leaf, from outside (a child that dropped its privileges before
+        exec cannot move itself); False when the kernel refuses."""
+        try:
+            (self.path / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            log.warning("cannot move pid %d into %s: %s", pid, self.path, exc)
+            return False
+        return True
+
     def kill(self) -> bool:
         """SIGKILL every member at once (Linux >= 5.14); False where cgroup.kill is missing."""
         try:

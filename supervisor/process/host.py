@@ -43,6 +43,7 @@ import psutil
 from supervisor.errors import SwapguardError
 from supervisor.process import jobs, outputlog
 from supervisor.process.cgroup import CgroupLeaf
+from supervisor.process.identity import HostUser
 from supervisor.process.proctree import (
     ProcessVerdicts,
     ProcInfo,
@@ -70,6 +71,15 @@ _STUB = (
     "unset SWAPGUARD_CGROUP_PROCS; "
     'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
     'exec "$@"'
+)
+# The host runs as another user: it cannot join the (root's) cgroup itself, so the stub waits on
+# stdin until we have moved it, and execs the host only then (no fork of it can escape). Anything
+# but our word (we died meanwhile) and it ends: a host nobody recorded must not run.
+_MOVED = b"moved\n"
+_WAIT_STUB = (
+    'IFS= read -r word && [ "$word" = moved ] || exit 70; '
+    'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
+    'exec "$@" </dev/null'
 )
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
@@ -105,6 +115,7 @@ class SpawnSpec:
     output: Path | None = None  # None: inherit our stdout/stderr
     output_max_bytes: int = 0  # > 0: through a logger that rotates the file (`outputlog`)
     output_backups: int = 5
+    user: HostUser | None = None  # None: run as swapguard's own user
 
     def __post_init__(self) -> None:
         argv = () if isinstance(self.argv, str | bytes) else tuple(self.argv)
@@ -181,18 +192,21 @@ class HostProcess:
     def spawn(cls, spec: SpawnSpec, cgroup: CgroupLeaf | None) -> HostProcess:
         """Start the host in a new session, inside `cgroup` before it execs (nothing escapes)."""
         out_fd = _open_output(spec)
+        ids = spec.user.popen_args() if spec.user is not None else {}
+        we_move = cgroup is not None and bool(ids)
         try:
-            command, env = _command(spec, cgroup)
+            command, env = _command(spec, cgroup, we_move=we_move)
             with jobs.SPAWN_LOCK:
                 popen = subprocess.Popen(
                     command,
                     cwd=spec.cwd,
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if we_move else subprocess.DEVNULL,
                     stdout=out_fd,
                     stderr=out_fd,
                     start_new_session=True,
                     close_fds=True,
+                    **ids,
                 )
                 jobs.register(popen.pid)
         except OSError as exc:
@@ -200,6 +214,8 @@ class HostProcess:
         finally:
             if out_fd is not None:
                 os.close(out_fd)
+        if we_move:
+            _move_then_release(popen, cgroup)
         host = cls(popen.pid, is_child=True, cgroup=cgroup)
         host._popen = popen  # kept so subprocess never polls (and reaps) this pid on its own
         log.info("host spawned: pid %d, %s (cwd %s)", host.pid, spec.argv[0], spec.cwd)
@@ -505,9 +521,24 @@ def _reap(host: HostProcess | None) -> None:
     reap_orphans()
 
 
-def _command(spec: SpawnSpec, cgroup: CgroupLeaf | None) -> tuple[tuple[str, ...], dict[str, str]]:
+def _move_then_release(popen: subprocess.Popen[bytes], cgroup: CgroupLeaf | None) -> None:
+    """Move the waiting stub into the leaf, then let it exec the host (see _WAIT_STUB)."""
+    assert popen.stdin is not None and cgroup is not None
+    if not cgroup.add(popen.pid):
+        log.warning("the host (pid %d) runs outside its cgroup", popen.pid)
+    try:
+        popen.stdin.write(_MOVED)
+        popen.stdin.close()
+    except OSError as exc:  # it died already: its exit is seen as any other
+        log.debug("the host's stub (pid %d) is gone: %s", popen.pid, exc)
+
+
+def _command(
+    spec: SpawnSpec, cgroup: CgroupLeaf | None, *, we_move: bool = False
+) -> tuple[tuple[str, ...], dict[str, str]]:
     """The argv and environment to exec. Joining the cgroup and learning WATCHDOG_PID both need
-    the child itself, so a /bin/sh stub does them and execs the host in place (same pid).
+    the child itself, so a /bin/sh stub does them and execs the host in place (same pid). A host
+    of another user is moved by us instead (`we_move`) while its stub waits.
 
     A stub rather than a `preexec_fn`: that would force a full fork of this (threaded, large)
     process, ~20 ms here, where vfork + a shell costs ~1 ms. The stub would report a bad program
@@ -525,6 +556,8 @@ def _command(spec: SpawnSpec, cgroup: CgroupLeaf | None) -> tuple[tuple[str, ...
         raise SpawnError(f"cannot start host {program!r}: working dir {spec.cwd}: not a directory")
     if not found:
         raise SpawnError(f"cannot start host {program!r} (cwd {spec.cwd}): no such executable")
+    if we_move:
+        return ("/bin/sh", "-c", _WAIT_STUB, "swapguard-host", *spec.argv), env
     if cgroup is not None:
         env[_CGROUP_VAR] = str(cgroup.path / "cgroup.procs")
     return ("/bin/sh", "-c", _STUB, "swapguard-host", *spec.argv), env
