@@ -22,7 +22,7 @@ import pytest
 
 from supervisor.code.checkpoint import CodeTree
 from supervisor.errors import ConfigError
-from supervisor.process import identity
+from supervisor.process import identity, jobs
 from tests.support import git, supervised, wait_for
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
@@ -50,6 +50,12 @@ except OSError:
     facts["lists_state_dir"] = False
 with open(os.path.join(HERE, "facts.jsonl"), "a") as out:
     out.write(json.dumps(facts) + "\n")
+import sqlite3
+os.makedirs(os.path.join(HERE, "data"), exist_ok=True)
+db = sqlite3.connect(os.path.join(HERE, "data", "app.db"), isolation_level=None)
+db.execute("PRAGMA journal_mode=wal")
+db.execute("CREATE TABLE IF NOT EXISTS starts (version TEXT)")
+db.execute("INSERT INTO starts VALUES (?)", (app["version"],))
 notify("READY=1")
 swap = os.environ.get("SWAPGUARD_SWAP_ID")
 if swap and app.get("confirm"):
@@ -95,7 +101,7 @@ def _nobody_repo(folder: Path) -> Path:
     git(repo, "init", "-q", "-b", "main")
     (repo / "app.py").write_text(HOST)
     (repo / "app.json").write_text(json.dumps({"version": "v1"}))
-    (repo / ".gitignore").write_text("facts.jsonl\ndata/\n")
+    (repo / ".gitignore").write_text("facts.jsonl\ndata/\nbuilt.txt\n")
     (repo / "notes.txt").write_text("notes\n")
     (repo / "secret.txt").write_text("secret\n")
     (repo / "config.ini").write_text("[root's]\n")
@@ -128,7 +134,8 @@ def test_host_as_nobody_heartbeats_confirms_and_rolls_back_owners(public_dir: Pa
     repo = _nobody_repo(public_dir)
     host = {"command": [python, "app.py"], "user": "nobody", "heartbeat_timeout": "10s",
             "env": {"PYTHONPATH": str(REPO_ROOT)}}
-    with supervised(repo, host=host, data=False) as sup:
+    build = [python, "-c", "import os; open('built.txt', 'a').write(f'{os.getuid()}\\n')"]
+    with supervised(repo, host=host, code={"build": build}) as sup:
         sup.start()
         first = wait_for(lambda: _facts(repo), what="the host's facts")[0]
         entry = pwd.getpwnam("nobody")
@@ -157,10 +164,14 @@ def test_host_as_nobody_heartbeats_confirms_and_rolls_back_owners(public_dir: Pa
         sup.client.activate(swap["id"])
         sup.wait_swap(swap["id"], "confirmed", timeout=40)
         assert any(f["version"] == "v2" and f["swap"] == swap["id"] for f in _facts(repo))
+        # its build ran as the host's user, not as root
+        assert (repo / "built.txt").read_text().split() == [str(NOBODY)]
+        assert _owner_mode(repo / "built.txt")[0] == NOBODY
 
         # a swap whose new version chowns, chmods and replaces files, then is rolled back
         before = {name: _owner_mode(repo / name)
-                  for name in ("config.ini", "secret.txt", "notes.txt", "app.json")}
+                  for name in ("config.ini", "secret.txt", "notes.txt", "app.json", "data/app.db")}
+        assert before["data/app.db"][:2] == (NOBODY, entry.pw_gid)
         swap = sup.client.prepare("v3")
         (repo / "app.json").write_text(json.dumps({"version": "v3"}))
         (repo / "config.ini").unlink()  # replaced by the host's own copy
@@ -170,11 +181,16 @@ def test_host_as_nobody_heartbeats_confirms_and_rolls_back_owners(public_dir: Pa
         os.chown(repo / "notes.txt", 4242, 4242)
         sup.client.activate(swap["id"])
         sup.wait_swap(swap["id"], "probation")
+        wait_for(lambda: any(f["version"] == "v3" for f in _facts(repo)), what="v3 to start")
+        os.chown(repo / "data/app.db", 4242, 4242)  # what a new version of root's could do
+        (repo / "data/app.db").chmod(0o666)
         sup.client.rollback(swap["id"], reason="test")
         sup.wait_swap(swap["id"], "rolled_back", timeout=40)
         after = {name: _owner_mode(repo / name) for name in before}
         assert after == before
         assert (repo / "config.ini").read_text() == "[root's]\n"
+        kept = list((repo / "data").glob(f"app.db.rolled-back-{swap['id']}*"))
+        assert kept, "the probation-time data is kept beside"
         sup.wait_host(ready=True)
         assert sup.stop() == 0
 
@@ -239,6 +255,23 @@ def test_unprivileged_swapguard_may_name_only_its_own_user(public_dir: Path) -> 
                           env={"PYTHONPATH": str(REPO_ROOT), "PATH": os.defpath})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("host.user ") and "needs swapguard to run as root" in done.stdout
+
+
+@ROOT_ONLY
+def test_a_job_of_the_hosts_user_runs_as_it_inside_its_own_leaf(public_dir: Path) -> None:
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that nobody may run")
+    user = identity.resolve("nobody")
+    probe = "import os; print(os.getuid(), os.environ['USER'], open('/proc/self/cgroup').read())"
+    result = jobs.run_job([python, "-c", probe], cwd=public_dir, timeout=60, user=user)
+    assert result.ok, result.output
+    uid, name, cgroups = result.output.split(" ", 2)
+    assert (int(uid), name) == (NOBODY, "nobody")
+    if Path("/sys/fs/cgroup/unified/swapguard").exists() or Path(
+        "/sys/fs/cgroup/swapguard"
+    ).exists():
+        assert "/swapguard/job-" in cgroups
 
 
 # --- git on a tree another user owns ----------------------------------------------------------

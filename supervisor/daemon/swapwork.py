@@ -19,7 +19,7 @@ from supervisor.core import swaps
 from supervisor.data.datacopy import fsync_dir, fsync_file
 from supervisor.data.snapshot import DataSnapshot, SnapshotStore
 from supervisor.errors import SwapguardError
-from supervisor.process import jobs
+from supervisor.process import identity, jobs
 from supervisor.state.store import SWAP_RECORDS_KEPT, Store
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class SwapWork:
         self.store = store
         self.code = code
         self.snapshots = snapshots
+        # host.user: the build and the health check run as the host does (they run code the host
+        # may rewrite); resolved at start, where preflight has checked it
+        self.user = identity.resolve(config.host.user, config.host.group)
         self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
 
     def take_checkpoint(self, name: str) -> Checkpoint:
@@ -102,6 +105,7 @@ class SwapWork:
             timeout=self.config.code.build_timeout,
             log_name="build",
             output_to=output,
+            user=self.user,
         )
         if not result.ok:
             raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
@@ -130,6 +134,7 @@ class SwapWork:
             timeout=self.config.deadman.health_interval,
             log_name="health",
             output_to=jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "health"),
+            user=self.user,
         )
 
     def save_changes(self, swap: swaps.Swap) -> None:

@@ -42,7 +42,7 @@ import psutil
 
 from supervisor.errors import SwapguardError
 from supervisor.process import jobs, outputlog
-from supervisor.process.cgroup import CgroupLeaf
+from supervisor.process.cgroup import WAIT_TO_BE_MOVED, CgroupLeaf
 from supervisor.process.identity import HostUser
 from supervisor.process.proctree import (
     ProcessVerdicts,
@@ -72,13 +72,10 @@ _STUB = (
     'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
     'exec "$@"'
 )
-# The host runs as another user: it cannot join the (root's) cgroup itself, so the stub waits on
-# stdin until we have moved it, and execs the host only then (no fork of it can escape). Anything
-# but our word (we died meanwhile) and it ends: a host nobody recorded must not run.
-_MOVED = b"moved\n"
+# A host of another user waits to be moved into its leaf by us (see cgroup.WAIT_TO_BE_MOVED).
 _WAIT_STUB = (
-    'IFS= read -r word && [ "$word" = moved ] || exit 70; '
-    'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
+    WAIT_TO_BE_MOVED
+    + 'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
     'exec "$@" </dev/null'
 )
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
@@ -215,7 +212,8 @@ class HostProcess:
             if out_fd is not None:
                 os.close(out_fd)
         if we_move:
-            _move_then_release(popen, cgroup)
+            assert cgroup is not None
+            cgroup.move_and_release(popen)
         host = cls(popen.pid, is_child=True, cgroup=cgroup)
         host._popen = popen  # kept so subprocess never polls (and reaps) this pid on its own
         log.info("host spawned: pid %d, %s (cwd %s)", host.pid, spec.argv[0], spec.cwd)
@@ -519,18 +517,6 @@ def _reap(host: HostProcess | None) -> None:
     if host is not None:
         host.poll()
     reap_orphans()
-
-
-def _move_then_release(popen: subprocess.Popen[bytes], cgroup: CgroupLeaf | None) -> None:
-    """Move the waiting stub into the leaf, then let it exec the host (see _WAIT_STUB)."""
-    assert popen.stdin is not None and cgroup is not None
-    if not cgroup.add(popen.pid):
-        log.warning("the host (pid %d) runs outside its cgroup", popen.pid)
-    try:
-        popen.stdin.write(_MOVED)
-        popen.stdin.close()
-    except OSError as exc:  # it died already: its exit is seen as any other
-        log.debug("the host's stub (pid %d) is gone: %s", popen.pid, exc)
 
 
 def _command(
