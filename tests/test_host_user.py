@@ -21,9 +21,13 @@ from typing import Any
 import pytest
 
 from supervisor.code.checkpoint import CodeTree
+from supervisor.control.notifysocket import NotifyServer
+from supervisor.control.server import ControlServer
+from supervisor.state.lock import prepare_state_dir, share_with_host
 from supervisor.errors import ConfigError
 from supervisor.process import identity, jobs
 from tests.support import git, supervised, wait_for
+from tests.test_api import SwapBackend
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +197,42 @@ def test_host_as_nobody_heartbeats_confirms_and_rolls_back_owners(public_dir: Pa
         assert kept, "the probation-time data is kept beside"
         sup.wait_host(ready=True)
         assert sup.stop() == 0
+
+
+# --- the host's folder --------------------------------------------------------------------------
+
+
+@ROOT_ONLY
+def test_what_the_host_plants_in_its_folder_is_replaced_never_followed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    prepare_state_dir(state)
+    share_with_host(state, state / "host", NOBODY, NOBODY)
+    assert _owner_mode(state) == (0, NOBODY, 0o710)
+    assert _owner_mode(state / "host") == (NOBODY, NOBODY, 0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    victim.chmod(0o600)
+    for name in ("notify.sock", "control.sock"):  # the host's own doing, as nobody could
+        (state / "host" / name).symlink_to(victim)
+    notify = NotifyServer(state / "host" / "notify.sock", staging_dir=state)
+    control = ControlServer(state / "host" / "control.sock", SwapBackend(), mode=0o666,
+                            staging_dir=state)
+    try:
+        assert _owner_mode(victim) == (0, 0, 0o600)
+        assert victim.read_text() == "root's\n"
+        for name in ("notify.sock", "control.sock"):
+            assert stat.S_ISSOCK((state / "host" / name).lstat().st_mode)
+        assert not list(state.glob("*.sock~"))  # no staging name left behind
+        # the socket bound under its staging name is known again (our manager's fd store)
+        again = NotifyServer(state / "host" / "notify.sock", notify.bound_socket.dup(),
+                             staging_dir=state)
+        assert again.inherited
+        again.close()
+    finally:
+        control.close()
+        notify.close()
+    share_with_host(state, None)  # host.user removed: the state dir is closed again
+    assert _owner_mode(state)[2] == 0o700
 
 
 # --- identity ------------------------------------------------------------------------------------
