@@ -23,9 +23,9 @@ import pytest
 from supervisor.code.checkpoint import CodeTree
 from supervisor.control.notifysocket import NotifyServer
 from supervisor.control.server import ControlServer
-from supervisor.state.lock import prepare_state_dir, share_with_host
 from supervisor.errors import ConfigError
 from supervisor.process import identity, jobs
+from supervisor.state.lock import prepare_state_dir, share_with_host
 from tests.support import git, supervised, wait_for
 from tests.test_api import SwapBackend
 
