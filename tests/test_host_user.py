@@ -279,6 +279,22 @@ def test_check_refuses_an_unknown_user(tmp_path: Path) -> None:
 
 
 @ROOT_ONLY
+def test_check_refuses_a_state_dir_the_host_cannot_reach(tmp_path: Path) -> None:
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    config = tmp_path / "swapguard.toml"
+    config.write_text(f'[host]\ncommand = ["true"]\nuser = "nobody"\n[code]\nroot = "{repo}"\n'
+                      f'[state]\ndir = "{hidden}/state"\n')
+    done = subprocess.run([sys.executable, "-m", "supervisor", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "state.dir" in done.stderr and "cannot pass through" in done.stderr
+
+
+@ROOT_ONLY
 def test_unprivileged_swapguard_may_name_only_its_own_user(public_dir: Path) -> None:
     python = _python_for(NOBODY)
     if python is None:

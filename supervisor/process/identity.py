@@ -17,7 +17,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from supervisor.errors import ConfigError
@@ -40,6 +42,26 @@ class HostUser:
         if os.geteuid() != 0:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def blocked_at(self, folder: Path) -> Path | None:
+        """The first folder on the way to `folder` (itself excluded) this user may not pass
+        through, by the permission bits (ACLs are not read); None when the way is open."""
+        for parent in reversed(Path(folder).parents):
+            try:
+                info = os.stat(parent)
+            except OSError:
+                return None  # missing: created by swapguard, 0755
+            if self.uid == 0:
+                continue
+            if info.st_uid == self.uid:
+                bit = stat.S_IXUSR
+            elif info.st_gid == self.gid or info.st_gid in self.groups:
+                bit = stat.S_IXGRP
+            else:
+                bit = stat.S_IXOTH
+            if not info.st_mode & bit:
+                return parent
+        return None
 
     def login_env(self) -> dict[str, str]:
         """HOME, USER, LOGNAME and SHELL, as login(1) sets them."""
