@@ -38,9 +38,12 @@ import json, os, socket, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 def notify(message):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(os.environ["NOTIFY_SOCKET"])
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(os.environ["NOTIFY_SOCKET"])
+            sock.sendall(message.encode())
+    except OSError:
+        pass  # swapguard restarting: it adopts us and hears the next one
 
 app = json.load(open(os.path.join(HERE, "app.json")))
 names = ("HOME", "USER", "LOGNAME", "SHELL", "NOTIFY_SOCKET", "SWAPGUARD_SOCKET")
@@ -196,6 +199,29 @@ def test_host_as_nobody_heartbeats_confirms_and_rolls_back_owners(public_dir: Pa
         kept = list((repo / "data").glob(f"app.db.rolled-back-{swap['id']}*"))
         assert kept, "the probation-time data is kept beside"
         sup.wait_host(ready=True)
+        assert sup.stop() == 0
+
+
+@ROOT_ONLY
+def test_a_restarted_swapguard_adopts_the_unprivileged_host_and_hears_it(public_dir: Path) -> None:
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that nobody may run")
+    repo = _nobody_repo(public_dir)
+    host = {"command": [python, "app.py"], "user": "nobody", "heartbeat_timeout": "10s"}
+    with supervised(repo, host=host, data=False) as sup:
+        sup.start()
+        pid = sup.status()["host"]["pid"]
+        sup.kill9()
+        sup.start(wait_ready=False)
+
+        def beats() -> int:
+            text = sup.status()["host"]["status_text"] or ""
+            return int(text.split()[1]) if text.startswith("v1 ") else 0
+        seen = wait_for(beats, what="a heartbeat heard by the new swapguard")
+        wait_for(lambda: beats() > seen, what="heartbeats going on")
+        host_now = sup.wait_host(ready=True)
+        assert host_now["pid"] == pid and host_now["restarts"] == 0
         assert sup.stop() == 0
 
 
