@@ -207,7 +207,8 @@ class Supervisor:
                 environ = proc.info.get("environ") or {}
             except (psutil.Error, OSError):
                 continue
-            if environ.get("SWAPGUARD_SOCKET") == str(self.socket):
+            given = environ.get("SWAPGUARD_SOCKET", "")
+            if given == str(self.socket) or given.startswith(f"{self.state}/"):  # host.user
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         shutil.rmtree(self.state, ignore_errors=True)

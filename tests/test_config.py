@@ -40,6 +40,7 @@ CONTRACT_KEYS = {
         "command", "cwd", "env", "inherit_env", "ready", "start_timeout", "min_uptime",
         "heartbeat_timeout", "stop_signal", "stop_timeout", "restart", "restart_delay",
         "restart_delay_max", "restart_reset_after", "output", "output_max_bytes", "output_backups",
+        "user", "group",
     ],
     "code": ["root", "extra_paths", "build", "build_timeout", "undeclared_changes", "ignore"],
     "data": ["path", "kind"],
@@ -82,6 +83,8 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             output=None,
             output_max_bytes=0,
             output_backups=5,
+            user="",
+            group="",
         ),
         code=CodeConfig(
             root=folder, extra_paths=(), build=(), build_timeout=600.0, undeclared_changes="guard"

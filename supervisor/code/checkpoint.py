@@ -30,7 +30,8 @@ Limits (documented, not hidden):
 - The staged state is kept as a tree: intent-to-add, assume-unchanged and skip-worktree flags
   of the user's index are not restored.
 - When swapguard runs as root on a tree owned by someone else, git runs as that owner, so no
-  file in the tree or in `.git` ends up owned by root.
+  file in the tree or in `.git` ends up owned by root; as root, every path's owner is recorded
+  and restored as well (`treemodes`).
 """
 
 from __future__ import annotations
@@ -201,11 +202,19 @@ class CodeTree:
         with self._scratch() as scratch:
             index_tree = self._index_tree(scratch / "staged")
             tree = self._capture(scratch / "capture")
-        modes = treemodes.odd_modes(self.root, self._listing(tree), treemodes.umask())
+        listing = self._listing(tree)
+        modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
+        owners = ""
+        if (default := self._default_owner()) is not None:
+            odd = treemodes.odd_owners(self.root, listing, default)
+            owners = treemodes.owners_to_message(default, odd)
         parents = [head] if head else []
         if index_tree:
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
-        message = f"swapguard checkpoint {name}\n\nbranch: {branch}\n{treemodes.to_message(modes)}"
+        message = (
+            f"swapguard checkpoint {name}\n\nbranch: {branch}\n"
+            f"{treemodes.to_message(modes)}{owners}"
+        )
         commit = self._commit(tree, parents, message)
         ref = f"{_CHECKPOINTS}/{name}"
         with self._locks().holding([*_LOCKS, f"{ref}.lock"]):
@@ -243,8 +252,11 @@ class CodeTree:
             rewritten = self._git.out(*_DIFF, "--name-only", current, target).split("\0")
             kept = {path for _, path in listing}
             generated.clear_stale_bytecode(self.root, [p for p in rewritten if p], kept)
-            recorded = treemodes.from_message(self._git.out("cat-file", "commit", cp.commit))
-            treemodes.put_back(self.root, listing, recorded, mask)
+            message = self._git.out("cat-file", "commit", cp.commit)
+            default_owner, owners = treemodes.owners_from_message(message)
+            if default_owner is not None and self._default_owner() is not None:
+                treemodes.put_back_owners(self.root, listing, default_owner, owners)
+            treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
             self._put_index(cp.index_tree, worktree_index=index)
             self._put_head(cp, name)
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
@@ -577,6 +589,14 @@ class CodeTree:
 
     def _locks(self) -> GitLocks:
         return GitLocks(self._git_dir())
+
+    def _default_owner(self) -> tuple[int, int] | None:
+        """Who owns what git writes in the tree; None unless we are root (only root can give a
+        path back to another owner, so only then are owners recorded and restored)."""
+        if os.geteuid() != 0:
+            return None
+        owner = self._git.owner
+        return (os.geteuid(), os.getegid()) if owner is None else (owner.uid, owner.gid)
 
     def _listing(self, tree: str) -> list[tuple[str, str]]:
         """(git mode, path) of every blob, link and folder of `tree`."""

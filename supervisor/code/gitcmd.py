@@ -3,7 +3,8 @@
 Why a module of its own: every git command swapguard runs goes through here, so the environment
 (no GIT_* of the caller, a fixed identity, no optional locks, C locale) and the user it runs as
 (the tree's owner when swapguard is root, so nothing in the tree or `.git` becomes root's) are
-decided in one place.
+decided in one place. The tree is trusted per command (`-c safe.directory=<tree>`): whoever owns
+it or `.git`, git never stops at its ownership check, and nobody's git config is changed.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ class Git:
         if self.owner is not None:
             env["HOME"] = self.owner.home
         self._env = env
-        self._config = [arg for item in _GIT_CONFIG for arg in ("-c", item)]
+        # git refuses a repository another user owns ("dubious ownership"): allowed for this
+        # tree, per command; no config file of anybody's is changed.
+        trusted = dict.fromkeys((str(root), os.path.realpath(root)))
+        config = [*_GIT_CONFIG, *(f"safe.directory={path}" for path in trusted)]
+        self._config = [arg for item in config for arg in ("-c", item)]
         self.excludes = tuple(excludes)
         self._excludes_files: tuple[str, str] | None = None
 

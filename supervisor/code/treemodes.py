@@ -7,6 +7,14 @@ longer enter. A checkpoint records the files and folders whose bits differ from 
 give them (few, usually none); a restore first opens up what it must enter, and afterwards puts
 every path of the tree back to its recorded bits, or git's default for the rest.
 
+Owners too, where swapguard runs as root (only root can give a file back to its owner): a host
+running as another user may replace a file of root's (or chgrp one) in a folder it owns, and
+git, which runs as the tree's owner, recreates what it restores as that owner. So a checkpoint
+records the owner git would give (`owners <uid>:<gid>`) and every path owned otherwise
+(`owner <uid>:<gid> <json path>`); a restore lchowns every path of the tree back, before the
+modes (a chown clears set-id bits). A checkpoint without the `owners` line (taken unprivileged,
+or before owners were recorded) leaves owners alone.
+
 The record travels in the checkpoint commit's message, one `mode <octal> <json path>` line each,
 so it lives exactly as long as the checkpoint.
 """
@@ -22,7 +30,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 _LINE = re.compile(r"mode ([0-7]{1,5}) (\".*\")")
+_OWNER_LINE = re.compile(r"owner ([0-9]{1,10}):([0-9]{1,10}) (\".*\")")
+_DEFAULT_OWNER_LINE = re.compile(r"owners ([0-9]{1,10}):([0-9]{1,10})")
+_GITLINK = "160000"
 Modes = dict[str, int]
+Owner = tuple[int, int]  # (uid, gid)
 Listing = list[tuple[str, str]]  # (git mode, path) of every blob, link and tree of a tree
 
 
@@ -85,6 +97,64 @@ def from_message(message: str) -> Modes:
             if isinstance(path, str):
                 found[path] = int(match.group(1), 8)
     return found
+
+
+def odd_owners(root: Path, listing: Listing, default: Owner) -> dict[str, Owner]:
+    """The paths of `listing` (files, links, folders) owned otherwise than `default`."""
+    found: dict[str, Owner] = {}
+    for git_mode, path in listing:
+        if git_mode == _GITLINK:
+            continue
+        try:
+            st = os.lstat(root / path)
+        except OSError:
+            continue  # vanished since git listed it
+        if (st.st_uid, st.st_gid) != default:
+            found[path] = (st.st_uid, st.st_gid)
+    return found
+
+
+def owners_to_message(default: Owner, owners: dict[str, Owner]) -> str:
+    lines = [f"owners {default[0]}:{default[1]}\n"]
+    lines.extend(f"owner {u}:{g} {json.dumps(path)}\n" for path, (u, g) in sorted(owners.items()))
+    return "".join(lines)
+
+
+def owners_from_message(message: str) -> tuple[Owner | None, dict[str, Owner]]:
+    """The default owner (None: owners were not recorded) and the paths owned otherwise."""
+    default: Owner | None = None
+    found: dict[str, Owner] = {}
+    for line in message.splitlines():
+        if match := _DEFAULT_OWNER_LINE.fullmatch(line):
+            default = (int(match.group(1)), int(match.group(2)))
+        elif match := _OWNER_LINE.fullmatch(line):
+            try:
+                path = json.loads(match.group(3))
+            except ValueError:
+                continue
+            if isinstance(path, str):
+                found[path] = (int(match.group(1)), int(match.group(2)))
+    return default, found
+
+
+def put_back_owners(
+    root: Path, listing: Listing, default: Owner, recorded: dict[str, Owner]
+) -> list[str]:
+    """lchown every path of `listing` to its recorded owner, else `default`; the paths changed.
+    Never through a symlink: a link itself is given back its owner."""
+    changed = []
+    for git_mode, path in listing:
+        if git_mode == _GITLINK:
+            continue
+        wanted = recorded.get(path, default)
+        try:
+            st = os.lstat(root / path)
+        except OSError:
+            continue
+        if (st.st_uid, st.st_gid) != wanted:
+            os.chown(root / path, *wanted, follow_symlinks=False)
+            changed.append(path)
+    return changed
 
 
 def open_up(root: Path, folders: Iterable[str]) -> None:

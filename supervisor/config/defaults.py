@@ -44,6 +44,9 @@ restart_reset_after = "60s"  # ready this long: delay and failure count reset
 output = "inherit"        # "inherit" (swapguard's own stdout/stderr) or a log file path
 output_max_bytes = "0"    # > 0: rotate the output file at this size, e.g. "10MB"
 output_backups = 5        # rotated files kept: output.1 (newest) ... output.5
+user = ""                 # run the host as this user (a name or a uid; needs swapguard as root);
+                          # its groups, HOME, USER, LOGNAME and SHELL come from the user database
+group = ""                # and this group (name or gid); "": the user's primary group
 
 # The code tree that a swap changes and a rollback restores.
 [code]

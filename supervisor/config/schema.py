@@ -52,6 +52,9 @@ MIN_OUTPUT_ROTATE_BYTES = 4096
 # definition of the limit: the control and notify sockets and `check` all ask socket_path_problem.
 MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107
 NOTIFY_SOCKET_NAME = "notify.sock"
+HOST_SOCKET_DIR_NAME = "host"
+"""With host.user: the folder of state.dir that holds the host's own sockets (see Config)."""
+HOST_CONTROL_SOCKET_NAME = "control.sock"
 
 _SECTIONS = ("host", "code", "data", "deadman", "control", "state", "hooks")
 _KEYS = {section: tuple(DEFAULTS.get(section, ())) for section in _SECTIONS}
@@ -93,6 +96,8 @@ class HostConfig:
     output: Path | None  # None: inherit swapguard's own stdout/stderr
     output_max_bytes: int  # > 0: a logger process rotates the output file at this size
     output_backups: int
+    user: str  # "": swapguard's own; a name or a uid, resolved by `process.identity`
+    group: str  # "": the user's primary group
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +166,23 @@ class Config:
     control: ControlConfig
     state: StateConfig
     hooks: HooksConfig
+
+    def host_socket_dir(self) -> Path | None:
+        """With host.user: `<state.dir>/host`, the one folder of state.dir the host's user may
+        enter (it owns it, mode 0700), holding the sockets the host talks to; state.dir itself
+        only lets the host's group pass through (0710). None: the host runs as swapguard's user
+        and its sockets sit where they always did."""
+        return self.state.dir / HOST_SOCKET_DIR_NAME if self.host.user else None
+
+    def notify_socket(self) -> Path:
+        """The host's NOTIFY_SOCKET."""
+        return (self.host_socket_dir() or self.state.dir) / NOTIFY_SOCKET_NAME
+
+    def host_control_socket(self) -> Path:
+        """The host's SWAPGUARD_SOCKET: the control socket, or with host.user a second listener
+        of the same API in the host's folder (the operators' socket may be out of its reach)."""
+        folder = self.host_socket_dir()
+        return self.control.socket if folder is None else folder / HOST_CONTROL_SOCKET_NAME
 
     def non_code_paths(self) -> list[Path]:
         """What is never code, though it may sit in the code root: swapguard's state and
@@ -418,6 +440,15 @@ def _inherit_env(table: _Table) -> tuple[str, ...] | None:
     return names
 
 
+def _account(table: _Table, field: str) -> str:
+    """A user or group: a name or a numeric id, checked against the user database at start (and
+    by `swapguard check`), not here (pure)."""
+    text = table.text(field).strip()
+    if text.startswith("-") or any(ch.isspace() or ch in ":/" for ch in text):
+        raise table.fail(field, f"must be a {field} name or a numeric id; got {text!r}")
+    return text
+
+
 def _signal(table: _Table) -> signal.Signals:
     value = table.raw("stop_signal")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
@@ -488,7 +519,11 @@ def _parse_host(table: _Table) -> HostConfig:
         output=None if table.text("output") == "inherit" else table.path("output"),
         output_max_bytes=table.size("output_max_bytes"),
         output_backups=table.count("output_backups", minimum=0),
+        user=_account(table, "user"),
+        group=_account(table, "group"),
     )
+    if host.group and not host.user:
+        raise table.fail("group", "needs host.user: the host runs as swapguard's own user")
     if host.output_max_bytes and host.output is None:
         raise table.fail("output_max_bytes", 'rotates the output file: set host.output to a path')
     if 0 < host.output_max_bytes < MIN_OUTPUT_ROTATE_BYTES:
@@ -658,6 +693,11 @@ def _check_layout(config: Config, file: str, *, state_dir_given: bool) -> None:
     """Keep the state store, the code tree and the data entries from stepping on each other.
     A clash with the default state.dir blames code.root: the key the user wrote."""
     state_dir, root = config.state.dir, config.code.root
+    if config.host_socket_dir() is not None:
+        for path in (config.notify_socket(), config.host_control_socket()):
+            if (problem := socket_path_problem(path)) is not None:
+                message = f"the host's socket {problem} (host.user is set); use a shorter one"
+                raise ConfigError(message, file=file, key="state.dir")
     if _nested(root, state_dir):
         if state_dir_given:
             message = f"{state_dir} is or holds code.root; a restore of the code would overwrite it"

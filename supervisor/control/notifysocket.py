@@ -23,7 +23,7 @@ from pathlib import Path
 
 from supervisor import errors
 from supervisor.config.schema import socket_path_problem
-from supervisor.control import peers
+from supervisor.control import peers, socketfile
 from supervisor.control.routes import Peer
 from supervisor.core.notifyproto import MAX_DATAGRAM_BYTES
 
@@ -55,12 +55,17 @@ class Datagram:
 class NotifyServer:
     """A bound, non-blocking unix datagram socket that the daemon's event loop drains."""
 
-    def __init__(self, path: Path, inherited: socket.socket | None = None) -> None:
+    def __init__(
+        self, path: Path, inherited: socket.socket | None = None, *, staging_dir: Path | None = None
+    ) -> None:
         """Bind at `path`, or take `inherited` (from our manager's fd store) if it is bound there:
-        hosts that connected to it once keep sending to the same socket."""
+        hosts that connected to it once keep sending to the same socket. `staging_dir`: `path`'s
+        folder is the host's (host.user), so the socket is bound there and renamed in
+        (`socketfile.bind_into`)."""
         self.path = Path(path).absolute()
+        self._staging_dir = staging_dir
         _check_socket_path_length(str(self.path))
-        self.inherited = inherited is not None and _bound_at(inherited, self.path)
+        self.inherited = inherited is not None and _bound_at(inherited, self.path, staging_dir)
         if self.inherited:
             assert inherited is not None
             self._sock = inherited
@@ -86,8 +91,15 @@ class NotifyServer:
         log.debug("notify socket bound at %s", self.path)
 
     def _bind(self) -> socket.socket:
-        _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if self._staging_dir is not None:
+            try:
+                socketfile.bind_into(sock, self.path, self._staging_dir, 0o666)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        _remove_stale_socket(self.path)
         try:
             sock.bind(str(self.path))
             # Anyone local may send; the daemon keeps only datagrams from the host's tree.
@@ -187,14 +199,14 @@ def _check_socket_path_length(path: str) -> None:
         raise errors.ConfigError(problem, key="state.dir")
 
 
-def _bound_at(sock: socket.socket, path: Path) -> bool:
-    """A datagram socket bound at `path`, whose file is still there to be connected to."""
+def _bound_at(sock: socket.socket, path: Path, staging_dir: Path | None) -> bool:
+    """A datagram socket bound at `path` (or renamed there), whose file is still there to be
+    connected to."""
     try:
         return (
             sock.family == socket.AF_UNIX
             and sock.type == socket.SOCK_DGRAM
-            and sock.getsockname() == str(path)
-            and stat.S_ISSOCK(os.lstat(path).st_mode)
+            and socketfile.bound_as(sock, path, staging_dir)
         )
     except OSError:
         return False

@@ -62,6 +62,7 @@ from supervisor.control.routes import Route as Route
 from supervisor.control.routes import parse_query as parse_query
 from supervisor.control.socketfile import ControlSocketInUse as ControlSocketInUse
 from supervisor.control.socketfile import (
+    bind_into,
     clear_stale_socket,
     listening_at,
     socket_folder_problem,
@@ -476,10 +477,12 @@ class ControlServer:
         max_connections: int = 64,
         max_per_uid: int = MAX_PER_UID,
         inherited: socket.socket | None = None,
+        staging_dir: Path | None = None,
     ) -> None:
         """`inherited`: the listening socket from our manager's fd store, taken instead of binding
         anew when it still listens at `path` (clients queued in its backlog across our restart
-        are answered)."""
+        are answered). `staging_dir`: `path`'s folder is somebody else's (the host's), so the
+        socket is bound in `staging_dir` and renamed in (`socketfile.bind_into`)."""
         if not 0 <= mode <= 0o777:
             raise errors.ConfigError(f"mode {mode:#o} is not a permission mode", key="control.mode")
         if min(request_timeout, idle_timeout) <= 0 or min(max_connections, max_per_uid) < 1:
@@ -488,6 +491,7 @@ class ControlServer:
                 f"max_connections and max_per_uid >= 1 ({max_connections}, {max_per_uid})"
             )
         self.path = Path(path)
+        self._staging_dir = staging_dir
         gid = socket_group_id(group)
         # Bound under a short temporary name, given its mode and group, then renamed into place:
         # no client ever sees the socket with looser permissions than configured.
@@ -534,18 +538,22 @@ class ControlServer:
     def _bind(self, mode: int, gid: int, group: str) -> None:
         staging = staging_socket_path(self.path)
         try:
-            clear_stale_socket(self.path)
+            if self._staging_dir is None:
+                clear_stale_socket(self.path)
         except BaseException:
             self._server.server_close()
             raise
         try:
-            staging.unlink(missing_ok=True)
-            self._server.socket.bind(str(staging))
-            try:
-                self._apply_mode(staging, mode, gid, group)
-                os.replace(staging, self.path)
-            finally:
+            if self._staging_dir is not None:
+                bind_into(self._server.socket, self.path, self._staging_dir, mode)
+            else:
                 staging.unlink(missing_ok=True)
+                self._server.socket.bind(str(staging))
+                try:
+                    self._apply_mode(staging, mode, gid, group)
+                    os.replace(staging, self.path)
+                finally:
+                    staging.unlink(missing_ok=True)
             self._server.server_address = str(self.path)
             self._server.server_activate()
             self._inode = os.lstat(self.path).st_ino

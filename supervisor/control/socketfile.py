@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from supervisor import errors
+from supervisor.config.schema import staging_socket_path
 
 logger = logging.getLogger(__name__)
 _STAGED_NAME = re.compile(r"\.[0-9a-f]{8}\.sock~")  # staging_socket_path's names
@@ -82,18 +83,45 @@ def clear_stale_socket(path: Path) -> None:
     raise ControlSocketInUse(f"another swapguard is answering on {path}")
 
 
+def bind_into(sock: socket.socket, path: Path, staging_dir: Path, mode: int) -> None:
+    """Bind `sock` at `path` in a folder somebody else owns (the host's, see
+    `Config.host_socket_dir`): bound and chmodded under a temporary name in `staging_dir` (ours
+    alone), then renamed into place. Nothing at `path` is followed or probed: the rename replaces
+    whatever the folder's owner left there (a stale socket, a file, a symlink); only one
+    swapguard holds the state dir, so no live one is ever replaced."""
+    staging = staging_dir / staging_socket_path(path).name
+    staging.unlink(missing_ok=True)
+    try:
+        sock.bind(str(staging))
+        os.chmod(staging, mode)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def bound_as(sock: socket.socket, path: Path, staging_dir: Path | None = None) -> bool:
+    """`sock` was bound at `path`, or under a temporary name beside it or in `staging_dir` and
+    renamed to `path` (`staging_socket_path`, `bind_into`), and a socket file is there."""
+    try:
+        bound = Path(sock.getsockname())
+        staged = _STAGED_NAME.fullmatch(bound.name) is not None
+        return (
+            (bound == path or (staged and bound.parent in (path.parent, staging_dir)))
+            and stat.S_ISSOCK(os.lstat(path).st_mode)
+        )
+    except (OSError, TypeError):
+        return False
+
+
 def listening_at(sock: socket.socket, path: Path) -> bool:
     """A unix stream socket that listens, bound at `path` (or under the temporary name it was
     first bound at beside it, then renamed: see `staging_socket_path`), whose file is there."""
     try:
-        bound = Path(sock.getsockname())
         return (
             bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
             and sock.family == socket.AF_UNIX
             and sock.type == socket.SOCK_STREAM
-            and bound.parent == path.parent
-            and (bound == path or _STAGED_NAME.fullmatch(bound.name) is not None)
-            and stat.S_ISSOCK(os.lstat(path).st_mode)
+            and bound_as(sock, path)
         )
     except (OSError, TypeError):
         return False

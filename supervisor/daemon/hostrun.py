@@ -31,7 +31,7 @@ from supervisor import clock
 from supervisor.config.schema import Config
 from supervisor.core import lifecycle
 from supervisor.errors import SwapguardError
-from supervisor.process import host
+from supervisor.process import host, identity
 from supervisor.state.store import Store
 
 if TYPE_CHECKING:
@@ -117,16 +117,19 @@ class HostRunner:
     ) -> lifecycle.Spawned | lifecycle.SpawnFailed:
         """Start and record a host process. `extra_env` goes over the configured environment;
         `code_version` and `swap_id` are recorded with the run."""
-        spec = host.SpawnSpec(
-            argv=self.config.host.command,
-            cwd=self.config.host.cwd,
-            env=self._child_env(extra_env),
-            output=self.config.host.output,
-            output_max_bytes=self.config.host.output_max_bytes,
-            output_backups=self.config.host.output_backups,
-        )
         wall = time.time()
         try:
+            # looked up at each start, as a login would: a changed group list applies at once
+            user = identity.resolve(self.config.host.user, self.config.host.group)
+            spec = host.SpawnSpec(
+                argv=self.config.host.command,
+                cwd=self.config.host.cwd,
+                env=self._child_env(extra_env, user),
+                output=self.config.host.output,
+                output_max_bytes=self.config.host.output_max_bytes,
+                output_backups=self.config.host.output_backups,
+                user=user,
+            )
             process = host.HostProcess.spawn(spec, self.cgroup)
         except SwapguardError as exc:
             return lifecycle.SpawnFailed(now=clock.boot_clock(), wall=wall, error=exc.message)
@@ -164,16 +167,20 @@ class HostRunner:
             except SwapguardError as exc:  # adopted as starting then: its next heartbeat readies it
                 log.error("host run %d: readiness not recorded: %s", self.run_id, exc)
 
-    def _child_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
+    def _child_env(
+        self, extra_env: Mapping[str, str], user: identity.HostUser | None
+    ) -> dict[str, str]:
         inherit = self.config.host.inherit_env
         env = dict(os.environ)
         if inherit is not None:  # an allow-list: nothing else of ours reaches the host
             env = {name: value for name, value in env.items() if name in inherit}
         for key in _INHERITED_PROTOCOL_VARS:
             env.pop(key, None)
+        if user is not None:  # the login's own, over ours; host.env still has the last word
+            env.update(user.login_env())
         env.update(self.config.host.env)
-        env["NOTIFY_SOCKET"] = str(self.config.state.dir / "notify.sock")
-        env["SWAPGUARD_SOCKET"] = str(self.config.control.socket)
+        env["NOTIFY_SOCKET"] = str(self.config.notify_socket())
+        env["SWAPGUARD_SOCKET"] = str(self.config.host_control_socket())
         if self.config.host.heartbeat_timeout > 0:
             env["WATCHDOG_USEC"] = str(int(self.config.host.heartbeat_timeout * 1_000_000))
             env["WATCHDOG_PID"] = "0"  # filled by the child: see host.SpawnSpec

@@ -17,6 +17,7 @@ from supervisor.code.checkpoint import CodeTree
 from supervisor.config.schema import Config
 from supervisor.control.socketfile import socket_folder_problem, socket_group_id
 from supervisor.errors import CheckpointError, ConfigError
+from supervisor.process import identity
 from supervisor.state.lock import state_dir_problem
 
 
@@ -63,6 +64,13 @@ def preflight(config: Config) -> None:
     """Raise the first reason `run` would refuse this config (a ConfigError naming the key)."""
     if (problem := state_dir_problem(config.state.dir)) is not None:
         raise ConfigError(problem, key="state.dir")
+    user = identity.resolve(config.host.user, config.host.group)
+    if user is not None and (blocked := user.blocked_at(config.state.dir)) is not None:
+        message = (
+            f"the host's user {user.name!r} cannot pass through {blocked} to reach its sockets "
+            f"in {config.host_socket_dir()}; choose a state.dir below folders it may enter"
+        )
+        raise ConfigError(message, key="state.dir")
     for name in config.control.allow_users:
         user_id(name, key="control.allow_users")
     for name in config.control.allow_groups:

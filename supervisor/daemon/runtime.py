@@ -111,7 +111,9 @@ class Runtime:
             output_dir=config.state.dir / OUTPUT_DIR,
         )
         self.notify_server = NotifyServer(
-            config.state.dir / "notify.sock", self.manager.handed_back.pop("notify", None)
+            config.notify_socket(),
+            self.manager.handed_back.pop("notify", None),
+            staging_dir=None if config.host_socket_dir() is None else config.state.dir,
         )
         self.manager.store_socket("notify", self.notify_server.bound_socket)
         self.drift_guard = DriftGuard(

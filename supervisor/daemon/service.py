@@ -35,7 +35,8 @@ from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
 from supervisor.daemon.stall import StallDetector
 from supervisor.errors import BadRequest, NotFound, NotReachable
-from supervisor.process import host, outputlog
+from supervisor.process import host, identity, outputlog
+from supervisor.state.lock import share_with_host
 from supervisor.state.store import StateLock, Store
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,11 @@ def run(config: Config) -> int:
     _lead_a_session_as_pid_1()
     preflight.preflight(config)  # what `check` refuses too, before anything is created
     lock = StateLock.acquire(config.state.dir)
+    try:
+        _share_state_dir(config)
+    except BaseException:
+        lock.release()
+        raise
     store = Store.open(config.state.dir)
     try:
         if not host.become_subreaper():
@@ -292,6 +298,28 @@ def run(config: Config) -> int:
         lock.release()
 
 
+def _share_state_dir(config: Config) -> None:
+    """With host.user: the host's own folder in state.dir, for the sockets it talks to."""
+    user = identity.resolve(config.host.user, config.host.group)
+    if user is None:
+        share_with_host(config.state.dir, None)
+    else:
+        share_with_host(config.state.dir, config.host_socket_dir(), user.uid, user.gid)
+
+
+def _host_control(config: Config, runtime: Runtime) -> ControlServer | None:
+    """The host's own listener of the control API, in its folder (host.user only): the
+    operators' socket may be where the host cannot reach. Same API, same peer rules."""
+    if config.host_socket_dir() is None:
+        return None
+    return ControlServer(
+        config.host_control_socket(),
+        LoopBackend(runtime),
+        mode=0o666,  # the folder (the host's alone) is what keeps others out
+        staging_dir=config.state.dir,
+    )
+
+
 async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
     loop = asyncio.get_running_loop()
     stall = StallDetector(loop, config.deadman.stall_limit)
@@ -306,6 +334,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         inherited=manager.handed_back.pop("control", None),
     )
     manager.store_socket("control", server.listening_socket)
+    host_server = _host_control(config, runtime)
     listener = None
     if config.control.http_listen is not None:
         listener = ReadOnlyListener(*config.control.http_listen, LoopBackend(runtime))
@@ -315,6 +344,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
     server.serve_in_thread()
+    if host_server is not None:
+        host_server.serve_in_thread()
     await runtime.start()
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
@@ -338,6 +369,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     stall.stop()
     manager.forget_socket("control")
     server.close()
+    if host_server is not None:
+        host_server.close()
     if listener is not None:
         listener.close()
     log.info("swapguard stopped")

@@ -21,7 +21,7 @@ from supervisor.data import diskusage
 from supervisor.data.datacopy import fsync_dir, fsync_file
 from supervisor.data.snapshot import DataSnapshot, SnapshotStore
 from supervisor.errors import InsufficientStorage, SwapguardError
-from supervisor.process import jobs
+from supervisor.process import identity, jobs
 from supervisor.state.store import SWAP_RECORDS_KEPT, Store
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class SwapWork:
         self.store = store
         self.code = code
         self.snapshots = snapshots
+        # host.user: the build and the health check run as the host does (they run code the host
+        # may rewrite); resolved at start, where preflight has checked it
+        self.user = identity.resolve(config.host.user, config.host.group)
         self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
         self._space: tuple[float, list[tuple[diskbudget.FileSystem, list[str]]]] | None = None
         self.usage: diskusage.Usage | None = None  # the last measure; views read it, never change
@@ -119,6 +122,7 @@ class SwapWork:
             timeout=self.config.code.build_timeout,
             log_name="build",
             output_to=output,
+            user=self.user,
         )
         if not result.ok:
             raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
@@ -147,6 +151,7 @@ class SwapWork:
             timeout=self.config.deadman.health_interval,
             log_name="health",
             output_to=jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "health"),
+            user=self.user,
         )
 
     def save_changes(self, swap: swaps.Swap) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,13 @@ _CGROUP_PARENT = "swapguard"
 LEAF_PARENT = _CGROUP_PARENT
 """The folder of our leaves in the hierarchy: /proc/<pid>/cgroup of a member names it."""
 _CGROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+WAIT_TO_BE_MOVED = 'IFS= read -r word && [ "$word" = moved ] || exit 70; '
+"""The start of a /bin/sh stub for a child of another user (host.user), which cannot join our
+leaf itself: it waits on stdin until `move_and_release` has moved it in, and only then execs
+(so no fork of it escapes). Anything but our word (we died meanwhile) and it ends: what nobody
+recorded must not run. What it execs must take stdin from elsewhere (`</dev/null`)."""
+_MOVED = b"moved\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +62,29 @@ class CgroupLeaf:
             return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
         except (OSError, ValueError):
             return []
+
+    def add(self, pid: int) -> bool:
+        """Move `pid` into the leaf, from outside (a child that dropped its privileges before
+        exec cannot move itself); False when the kernel refuses."""
+        try:
+            (self.path / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            log.warning("cannot move pid %d into %s: %s", pid, self.path, exc)
+            return False
+        return True
+
+    def move_and_release(self, popen: subprocess.Popen[bytes]) -> None:
+        """Move a child waiting in `WAIT_TO_BE_MOVED` into the leaf, then let it go on; its stdin
+        (our end) is closed and dropped."""
+        self.add(popen.pid)  # refused: logged, and it runs outside (as the stub's fallback does)
+        if popen.stdin is None:
+            return
+        try:
+            popen.stdin.write(_MOVED)
+            popen.stdin.close()
+        except OSError as exc:  # it died already: its exit is seen as any other
+            log.debug("pid %d is gone before it was released: %s", popen.pid, exc)
+        popen.stdin = None
 
     def kill(self) -> bool:
         """SIGKILL every member at once (Linux >= 5.14); False where cgroup.kill is missing."""

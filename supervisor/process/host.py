@@ -42,7 +42,8 @@ import psutil
 
 from supervisor.errors import SwapguardError
 from supervisor.process import jobs, outputlog
-from supervisor.process.cgroup import CgroupLeaf
+from supervisor.process.cgroup import WAIT_TO_BE_MOVED, CgroupLeaf
+from supervisor.process.identity import HostUser
 from supervisor.process.proctree import (
     ProcessVerdicts,
     ProcInfo,
@@ -70,6 +71,12 @@ _STUB = (
     "unset SWAPGUARD_CGROUP_PROCS; "
     'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
     'exec "$@"'
+)
+# A host of another user waits to be moved into its leaf by us (see cgroup.WAIT_TO_BE_MOVED).
+_WAIT_STUB = (
+    WAIT_TO_BE_MOVED
+    + 'if [ -n "${WATCHDOG_PID+set}" ]; then WATCHDOG_PID=$$; export WATCHDOG_PID; fi; '
+    'exec "$@" </dev/null'
 )
 # waitid flags that look for an exited child without reaping it (None where there is no waitid)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT if hasattr(os, "WNOWAIT") else None
@@ -105,6 +112,7 @@ class SpawnSpec:
     output: Path | None = None  # None: inherit our stdout/stderr
     output_max_bytes: int = 0  # > 0: through a logger that rotates the file (`outputlog`)
     output_backups: int = 5
+    user: HostUser | None = None  # None: run as swapguard's own user
 
     def __post_init__(self) -> None:
         argv = () if isinstance(self.argv, str | bytes) else tuple(self.argv)
@@ -181,18 +189,21 @@ class HostProcess:
     def spawn(cls, spec: SpawnSpec, cgroup: CgroupLeaf | None) -> HostProcess:
         """Start the host in a new session, inside `cgroup` before it execs (nothing escapes)."""
         out_fd = _open_output(spec)
+        ids = spec.user.popen_args() if spec.user is not None else {}
+        we_move = cgroup is not None and bool(ids)
         try:
-            command, env = _command(spec, cgroup)
+            command, env = _command(spec, cgroup, we_move=we_move)
             with jobs.SPAWN_LOCK:
                 popen = subprocess.Popen(
                     command,
                     cwd=spec.cwd,
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if we_move else subprocess.DEVNULL,
                     stdout=out_fd,
                     stderr=out_fd,
                     start_new_session=True,
                     close_fds=True,
+                    **ids,
                 )
                 jobs.register(popen.pid)
         except OSError as exc:
@@ -200,6 +211,9 @@ class HostProcess:
         finally:
             if out_fd is not None:
                 os.close(out_fd)
+        if we_move:
+            assert cgroup is not None
+            cgroup.move_and_release(popen)
         host = cls(popen.pid, is_child=True, cgroup=cgroup)
         host._popen = popen  # kept so subprocess never polls (and reaps) this pid on its own
         log.info("host spawned: pid %d, %s (cwd %s)", host.pid, spec.argv[0], spec.cwd)
@@ -505,9 +519,12 @@ def _reap(host: HostProcess | None) -> None:
     reap_orphans()
 
 
-def _command(spec: SpawnSpec, cgroup: CgroupLeaf | None) -> tuple[tuple[str, ...], dict[str, str]]:
+def _command(
+    spec: SpawnSpec, cgroup: CgroupLeaf | None, *, we_move: bool = False
+) -> tuple[tuple[str, ...], dict[str, str]]:
     """The argv and environment to exec. Joining the cgroup and learning WATCHDOG_PID both need
-    the child itself, so a /bin/sh stub does them and execs the host in place (same pid).
+    the child itself, so a /bin/sh stub does them and execs the host in place (same pid). A host
+    of another user is moved by us instead (`we_move`) while its stub waits.
 
     A stub rather than a `preexec_fn`: that would force a full fork of this (threaded, large)
     process, ~20 ms here, where vfork + a shell costs ~1 ms. The stub would report a bad program
@@ -525,6 +542,8 @@ def _command(spec: SpawnSpec, cgroup: CgroupLeaf | None) -> tuple[tuple[str, ...
         raise SpawnError(f"cannot start host {program!r}: working dir {spec.cwd}: not a directory")
     if not found:
         raise SpawnError(f"cannot start host {program!r} (cwd {spec.cwd}): no such executable")
+    if we_move:
+        return ("/bin/sh", "-c", _WAIT_STUB, "swapguard-host", *spec.argv), env
     if cgroup is not None:
         env[_CGROUP_VAR] = str(cgroup.path / "cgroup.procs")
     return ("/bin/sh", "-c", _STUB, "swapguard-host", *spec.argv), env

@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from supervisor.process import proctree
-from supervisor.process.cgroup import LEAF_PARENT, CgroupLeaf
+from supervisor.process.cgroup import LEAF_PARENT, WAIT_TO_BE_MOVED, CgroupLeaf
+from supervisor.process.identity import HostUser
 from supervisor.process.joboutput import OUTPUT_FILES_KEPT as OUTPUT_FILES_KEPT
 from supervisor.process.joboutput import OUTPUT_LIMIT as OUTPUT_LIMIT
 from supervisor.process.joboutput import JobOutput
@@ -65,6 +66,7 @@ _STUB = (
     '|| echo "swapguard: the job runs outside its cgroup" >&2; '
     'unset SWAPGUARD_CGROUP_PROCS; exec "$@"'
 )
+_WAIT_STUB = WAIT_TO_BE_MOVED + 'exec "$@" </dev/null'  # a job of another user (`user`)
 _job_numbers = itertools.count(1)
 _tracked: dict[int, tuple[float, int]] = {}  # no cgroup: pid -> (start, job pid) seen in a tree
 
@@ -188,6 +190,7 @@ def run_job(
     cancel: CancelToken | None = None,
     output_to: Path | None = None,
     with_the_swap: bool = True,
+    user: HostUser | None = None,
 ) -> JobResult:
     """Run one bounded command to its end and say how it went; blocking, for worker threads.
 
@@ -196,9 +199,13 @@ def run_job(
     `process.jobs.<log_name>` so that build output reaches the log. `cancel` (or `cancel_all`)
     stops it early, like a timeout; `with_the_swap=False` (a hook) keeps it out of `cancel_all`.
     `output_to` (from `new_output_file`): the whole output goes there, and its lines are logged
-    at DEBUG only.
+    at DEBUG only. `user` (host.user): it runs as that user, with the login's variables over
+    `env` (the build and the health check: code the host may rewrite never runs as root); not
+    with `stdin`.
     """
     command = _check_argv(argv)
+    if user is not None and stdin is not None:
+        raise ValueError("run_job: a job of another user takes no stdin")
     if not timeout > 0:
         raise ValueError(f"run_job: timeout must be > 0 seconds, got {timeout!r}")
     job_log = logging.getLogger(f"{__name__}.{log_name}")
@@ -207,7 +214,10 @@ def run_job(
         with _registry_lock:
             _in_flight.add(token)
     try:
-        result = _run(command, cwd, env, timeout, stdin, JobOutput(job_log, output_to), token)
+        if user is not None:
+            env = {**(os.environ if env is None else env), **user.login_env()}
+        output = JobOutput(job_log, output_to)
+        result = _run(command, cwd, env, timeout, stdin, output, token, user)
         return result if output_to is None else replace(result, output_file=output_to)
     finally:
         with _registry_lock:
@@ -224,24 +234,31 @@ def _run(
     stdin: bytes | None,
     output: JobOutput,
     cancel: CancelToken,
+    user: HostUser | None,
 ) -> JobResult:
     started = time.monotonic()
     job_log = output.log
     leaf = CgroupLeaf.create(f"{_JOB_LEAF}{os.getpid()}-{next(_job_numbers)}")
+    ids = user.popen_args() if user is not None else {}
+    we_move = leaf is not None and bool(ids)
     try:
-        argv, full_env = _in_leaf(command, cwd, env, leaf)
+        argv, full_env = _in_leaf(command, cwd, env, leaf, we_move=we_move)
         with SPAWN_LOCK:
             proc = subprocess.Popen(
                 argv,
                 cwd=cwd,
                 env=full_env,
-                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                stdin=subprocess.DEVNULL if stdin is None and not we_move else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                **ids,
             )
             register(proc.pid)
+        if we_move:
+            assert leaf is not None
+            leaf.move_and_release(proc)
     except (OSError, subprocess.SubprocessError) as exc:
         if leaf is not None:
             leaf.remove()
@@ -277,11 +294,17 @@ def _run(
 
 
 def _in_leaf(
-    command: tuple[str, ...], cwd: Path, env: Mapping[str, str] | None, leaf: CgroupLeaf | None
+    command: tuple[str, ...],
+    cwd: Path,
+    env: Mapping[str, str] | None,
+    leaf: CgroupLeaf | None,
+    *,
+    we_move: bool = False,
 ) -> tuple[tuple[str, ...], dict[str, str] | None]:
-    """The argv and environment that start `command` inside `leaf`: a /bin/sh stub joins it and
-    execs the command in place (same pid), as for the host. The stub would report a missing
-    program only as exit 127, so it is looked for here first (FileNotFoundError)."""
+    """The argv and environment that start `command` inside `leaf`: a /bin/sh stub joins it (or,
+    `we_move`, waits to be moved in) and execs the command in place (same pid), as for the host.
+    The stub would report a missing program only as exit 127, so it is looked for here first
+    (FileNotFoundError)."""
     if leaf is None:
         return command, None if env is None else dict(env)
     full_env = dict(os.environ if env is None else env)
@@ -294,6 +317,8 @@ def _in_leaf(
             found = shutil.which(program, path=full_env.get("PATH", os.defpath)) is not None
         if not found:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if we_move:
+        return ("/bin/sh", "-c", _WAIT_STUB, "swapguard-job", *command), full_env
     full_env[_CGROUP_VAR] = str(leaf.path / "cgroup.procs")
     return ("/bin/sh", "-c", _STUB, "swapguard-job", *command), full_env
 

@@ -2,9 +2,11 @@
 
 - `StateLock` is a `flock` on `state.dir/lock`: the kernel drops it when its holder dies, so a stale
   file never blocks, and a second swapguard on the same state refuses to start.
-- `prepare_state_dir` makes `state.dir` 0700 when it is missing (parents 0755, whatever the umask)
-  and refuses one that another user owns or may write to; the lock and the store both start with
-  it. Files in it are opened without following symlinks (`open_private`, `check_private_file`).
+- `prepare_state_dir` makes `state.dir` 0700 when it is missing (parents 0755, whatever the
+  umask) and refuses one that another user owns or may write to (`share_with_host` lets the
+  host's group pass through it, no more, when the host runs as another user); the lock and the
+  store both start with it. Files in it are opened without following symlinks (`open_private`,
+  `check_private_file`).
 - `StoreError` is defined here, not in `supervisor.state.store`, because these are the state store's
   first steps and the store imports this module; `supervisor.state.store` re-exports all three.
 """
@@ -83,6 +85,43 @@ def prepare_state_dir(state_dir: Path) -> None:
             raise StoreError(f"cannot create state dir {folder}: {exc.strerror or exc}") from exc
     if (problem := state_dir_problem(state_dir)) is not None:
         raise StoreError(problem)
+
+
+SHARED_STATE_DIR_MODE = 0o710
+"""state.dir when the host runs as another user: its group (the host's) may pass through to the
+host's folder, nobody else may even do that; nothing in it can be listed or read but by us."""
+HOST_DIR_MODE = 0o700
+
+
+def share_with_host(state_dir: Path, host_dir: Path | None, uid: int = -1, gid: int = -1) -> None:
+    """Give the host's user (`uid`, `gid`) a folder of its own in `state_dir` (`host_dir`, made
+    theirs, 0700) and the right to pass through `state_dir` to it (group `gid`, 0710). With
+    `host_dir` None (no host.user), a state dir we opened that way earlier is closed again (0700).
+
+    Only names in `state_dir` are touched, and it is ours alone to write: nothing planted in it
+    can be followed; the host's folder is entered by nobody but the host (our sockets are bound
+    elsewhere and renamed in, see `control.socketfile.bind_into`)."""
+    info = os.lstat(state_dir)
+    if host_dir is None:
+        if stat.S_IMODE(info.st_mode) == SHARED_STATE_DIR_MODE:
+            os.chmod(state_dir, 0o700)
+        return
+    try:
+        os.mkdir(host_dir, HOST_DIR_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create the host's folder {host_dir}: {exc.strerror}") from exc
+    folder = os.lstat(host_dir)
+    if not stat.S_ISDIR(folder.st_mode):
+        raise StoreError(f"{host_dir} is not a folder; refusing to use it for the host's sockets")
+    try:
+        os.chown(host_dir, uid, gid, follow_symlinks=False)
+        os.chmod(host_dir, HOST_DIR_MODE, follow_symlinks=False)
+        os.chown(state_dir, -1, gid, follow_symlinks=False)
+        os.chmod(state_dir, SHARED_STATE_DIR_MODE)
+    except OSError as exc:
+        raise StoreError(f"cannot give {host_dir} to uid {uid}: {exc.strerror or exc}") from exc
 
 
 def open_private(path: Path, flags: int, mode: int = 0o600) -> int:

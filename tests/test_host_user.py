@@ -1,0 +1,380 @@
+"""host.user / host.group: the host runs unprivileged under a root swapguard (issue 14, item 3).
+
+Real: swapguard runs as root here, the host as `nobody` (65534), in a tree that user owns; its
+sockets sit in a folder only it may enter; git works on the tree; a rollback gives every path back
+the owner and mode the checkpoint recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.code.checkpoint import CodeTree
+from supervisor.control.notifysocket import NotifyServer
+from supervisor.control.server import ControlServer
+from supervisor.errors import ConfigError
+from supervisor.process import identity, jobs
+from supervisor.state.lock import prepare_state_dir, share_with_host
+from tests.support import git, supervised, wait_for
+from tests.test_api import SwapBackend
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOBODY = 65534
+
+HOST = r'''
+import json, os, socket, sys, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def notify(message):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(os.environ["NOTIFY_SOCKET"])
+            sock.sendall(message.encode())
+    except OSError:
+        pass  # swapguard restarting: it adopts us and hears the next one
+
+app = json.load(open(os.path.join(HERE, "app.json")))
+names = ("HOME", "USER", "LOGNAME", "SHELL", "NOTIFY_SOCKET", "SWAPGUARD_SOCKET")
+facts = {"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+         "env": {name: os.environ.get(name) for name in names}, "version": app["version"],
+         "cgroup": open("/proc/self/cgroup").read(), "swap": os.environ.get("SWAPGUARD_SWAP_ID")}
+try:
+    os.listdir(os.path.dirname(os.environ["NOTIFY_SOCKET"]) + "/..")
+    facts["lists_state_dir"] = True
+except OSError:
+    facts["lists_state_dir"] = False
+with open(os.path.join(HERE, "facts.jsonl"), "a") as out:
+    out.write(json.dumps(facts) + "\n")
+import sqlite3
+os.makedirs(os.path.join(HERE, "data"), exist_ok=True)
+db = sqlite3.connect(os.path.join(HERE, "data", "app.db"), isolation_level=None)
+db.execute("PRAGMA journal_mode=wal")
+db.execute("CREATE TABLE IF NOT EXISTS starts (version TEXT)")
+db.execute("INSERT INTO starts VALUES (?)", (app["version"],))
+notify("READY=1")
+swap = os.environ.get("SWAPGUARD_SWAP_ID")
+if swap and app.get("confirm"):
+    from supervisor.client import Client
+    with Client(os.environ["SWAPGUARD_SOCKET"], timeout=30) as client:
+        client.confirm(swap)
+beats = 0
+while True:
+    beats += 1
+    notify(f"WATCHDOG=1\nSTATUS={app['version']} {beats} beats")
+    time.sleep(0.2)
+'''
+
+
+def _python_for(uid: int) -> str | None:
+    """An interpreter `uid` can run (ours may sit below a folder only root may enter)."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        try:
+            done = subprocess.run(
+                [candidate, "-c", "import sqlite3"], user=uid, group=uid, extra_groups=[],
+                capture_output=True, timeout=30, cwd="/",
+            )
+        except OSError:
+            continue
+        if done.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A folder `nobody` may reach (pytest's tmp_path sits below a 0700 folder of root's)."""
+    folder = Path(tempfile.mkdtemp(prefix="sg-user-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+def _nobody_repo(folder: Path) -> Path:
+    """A repo owned by nobody, but for one file of root's that the host may read only."""
+    repo = folder / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "app.py").write_text(HOST)
+    (repo / "app.json").write_text(json.dumps({"version": "v1"}))
+    (repo / ".gitignore").write_text("facts.jsonl\ndata/\nbuilt.txt\n")
+    (repo / "notes.txt").write_text("notes\n")
+    (repo / "secret.txt").write_text("secret\n")
+    (repo / "config.ini").write_text("[root's]\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(repo)], check=True)
+    os.chown(repo / "config.ini", 0, 0)
+    (repo / "secret.txt").chmod(0o600)
+    return repo
+
+
+def _facts(repo: Path) -> list[dict[str, Any]]:
+    path = repo / "facts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _owner_mode(path: Path) -> tuple[int, int, int]:
+    info = path.lstat()
+    return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)
+
+
+# --- the host, end to end ------------------------------------------------------------------------
+
+
+@ROOT_ONLY
+def test_host_as_nobody_heartbeats_confirms_and_rolls_back_owners(public_dir: Path) -> None:
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that nobody may run")
+    repo = _nobody_repo(public_dir)
+    host = {"command": [python, "app.py"], "user": "nobody", "heartbeat_timeout": "10s",
+            "env": {"PYTHONPATH": str(REPO_ROOT)}}
+    build = [python, "-c", "import os; open('built.txt', 'a').write(f'{os.getuid()}\\n')"]
+    with supervised(repo, host=host, code={"build": build}) as sup:
+        sup.start()
+        first = wait_for(lambda: _facts(repo), what="the host's facts")[0]
+        entry = pwd.getpwnam("nobody")
+        assert (first["uid"], first["gid"]) == (NOBODY, entry.pw_gid)
+        assert first["groups"] == sorted(set(os.getgrouplist("nobody", entry.pw_gid)))
+        assert first["env"]["HOME"] == entry.pw_dir
+        assert first["env"]["USER"] == first["env"]["LOGNAME"] == "nobody"
+        assert first["env"]["SHELL"] == entry.pw_shell
+        host_dir = sup.state / "host"
+        assert first["env"]["NOTIFY_SOCKET"] == str(host_dir / "notify.sock")
+        assert first["env"]["SWAPGUARD_SOCKET"] == str(host_dir / "control.sock")
+        assert first["lists_state_dir"] is False  # it passes through state.dir, nothing more
+        if Path("/sys/fs/cgroup/unified/swapguard").exists() or Path(
+            "/sys/fs/cgroup/swapguard"
+        ).exists():
+            assert "/swapguard/" in first["cgroup"]  # moved in by us before it ran
+        # the state dir stays private; the host's folder is the host's alone
+        assert _owner_mode(sup.state) == (0, entry.pw_gid, 0o710)
+        assert _owner_mode(host_dir) == (NOBODY, entry.pw_gid, 0o700)
+        wait_for(lambda: (sup.status()["host"]["status_text"] or "") >= "v1 3 beats",
+                 what="heartbeats from the unprivileged host")
+
+        # a swap the new version confirms itself, through its own control socket
+        swap = sup.client.prepare("v2")
+        (repo / "app.json").write_text(json.dumps({"version": "v2", "confirm": True}))
+        sup.client.activate(swap["id"])
+        sup.wait_swap(swap["id"], "confirmed", timeout=40)
+        assert any(f["version"] == "v2" and f["swap"] == swap["id"] for f in _facts(repo))
+        # its build ran as the host's user, not as root
+        assert (repo / "built.txt").read_text().split() == [str(NOBODY)]
+        assert _owner_mode(repo / "built.txt")[0] == NOBODY
+
+        # a swap whose new version chowns, chmods and replaces files, then is rolled back
+        before = {name: _owner_mode(repo / name)
+                  for name in ("config.ini", "secret.txt", "notes.txt", "app.json", "data/app.db")}
+        assert before["data/app.db"][:2] == (NOBODY, entry.pw_gid)
+        swap = sup.client.prepare("v3")
+        (repo / "app.json").write_text(json.dumps({"version": "v3"}))
+        (repo / "config.ini").unlink()  # replaced by the host's own copy
+        (repo / "config.ini").write_text("[nobody's]\n")
+        os.chown(repo / "config.ini", NOBODY, NOBODY)
+        (repo / "secret.txt").chmod(0o644)
+        os.chown(repo / "notes.txt", 4242, 4242)
+        sup.client.activate(swap["id"])
+        sup.wait_swap(swap["id"], "probation")
+        wait_for(lambda: any(f["version"] == "v3" for f in _facts(repo)), what="v3 to start")
+        os.chown(repo / "data/app.db", 4242, 4242)  # what a new version of root's could do
+        (repo / "data/app.db").chmod(0o666)
+        sup.client.rollback(swap["id"], reason="test")
+        sup.wait_swap(swap["id"], "rolled_back", timeout=40)
+        after = {name: _owner_mode(repo / name) for name in before}
+        assert after == before
+        assert (repo / "config.ini").read_text() == "[root's]\n"
+        kept = list((repo / "data").glob(f"app.db.rolled-back-{swap['id']}*"))
+        assert kept, "the probation-time data is kept beside"
+        sup.wait_host(ready=True)
+        assert sup.stop() == 0
+
+
+@ROOT_ONLY
+def test_a_restarted_swapguard_adopts_the_unprivileged_host_and_hears_it(public_dir: Path) -> None:
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that nobody may run")
+    repo = _nobody_repo(public_dir)
+    host = {"command": [python, "app.py"], "user": "nobody", "heartbeat_timeout": "10s"}
+    with supervised(repo, host=host, data=False) as sup:
+        sup.start()
+        pid = sup.status()["host"]["pid"]
+        sup.kill9()
+        sup.start(wait_ready=False)
+
+        def beats() -> int:
+            text = sup.status()["host"]["status_text"] or ""
+            return int(text.split()[1]) if text.startswith("v1 ") else 0
+        seen = wait_for(beats, what="a heartbeat heard by the new swapguard")
+        wait_for(lambda: beats() > seen, what="heartbeats going on")
+        host_now = sup.wait_host(ready=True)
+        assert host_now["pid"] == pid and host_now["restarts"] == 0
+        assert sup.stop() == 0
+
+
+# --- the host's folder --------------------------------------------------------------------------
+
+
+@ROOT_ONLY
+def test_what_the_host_plants_in_its_folder_is_replaced_never_followed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    prepare_state_dir(state)
+    share_with_host(state, state / "host", NOBODY, NOBODY)
+    assert _owner_mode(state) == (0, NOBODY, 0o710)
+    assert _owner_mode(state / "host") == (NOBODY, NOBODY, 0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    victim.chmod(0o600)
+    for name in ("notify.sock", "control.sock"):  # the host's own doing, as nobody could
+        (state / "host" / name).symlink_to(victim)
+    notify = NotifyServer(state / "host" / "notify.sock", staging_dir=state)
+    control = ControlServer(state / "host" / "control.sock", SwapBackend(), mode=0o666,
+                            staging_dir=state)
+    try:
+        assert _owner_mode(victim) == (0, 0, 0o600)
+        assert victim.read_text() == "root's\n"
+        for name in ("notify.sock", "control.sock"):
+            assert stat.S_ISSOCK((state / "host" / name).lstat().st_mode)
+        assert not list(state.glob("*.sock~"))  # no staging name left behind
+        # the socket bound under its staging name is known again (our manager's fd store)
+        again = NotifyServer(state / "host" / "notify.sock", notify.bound_socket.dup(),
+                             staging_dir=state)
+        assert again.inherited
+        again.close()
+    finally:
+        control.close()
+        notify.close()
+    share_with_host(state, None)  # host.user removed: the state dir is closed again
+    assert _owner_mode(state)[2] == 0o700
+
+
+# --- identity ------------------------------------------------------------------------------------
+
+
+def test_an_unknown_user_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="unknown user 'no-such-user-sg'") as caught:
+        identity.resolve("no-such-user-sg")
+    assert caught.value.key == "host.user"
+    with pytest.raises(ConfigError, match="unknown group") as caught:
+        identity.resolve("nobody", "no-such-group-sg")
+    assert caught.value.key == "host.group"
+
+
+def test_a_uid_without_an_entry_needs_a_group() -> None:
+    free = next(uid for uid in range(42420, 42520) if not _has_entry(uid))
+    with pytest.raises(ConfigError, match=r"set host\.group") as caught:
+        identity.resolve(str(free))
+    assert caught.value.key == "host.user"
+    if os.geteuid() == 0:
+        found = identity.resolve(str(free), "4242")
+        assert found is not None and (found.uid, found.gid, found.groups) == (free, 4242, ())
+
+
+def _has_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def test_check_refuses_an_unknown_user(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    config = tmp_path / "swapguard.toml"
+    config.write_text(f'[host]\ncommand = ["true"]\nuser = "no-such-user-sg"\n'
+                      f'[code]\nroot = "{repo}"\n')
+    done = subprocess.run([sys.executable, "-m", "supervisor", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "host.user" in done.stderr and "no-such-user-sg" in done.stderr
+
+
+@ROOT_ONLY
+def test_check_refuses_a_state_dir_the_host_cannot_reach(tmp_path: Path) -> None:
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    config = tmp_path / "swapguard.toml"
+    config.write_text(f'[host]\ncommand = ["true"]\nuser = "nobody"\n[code]\nroot = "{repo}"\n'
+                      f'[state]\ndir = "{hidden}/state"\n')
+    done = subprocess.run([sys.executable, "-m", "supervisor", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "state.dir" in done.stderr and "cannot pass through" in done.stderr
+
+
+@ROOT_ONLY
+def test_unprivileged_swapguard_may_name_only_its_own_user(public_dir: Path) -> None:
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that nobody may run")
+    probe = (
+        "from supervisor.process import identity\n"
+        "from supervisor.errors import ConfigError\n"
+        "assert identity.resolve('nobody').popen_args() == {}\n"
+        "try:\n    identity.resolve('root')\n"
+        "except ConfigError as e:\n    print(e.key, e.message)\n"
+    )
+    done = subprocess.run([python, "-c", probe], user=NOBODY, group=NOBODY, extra_groups=[],
+                          capture_output=True, text=True, timeout=60, cwd="/",
+                          env={"PYTHONPATH": str(REPO_ROOT), "PATH": os.defpath})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("host.user ") and "needs swapguard to run as root" in done.stdout
+
+
+@ROOT_ONLY
+def test_a_job_of_the_hosts_user_runs_as_it_inside_its_own_leaf(public_dir: Path) -> None:
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that nobody may run")
+    user = identity.resolve("nobody")
+    probe = "import os; print(os.getuid(), os.environ['USER'], open('/proc/self/cgroup').read())"
+    result = jobs.run_job([python, "-c", probe], cwd=public_dir, timeout=60, user=user)
+    assert result.ok, result.output
+    uid, name, cgroups = result.output.split(" ", 2)
+    assert (int(uid), name) == (NOBODY, "nobody")
+    if Path("/sys/fs/cgroup/unified/swapguard").exists() or Path(
+        "/sys/fs/cgroup/swapguard"
+    ).exists():
+        assert "/swapguard/job-" in cgroups
+
+
+# --- git on a tree another user owns ----------------------------------------------------------
+
+
+@ROOT_ONLY
+def test_git_works_on_a_tree_owned_by_another_uid(public_dir: Path) -> None:
+    repo = _nobody_repo(public_dir)
+    os.chown(repo, 0, 0)  # the folder root's, the repository nobody's: git (as root) would stop
+    plain = subprocess.run(["git", "-C", str(repo), "status"], capture_output=True, text=True)
+    assert "dubious ownership" in plain.stderr
+    home = Path(pwd.getpwuid(os.geteuid()).pw_dir) / ".gitconfig"
+    config_before = home.read_bytes() if home.exists() else None
+    tree = CodeTree(repo)
+    tree.check_work_tree()
+    cp = tree.take("one")
+    (repo / "notes.txt").write_text("changed\n")
+    os.chown(repo / "notes.txt", 4242, 4343)
+    assert [c.path for c in tree.changes(cp)] == ["notes.txt"]
+    tree.restore(cp, name="one")
+    assert (repo / "notes.txt").read_text() == "notes\n"
+    assert _owner_mode(repo / "notes.txt")[:2] == (NOBODY, NOBODY)
+    assert _owner_mode(repo / "config.ini")[:2] == (0, 0)
+    assert (home.read_bytes() if home.exists() else None) == config_before
