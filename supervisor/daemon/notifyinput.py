@@ -71,6 +71,7 @@ class Timer(Protocol):
 _PARSED_KEPT = 64
 """Payloads whose parse is remembered: a host repeats the same few (WATCHDOG=1) thousands of times
 a second, and a parse costs more than all the rest of a datagram's way in."""
+_PARSED_MAX_BYTES = 256  # longer ones (a long STATUS) are parsed each time, not kept
 
 
 class NotifyInput:
@@ -130,9 +131,10 @@ class NotifyInput:
         """Parse and remember (bounded: a host whose every STATUS differs gets no memory)."""
         message = notifyproto.parse_datagram(payload)
         parsed = message, message.asks_nothing, message.heartbeat_only
-        if len(self._parsed) >= _PARSED_KEPT:
-            self._parsed.clear()
-        self._parsed[payload] = parsed
+        if len(payload) <= _PARSED_MAX_BYTES:
+            if len(self._parsed) >= _PARSED_KEPT:
+                self._parsed.clear()
+            self._parsed[payload] = parsed
         return parsed
 
     def _flush_beats(self) -> None:
