@@ -87,7 +87,8 @@ def server(tmp_path: Path) -> Iterator[NotifyServer]:
 @pytest.fixture
 def send(tmp_path: Path, server: NotifyServer) -> Iterator[Any]:
     """send(*messages) -> the host that sent them ('|' is a newline), all queued by return;
-    it sends them again at each `resend`."""
+    it sends them again at each `resend`. At most 10 at a time: a unix datagram socket queues
+    net.unix.max_dgram_qlen (10 here) before a sender blocks."""
     hosts: list[HostProcess] = []
 
     def sender(*messages: str) -> HostProcess:
