@@ -144,6 +144,7 @@ def heartbeat(folder: Path, plan: HeartbeatPlan, tag: str) -> dict[str, float]:
     with running_swapguard(folder / "sg", SwapguardSetup(repo=repo, host=host), tag) as guard:
         total = "swapguard_notify_datagrams_total"
         before = guard.metric(total)
+        cpu_before = cpu_ns_by_thread(guard.pid)
         Path(f"{result}.go").touch()
         wait_until(
             lambda: guard.metric(total) >= before + plan.datagrams,
@@ -151,6 +152,8 @@ def heartbeat(folder: Path, plan: HeartbeatPlan, tag: str) -> dict[str, float]:
             f"swapguard to count {plan.datagrams} datagrams",
         )
         absorbed_at = time.time()
+        # swapguard's own CPU per datagram: on a shared machine, steadier than the rate
+        cpu_s = cpu_seconds_between(cpu_before, cpu_ns_by_thread(guard.pid))
         started = float(wait_until(result.read_text, 10, "the blaster's stamps").split()[0])
         msgs_s = plan.datagrams / max(absorbed_at - started, 1e-9)
         dropped = guard.metric("swapguard_notify_datagrams_dropped_total")
@@ -164,6 +167,7 @@ def heartbeat(folder: Path, plan: HeartbeatPlan, tag: str) -> dict[str, float]:
             raise BenchError(f"the heartbeat load was {load:.0f}/s, not about {plan.rate}/s")
     return {
         "msgs_s": msgs_s,
+        "cpu_us_per_datagram": cpu_s / plan.datagrams * 1e6,
         "status_p50_ms": percentile(latencies, 50),
         "status_p99_ms": percentile(latencies, 99),
     }

@@ -198,6 +198,12 @@ def _matrix_rows(results: Results, words: Mapping[str, str]) -> list[list[str]]:
     return rows
 
 
+def _cpu_per_datagram(r: Mapping[str, Any]) -> str:
+    """swapguard's CPU per datagram, where the run measured it (older JSON has none)."""
+    cpu = r.get("cpu_us_per_datagram")
+    return "" if cpu is None else f" ({cpu:.1f} us CPU each)"
+
+
 def _measured(section: str, r: Mapping[str, Any]) -> str:
     """One line of what was measured, for the targets table."""
     match section:
@@ -209,8 +215,8 @@ def _measured(section: str, r: Mapping[str, Any]) -> str:
             return ", ".join(f"{name} {_ms(r.get(name))}" for name in PEERS)
         case "heartbeat":
             return (
-                f"{r['msgs_s']:,.0f} datagrams/s; status under 1k heartbeats/s p50 "
-                f"{_ms(r['status_p50_ms'])} p99 {_ms(r['status_p99_ms'])}"
+                f"{r['msgs_s']:,.0f} datagrams/s{_cpu_per_datagram(r)}; status under 1k "
+                f"heartbeats/s p50 {_ms(r['status_p50_ms'])} p99 {_ms(r['status_p99_ms'])}"
             )
         case "idle":
             cpu, rss = r["cpu_s_per_min"], r["rss_mib"]

@@ -61,6 +61,7 @@ FAKE = {
     "snapshot": {"mib_s": 300.0, "copy_mib_s": 500.0, "ratio": math.inf},
     "heartbeat": {
         "msgs_s": 30_000.0,
+        "cpu_us_per_datagram": 15.0,
         "status_p50_ms": 0.8,
         "status_p99_ms": 0.9,
         "supervisord_status_p50_ms": 0.31,
@@ -149,6 +150,7 @@ def test_verdicts_table_and_json_on_fake_numbers() -> None:
     cold = next(line for line in lines if line.startswith("cold start -> child running"))
     assert "1.50x (circus)" in cold and cold.rstrip().endswith("MISS")
     assert "not measured" in table and "error: tree: git failed" in table
+    assert "30,000 datagrams/s (15.0 us CPU each)" in table
     document = json.loads(report.render_json(FAKE, MACHINE, [], quick=True, peers=PEERS))
     assert set(report.SECTIONS) <= set(document)
     assert document["tree_scale"] is None

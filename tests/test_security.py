@@ -204,6 +204,29 @@ def test_a_datagram_from_a_pid_now_in_the_tree_is_dropped() -> None:
     assert seen["received"] == 1 and seen["dropped"] == 1 and seen["fed"] == [], seen
 
 
+@needs_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_remembered_sender_is_judged_afresh_once_its_pid_is_someone_elses() -> None:
+    """Known senders are remembered by pid while they live. A stranger that takes an exited tree
+    sender's pid is dropped; a tree process that takes an exited stranger's pid is heard."""
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+         "tests.pid_reuse_attack", "notify-known"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no new pid namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["stranger"] == seen["first_tree"], "the stranger did not land on the tree's pid"
+    assert seen["second_tree"] == seen["other"], "the tree did not land on the stranger's pid"
+    first, second = seen["first_tree"], seen["second_tree"]
+    assert seen["after_a"] == {"fed": [f"tree{first}"], "dropped": 1}, seen
+    assert seen["fed"] == [f"tree{first}", f"tree{second}"], seen
+    assert seen["received"] == 4 and seen["dropped"] == 2, seen
+
+
 # --- check refuses what run would refuse ---------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ import socket
 import stat
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from supervisor import errors
 from supervisor.config.schema import socket_path_problem
@@ -32,13 +32,20 @@ log = logging.getLogger(__name__)
 RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _PIDFD = struct.Struct("i")
+# One byte over the cap, so an oversized datagram reaches the parser still oversized.
+_RECEIVE_BYTES = MAX_DATAGRAM_BYTES + 1
+# Room for credentials and the sender's pidfd only: the kernel closes the descriptors a sender
+# passes (FDSTORE=1) that do not fit, and those that do are closed on receipt.
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_PIDFD.size)
 _SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None  # not exported by Python
 _HAS_PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
 
 
-@dataclass(frozen=True, slots=True)
-class Datagram:
-    """One received datagram and its sender as the kernel saw it (None where the OS cannot tell)."""
+class Datagram(NamedTuple):
+    """One received datagram and its sender as the kernel saw it (None where the OS cannot tell).
+
+    A named tuple, not a frozen dataclass: one is made per datagram, and a frozen dataclass
+    costs four times as much to make."""
 
     payload: bytes
     pid: int | None
@@ -149,24 +156,16 @@ class NotifyServer:
         self.close()
 
     def _receive_one(self) -> Datagram:
-        # One byte over the cap, so an oversized datagram reaches the parser still oversized.
-        bufsize = MAX_DATAGRAM_BYTES + 1
         if not _HAS_PASSCRED:
-            payload = self._sock.recv(bufsize)
-            return Datagram(payload, None, None, None)
-        # Room for credentials and the sender's pidfd only: the kernel closes the descriptors a
-        # sender passes (FDSTORE=1) that do not fit, and those that do are closed below.
-        payload, ancillary, _flags, _address = self._sock.recvmsg(
-            bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_PIDFD.size)
-        )
-        received = peers.now()
-        sender: Peer | None = None
+            return Datagram(self._sock.recv(_RECEIVE_BYTES), None, None, None)
+        payload, ancillary, _flags, _address = self._sock.recvmsg(_RECEIVE_BYTES, _ANCILLARY_BYTES)
+        credentials: bytes | None = None
         pidfd: int | None = None
         for level, kind, data in ancillary:
             if level != socket.SOL_SOCKET:
                 continue
             if kind == socket.SCM_CREDENTIALS:
-                sender = Peer(*_UCRED.unpack_from(data))
+                credentials = data
             elif kind == peers.SCM_PIDFD and len(data) >= _PIDFD.size:
                 pidfd = _PIDFD.unpack_from(data)[0]
             elif kind == socket.SCM_RIGHTS:  # passed fds that fit in beside: never kept
@@ -174,13 +173,22 @@ class NotifyServer:
                 for (fd,) in _PIDFD.iter_unpack(data[:usable]):
                     with contextlib.suppress(OSError):
                         os.close(fd)
-        if sender is None:
+        if credentials is None:
             if pidfd is not None:
                 os.close(pidfd)
             return Datagram(payload, None, None, None)
-        if not peers.use_peer_pidfd and pidfd is not None:
+        pid, uid, gid = _UCRED.unpack_from(credentials)
+        if pidfd is not None and not peers.use_peer_pidfd:
             os.close(pidfd)  # tests exercise the fallback
             pidfd = None
+        if pidfd is not None and (known := self._senders.known(pid)) is not None:
+            os.close(pidfd)  # the hot path: the very sending process, alive and pinned before
+            return Datagram(payload, pid, uid, gid, known.peer.start, True, known)
+        return self._pin_sender(payload, Peer(pid, uid, gid), pidfd)
+
+    def _pin_sender(self, payload: bytes, sender: Peer, pidfd: int | None) -> Datagram:
+        """A sender not known yet (or one without pidfd): pin it by a look at its process."""
+        received = peers.now()  # no later than this the sender existed: the moment of receipt
         if pidfd is not None:
             pin, kept = self._senders.pin(pidfd, sender, received)
             if kept:  # the very sending process, alive: its next datagrams cost no psutil

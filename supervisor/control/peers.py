@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -72,6 +73,10 @@ class PeerPin:
         self.peer = peer
         self._pidfd = pidfd
         self._pinned = pinned  # False: the process was gone, or was not the peer, at accept
+        # What its user concluded about this very process, and about what (for a notify sender:
+        # the host it was judged against, and whether it is of that host's tree); good for as
+        # long as the pin holds the process, since a process cannot be replaced under a pidfd.
+        self.verdict: tuple[object, bool] | None = None
 
     @property
     def pinned(self) -> bool:
@@ -167,64 +172,66 @@ def now() -> float:
 
 
 class KnownSenders:
-    """Notify senders pinned before, by the identity of the kernel's pidfd for them: a heartbeat
-    from a known sender costs an fstat and a poll, not a look at its process (a flood sends
-    thousands a second). The identity is the pidfd's inode on pidfs (Linux >= 6.9), unique to one
-    process for the life of the boot; where pidfds share an inode, nothing is kept. Each entry
-    holds a pin (one fd); bounded, the oldest retired first."""
+    """Notify senders pinned before, so that a heartbeat from a known sender costs a lookup and a
+    poll, not a look at its process (a flood sends thousands a second).
+
+    Why a sender is known by its pid alone: an entry is made only from the kernel's own pidfd
+    for a datagram's sender (SCM_PIDFD), so it holds the very process C that sent that datagram,
+    with pid P. While C lives, P names C; a datagram read later whose credentials say P was
+    sent either by C or by a process that had P before C was born, and such a datagram was
+    queued before C's first one (the socket's queue is first in, first out), so it was read
+    before the entry existed. Hence: a later datagram from P, with C still alive when it is
+    read (one poll on C's pidfd), is C's. An entry whose process exited is retired.
+
+    Each entry holds a pin (one fd) and a poller made once for it; bounded, the oldest retired
+    first. Loop thread only (a poller must not be polled from two threads at once), and one
+    instance per socket (the argument needs the one queue)."""
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
-        self._pins: OrderedDict[int, PeerPin] = OrderedDict()
-        self._usable: bool | None = None
+        self._known: OrderedDict[int, _Known] = OrderedDict()
+
+    def known(self, pid: int) -> PeerPin | None:
+        """The kept pin of the sender whose datagram's credentials say `pid`, if it is alive now:
+        that process sent the datagram just read. None: not known, or exited (then `pin`)."""
+        known = self._known.get(pid)
+        if known is None or known.poller.poll(0):
+            return None
+        self._known.move_to_end(pid)
+        return known.pin
 
     def pin(self, pidfd: int, sender: Peer, seen_at: float) -> tuple[PeerPin, bool]:
-        """Pin the sender behind `pidfd` (the kernel's own, taken) as `pin_process` would for a
-        datagram, and whether the pin is kept here (alive, for the sender's next datagrams): a
-        pin not kept is the caller's to close."""
-        identity = self._identity(pidfd)
-        known = self._pins.get(identity) if identity is not None else None
-        if known is not None and known.peer.pid == sender.pid and known.alive():
-            os.close(pidfd)
-            assert identity is not None  # `known` was found under it
-            self._pins.move_to_end(identity)
-            return known, True
+        """Pin the sender behind `pidfd` (the kernel's own for the datagram, taken) as
+        `pin_process` would for a datagram, once `known` did not know it; and whether the pin
+        is kept here (alive, for the sender's next datagrams): a pin not kept is the caller's
+        to close."""
         pin = pin_process(sender, pidfd, seen_at, allow_exited=True)
-        if identity is None or not pin.holds_process:
+        pid = pin.peer.pid
+        if pid is None or not pin.holds_process:
             return pin, False
-        if (stale := self._pins.pop(identity, None)) is not None:
-            stale.retire()
-        for gone in [key for key, kept in self._pins.items() if not kept.alive()]:
-            self._pins.pop(gone).retire()  # a new sender: the dead ones' fds go now, not later
-        self._pins[identity] = pin
-        while len(self._pins) > self._size:
-            self._pins.popitem(last=False)[1].retire()
+        if (stale := self._known.pop(pid, None)) is not None:
+            stale.pin.retire()  # an exited process that had this pid
+        for gone in [key for key, kept in self._known.items() if kept.poller.poll(0)]:
+            self._known.pop(gone).pin.retire()  # a new sender: the dead ones' fds go now
+        self._known[pid] = _Known(pin)
+        while len(self._known) > self._size:
+            self._known.popitem(last=False)[1].pin.retire()
         return pin, True
 
-    def _identity(self, pidfd: int) -> int | None:
-        if not self._identities_are_unique():
-            return None
-        try:
-            return os.fstat(pidfd).st_ino
-        except OSError:
-            return None
-
     def close(self) -> None:
-        for pin in self._pins.values():
-            pin.retire()
-        self._pins.clear()
+        for known in self._known.values():
+            known.pin.retire()
+        self._known.clear()
 
-    def _identities_are_unique(self) -> bool:
-        if self._usable is None:
-            ours, init = open_pidfd(os.getpid()), open_pidfd(1)
-            try:
-                self._usable = (
-                    ours is not None
-                    and init is not None
-                    and os.fstat(ours).st_ino != os.fstat(init).st_ino
-                )
-            finally:
-                for fd in (ours, init):
-                    if fd is not None:
-                        os.close(fd)
-        return self._usable
+
+class _Known:
+    """A kept sender: its pin, and a poller on its pidfd (made once: a poll object per check
+    would cost as much again as the poll)."""
+
+    __slots__ = ("pin", "poller")
+
+    def __init__(self, pin: PeerPin) -> None:
+        assert pin._pidfd is not None, "only a pin that holds its process is kept"
+        self.pin = pin
+        self.poller = select.poll()
+        self.poller.register(pin._pidfd, select.POLLIN)

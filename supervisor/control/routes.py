@@ -114,6 +114,10 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+_MATCHERS = tuple((route, re.compile(route.path)) for route in ROUTES)
+"""The table's paths compiled once: a status poll resolves thousands of times a minute."""
+
+
 class WrongMethod(errors.MethodNotAllowed):
     """405 that knows which methods the path does accept (for the Allow header)."""
 
@@ -128,7 +132,7 @@ class WrongMethod(errors.MethodNotAllowed):
 def resolve(method: str, target: str) -> tuple[Route, dict[str, Any]]:
     """The route for a request target and the values from its path and query (404/405/400)."""
     parts = urlsplit(target)
-    matches = [(route, m) for route in ROUTES if (m := re.fullmatch(route.path, parts.path))]
+    matches = [(route, m) for route, path in _MATCHERS if (m := path.fullmatch(parts.path))]
     if not matches:
         raise errors.NotFound(f"no such path: {parts.path}")
     chosen = next(((route, m) for route, m in matches if route.method == method), None)
@@ -144,6 +148,8 @@ def resolve(method: str, target: str) -> tuple[Route, dict[str, Any]]:
 
 def parse_query(query: str, spec: tuple[IntParam, ...]) -> dict[str, int]:
     """Whole-number query parameters with defaults; unknown or repeated names are errors."""
+    if not query and not spec:
+        return {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=len(spec) + 1)
     except ValueError:

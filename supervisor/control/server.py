@@ -26,6 +26,7 @@ thread, and is closed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -89,6 +90,7 @@ _WEEKDAYS = b"Mon Tue Wed Thu Fri Sat Sun".split()
 _MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 _RETRY_HEAD = ((b"Retry-After", b"1"),)
 _CLOSE_JOIN_S = 5.0
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 
 
 class _ProtocolError(errors.SwapguardError):
@@ -125,12 +127,12 @@ def _response(http: h11.Connection, answer: _Answer, *, head_only: bool = False)
         (b"Content-Type", answer.content_type.encode("ascii")),
         (b"Content-Length", b"%d" % len(answer.body)),
         (b"Server", _SERVER),
-        (b"Date", _http_date(time.time())),
+        (b"Date", _http_date(int(time.time()))),
         *answer.headers,
     ]
     if answer.close:
         headers.append((b"Connection", b"close"))
-    status, reason = answer.status, HTTPStatus(answer.status).phrase.encode("ascii")
+    status, reason = answer.status, _REASONS[answer.status]
     events: list[h11.Event] = [h11.Response(status_code=status, headers=headers, reason=reason)]
     if not head_only:  # h11 knows that the answer to a HEAD has no body
         events.append(h11.Data(data=answer.body))
@@ -138,8 +140,10 @@ def _response(http: h11.Connection, answer: _Answer, *, head_only: bool = False)
     return b"".join(http.send(event) or b"" for event in events)
 
 
-def _http_date(seconds: float) -> bytes:
-    """The Date header's IMF-fixdate, free of the locale that strftime's %a and %b follow."""
+@functools.lru_cache(maxsize=2)
+def _http_date(seconds: int) -> bytes:
+    """The Date header's IMF-fixdate, free of the locale that strftime's %a and %b follow; made
+    once a second, not once a request."""
     t = time.gmtime(seconds)
     day, month = _WEEKDAYS[t.tm_wday], _MONTHS[t.tm_mon - 1]
     fields = (day, t.tm_mday, month, t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)

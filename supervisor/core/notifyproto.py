@@ -55,6 +55,17 @@ class NotifyMessage:
             or self.confirm_swap_id is not None
         )
 
+    @property
+    def heartbeat_only(self) -> bool:
+        """WATCHDOG=1 and/or STATUS, nothing else swapguard acts on: several of these in a row
+        say what the last one says (its status, or the one before where it has none)."""
+        return (self.watchdog or self.status is not None) and not (
+            self.ready
+            or self.watchdog_trigger
+            or self.extend_timeout_usec is not None
+            or self.confirm_swap_id is not None
+        )
+
 
 def parse_datagram(data: bytes) -> NotifyMessage:
     """Parse one notify datagram, or raise NotifyError naming the first thing wrong with it."""

@@ -126,12 +126,7 @@ class Runtime:
             prepare_swap=self._prepare_in_background,
         )
         self.timer = WakeTimer(self._tick)
-        self.notify_input = NotifyInput(
-            self.notify_server,
-            self.counters,
-            self,
-            before_each=self.timer.wake_if_due,
-        )
+        self.notify_input = NotifyInput(self.notify_server, self.counters, self, timer=self.timer)
         self._queue: deque[sv.Event] = deque()
         self._feeding = False
         self._event_name = "-"

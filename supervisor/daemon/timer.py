@@ -57,10 +57,9 @@ class WakeTimer:
             self._handle.cancel()
         self._wake()
 
-    def wake_if_due(self) -> None:
-        """Wake now if the armed moment has passed, rather than after the input in hand."""
-        if self._at is not None and clock.boot_clock() >= self._at:
-            self.wake_now()
+    def due(self) -> bool:
+        """Has the armed moment passed? (Then `wake_now`, rather than after the input in hand.)"""
+        return self._at is not None and clock.boot_clock() >= self._at
 
     def _wake(self) -> None:
         self._handle, self._at = None, None
