@@ -43,7 +43,7 @@ from supervisor.config.schema import Config
 from supervisor.control.notifysocket import NotifyServer
 from supervisor.core import lifecycle, swaps
 from supervisor.core import supervision as sv
-from supervisor.core.policies import host_policy, swap_policy
+from supervisor.core.policies import supervision_policy
 from supervisor.daemon import faults
 from supervisor.daemon.counters import Counters
 from supervisor.daemon.drift import DriftGuard
@@ -82,7 +82,7 @@ class Runtime:
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="swapguard-io")
-        self.policy = sv.Policy(host=host_policy(config), swap=swap_policy(config))
+        self.policy = supervision_policy(config)
         self.state = sv.Supervision()
         self.published = self.state
         self.counters = Counters()
@@ -410,7 +410,9 @@ class Runtime:
         checkpoint = self.work.restore_code(swap)
         self.loop.call_soon_threadsafe(self.drift_guard.baseline_taken, checkpoint)
 
-    def _run_health_check(self, swap_id: str) -> None:
+    def _run_health_check(self, swap_id: str | None) -> None:
+        """In a worker: the health check for the swap on probation, or (None) the liveness one."""
+
         def done(future: asyncio.Future[jobs.JobResult]) -> None:
             if future.cancelled():
                 return
