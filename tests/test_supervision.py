@@ -502,7 +502,8 @@ def test_a_liveness_result_from_before_a_restart_is_dropped() -> None:
 def test_without_health_always_no_check_runs_outside_probation() -> None:
     harness = running(policy(has_health_check=True))
     harness.feed(sv.Tick(now=harness.at(100.0)))
-    assert not harness.pending and sv.next_wakeup(harness.state, harness.policy, harness.now) is None
+    assert not harness.pending
+    assert sv.next_wakeup(harness.state, harness.policy, harness.now) is None
 
 
 # --- random walks ------------------------------------------------------------------------------

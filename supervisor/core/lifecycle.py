@@ -407,7 +407,9 @@ def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
     else:
         reason = ExitReason.CRASH if failed else ExitReason.EXIT
     last = LastExit(event.code, event.signal, event.wall, reason)
-    exit_detail = {"pid": host.pid, "code": event.code, "signal": event.signal, "reason": reason.value}
+    exit_detail = {
+        "pid": host.pid, "code": event.code, "signal": event.signal, "reason": reason.value
+    }  # fmt: skip
     host = replace(host, last_exit=last, kill_at=None, stop_reason=None)
     # Whatever else of the tree is left goes with its main process (systemd's control-group mode).
     actions: list[Action] = [KillTree()]

@@ -54,7 +54,9 @@ def swap_policy(config: Config) -> swaps.Policy:
     )
 
 
-def supervision_policy(config: Config, rng: random.Random | None = None) -> supervisionrecord.Policy:
+def supervision_policy(
+    config: Config, rng: random.Random | None = None
+) -> supervisionrecord.Policy:
     """The combined machine's policy: the host's, the swap's, and the liveness switch."""
     return supervisionrecord.Policy(
         host=host_policy(config, rng),

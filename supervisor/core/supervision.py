@@ -70,6 +70,7 @@ from supervisor.core.supervisionrecord import (
     PersistSwap,
     Policy,
     PrepareRequested,
+    RecordExitReason,
     RecordReady,
     RestoreCode,
     RestoreData,
@@ -115,6 +116,7 @@ __all__ = [
     "PersistSwap",
     "Policy",
     "PrepareRequested",
+    "RecordExitReason",
     "RecordReady",
     "RestoreCode",
     "RestoreData",
@@ -325,6 +327,9 @@ class _Turn:
                     self.actions.append(KillTree(process_too=self.state.host.pid is not None))
                 case lifecycle.Emit(event=fact, detail=detail):
                     self.actions.append(Emit(fact.value, detail))
+                    last = self.state.host.last_exit
+                    if fact in (lifecycle.Fact.EXITED, lifecycle.Fact.STOPPED) and last:
+                        self.actions.append(RecordExitReason(last.reason.value))
                     self.host_fact(fact, detail)
 
     def spawn(self, *, checked: bool = False) -> None:

@@ -169,6 +169,13 @@ class Emit:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordExitReason:
+    """The host's run ended: keep why with it (`lifecycle.ExitReason`)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RecordReady:
     """The host's run became ready: a restarted supervisor adopts it as ready."""
 
@@ -259,6 +266,7 @@ Action = (
     | KillTree
     | Emit
     | RecordReady
+    | RecordExitReason
     | CheckCodeChanged
     | PersistSwap
     | SaveChanges

@@ -78,6 +78,7 @@ class HostRunner:
         self._schedule = schedule
         self.process: host.HostProcess | None = None
         self.run_id: int | None = None
+        self._ended_run_id: int | None = None  # the run whose exit awaits its reason
 
     def adopt(self) -> lifecycle.Adopted | None:
         """The host a previous supervisor left running, if its recorded run is still alive."""
@@ -164,6 +165,15 @@ class HostRunner:
             except SwapguardError as exc:  # adopted as starting then: its next heartbeat readies it
                 log.error("host run %d: readiness not recorded: %s", self.run_id, exc)
 
+    def record_exit_reason(self, reason: str) -> None:
+        """Why the run that just exited ended, once the lifecycle machine decided it."""
+        run_id, self._ended_run_id = self._ended_run_id, None
+        if run_id is not None:
+            try:
+                self.store.record_exit_reason(run_id, reason)
+            except SwapguardError as exc:  # the audit log's host.exited/stopped has it too
+                log.error("host run %d: exit reason not recorded: %s", run_id, exc)
+
     def _child_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
         inherit = self.config.host.inherit_env
         env = dict(os.environ)
@@ -200,6 +210,7 @@ class HostRunner:
             self.loop.remove_reader(process.exit_fd)
         process.close()
         wall = time.time()
+        self._ended_run_id = self.run_id
         if self.run_id is not None:
             try:
                 self.store.record_exit(self.run_id, wall, status.code, status.signal)

@@ -41,6 +41,7 @@ from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import Config
 from supervisor.control.notifysocket import NotifyServer
+from supervisor.control.routes import ABORT_WAIT_S
 from supervisor.core import lifecycle, swaps
 from supervisor.core import supervision as sv
 from supervisor.core.policies import supervision_policy
@@ -285,6 +286,9 @@ class Runtime:
                 self._emit(kind, detail)
             case sv.RecordReady():
                 self.host_runner.record_ready()
+            case sv.RecordExitReason(reason=reason):
+                self.counters.exits[reason] = self.counters.exits.get(reason, 0) + 1
+                self.host_runner.record_exit_reason(reason)
             case sv.CheckCodeChanged(swap_id=swap_id, checkpoint=checkpoint):
                 self._check_code(swap_id, checkpoint)
             case sv.PersistSwap(swap=swap, events=events):
@@ -492,6 +496,8 @@ class Runtime:
         if swap is not self.swap:
             raise Conflict(f"swap {swap_id} is {swap.state}; nothing to {action}")
         self.feed(event)
+        if action == "abort":
+            await self._abort_settled(swap_id)
         if action == "confirm" and self.state.confirm_waiting == swap_id:
             # The new version's copies of the data are being flushed: seconds at most.
             answer: asyncio.Future[str | None] = self.loop.create_future()
@@ -500,6 +506,28 @@ class Runtime:
                 raise Conflict(error)
         current = self.swap  # None once the event finished the swap: then the store has it
         return current if current is not None else self._swap_for(swap_id)
+
+    async def _abort_settled(self, swap_id: str) -> None:
+        """An abort answers once the code is restored (the swap is `aborted`), or, still under
+        way after ABORT_WAIT_S (a git lock held, retries), with the swap at its step: 202.
+        An abort that gave up is refused with its last error; the swap stays prepared."""
+
+        def restoring() -> bool:
+            swap = self.swap
+            return swap is not None and swap.id == swap_id and swap.step is not None
+
+        try:
+            async with asyncio.timeout(ABORT_WAIT_S):
+                while restoring():
+                    await self._next_change()
+        except TimeoutError:
+            return
+        swap = self.swap
+        if swap is not None and swap.id == swap_id:  # still prepared: the restore gave up
+            raise Conflict(
+                f"the abort of swap {swap_id} gave up: {swap.last_error}; the swap is still "
+                "prepared (abort again, or activate it)"
+            )
 
     def _swap_for(self, swap_id: str) -> swaps.Swap:
         if self.swap is not None and self.swap.id == swap_id:

@@ -18,7 +18,7 @@ import pwd
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from supervisor import clock
@@ -208,8 +208,9 @@ class LoopBackend(Backend):
             {
                 "path": item.get("path"),
                 "bytes": item.get("bytes"),
-                "sha256": item.get("sha256"),  # "" for a linked snapshot: the file itself
+                "sha256": item.get("sha256") or None,  # None: linked, or nothing existed
                 "linked": bool(item.get("linked", False)),
+                "held": _held(item),
             }
             for item in swap.data
         ]
@@ -235,6 +236,15 @@ class LoopBackend(Backend):
     def swap_action(self, swap_id: str, action: str, body: dict) -> dict:
         swap = self._call(self.runtime.command_swap, swap_id, action, body)
         return dict(swap.view(clock.now()))
+
+
+def _held(item: Mapping[str, Any]) -> str:
+    """How a data entry's snapshot is held: `copy` (with its sha256), `linked` (the original
+    file itself; the new version ran on a copy, so nothing was hashed), `absent` (nothing was
+    there at activation: a rollback moves aside what the new version created)."""
+    if item.get("existed") is False:
+        return "absent"
+    return "linked" if item.get("linked") else "copy"
 
 
 def _settle(future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -> None:
