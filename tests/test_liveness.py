@@ -7,6 +7,7 @@ is restored, and an action still under way answers 202."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -198,3 +199,29 @@ def test_swap_show_says_how_each_snapshot_is_held_and_actions_answer_when_done(
         sup.wait_swap(swap_id, "rolled_back")
         status, _ = post(sup, f"/v1/swaps/{swap_id}/rollback")
         assert status == 409
+
+
+@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="no systemd-notify binary")
+def test_short_lived_senders_of_the_host_tree_are_never_counted_as_dropped(
+    tmp_path: Path,
+) -> None:
+    """systemd-notify exits right after its send (and after BARRIER=1): a burst of them, each
+    gone before swapguard reads its datagram, is all heartbeats and no drop."""
+    script = (
+        "systemd-notify --ready\n"
+        "i=0; while [ $i -lt 150 ]; do systemd-notify WATCHDOG=1; i=$((i+1)); done\n"
+        "touch sent; exec sleep 600\n"
+    )
+    repo = make_sample_repo(tmp_path / "repo")
+    (tmp_path / "host.sh").write_text(script)
+    host = {"command": ["/bin/sh", str(tmp_path / "host.sh")], "cwd": str(tmp_path)}
+    with supervised(repo, data=False, host=host) as sup:
+        sup.start()
+        wait_for(lambda: (tmp_path / "sent").exists(), timeout=120, what="150 notifications")
+        wait_for(
+            lambda: samples(metric_families(sup), "swapguard_heartbeats")[""] >= 150,
+            what="every heartbeat counted",
+        )
+        families = metric_families(sup)
+        assert samples(families, "swapguard_notify_datagrams_dropped")[""] == 0
+        assert sup.status()["host"]["heartbeat_age_s"] is not None
