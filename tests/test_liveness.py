@@ -7,8 +7,8 @@ is restored, and an action still under way answers 202."""
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import socket
 import subprocess
