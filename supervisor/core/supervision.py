@@ -95,6 +95,7 @@ from supervisor.errors import Conflict
 
 HostState = lifecycle.HostState
 SwapState = swaps.SwapState
+_NO_LIVENESS = Liveness()
 STOP_STEPS = frozenset({swaps.Step.STOP_OLD, swaps.Step.STOP_NEW})
 SPAWN_STEPS = frozenset({swaps.Step.SPAWN_NEW, swaps.Step.SPAWN_OLD})
 
@@ -484,8 +485,8 @@ class _Turn:
         that is due unless one is in flight (a missed turn is skipped, never made up)."""
         live = self.state.liveness
         if not _liveness_runs(self.state, self.policy):
-            if live != Liveness():
-                self.set(liveness=Liveness())
+            if live != _NO_LIVENESS:
+                self.set(liveness=_NO_LIVENESS)
             return
         interval, now = self.policy.swap.health_interval, self.now.boot
         if live.next_at is None:
