@@ -225,3 +225,29 @@ def test_short_lived_senders_of_the_host_tree_are_never_counted_as_dropped(
         families = metric_families(sup)
         assert samples(families, "swapguard_notify_datagrams_dropped")[""] == 0
         assert sup.status()["host"]["heartbeat_age_s"] is not None
+
+
+@pytest.mark.slow
+def test_an_abort_that_cannot_restore_the_code_is_answered_with_why(tmp_path: Path) -> None:
+    """git's objects gone (a disk that lost them): the restore fails at every attempt, the abort
+    retries with backoff, then gives up; its answer is that failure (409), never
+    `prepared (abort_restore)` as if it were done."""
+    repo = make_sample_repo(tmp_path / "repo")
+    with supervised(repo, data=False, code={"undeclared_changes": "ignore"}) as sup:
+        sup.start()
+        swap_id = sup.client.prepare("objects lost")["id"]
+        write_app(repo, {"version": "v9", "behaviour": "ok"})
+        objects = repo / ".git" / "objects"
+        for folder in objects.iterdir():
+            if len(folder.name) == 2:
+                shutil.rmtree(folder)
+        status, doc = post(sup, f"/v1/swaps/{swap_id}/abort")
+        if status == 409:
+            assert "gave up" in doc["error"]["message"], doc
+        else:  # a slow machine: still retrying after ABORT_WAIT_S, the documented wait
+            assert (status, doc["step"]) == (202, "abort_restore"), doc
+        swap = wait_for(lambda: (s := sup.client.swap(swap_id))["step"] is None and s,
+                        timeout=60, what="the abort to give up")  # fmt: skip
+        assert swap["state"] == "prepared"
+        assert swap["changes"] is None and "git" in swap["changes_error"]  # not a 500
+        assert "swap.abort_failed" in [e["event"] for e in swap["events"]]

@@ -34,7 +34,7 @@ from supervisor.daemon import footprint, preflight
 from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
 from supervisor.daemon.stall import StallDetector
-from supervisor.errors import BadRequest, NotFound, NotReachable
+from supervisor.errors import BadRequest, NotFound, NotReachable, SwapguardError
 from supervisor.process import host, outputlog
 from supervisor.state.store import StateLock, Store
 
@@ -203,7 +203,10 @@ class LoopBackend(Backend):
             raise NotFound(f"no swap {swap_id!r}")
         swap = swaps.Swap.from_json(record)
         document = swap.view(clock.now())
-        document["changes"] = self._changes(swap)
+        try:
+            document["changes"] = self._changes(swap)
+        except SwapguardError as exc:  # git cannot tell now: say so, never a 500 for a read
+            document["changes"], document["changes_error"] = None, exc.message
         document["data"] = [
             {
                 "path": item.get("path"),
