@@ -82,7 +82,7 @@ def test_a_confirmed_host_that_heartbeats_but_fails_its_health_check_is_restarte
     sick = tmp_path / "sick"  # outside the code root: creating it is no code change
     deadman = {
         "health_check": ["sh", "-c", f'test ! -e "{sick}"'],
-        "health_interval": "300ms",
+        "health_interval": "500ms",
         "health_failures": 3,
         "health_always": True,
     }
@@ -96,7 +96,14 @@ def test_a_confirmed_host_that_heartbeats_but_fails_its_health_check_is_restarte
         assert sup.client.confirm(swap_id)["state"] == "confirmed"
         confirmed = sup.wait_host(ready=True)
         assert confirmed["status_text"] == "version v2"
+        wait_for(lambda: sup.status()["host"]["liveness_failures"] == 0, what="liveness on")
         sick.touch()
+        def failing() -> int | bool:
+            host = sup.status()["host"]
+            return int(host["liveness_failures"] or 0) or host["pid"] != confirmed["pid"]
+
+        seen = wait_for(failing, what="a failed check shown")
+        assert seen in (1, 2, True)  # True: a stalled poll saw only the restart
         restarted = sup.wait_host(ready=True, pid_not=confirmed["pid"])
         sick.unlink()
         events = sup.client.events(after=0, limit=1000)
@@ -109,7 +116,7 @@ def test_a_confirmed_host_that_heartbeats_but_fails_its_health_check_is_restarte
         assert "(health check failed)" in console.describe_exit(restarted["last_exit"])
         assert exit_reasons(sup)[-2:] == ["unhealthy", None]  # the live run has none yet
         assert samples(metric_families(sup), "swapguard_host_exits")["unhealthy"] == 1
-        assert sup.status()["swap"] is None  # liveness restarts; it never starts a swap
+        assert sup.status()["swap"] is None
 
 
 def test_without_health_always_a_failing_check_outside_probation_changes_nothing(
@@ -140,6 +147,8 @@ def test_no_heartbeat_age_for_a_host_that_never_heartbeats_and_every_exit_says_w
         assert families["swapguard_heartbeat_age_seconds"].samples == []
         assert samples(families, "swapguard_heartbeats")[""] == 0
         assert samples(families, "swapguard_host_ready")[""] == 1
+        assert families["swapguard_host_liveness_failures"].samples == []  # not configured
+        assert status["host"]["liveness_failures"] is None
 
         sup.client.host("restart")
         second = sup.wait_host(ready=True, pid_not=first["pid"])

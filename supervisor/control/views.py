@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from supervisor import __version__, clock
 from supervisor.core.instant import Instant
 from supervisor.core.lifecycle import ExitReason, Host, HostState
+from supervisor.core.supervisionrecord import Liveness
 from supervisor.core.swaps import TERMINAL, Swap, SwapState
 
 if TYPE_CHECKING:
@@ -102,8 +103,13 @@ def status(runtime: Runtime) -> dict[str, Any]:
     and the swap come as one pair, from one moment; the drift guard's few fields (strings and a
     flag, set on the loop) may be a moment apart from them."""
     boot_now, wall_now = clock.boot_clock(), time.time()
-    host, swap = runtime.machines
+    published = runtime.published  # one record: host, swap and liveness from one moment
+    host, swap = published.host, published.swap
     drift = runtime.drift_guard
+    host_doc = host_view(
+        host, boot_now=boot_now, wall_now=wall_now, code_version=drift.code_version
+    )
+    host_doc["liveness_failures"] = _liveness_failures(published.liveness)
     return {
         "supervisor": {
             "pid": os.getpid(),
@@ -112,9 +118,7 @@ def status(runtime: Runtime) -> dict[str, Any]:
             "state_dir": str(runtime.config.state.dir),
             "cgroup": str(runtime.cgroup.path) if runtime.cgroup else None,
         },
-        "host": host_view(
-            host, boot_now=boot_now, wall_now=wall_now, code_version=drift.code_version
-        ),
+        "host": host_doc,
         "swap": swap.view(clock.now()) if swap is not None else None,
         "code": {
             "root": str(runtime.config.code.root),
@@ -125,12 +129,18 @@ def status(runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def _liveness_failures(liveness: Liveness) -> int | None:
+    """Failed liveness checks in a row; None while the liveness check does not run."""
+    return None if liveness.next_at is None else liveness.failures
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """What /metrics reads, taken once on the loop thread: every metric sees the same moment."""
 
     host: Host
     swap: Swap | None
+    liveness: Liveness
     counters: Counters
     drifted: bool
     hook_events_dropped: int
@@ -182,6 +192,9 @@ METRICS: tuple[Metric, ...] = (
            lambda r: r.counters.spawns),
     Metric("swapguard_host_failures", "gauge", "Consecutive host failures (backoff).",
            lambda r: r.host.failures),
+    Metric("swapguard_host_liveness_failures", "gauge",
+           "Failed liveness checks in a row (no sample: the liveness check is not running).",
+           lambda r: _liveness_failures(r.liveness)),
     Metric("swapguard_host_exits_total", "counter",
            "Exits of the host's process since start, by why it ended.", _exits, "reason"),
     Metric("swapguard_heartbeat_age_seconds", "gauge",
@@ -232,6 +245,7 @@ def metrics(runtime: Runtime) -> str:
     reading = Reading(
         host=runtime.host,
         swap=runtime.swap,
+        liveness=runtime.state.liveness,
         counters=runtime.counters,
         drifted=runtime.drift_guard.drifted,
         hook_events_dropped=runtime.hooks.dropped,

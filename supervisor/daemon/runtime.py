@@ -140,13 +140,8 @@ class Runtime:
 
     # `state` is the loop's working record; `published` is the record as it stands between two
     # events, replaced whole once every order an event caused is performed. GET /v1/status reads
-    # `machines` on its own thread, from `published`: a host and a swap from the same moment,
+    # `published` on its own thread: a host, a swap and the liveness check from the same moment,
     # never a half-done spawn (state `starting` without a pid), and no wait behind the loop.
-
-    @property
-    def machines(self) -> tuple[lifecycle.Host, swaps.Swap | None]:
-        published = self.published
-        return published.host, published.swap
 
     @property
     def host(self) -> lifecycle.Host:

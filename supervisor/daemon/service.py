@@ -46,7 +46,7 @@ _CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation m
 class LoopBackend(Backend):
     """The control socket's view of the runtime: every call is marshalled onto the loop thread,
     but for the status and `may_write`, read from values the loop replaces whole
-    (`Runtime.machines`, the host's process), and the store's reads."""
+    (`Runtime.published`, the host's process), and the store's reads."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -131,7 +131,7 @@ class LoopBackend(Backend):
         return peers.started_as_pinned(peer)  # the pid named the pinned process throughout
 
     def status(self) -> dict:
-        document = views.status(self.runtime)  # on this thread: see Runtime.machines
+        document = views.status(self.runtime)  # on this thread: see Runtime.published
         document["host"].update(self._tree_figures())
         return document
 
