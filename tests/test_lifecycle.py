@@ -280,6 +280,16 @@ def test_an_exit_before_readiness_is_a_crash_and_a_start_timeout_says_so() -> No
     assert failed.last_exit is not None and failed.last_exit.reason is R.SPAWN_FAILED
 
 
+def test_a_recalled_exit_is_shown_until_one_seen_here() -> None:
+    old = lc.LastExit(None, 15, 1.0, R.HEARTBEAT_LOST)
+    host, actions = lc.step(lc.Host(), lc.Recalled(now=0, last_exit=old), POLICY)
+    assert host.last_exit == old and actions == []
+    host = running(now=1)
+    host, _ = lc.step(host, lc.Exited(now=5, wall=2.0, code=1, signal=None), POLICY)
+    again, _ = lc.step(host, lc.Recalled(now=6, last_exit=old), POLICY)
+    assert again.last_exit is not None and again.last_exit.reason is R.CRASH
+
+
 def test_unhealthy_restarts_a_running_host_only() -> None:
     host, actions = lc.step(running(), lc.Unhealthy(now=1, failures=3, detail="x"), POLICY)
     assert host.state is lc.HostState.STOPPING and host.stop_purpose is lc.StopPurpose.RECOVER

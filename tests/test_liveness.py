@@ -167,6 +167,11 @@ def test_no_heartbeat_age_for_a_host_that_never_heartbeats_and_every_exit_says_w
         assert {reason: n for reason, n in exits.items() if n} == {
             "restart": 1, "crash": 1, "stop": 1
         }  # fmt: skip
+        sup.client.host("start")
+        sup.wait_host(ready=True)
+        sup.kill9()  # the host outlives it; the next swapguard adopts it and recalls the exit
+        sup.start()
+        assert sup.status()["host"]["last_exit"]["reason"] == "stop"
 
 
 def test_a_lost_heartbeat_is_the_reason_of_the_exit_it_caused(tmp_path: Path) -> None:

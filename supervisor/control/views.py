@@ -62,7 +62,7 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
             "code": last.code,
             "signal": last.signal,
             "at": clock.rfc3339(last.at),
-            "reason": last.reason.value,
+            "reason": None if last.reason is None else last.reason.value,
         },
         "last_heartbeat_at": clock.rfc3339(_wall_of(host.last_heartbeat, boot_now, wall_now)),
         "heartbeat_age_s": heartbeat_age,

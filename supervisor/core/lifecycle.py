@@ -109,7 +109,7 @@ class LastExit:
     code: int | None
     signal: int | None
     at: float  # wall clock, for display
-    reason: ExitReason
+    reason: ExitReason | None  # None: not known (ended while no swapguard watched it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,6 +171,15 @@ class Adopted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Recalled:
+    """A restarted supervisor's record of how the host's last run ended (the store keeps it):
+    shown as the last exit until the next one."""
+
+    now: float
+    last_exit: LastExit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SpawnFailed:
     now: float
     wall: float
@@ -224,6 +233,7 @@ Event = (
     | RestartRequested
     | Spawned
     | Adopted
+    | Recalled
     | SpawnFailed
     | Ready
     | Heartbeat
@@ -330,6 +340,12 @@ def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
         ready_unseen=not event.ready,
     )
     return adopted, [Emit(Fact.ADOPTED, {"pid": event.pid})]
+
+
+def _on_recalled(host: Host, event: Recalled, policy: Policy) -> Result:
+    if host.last_exit is not None:
+        return host, []  # an exit seen by this supervisor is newer
+    return replace(host, last_exit=event.last_exit), []
 
 
 def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
@@ -492,6 +508,7 @@ _HANDLERS: dict[type[Event], Callable[[Host, Any, Policy], Result]] = {
     RestartRequested: _on_restart,
     Spawned: _on_spawned,
     Adopted: _on_adopted,
+    Recalled: _on_recalled,
     SpawnFailed: _on_spawn_failed,
     Ready: _on_ready,
     Heartbeat: _on_heartbeat,

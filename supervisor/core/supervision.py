@@ -329,7 +329,8 @@ class _Turn:
                 case lifecycle.Emit(event=fact, detail=detail):
                     self.actions.append(Emit(fact.value, detail))
                     last = self.state.host.last_exit
-                    if fact in (lifecycle.Fact.EXITED, lifecycle.Fact.STOPPED) and last:
+                    ended = fact in (lifecycle.Fact.EXITED, lifecycle.Fact.STOPPED)
+                    if ended and last is not None and last.reason is not None:
                         self.actions.append(RecordExitReason(last.reason.value))
                     self.host_fact(fact, detail)
 

@@ -100,6 +100,16 @@ class HostRunner:
             now=boot, pid=process.pid, ready=run.ready_at is not None, started=boot - up_for
         )
 
+    def recall_last_exit(self) -> lifecycle.Recalled | None:
+        """How the host's last recorded run ended, for a supervisor that just started."""
+        run = self.store.last_ended_run()
+        if run is None or run.exited_at is None:
+            return None
+        reasons = {reason.value: reason for reason in lifecycle.ExitReason}
+        reason = reasons.get(run.exit_reason or "")  # None: it ended while we were down
+        last = lifecycle.LastExit(run.exit_code, run.exit_signal, run.exited_at, reason)
+        return lifecycle.Recalled(now=clock.boot_clock(), last_exit=last)
+
     def _kill_unrecorded(self) -> None:
         """A host in our cgroup leaf that no run records was spawned by a swapguard killed before
         it recorded the spawn: never two hosts, so it goes before one is started (issue 12's
