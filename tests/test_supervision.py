@@ -428,6 +428,14 @@ def test_a_clean_exit_of_the_new_version_that_rolls_it_back_spawns_no_untracked_
     assert harness.spawns[-1].env.get("SWAPGUARD_ROLLED_BACK") == swap.id
 
 
+def test_a_resumed_runtime_shows_the_recalled_exit_and_goes_on() -> None:
+    last = lc.LastExit(None, 15, 1.0, lc.ExitReason.UNHEALTHY)
+    harness = Harness(policy())
+    recalled = lc.Recalled(now=harness.now.boot, last_exit=last)
+    harness.feed(sv.Resumed(now=harness.now, adopted=False, recalled=recalled))
+    assert harness.state.host.last_exit == last and harness.process is not None
+
+
 def live(**knobs: Any) -> Harness:
     """A ready host with the liveness check on (every 10 s, 3 failures restart it)."""
     return running(policy(health_always=True, has_health_check=True, **knobs))

@@ -257,7 +257,9 @@ class _Turn:
                     self.swap_fact(result)
             case CodeChecked():
                 self.code_checked(event)
-            case Resumed(adopted=adopted):
+            case Resumed(adopted=adopted, recalled=recalled):
+                if recalled is not None:
+                    self.host(recalled)
                 self.resumed(adopted)
             case PrepareRequested():
                 self.prepare(event)

@@ -95,6 +95,10 @@ class Resumed:
 
     now: Instant
     adopted: bool
+    # how the host's last recorded run ended, if the store has one (shown as its last exit);
+    # part of this event, never one of its own: alone, it would let a swap's stop step be taken
+    # as done before the live host is adopted
+    recalled: lifecycle.Recalled | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -160,12 +160,11 @@ class Runtime:
         if self.swap is not None:
             log.info("resuming swap %s in state %s step %s", *_where(self.swap))
         adopted = self.host_runner.adopt()
-        if (recalled := self.host_runner.recall_last_exit()) is not None:
-            self.feed_host(recalled)
+        recalled = self.host_runner.recall_last_exit()
         if adopted is not None:
             self.feed_host(adopted)
         await self.drift_guard.take_at_start(adopted=adopted is not None)
-        self.feed(sv.Resumed(now=clock.now(), adopted=adopted is not None))
+        self.feed(sv.Resumed(now=clock.now(), adopted=adopted is not None, recalled=recalled))
         self.timer.wake_now()
 
     async def shutdown(self) -> None:
