@@ -46,7 +46,7 @@ CONTRACT_KEYS = {
     "data": ["path", "kind"],
     "deadman": [
         "window", "extend_by", "hard_cap", "max_crashes", "health_check", "health_interval",
-        "health_failures", "auto_confirm_after", "stall_limit",
+        "health_failures", "auto_confirm_after", "health_always", "stall_limit",
     ],
     "control": ["socket", "mode", "group", "allow_users", "allow_groups", "http_listen"],
     "state": ["dir", "keep_swaps", "keep_bytes"],
@@ -99,6 +99,7 @@ def expected_defaults(folder: Path, command: tuple[str, ...]) -> Config:
             health_interval=10.0,
             health_failures=3,
             auto_confirm_after=0.0,
+            health_always=False,
             stall_limit=5.0,
         ),
         control=ControlConfig(
@@ -437,6 +438,8 @@ BAD_INPUTS: list[tuple[str, str]] = [
     (HOST + "[deadman]\nhealth_failures = 1.5\n", "deadman.health_failures"),
     (HOST + "[deadman]\nauto_confirm_after = '10m'\n", "deadman.auto_confirm_after"),
     (HOST + "[deadman]\nauto_confirm_after = -1\n", "deadman.auto_confirm_after"),
+    (HOST + "[deadman]\nhealth_always = 1\n", "deadman.health_always"),
+    (HOST + "[deadman]\nhealth_always = true\n", "deadman.health_always"),  # no check to run
     # [control]
     (HOST + "[control]\nbogus = 1\n", "control.bogus"),
     (HOST + "[control]\nsocket = 1\n", "control.socket"),

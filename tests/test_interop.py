@@ -121,7 +121,8 @@ def drive(repo: Path, host: dict[str, Any]) -> None:
     host = {"heartbeat_timeout": "3s", **host}
     with supervised(repo, host=host, deadman=deadman, data=False) as sup:
         sup.start()
-        assert sup.status()["host"]["status_text"] == "v1"
+        # READY=1 and STATUS= may come as two datagrams (npm sd-notify): ready may be first
+        wait_for(lambda: sup.status()["host"]["status_text"] == "v1", what="STATUS=v1")
         swap_id = sup.client.prepare("interop")["id"]
         (repo / "version.txt").write_text("v2\n")
         sup.client.activate(swap_id)

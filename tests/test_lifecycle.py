@@ -225,6 +225,79 @@ def test_a_deferred_spawn_does_not_time_out_on_the_previous_spawn_time() -> None
     assert host.pid == 7 and lc.next_wakeup(host, POLICY) == 206
 
 
+def test_readiness_is_not_a_heartbeat_and_the_timeout_runs_from_it() -> None:
+    """A ready = "started" host that never heartbeats has no heartbeat to show, and a host that
+    is silent after READY=1 loses it heartbeat_timeout after readiness."""
+    started = lc.Policy(ready_mode="started", min_uptime=1)
+    host, _ = run([lc.StartRequested(now=0), lc.Spawned(now=0, pid=1), lc.Tick(now=1)], started)
+    assert host.state is lc.HostState.RUNNING and host.last_heartbeat is None
+    host = running(now=10)
+    assert host.last_heartbeat is None and lc.next_wakeup(host, POLICY) == 12
+    host, _ = lc.step(host, lc.Heartbeat(now=11), POLICY)
+    assert host.last_heartbeat == 11 and lc.next_wakeup(host, POLICY) == 13
+    adopted, _ = lc.step(lc.Host(), lc.Adopted(now=5, pid=3, ready=True), POLICY)
+    assert adopted.last_heartbeat is None and lc.next_wakeup(adopted, POLICY) == 7
+
+
+def reason_after(events: list[lc.Event], exit_code: int | None = None) -> lc.ExitReason:
+    host, _ = run(events, host=running(now=0))
+    signal = 15 if exit_code is None else None
+    host, _ = lc.step(host, lc.Exited(now=50, wall=0, code=exit_code, signal=signal), POLICY)
+    assert host.last_exit is not None
+    return host.last_exit.reason
+
+
+R = lc.ExitReason
+
+
+@pytest.mark.parametrize(
+    ("events", "code", "reason"),
+    [
+        ([lc.StopRequested(now=1)], None, R.STOP),
+        ([lc.RestartRequested(now=1)], None, R.RESTART),
+        ([lc.Tick(now=2.5)], None, R.HEARTBEAT_LOST),
+        ([lc.WatchdogTriggered(now=1)], None, R.HEARTBEAT_LOST),
+        ([lc.Unhealthy(now=1, failures=3, detail="exit 1")], None, R.UNHEALTHY),
+        ([lc.Heartbeat(now=1)], 1, R.CRASH),
+        ([lc.Heartbeat(now=1)], None, R.CRASH),  # a signal nobody sent for a reason of ours
+        ([lc.Heartbeat(now=1)], 0, R.EXIT),
+        ([lc.Unhealthy(now=1, failures=3), lc.StopRequested(now=2)], None, R.UNHEALTHY),
+    ],
+)
+def test_every_exit_says_why(events: list[lc.Event], code: int | None, reason: R) -> None:
+    assert reason_after(events, code) is reason
+
+
+def test_an_exit_before_readiness_is_a_crash_and_a_start_timeout_says_so() -> None:
+    host, _ = run([lc.StartRequested(now=0), lc.Spawned(now=0, pid=1)])
+    crashed, actions = lc.step(host, lc.Exited(now=3, wall=0, code=0, signal=None), POLICY)
+    assert crashed.last_exit is not None and crashed.last_exit.reason is R.CRASH
+    exited = [a for a in actions if isinstance(a, lc.Emit) and a.event is lc.Fact.EXITED]
+    assert [a.detail["reason"] for a in exited] == ["crash"]
+    host, _ = run([lc.Tick(now=5), lc.Exited(now=6, wall=0, code=None, signal=15)], host=host)
+    assert host.last_exit is not None and host.last_exit.reason is R.START_TIMEOUT
+    failed, _ = run([lc.StartRequested(now=0), lc.SpawnFailed(now=0, wall=0, error="ENOENT")])
+    assert failed.last_exit is not None and failed.last_exit.reason is R.SPAWN_FAILED
+
+
+def test_a_recalled_exit_is_shown_until_one_seen_here() -> None:
+    old = lc.LastExit(None, 15, 1.0, R.HEARTBEAT_LOST)
+    host, actions = lc.step(lc.Host(), lc.Recalled(now=0, last_exit=old), POLICY)
+    assert host.last_exit == old and actions == []
+    host = running(now=1)
+    host, _ = lc.step(host, lc.Exited(now=5, wall=2.0, code=1, signal=None), POLICY)
+    again, _ = lc.step(host, lc.Recalled(now=6, last_exit=old), POLICY)
+    assert again.last_exit is not None and again.last_exit.reason is R.CRASH
+
+
+def test_unhealthy_restarts_a_running_host_only() -> None:
+    host, actions = lc.step(running(), lc.Unhealthy(now=1, failures=3, detail="x"), POLICY)
+    assert host.state is lc.HostState.STOPPING and host.stop_purpose is lc.StopPurpose.RECOVER
+    assert emitted(actions) == ["host.unhealthy"] and lc.SignalStop() in actions
+    again, actions = lc.step(host, lc.Unhealthy(now=2, failures=3), POLICY)
+    assert again == host and actions == []
+
+
 # --- random walks ------------------------------------------------------------------------------
 
 

@@ -54,7 +54,7 @@ def test_the_page_shows_host_swap_countdown_and_timeline() -> None:
     assert page.by_id["host-pid"] == "42"
     assert page.by_id["swap-id"] == "s1" and page.by_id["swap-state"] == "probation"
     assert page.by_id["countdown"] == "1m 27.2s"
-    assert page.tags.count("tr") == 4 + 4 + 1 + TIMELINE_LENGTH
+    assert page.tags.count("tr") == 6 + 4 + 1 + TIMELINE_LENGTH
     assert page.tags.count("script") == 1  # ours, inline; no external asset
     assert "refresh" in render(status(), [])  # updates itself without scripts too
 
@@ -65,6 +65,17 @@ def test_nothing_the_host_or_a_request_wrote_becomes_markup() -> None:
     page = parse(render(status(swap, status_text=HOSTILE, state="running"), history))
     assert page.tags.count("script") == 1 and "img" not in page.tags
     assert HOSTILE in "".join(page.text)  # shown as text
+
+
+def test_the_page_says_why_the_host_last_exited_and_shows_no_heartbeat_it_never_had() -> None:
+    last_exit = {"code": None, "signal": 15, "at": "2026-12-07T07:00:00Z", "reason": "unhealthy"}
+    page = parse(render(status(last_exit=last_exit, heartbeat_age_s=None), []))
+    assert page.by_id["host-last-exit"] == (
+        "killed by signal 15 (health check failed) at 2026-12-07T07:00:00Z"
+    )
+    assert page.by_id["host-heartbeat"] == "none since it started"
+    page = parse(render(status(heartbeat_age_s=0.25), []))
+    assert page.by_id["host-heartbeat"] == "0.2s ago" and page.by_id["host-last-exit"] == "-"
 
 
 def test_no_swap_in_flight() -> None:

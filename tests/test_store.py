@@ -223,13 +223,14 @@ def test_a_store_written_by_main_is_migrated_with_every_row(tmp_path: Path) -> N
     assert rows_of(db_path, "meta") == [("schema_version", "2")]
     with Store.open(tmp_path) as store:
         assert stored_version(db_path) == SCHEMA_VERSION
-        assert {table: rows_of(db_path, table) for table in tables} == before
+        after = {table: rows_of(db_path, table) for table in tables}
+        assert after == before | {"host_run": [(*row, None) for row in before["host_run"]]}  # v4
         # v3's one change of data: swapguard <= 0.1 now refuses the file as newer than it knows
         assert rows_of(db_path, "meta") == [("schema_version", "3")]
         # and the store reads it all as main did
         live = store.live_run()
         assert live is not None and (live.id, live.exited_at) == (3, None)
-        assert live == HostRun(*before["host_run"][-1])
+        assert live == HostRun(*before["host_run"][-1], exit_reason=None)
         events = store.events_after(0, limit=100)
         assert [(e.id, e.at, e.kind, e.swap_id) for e in events] == [
             (row[0], row[1], row[2], row[4]) for row in before["event"]
@@ -260,6 +261,17 @@ def test_a_fresh_store_and_a_migrated_v1_store_have_the_same_schema(tmp_path: Pa
     assert {"host_run", "event", "swap", "kv", "meta", "swap_created_at", "event_swap_id"} <= set(
         fresh
     )
+
+
+def test_a_run_keeps_why_it_ended(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        run_id = store.record_spawn(9, 1.0, "boot", 1.0, None, None)
+        store.record_exit(run_id, 2.0, None, 15)
+        store.record_exit_reason(run_id, "heartbeat_lost")
+        with pytest.raises(StoreError, match="no host run"):
+            store.record_exit_reason(run_id + 1, "stop")
+    row = rows_of(tmp_path / "state.db", "host_run")[0]
+    assert (row[8], row[-1]) == (15, "heartbeat_lost")
 
 
 def test_the_schema_history_has_one_step_per_version() -> None:

@@ -28,7 +28,7 @@ H = lc.HostState
 WORK = (sv.TakeSnapshots, sv.RunBuild, sv.RestoreCode, sv.RestoreData)
 
 
-def policy(**swap_knobs: Any) -> sv.Policy:
+def policy(health_always: bool = False, **swap_knobs: Any) -> sv.Policy:
     knobs: dict[str, Any] = {
         "window": 60.0, "extend_by": 30.0, "hard_cap": 300.0, "max_crashes": 2,
         "health_failures": 3, "health_interval": 10.0, "has_health_check": False,
@@ -39,7 +39,8 @@ def policy(**swap_knobs: Any) -> sv.Policy:
         ready_mode="notify", start_timeout=5, min_uptime=1, heartbeat_timeout=0,
         stop_timeout=3, restart="always", restart_reset_after=10, backoff=lambda n: 0.5,
     )  # fmt: skip
-    return sv.Policy(host=host, swap=swaps.Policy(**(knobs | swap_knobs)))
+    swap = swaps.Policy(**(knobs | swap_knobs))
+    return sv.Policy(host=host, swap=swap, health_always=health_always)
 
 
 class Harness:
@@ -120,7 +121,12 @@ class Harness:
                 }[type(action)]
                 assert swap.step in expected
                 self.pending.append(action)
-            case sv.RunHealthCheck(swap_id=swap_id):
+            case sv.RunHealthCheck(swap_id=None):  # liveness: never the new version's probation
+                assert self.policy.health_always and self.state.host.state is H.RUNNING
+                swap = self.state.swap
+                assert swap is None or (swap.state is S.PREPARED and swap.step is None)
+                self.pending.append(action)
+            case sv.RunHealthCheck(swap_id=str(swap_id)):
                 swap = self.stored[swap_id]
                 assert swap.state is S.PROBATION and swap.step is None
                 self.pending.append(action)
@@ -168,7 +174,7 @@ class Harness:
                 synced = swaps.DataSynced(now=now, error=None if ok else "EIO")
                 return self.feed(sv.WorkReported(swap_id=swap.id, event=synced))
             case sv.RunHealthCheck(swap_id=swap_id):
-                checked = swaps.HealthChecked(now=now, ok=ok)
+                checked = swaps.HealthChecked(now=now, ok=ok, detail="" if ok else "exit 1")
                 return self.feed(sv.WorkReported(swap_id=swap_id, event=checked))
         swap = action.swap  # type: ignore[union-attr]
         assert swap.step is not None
@@ -391,7 +397,10 @@ def test_a_heartbeat_moves_only_the_host_clock_and_keeps_every_other_field() -> 
     harness = running()
     swap = on_probation(harness, unsynced=True)
     harness.feed(swaps.ConfirmRequested(now=harness.now))
-    full = replace(harness.state, check=sv.CodeCheck("x", spawn=False), env_one_shot=True)
+    full = replace(
+        harness.state, check=sv.CodeCheck("x", spawn=False), env_one_shot=True,
+        liveness=sv.Liveness(next_at=700.0, failures=1),
+    )  # fmt: skip
     assert all(getattr(full, f.name) != getattr(sv.Supervision(), f.name) for f in fields(full))
     beat = lc.Heartbeat(now=600.0, status="busy")
     beaten = sv.heartbeat(full, beat, harness.policy)
@@ -400,6 +409,109 @@ def test_a_heartbeat_moves_only_the_host_clock_and_keeps_every_other_field() -> 
     assert beaten is not None and beaten.swap == swap and beaten.host.status_text == "busy"
     adopted, _ = lc.step(lc.Host(), lc.Adopted(now=1.0, pid=3, ready=False), harness.policy.host)
     assert sv.heartbeat(sv.Supervision(host=adopted), beat, harness.policy) is None
+
+
+def test_a_clean_exit_of_the_new_version_that_rolls_it_back_spawns_no_untracked_host() -> None:
+    """Found by the walk: an exit with status 0 after min_uptime makes the host machine order a
+    restart, and the same exit is the crash that rolls the swap back, which stops the host. The
+    restart is overtaken: no spawn happens beside the rollback's."""
+    harness = running(policy(max_crashes=1))
+    swap = on_probation(harness)
+    harness.host(lc.Ready(now=harness.now.boot))
+    harness.at(5.0)
+    spawns = len(harness.spawns)
+    harness.exits(0)
+    assert harness.state.swap is not None and harness.state.swap.state is S.ROLLING_BACK
+    assert harness.state.host.state is H.STOPPED and len(harness.spawns) == spawns
+    harness.finish_work()
+    assert harness.finished[swap.id].state is S.ROLLED_BACK
+    assert harness.spawns[-1].env.get("SWAPGUARD_ROLLED_BACK") == swap.id
+
+
+def test_a_resumed_runtime_shows_the_recalled_exit_and_goes_on() -> None:
+    last = lc.LastExit(None, 15, 1.0, lc.ExitReason.UNHEALTHY)
+    harness = Harness(policy())
+    recalled = lc.Recalled(now=harness.now.boot, last_exit=last)
+    harness.feed(sv.Resumed(now=harness.now, adopted=False, recalled=recalled))
+    assert harness.state.host.last_exit == last and harness.process is not None
+
+
+def live(**knobs: Any) -> Harness:
+    """A ready host with the liveness check on (every 10 s, 3 failures restart it)."""
+    return running(policy(health_always=True, has_health_check=True, **knobs))
+
+
+def next_liveness_check(harness: Harness) -> sv.RunHealthCheck:
+    wake = sv.next_wakeup(harness.state, harness.policy, harness.now)
+    assert wake is not None
+    harness.at(wake - T0.boot)
+    harness.feed(sv.Tick(now=harness.now))
+    check = harness.work(sv.RunHealthCheck)
+    assert isinstance(check, sv.RunHealthCheck) and check.swap_id is None
+    return check
+
+
+def test_liveness_failures_in_a_row_restart_a_ready_host_as_a_failure() -> None:
+    harness = live()
+    pid = harness.process
+    for _ in range(2):
+        harness.answer(next_liveness_check(harness), ok=False)
+    harness.answer(next_liveness_check(harness), ok=True)  # the count starts again
+    for _ in range(2):
+        harness.answer(next_liveness_check(harness), ok=False)
+    assert harness.state.host.state is H.RUNNING and "host.unhealthy" not in harness.events
+    harness.answer(next_liveness_check(harness), ok=False)
+    assert harness.events.count("host.unhealthy") == 1
+    assert harness.state.host.state is H.STOPPING and harness.state.liveness == sv.Liveness()
+    harness.exits(None)  # SIGTERM did it
+    host = harness.state.host
+    assert host.last_exit is not None and host.last_exit.reason is lc.ExitReason.UNHEALTHY
+    assert host.failures == 1  # a failure for the backoff, like a lost heartbeat
+    harness.feed(sv.Tick(now=harness.at(harness.now.boot - T0.boot + 1)))
+    harness.host(lc.Ready(now=harness.now.boot))
+    assert harness.process not in (None, pid) and harness.state.host.state is H.RUNNING
+
+
+def test_liveness_runs_one_check_at_a_time_and_never_on_probation() -> None:
+    harness = live()
+    first = next_liveness_check(harness)
+    harness.feed(sv.Tick(now=harness.at(harness.now.boot - T0.boot + 35)))  # three turns missed
+    assert [a for a in harness.pending if isinstance(a, sv.RunHealthCheck)] == [first]
+    wake = sv.next_wakeup(harness.state, harness.policy, harness.now)
+    assert wake is not None and wake > harness.now.boot  # skipped, not made up in a burst
+    prepared(harness)  # the old version still serves: liveness goes on
+    harness.answer(first, ok=False)
+    assert harness.state.liveness.failures == 1
+    swap = on_probation(harness, prepare=False)
+    assert harness.state.liveness == sv.Liveness()
+    harness.host(lc.Ready(now=harness.now.boot))
+    for _ in range(5):
+        harness.feed(sv.Tick(now=harness.at(harness.now.boot - T0.boot + 10)))
+    checks = [a for a in harness.pending if isinstance(a, sv.RunHealthCheck)]
+    assert checks and all(check.swap_id == swap.id for check in checks)  # the swap's own
+    for check in checks:
+        harness.answer(check, ok=True)
+    harness.feed(swaps.ConfirmRequested(now=harness.now))
+    assert harness.state.swap is None
+    harness.answer(next_liveness_check(harness), ok=False)  # the confirmed version's liveness
+    assert harness.state.liveness.failures == 1
+
+
+def test_a_liveness_result_from_before_a_restart_is_dropped() -> None:
+    harness = live(health_failures=1)
+    check = next_liveness_check(harness)
+    harness.feed(sv.HostRequested(now=harness.now, event=lc.RestartRequested(now=harness.now.boot)))
+    harness.exits(None)
+    harness.host(lc.Ready(now=harness.now.boot))
+    harness.answer(check, ok=False)
+    assert "host.unhealthy" not in harness.events and harness.state.host.state is H.RUNNING
+
+
+def test_without_health_always_no_check_runs_outside_probation() -> None:
+    harness = running(policy(has_health_check=True))
+    harness.feed(sv.Tick(now=harness.at(100.0)))
+    assert not harness.pending
+    assert sv.next_wakeup(harness.state, harness.policy, harness.now) is None
 
 
 # --- random walks ------------------------------------------------------------------------------
@@ -422,6 +534,7 @@ class SupervisionWalk(RuleBasedStateMachine):
         has_data=st.booleans(),
         has_build=st.booleans(),
         has_health_check=st.booleans(),
+        health_always=st.booleans(),
         auto_confirm_after=st.sampled_from([0.0, 15.0]),
         window=st.sampled_from([20.0, 60.0]),
         max_step_attempts=st.integers(1, 3),
@@ -439,7 +552,7 @@ class SupervisionWalk(RuleBasedStateMachine):
             heartbeat_timeout=heartbeat_timeout, stop_timeout=3, restart="always",
             restart_reset_after=10, backoff=lambda n: 0.5 * n,
         )  # fmt: skip
-        self.h = Harness(sv.Policy(host=host, swap=pol.swap))
+        self.h = Harness(sv.Policy(host=host, swap=pol.swap, health_always=pol.health_always))
         self.h.feed(sv.Resumed(now=self.h.now, adopted=False))
         self.h.host(lc.Ready(now=self.h.now.boot))
         if stage != "fresh":
@@ -574,6 +687,25 @@ class SupervisionWalk(RuleBasedStateMachine):
             assert not ("swap.confirmed" in kinds and "swap.rollback_started" in kinds), swap_id
         for swap in self.h.finished.values():
             event(f"finished {swap.state}")
+
+    @invariant()
+    def liveness_is_scheduled_only_while_it_runs_and_restarts_only_at_the_limit(self) -> None:
+        state, pol = self.h.state, self.h.policy
+        live = state.liveness
+        swap = state.swap
+        runs = (
+            pol.health_always
+            and pol.swap.has_health_check
+            and state.host.state is H.RUNNING
+            and (swap is None or (swap.state is S.PREPARED and swap.step is None))
+        )
+        if not runs:
+            assert live == sv.Liveness()
+            return
+        event("liveness runs")
+        assert live.next_at is not None and live.failures < pol.swap.health_failures
+        wake = sv.next_wakeup(state, pol, self.h.now)
+        assert wake is not None and wake <= live.next_at
 
     @invariant()
     def a_waiting_confirm_waits_only_for_the_data(self) -> None:

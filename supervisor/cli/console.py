@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from supervisor.control.views import exit_text
 from supervisor.core.instant import wall_of
 
 
@@ -50,12 +51,7 @@ def _since(stamp: str | None) -> float | None:
 def describe_exit(last_exit: Mapping[str, Any] | None) -> str:
     if not last_exit:
         return "-"
-    if last_exit.get("signal") is not None:
-        what = f"killed by signal {last_exit['signal']}"
-    elif last_exit.get("code") is not None:
-        what = f"exit {last_exit['code']}"
-    else:
-        what = "exited (status unknown)"
+    what = exit_text(last_exit)
     ago = _since(last_exit.get("at"))
     return what if ago is None else f"{what}, {duration(ago)} ago"
 
@@ -88,7 +84,7 @@ def render_status(doc: Mapping[str, Any]) -> str:
         ("Last exit", describe_exit(host.get("last_exit"))),
     ]
     heartbeat = (
-        "none yet"
+        "none since it started"
         if host.get("heartbeat_age_s") is None
         else (f"{duration(host['heartbeat_age_s'])} ago")
     )
@@ -144,6 +140,18 @@ def render_swap_line(swap: Mapping[str, Any]) -> str:
     return text
 
 
+def held_as(item: Mapping[str, Any]) -> str:
+    """How a data entry's snapshot is held: its digest, or why there is none."""
+    if item.get("sha256"):
+        return f"sha256 {str(item['sha256'])[:12]}"
+    held = item.get("held", "linked" if item.get("linked") else None)
+    if held == "linked":
+        return "kept as the original file (the new version ran on a copy; not hashed)"
+    if held == "absent":
+        return "absent at activation (a rollback moves aside what the new version made)"
+    return "no digest recorded"
+
+
 def countdown(seconds: float) -> str:
     whole = max(0, int(seconds))
     return f"{whole // 60:d}:{whole % 60:02d}"
@@ -182,10 +190,7 @@ def render_swap(doc: Mapping[str, Any]) -> str:
         lines.append(f"  changes ({len(changes)}):")
         lines += [f"    {c['change']:<8} {c['path']}" for c in changes[:50]]
     for item in doc.get("data") or []:
-        lines.append(
-            f"  data: {item['path']} {size(item.get('bytes'))} "
-            f"sha256 {str(item.get('sha256'))[:12]}"
-        )
+        lines.append(f"  data: {item['path']} {size(item.get('bytes'))} {held_as(item)}")
     for event in doc.get("events") or []:
         lines.append(f"  {event['at']}  {event['event']}  {event.get('detail') or ''}")
     return "\n".join(lines)

@@ -170,8 +170,23 @@ def cmd_swap(args: argparse.Namespace) -> int:
         "rollback": lambda: client.rollback(args.id, reason=args.reason),
     }
     swap = calls[action]()
+    if getattr(args, "wait", False) and swap.get("step") is not None:  # 202: under way
+        swap = _settled(client, args.id)
     _print_json(swap) if args.json else print(console.render_swap_line(swap))
-    return EXIT_OK
+    if swap.get("step") is not None and not args.json:
+        print(f"  under way; `swapguard swap show {args.id}` follows it (or use --wait)")
+    return EXIT_FAILED if swap.get("state") == "failed" else EXIT_OK
+
+
+SETTLE_POLL_S = 0.2
+
+
+def _settled(client: Any, swap_id: str) -> dict[str, Any]:
+    """The swap once no step is in flight (the documented way to wait for a 202), or once its
+    rollback failed (it waits for the operator then)."""
+    while (swap := client.swap(swap_id))["step"] is not None and swap["state"] != "failed":
+        time.sleep(SETTLE_POLL_S)
+    return dict(swap)
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -313,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("id")
         if name == "rollback":
             one.add_argument("--reason", default=None)
+        if name in ("activate", "abort", "rollback"):
+            one.add_argument(
+                "--wait", action="store_true",
+                help="until no step is in flight (the new version runs, or it rolled back)",
+            )  # fmt: skip
 
     host = add("host", cmd_host, "operator control of the host")
     host.add_argument("host_action", choices=("start", "stop", "restart"))

@@ -75,6 +75,8 @@ health_check = []         # argv run every health_interval on probation; exit 0 
 health_interval = "10s"   # how often health_check runs
 health_failures = 3       # consecutive failed health checks that roll back at once
 auto_confirm_after = "0"  # > 0: confirm once ready, heartbeating and healthy this long
+health_always = false     # true: health_check runs outside probation too; health_failures
+                          # failures in a row restart the host (event host.unhealthy)
 stall_limit = "5s"        # swapguard's own loop stuck this long: log where, exit 70 to be restarted
 
 # The control socket: HTTP/1.1 + JSON for the CLI, curl and the host itself.

@@ -130,6 +130,7 @@ class DeadmanConfig:
     health_interval: float
     health_failures: int
     auto_confirm_after: float
+    health_always: bool  # the health check runs outside probation too (liveness)
     stall_limit: float
 
 
@@ -345,6 +346,12 @@ class _Table:
         if positive and seconds <= 0:
             raise self.fail(field, f"must be greater than 0; got {_show(self.raw(field))}")
         return seconds
+
+    def flag(self, field: str) -> bool:
+        value = self.raw(field)
+        if not isinstance(value, bool):
+            raise self.fail(field, f"must be true or false; got {_show(value)}")
+        return value
 
     def size(self, field: str) -> int:
         return parse_size(self.raw(field), key=self.key(field), file=self.file)
@@ -601,11 +608,14 @@ def _parse_deadman(table: _Table) -> DeadmanConfig:
         health_interval=table.duration("health_interval", positive=True),
         health_failures=table.count("health_failures"),
         auto_confirm_after=table.duration("auto_confirm_after"),
+        health_always=table.flag("health_always"),
         stall_limit=table.duration("stall_limit"),
     )
     if deadman.stall_limit < MIN_STALL_LIMIT_S:
         message = f"must be at least {MIN_STALL_LIMIT_S:g}s: a busy machine pauses a loop that long"
         raise table.fail("stall_limit", message)
+    if deadman.health_always and not deadman.health_check:
+        raise table.fail("health_always", "needs deadman.health_check: there is no check to run")
     if deadman.hard_cap < deadman.window:
         raise table.fail("hard_cap", f"must be at least deadman.window ({deadman.window:g}s)")
     if deadman.auto_confirm_after >= deadman.hard_cap:

@@ -14,6 +14,8 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from supervisor.control.views import exit_text
+
 TIMELINE_LENGTH = 20
 """Swaps shown on the timeline, newest first (the script asks for as many)."""
 
@@ -89,6 +91,8 @@ def render(status: Mapping[str, Any], swaps: Sequence[Mapping[str, Any]]) -> str
 <tr><th>state</th><td id="host-state" class="state {_e(host["state"])}">{_e(host_state)}</td></tr>
 <tr><th>pid</th><td id="host-pid">{_e(host.get("pid"))}</td></tr>
 <tr><th>restarts</th><td id="host-restarts">{_e(host.get("restarts"))}</td></tr>
+<tr><th>heartbeat</th><td id="host-heartbeat">{_e(_heartbeat(host))}</td></tr>
+<tr><th>last exit</th><td id="host-last-exit">{_e(_last_exit(host))}</td></tr>
 <tr><th>status</th><td id="host-status">{_e(host.get("status_text"))}</td></tr>
 </table>
 <h2>Swap in flight</h2>
@@ -109,6 +113,16 @@ def render(status: Mapping[str, Any], swaps: Sequence[Mapping[str, Any]]) -> str
 </body></html>
 """
     return page
+
+
+def _heartbeat(host: Mapping[str, Any]) -> str:
+    age = host.get("heartbeat_age_s")
+    return "none since it started" if age is None else f"{_seconds(age)} ago"
+
+
+def _last_exit(host: Mapping[str, Any]) -> str | None:
+    last = host.get("last_exit")
+    return None if not last else f"{exit_text(last)} at {last.get('at')}"
 
 
 def _row(cells: Sequence[Any], state: str) -> str:

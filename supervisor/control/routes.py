@@ -25,6 +25,9 @@ CALL_LIMIT_S = 60.0
 """The longest a request waits for the runtime before it is answered 503 `not_reachable`. A
 write can take that long (a confirm waits for the activation's data to reach the disk), so a
 client waits a little longer for any POST's answer."""
+ABORT_WAIT_S = 20.0
+"""How long an abort waits for the code to be restored before it answers 202 (well inside
+CALL_LIMIT_S: an answer in time, never a 503 for an abort still under way)."""
 MAX_NUMBER_CHARS = 64
 """No body field is a number: a longer one is refused before Python's int() limit raises."""
 
@@ -84,6 +87,15 @@ class Route:
     body: tuple[tuple[str, str | bool | None], ...] = ()
     status: int = 200
     content_type: str = JSON_TYPE
+    # a swap action: 202 Accepted instead of `status` while the swap answered has a step in flight
+    accepted_while_step: bool = False
+
+    def status_of(self, payload: Any) -> int:
+        """Done: `status`. A swap action still under way (its swap's `step` is not null, e.g. an
+        activation stopping the old version): 202, and the way to wait for it is the same for
+        every action: GET /v1/swaps/{id} until `step` is null (`swapguard swap ... --wait`)."""
+        under_way = isinstance(payload, dict) and payload.get("step") is not None
+        return 202 if self.accepted_while_step and under_way else self.status
 
 
 _ID = "(?P<swap_id>[^/]+)"
@@ -109,8 +121,15 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/swaps", "list_swaps", ("limit",), query=(IntParam("limit", 20, 1, 1000),)),
     Route("POST", "/v1/swaps", "prepare_swap", ("summary",), body=(("summary", ""),), status=201),
     Route("GET", f"/v1/swaps/{_ID}", "get_swap", ("swap_id",)),
-    Route("POST", _SWAP_ACTION, "swap_action", _SWAP_ARGS),
-    Route("POST", _ROLLBACK, "swap_action", _SWAP_ARGS, body=(("reason", None),)),
+    Route("POST", _SWAP_ACTION, "swap_action", _SWAP_ARGS, accepted_while_step=True),
+    Route(
+        "POST",
+        _ROLLBACK,
+        "swap_action",
+        _SWAP_ARGS,
+        body=(("reason", None),),
+        accepted_while_step=True,
+    ),
 )
 
 

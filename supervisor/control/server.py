@@ -326,7 +326,7 @@ class _Connection(socketserver.BaseRequestHandler):
             values |= {"body": body, "peer": self.peer}
             payload = getattr(backend, route.call)(*(values[name] for name in route.args))
             if route.content_type == JSON_TYPE:
-                return _Answer(route.status, encode_json(payload))
+                return _Answer(route.status_of(payload), encode_json(payload))
             return _Answer(route.status, encode_text(payload), route.content_type)
         except errors.SwapguardError as err:
             return _error_answer(err)

@@ -1,20 +1,30 @@
 """What the runtime shows: the status document and the Prometheus exposition.
 
 Pure functions of a runtime's state taken on the loop thread; nothing here changes anything.
+Each view tells only what is known: no heartbeat age for a host that never sent a heartbeat (in
+the status, the console and /metrics alike), and every exit with why it happened. The metrics
+are one table, `METRICS`: a name, a type, a help text and how its value is read.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from supervisor import __version__, clock
-from supervisor.core.lifecycle import Host, HostState
-from supervisor.core.swaps import TERMINAL, SwapState
+from supervisor.core.instant import Instant
+from supervisor.core.lifecycle import ExitReason, Host, HostState
+from supervisor.core.supervisionrecord import Liveness
+from supervisor.core.swaps import TERMINAL, Swap, SwapState
 
 if TYPE_CHECKING:
+    from supervisor.core.diskbudget import FileSystem
+    from supervisor.daemon.counters import Counters
     from supervisor.daemon.runtime import Runtime
+    from supervisor.data.diskusage import Usage
 
 
 def _wall_of(boot_moment: float | None, boot_now: float, wall_now: float) -> float | None:
@@ -50,12 +60,43 @@ def host_view(host: Host, *, boot_now: float, wall_now: float, code_version: str
         "backoff_remaining_s": backoff,
         "last_exit": None
         if last is None
-        else {"code": last.code, "signal": last.signal, "at": clock.rfc3339(last.at)},
+        else {
+            "code": last.code,
+            "signal": last.signal,
+            "at": clock.rfc3339(last.at),
+            "reason": None if last.reason is None else last.reason.value,
+        },
         "last_heartbeat_at": clock.rfc3339(_wall_of(host.last_heartbeat, boot_now, wall_now)),
         "heartbeat_age_s": heartbeat_age,
         "status_text": host.status_text,
         "code_version": code_version,
     }
+
+
+EXIT_REASONS = {
+    "stop": "stopped",
+    "restart": "restarted",
+    "heartbeat_lost": "heartbeat lost",
+    "start_timeout": "not ready in time",
+    "unhealthy": "health check failed",
+    "crash": "crashed",
+    "exit": "exited on its own",
+    "spawn_failed": "could not be started",
+}
+"""How the console and the page say why the host's last run ended (`last_exit.reason`)."""
+
+
+def exit_text(last_exit: Mapping[str, Any]) -> str:
+    """`killed by signal 15 (heartbeat lost)`: how the last run ended and why."""
+    if last_exit.get("signal") is not None:
+        what = f"killed by signal {last_exit['signal']}"
+    elif last_exit.get("code") is not None:
+        what = f"exit {last_exit['code']}"
+    else:
+        what = "exited (status unknown)"
+    if reason := last_exit.get("reason"):
+        what += f" ({EXIT_REASONS.get(reason, reason)})"
+    return what
 
 
 def status(runtime: Runtime) -> dict[str, Any]:
@@ -64,8 +105,13 @@ def status(runtime: Runtime) -> dict[str, Any]:
     and the swap come as one pair, from one moment; the drift guard's few fields (strings and a
     flag, set on the loop) may be a moment apart from them."""
     boot_now, wall_now = clock.boot_clock(), time.time()
-    host, swap = runtime.machines
+    published = runtime.published  # one record: host, swap and liveness from one moment
+    host, swap = published.host, published.swap
     drift = runtime.drift_guard
+    host_doc = host_view(
+        host, boot_now=boot_now, wall_now=wall_now, code_version=drift.code_version
+    )
+    host_doc["liveness_failures"] = _liveness_failures(published.liveness)
     return {
         "supervisor": {
             "pid": os.getpid(),
@@ -74,9 +120,7 @@ def status(runtime: Runtime) -> dict[str, Any]:
             "state_dir": str(runtime.config.state.dir),
             "cgroup": str(runtime.cgroup.path) if runtime.cgroup else None,
         },
-        "host": host_view(
-            host, boot_now=boot_now, wall_now=wall_now, code_version=drift.code_version
-        ),
+        "host": host_doc,
         "swap": swap.view(clock.now()) if swap is not None else None,
         "code": {
             "root": str(runtime.config.code.root),
@@ -107,134 +151,145 @@ def disk_view(runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def _line(
-    out: list[str], name: str, kind: str, help_text: str, value: float | int, labels: str = ""
-) -> None:
-    out.append(f"# HELP {name} {help_text}")
-    out.append(f"# TYPE {name} {kind}")
-    out.append(f"{name}{labels} {value}")
+def _liveness_failures(liveness: Liveness) -> int | None:
+    """Failed liveness checks in a row; None while the liveness check does not run."""
+    return None if liveness.next_at is None else liveness.failures
 
 
-def metrics(runtime: Runtime) -> str:
-    """Prometheus text exposition format 0.0.4."""
-    host = runtime.host
-    boot_now = clock.boot_clock()
-    counters = runtime.counters
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What /metrics reads, taken once on the loop thread: every metric sees the same moment."""
+
+    host: Host
+    swap: Swap | None
+    liveness: Liveness
+    counters: Counters
+    drifted: bool
+    hook_events_dropped: int
+    boot_now: float
+    now: Instant
+    disk_usage: Usage | None  # as last measured; None until the first measure
+    keep_bytes: int
+    file_systems: Sequence[FileSystem]
+
+
+Sample = float | Mapping[str, float] | None
+"""A metric's value now: one number, numbers by label value, or None: no sample (nothing to
+tell, e.g. the age of a heartbeat that never came)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    name: str
+    kind: Literal["gauge", "counter"]
+    help: str
+    value: Callable[[Reading], Sample]
+    label: str | None = None  # the label of a metric whose value is a mapping
+
+
+def _heartbeat_age(r: Reading) -> float | None:
+    beat = r.host.last_heartbeat
+    return None if beat is None else round(r.boot_now - beat, 3)
+
+
+def _remaining(r: Reading) -> float:
+    remaining = None if r.swap is None else r.swap.remaining_s(r.now)
+    return -1.0 if remaining is None else remaining
+
+
+def _finished(r: Reading) -> Mapping[str, float]:
+    finished = r.counters.swaps_finished
+    return {state: finished.get(state, 0) for state in SwapState if state in TERMINAL}
+
+
+def _exits(r: Reading) -> Mapping[str, float]:
+    return {reason: r.counters.exits.get(reason, 0) for reason in ExitReason}
+
+
+def _disk_used(r: Reading) -> Mapping[str, float] | None:
+    usage = r.disk_usage
+    return None if usage is None else {"snapshots": usage.snapshots, "kept_data": usage.kept}
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("swapguard_host_up", "gauge", "1 while the host process is alive.",
+           lambda r: int(r.host.state in (HostState.STARTING, HostState.RUNNING))),
+    Metric("swapguard_host_ready", "gauge", "1 while the host is ready.",
+           lambda r: int(r.host.ready)),
+    Metric("swapguard_host_restarts_total", "counter", "Restarts of the host.",
+           lambda r: r.host.restarts),
+    Metric("swapguard_host_spawns_total", "counter", "Host processes spawned.",
+           lambda r: r.counters.spawns),
+    Metric("swapguard_host_failures", "gauge", "Consecutive host failures (backoff).",
+           lambda r: r.host.failures),
+    Metric("swapguard_host_liveness_failures", "gauge",
+           "Failed liveness checks in a row (no sample: the liveness check is not running).",
+           lambda r: _liveness_failures(r.liveness)),
+    Metric("swapguard_host_exits_total", "counter",
+           "Exits of the host's process since start, by why it ended.", _exits, "reason"),
+    Metric("swapguard_heartbeat_age_seconds", "gauge",
+           "Seconds since the host's last heartbeat (no sample: none since it started).",
+           _heartbeat_age),
+    Metric("swapguard_heartbeats_total", "counter",
+           "Heartbeats received (WATCHDOG=1, STATUS=, POST /v1/heartbeat).",
+           lambda r: r.counters.heartbeats),
+    Metric("swapguard_notify_datagrams_total", "counter", "Notify datagrams received.",
+           lambda r: r.counters.datagrams),
+    Metric("swapguard_notify_datagrams_dropped_total", "counter",
+           "Datagrams dropped: sender outside the host's tree.",
+           lambda r: r.counters.datagrams_dropped),
+    Metric("swapguard_notify_datagrams_invalid_total", "counter",
+           "Datagrams that did not parse.", lambda r: r.counters.datagrams_invalid),
+    Metric("swapguard_swap_in_flight", "gauge", "1 while a swap is in flight.",
+           lambda r: int(r.swap is not None)),
+    Metric("swapguard_swap_remaining_seconds", "gauge",
+           "Seconds before the deadman rolls back (-1: no clock running).", _remaining),
+    Metric("swapguard_swaps_finished_total", "counter",
+           "Swaps finished since start, by final state.", _finished, "state"),
+    Metric("swapguard_code_drift", "gauge", "1 when the code tree changed undeclared.",
+           lambda r: int(r.drifted)),
+    Metric("swapguard_hook_events_dropped_total", "counter",
+           "Events the hook never got: its queue was full, or it failed every attempt.",
+           lambda r: r.hook_events_dropped),
+)  # fmt: skip
+"""Every metric /metrics shows, in its order: add one here and nowhere else."""
+
+
+def render_metrics(metrics: Sequence[Metric], reading: Reading) -> str:
+    """Prometheus text exposition format 0.0.4 of `metrics` as `reading` has them."""
     out: list[str] = []
-    up = int(host.state in (HostState.STARTING, HostState.RUNNING))
-    _line(out, "swapguard_host_up", "gauge", "1 while the host process is alive.", up)
-    _line(out, "swapguard_host_ready", "gauge", "1 while the host is ready.", int(host.ready))
-    _line(out, "swapguard_host_restarts_total", "counter", "Restarts of the host.", host.restarts)
-    _line(out, "swapguard_host_spawns_total", "counter", "Host processes spawned.", counters.spawns)
-    _line(
-        out,
-        "swapguard_host_failures",
-        "gauge",
-        "Consecutive host failures (backoff).",
-        host.failures,
-    )
-    age = -1.0 if host.last_heartbeat is None else round(boot_now - host.last_heartbeat, 3)
-    _line(
-        out,
-        "swapguard_heartbeat_age_seconds",
-        "gauge",
-        "Seconds since the last heartbeat (-1: none yet).",
-        age,
-    )
-    _line(out, "swapguard_heartbeats_total", "counter", "Heartbeats received.", counters.heartbeats)
-    _line(
-        out,
-        "swapguard_notify_datagrams_total",
-        "counter",
-        "Notify datagrams received.",
-        counters.datagrams,
-    )
-    _line(
-        out,
-        "swapguard_notify_datagrams_dropped_total",
-        "counter",
-        "Datagrams dropped: sender outside the host's tree.",
-        counters.datagrams_dropped,
-    )
-    _line(
-        out,
-        "swapguard_notify_datagrams_invalid_total",
-        "counter",
-        "Datagrams that did not parse.",
-        counters.datagrams_invalid,
-    )
-    swap = runtime.swap
-    _line(
-        out,
-        "swapguard_swap_in_flight",
-        "gauge",
-        "1 while a swap is in flight.",
-        int(swap is not None),
-    )
-    remaining = -1.0
-    if swap is not None:
-        view = swap.view(clock.now())
-        if view.get("remaining_s") is not None:
-            remaining = float(view["remaining_s"])
-    _line(
-        out,
-        "swapguard_swap_remaining_seconds",
-        "gauge",
-        "Seconds before the deadman rolls back (-1: no clock running).",
-        remaining,
-    )
-    out.append("# HELP swapguard_swaps_finished_total Swaps finished since start, by final state.")
-    out.append("# TYPE swapguard_swaps_finished_total counter")
-    for state in [final for final in SwapState if final in TERMINAL]:  # in a stable order
-        out.append(
-            f'swapguard_swaps_finished_total{{state="{state}"}} '
-            f"{counters.swaps_finished.get(state, 0)}"
-        )
-    _line(
-        out,
-        "swapguard_code_drift",
-        "gauge",
-        "1 when the code tree changed undeclared.",
-        int(runtime.drift_guard.drifted),
-    )
-    _line(
-        out,
-        "swapguard_hook_events_dropped_total",
-        "counter",
-        "Events the hook never got: its queue was full, or it failed every attempt.",
-        runtime.hooks.dropped,
-    )
-    _disk_lines(out, runtime)
+    for metric in metrics:
+        out.append(f"# HELP {metric.name} {metric.help}")
+        out.append(f"# TYPE {metric.name} {metric.kind}")
+        value = metric.value(reading)
+        if isinstance(value, Mapping):
+            assert metric.label is not None, f"{metric.name} has values by label but no label"
+            out += [
+                f'{metric.name}{{{metric.label}="{_label(key)}"}} {n}' for key, n in value.items()
+            ]
+        elif value is not None:
+            out.append(f"{metric.name} {value}")
     return "\n".join(out) + "\n"
-
-
-def _disk_lines(out: list[str], runtime: Runtime) -> None:
-    usage = runtime.work.usage
-    if usage is not None:
-        out.append(
-            "# HELP swapguard_disk_used_bytes Bytes held by snapshots and by kept probation data."
-        )
-        out.append("# TYPE swapguard_disk_used_bytes gauge")
-        out.append(f'swapguard_disk_used_bytes{{what="snapshots"}} {usage.snapshots}')
-        out.append(f'swapguard_disk_used_bytes{{what="kept_data"}} {usage.kept}')
-    _line(
-        out,
-        "swapguard_disk_budget_bytes",
-        "gauge",
-        "state.keep_bytes (0: no byte bound).",
-        runtime.config.state.keep_bytes,
-    )
-    space = runtime.work.file_systems()
-    for name, help_text, field in (
-        ("swapguard_fs_free_bytes", "Free bytes of each file system involved.", "free"),
-        ("swapguard_fs_size_bytes", "Size of each file system involved.", "size"),
-    ):
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} gauge")
-        for fs, _ in space:
-            out.append(f'{name}{{path="{_label(fs.path)}"}} {getattr(fs, field)}')
 
 
 def _label(value: str) -> str:
     """A Prometheus label value: backslash, double quote and line feed escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics(runtime: Runtime) -> str:
+    """The runtime's metrics now; on the loop thread (the counters are the loop's)."""
+    reading = Reading(
+        host=runtime.host,
+        swap=runtime.swap,
+        liveness=runtime.state.liveness,
+        counters=runtime.counters,
+        drifted=runtime.drift_guard.drifted,
+        hook_events_dropped=runtime.hooks.dropped,
+        boot_now=clock.boot_clock(),
+        now=clock.now(),
+        disk_usage=runtime.work.usage,
+        keep_bytes=runtime.config.state.keep_bytes,
+        file_systems=[fs for fs, _ in runtime.work.file_systems()],
+    )
+    return render_metrics(METRICS, reading)

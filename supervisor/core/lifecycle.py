@@ -22,6 +22,11 @@ Rules:
 6. `started_at` is the process's own start (an adopted host's too): its uptime, and what an exit
    is measured against; `spawned_at` is when this supervisor began to watch it, which start
    timeouts run from.
+7. `last_heartbeat` is a heartbeat the host sent, nothing else (READY=1, an adoption or a start
+   are not heartbeats): `heartbeat_timeout` runs from the last heartbeat, or from readiness while
+   none came yet.
+8. Every exit says why it happened (`LastExit.reason`): the reason a stop was begun for, or, for
+   an exit nobody asked for, a crash or a clean exit.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Fact(StrEnum):
     SPAWN_FAILED = "host.spawn_failed"
     START_TIMEOUT = "host.start_timeout"
     HEARTBEAT_LOST = "host.heartbeat_lost"
+    UNHEALTHY = "host.unhealthy"  # the liveness check failed health_failures times in a row
     STOP_TIMEOUT = "host.stop_timeout"
     BACKOFF = "host.backoff"
     BACKOFF_RESET = "host.backoff_reset"
@@ -68,6 +74,19 @@ class StopPurpose(StrEnum):
     HALT = "halt"  # stay stopped (operator stop, a swap step)
     RESTART = "restart"  # intentional restart: spawn again at once, no failure counted
     RECOVER = "recover"  # the host failed (start timeout, lost heartbeat): restart after backoff
+
+
+class ExitReason(StrEnum):
+    """Why the host's process ended (rule 8); shown with the last exit, kept with the run."""
+
+    STOP = "stop"  # a stop order: an operator's, a swap step's, swapguard's own shutdown
+    RESTART = "restart"  # an intentional restart
+    HEARTBEAT_LOST = "heartbeat_lost"  # no heartbeat within heartbeat_timeout, or WATCHDOG=trigger
+    START_TIMEOUT = "start_timeout"  # not ready within start_timeout
+    UNHEALTHY = "unhealthy"  # the liveness check failed (deadman.health_always)
+    CRASH = "crash"  # exited on its own: non-zero, by a signal, or before it was ready
+    EXIT = "exit"  # exited on its own with status 0 after it was up
+    SPAWN_FAILED = "spawn_failed"  # never ran: the command could not be started
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,10 +109,7 @@ class LastExit:
     code: int | None
     signal: int | None
     at: float  # wall clock, for display
-
-    @property
-    def failed(self) -> bool:
-        return self.signal is not None or (self.code is not None and self.code != 0)
+    reason: ExitReason | None  # None: not known (ended while no swapguard watched it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +123,7 @@ class Host:
     last_heartbeat: float | None = None
     status_text: str | None = None
     stop_purpose: StopPurpose | None = None
+    stop_reason: ExitReason | None = None  # why the stop in progress was begun (rule 8)
     kill_at: float | None = None  # when the stop escalates to SIGKILL of the whole tree
     failures: int = 0  # consecutive, for the backoff
     backoff_until: float | None = None
@@ -154,6 +171,15 @@ class Adopted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Recalled:
+    """A restarted supervisor's record of how the host's last run ended (the store keeps it):
+    shown as the last exit until the next one."""
+
+    now: float
+    last_exit: LastExit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SpawnFailed:
     now: float
     wall: float
@@ -179,6 +205,16 @@ class WatchdogTriggered:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Unhealthy:
+    """The liveness check failed `failures` times in a row: restart the host (as heartbeat loss
+    does). `core.supervision` decides when; `detail` says how the last check failed."""
+
+    now: float
+    failures: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Exited:
     now: float
     wall: float
@@ -197,10 +233,12 @@ Event = (
     | RestartRequested
     | Spawned
     | Adopted
+    | Recalled
     | SpawnFailed
     | Ready
     | Heartbeat
     | WatchdogTriggered
+    | Unhealthy
     | Exited
     | Tick
 )
@@ -240,15 +278,18 @@ def _spawn(host: Host) -> Result:
     # start timeout must not run from the previous process's spawn time.
     starting = replace(
         host, state=HostState.STARTING, backoff_until=None, kill_at=None, ready_unseen=False,
-        pid=None, spawned_at=None, started_at=None,
+        pid=None, spawned_at=None, started_at=None, stop_reason=None,
     )
     return starting, [Spawn()]
 
 
-def _begin_stop(host: Host, now: float, purpose: StopPurpose, policy: Policy) -> Result:
+def _begin_stop(
+    host: Host, now: float, purpose: StopPurpose, reason: ExitReason, policy: Policy
+) -> Result:
     stopping = replace(
-        host, state=HostState.STOPPING, stop_purpose=purpose, kill_at=now + policy.stop_timeout
-    )
+        host, state=HostState.STOPPING, stop_purpose=purpose, stop_reason=reason,
+        kill_at=now + policy.stop_timeout,
+    )  # fmt: skip
     return stopping, [SignalStop()]
 
 
@@ -264,7 +305,7 @@ def _on_start(host: Host, event: StartRequested, policy: Policy) -> Result:
 def _on_stop(host: Host, event: StopRequested, policy: Policy) -> Result:
     host = replace(host, wanted=False)
     if host.state in (HostState.STARTING, HostState.RUNNING) and host.pid is not None:
-        return _begin_stop(host, event.now, StopPurpose.HALT, policy)
+        return _begin_stop(host, event.now, StopPurpose.HALT, ExitReason.STOP, policy)
     if host.state is HostState.STOPPING:
         return replace(host, stop_purpose=StopPurpose.HALT), []
     return replace(host, state=HostState.STOPPED, backoff_until=None), []
@@ -275,7 +316,7 @@ def _on_restart(host: Host, event: RestartRequested, policy: Policy) -> Result:
     if host.state is HostState.STARTING and host.pid is None:
         return host, []  # a spawn is already on its way
     if host.state in (HostState.STARTING, HostState.RUNNING):
-        return _begin_stop(host, event.now, StopPurpose.RESTART, policy)
+        return _begin_stop(host, event.now, StopPurpose.RESTART, ExitReason.RESTART, policy)
     if host.state is HostState.STOPPING:
         return replace(host, stop_purpose=StopPurpose.RESTART), []
     return _spawn(host)
@@ -295,19 +336,22 @@ def _on_adopted(host: Host, event: Adopted, policy: Policy) -> Result:
     adopted = replace(
         host, state=state, wanted=True, pid=event.pid, spawned_at=event.now,
         started_at=min(event.started, event.now) if event.started is not None else event.now,
-        ready_at=event.now if event.ready else None, last_heartbeat=event.now,
+        ready_at=event.now if event.ready else None, last_heartbeat=None,
         ready_unseen=not event.ready,
     )
     return adopted, [Emit(Fact.ADOPTED, {"pid": event.pid})]
 
 
+def _on_recalled(host: Host, event: Recalled, policy: Policy) -> Result:
+    if host.last_exit is not None:
+        return host, []  # an exit seen by this supervisor is newer
+    return replace(host, last_exit=event.last_exit), []
+
+
 def _on_ready(host: Host, event: Ready, policy: Policy) -> Result:
     if host.state is not HostState.STARTING or host.pid is None:
         return host, []
-    ready = replace(
-        host, state=HostState.RUNNING, ready_at=event.now, last_heartbeat=event.now,
-        ready_unseen=False,
-    )
+    ready = replace(host, state=HostState.RUNNING, ready_at=event.now, ready_unseen=False)
     return ready, [Emit(Fact.READY, {"pid": host.pid})]
 
 
@@ -322,7 +366,8 @@ def _on_heartbeat(host: Host, event: Heartbeat, policy: Policy) -> Result:
 
 
 def _heartbeat_lost(host: Host, now: float, policy: Policy, detail: dict[str, Any]) -> Result:
-    stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
+    reason = ExitReason.HEARTBEAT_LOST
+    stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, reason, policy)
     return stopping, [Emit(Fact.HEARTBEAT_LOST, {"pid": host.pid, **detail}), *actions]
 
 
@@ -330,6 +375,15 @@ def _on_watchdog_trigger(host: Host, event: WatchdogTriggered, policy: Policy) -
     if host.state not in (HostState.STARTING, HostState.RUNNING) or host.pid is None:
         return host, []
     return _heartbeat_lost(host, event.now, policy, {"trigger": True})
+
+
+def _on_unhealthy(host: Host, event: Unhealthy, policy: Policy) -> Result:
+    if host.state is not HostState.RUNNING or host.pid is None:
+        return host, []  # stopping or restarting already: that run is over
+    reason = ExitReason.UNHEALTHY
+    stopping, actions = _begin_stop(host, event.now, StopPurpose.RECOVER, reason, policy)
+    detail = {"pid": host.pid, "failures": event.failures, "detail": event.detail}
+    return stopping, [Emit(Fact.UNHEALTHY, detail), *actions]
 
 
 def _failure(
@@ -357,9 +411,22 @@ def _failure(
 def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
     if host.pid is None:
         return host, []
-    last = LastExit(event.code, event.signal, event.wall)
-    exit_detail = {"pid": host.pid, "code": event.code, "signal": event.signal}
-    host = replace(host, last_exit=last, kill_at=None)
+    uptime = event.now - (host.started_at if host.started_at is not None else event.now)
+    failed = (
+        event.signal is not None
+        or event.code not in (0, None)
+        or host.state is HostState.STARTING
+        or uptime < policy.min_uptime
+    )
+    if host.state is HostState.STOPPING and host.stop_reason is not None:
+        reason = host.stop_reason
+    else:
+        reason = ExitReason.CRASH if failed else ExitReason.EXIT
+    last = LastExit(event.code, event.signal, event.wall, reason)
+    exit_detail = {
+        "pid": host.pid, "code": event.code, "signal": event.signal, "reason": reason.value
+    }  # fmt: skip
+    host = replace(host, last_exit=last, kill_at=None, stop_reason=None)
     # Whatever else of the tree is left goes with its main process (systemd's control-group mode).
     actions: list[Action] = [KillTree()]
     if host.state is HostState.STOPPING:
@@ -374,8 +441,6 @@ def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
             return host, actions + more
         return host, actions
     actions.append(Emit(Fact.EXITED, exit_detail))
-    uptime = event.now - (host.started_at if host.started_at is not None else event.now)
-    failed = last.failed or host.state is HostState.STARTING or uptime < policy.min_uptime
     if failed:
         host, more = _failure(host, event.now, policy, exit_detail)
         return host, actions + more
@@ -389,7 +454,7 @@ def _on_exited(host: Host, event: Exited, policy: Policy) -> Result:
 def _on_spawn_failed(host: Host, event: SpawnFailed, policy: Policy) -> Result:
     if host.state is not HostState.STARTING:
         return host, []
-    host = replace(host, last_exit=LastExit(127, None, event.wall))
+    host = replace(host, last_exit=LastExit(127, None, event.wall, ExitReason.SPAWN_FAILED))
     detail = {"error": event.error}
     host, more = _failure(host, event.now, policy, detail, at_once=False)
     return host, [Emit(Fact.SPAWN_FAILED, detail), *more]
@@ -410,18 +475,18 @@ def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
         if policy.ready_mode == "started" and now >= host.spawned_at + policy.min_uptime:
             return _on_ready(host, Ready(now=now), policy)
         if policy.ready_mode == "notify" and now >= host.spawned_at + policy.start_timeout:
-            stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
+            reason = ExitReason.START_TIMEOUT
+            stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, reason, policy)
             return stopping, [Emit(Fact.START_TIMEOUT, {"pid": host.pid}), *actions]
     if host.state is HostState.RUNNING:
+        silent_since = _silent_since(host)
         if (
             policy.heartbeat_timeout > 0
-            and host.last_heartbeat is not None
-            and now >= host.last_heartbeat + policy.heartbeat_timeout
+            and silent_since is not None
+            and now >= silent_since + policy.heartbeat_timeout
         ):
-            stopping, actions = _begin_stop(host, now, StopPurpose.RECOVER, policy)
-            age = round(now - host.last_heartbeat, 3)
-            lost = Emit(Fact.HEARTBEAT_LOST, {"pid": host.pid, "age_s": age})
-            return stopping, [lost, *actions]
+            age = round(now - silent_since, 3)
+            return _heartbeat_lost(host, now, policy, {"age_s": age})
         if (
             host.failures
             and host.ready_at is not None
@@ -431,6 +496,11 @@ def _on_tick(host: Host, event: Tick, policy: Policy) -> Result:
     return host, []
 
 
+def _silent_since(host: Host) -> float | None:
+    """What `heartbeat_timeout` runs from (rule 7): the last heartbeat, else readiness."""
+    return host.last_heartbeat if host.last_heartbeat is not None else host.ready_at
+
+
 # Each handler takes its own event type: Any, since a Callable's parameter can't follow the key.
 _HANDLERS: dict[type[Event], Callable[[Host, Any, Policy], Result]] = {
     StartRequested: _on_start,
@@ -438,10 +508,12 @@ _HANDLERS: dict[type[Event], Callable[[Host, Any, Policy], Result]] = {
     RestartRequested: _on_restart,
     Spawned: _on_spawned,
     Adopted: _on_adopted,
+    Recalled: _on_recalled,
     SpawnFailed: _on_spawn_failed,
     Ready: _on_ready,
     Heartbeat: _on_heartbeat,
     WatchdogTriggered: _on_watchdog_trigger,
+    Unhealthy: _on_unhealthy,
     Exited: _on_exited,
     Tick: _on_tick,
 }
@@ -463,8 +535,9 @@ def next_wakeup(host: Host, policy: Policy) -> float | None:
         limit = policy.min_uptime if policy.ready_mode == "started" else policy.start_timeout
         moments.append(host.spawned_at + limit)
     if host.state is HostState.RUNNING:
-        if policy.heartbeat_timeout > 0 and host.last_heartbeat is not None:
-            moments.append(host.last_heartbeat + policy.heartbeat_timeout)
+        silent_since = _silent_since(host)
+        if policy.heartbeat_timeout > 0 and silent_since is not None:
+            moments.append(silent_since + policy.heartbeat_timeout)
         if host.failures and host.ready_at is not None:
             moments.append(host.ready_at + policy.restart_reset_after)
     return min(moments) if moments else None

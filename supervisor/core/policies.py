@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from supervisor.core import lifecycle, swaps
+from supervisor.core import lifecycle, supervisionrecord, swaps
 from supervisor.core.backoff import Backoff
 
 if TYPE_CHECKING:
@@ -51,4 +51,15 @@ def swap_policy(config: Config) -> swaps.Policy:
         auto_confirm_after=dm.auto_confirm_after,
         has_build=bool(config.code.build),
         has_data=bool(config.data),
+    )
+
+
+def supervision_policy(
+    config: Config, rng: random.Random | None = None
+) -> supervisionrecord.Policy:
+    """The combined machine's policy: the host's, the swap's, and the liveness switch."""
+    return supervisionrecord.Policy(
+        host=host_policy(config, rng),
+        swap=swap_policy(config),
+        health_always=config.deadman.health_always,
     )

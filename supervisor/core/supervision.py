@@ -24,6 +24,11 @@ What is decided here:
   refused while a swap step drives the host.
 - A confirm of a new version whose copies of the data are not yet on disk waits for `SyncData`,
   and is answered (`AnswerConfirm`) once it took or was refused.
+- Liveness (`deadman.health_always`): the health check runs every `health_interval` while the
+  host is ready and no new version is on probation (there the swap's own check decides, and a
+  failure rolls back); `health_failures` failures in a row restart the host
+  (`lifecycle.Unhealthy`, event `host.unhealthy`), a failure for the backoff like a lost
+  heartbeat. One check at a time; the count starts again with every run of the host.
 
 Rules
 -----
@@ -41,6 +46,7 @@ Rules
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -59,10 +65,12 @@ from supervisor.core.supervisionrecord import (
     HostInput,
     HostRequested,
     KillTree,
+    Liveness,
     Outcome,
     PersistSwap,
     Policy,
     PrepareRequested,
+    RecordExitReason,
     RecordReady,
     RestoreCode,
     RestoreData,
@@ -87,6 +95,7 @@ from supervisor.errors import Conflict
 
 HostState = lifecycle.HostState
 SwapState = swaps.SwapState
+_NO_LIVENESS = Liveness()
 STOP_STEPS = frozenset({swaps.Step.STOP_OLD, swaps.Step.STOP_NEW})
 SPAWN_STEPS = frozenset({swaps.Step.SPAWN_NEW, swaps.Step.SPAWN_OLD})
 
@@ -103,10 +112,12 @@ __all__ = [
     "HostRequested",
     "HostState",
     "KillTree",
+    "Liveness",
     "Outcome",
     "PersistSwap",
     "Policy",
     "PrepareRequested",
+    "RecordExitReason",
     "RecordReady",
     "RestoreCode",
     "RestoreData",
@@ -160,12 +171,32 @@ def heartbeat(state: Supervision, event: lifecycle.Heartbeat, policy: Policy) ->
         env_one_shot=state.env_one_shot,
         check=state.check,
         confirm_waiting=state.confirm_waiting,
+        liveness=state.liveness,
     )
 
 
 def next_wakeup(state: Supervision, policy: Policy, now: Instant) -> float | None:
     """The boot-clock moment at which a `Tick` could next change something; None: none."""
-    return _next_wakeup(state.host, policy.host, state.swap, policy.swap, now)
+    wake = _next_wakeup(state.host, policy.host, state.swap, policy.swap, now)
+    live = state.liveness.next_at
+    return live if wake is None or (live is not None and live < wake) else wake
+
+
+def _liveness_runs(state: Supervision, policy: Policy) -> bool:
+    """The liveness check runs: configured, the host ready, no new version on probation."""
+    if not (policy.health_always and policy.swap.has_health_check):
+        return False
+    if state.host.state is not HostState.RUNNING:
+        return False
+    swap = state.swap
+    return swap is None or (swap.state is SwapState.PREPARED and swap.step is None)
+
+
+def _spawn_overtaken(host: lifecycle.Host) -> bool:
+    """A spawn the host machine ordered was overtaken within the same turn: a fact it emitted
+    first (an exit of the new version that rolls its swap back) led to a stop. Spawning then
+    would start an untracked second host."""
+    return host.state is not HostState.STARTING or host.pid is not None
 
 
 def _prepared_idle(swap: swaps.Swap | None) -> bool:
@@ -213,6 +244,10 @@ class _Turn:
                 if self.state.swap is not None:
                     self.swap(swaps.Tick(now=now))
                 self.host(lifecycle.Tick(now=now.boot))
+            case WorkReported(swap_id=None, event=swaps.HealthChecked() as result):
+                self.liveness_checked(result)
+            case WorkReported(swap_id=None):
+                return  # only the liveness check reports without a swap
             case WorkReported(swap_id=swap_id, event=result):
                 if self.state.swap is None or self.state.swap.id != swap_id:
                     return  # rule 4
@@ -222,7 +257,9 @@ class _Turn:
                     self.swap_fact(result)
             case CodeChecked():
                 self.code_checked(event)
-            case Resumed(adopted=adopted):
+            case Resumed(adopted=adopted, recalled=recalled):
+                if recalled is not None:
+                    self.host(recalled)
                 self.resumed(adopted)
             case PrepareRequested():
                 self.prepare(event)
@@ -283,14 +320,20 @@ class _Turn:
         self.set(host=host)
         for order in orders:
             match order:
-                case lifecycle.Spawn():
+                case lifecycle.Spawn() if not _spawn_overtaken(self.state.host):
                     self.spawn()
+                case lifecycle.Spawn():
+                    pass  # a fact emitted before it stopped the host (a swap rolled back)
                 case lifecycle.SignalStop():
                     self.actions.append(SignalStop())
                 case lifecycle.KillTree():
                     self.actions.append(KillTree(process_too=self.state.host.pid is not None))
                 case lifecycle.Emit(event=fact, detail=detail):
                     self.actions.append(Emit(fact.value, detail))
+                    last = self.state.host.last_exit
+                    ended = fact in (lifecycle.Fact.EXITED, lifecycle.Fact.STOPPED)
+                    if ended and last is not None and last.reason is not None:
+                        self.actions.append(RecordExitReason(last.reason.value))
                     self.host_fact(fact, detail)
 
     def spawn(self, *, checked: bool = False) -> None:
@@ -423,11 +466,50 @@ class _Turn:
             return
         self.host(lifecycle.StartRequested(now=self.now.boot))
 
+    # --- liveness ------------------------------------------------------------------------
+
+    def liveness_checked(self, result: swaps.HealthChecked) -> None:
+        live = self.state.liveness
+        if not live.in_flight:
+            return  # ordered for an earlier run of the host, or before a swap took over (rule 4)
+        if result.ok:
+            self.set(liveness=replace(live, in_flight=False, failures=0))
+            return
+        failures = live.failures + 1
+        self.set(liveness=replace(live, in_flight=False, failures=failures))
+        if failures >= self.policy.swap.health_failures:
+            unhealthy = lifecycle.Unhealthy(
+                now=self.now.boot, failures=failures, detail=result.detail
+            )
+            self.host(unhealthy)
+
+    def tend_liveness(self) -> None:
+        """Schedule the liveness check while it runs, forget it while it does not; order a check
+        that is due unless one is in flight (a missed turn is skipped, never made up)."""
+        live = self.state.liveness
+        if not _liveness_runs(self.state, self.policy):
+            if live != _NO_LIVENESS:
+                self.set(liveness=_NO_LIVENESS)
+            return
+        interval, now = self.policy.swap.health_interval, self.now.boot
+        if live.next_at is None:
+            self.set(liveness=replace(live, next_at=now + interval))
+            return
+        if now < live.next_at:
+            return
+        later = live.next_at + (math.floor((now - live.next_at) / interval) + 1) * interval
+        if live.in_flight:
+            self.set(liveness=replace(live, next_at=later))
+            return
+        self.set(liveness=replace(live, next_at=later, in_flight=True))
+        self.actions.append(RunHealthCheck(None))
+
     # --- after the event -----------------------------------------------------------------
 
     def settle(self) -> None:
-        """What follows from the record itself: a stop step whose host is stopped is done, and a
-        confirm that waited is answered once it need wait no more."""
+        """What follows from the record itself: a stop step whose host is stopped is done, a
+        confirm that waited is answered once it need wait no more, and the liveness check is
+        scheduled by where the host and the swap now stand."""
         while (swap := self.state.swap) is not None and swap.step in STOP_STEPS:
             if self.state.host.state is not HostState.STOPPED:
                 break
@@ -436,6 +518,7 @@ class _Turn:
             if self.state.swap == swap:  # not taken (waiting to retry, or failed)
                 break
         self.answer_confirm()
+        self.tend_liveness()
 
     def answer_confirm(self) -> None:
         waiting = self.state.confirm_waiting

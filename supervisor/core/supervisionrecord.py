@@ -19,6 +19,19 @@ from supervisor.core.instant import Instant
 class Policy:
     host: lifecycle.Policy
     swap: swaps.Policy
+    # deadman.health_always: the health check also runs outside probation, as a liveness probe,
+    # at the swap policy's health_interval; health_failures in a row restart the host
+    health_always: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """The liveness check's schedule (boot clock) while it runs: the host is ready and no swap's
+    new version is on probation (that one's check is the swap machine's)."""
+
+    next_at: float | None = None  # None: not scheduled (not running now)
+    failures: int = 0  # in a row
+    in_flight: bool = False  # a check runs: no second one; only its result counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +53,7 @@ class Supervision:
     env_one_shot: bool = False  # the rolled-back variables: cleared by the next spawn
     check: CodeCheck | None = None
     confirm_waiting: str | None = None  # the swap whose confirm waits for its data on disk
+    liveness: Liveness = field(default_factory=Liveness)
 
 
 def loaded(swap: swaps.Swap | None) -> Supervision:
@@ -81,6 +95,10 @@ class Resumed:
 
     now: Instant
     adopted: bool
+    # how the host's last recorded run ended, if the store has one (shown as its last exit);
+    # part of this event, never one of its own: alone, it would let a swap's stop step be taken
+    # as done before the live host is adopted
+    recalled: lifecycle.Recalled | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,9 +121,10 @@ class CodeChecked:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkReported:
-    """The outcome of work ordered for swap `swap_id`: a step, the data sync, a health check."""
+    """The outcome of work ordered for swap `swap_id`: a step, the data sync, a health check;
+    `swap_id` None: the liveness check's (`RunHealthCheck(None)`)."""
 
-    swap_id: str
+    swap_id: str | None
     event: swaps.StepDone | swaps.StepFailed | swaps.DataSynced | swaps.HealthChecked
 
 
@@ -151,6 +170,13 @@ class Emit:
 
     event: str
     detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordExitReason:
+    """The host's run ended: keep why with it (`lifecycle.ExitReason`)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +241,7 @@ class SyncData:
 
 @dataclass(frozen=True, slots=True)
 class RunHealthCheck:
-    swap_id: str  # report WorkReported(HealthChecked)
+    swap_id: str | None  # report WorkReported(HealthChecked); None: the liveness check
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +270,7 @@ Action = (
     | KillTree
     | Emit
     | RecordReady
+    | RecordExitReason
     | CheckCodeChanged
     | PersistSwap
     | SaveChanges

@@ -15,3 +15,4 @@ class Counters:
     heartbeats: int = 0
     spawns: int = 0
     swaps_finished: dict[str, int] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)  # by lifecycle.ExitReason

@@ -78,6 +78,7 @@ class HostRunner:
         self._schedule = schedule
         self.process: host.HostProcess | None = None
         self.run_id: int | None = None
+        self._ended_run_id: int | None = None  # the run whose exit awaits its reason
 
     def adopt(self) -> lifecycle.Adopted | None:
         """The host a previous supervisor left running, if its recorded run is still alive."""
@@ -98,6 +99,16 @@ class HostRunner:
         return lifecycle.Adopted(
             now=boot, pid=process.pid, ready=run.ready_at is not None, started=boot - up_for
         )
+
+    def recall_last_exit(self) -> lifecycle.Recalled | None:
+        """How the host's last recorded run ended, for a supervisor that just started."""
+        run = self.store.last_ended_run()
+        if run is None or run.exited_at is None:
+            return None
+        reasons = {reason.value: reason for reason in lifecycle.ExitReason}
+        reason = reasons.get(run.exit_reason or "")  # None: it ended while we were down
+        last = lifecycle.LastExit(run.exit_code, run.exit_signal, run.exited_at, reason)
+        return lifecycle.Recalled(now=clock.boot_clock(), last_exit=last)
 
     def _kill_unrecorded(self) -> None:
         """A host in our cgroup leaf that no run records was spawned by a swapguard killed before
@@ -167,6 +178,15 @@ class HostRunner:
             except SwapguardError as exc:  # adopted as starting then: its next heartbeat readies it
                 log.error("host run %d: readiness not recorded: %s", self.run_id, exc)
 
+    def record_exit_reason(self, reason: str) -> None:
+        """Why the run that just exited ended, once the lifecycle machine decided it."""
+        run_id, self._ended_run_id = self._ended_run_id, None
+        if run_id is not None:
+            try:
+                self.store.record_exit_reason(run_id, reason)
+            except SwapguardError as exc:  # the audit log's host.exited/stopped has it too
+                log.error("host run %d: exit reason not recorded: %s", run_id, exc)
+
     def _child_env(
         self, extra_env: Mapping[str, str], user: identity.HostUser | None
     ) -> dict[str, str]:
@@ -207,6 +227,7 @@ class HostRunner:
             self.loop.remove_reader(process.exit_fd)
         process.close()
         wall = time.time()
+        self._ended_run_id = self.run_id
         if self.run_id is not None:
             try:
                 self.store.record_exit(self.run_id, wall, status.code, status.signal)

@@ -176,8 +176,7 @@ class NotifyInput:
         if message.watchdog_trigger:
             target.feed_host(lifecycle.WatchdogTriggered(now=boot))
         if message.watchdog or message.status is not None:
-            if message.watchdog:
-                self.counters.heartbeats += 1
+            self.counters.heartbeats += 1  # what moves the heartbeat clock is counted
             target.heartbeat(message.status, boot)
         if message.extend_timeout_usec is not None:
             by = message.extend_timeout_usec / 1e6

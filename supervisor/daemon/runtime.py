@@ -41,9 +41,10 @@ from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import Config
 from supervisor.control.notifysocket import NotifyServer
+from supervisor.control.routes import ABORT_WAIT_S
 from supervisor.core import lifecycle, swaps
 from supervisor.core import supervision as sv
-from supervisor.core.policies import host_policy, swap_policy
+from supervisor.core.policies import supervision_policy
 from supervisor.daemon import faults
 from supervisor.daemon.counters import Counters
 from supervisor.daemon.drift import DriftGuard
@@ -82,7 +83,7 @@ class Runtime:
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="swapguard-io")
-        self.policy = sv.Policy(host=host_policy(config), swap=swap_policy(config))
+        self.policy = supervision_policy(config)
         self.state = sv.Supervision()
         self.published = self.state
         self.counters = Counters()
@@ -139,13 +140,8 @@ class Runtime:
 
     # `state` is the loop's working record; `published` is the record as it stands between two
     # events, replaced whole once every order an event caused is performed. GET /v1/status reads
-    # `machines` on its own thread, from `published`: a host and a swap from the same moment,
+    # `published` on its own thread: a host, a swap and the liveness check from the same moment,
     # never a half-done spawn (state `starting` without a pid), and no wait behind the loop.
-
-    @property
-    def machines(self) -> tuple[lifecycle.Host, swaps.Swap | None]:
-        published = self.published
-        return published.host, published.swap
 
     @property
     def host(self) -> lifecycle.Host:
@@ -164,10 +160,11 @@ class Runtime:
         if self.swap is not None:
             log.info("resuming swap %s in state %s step %s", *_where(self.swap))
         adopted = self.host_runner.adopt()
+        recalled = self.host_runner.recall_last_exit()
         if adopted is not None:
             self.feed_host(adopted)
         await self.drift_guard.take_at_start(adopted=adopted is not None)
-        self.feed(sv.Resumed(now=clock.now(), adopted=adopted is not None))
+        self.feed(sv.Resumed(now=clock.now(), adopted=adopted is not None, recalled=recalled))
         self.timer.wake_now()
         self.pool.submit(self.work.measure_disk)  # status and /metrics show the disk at once
 
@@ -286,6 +283,9 @@ class Runtime:
                 self._emit(kind, detail)
             case sv.RecordReady():
                 self.host_runner.record_ready()
+            case sv.RecordExitReason(reason=reason):
+                self.counters.exits[reason] = self.counters.exits.get(reason, 0) + 1
+                self.host_runner.record_exit_reason(reason)
             case sv.CheckCodeChanged(swap_id=swap_id, checkpoint=checkpoint):
                 self._check_code(swap_id, checkpoint)
             case sv.PersistSwap(swap=swap, events=events):
@@ -411,7 +411,9 @@ class Runtime:
         checkpoint = self.work.restore_code(swap)
         self.loop.call_soon_threadsafe(self.drift_guard.baseline_taken, checkpoint)
 
-    def _run_health_check(self, swap_id: str) -> None:
+    def _run_health_check(self, swap_id: str | None) -> None:
+        """In a worker: the health check for the swap on probation, or (None) the liveness one."""
+
         def done(future: asyncio.Future[jobs.JobResult]) -> None:
             if future.cancelled():
                 return
@@ -498,6 +500,8 @@ class Runtime:
         if swap is not self.swap:
             raise Conflict(f"swap {swap_id} is {swap.state}; nothing to {action}")
         self.feed(event)
+        if action == "abort":
+            await self._abort_settled(swap_id)
         if action == "confirm" and self.state.confirm_waiting == swap_id:
             # The new version's copies of the data are being flushed: seconds at most.
             answer: asyncio.Future[str | None] = self.loop.create_future()
@@ -515,6 +519,28 @@ class Runtime:
             await self.loop.run_in_executor(self.pool, check)
         except OSError as exc:  # cannot tell: go ahead, the take checks again before it copies
             log.warning("cannot measure the disk for the snapshot: %s", exc)
+
+    async def _abort_settled(self, swap_id: str) -> None:
+        """An abort answers once the code is restored (the swap is `aborted`), or, still under
+        way after ABORT_WAIT_S (a git lock held, retries), with the swap at its step: 202.
+        An abort that gave up is refused with its last error; the swap stays prepared."""
+
+        def restoring() -> bool:
+            swap = self.swap
+            return swap is not None and swap.id == swap_id and swap.step is not None
+
+        try:
+            async with asyncio.timeout(ABORT_WAIT_S):
+                while restoring():
+                    await self._next_change()
+        except TimeoutError:
+            return
+        swap = self.swap
+        if swap is not None and swap.id == swap_id:  # still prepared: the restore gave up
+            raise Conflict(
+                f"the abort of swap {swap_id} gave up: {swap.last_error}; the swap is still "
+                "prepared (abort again, or activate it)"
+            )
 
     def _swap_for(self, swap_id: str) -> swaps.Swap:
         if self.swap is not None and self.swap.id == swap_id:

@@ -18,7 +18,7 @@ import pwd
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from supervisor import clock
@@ -34,7 +34,7 @@ from supervisor.daemon import footprint, preflight
 from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.runtime import Runtime
 from supervisor.daemon.stall import StallDetector
-from supervisor.errors import BadRequest, NotFound, NotReachable
+from supervisor.errors import BadRequest, NotFound, NotReachable, SwapguardError
 from supervisor.process import host, identity, outputlog
 from supervisor.state.lock import share_with_host
 from supervisor.state.store import StateLock, Store
@@ -47,7 +47,7 @@ _CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation m
 class LoopBackend(Backend):
     """The control socket's view of the runtime: every call is marshalled onto the loop thread,
     but for the status and `may_write`, read from values the loop replaces whole
-    (`Runtime.machines`, the host's process), and the store's reads."""
+    (`Runtime.published`, the host's process), and the store's reads."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -132,7 +132,7 @@ class LoopBackend(Backend):
         return peers.started_as_pinned(peer)  # the pid named the pinned process throughout
 
     def status(self) -> dict:
-        document = views.status(self.runtime)  # on this thread: see Runtime.machines
+        document = views.status(self.runtime)  # on this thread: see Runtime.published
         document["host"].update(self._tree_figures())
         return document
 
@@ -204,13 +204,17 @@ class LoopBackend(Backend):
             raise NotFound(f"no swap {swap_id!r}")
         swap = swaps.Swap.from_json(record)
         document = swap.view(clock.now())
-        document["changes"] = self._changes(swap)
+        try:
+            document["changes"] = self._changes(swap)
+        except SwapguardError as exc:  # git cannot tell now: say so, never a 500 for a read
+            document["changes"], document["changes_error"] = None, exc.message
         document["data"] = [
             {
                 "path": item.get("path"),
                 "bytes": item.get("bytes"),
-                "sha256": item.get("sha256"),  # "" for a linked snapshot: the file itself
+                "sha256": item.get("sha256") or None,  # None: linked, or nothing existed
                 "linked": bool(item.get("linked", False)),
+                "held": _held(item),
             }
             for item in swap.data
         ]
@@ -236,6 +240,15 @@ class LoopBackend(Backend):
     def swap_action(self, swap_id: str, action: str, body: dict) -> dict:
         swap = self._call(self.runtime.command_swap, swap_id, action, body)
         return dict(swap.view(clock.now()))
+
+
+def _held(item: Mapping[str, Any]) -> str:
+    """How a data entry's snapshot is held: `copy` (with its sha256), `linked` (the original
+    file itself; the new version ran on a copy, so nothing was hashed), `absent` (nothing was
+    there at activation: a rollback moves aside what the new version created)."""
+    if item.get("existed") is False:
+        return "absent"
+    return "linked" if item.get("linked") else "copy"
 
 
 def _settle(future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -> None:

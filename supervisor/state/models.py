@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import peewee
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The step of the schema history these models describe: the `PRAGMA user_version` of a file
 that needs no migration."""
 
@@ -34,6 +34,7 @@ class HostRunRow(peewee.Model):
     exit_signal = peewee.IntegerField(null=True)
     code_version = peewee.TextField(null=True)
     swap_id = peewee.TextField(null=True)
+    exit_reason = peewee.TextField(null=True)  # lifecycle.ExitReason: why it ended (v4)
 
     class Meta:
         table_name = "host_run"

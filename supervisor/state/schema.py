@@ -123,10 +123,18 @@ def _v3_version_in_user_version(migrator: SqliteMigrator) -> None:
     )
 
 
+def _v4_exit_reasons(migrator: SqliteMigrator) -> None:
+    """Each host run keeps why it ended (stop, heartbeat_lost, unhealthy, crash, ...)."""
+    migrator.migrate(
+        migrator.add_column("host_run", "exit_reason", peewee.TextField(null=True))
+    )
+
+
 STEPS: tuple[Callable[[SqliteMigrator], None], ...] = (
     _v1_runs_events_swaps,
     _v2_values_and_lookups,
     _v3_version_in_user_version,
+    _v4_exit_reasons,
 )
 """Step n (from 1) takes a file from version n - 1 to n; there are SCHEMA_VERSION of them."""
 

@@ -93,6 +93,7 @@ class HostRun:
     exit_signal: int | None
     code_version: str | None
     swap_id: str | None
+    exit_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +219,18 @@ class Store:
         self._update_run(
             run_id, "record exit", exited_at=_finite("at", at), exit_code=code, exit_signal=signal
         )
+
+    def record_exit_reason(self, run_id: int, reason: str) -> None:
+        """Why the run ended, as the lifecycle machine decided it just after its exit."""
+        self._update_run(run_id, "record exit reason", exit_reason=_text("reason", reason))
+
+    def last_ended_run(self) -> HostRun | None:
+        """The newest run with its exit recorded: how the host last ended, for the status."""
+        query = HostRunRow.select().where(HostRunRow.exited_at.is_null(False))
+        query = query.order_by(HostRunRow.id.desc()).dicts()
+        with self._session("find the last ended run") as db:
+            row = query.first(db)
+        return HostRun(**row) if row else None
 
     def live_run(self) -> HostRun | None:
         """The newest run with no exit recorded: the host to adopt after swapguard restarts."""
