@@ -20,6 +20,7 @@ def reading(host: lc.Host, liveness: Liveness | None = None, **counts: int) -> v
         host=host, swap=None, liveness=liveness or Liveness(), counters=Counters(**counts),
         drifted=False,
         hook_events_dropped=0, boot_now=NOW.boot, now=NOW,
+        disk_usage=None, keep_bytes=0, file_systems=(),
     )  # fmt: skip
 
 
@@ -75,3 +76,28 @@ def test_the_exit_text_says_why() -> None:
     )
     assert views.exit_text({"code": 0, "signal": None, "reason": "stop"}) == "exit 0 (stopped)"
     assert views.exit_text({"code": 1, "signal": None}) == "exit 1"  # from an older swapguard
+
+
+def test_disk_gauges_label_each_file_system_escaped_and_parse() -> None:
+    from dataclasses import replace
+
+    from supervisor.core.diskbudget import FileSystem
+    from supervisor.data.diskusage import Usage
+
+    host = lc.Host()
+    odd = FileSystem(key="1:2", path='/srv/a "quoted"\\path', free=10, size=20)
+    plain = FileSystem(key="3:4", path="/var/lib/swapguard", free=30, size=40)
+    usage = Usage(held=(), snapshots=5, kept=6, measured_at=0.0)
+    before = parsed(views.render_metrics(views.METRICS, reading(host)))
+    assert before["swapguard_disk_used_bytes"] == []  # not measured yet: no sample, not a zero
+    assert before["swapguard_fs_free_bytes"] == []
+    measured = replace(reading(host), disk_usage=usage, keep_bytes=7, file_systems=(odd, plain))
+    families = parsed(views.render_metrics(views.METRICS, measured))
+    assert families["swapguard_disk_used_bytes"] == [
+        ({"what": "snapshots"}, 5.0), ({"what": "kept_data"}, 6.0)
+    ]
+    assert families["swapguard_disk_budget_bytes"] == [({}, 7.0)]
+    assert families["swapguard_fs_free_bytes"] == [({"path": odd.path}, 10.0),
+                                                   ({"path": plain.path}, 30.0)]
+    assert families["swapguard_fs_size_bytes"] == [({"path": odd.path}, 20.0),
+                                                   ({"path": plain.path}, 40.0)]

@@ -251,6 +251,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("swapguard_hook_events_dropped_total", "counter",
            "Events the hook never got: its queue was full, or it failed every attempt.",
            lambda r: r.hook_events_dropped),
+    Metric("swapguard_disk_used_bytes", "gauge",
+           "Bytes held by snapshots and by kept probation data (no sample: not measured yet).",
+           _disk_used, "what"),
+    Metric("swapguard_disk_budget_bytes", "gauge", "state.keep_bytes (0: no byte bound).",
+           lambda r: r.keep_bytes),
+    Metric("swapguard_fs_free_bytes", "gauge", "Free bytes of each file system involved.",
+           lambda r: {fs.path: fs.free for fs in r.file_systems}, "path"),
+    Metric("swapguard_fs_size_bytes", "gauge", "Size of each file system involved.",
+           lambda r: {fs.path: fs.size for fs in r.file_systems}, "path"),
 )  # fmt: skip
 """Every metric /metrics shows, in its order: add one here and nowhere else."""
 
