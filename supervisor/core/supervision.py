@@ -24,6 +24,9 @@ What is decided here:
   refused while a swap step drives the host.
 - A confirm of a new version whose copies of the data are not yet on disk waits for `SyncData`,
   and is answered (`AnswerConfirm`) once it took or was refused.
+- A tree kill (`KillTree`) ends with `TreeGone`: until then no host is spawned (the spawn is
+  held) and no stop step is done (nothing of the old tree may write while the code or the data
+  is restored). The runtime waits for the exits off its loop, so a deadline is never held by it.
 
 Rules
 -----
@@ -77,6 +80,7 @@ from supervisor.core.supervisionrecord import (
     SyncData,
     TakeSnapshots,
     Tick,
+    TreeGone,
     VerifySnapshots,
     WorkReported,
     loaded,
@@ -122,6 +126,7 @@ __all__ = [
     "SyncData",
     "TakeSnapshots",
     "Tick",
+    "TreeGone",
     "VerifySnapshots",
     "WorkReported",
     "heartbeat",
@@ -160,6 +165,8 @@ def heartbeat(state: Supervision, event: lifecycle.Heartbeat, policy: Policy) ->
         env_one_shot=state.env_one_shot,
         check=state.check,
         confirm_waiting=state.confirm_waiting,
+        kills=state.kills,
+        spawn_held=state.spawn_held,
     )
 
 
@@ -222,6 +229,8 @@ class _Turn:
                     self.swap_fact(result)
             case CodeChecked():
                 self.code_checked(event)
+            case TreeGone(killed=killed):
+                self.tree_gone(killed)
             case Resumed(adopted=adopted):
                 self.resumed(adopted)
             case PrepareRequested():
@@ -276,6 +285,17 @@ class _Turn:
         if check.spawn and host.state is HostState.STARTING and host.pid is None:
             self.spawn(checked=True)  # unchanged code: an ordinary start of the old version
 
+    def tree_gone(self, killed: int) -> None:
+        self.set(kills=max(0, self.state.kills - 1))
+        if killed:
+            self.actions.append(Emit("host.tree_killed", {"processes": killed}))
+        if self.state.kills or not self.state.spawn_held:
+            return
+        self.set(spawn_held=False)
+        host = self.state.host
+        if host.state is HostState.STARTING and host.pid is None:  # not stopped meanwhile
+            self.spawn()
+
     # --- the host ------------------------------------------------------------------------
 
     def host(self, event: lifecycle.Event) -> None:
@@ -288,6 +308,7 @@ class _Turn:
                 case lifecycle.SignalStop():
                     self.actions.append(SignalStop())
                 case lifecycle.KillTree():
+                    self.set(kills=self.state.kills + 1)
                     self.actions.append(KillTree(process_too=self.state.host.pid is not None))
                 case lifecycle.Emit(event=fact, detail=detail):
                     self.actions.append(Emit(fact.value, detail))
@@ -297,6 +318,9 @@ class _Turn:
         swap = self.state.swap
         if not checked and _prepared_idle(swap):
             self.check_code(spawn=True)  # a start while prepared may be an activation
+            return
+        if self.state.kills:
+            self.set(spawn_held=True)  # spawned once the last tree is gone (`tree_gone`)
             return
         swap_id = swap.id if swap is not None and swap.state is SwapState.PROBATION else None
         self.actions.append(Spawn(env=dict(self.state.env), swap_id=swap_id))
@@ -429,7 +453,7 @@ class _Turn:
         """What follows from the record itself: a stop step whose host is stopped is done, and a
         confirm that waited is answered once it need wait no more."""
         while (swap := self.state.swap) is not None and swap.step in STOP_STEPS:
-            if self.state.host.state is not HostState.STOPPED:
+            if self.state.host.state is not HostState.STOPPED or self.state.kills:
                 break
             assert swap.step is not None
             self.swap_fact(swaps.StepDone(now=self.now, step=swap.step))

@@ -40,6 +40,8 @@ class Supervision:
     env_one_shot: bool = False  # the rolled-back variables: cleared by the next spawn
     check: CodeCheck | None = None
     confirm_waiting: str | None = None  # the swap whose confirm waits for its data on disk
+    kills: int = 0  # tree kills ordered and not yet reported `TreeGone`
+    spawn_held: bool = False  # a spawn waits for those kills: never two hosts' trees at once
 
 
 def loaded(swap: swaps.Swap | None) -> Supervision:
@@ -109,6 +111,15 @@ class WorkReported:
     event: swaps.StepDone | swaps.StepFailed | swaps.DataSynced | swaps.HealthChecked
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeGone:
+    """A `KillTree` ended: nothing is left of the host's tree (or what survived SIGKILL past the
+    kill's bound was logged); `killed` processes were SIGKILLed on the way."""
+
+    now: Instant
+    killed: int = 0
+
+
 Event = (
     HostInput
     | HostRequested
@@ -117,6 +128,7 @@ Event = (
     | PrepareRequested
     | CodeChecked
     | WorkReported
+    | TreeGone
     | swaps.Request
 )
 
@@ -140,7 +152,9 @@ class SignalStop:
 
 @dataclass(frozen=True, slots=True)
 class KillTree:
-    """SIGKILL what is left of the host's tree; `process_too`: its main process is still ours."""
+    """SIGKILL what is left of the host's tree; `process_too`: its main process is still ours.
+    Report back `TreeGone` once nothing is left: the signals go at once, the wait for the exits
+    never holds the loop."""
 
     process_too: bool
 
