@@ -75,8 +75,10 @@ def deadline_rollback(
     assert 0 <= late <= LATE_BOUND_S, late
     sup.wait_host(ready=True)
     wait_for(
-        lambda: rows(repo / "data/app.db", "SELECT version FROM starts ORDER BY id DESC LIMIT 1")
-        == [("v1",)],
+        lambda: (
+            rows(repo / "data/app.db", "SELECT version FROM starts ORDER BY id DESC LIMIT 1")
+            == [("v1",)]
+        ),
         what="v1 back",
     )
     return doc
