@@ -14,7 +14,8 @@ worker; `TreeGone` comes back. The control socket reaches this state only throug
 
 Parts of the shell live in modules of their own, each owned by the `Runtime`, each on the loop
 thread, each reaching it only through what it was given:
-- `hostrun.HostRunner`: the host's process, spawned or adopted, its run recorded, its exit watched;
+- `hostrun.HostRunner`: the host's process, spawned or adopted, its run recorded, its exit watched,
+  its tree killed;
 - `notifyinput.NotifyInput`: the host's notify datagrams, turned into calls on the runtime;
 - `timer.WakeTimer`: the one timer armed for the machine's next wake-up;
 - `drift.DriftGuard`: the code baseline, and changes to the tree that no swap declared.
@@ -51,7 +52,7 @@ from supervisor.daemon import faults
 from supervisor.daemon.counters import Counters
 from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
-from supervisor.daemon.hostrun import HostRunner
+from supervisor.daemon.hostrun import KILL_WAIT_S, HostRunner
 from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.notifyinput import NotifyInput
 from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork, failure_detail
@@ -66,10 +67,6 @@ log = logging.getLogger(__name__)
 
 SAVE_RETRY_S = 1.0
 """A swap record the store refused (a full state disk) is saved again this often."""
-
-KILL_WAIT_S = 5.0
-"""How long a tree kill waits (on a reserved worker) for SIGKILLed processes to be gone; what
-survives that (a process in D state) is logged, and the machine goes on without it."""
 
 RESERVED_WORKERS = 3
 """The reserved pool: a rollback step, a tree kill's wait, and one spare for a step stuck on a
@@ -106,8 +103,10 @@ class Runtime:
             cgroup,
             self.counters,
             on_exit=self.feed_host,
+            on_tree_gone=lambda killed: self.feed(sv.TreeGone(now=clock.now(), killed=killed)),
             emit=self._emit,
             schedule=self._schedule,
+            workers=self.reserved,
         )
         self.started_at = time.time()
         self.code = CodeTree(
@@ -188,7 +187,7 @@ class Runtime:
         """SIGTERM/SIGINT: stop the host gracefully, then let the loop end."""
         log.info("swapguard stopping: stopping the host first")
         self.feed_host(lifecycle.StopRequested(now=clock.boot_clock()))
-        deadline = self.config.host.stop_timeout + KILL_WAIT_S + 1.0
+        deadline = self.config.host.stop_timeout + KILL_WAIT_S + 1.0  # the machine kills first
         try:
             await asyncio.wait_for(self._host_stopped(), timeout=deadline)
         except TimeoutError:
@@ -307,7 +306,7 @@ class Runtime:
                 if self.process is not None:
                     self.process.signal_tree(int(self.config.host.stop_signal))
             case sv.KillTree(process_too=process_too):
-                self._kill_tree(self.process if process_too else None)
+                self.host_runner.kill_tree(process_too=process_too)
             case sv.Emit(event=kind, detail=detail):
                 self._emit(kind, detail)
             case sv.RecordReady():
@@ -338,30 +337,6 @@ class Runtime:
                 self._finish_swap(swap)
             case sv.AnswerConfirm(swap_id=swap_id, error=error):
                 self._answer_confirm(swap_id, error)
-
-    def _kill_tree(self, process: HostProcess | None) -> None:
-        """SIGKILL at once, on the loop; the wait for the exits on a reserved worker, so no
-        deadline waits for a kernel slow to reap a tree. TreeGone comes back either way."""
-        kill = host.TreeKill(process, self.cgroup)
-        if kill.start() and not faults.KILL_BLOCKS_S:
-            self.feed(sv.TreeGone(now=clock.now()))  # nothing was left: queued, fed next
-            return
-
-        def finish() -> int:
-            faults.kill_blocks()
-            return kill.finish(KILL_WAIT_S)
-
-        def done(future: asyncio.Future[int]) -> None:
-            killed = 0
-            if future.cancelled():
-                pass  # shutting down
-            elif (error := future.exception()) is not None:
-                log.error("killing the host's tree failed", exc_info=error)
-            else:
-                killed = future.result()
-            self.feed(sv.TreeGone(now=clock.now(), killed=killed))
-
-        self.loop.run_in_executor(self.reserved, finish).add_done_callback(done)
 
     def _spawn(self, env: Mapping[str, str], swap_id: str | None) -> None:
         event = self.host_runner.spawn(
