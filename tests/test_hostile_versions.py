@@ -291,7 +291,7 @@ def _holds(check: Callable[[], bool]) -> bool:
 
 
 def run_case(
-    sup: Supervisor, scene: Scene, case: Case, *, v1_pid: int | None = None
+    sup: Supervisor, scene: Scene, case: Case, *, v1_pid: int | None = None, label: str = ""
 ) -> dict[str, Any]:
     """One hostile version, activated, attacking, rolled back: every check; a line to report."""
     repo, db = scene.repo, scene.db
@@ -354,7 +354,7 @@ def run_case(
     sup.status()
     answer_s = time.monotonic() - asked
     line = (
-        f"{case.id}: rollback began {since_activation:.2f}s after activation "
+        f"{label}{case.id}: rollback began {since_activation:.2f}s after activation "
         f"({late:+.2f}s against the deadline), took {rollback_s:.2f}s to rolled_back "
         f"({took:.1f}s from prepare), {'NOT exact: ' + ', '.join(wrong) if wrong else 'exact'}, "
         f"status answered in {answer_s * 1000:.0f} ms"
@@ -452,9 +452,10 @@ def test_hostile_versions_five_times_in_a_row_in_one_supervisor(tmp_path: Path) 
         assert sup.process is not None
         pid = None
         threads: list[int] = []
-        for _ in range(ROUNDS):
+        for round_ in range(ROUNDS):
             for case in ROUND_CASES:
-                pid = run_case(sup, scene, case, v1_pid=pid)["pid"]
+                label = f"round {round_ + 1}/{ROUNDS} "
+                pid = run_case(sup, scene, case, v1_pid=pid, label=label)["pid"]
             threads.append(len(os.listdir(f"/proc/{sup.process.pid}/task")))
         report_figure(f"five rounds in one supervisor: swapguard's threads after each: {threads}")
         assert threads[-1] <= threads[0] + 2
