@@ -207,3 +207,19 @@ def test_a_hash_or_a_walk_past_its_bound_stops(tmp_path: Path) -> None:
     with datacopy.time_bound(0.0, "the restore of the data"), pytest.raises(SnapshotError):
         datacopy.tree_digest(tmp_path / "tree")
     assert datacopy.tree_digest(tmp_path / "tree")[0] > 0  # no bound outside the block
+
+
+def test_a_manager_send_that_raises_anything_is_swallowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.daemon import faults
+    from supervisor.daemon.manager import ServiceManager
+
+    path = tmp_path / "manager.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(path))
+        manager = ServiceManager({"NOTIFY_SOCKET": str(path)})
+        assert manager.notify("STATUS=fine") is True
+        monkeypatch.setattr(faults, "MANAGER_RAISES", True)
+        assert manager.notify("STATUS=x") is False  # a RuntimeError inside the send: not raised
+        assert manager.notify("WATCHDOG=1") is False
