@@ -46,6 +46,15 @@ def wait_for(predicate: Callable[[], T], timeout: float = WAIT, what: str = "con
                          + (f" (last error: {last_error})" if last_error else ""))
 
 
+def report_figure(line: str) -> None:
+    """A measured figure: printed, and appended to the file $SWAPGUARD_TEST_FIGURES names when it
+    is set, so that one run gives the issue note its tables."""
+    print("\n" + line)
+    if path := os.environ.get("SWAPGUARD_TEST_FIGURES"):
+        with open(path, "a", encoding="utf-8") as figures:
+            figures.write(line + "\n")
+
+
 def gone(pid: int) -> bool:
     """Dead: no such process, or a zombie (it runs no code; its parent has yet to reap it)."""
     try:

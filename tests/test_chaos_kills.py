@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.process.cgroup import CgroupLeaf
-from tests.support import Supervisor, supervised, wait_for
+from tests.support import Supervisor, report_figure, supervised, wait_for
 from tests.test_crash_points import CONFIG, _swap_in_store, assert_rolled_back_exactly
 from tests.test_crash_points import repo as repo  # the fixture: sample host, build, dist/
 from tests.test_swap_e2e import db_dump, new_version, tree_state
@@ -87,8 +87,8 @@ def run_chaos(repo: Path, kills: int, seed: int) -> None:
         sup.start()
         hit, swaps = chaos(sup, kills, random.Random(seed))
     in_flight = sum(n for where, n in hit.items() if where.startswith(IN_FLIGHT))
-    print(
-        f"\nchaos: {sum(hit.values())} kills ({in_flight} with the swap in activation, probation "
+    report_figure(
+        f"chaos: {sum(hit.values())} kills ({in_flight} with the swap in activation, probation "
         f"or rollback) over {swaps} swaps, {swaps} of {swaps} ended exact with one host, in "
         f"{time.monotonic() - started:.0f}s; kills by step: {dict(sorted(hit.items()))}"
     )

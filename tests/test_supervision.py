@@ -61,6 +61,7 @@ class Harness:
         self.pending: list[sv.Action] = []
         self.answers: list[sv.AnswerConfirm] = []
         self.finished: dict[str, swaps.Swap] = {}
+        self.slow_kills = False  # True: a KillTree waits for the test to answer (`TreeGone`)
 
     def feed(self, first: sv.Event) -> list[sv.Action]:
         """Raises what `step` raises for `first`; what its orders report back is fed after it."""
@@ -108,6 +109,11 @@ class Harness:
                 self.swap_events.setdefault(swap.id, []).extend(kind for kind, _ in events)
             case sv.Emit(event=kind):
                 self.events.append(kind)
+            case sv.KillTree():
+                if self.slow_kills:
+                    self.pending.append(action)
+                else:  # nothing was left, as most often: the runtime reports it at once
+                    queue.append(sv.TreeGone(now=self.now))
             case sv.TakeSnapshots(swap=swap) | sv.RunBuild(swap=swap) | sv.RestoreCode(
                 swap=swap
             ) | sv.RestoreData(swap=swap) | sv.SyncData(swap=swap):
@@ -176,6 +182,8 @@ class Harness:
             case sv.RunHealthCheck(swap_id=swap_id):
                 checked = swaps.HealthChecked(now=now, ok=ok, detail="" if ok else "exit 1")
                 return self.feed(sv.WorkReported(swap_id=swap_id, event=checked))
+            case sv.KillTree():
+                return self.feed(sv.TreeGone(now=now, killed=2))
         swap = action.swap  # type: ignore[union-attr]
         assert swap.step is not None
         outcome: swaps.StepDone | swaps.StepFailed
@@ -379,6 +387,47 @@ def test_a_rollback_that_gives_up_leaves_the_host_stopped() -> None:
     assert harness.state.host.state is H.STOPPED
 
 
+def test_no_spawn_until_the_last_tree_kill_reports_the_tree_gone() -> None:
+    harness = running()
+    harness.slow_kills = True
+    harness.at(5)
+    harness.exits(0)  # a clean exit after min_uptime: restarted at once, once its tree is gone
+    kill = harness.work(sv.KillTree)
+    assert len(harness.spawns) == 1 and harness.state.spawn_held
+    assert harness.state.host.state is H.STARTING and harness.state.host.pid is None
+    orders = harness.answer(kill)
+    assert len(harness.spawns) == 2 and not harness.state.spawn_held
+    assert sv.Emit("host.tree_killed", {"processes": 2}) in orders
+
+
+def test_a_held_spawn_is_dropped_when_the_host_is_stopped_meanwhile() -> None:
+    harness = running()
+    harness.slow_kills = True
+    harness.at(5)
+    harness.exits(0)
+    harness.feed(sv.HostRequested(now=harness.now, event=lc.StopRequested(now=505.0)))
+    harness.answer(harness.work(sv.KillTree))
+    assert len(harness.spawns) == 1 and harness.state.host.state is H.STOPPED
+    assert not harness.state.spawn_held and harness.state.kills == 0
+
+
+def test_a_rollback_restores_nothing_until_the_new_versions_tree_is_gone() -> None:
+    harness = running()
+    swap = on_probation(harness)
+    harness.slow_kills = True
+    harness.at(61)
+    harness.feed(sv.Tick(now=harness.now))  # the deadline: the rollback begins at once
+    assert harness.stored[swap.id].state is S.ROLLING_BACK
+    harness.exits(None)  # the new version stops; what it left is still being killed
+    assert harness.state.host.state is H.STOPPED
+    assert harness.stored[swap.id].step is swaps.Step.STOP_NEW
+    assert not any(isinstance(a, sv.RestoreCode) for a in harness.pending)
+    harness.answer(harness.work(sv.KillTree))
+    assert harness.stored[swap.id].step is swaps.Step.RESTORE_CODE
+    harness.finish_work()
+    assert harness.finished[swap.id].state is S.ROLLED_BACK and harness.process is not None
+
+
 def test_requests_that_are_refused_change_nothing() -> None:
     harness = running()
     before = harness.state
@@ -398,8 +447,8 @@ def test_a_heartbeat_moves_only_the_host_clock_and_keeps_every_other_field() -> 
     swap = on_probation(harness, unsynced=True)
     harness.feed(swaps.ConfirmRequested(now=harness.now))
     full = replace(
-        harness.state, check=sv.CodeCheck("x", spawn=False), env_one_shot=True,
-        liveness=sv.Liveness(next_at=700.0, failures=1),
+        harness.state, check=sv.CodeCheck("x", spawn=False), env_one_shot=True, kills=1,
+        spawn_held=True, liveness=sv.Liveness(next_at=700.0, failures=1),
     )  # fmt: skip
     assert all(getattr(full, f.name) != getattr(sv.Supervision(), f.name) for f in fields(full))
     beat = lc.Heartbeat(now=600.0, status="busy")

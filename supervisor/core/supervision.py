@@ -29,6 +29,9 @@ What is decided here:
   failure rolls back); `health_failures` failures in a row restart the host
   (`lifecycle.Unhealthy`, event `host.unhealthy`), a failure for the backoff like a lost
   heartbeat. One check at a time; the count starts again with every run of the host.
+- A tree kill (`KillTree`) ends with `TreeGone`: until then no host is spawned (the spawn is
+  held) and no stop step is done (nothing of the old tree may write while the code or the data
+  is restored). The runtime waits for the exits off its loop, so a deadline is never held by it.
 
 Rules
 -----
@@ -85,6 +88,7 @@ from supervisor.core.supervisionrecord import (
     SyncData,
     TakeSnapshots,
     Tick,
+    TreeGone,
     VerifySnapshots,
     WorkReported,
     loaded,
@@ -133,6 +137,7 @@ __all__ = [
     "SyncData",
     "TakeSnapshots",
     "Tick",
+    "TreeGone",
     "VerifySnapshots",
     "WorkReported",
     "heartbeat",
@@ -172,6 +177,8 @@ def heartbeat(state: Supervision, event: lifecycle.Heartbeat, policy: Policy) ->
         check=state.check,
         confirm_waiting=state.confirm_waiting,
         liveness=state.liveness,
+        kills=state.kills,
+        spawn_held=state.spawn_held,
     )
 
 
@@ -257,6 +264,8 @@ class _Turn:
                     self.swap_fact(result)
             case CodeChecked():
                 self.code_checked(event)
+            case TreeGone(killed=killed):
+                self.tree_gone(killed)
             case Resumed(adopted=adopted, recalled=recalled):
                 if recalled is not None:
                     self.host(recalled)
@@ -313,6 +322,17 @@ class _Turn:
         if check.spawn and host.state is HostState.STARTING and host.pid is None:
             self.spawn(checked=True)  # unchanged code: an ordinary start of the old version
 
+    def tree_gone(self, killed: int) -> None:
+        self.set(kills=max(0, self.state.kills - 1))
+        if killed:
+            self.actions.append(Emit("host.tree_killed", {"processes": killed}))
+        if self.state.kills or not self.state.spawn_held:
+            return
+        self.set(spawn_held=False)
+        host = self.state.host
+        if host.state is HostState.STARTING and host.pid is None:  # not stopped meanwhile
+            self.spawn()
+
     # --- the host ------------------------------------------------------------------------
 
     def host(self, event: lifecycle.Event) -> None:
@@ -327,6 +347,7 @@ class _Turn:
                 case lifecycle.SignalStop():
                     self.actions.append(SignalStop())
                 case lifecycle.KillTree():
+                    self.set(kills=self.state.kills + 1)
                     self.actions.append(KillTree(process_too=self.state.host.pid is not None))
                 case lifecycle.Emit(event=fact, detail=detail):
                     self.actions.append(Emit(fact.value, detail))
@@ -340,6 +361,9 @@ class _Turn:
         swap = self.state.swap
         if not checked and _prepared_idle(swap):
             self.check_code(spawn=True)  # a start while prepared may be an activation
+            return
+        if self.state.kills:
+            self.set(spawn_held=True)  # spawned once the last tree is gone (`tree_gone`)
             return
         swap_id = swap.id if swap is not None and swap.state is SwapState.PROBATION else None
         self.actions.append(Spawn(env=dict(self.state.env), swap_id=swap_id))
@@ -511,7 +535,7 @@ class _Turn:
         confirm that waited is answered once it need wait no more, and the liveness check is
         scheduled by where the host and the swap now stand."""
         while (swap := self.state.swap) is not None and swap.step in STOP_STEPS:
-            if self.state.host.state is not HostState.STOPPED:
+            if self.state.host.state is not HostState.STOPPED or self.state.kills:
                 break
             assert swap.step is not None
             self.swap_fact(swaps.StepDone(now=self.now, step=swap.step))

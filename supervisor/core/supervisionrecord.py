@@ -54,6 +54,8 @@ class Supervision:
     check: CodeCheck | None = None
     confirm_waiting: str | None = None  # the swap whose confirm waits for its data on disk
     liveness: Liveness = field(default_factory=Liveness)
+    kills: int = 0  # tree kills ordered and not yet reported `TreeGone`
+    spawn_held: bool = False  # a spawn waits for those kills: never two hosts' trees at once
 
 
 def loaded(swap: swaps.Swap | None) -> Supervision:
@@ -128,6 +130,15 @@ class WorkReported:
     event: swaps.StepDone | swaps.StepFailed | swaps.DataSynced | swaps.HealthChecked
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeGone:
+    """A `KillTree` ended: nothing is left of the host's tree (or what survived SIGKILL past the
+    kill's bound was logged); `killed` processes were SIGKILLed on the way."""
+
+    now: Instant
+    killed: int = 0
+
+
 Event = (
     HostInput
     | HostRequested
@@ -136,6 +147,7 @@ Event = (
     | PrepareRequested
     | CodeChecked
     | WorkReported
+    | TreeGone
     | swaps.Request
 )
 
@@ -159,7 +171,9 @@ class SignalStop:
 
 @dataclass(frozen=True, slots=True)
 class KillTree:
-    """SIGKILL what is left of the host's tree; `process_too`: its main process is still ours."""
+    """SIGKILL what is left of the host's tree; `process_too`: its main process is still ours.
+    Report back `TreeGone` once nothing is left: the signals go at once, the wait for the exits
+    never holds the loop."""
 
     process_too: bool
 

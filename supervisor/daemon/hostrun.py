@@ -12,8 +12,11 @@ Rules it keeps:
 - A process that cannot be recorded is killed and the spawn fails: better no host than an
   untracked one.
 - An exit is recorded in the store before `on_exit` hears of it, and `process` is None by then.
-- It reaches the runtime only through what it is given: the `on_exit`, `emit` and `schedule`
-  callables and the `Counters` record.
+- A kill of the host's tree sends its signals on the loop and waits for the exits on one of the
+  `workers` it was given (reserved for what a rollback cannot wait for); `on_tree_gone` hears
+  the end, whatever it was.
+- It reaches the runtime only through what it is given: the `on_exit`, `on_tree_gone`, `emit`
+  and `schedule` callables, the `workers` and the `Counters` record.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -30,6 +34,7 @@ import tenacity
 from supervisor import clock
 from supervisor.config.schema import Config
 from supervisor.core import lifecycle
+from supervisor.daemon import faults
 from supervisor.errors import SwapguardError
 from supervisor.process import host, identity
 from supervisor.state.store import Store
@@ -39,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _UNRECORDED_GONE_S = 2.0  # how long adoption waits for an unrecorded host to be gone
+KILL_WAIT_S = 5.0
+"""How long a tree kill waits (on a worker) for SIGKILLed processes to be gone; what survives that
+(a process in D state) is logged, and the machines go on without it."""
 
 _INHERITED_PROTOCOL_VARS = (
     "NOTIFY_SOCKET",
@@ -63,18 +71,23 @@ class HostRunner:
         counters: Counters,
         *,
         on_exit: Callable[[lifecycle.Exited], None],
+        on_tree_gone: Callable[[int], None],
         emit: Callable[[str, Mapping[str, Any]], None],
         schedule: Callable[[Coroutine[Any, Any, Any]], None],
+        workers: Executor,
     ) -> None:
-        """`on_exit` gets the exit of the process; `emit(kind, detail)` records an audit event;
-        `schedule` runs a coroutine in the background with its errors logged."""
+        """`on_exit` gets the exit of the process; `on_tree_gone(killed)` the end of a tree kill;
+        `emit(kind, detail)` records an audit event; `schedule` runs a coroutine in the background
+        with its errors logged; `workers` wait for tree kills."""
         self.config = config
         self.store = store
         self.cgroup = cgroup
         self.counters = counters
         self.loop = asyncio.get_running_loop()
         self._on_exit = on_exit
+        self._on_tree_gone = on_tree_gone
         self._emit = emit
+        self._workers = workers
         self._schedule = schedule
         self.process: host.HostProcess | None = None
         self.run_id: int | None = None
@@ -122,6 +135,32 @@ class HostRunner:
         deadline = time.monotonic() + _UNRECORDED_GONE_S
         while self.cgroup.pids() and time.monotonic() < deadline:
             time.sleep(0.01)  # exits take milliseconds once SIGKILL is sent; bounded all the same
+
+    def kill_tree(self, *, process_too: bool) -> None:
+        """SIGKILL what is left of the host's tree (its main process too if `process_too`): at
+        once on the loop, the wait for the exits on a worker, so no deadline waits for a kernel
+        slow to reap a tree. `on_tree_gone` is called on the loop either way: at once (queued by
+        the runtime) when nothing was left, the common case."""
+        kill = host.TreeKill(self.process if process_too else None, self.cgroup)
+        if kill.start() and not faults.KILL_BLOCKS_S:
+            self._on_tree_gone(0)
+            return
+
+        def finish() -> int:
+            faults.kill_blocks()
+            return kill.finish(KILL_WAIT_S)
+
+        def done(future: asyncio.Future[int]) -> None:
+            killed = 0
+            if future.cancelled():
+                pass  # shutting down
+            elif (error := future.exception()) is not None:
+                log.error("killing the host's tree failed", exc_info=error)
+            else:
+                killed = future.result()
+            self._on_tree_gone(killed)
+
+        self.loop.run_in_executor(self._workers, finish).add_done_callback(done)
 
     def spawn(
         self, extra_env: Mapping[str, str], *, code_version: str | None, swap_id: str | None

@@ -23,6 +23,7 @@ from collections.abc import MutableMapping
 
 from supervisor import notify
 from supervisor.core.notifyproto import MAX_DATAGRAM_BYTES
+from supervisor.daemon import faults
 from supervisor.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,11 @@ class ServiceManager:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.setblocking(False)
+                faults.manager_send()
                 sock.sendmsg([payload], ancillary, 0, self.address)
-        except OSError as exc:
-            kind = type(exc).__name__ if exc.errno is None else os.strerror(exc.errno)
+        except Exception as exc:  # whatever the send raises stays here, never in the loop
+            errno = getattr(exc, "errno", None)
+            kind = type(exc).__name__ if errno is None else os.strerror(errno)
             if kind not in self._failures_logged:
                 self._failures_logged.add(kind)
                 log.warning("our service manager did not take a notification (%s): %s", kind, exc)
@@ -95,8 +98,8 @@ class ServiceManager:
             return
 
         def ping() -> None:
+            self._watchdog = loop.call_later(interval, ping)  # first: re-armed whatever follows
             self.notify("WATCHDOG=1")
-            self._watchdog = loop.call_later(interval, ping)
 
         self._watchdog = loop.call_soon(ping)
 

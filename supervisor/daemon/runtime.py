@@ -4,14 +4,18 @@ Every input (a datagram, a child's exit, a timer, an HTTP command, a worker's re
 event for `core.supervision.step`, which decides for the host and the swap together and returns
 orders; this module only turns inputs into events, calls `step`, performs the orders, and feeds
 their outcomes back as events. Blocking work (git, snapshots, builds, health checks) runs in
-worker threads and comes back through `loop.call_soon_threadsafe`. A tree kill runs on the loop:
-it is a cgroup read when nothing is left (the common case) and bounded otherwise. The control
-socket reaches this state only through `daemon.LoopBackend._call`, which runs each request on the
-loop.
+worker threads and comes back through `loop.call_soon_threadsafe`. Two pools: the general one
+(checks, hashes, settles, health checks, activation steps) and a reserved one for what a rollback
+cannot wait for: its steps and the waits of tree kills, which never queue behind the general
+pool's work, however stuck that is. A tree kill sends its signals on the loop (a cgroup read when
+nothing is left, the common case; `cgroup.kill` otherwise) and waits for the exits on a reserved
+worker; `TreeGone` comes back. The control socket reaches this state only through
+`daemon.LoopBackend._call`, which runs each request on the loop.
 
 Parts of the shell live in modules of their own, each owned by the `Runtime`, each on the loop
 thread, each reaching it only through what it was given:
-- `hostrun.HostRunner`: the host's process, spawned or adopted, its run recorded, its exit watched;
+- `hostrun.HostRunner`: the host's process, spawned or adopted, its run recorded, its exit watched,
+  its tree killed;
 - `notifyinput.NotifyInput`: the host's notify datagrams, turned into calls on the runtime;
 - `timer.WakeTimer`: the one timer armed for the machine's next wake-up;
 - `drift.DriftGuard`: the code baseline, and changes to the tree that no swap declared.
@@ -49,7 +53,7 @@ from supervisor.daemon import faults
 from supervisor.daemon.counters import Counters
 from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.hooks import HookRunner
-from supervisor.daemon.hostrun import HostRunner
+from supervisor.daemon.hostrun import KILL_WAIT_S, HostRunner
 from supervisor.daemon.manager import ServiceManager
 from supervisor.daemon.notifyinput import NotifyInput
 from supervisor.daemon.swapwork import OUTPUT_DIR, SwapWork, failure_detail
@@ -65,6 +69,10 @@ log = logging.getLogger(__name__)
 SAVE_RETRY_S = 1.0
 """A swap record the store refused (a full state disk) is saved again this often."""
 
+RESERVED_WORKERS = 3
+"""The reserved pool: a rollback step, a tree kill's wait, and one spare for a step stuck on a
+hung file system (its retry must not queue behind it)."""
+
 
 class Runtime:
     """Owns the supervisor's state. Construct on the loop thread; call `start()` once."""
@@ -79,10 +87,13 @@ class Runtime:
     ) -> None:
         self.config = config
         self.manager = manager or ServiceManager({})
-        self.store = store
+        self.store = faults.guard_store(store)
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="swapguard-io")
+        self.reserved = ThreadPoolExecutor(
+            max_workers=RESERVED_WORKERS, thread_name_prefix="swapguard-rollback"
+        )
         self.policy = supervision_policy(config)
         self.state = sv.Supervision()
         self.published = self.state
@@ -93,8 +104,10 @@ class Runtime:
             cgroup,
             self.counters,
             on_exit=self.feed_host,
+            on_tree_gone=lambda killed: self.feed(sv.TreeGone(now=clock.now(), killed=killed)),
             emit=self._emit,
             schedule=self._schedule,
+            workers=self.reserved,
         )
         self.started_at = time.time()
         self.code = CodeTree(
@@ -172,19 +185,20 @@ class Runtime:
         """SIGTERM/SIGINT: stop the host gracefully, then let the loop end."""
         log.info("swapguard stopping: stopping the host first")
         self.feed_host(lifecycle.StopRequested(now=clock.boot_clock()))
-        deadline = self.config.host.stop_timeout + 10.0
+        deadline = self.config.host.stop_timeout + KILL_WAIT_S + 1.0  # the machine kills first
         try:
             await asyncio.wait_for(self._host_stopped(), timeout=deadline)
         except TimeoutError:
             log.error("the host did not stop within %.0fs; killing its tree", deadline)
-            host.kill_tree(self.host_runner.process, self.cgroup)
+            host.kill_tree(self.host_runner.process, self.cgroup, timeout=1.0)
         jobs.cancel_all()
         self.hooks.close()
         self.manager.forget_socket("notify")
         self.notify_server.close()
         # Queued work is dropped; a worker still inside a call (a hung file system, say) is
-        # not waited for: the process ends without it (see cli `run`).
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # not waited for: the process ends without it (see cli `run` and service `_serve`).
+        for pool in (self.pool, self.reserved):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def process(self) -> HostProcess | None:
@@ -192,7 +206,11 @@ class Runtime:
         return self.host_runner.process
 
     async def _host_stopped(self) -> None:
-        while self.host.state is not lifecycle.HostState.STOPPED or self.process is not None:
+        while (
+            self.host.state is not lifecycle.HostState.STOPPED
+            or self.process is not None
+            or self.state.kills
+        ):
             await self._next_change()
 
     async def _next_change(self) -> None:
@@ -249,6 +267,8 @@ class Runtime:
         self.feed(event)
 
     def _apply(self, event: sv.Event) -> None:
+        """Step, then perform every order, each whatever the one before raised (a stop must not
+        be lost to a failed write); the first error is raised after all were tried."""
         before = self.state.host.state
         self.state, actions = sv.step(self.state, event, self.policy)
         wrapped = sv.HostInput | sv.HostRequested | sv.WorkReported
@@ -257,8 +277,16 @@ class Runtime:
         if self.state.host.state is not before:
             log.info("host %s --%s--> %s", before, self._event_name, self.state.host.state)
             self.manager.notify(f"STATUS=host {self.state.host.state}")
+        first_error: Exception | None = None
         for action in actions:
-            self._perform(action)
+            try:
+                self._perform(action)
+            except Exception as exc:
+                if first_error is not None:
+                    log.exception("performing %s failed", type(action).__name__)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
 
     def _after_change(self) -> None:
         self.timer.arm(sv.next_wakeup(self.state, self.policy, clock.now()))
@@ -276,9 +304,7 @@ class Runtime:
                 if self.process is not None:
                     self.process.signal_tree(int(self.config.host.stop_signal))
             case sv.KillTree(process_too=process_too):
-                killed = host.kill_tree(self.process if process_too else None, self.cgroup)
-                if killed:
-                    self._emit("host.tree_killed", {"processes": killed})
+                self.host_runner.kill_tree(process_too=process_too)
             case sv.Emit(event=kind, detail=detail):
                 self._emit(kind, detail)
             case sv.RecordReady():
@@ -328,7 +354,7 @@ class Runtime:
         unsaved_events = self._unsaved[1] if self._unsaved is not None else []
         self._unsaved = (swap, [*unsaved_events, *((kind, dict(d)) for kind, d in events)])
         self._save_unsaved()
-        faults.reached(f"{swap.state.value}/{swap.step}")
+        faults.reached(f"{swap.state.value}/{swap.step}", pool=self.pool)
 
     def _save_unsaved(self) -> None:
         """Save the newest record not yet on disk, with every event since the last save. When the
@@ -372,7 +398,8 @@ class Runtime:
         self.loop.run_in_executor(self.pool, check).add_done_callback(done)
 
     def _run_step(self, swap: swaps.Swap, work: Callable[[], Any]) -> None:
-        """Run a blocking step in a worker; its result comes back as StepDone or StepFailed."""
+        """Run a blocking step in a worker (a rollback's on a reserved one); its result comes
+        back as StepDone or StepFailed."""
         step_now = swap.step
         assert step_now is not None
 
@@ -389,7 +416,9 @@ class Runtime:
                 event = swaps.StepFailed(now=clock.now(), step=step_now, error=str(error))
             self.feed(sv.WorkReported(swap_id=swap.id, event=event))
 
-        self.loop.run_in_executor(self.pool, work).add_done_callback(done)
+        rollback = swap.state is swaps.SwapState.ROLLING_BACK
+        pool = self.reserved if rollback else self.pool
+        self.loop.run_in_executor(pool, work).add_done_callback(done)
 
     def _sync_data(self, swap: swaps.Swap) -> None:
         """In a worker: the new version's copies of the data to disk; DataSynced comes back."""

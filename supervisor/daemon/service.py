@@ -42,6 +42,11 @@ from supervisor.state.store import StateLock, Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation may take
+SHUTDOWN_GRACE_S = 10.0
+"""After SIGTERM, swapguard is gone within `host.stop_timeout` plus this, whatever its workers
+are doing: the host's stop takes stop_timeout and a tree kill, the rest (hooks cut short, sockets
+closed) seconds. A worker stuck in a call that never returns (a hung file system) is abandoned:
+every record is saved before its step's work is ordered, so nothing is lost."""
 
 
 class LoopBackend(Backend):
@@ -374,6 +379,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         config.control.socket,
     )
     await stop.wait()
+    _exit_by(config.host.stop_timeout + SHUTDOWN_GRACE_S, lambda: runtime.process is None)
     manager.notify("STOPPING=1")
     manager.stop_watchdog()
     if watcher is not None:
@@ -387,6 +393,26 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     if listener is not None:
         listener.close()
     log.info("swapguard stopped")
+
+
+def _exit_by(limit: float, host_gone: Callable[[], bool]) -> None:
+    """A shutdown that has not ended after `limit` seconds ends here: the threads still running
+    are logged (what was abandoned), and the process exits, 0 if the host was stopped, else 1."""
+
+    def watch() -> None:
+        time.sleep(limit)
+        mine = (threading.main_thread(), threading.current_thread())
+        left = [t.name for t in threading.enumerate() if t not in mine]
+        log.critical(
+            "swapguard did not finish stopping within %gs; exiting now, abandoning: %s",
+            limit,
+            ", ".join(left) or "(the main thread)",
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(0 if host_gone() else 1)
+
+    threading.Thread(target=watch, name="swapguard-exit-by", daemon=True).start()
 
 
 def _reopen_logs() -> None:

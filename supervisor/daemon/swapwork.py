@@ -18,7 +18,7 @@ from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import Config
 from supervisor.core import diskbudget, swaps
 from supervisor.data import diskusage
-from supervisor.data.datacopy import fsync_dir, fsync_file
+from supervisor.data.datacopy import fsync_dir, fsync_file, time_bound
 from supervisor.data.snapshot import DataSnapshot, SnapshotStore
 from supervisor.errors import InsufficientStorage, SwapguardError
 from supervisor.process import identity, jobs
@@ -35,6 +35,11 @@ git's index back (else the next checkpoint, change listing or drift check does).
 
 SPACE_FRESH_S = 1.0
 """How old the free space that status and /metrics show may be."""
+
+DATA_LIMIT_S = 600.0
+"""The longest a snapshot, a restore, a flush of the data or a settle may copy, hash or flush
+paths the host can write (checked between chunks): a file system that hangs or trickles fails
+the step (which is retried) instead of holding a worker for ever."""
 
 BASELINE_KEY = "host_checkpoint"
 """Store key of the checkpoint of the code the running host was started on (drift guard)."""
@@ -89,7 +94,8 @@ class SwapWork:
             needs, space = [], []
         if problem := diskbudget.fit_problem(needs, space, diskbudget.NOTHING_PRUNED, keep_bytes=0):
             raise InsufficientStorage(problem)
-        taken = self.snapshots.take(swap.id, entries)
+        with time_bound(DATA_LIMIT_S, "the snapshot of the data"):
+            taken = self.snapshots.take(swap.id, entries)
         return {
             "data": [snap.to_json() for snap in taken],
             "unsynced": any(snap.linked for snap in taken),
@@ -100,14 +106,15 @@ class SwapWork:
         what a confirm makes permanent must be on disk. Costs what is still unflushed. Stops
         once not `wanted` (a rollback began: that copy is only kept data now, and the rollback's
         own commits should not wait behind its flush)."""
-        for snap in _snapshots(swap):
-            if snap.linked:
-                target = Path(snap.path)
-                fsync_file(target, wanted)  # gone or replaced by the new version: its business
-                if not wanted():
-                    return
-                if target.parent.is_dir() and not target.parent.is_symlink():
-                    fsync_dir(target.parent)
+        with time_bound(DATA_LIMIT_S, "the flush of the new version's data"):
+            for snap in _snapshots(swap):
+                if snap.linked:
+                    target = Path(snap.path)
+                    fsync_file(target, wanted)  # gone or replaced by the new version: its own
+                    if not wanted():
+                        return
+                    if target.parent.is_dir() and not target.parent.is_symlink():
+                        fsync_dir(target.parent)
 
     def build(self, phase: swaps.Step | None) -> None:
         """Run the build; its output goes to a file only swapguard's user can read, and the
@@ -141,7 +148,8 @@ class SwapWork:
         return checkpoint
 
     def restore_data(self, swap: swaps.Swap) -> None:
-        self.snapshots.restore(swap.id, _snapshots(swap))
+        with time_bound(DATA_LIMIT_S, "the restore of the data"):
+            self.snapshots.restore(swap.id, _snapshots(swap))
 
     def health_check(self) -> jobs.JobResult:
         """One run of the health check; its output is kept like the build's (`failure_detail`)."""
@@ -191,10 +199,11 @@ class SwapWork:
                 if not self.code.finish_index(wait=INDEX_WAIT_S):
                     log.warning("swap %s: git's index is still locked; put back later", swap.id)
                 kept = self.snapshots.kept_copies(swap.id)
-                for path in kept:
-                    fsync_file(path)
-                for folder in {path.parent for path in kept}:
-                    fsync_dir(folder)
+                with time_bound(DATA_LIMIT_S, f"the flush of what swap {swap.id} kept"):
+                    for path in kept:
+                        fsync_file(path)
+                    for folder in {path.parent for path in kept}:
+                        fsync_dir(folder)
             self.prune(keep)
         except (SwapguardError, OSError) as exc:
             log.warning("after swap %s: %s", swap.id, getattr(exc, "message", exc))

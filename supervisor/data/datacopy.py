@@ -25,6 +25,7 @@ import sqlite3
 import stat
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,41 @@ _CHUNK = 8 << 20
 _HASH_CHUNK = 1 << 20
 _PROGRESS_STEPS = 10_000  # SQLite VM steps between looks at a stop flag
 _NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+# --- time bounds ---------------------------------------------------------------------------------
+
+_bounds = threading.local()
+
+
+@contextlib.contextmanager
+def time_bound(seconds: float, what: str) -> Iterator[None]:
+    """Inside (on this thread), every copy, hash, walk and flush of this module ends with a
+    SnapshotError once `seconds` have passed, checked between chunks and entries: a file system
+    that trickles or hangs between calls (the host's data may sit on one) costs a worker this
+    long, not for ever. A single call the kernel never returns cannot be cut short: the
+    runtime's reserved pool keeps a spare worker for that. Nested bounds: the inner one counts."""
+    previous = getattr(_bounds, "bound", None)
+    _bounds.bound = (time.monotonic() + seconds, seconds, what)
+    try:
+        yield
+    finally:
+        _bounds.bound = previous
+
+
+def _current_bound() -> tuple[float, float, str] | None:
+    bound: tuple[float, float, str] | None = getattr(_bounds, "bound", None)
+    return bound
+
+
+def check_time(bound: tuple[float, float, str] | None = None, where: object = "") -> None:
+    """Raise once the bound (this thread's, or `bound`) has passed."""
+    bound = bound if bound is not None else _current_bound()
+    if bound is not None and time.monotonic() > bound[0]:
+        at = f" (at {where})" if where else ""
+        raise SnapshotError(
+            f"{bound[2]} took longer than {bound[1]:g}s{at}: is a file system hung or slow?"
+        )
 
 
 # --- copying, hashing, verifying -----------------------------------------------------------------
@@ -128,6 +164,7 @@ def fsync_file(path: Path, wanted: Callable[[], bool] = lambda: True) -> bool:
             for offset in range(0, st.st_size, FLUSH_STEP):
                 if not wanted():
                     return False
+                check_time(where=f"flushing {path}")
                 if write_out(fd, offset, FLUSH_STEP, _SYNC_FILE_RANGE_WAIT_ALL) != 0:
                     break  # refused (an odd file system): the fsync below does it all
                 fsync_dir(Path(os.path.dirname(path) or "."))
@@ -208,6 +245,7 @@ def _copy_data(
             return size  # nothing but a hole up to the end
         end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
         while start < end:
+            check_time(where=f"byte {start} of {size}")
             step = copy(src_fd, dst_fd, start, min(end - start, _CHUNK))
             if not step:
                 return start  # the source shrank under us
@@ -235,6 +273,7 @@ class _DigestBeside:
     def __init__(self, fd: int, size: int) -> None:
         self._fd, self._size = fd, size
         self._hashed, self._sha = 0, _hashlib().sha256()
+        self._bound = _current_bound()  # the caller's: this runs on a thread of its own
         self._abandoned = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sha256-beside", daemon=True)
@@ -256,6 +295,7 @@ class _DigestBeside:
         buffer = memoryview(bytearray(_HASH_CHUNK))
         try:
             while self._hashed < self._size and not self._abandoned:
+                check_time(self._bound, f"hashing byte {self._hashed}")
                 piece = buffer[: min(len(buffer), self._size - self._hashed)]
                 got = os.preadv(self._fd, [piece], self._hashed)
                 if not got:
@@ -279,6 +319,7 @@ def copy_tree(source: Path, dest: Path, place_file: Callable[[Path, Path], objec
     st = os.lstat(source)
     os.mkdir(dest, 0o700)
     for item in sorted(os.scandir(source), key=lambda e: e.name):
+        check_time(where=item.path)
         src, dst = Path(item.path), dest / item.name
         mode = item.stat(follow_symlinks=False).st_mode
         if stat.S_ISDIR(mode):
@@ -299,9 +340,12 @@ def copy_tree(source: Path, dest: Path, place_file: Callable[[Path, Path], objec
 
 def file_digest(path: Path) -> tuple[int, str]:
     """Size and sha256 of a regular file (not through a symlink)."""
-    with open(os.open(path, READ_FLAGS), "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return size, _hashlib().file_digest(handle, "sha256").hexdigest()
+    with open(os.open(path, READ_FLAGS), "rb", buffering=0) as handle:
+        size, sha = os.fstat(handle.fileno()).st_size, _hashlib().sha256()
+        while chunk := handle.read(_HASH_CHUNK):  # by chunks: the time bound is checked between
+            check_time(where=f"hashing {path}")
+            sha.update(chunk)
+        return size, sha.hexdigest()
 
 
 def tree_digest(root: Path) -> tuple[int, str]:
@@ -322,6 +366,7 @@ def tree_digest(root: Path) -> tuple[int, str]:
 
 
 def _walk(root: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+    check_time(where=root / rel)
     st = os.lstat(root / rel)
     yield rel or ".", st
     if stat.S_ISDIR(st.st_mode):

@@ -318,35 +318,66 @@ class HostProcess:
         return True
 
 
-def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: float = 5.0) -> int:
-    """SIGKILL the host's whole tree and reap what we can; blocking but bounded by `timeout`.
+class TreeKill:
+    """One SIGKILL of the host's whole tree, cut in two so that an event loop never waits on it:
+    `start` sends what is instant and says whether anything is left; `finish`, on a worker, sweeps
+    what escaped those signals and waits, bounded, for the exits.
 
-    Returns how many processes were killed (each counted once). The cheap checks come first and
-    after each sweep (`_nothing_left`: the cgroup's member list, our own children as subreaper);
-    every process on the machine is scanned only while they cannot vouch that the tree is gone.
-    """
-    deadline = time.monotonic() + timeout
-    killed: set[psutil.Process] = set()  # psutil's handles: equal for the same pid and start
-    if cgroup is not None and not _nothing_left(host, cgroup):
-        members = _handles(cgroup.pids())  # taken before the kill, to count it
-        if members and cgroup.kill():
-            killed.update(members)
-            _kill_and_wait(members, deadline)  # already dying: this waits for their exits
-    while not _nothing_left(host, cgroup):
-        table = _tree_table(host, cgroup)
-        if host is not None and host._owns_group(table):
-            signal_group(host.pid, signal.SIGKILL)
-        tree = _live_tree(host, cgroup, table)
-        if not tree:
-            break
-        if time.monotonic() >= deadline:
-            log.error("kill_tree: %d processes survive SIGKILL: %s", len(tree), sorted(tree))
-            break
-        killed.update(_kill_and_wait([info.process for info in tree.values()], deadline))
-    _reap(host)
-    if killed:
-        log.info("killed %d processes of the host's tree", len(killed))
-    return len(killed)
+    The cheap checks come first and after each sweep (`_nothing_left`: the cgroup's member list,
+    our own children as subreaper); every process below us is scanned only while they cannot
+    vouch that the tree is gone."""
+
+    def __init__(self, host: HostProcess | None, cgroup: CgroupLeaf | None) -> None:
+        self.host = host
+        self.cgroup = cgroup
+        self._members: list[int] = []  # the cgroup's, SIGKILLed at once by `start`
+
+    def start(self) -> bool:
+        """True when nothing is left (the common case: a cgroup read, our own children). Else
+        `cgroup.kill` empties the cgroup at once (one write, no wait); `finish` does the rest:
+        the sweeps that find what is outside a cgroup need a look at every process below us."""
+        if _nothing_left(self.host, self.cgroup):
+            return True
+        if self.cgroup is not None:
+            members = self.cgroup.pids()
+            if members and self.cgroup.kill():
+                self._members = members
+        return False
+
+    def finish(self, timeout: float) -> int:
+        """Blocking but bounded by `timeout`: SIGKILL what is left, wait for the exits, reap what
+        we can. Returns how many processes were killed (each counted once)."""
+        host, cgroup = self.host, self.cgroup
+        deadline = time.monotonic() + timeout
+        killed: set[int] = set(self._members)
+        if self._members:  # already dying: this waits for their exits
+            _kill_and_wait(_handles(self._members), deadline)
+        while not _nothing_left(host, cgroup):
+            table = _tree_table(host, cgroup)
+            if host is not None and host._owns_group(table):
+                signal_group(host.pid, signal.SIGKILL)
+            tree = _live_tree(host, cgroup, table)
+            if not tree:
+                break
+            if time.monotonic() >= deadline:
+                log.error("kill_tree: %d processes survive SIGKILL: %s", len(tree), sorted(tree))
+                break
+            signalled = _kill_and_wait([info.process for info in tree.values()], deadline)
+            killed.update(process.pid for process in signalled)
+        _reap(host)
+        if killed:
+            log.info("killed %d processes of the host's tree", len(killed))
+        return len(killed)
+
+
+def kill_tree(host: HostProcess | None, cgroup: CgroupLeaf | None, timeout: float = 5.0) -> int:
+    """SIGKILL the host's whole tree and reap what we can; blocking but bounded by `timeout`
+    (an event loop uses `TreeKill`, and waits on a worker). Returns how many were killed."""
+    kill = TreeKill(host, cgroup)
+    if kill.start():
+        _reap(host)
+        return 0
+    return kill.finish(timeout)
 
 
 def _kill_and_wait(processes: list[psutil.Process], deadline: float) -> list[psutil.Process]:
