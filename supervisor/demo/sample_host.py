@@ -104,6 +104,11 @@ def main() -> int:
         if writes > 0:
             db.execute("INSERT INTO ticks (version, at) VALUES (?, ?)", (version, time.time()))
         time.sleep(interval)
+    # A host that writes at shutdown (a final flush of its caches): what it writes after the
+    # activation's space check is what a snapshot can run out of room for.
+    if (flush := int(config.get("flush_on_stop_bytes", 0))) > 0:
+        db.execute("CREATE TABLE IF NOT EXISTS flushed (data BLOB)")
+        db.execute("INSERT INTO flushed (data) VALUES (?)", (os.urandom(flush),))
     db.close()
     return 0
 
