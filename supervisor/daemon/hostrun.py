@@ -103,7 +103,8 @@ class HostRunner:
         process = host.HostProcess.adopt(run.pid, recorded, cgroup=self.cgroup)
         if process is None:
             self.store.record_exit(run.id, time.time(), None, None)
-            self._emit("host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"})
+            gone = "gone while swapguard was down (or its pid names another process now)"
+            self._emit("host.lost", {"pid": run.pid, "detail": gone})
             self._kill_unrecorded()
             return None
         self.process, self.run_id = process, run.id
