@@ -26,17 +26,19 @@ def boot_clock() -> float:
     return time.monotonic()
 
 
-def _read_boot_id() -> str:
+def _read_boot_id() -> tuple[str, bool]:
     try:
-        return _BOOT_ID_PATH.read_text().strip()
+        return _BOOT_ID_PATH.read_text().strip(), True
     except OSError:
         # macOS: kern.boottime would do, but the wall time of boot is a fine stand-in.
         import psutil
 
-        return f"boot-{int(psutil.boot_time())}"
+        return f"boot-{int(psutil.boot_time())}", False
 
 
-BOOT_ID = _read_boot_id()
+BOOT_ID, BOOT_ID_FROM_KERNEL = _read_boot_id()
+"""BOOT_ID_FROM_KERNEL: is BOOT_ID the kernel's own (Linux)? Then it and a process's start since
+boot name the process across wall-clock steps; the stand-in (macOS) moves with the wall clock."""
 
 
 def now() -> Instant:

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor import clock
 from supervisor.process import host as host_module
 from supervisor.process import jobs, proctree
 from supervisor.process.host import (
@@ -31,6 +32,7 @@ from supervisor.process.host import (
     process_stats,
     reap_orphans,
 )
+from supervisor.process.proctree import StartStamp
 from tests.support import gone, wait_for
 
 PY = sys.executable
@@ -163,7 +165,11 @@ def test_spawn_passes_env_and_cwd_appends_output_and_starts_a_new_session(
         host = HostProcess.spawn(spec, None)
         hosts.append(host)
         assert host.is_child
-        assert host.create_time == pytest.approx(psutil.Process(host.pid).create_time())
+        assert host.start.wall == pytest.approx(psutil.Process(host.pid).create_time())
+        if LINUX:  # its own start since boot, on the clock of the runtime's boot clock
+            assert host.start.boot_id == clock.BOOT_ID
+            assert host.start.since_boot is not None
+            assert 0 <= proctree.uptime() - host.start.since_boot < WAIT
         assert wait_exit(host) == ExitStatus(0, None)
     text = log_file.read_text()
     assert text.count(f"cwd {workdir}") == 2  # appended, not truncated
@@ -352,12 +358,27 @@ def test_adopt_a_process_that_is_not_our_child(tmp_path: Path, strays) -> None:
     assert launcher.stdout is not None and launcher.stdin is not None
     assert select.select([launcher.stdout], [], [], WAIT)[0], "launcher said nothing"
     pid = int(launcher.stdout.readline())
+    info = proctree.proc_info(pid)
+    assert info is not None
+    live = proctree.start_stamp(info)
+    since_boot = proctree.started_at_uptime(info)
+    hour = 3600.0
     try:
-        create_time = psutil.Process(pid).create_time()
-        assert HostProcess.adopt(pid, create_time + 30) is None  # pid reused by another process
-        assert HostProcess.adopt(pid, create_time - 30) is None
-        host = HostProcess.adopt(pid, create_time)
+        # a pid reused by another process: another start since boot, whatever the wall says
+        assert HostProcess.adopt(pid, StartStamp(live.wall, clock.BOOT_ID, since_boot + 30)) is None
+        assert HostProcess.adopt(pid, StartStamp(live.wall, clock.BOOT_ID, since_boot - 30)) is None
+        # a run recorded before v5 (no start since boot): the wall start decides, as it did
+        assert HostProcess.adopt(pid, StartStamp(live.wall + 30, clock.BOOT_ID, None)) is None
+        if LINUX:  # the same pid and start, in another boot: never this process
+            assert HostProcess.adopt(pid, StartStamp(live.wall, "another-boot", since_boot)) is None
+        legacy = HostProcess.adopt(pid, StartStamp(live.wall, clock.BOOT_ID, None))
+        assert legacy is not None
+        legacy.close()
+        # the wall clock stepped by an hour while we were down: the start since boot decides
+        recorded = StartStamp(live.wall - hour, clock.BOOT_ID, since_boot if LINUX else None)
+        host = HostProcess.adopt(pid, recorded if LINUX else live)
         assert host is not None
+        assert host.start == live
         assert not host.is_child
         assert host.poll() is None
         assert host.tree_pids() >= {pid}
@@ -373,12 +394,74 @@ def test_adopt_a_process_that_is_not_our_child(tmp_path: Path, strays) -> None:
             os.kill(pid, signal.SIGKILL)
         launcher.stdin.close()
         launcher.wait(WAIT)
-    assert HostProcess.adopt(pid, create_time) is None  # gone for good
+    assert HostProcess.adopt(pid, live) is None  # gone for good
 
 
 def test_adopt_refuses_a_pid_that_does_not_exist() -> None:
-    assert HostProcess.adopt(0, 0.0) is None
-    assert HostProcess.adopt(2**22 + 17, time.time()) is None
+    assert HostProcess.adopt(0, StartStamp(0.0, clock.BOOT_ID, None)) is None
+    assert HostProcess.adopt(2**22 + 17, StartStamp(time.time(), clock.BOOT_ID, 1.0)) is None
+
+
+BOOT = "4156751c-5394-4b7c-bfd4-b26ebe38b960"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "live", "same"),
+    [
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(1000.0, BOOT, 50.0), True),
+        # the wall clock stepped (NTP, a resumed VM, `date -s`): the start since boot decides
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(4600.0, BOOT, 50.0), True),
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(-2600.0, BOOT, 50.0), True),
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(1000.0, BOOT, 50.01), True),  # one tick
+        # another process under the pid: another start, even with the very same wall start
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(1000.0, BOOT, 50.03), False),
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(1000.0, BOOT, 49.5), False),
+        # another boot: same pid, same starts, a stranger all the same
+        (StartStamp(1000.0, BOOT, 50.0), StartStamp(1000.0, "other", 50.0), False),
+        (StartStamp(1000.0, BOOT, None), StartStamp(1000.0, "other", 50.0), False),
+        # recorded before v5: the wall start within a second, as before
+        (StartStamp(1000.0, BOOT, None), StartStamp(1000.9, BOOT, 50.0), True),
+        (StartStamp(1000.0, BOOT, None), StartStamp(1001.2, BOOT, 50.0), False),
+    ],
+)
+def test_a_recorded_start_names_the_process_by_boot_and_start_since_boot(
+    recorded: StartStamp, live: StartStamp, same: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clock, "BOOT_ID_FROM_KERNEL", True)
+    assert recorded.names_same_process(live) is same
+
+
+def test_without_a_kernel_boot_id_the_wall_start_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS: the boot id stand-in moves with the wall clock, and the wall start does not."""
+    monkeypatch.setattr(clock, "BOOT_ID_FROM_KERNEL", False)
+    recorded = StartStamp(1000.0, "boot-1", None)
+    assert recorded.names_same_process(StartStamp(1000.5, "boot-2", None))
+    assert not recorded.names_same_process(StartStamp(1002.0, "boot-1", None))
+
+
+@pytest.mark.skipif(not LINUX or os.geteuid() != 0, reason="reusing a pid on purpose needs root")
+def test_adopt_refuses_a_reused_pid_even_with_the_recorded_wall_start(strays) -> None:
+    """The recorded run's process is gone and another took its pid: its start since boot differs
+    (here the wall start is made to match, as a wall-clock step could make it)."""
+    first = subprocess.Popen(["sleep", "60"])
+    strays.append(first)
+    info = proctree.proc_info(first.pid)
+    assert info is not None
+    recorded = proctree.start_stamp(info)
+    first.kill()
+    first.wait(WAIT)
+    time.sleep(0.05)  # the next clock tick (see the test below): a real reuse comes far later
+    second = _take_pid_again(first.pid, strays)
+    if second is None:
+        pytest.skip(f"pid {first.pid} was taken by other processes every time")
+    now_there = proctree.proc_info(second.pid)
+    assert now_there is not None
+    wall_matches = StartStamp(now_there.start, recorded.boot_id, recorded.since_boot)
+    assert HostProcess.adopt(second.pid, wall_matches) is None
+    assert HostProcess.adopt(second.pid, recorded) is None
+    adopted = HostProcess.adopt(second.pid, proctree.start_stamp(now_there))
+    assert adopted is not None  # its own record would name it
+    adopted.close()
 
 
 def test_reap_orphans_reaps_orphans_but_not_jobs_or_our_own_children(

@@ -33,6 +33,7 @@ from supervisor.state.store import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
 MAIN_V2_STORE = Path(__file__).with_name("fixtures") / "state-v2.sql"
+MAIN_V4_STORE = Path(__file__).with_name("fixtures") / "state-v4.sql"
 
 # The v1 schema exactly as the first release wrote it: a fixture of history, never regenerated.
 V1_SCHEMA = """
@@ -224,13 +225,14 @@ def test_a_store_written_by_main_is_migrated_with_every_row(tmp_path: Path) -> N
     with Store.open(tmp_path) as store:
         assert stored_version(db_path) == SCHEMA_VERSION
         after = {table: rows_of(db_path, table) for table in tables}
-        assert after == before | {"host_run": [(*row, None) for row in before["host_run"]]}  # v4
+        new_columns = (None, None)  # v4 exit_reason, v5 start_uptime: unknown for old runs
+        assert after == before | {"host_run": [(*row, *new_columns) for row in before["host_run"]]}
         # v3's one change of data: swapguard <= 0.1 now refuses the file as newer than it knows
         assert rows_of(db_path, "meta") == [("schema_version", "3")]
         # and the store reads it all as main did
         live = store.live_run()
         assert live is not None and (live.id, live.exited_at) == (3, None)
-        assert live == HostRun(*before["host_run"][-1], exit_reason=None)
+        assert live == HostRun(*before["host_run"][-1], exit_reason=None, start_uptime=None)
         events = store.events_after(0, limit=100)
         assert [(e.id, e.at, e.kind, e.swap_id) for e in events] == [
             (row[0], row[1], row[2], row[4]) for row in before["event"]
@@ -248,6 +250,33 @@ def test_a_store_written_by_main_is_migrated_with_every_row(tmp_path: Path) -> N
             assert store.get_value(key) == json.loads(text)
         assert store.append_event("after.migration").id == 18  # AUTOINCREMENT carried on
         assert store.record_spawn(9, 1.0, "boot", 1.0, None, None) == 4
+    assert schema_of(db_path) == schema_of(fresh_store(tmp_path / "fresh"))
+
+
+def test_a_v4_store_is_migrated_and_its_live_run_has_no_start_since_boot(tmp_path: Path) -> None:
+    """v5 adds each run's start since boot; a run v4 recorded keeps NULL there, and adoption
+    falls back to its wall-clock create_time (test_supervise covers that end)."""
+    db_path = tmp_path / "state.db"
+    with raw(db_path) as conn:
+        conn.executescript(MAIN_V4_STORE.read_text())
+        assert conn.execute("PRAGMA journal_mode = wal").fetchone()[0] == "wal"
+    assert stored_version(db_path) == 4
+    tables = ("host_run", "event", "swap", "kv", "meta", "sqlite_sequence")
+    before = {table: rows_of(db_path, table) for table in tables}
+    assert [len(before[table]) for table in tables] == [2, 3, 0, 1, 1, 2]
+    with Store.open(tmp_path) as store:
+        assert stored_version(db_path) == SCHEMA_VERSION == 5
+        after = {table: rows_of(db_path, table) for table in tables}
+        assert after == before | {"host_run": [(*row, None) for row in before["host_run"]]}
+        live = store.live_run()
+        assert live is not None and (live.id, live.pid, live.start_uptime) == (2, 4188, None)
+        assert live == HostRun(*before["host_run"][-1], start_uptime=None)
+        ended = store.last_ended_run()
+        assert ended is not None and ended.exit_reason == "heartbeat_lost"
+        new = store.record_spawn(9, 1.0, "boot", 1.0, None, None, start_uptime=123.45)
+        assert new == 3 and store.live_run() == HostRun(
+            3, 9, 1.0, "boot", 1.0, None, None, None, None, None, None, None, 123.45
+        )
     assert schema_of(db_path) == schema_of(fresh_store(tmp_path / "fresh"))
 
 
@@ -271,7 +300,7 @@ def test_a_run_keeps_why_it_ended(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="no host run"):
             store.record_exit_reason(run_id + 1, "stop")
     row = rows_of(tmp_path / "state.db", "host_run")[0]
-    assert (row[8], row[-1]) == (15, "heartbeat_lost")
+    assert (row[8], row[11], row[12]) == (15, "heartbeat_lost", None)
 
 
 def test_the_schema_history_has_one_step_per_version() -> None:
@@ -388,6 +417,8 @@ def test_host_run_updates_and_spawns_check_their_input(store: Store) -> None:
         store.record_spawn(0, 1.0, "boot", 1.0, None, None)
     with pytest.raises(ValueError, match="started_at"):
         store.record_spawn(5, 1.0, "boot", float("nan"), None, None)
+    with pytest.raises(ValueError, match="start_uptime"):
+        store.record_spawn(5, 1.0, "boot", 1.0, None, None, start_uptime=float("inf"))
     with pytest.raises(ValueError, match="limit"):
         store.events_after(0, limit=0)
     assert runs(store) == []

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from supervisor import clock
 from supervisor.client import Client
 from supervisor.errors import Conflict, NotFound
+from supervisor.process import proctree
 from tests.support import WAIT, Supervisor, make_sample_repo, supervised, wait_for, write_app
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_sample_repo(tmp_path / "repo")
+
+
+LINUX = sys.platform.startswith("linux")
 
 
 def _alive(pid: int) -> bool:
@@ -199,12 +208,82 @@ def test_adopts_the_live_host_after_kill_9(repo: Path) -> None:
         host = sup.wait_host(ready=True)
         assert host["pid"] == pid
         assert "host.adopted" in sup.events()
-        hosts = [p for p in psutil.process_iter(["cmdline", "cwd"])
-                 if p.info["cwd"] == str(repo) and "app.py" in (p.info["cmdline"] or [])]
-        assert [p.pid for p in hosts] == [pid]
+        assert _host_processes(repo) == [pid]
         # the adopted host's exit is noticed without being its parent
         os.kill(pid, signal.SIGKILL)
         sup.wait_host(ready=True, pid_not=pid)
+
+
+def _rewrite_live_run(sup: Supervisor, assignments: str) -> tuple[Any, ...]:
+    """Change the live host run as another swapguard (or a wall-clock step) would have left it,
+    while no swapguard holds the store; returns the row as it was."""
+    with contextlib.closing(sqlite3.connect(sup.state / "state.db", isolation_level=None)) as db:
+        where = "WHERE exited_at IS NULL ORDER BY id DESC LIMIT 1"
+        row: tuple[Any, ...] = db.execute(
+            f"SELECT id, pid, create_time, boot_id, start_uptime FROM host_run {where}"
+        ).fetchone()
+        db.execute(f"UPDATE host_run SET {assignments} WHERE id = ?", (row[0],))
+    return row
+
+
+def _host_processes(repo: Path) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline", "cwd"])
+            if p.info["cwd"] == str(repo) and "app.py" in (p.info["cmdline"] or [])]
+
+
+@pytest.mark.skipif(not LINUX, reason="a start since boot needs /proc")
+def test_adopts_the_live_host_after_a_wall_clock_jump(repo: Path) -> None:
+    """The wall clock stepped an hour while swapguard was down (NTP, a resumed VM, `date -s`):
+    the run's recorded wall start no longer matches, its boot id and start since boot do. One
+    host, adopted, its uptime counted from its own start."""
+    with supervised(repo) as sup:
+        sup.start()
+        pid = sup.status()["host"]["pid"]
+        info = proctree.proc_info(pid)
+        assert info is not None
+        since_boot = proctree.started_at_uptime(info)
+        wait_for(lambda: proctree.uptime() - since_boot > 2, what="the host to be up 2 s")
+        sup.kill9()
+        recorded = _rewrite_live_run(sup, "create_time = create_time - 3600")
+        assert recorded[1] == pid and recorded[3] == clock.BOOT_ID
+        assert abs(recorded[4] - since_boot) <= proctree.START_ROUNDING_S
+        sup.start(wait_ready=False)
+        host = sup.wait_host(ready=True)
+        expected_uptime = proctree.uptime() - since_boot
+        assert host["pid"] == pid
+        assert "host.adopted" in sup.events() and "host.lost" not in sup.events()
+        assert _host_processes(repo) == [pid]
+        assert host["uptime_s"] > 2 and abs(host["uptime_s"] - expected_uptime) < 1.0
+        started = datetime.fromisoformat(host["started_at"].replace("Z", "+00:00"))
+        assert abs(started.timestamp() - info.start) < 1.0  # the real clock did not step
+
+
+def test_a_run_from_another_boot_is_never_adopted(repo: Path) -> None:
+    """The same pid, alive, but the run was recorded in another boot: a stranger, never adopted
+    (after a reboot any process may have the recorded pid)."""
+    with supervised(repo) as sup:
+        sup.start()
+        pid = sup.status()["host"]["pid"]
+        sup.kill9()
+        _rewrite_live_run(sup, "boot_id = 'another-boot'")
+        sup.start(wait_ready=False)
+        host = sup.wait_host(ready=True, pid_not=pid)
+        assert host["pid"] != pid
+        events = sup.events()
+        assert "host.lost" in events and "host.adopted" not in events
+
+
+def test_adopts_a_run_recorded_before_v5_by_its_wall_start(repo: Path) -> None:
+    """A run an older swapguard recorded has no start since boot: its wall start decides."""
+    with supervised(repo) as sup:
+        sup.start()
+        pid = sup.status()["host"]["pid"]
+        sup.kill9()
+        _rewrite_live_run(sup, "start_uptime = NULL")
+        sup.start(wait_ready=False)
+        assert sup.wait_host(ready=True)["pid"] == pid
+        assert "host.adopted" in sup.events()
+        assert _host_processes(repo) == [pid]
 
 
 def test_second_supervisor_on_the_same_state_refuses(repo: Path) -> None:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 from supervisor.control.routes import Peer
 from supervisor.process.proctree import (
+    START_ROUNDING_S,
     has_exited,
     open_pidfd,
     proc_info,
@@ -41,9 +42,6 @@ SCM_PIDFD = 4 if _LINUX else None
 _UCRED = "iII"  # struct ucred: pid, uid, gid (Linux)
 _XUCRED = "IIh16I"  # struct xucred: version, uid, ngroups, groups[16] (macOS, FreeBSD)
 use_peer_pidfd = SO_PEERPIDFD is not None  # tests turn it off to exercise the fallback
-START_ROUNDING_S = 0.01
-"""Start times count in clock ticks (10 ms): one tick of slack before a process counts as
-started after the moment it was seen."""
 
 
 def peer_credentials(sock: socket.socket) -> Peer:

@@ -36,7 +36,7 @@ from supervisor.config.schema import Config
 from supervisor.core import lifecycle
 from supervisor.daemon import faults
 from supervisor.errors import SwapguardError
-from supervisor.process import host, identity
+from supervisor.process import host, identity, proctree
 from supervisor.state.store import Store
 
 if TYPE_CHECKING:
@@ -99,18 +99,22 @@ class HostRunner:
         if run is None:
             self._kill_unrecorded()
             return None
-        process = host.HostProcess.adopt(run.pid, run.create_time, cgroup=self.cgroup)
+        recorded = proctree.StartStamp(run.create_time, run.boot_id, run.start_uptime)
+        process = host.HostProcess.adopt(run.pid, recorded, cgroup=self.cgroup)
         if process is None:
             self.store.record_exit(run.id, time.time(), None, None)
-            self._emit("host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"})
+            gone = "gone while swapguard was down (or its pid names another process now)"
+            self._emit("host.lost", {"pid": run.pid, "detail": gone})
             self._kill_unrecorded()
             return None
         self.process, self.run_id = process, run.id
         self._watch_exit(process)
         boot = clock.boot_clock()
-        up_for = max(0.0, time.time() - process.create_time)  # its own start, not our restart
+        started = process.start.since_boot  # its own start, not our restart, on the boot clock
+        if started is None:  # no /proc (macOS): from the wall clock, which a step skews
+            started = boot - max(0.0, time.time() - process.start.wall)
         return lifecycle.Adopted(
-            now=boot, pid=process.pid, ready=run.ready_at is not None, started=boot - up_for
+            now=boot, pid=process.pid, ready=run.ready_at is not None, started=started
         )
 
     def recall_last_exit(self) -> lifecycle.Recalled | None:
@@ -204,8 +208,10 @@ class HostRunner:
         """Twice at most: a full state disk gives back the store's reserve on the first refusal."""
         for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(2), reraise=True):
             with attempt:
+                start = process.start
                 return self.store.record_spawn(
-                    process.pid, process.create_time, clock.BOOT_ID, wall, code_version, swap_id
+                    process.pid, start.wall, start.boot_id, wall, code_version, swap_id,
+                    start_uptime=start.since_boot,
                 )
         raise AssertionError("unreachable: tenacity reraises")
 

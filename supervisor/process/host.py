@@ -47,12 +47,14 @@ from supervisor.process.identity import HostUser
 from supervisor.process.proctree import (
     ProcessVerdicts,
     ProcInfo,
+    StartStamp,
     await_exits,
     descendants,
     open_pidfd,
     proc_info,
     signal_group,
     signal_verified,
+    start_stamp,
     subtree_table,
 )
 from supervisor.process.proctree import process_stats as process_stats  # re-exported
@@ -61,8 +63,6 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 
-# An epoch create_time rests on /proc/stat's btime: whole seconds that may shift by one.
-_CREATE_TIME_SLACK = 1.05
 _CGROUP_VAR = "SWAPGUARD_CGROUP_PROCS"
 _STUB = (
     'if [ -n "${SWAPGUARD_CGROUP_PROCS-}" ]; then '
@@ -174,11 +174,11 @@ class HostProcess:
         self._in_tree = ProcessVerdicts(_TREE_CACHE_SIZE)  # is_in_tree's answers
         self._pidfd = open_pidfd(pid)  # first: all we read next is then about this very process
         try:
-            self._process = psutil.Process(pid)  # its identity: pid and start time
-            self.create_time: float = self._process.create_time()  # recorded for adoption
-        except (psutil.Error, OSError) as exc:
-            self.close()
-            raise ProcessLookupError(f"no process {pid}") from exc
+            info = proc_info(pid)
+            if info is None:
+                raise ProcessLookupError(f"no process {pid}")
+            self._process = info.process  # its identity: pid and start time
+            self.start: StartStamp = start_stamp(info)  # recorded for adoption
         except BaseException:
             self.close()
             raise
@@ -221,17 +221,23 @@ class HostProcess:
 
     @classmethod
     def adopt(
-        cls, pid: int, create_time: float, *, cgroup: CgroupLeaf | None = None
+        cls, pid: int, recorded: StartStamp, *, cgroup: CgroupLeaf | None = None
     ) -> HostProcess | None:
-        """Take over a live host after a supervisor restart; None unless `pid` is alive and
-        started at `create_time` (a recycled pid is refused)."""
+        """Take over a live host after a supervisor restart; None unless `pid` is alive and is
+        the process `recorded` names (same boot, same start: a recycled pid is refused, and a
+        wall-clock step while we were down changes nothing)."""
         if pid <= 0:
             return None
         try:
             host = cls(pid, is_child=False, cgroup=cgroup)
         except ProcessLookupError:
             return None
-        if host._exit_visible() or abs(host.create_time - create_time) > _CREATE_TIME_SLACK:
+        if host._exit_visible():
+            host.close()
+            return None
+        if not recorded.names_same_process(host.start):
+            log.warning("pid %d is not the recorded host: recorded %s, found %s",
+                        pid, recorded, host.start)
             host.close()
             return None
         with contextlib.suppress(psutil.Error, OSError):

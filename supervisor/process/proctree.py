@@ -30,8 +30,16 @@ from dataclasses import dataclass
 
 import psutil
 
+from supervisor import clock
+
 _SWEEP_WAIT = 0.5  # await_exits: longest wait for SIGKILLed processes before the next sweep
 _ENDED = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+START_ROUNDING_S = 0.01
+"""Start times since boot count in clock ticks (10 ms): two reads of one process's start agree to
+one tick, and that is the slack any comparison of them allows."""
+WALL_START_SLACK_S = 1.05
+"""A start on the wall clock rests on /proc/stat's btime, whole seconds that may shift by one: the
+slack of the fallback comparison (runs recorded before v5, macOS), which a wall step defeats."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +107,40 @@ def started_at_uptime(info: ProcInfo) -> float:
     """When `info`'s process started, in seconds since boot: exact to the clock tick, where its
     create_time (placed on the wall clock through a boot time in whole seconds) is not."""
     return info.start - psutil.boot_time()
+
+
+@dataclass(frozen=True, slots=True)
+class StartStamp:
+    """When a process started, as a record kept across our restarts can name it: on the wall
+    clock (psutil's create_time) and, where the kernel gives them (Linux), in the boot it ran in
+    (`boot_id`) and seconds since that boot (`since_boot`).
+
+    Why both: psutil places a start on the wall clock through the boot time, which moves with
+    the wall clock (an NTP step, a VM resumed, `date -s`), so after a step a live process no
+    longer matches its recorded create_time. Its start in ticks since boot never moves, and the
+    boot id tells a reboot apart. `since_boot` is None for a run recorded before schema v5 and
+    where there is no /proc (macOS, whose boot id is made of the boot time and moves with the
+    wall clock, and whose create_time does not): then the wall clock alone decides, as before."""
+
+    wall: float
+    boot_id: str
+    since_boot: float | None
+
+    def names_same_process(self, live: StartStamp) -> bool:
+        """Is `live` (read from the process now under the recorded pid) the process this stamp
+        recorded? Same boot and same start to a tick; the wall start (within a second) only
+        when either has no start since boot."""
+        if clock.BOOT_ID_FROM_KERNEL and self.boot_id != live.boot_id:
+            return False  # another boot: any process under that pid is a stranger
+        if self.since_boot is not None and live.since_boot is not None:
+            return abs(self.since_boot - live.since_boot) <= START_ROUNDING_S
+        return abs(self.wall - live.wall) <= WALL_START_SLACK_S
+
+
+def start_stamp(info: ProcInfo) -> StartStamp:
+    """`info`'s process's start, to record now and compare after a restart of ours."""
+    since_boot = started_at_uptime(info) if clock.BOOT_ID_FROM_KERNEL else None
+    return StartStamp(info.start, clock.BOOT_ID, since_boot)
 
 
 def process_table() -> dict[int, ProcInfo]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import peewee
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The step of the schema history these models describe: the `PRAGMA user_version` of a file
 that needs no migration."""
 
 
 class HostRunRow(peewee.Model):
-    """One spawn of the host; the newest one with no exit is the host to adopt."""
+    """One spawn of the host; the newest one with no exit is the host to adopt, if its process
+    still has the recorded start (`boot_id` + `start_uptime`; `create_time` before v5)."""
 
     id = peewee.AutoField()
     pid = peewee.IntegerField()
@@ -35,6 +36,7 @@ class HostRunRow(peewee.Model):
     code_version = peewee.TextField(null=True)
     swap_id = peewee.TextField(null=True)
     exit_reason = peewee.TextField(null=True)  # lifecycle.ExitReason: why it ended (v4)
+    start_uptime = peewee.FloatField(null=True)  # its start in seconds since boot (v5)
 
     class Meta:
         table_name = "host_run"

@@ -130,11 +130,20 @@ def _v4_exit_reasons(migrator: SqliteMigrator) -> None:
     )
 
 
+def _v5_start_since_boot(migrator: SqliteMigrator) -> None:
+    """Each host run keeps its process's start in seconds since boot: adoption by boot id and
+    that start survives a wall-clock step. Older runs keep NULL and are adopted as before."""
+    migrator.migrate(
+        migrator.add_column("host_run", "start_uptime", peewee.FloatField(null=True))
+    )
+
+
 STEPS: tuple[Callable[[SqliteMigrator], None], ...] = (
     _v1_runs_events_swaps,
     _v2_values_and_lookups,
     _v3_version_in_user_version,
     _v4_exit_reasons,
+    _v5_start_since_boot,
 )
 """Step n (from 1) takes a file from version n - 1 to n; there are SCHEMA_VERSION of them."""
 

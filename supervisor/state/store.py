@@ -80,7 +80,8 @@ _TRIM_EVERY = 1_000
 
 @dataclass(frozen=True, slots=True)
 class HostRun:
-    """One spawn of the host; `pid` + `create_time` + `boot_id` identify it for adoption."""
+    """One spawn of the host; `pid` + `boot_id` + `start_uptime` identify it for adoption
+    (`create_time`, on the wall clock, for a run recorded before v5 or without /proc)."""
 
     id: int
     pid: int
@@ -94,6 +95,7 @@ class HostRun:
     code_version: str | None
     swap_id: str | None
     exit_reason: str | None = None
+    start_uptime: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +197,11 @@ class Store:
         started_at: float,
         code_version: str | None,
         swap_id: str | None,
+        *,
+        start_uptime: float | None = None,
     ) -> int:
-        """Remember a spawn before anything else can happen to it; returns the run id."""
+        """Remember a spawn before anything else can happen to it; returns the run id.
+        `start_uptime`: the process's start in seconds since boot, None where unknown."""
         insert = HostRunRow.insert(
             pid=_count("pid", pid, 1),
             create_time=_finite("create_time", create_time),
@@ -204,6 +209,7 @@ class Store:
             started_at=_finite("started_at", started_at),
             code_version=code_version,
             swap_id=swap_id,
+            start_uptime=None if start_uptime is None else _finite("start_uptime", start_uptime),
         )
         with self._session("record spawn", write=True, durable=False) as db:
             run_id: int = insert.execute(db)
