@@ -11,7 +11,11 @@ Rules it keeps:
 - Loop thread only.
 - A process that cannot be recorded is killed and the spawn fails: better no host than an
   untracked one.
-- An exit is recorded in the store before `on_exit` hears of it, and `process` is None by then.
+- Nothing is written between an exit and the next spawn: the exit is recorded together with the
+  next spawn's record, in one transaction right after the fork, or once `on_exit` returns when
+  no spawn followed. `process` is None by the time `on_exit` hears of the exit. A supervisor
+  killed in between finds the run without an exit at its restart: its process is gone, so the
+  run is closed as lost and an unrecorded host in the leaf is killed (`adopt`).
 - It reaches the runtime only through what it is given: the `on_exit`, `emit` and `schedule`
   callables and the `Counters` record.
 """
@@ -32,7 +36,7 @@ from supervisor.config.schema import Config
 from supervisor.core import lifecycle
 from supervisor.errors import SwapguardError
 from supervisor.process import host
-from supervisor.state.store import Store
+from supervisor.state.store import RunExit, Store
 
 if TYPE_CHECKING:
     from supervisor.daemon.counters import Counters
@@ -78,6 +82,8 @@ class HostRunner:
         self._schedule = schedule
         self.process: host.HostProcess | None = None
         self.run_id: int | None = None
+        self.code_version: str | None = None  # the current run's, as recorded
+        self._unrecorded_exit: RunExit | None = None  # recorded with the next spawn
 
     def adopt(self) -> lifecycle.Adopted | None:
         """The host a previous supervisor left running, if its recorded run is still alive."""
@@ -91,7 +97,7 @@ class HostRunner:
             self._emit("host.lost", {"pid": run.pid, "detail": "gone while swapguard was down"})
             self._kill_unrecorded()
             return None
-        self.process, self.run_id = process, run.id
+        self.process, self.run_id, self.code_version = process, run.id, run.code_version
         self._watch_exit(process)
         boot = clock.boot_clock()
         up_for = max(0.0, time.time() - process.create_time)  # its own start, not our restart
@@ -133,6 +139,8 @@ class HostRunner:
         self.counters.spawns += 1
         try:
             self.run_id = self._record_spawn(process, wall, code_version, swap_id)
+            self.code_version = code_version
+            self._unrecorded_exit = None
         except SwapguardError as exc:
             # A host we could not record would not be adopted after a restart of ours, and a
             # second one would start: better no host than an untracked one.
@@ -152,9 +160,19 @@ class HostRunner:
         for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(2), reraise=True):
             with attempt:
                 return self.store.record_spawn(
-                    process.pid, process.create_time, clock.BOOT_ID, wall, code_version, swap_id
-                )
+                    process.pid, process.create_time, clock.BOOT_ID, wall, code_version, swap_id,
+                    previous=self._unrecorded_exit,
+                )  # fmt: skip
         raise AssertionError("unreachable: tenacity reraises")
+
+    def record_code_version(self, code_version: str) -> None:
+        """The baseline taken after the current run's spawn is the code it started on."""
+        if self.run_id is not None and self.process is not None:
+            try:
+                self.store.record_code_version(self.run_id, code_version)
+                self.code_version = code_version
+            except SwapguardError as exc:  # adoption then takes the baseline again
+                log.error("host run %d: code version not recorded: %s", self.run_id, exc)
 
     def record_ready(self) -> None:
         """The current run became ready: a restarted supervisor adopts it as ready."""
@@ -201,14 +219,24 @@ class HostRunner:
         process.close()
         wall = time.time()
         if self.run_id is not None:
-            try:
-                self.store.record_exit(self.run_id, wall, status.code, status.signal)
-            except SwapguardError as exc:  # a restart finds the run's process gone all the same
-                log.error("host run %d: exit not recorded: %s", self.run_id, exc)
+            self._unrecorded_exit = RunExit(self.run_id, wall, status.code, status.signal)
         if self.process is process:
             self.process = None
-        self._on_exit(
-            lifecycle.Exited(
-                now=clock.boot_clock(), wall=wall, code=status.code, signal=status.signal
+        try:
+            self._on_exit(
+                lifecycle.Exited(
+                    now=clock.boot_clock(), wall=wall, code=status.code, signal=status.signal
+                )
             )
-        )
+        finally:
+            self._record_exit()
+
+    def _record_exit(self) -> None:
+        """The exit no spawn has recorded yet (none followed it)."""
+        end, self._unrecorded_exit = self._unrecorded_exit, None
+        if end is None:
+            return
+        try:
+            self.store.record_exit(end.run_id, end.at, end.code, end.signal)
+        except SwapguardError as exc:  # a restart finds the run's process gone all the same
+            log.error("host run %d: exit not recorded: %s", end.run_id, exc)
