@@ -41,6 +41,7 @@ from typing import Any
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import CodeConfig
 from supervisor.core import swaps
+from supervisor.daemon import faults
 from supervisor.daemon.swapwork import BASELINE_KEY
 from supervisor.errors import SwapguardError
 from supervisor.state.store import Store
@@ -111,12 +112,13 @@ class DriftGuard:
         if not self._swap_in_flight() and (not adopted or missing or unsettled):
             self._pending = True
             self._at_start = (confirmed,)
+            self._unversioned_run = adopted and run_code_version is None
 
     def take_at_start(self) -> None:
         """The baseline `plan_at_start` decided on, in a worker (git's processes are the larger
         part of a cold start: they run once the host is spawned)."""
         if self._at_start is not None:
-            self._refresh_baseline(self._at_start[0])
+            self._refresh_baseline(self._at_start[0], at_start=True)
             self._at_start = None
 
     def refreshing(self) -> bool:
@@ -192,10 +194,10 @@ class DriftGuard:
         self._unversioned_run = False
         self._settled()
 
-    def _refresh_baseline(self, confirmed: str | None = None) -> None:
+    def _refresh_baseline(self, confirmed: str | None = None, *, at_start: bool = False) -> None:
         """In a worker; drift checks and prepares wait for it. `confirmed`: see below."""
         self._pending = True
-        self.pool.submit(self._refresh_baseline_blocking, confirmed)
+        self.pool.submit(self._refresh_baseline_blocking, confirmed, at_start)
 
     def _on_drift(self, baseline: Checkpoint) -> None:
         if self._swap_in_flight() or self.drifted or self._pending:
@@ -219,8 +221,10 @@ class DriftGuard:
             self._recheck = False
             self.on_tree_changed()
 
-    def _refresh_baseline_blocking(self, confirmed: str | None = None) -> None:
+    def _refresh_baseline_blocking(self, confirmed: str | None, at_start: bool = False) -> None:
         """In a worker. `confirmed`: the id of the confirmed swap whose code this baseline is."""
+        if at_start:
+            faults.reached("baseline/at_start")  # the host is spawned, its baseline not yet taken
         try:
             self.code.check()
             checkpoint = self.code.take("baseline")

@@ -1,7 +1,8 @@
 """Fault injection for the test suite: a kill -9 or a stuck loop at a chosen swap point.
 
 `SWAPGUARD_CRASH_AT=<state>/<step>` makes the daemon die (exit 86) right after that swap record
-is persisted and before its actions run, as a kill -9 would. `SWAPGUARD_STALL_AT=<state>/<step>`
+is persisted and before its actions run, as a kill -9 would (`baseline/at_start`: once the host
+is spawned at start, before its code baseline is taken). `SWAPGUARD_STALL_AT=<state>/<step>`
 blocks the loop there for good, as a call that never returns would: the stall detector must end
 the process. Both are read once at import; unset, `reached` is one comparison.
 """
