@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from supervisor.code.checkpoint import Checkpoint, CodeTree
+from supervisor.code.refstat import head_signature
 from supervisor.config.schema import CodeConfig
 from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.swapwork import BASELINE_KEY
 from supervisor.state.store import Store
-from tests.support import make_sample_repo
+from tests.support import git, make_sample_repo
 
 WAIT_S = 30.0
 
@@ -109,3 +110,28 @@ def test_an_adopted_run_without_a_code_version_gets_its_baseline(
         asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
     finally:
         pool.shutdown(wait=True)
+
+
+def test_head_moves_are_seen_in_the_files_git_keeps_it_in(tmp_path: Path) -> None:
+    """What lets a crash loop skip `git rev-parse`: every way HEAD moves changes the signature."""
+    repo = make_sample_repo(tmp_path / "repo")
+    git_dir = repo / ".git"
+    first = head_signature(git_dir)
+    assert first is not None and head_signature(git_dir) == first
+    (repo / "README.txt").write_text("nothing committed: HEAD stays\n")
+    assert head_signature(git_dir) == first
+    seen = [first]
+    for args in (
+        ("commit", "-qam", "moved"),  # the branch's loose ref
+        ("checkout", "-qb", "other"),  # HEAD names another ref
+        ("pack-refs", "--all"),  # the ref goes into packed-refs
+        ("commit", "-q", "--allow-empty", "-m", "again"),
+        ("checkout", "-q", "--detach"),  # HEAD holds a commit
+    ):
+        git(repo, *args)
+        now = head_signature(git_dir)
+        assert now is not None and now not in seen, args
+        seen.append(now)
+    git(repo, "worktree", "add", "-q", str(tmp_path / "linked"))
+    linked = Path(git(tmp_path / "linked", "rev-parse", "--absolute-git-dir").strip())
+    assert head_signature(linked) is None  # its refs live in the common dir: ask git

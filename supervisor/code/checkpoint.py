@@ -256,6 +256,10 @@ class CodeTree:
             current = self._capture(scratch / "current")
         return current != self._tree_of(cp)
 
+    def git_dir(self) -> Path:
+        """The work tree's git dir (asked of git once)."""
+        return self._git_dir()
+
     def head(self) -> str | None:
         """HEAD's commit, or None on an unborn branch."""
         found = self._git.run("rev-parse", "-q", "--verify", "HEAD^{commit}", ok=(1,))

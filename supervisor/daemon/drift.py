@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from supervisor.code import refstat
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import CodeConfig
 from supervisor.core import swaps
@@ -89,6 +90,7 @@ class DriftGuard:
         self._head_job: Future[None] | None = None
         self._head_again = False  # a spawn came while the job ran: read HEAD once more
         self._at_start: tuple[str | None] | None = None  # planned at start: (confirmed swap,)
+        self._head_signature: refstat.Signature | None = None  # of the HEAD last read (worker)
         baseline = store.get_value(BASELINE_KEY)
         self.code_version: str | None = (
             baseline.get("commit") if isinstance(baseline, dict) else None
@@ -238,9 +240,15 @@ class DriftGuard:
         self.loop.call_soon_threadsafe(self.baseline_taken, checkpoint)
 
     def _refresh_head_blocking(self) -> None:
-        """In a worker: status shows the HEAD the host was started on; git is asked off the loop."""
+        """In a worker: status shows the HEAD the host was started on; git is asked off the loop,
+        and only when the files HEAD is kept in changed since it was last asked (`refstat`)."""
         try:
-            head: str | None = self.code.head()
+            signature = refstat.head_signature(self.code.git_dir())  # before git: a move meanwhile
+            if signature is not None and signature == self._head_signature:  # is seen next time
+                head: str | None = self.head
+            else:
+                head = self.code.head()
+                self._head_signature = signature
         except SwapguardError:
             head = None
         self.loop.call_soon_threadsafe(self._head_read, head)
