@@ -41,7 +41,9 @@ FLOOR = "floor"
 LAUNCHER = (
     "import subprocess, sys\nfor _ in range(int(sys.argv[1])):\n    subprocess.run(sys.argv[2:])"
 )
-SWAPGUARD_SETTINGS = "restart_delay 0, min_uptime 0, ready = started"
+SWAPGUARD_SETTINGS = (
+    "restart_delay 0, min_uptime 0, ready = started, bytecode compiled first (as an install does)"
+)
 SUPERVISORD_SETTINGS = "autorestart, startsecs 0, startretries 1e6 (its loop polls once a second)"
 
 

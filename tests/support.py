@@ -160,6 +160,10 @@ class Supervisor:
         wait_for(self._status_while_alive, what="the control socket")
         if wait_ready:
             self.wait_host(ready=True)
+            # the code baseline is taken once the host is spawned: a test that changes the tree
+            # next means a change to the code the host started on
+            wait_for(lambda: self.status()["host"]["code_version"]
+                     or "no code baseline" in self.output(), what="the code baseline")
         return self
 
     def status(self) -> dict[str, Any]:

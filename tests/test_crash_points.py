@@ -500,3 +500,26 @@ def test_an_undeclared_change_while_no_supervisor_ran_is_guarded(repo: Path) -> 
         sup.client.abort(guard["id"])
         sup.wait_swap(guard["id"], "aborted")
         assert tree_state(repo) == before
+
+
+def test_a_kill_between_the_spawn_and_its_baseline_leaves_a_consistent_state(repo: Path) -> None:
+    """The baseline at start is taken after the host's spawn: swapguard dying in between leaves
+    the host recorded without a code version; the next swapguard adopts that very host (no second
+    one), takes the baseline then, records it as the run's, and sees no drift."""
+    with supervised(repo) as sup:
+        launch(sup, "baseline/at_start")
+        expect_crash(sup, "baseline/at_start")
+        db = sup.state / "state.db"
+        (pid, version), = rows(db, "SELECT pid, code_version FROM host_run WHERE exited_at IS NULL")
+        assert version is None  # spawned, recorded, its baseline not taken
+        assert rows(db, "SELECT value FROM kv WHERE key = 'host_checkpoint'") == []
+        launch(sup, None)
+        host = alive(sup).wait_host(ready=True)
+        assert host["pid"] == pid and one_host(repo) == pid  # adopted, never two
+        commit = wait_for(lambda: sup.status()["host"]["code_version"], what="the baseline")
+        wait_for(lambda: rows(db, "SELECT code_version FROM host_run WHERE exited_at IS NULL")
+                 == [(commit,)], what="the baseline recorded as the adopted run's code")
+        time.sleep(1.0)  # a drift check, were one to come, has come by now
+        status = sup.status()
+        assert status["code"]["drift"] is False and status["swap"] is None
+        assert "host.lost" not in sup.events()

@@ -25,6 +25,7 @@ from supervisor.state.store import (
     SCHEMA_VERSION,
     EventRecord,
     HostRun,
+    RunExit,
     StateLock,
     Store,
     StoreError,
@@ -408,6 +409,46 @@ def test_host_runs_round_trip(store: Store) -> None:
     newest, oldest = runs(store)
     assert newest.exit_signal == signal.SIGKILL and newest.exit_code is None
     assert oldest == HostRun(first, 100, 10.25, "boot-1", 11.0, 12.0, 13.0, 1, None, "cp-1", None)
+
+
+def test_a_restart_records_the_exit_with_the_next_spawn(store: Store) -> None:
+    """One transaction after the fork: the old run closed and the new one opened together."""
+    first = store.record_spawn(100, 10.25, "boot-1", 11.0, None, None)
+    second = store.record_spawn(
+        101, 14.5, "boot-1", 15.0, None, None, previous=RunExit(first, 13.0, 1, None)
+    )
+    assert store.live_run() == HostRun(
+        second, 101, 14.5, "boot-1", 15.0, None, None, None, None, None, None
+    )
+    assert runs(store)[1] == HostRun(
+        first, 100, 10.25, "boot-1", 11.0, None, 13.0, 1, None, None, None
+    )
+    store.record_code_version(second, "cp-1")  # the baseline, taken after the spawn
+    live = store.live_run()
+    assert live is not None and live.code_version == "cp-1"
+    # a previous run that is not there (never the case) costs a warning, never the spawn
+    missing = RunExit(77, 1.0, 0, None)
+    third = store.record_spawn(102, 16.0, "boot-1", 16.5, None, None, previous=missing)
+    assert store.live_run() is not None and third > second
+    with pytest.raises(ValueError, match="at"):
+        endless = RunExit(third, float("inf"), 0, None)
+        store.record_spawn(103, 1.0, "boot", 1.0, None, None, previous=endless)
+    live = store.live_run()
+    assert live is not None and live.id == third  # a refused spawn record changes nothing
+
+
+def test_events_of_one_turn_go_in_one_transaction_in_order(store: Store) -> None:
+    records = store.append_events([
+        ("host.exited", {"code": 1}, None, 5.0),
+        ("host.started", {"pid": 7}, None, 5.5),
+        ("swap.noted", {}, "swap-1", 6.0),
+    ])
+    assert [(r.kind, r.at, r.swap_id) for r in records] == [
+        ("host.exited", 5.0, None), ("host.started", 5.5, None), ("swap.noted", 6.0, "swap-1")]
+    assert [r.id for r in records] == [r.id for r in store.events_after(0)]
+    with pytest.raises(ValueError, match="JSON"):
+        store.append_events([("host.ok", {}, None, 7.0), ("host.bad", {"x": {1, 2}}, None, 7.0)])
+    assert len(store.events_after(0)) == 3  # all or nothing
 
 
 def test_host_run_updates_and_spawns_check_their_input(store: Store) -> None:

@@ -288,6 +288,10 @@ class CodeTree:
         found = index if treepaths.is_regular(index) else None
         return generated.looks_generated(self._git, found, self.excluded)
 
+    def git_dir(self) -> Path:
+        """The work tree's git dir (asked of git once)."""
+        return self._git_dir()
+
     def head(self) -> str | None:
         """HEAD's commit, or None on an unborn branch."""
         found = self._git.run("rev-parse", "-q", "--verify", "HEAD^{commit}", ok=(1,))

@@ -2,7 +2,8 @@
 
 Why it exists: a host that rewrites its code without preparing a swap leaves nothing to roll back
 to. The baseline is a checkpoint of the code the running host was started on (taken at start,
-after a confirmed swap, after a rollback's restore, and when a drifted tree is started); a tree
+right after the host's spawn, after a confirmed swap, after a rollback's restore, and when a
+drifted tree is started); a tree
 that differs from it has drifted. Drift is reported as a `code.drift` event, and with
 `undeclared_changes = "guard"` it becomes an automatic swap prepared *from the baseline*, so the
 deadman clock can roll the change back. Status shows the baseline's commit (`code_version`), the
@@ -12,12 +13,21 @@ Rules it keeps:
 - Loop thread only. Git and the baseline's store writes run in the runtime's worker pool; their
   results come back through `call_soon_threadsafe`.
 - No drift check while a baseline refresh is pending: it would compare against the version from
-  before a confirmed swap and "guard" the one just confirmed. A change seen meanwhile is checked
-  once the refresh settles.
+  before a confirmed swap (or, at start, the version of an earlier run) and "guard" the one the
+  host runs. A change seen meanwhile is checked once the refresh settles, and a prepare waits for
+  it (`settled`): every swap is prepared with the host's baseline in place.
+- The baseline at start is taken after the host is spawned (git's processes are the larger part
+  of a cold start): a run spawned while a refresh is pending is recorded without a code version,
+  which the baseline fills in (`record_code_version`). A run adopted without one (swapguard was
+  killed before its baseline was taken) gets its baseline then, from the tree as it is.
+- The HEAD shown for a new host is read by one git run at a time: a spawn while one is queued
+  waits for it, a spawn while one runs has it run once more (a crash loop does not queue one per
+  restart).
 - A check answered against a baseline that has since been replaced is asked again, never acted on.
 - Nothing is checked or guarded while a swap is in flight: the swap owns the tree then.
-- It reaches the runtime only through the three callables it is given (`swap_in_flight`, `emit`,
-  `prepare_swap`), and the runtime reads it only through its public methods and attributes.
+- It reaches the runtime only through the callables it is given (`swap_in_flight`, `emit`,
+  `prepare_swap`, `record_code_version`), and the runtime reads it only through its public
+  methods and attributes.
 """
 
 from __future__ import annotations
@@ -25,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from supervisor.code import refstat
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.config.schema import CodeConfig
 from supervisor.core import swaps
+from supervisor.daemon import faults
 from supervisor.daemon.swapwork import BASELINE_KEY
 from supervisor.errors import SwapguardError
 from supervisor.state.store import Store
@@ -56,9 +68,11 @@ class DriftGuard:
         swap_in_flight: Callable[[], bool],
         emit: Callable[[str, Mapping[str, Any]], None],
         prepare_swap: Callable[[str, Checkpoint], None],
+        record_code_version: Callable[[str], None],
     ) -> None:
         """`prepare_swap(summary, checkpoint)` starts an automatic swap from that checkpoint in
-        the background; `emit(kind, detail)` records an audit event."""
+        the background; `emit(kind, detail)` records an audit event; `record_code_version(commit)`
+        records the baseline as the code of a run spawned while it was pending."""
         self.config = config
         self.store = store
         self.code = code
@@ -67,27 +81,62 @@ class DriftGuard:
         self._swap_in_flight = swap_in_flight
         self._emit = emit
         self._prepare_swap = prepare_swap
+        self._record_code_version = record_code_version
         self.drifted = False
-        self._pending = False  # a baseline refresh after a confirm is on its way
+        self._pending = False  # a baseline refresh (at start, after a confirm) is on its way
         self._recheck = False  # a change was seen while it was
+        self._unversioned_run = False  # the current run was spawned while it was
+        self._settle_waiters: list[asyncio.Future[None]] = []
+        self._head_job: Future[None] | None = None
+        self._head_again = False  # a spawn came while the job ran: read HEAD once more
+        self._at_start: tuple[str | None] | None = None  # planned at start: (confirmed swap,)
+        self._head_signature: refstat.Signature | None = None  # of the HEAD last read (worker)
         baseline = store.get_value(BASELINE_KEY)
         self.code_version: str | None = (
             baseline.get("commit") if isinstance(baseline, dict) else None
         )
         self.head: str | None = baseline.get("head") if isinstance(baseline, dict) else None
 
-    async def take_at_start(self, *, adopted: bool) -> None:
-        """The checkpoint of the code the host starts on: what the drift guard falls back to.
+    def plan_at_start(self, *, adopted: bool, run_code_version: str | None) -> None:
+        """Before the host is started: is the checkpoint of the code it starts on (what the drift
+        guard falls back to) to be taken? If so, from now on drift checks and prepares wait for
+        it (`settled`), and a run spawned meanwhile gets it as its code version. `take_at_start`
+        then takes it, once the host is spawned.
 
-        Taken unless a swap is in flight, or an adopted host already has one that no confirm
-        (made while swapguard was down) has outdated."""
+        Taken unless a swap is in flight, or an adopted host already has one
+        (`run_code_version`) that no confirm (made while swapguard was down) has outdated."""
         newest = self.store.list_swaps(limit=1)
         confirmed = newest[0]["id"] if newest and newest[0]["state"] == "confirmed" else None
         unsettled = confirmed is not None and (
             self.store.get_value(BASELINE_CONFIRMED_KEY) != confirmed
         )
-        if not self._swap_in_flight() and (not adopted or self.code_version is None or unsettled):
-            await self.loop.run_in_executor(self.pool, self._refresh_baseline_blocking, confirmed)
+        missing = self.code_version is None or run_code_version is None
+        if not self._swap_in_flight() and (not adopted or missing or unsettled):
+            self._pending = True
+            self._at_start = (confirmed,)
+            self._unversioned_run = adopted and run_code_version is None
+
+    def take_at_start(self) -> None:
+        """The baseline `plan_at_start` decided on, in a worker (git's processes are the larger
+        part of a cold start: they run once the host is spawned)."""
+        if self._at_start is not None:
+            self._refresh_baseline(self._at_start[0], at_start=True)
+            self._at_start = None
+
+    def refreshing(self) -> bool:
+        """Is a baseline on its way? A run spawned now gets its code version from it."""
+        return self._pending
+
+    def on_run_spawned(self) -> None:
+        """A host process was spawned: recorded without a code version if a refresh is pending."""
+        self._unversioned_run = self._pending
+
+    async def settled(self) -> None:
+        """Returns once no baseline refresh is pending (at once when none is)."""
+        while self._pending:
+            waiter = self.loop.create_future()
+            self._settle_waiters.append(waiter)
+            await waiter
 
     def on_tree_changed(self) -> None:
         """From the watcher (via call_soon_threadsafe): compare the tree with the running code."""
@@ -111,9 +160,20 @@ class DriftGuard:
     def on_host_spawned(self) -> None:
         """A new host process: status shows its HEAD, and a drifted tree it starts on is the
         baseline from now on (outside a swap)."""
-        self.pool.submit(self._refresh_head_blocking)
+        self.on_run_spawned()
         if self.drifted and not self._swap_in_flight():
-            self.pool.submit(self._refresh_baseline_blocking)
+            self._refresh_baseline()  # a baseline carries its HEAD
+        elif not self._pending:
+            self._refresh_head()
+
+    def _refresh_head(self) -> None:
+        job = self._head_job
+        if job is not None and not job.done():
+            # Queued: it reads HEAD after this spawn anyway. Running: it may have read it before.
+            self._head_again = self._head_again or job.running()
+            return
+        self._head_again = False
+        self._head_job = self.pool.submit(self._refresh_head_blocking)
 
     def on_swap_finished(self, swap: swaps.Swap) -> None:
         """A confirmed swap's tree becomes the baseline; after an abort or a rollback the tree is
@@ -121,8 +181,7 @@ class DriftGuard:
         if swap.state is swaps.SwapState.CONFIRMED:
             # Until the confirmed tree is the baseline, a drift check would compare against the
             # version before the swap and "guard" the one just confirmed.
-            self._pending = True
-            self.pool.submit(self._refresh_baseline_blocking, swap.id)
+            self._refresh_baseline(swap.id)
         else:
             self.drifted = False
 
@@ -132,7 +191,15 @@ class DriftGuard:
         self.code_version = checkpoint.commit
         if not self._swap_in_flight():
             self.drifted = False
+        if self._unversioned_run and checkpoint.commit:
+            self._record_code_version(checkpoint.commit)
+        self._unversioned_run = False
         self._settled()
+
+    def _refresh_baseline(self, confirmed: str | None = None, *, at_start: bool = False) -> None:
+        """In a worker; drift checks and prepares wait for it. `confirmed`: see below."""
+        self._pending = True
+        self.pool.submit(self._refresh_baseline_blocking, confirmed, at_start)
 
     def _on_drift(self, baseline: Checkpoint) -> None:
         if self._swap_in_flight() or self.drifted or self._pending:
@@ -147,12 +214,19 @@ class DriftGuard:
 
     def _settled(self) -> None:
         self._pending = False
+        self._unversioned_run = False
+        waiters, self._settle_waiters = self._settle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if self._recheck:
             self._recheck = False
             self.on_tree_changed()
 
-    def _refresh_baseline_blocking(self, confirmed: str | None = None) -> None:
+    def _refresh_baseline_blocking(self, confirmed: str | None, at_start: bool = False) -> None:
         """In a worker. `confirmed`: the id of the confirmed swap whose code this baseline is."""
+        if at_start:
+            faults.reached("baseline/at_start")  # the host is spawned, its baseline not yet taken
         try:
             self.code.check()
             checkpoint = self.code.take("baseline")
@@ -166,9 +240,21 @@ class DriftGuard:
         self.loop.call_soon_threadsafe(self.baseline_taken, checkpoint)
 
     def _refresh_head_blocking(self) -> None:
-        """In a worker: status shows the HEAD the host was started on; git is asked off the loop."""
+        """In a worker: status shows the HEAD the host was started on; git is asked off the loop,
+        and only when the files HEAD is kept in changed since it was last asked (`refstat`)."""
         try:
-            head = self.code.head()
+            signature = refstat.head_signature(self.code.git_dir())  # before git: a move meanwhile
+            if signature is not None and signature == self._head_signature:  # is seen next time
+                head: str | None = self.head
+            else:
+                head = self.code.head()
+                self._head_signature = signature
         except SwapguardError:
-            return
-        self.loop.call_soon_threadsafe(setattr, self, "head", head)
+            head = None
+        self.loop.call_soon_threadsafe(self._head_read, head)
+
+    def _head_read(self, head: str | None) -> None:
+        if head is not None:
+            self.head = head
+        if self._head_again:
+            self._refresh_head()

@@ -5,7 +5,8 @@ comparison where it sits. `<point>` is `<state>/<step>` of a swap record just pe
 (`probation/None` once the new version runs).
 
 - `SWAPGUARD_CRASH_AT=<point>`: die (exit 86) right after that record is persisted and before its
-  actions run, as a kill -9 would.
+  actions run, as a kill -9 would (`baseline/at_start`: once the host is spawned at start,
+  before its code baseline is taken).
 - `SWAPGUARD_STALL_AT=<point>`: block the loop there for good, as a call that never returns would:
   the stall detector must end the process.
 - `SWAPGUARD_STORE_FAILS_AT=<point>`: from there, for `SWAPGUARD_STORE_FAILS_S` seconds (default

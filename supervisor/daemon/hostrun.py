@@ -11,7 +11,12 @@ Rules it keeps:
 - Loop thread only.
 - A process that cannot be recorded is killed and the spawn fails: better no host than an
   untracked one.
-- An exit is recorded in the store before `on_exit` hears of it, and `process` is None by then.
+- Nothing is written between an exit and the next spawn: the exit (with why it happened, once the
+  lifecycle machine decided it) is recorded together with the next spawn's record, in one
+  transaction right after the fork, or once `on_exit` returns when no spawn followed. `process` is
+  None by the time `on_exit` hears of the exit. A supervisor killed in between finds the run
+  without an exit at its restart: its process is gone, so the run is closed as lost and an
+  unrecorded host in the leaf is killed (`adopt`).
 - A kill of the host's tree sends its signals on the loop and waits for the exits on one of the
   `workers` it was given (reserved for what a rollback cannot wait for); `on_tree_gone` hears
   the end, whatever it was.
@@ -22,6 +27,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -37,7 +43,7 @@ from supervisor.core import lifecycle
 from supervisor.daemon import faults
 from supervisor.errors import SwapguardError
 from supervisor.process import host, identity, proctree
-from supervisor.state.store import Store
+from supervisor.state.store import RunExit, Store
 
 if TYPE_CHECKING:
     from supervisor.daemon.counters import Counters
@@ -92,6 +98,8 @@ class HostRunner:
         self.process: host.HostProcess | None = None
         self.run_id: int | None = None
         self._ended_run_id: int | None = None  # the run whose exit awaits its reason
+        self.code_version: str | None = None  # the current run's, as recorded
+        self._unrecorded_exit: RunExit | None = None  # recorded with the next spawn
 
     def adopt(self) -> lifecycle.Adopted | None:
         """The host a previous supervisor left running, if its recorded run is still alive."""
@@ -107,7 +115,7 @@ class HostRunner:
             self._emit("host.lost", {"pid": run.pid, "detail": gone})
             self._kill_unrecorded()
             return None
-        self.process, self.run_id = process, run.id
+        self.process, self.run_id, self.code_version = process, run.id, run.code_version
         self._watch_exit(process)
         boot = clock.boot_clock()
         started = process.start.since_boot  # its own start, not our restart, on the boot clock
@@ -190,6 +198,8 @@ class HostRunner:
         self.counters.spawns += 1
         try:
             self.run_id = self._record_spawn(process, wall, code_version, swap_id)
+            self.code_version = code_version
+            self._unrecorded_exit = None
         except SwapguardError as exc:
             # A host we could not record would not be adopted after a restart of ours, and a
             # second one would start: better no host than an untracked one.
@@ -211,9 +221,18 @@ class HostRunner:
                 start = process.start
                 return self.store.record_spawn(
                     process.pid, start.wall, start.boot_id, wall, code_version, swap_id,
-                    start_uptime=start.since_boot,
+                    start_uptime=start.since_boot, previous=self._unrecorded_exit,
                 )
         raise AssertionError("unreachable: tenacity reraises")
+
+    def record_code_version(self, code_version: str) -> None:
+        """The baseline taken after the current run's spawn is the code it started on."""
+        if self.run_id is not None and self.process is not None:
+            try:
+                self.store.record_code_version(self.run_id, code_version)
+                self.code_version = code_version
+            except SwapguardError as exc:  # adoption then takes the baseline again
+                log.error("host run %d: code version not recorded: %s", self.run_id, exc)
 
     def record_ready(self) -> None:
         """The current run became ready: a restarted supervisor adopts it as ready."""
@@ -224,8 +243,14 @@ class HostRunner:
                 log.error("host run %d: readiness not recorded: %s", self.run_id, exc)
 
     def record_exit_reason(self, reason: str) -> None:
-        """Why the run that just exited ended, once the lifecycle machine decided it."""
+        """Why the run that just exited ended, once the lifecycle machine decided it: with the
+        exit itself while that waits for the next spawn's transaction (nothing is written
+        between an exit and the next spawn), else on its own."""
         run_id, self._ended_run_id = self._ended_run_id, None
+        pending = self._unrecorded_exit
+        if pending is not None and pending.run_id == run_id:
+            self._unrecorded_exit = dataclasses.replace(pending, reason=reason)
+            return
         if run_id is not None:
             try:
                 self.store.record_exit_reason(run_id, reason)
@@ -274,14 +299,24 @@ class HostRunner:
         wall = time.time()
         self._ended_run_id = self.run_id
         if self.run_id is not None:
-            try:
-                self.store.record_exit(self.run_id, wall, status.code, status.signal)
-            except SwapguardError as exc:  # a restart finds the run's process gone all the same
-                log.error("host run %d: exit not recorded: %s", self.run_id, exc)
+            self._unrecorded_exit = RunExit(self.run_id, wall, status.code, status.signal)
         if self.process is process:
             self.process = None
-        self._on_exit(
-            lifecycle.Exited(
-                now=clock.boot_clock(), wall=wall, code=status.code, signal=status.signal
+        try:
+            self._on_exit(
+                lifecycle.Exited(
+                    now=clock.boot_clock(), wall=wall, code=status.code, signal=status.signal
+                )
             )
-        )
+        finally:
+            self._record_exit()
+
+    def _record_exit(self) -> None:
+        """The exit no spawn has recorded yet (none followed it)."""
+        end, self._unrecorded_exit = self._unrecorded_exit, None
+        if end is None:
+            return
+        try:
+            self.store.record_exit(end.run_id, end.at, end.code, end.signal, end.reason)
+        except SwapguardError as exc:  # a restart finds the run's process gone all the same
+            log.error("host run %d: exit not recorded: %s", end.run_id, exc)

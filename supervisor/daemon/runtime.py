@@ -27,6 +27,12 @@ Order matters in three places:
   steps resumes at the step that was in progress (every step is repeatable);
 - a host spawn is recorded (pid, start time) right after the fork, so a restarted supervisor adopts
   the process instead of starting a second one (`hostrun`).
+
+What lies between a host's exit and the next spawn is kept to what decides it (the step) and what
+must precede it (the tree's kill): the exit is recorded with the next spawn (`hostrun`), and the
+audit entries of a turn are written together once its orders are performed, or before a swap
+record is saved (`_emit`), so the log keeps its order; the code baseline at start is taken once the
+host is spawned (`drift`).
 """
 
 from __future__ import annotations
@@ -138,11 +144,13 @@ class Runtime:
             swap_in_flight=lambda: self.swap is not None,
             emit=self._emit,
             prepare_swap=self._prepare_in_background,
+            record_code_version=lambda commit: self.host_runner.record_code_version(commit),
         )
         self.timer = WakeTimer(self._tick)
         self.notify_input = NotifyInput(self.notify_server, self.counters, self, timer=self.timer)
         self._queue: deque[sv.Event] = deque()
         self._feeding = False
+        self._unwritten: list[tuple[str, dict[str, Any], str | None, float]] = []  # see _emit
         self._event_name = "-"
         self._confirm_waiters: dict[str, list[asyncio.Future[str | None]]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -176,8 +184,13 @@ class Runtime:
         recalled = self.host_runner.recall_last_exit()
         if adopted is not None:
             self.feed_host(adopted)
-        await self.drift_guard.take_at_start(adopted=adopted is not None)
+        # The host is spawned before the code baseline is taken (in a worker): a prepare and a
+        # drift check wait for it, the host's start does not.
+        self.drift_guard.plan_at_start(
+            adopted=adopted is not None, run_code_version=self.host_runner.code_version
+        )
         self.feed(sv.Resumed(now=clock.now(), adopted=adopted is not None, recalled=recalled))
+        self.drift_guard.take_at_start()
         self.timer.wake_now()
         self.pool.submit(self.work.measure_disk)  # status and /metrics show the disk at once
 
@@ -246,6 +259,7 @@ class Runtime:
                     except Exception:
                         log.exception("performing %s failed", type(queued).__name__)
             finally:
+                self._write_events()
                 self._feeding = False
                 self.published = self.state
                 self._after_change()
@@ -340,9 +354,9 @@ class Runtime:
                 self._answer_confirm(swap_id, error)
 
     def _spawn(self, env: Mapping[str, str], swap_id: str | None) -> None:
-        event = self.host_runner.spawn(
-            env, code_version=self.drift_guard.code_version, swap_id=swap_id
-        )
+        guard = self.drift_guard
+        version = None if guard.refreshing() else guard.code_version  # else: filled in later
+        event = self.host_runner.spawn(env, code_version=version, swap_id=swap_id)
         self.feed_host(event)
         if isinstance(event, lifecycle.Spawned):
             self.drift_guard.on_host_spawned()
@@ -353,6 +367,7 @@ class Runtime:
         log.info("swap %s --%s--> %s/%s", swap.id, self._event_name, swap.state, swap.step)
         unsaved_events = self._unsaved[1] if self._unsaved is not None else []
         self._unsaved = (swap, [*unsaved_events, *((kind, dict(d)) for kind, d in events)])
+        self._write_events()  # the entries before it keep their place in the log
         self._save_unsaved()
         faults.reached(f"{swap.state.value}/{swap.step}", pool=self.pool)
 
@@ -489,6 +504,9 @@ class Runtime:
                 raise Conflict(f"swap {self.swap.id} is in flight ({self.swap.state})")
         swap_id = clock.new_id()
         if checkpoint is None:
+            # Every swap is prepared with the baseline of the host in place (it is taken after
+            # the spawn at start): a drift check after the swap compares against it.
+            await self.drift_guard.settled()
             checkpoint = await self.loop.run_in_executor(
                 self.pool, self.work.take_checkpoint, swap_id
             )
@@ -601,13 +619,30 @@ class Runtime:
 
     def _emit(self, kind: str, detail: Mapping[str, Any], swap_id: str | None = None) -> None:
         """Into the audit log; a store that refuses it costs the entry (logged), never the orders
-        that follow it."""
-        try:
-            record = self.store.append_event(kind, dict(detail), swap_id=swap_id)
-        except StoreError as exc:
-            log.error("event %s %s not recorded: %s", kind, dict(detail), exc)
+        that follow it. While a turn of the machine is performed, entries wait for its end (or
+        the next swap record saved) and go in one transaction: a restart writes nothing between
+        the host's exit and the next spawn, and one commit after it."""
+        self._unwritten.append((kind, dict(detail), swap_id, time.time()))
+        if not self._feeding:
+            self._write_events()
+
+    def _write_events(self) -> None:
+        entries, self._unwritten = self._unwritten, []
+        if not entries:
             return
-        self.hooks.submit(record.to_json())
+        try:
+            records = self.store.append_events(entries)
+        except (StoreError, ValueError) as exc:
+            if len(entries) > 1 and isinstance(exc, ValueError):  # one bad entry: keep the rest
+                for entry in entries:
+                    self._unwritten = [entry]
+                    self._write_events()
+                return
+            for kind, detail, _, _ in entries:
+                log.error("event %s %s not recorded: %s", kind, detail, exc)
+            return
+        for record in records:
+            self.hooks.submit(record.to_json())
 
     def _schedule(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

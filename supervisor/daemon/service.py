@@ -19,14 +19,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from supervisor import clock
 from supervisor.code.checkpoint import Checkpoint
-from supervisor.code.watch import CodeWatcher
 from supervisor.config.schema import Config
 from supervisor.control import page, peers, views
-from supervisor.control.listener import ReadOnlyListener
 from supervisor.control.routes import CALL_LIMIT_S
 from supervisor.control.server import Backend, ControlServer, Peer
 from supervisor.core import lifecycle, swaps
@@ -38,6 +36,9 @@ from supervisor.errors import BadRequest, NotFound, NotReachable, SwapguardError
 from supervisor.process import host, identity, outputlog
 from supervisor.state.lock import share_with_host
 from supervisor.state.store import StateLock, Store
+
+if TYPE_CHECKING:
+    from supervisor.code.watch import CodeWatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -300,7 +301,7 @@ def run(config: Config) -> int:
     except BaseException:
         lock.release()
         raise
-    store = Store.open(config.state.dir)
+    store = Store.open(config.state.dir, reserve=False)  # made once the host is started
     try:
         if not host.become_subreaper():
             log.info("no child subreaper here: orphans of the host are found by scanning only")
@@ -355,6 +356,8 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     host_server = _host_control(config, runtime)
     listener = None
     if config.control.http_listen is not None:
+        from supervisor.control.listener import ReadOnlyListener  # only where one is configured
+
         listener = ReadOnlyListener(*config.control.http_listen, LoopBackend(runtime))
         listener.serve_in_thread()
     stop = asyncio.Event()
@@ -365,6 +368,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     if host_server is not None:
         host_server.serve_in_thread()
     await runtime.start()
+    runtime.pool.submit(store.keep_reserve)  # 4 MiB and an fsync at a first start: not before
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
@@ -425,6 +429,9 @@ def _reopen_logs() -> None:
 def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
     if config.code.undeclared_changes == "ignore" or not (config.code.root / ".git").exists():
         return None
+    # watchdog is loaded here, once the host is started: a cold start does not wait for it
+    from supervisor.code.watch import CodeWatcher
+
     loop = runtime.loop
     watcher = CodeWatcher(
         config.code.root,

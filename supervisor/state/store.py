@@ -99,6 +99,17 @@ class HostRun:
 
 
 @dataclass(frozen=True, slots=True)
+class RunExit:
+    """How a run ended, to be recorded (`record_exit`, or with the next spawn's record)."""
+
+    run_id: int
+    at: float
+    code: int | None
+    signal: int | None
+    reason: str | None = None  # why, once the lifecycle machine decided it
+
+
+@dataclass(frozen=True, slots=True)
 class EventRecord:
     """One entry of the audit log (appended to, and trimmed from the oldest end only); `at` is
     wall-clock epoch seconds."""
@@ -145,8 +156,10 @@ class Store:
         self.path = path
 
     @classmethod
-    def open(cls, state_dir: Path) -> Store:
-        """Create the state dir if needed, open `state.db`, migrate it to SCHEMA_VERSION."""
+    def open(cls, state_dir: Path, *, reserve: bool = True) -> Store:
+        """Create the state dir if needed, open `state.db`, migrate it to SCHEMA_VERSION.
+        `reserve=False`: the caller makes the reserve later (`keep_reserve`), e.g. once the host
+        is started (a first start writes 4 MiB and fsyncs them)."""
         state_dir = Path(state_dir)
         prepare_state_dir(state_dir)
         path = state_dir / DB_NAME
@@ -170,8 +183,14 @@ class Store:
             if isinstance(exc, _DB_ERRORS):
                 raise StoreError(f"cannot open state store {path}: {_first_failure(exc)}") from exc
             raise
-        _keep_reserve(state_dir / RESERVE_NAME)  # once the store is ours and opened
-        return cls(db, path)
+        store = cls(db, path)
+        if reserve:
+            store.keep_reserve()
+        return store
+
+    def keep_reserve(self) -> None:
+        """Make (or keep) the reserve a full disk gives back: once the store is ours and opened."""
+        _keep_reserve(self.path.with_name(RESERVE_NAME))
 
     def close(self) -> None:
         """Idempotent. The last connection to go folds the WAL into the file."""
@@ -199,9 +218,14 @@ class Store:
         swap_id: str | None,
         *,
         start_uptime: float | None = None,
+        previous: RunExit | None = None,
     ) -> int:
         """Remember a spawn before anything else can happen to it; returns the run id.
-        `start_uptime`: the process's start in seconds since boot, None where unknown."""
+
+        `start_uptime`: the process's start in seconds since boot, None where unknown.
+        `previous`: the exit of the run before it, recorded in the same transaction. A restart
+        writes nothing between an exit and the next spawn, and one commit after it."""
+        end = None if previous is None else (previous.run_id, _exit_update(previous))
         insert = HostRunRow.insert(
             pid=_count("pid", pid, 1),
             create_time=_finite("create_time", create_time),
@@ -212,6 +236,8 @@ class Store:
             start_uptime=None if start_uptime is None else _finite("start_uptime", start_uptime),
         )
         with self._session("record spawn", write=True, durable=False) as db:
+            if end is not None and not end[1].execute(db):  # never worth failing the spawn for
+                logger.warning("record spawn: no host run %r to record the exit of", end[0])
             run_id: int = insert.execute(db)
             if run_id % _TRIM_EVERY == 0:  # a live run is never trimmed: adoption needs it
                 past = (HostRunRow.id <= run_id - RUNS_KEPT) & HostRunRow.exited_at.is_null(False)
@@ -221,10 +247,20 @@ class Store:
     def record_ready(self, run_id: int, at: float) -> None:
         self._update_run(run_id, "record ready", ready_at=_finite("at", at))
 
-    def record_exit(self, run_id: int, at: float, code: int | None, signal: int | None) -> None:
-        self._update_run(
-            run_id, "record exit", exited_at=_finite("at", at), exit_code=code, exit_signal=signal
-        )
+    def record_exit(
+        self,
+        run_id: int,
+        at: float,
+        code: int | None,
+        signal: int | None,
+        reason: str | None = None,
+    ) -> None:
+        columns: dict[str, object] = {
+            "exited_at": _finite("at", at), "exit_code": code, "exit_signal": signal
+        }
+        if reason is not None:
+            columns["exit_reason"] = _text("reason", reason)
+        self._update_run(run_id, "record exit", **columns)
 
     def record_exit_reason(self, run_id: int, reason: str) -> None:
         """Why the run ended, as the lifecycle machine decided it just after its exit."""
@@ -237,6 +273,10 @@ class Store:
         with self._session("find the last ended run") as db:
             row = query.first(db)
         return HostRun(**row) if row else None
+
+    def record_code_version(self, run_id: int, code_version: str) -> None:
+        """The checkpoint of the code a run started on, once taken (after its spawn, at start)."""
+        self._update_run(run_id, "record code version", code_version=_text("code", code_version))
 
     def live_run(self) -> HostRun | None:
         """The newest run with no exit recorded: the host to adopt after swapguard restarts."""
@@ -261,10 +301,17 @@ class Store:
         swap_id: str | None = None,
         at: float | None = None,
     ) -> EventRecord:
-        # Swap events must survive a power loss; the host's own are as mortal as the host.
-        durable = swap_id is not None or not kind.startswith("host.")
-        with self._session("append event", write=True, durable=durable) as db:
+        with self._session("append event", write=True, durable=_durable(kind, swap_id)) as db:
             return _insert_event(db, kind, detail, swap_id, at)
+
+    def append_events(
+        self, events: Sequence[tuple[str, Mapping[str, Any] | None, str | None, float]]
+    ) -> list[EventRecord]:
+        """Several entries (kind, detail, swap id, at) in one transaction, in order; durable when
+        any of them must be (one commit for what one turn of the loop reports)."""
+        durable = any(_durable(kind, swap_id) for kind, _, swap_id, _ in events)
+        with self._session("append events", write=True, durable=durable) as db:
+            return [_insert_event(db, *event) for event in events]
 
     def events_after(
         self, after: int, limit: int = 500, swap_id: str | None = None
@@ -525,6 +572,20 @@ def _upsert_swap(
 
 
 # --- rows to records, values to JSON --------------------------------------------------------
+
+
+def _durable(kind: str, swap_id: str | None) -> bool:
+    """Swap events must survive a power loss; the host's own are as mortal as the host."""
+    return swap_id is not None or not kind.startswith("host.")
+
+
+def _exit_update(end: RunExit) -> peewee.ModelUpdate:
+    columns: dict[str, object] = {
+        "exited_at": _finite("at", end.at), "exit_code": end.code, "exit_signal": end.signal
+    }
+    if end.reason is not None:
+        columns["exit_reason"] = _text("reason", end.reason)
+    return HostRunRow.update(**columns).where(HostRunRow.id == end.run_id)
 
 
 def _event(row: tuple[Any, ...]) -> EventRecord:

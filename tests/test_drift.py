@@ -1,0 +1,137 @@
+"""The drift guard's baseline at start, taken after the host's spawn: what waits for it.
+
+Driven directly on a loop of its own, with a real git repo, a real store and a worker pool whose
+one worker is held busy, so that the baseline is pending for as long as the test wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from supervisor.code.checkpoint import Checkpoint, CodeTree
+from supervisor.code.refstat import head_signature
+from supervisor.config.schema import CodeConfig
+from supervisor.daemon.drift import DriftGuard
+from supervisor.daemon.swapwork import BASELINE_KEY
+from supervisor.state.store import Store
+from tests.support import git, make_sample_repo
+
+WAIT_S = 30.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "state") as opened:
+        yield opened
+
+
+def _guard(repo: Path, store: Store, pool: ThreadPoolExecutor) -> tuple[DriftGuard, list]:
+    calls: list = []
+    config = CodeConfig(
+        root=repo, extra_paths=(), build=(), build_timeout=60.0, undeclared_changes="guard"
+    )
+    guard = DriftGuard(
+        config,
+        store,
+        CodeTree(repo),
+        pool,
+        swap_in_flight=lambda: False,
+        emit=lambda kind, detail: calls.append(("emit", kind)),
+        prepare_swap=lambda summary, checkpoint: calls.append(("prepare", checkpoint.commit)),
+        record_code_version=lambda commit: calls.append(("version", commit)),
+    )
+    return guard, calls
+
+
+def test_prepares_and_drift_checks_wait_for_the_baseline_taken_after_the_spawn(
+    tmp_path: Path, store: Store
+) -> None:
+    repo = make_sample_repo(tmp_path / "repo")
+    pool = ThreadPoolExecutor(max_workers=1)
+    busy = threading.Event()
+    pool.submit(busy.wait, WAIT_S)  # the one worker is held: the baseline stays pending
+
+    async def scenario() -> None:
+        guard, calls = _guard(repo, store, pool)
+        guard.plan_at_start(adopted=False, run_code_version=None)
+        assert guard.refreshing()  # a run spawned now is recorded without a code version
+        guard.on_host_spawned()  # the host is spawned before the baseline is taken
+        guard.take_at_start()
+        settled = asyncio.ensure_future(guard.settled())
+        (repo / "undeclared.txt").write_text("written as the host starts\n")
+        guard.on_tree_changed()  # no check against an older baseline while it is pending
+        await asyncio.sleep(0.2)
+        assert not settled.done() and guard.code_version is None and calls == []
+        busy.set()
+        await asyncio.wait_for(settled, WAIT_S)
+        baseline = store.get_value(BASELINE_KEY)
+        assert isinstance(baseline, dict) and guard.code_version == baseline["commit"]
+        assert calls == [("version", guard.code_version)]  # the spawned run gets it
+        # the change made meanwhile is in the baseline: the tree does not differ from it
+        assert not CodeTree(repo).differs(Checkpoint.from_json(baseline))
+        assert not guard.refreshing()
+        await guard.settled()  # nothing pending: at once
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
+    finally:
+        busy.set()
+        pool.shutdown(wait=True)
+
+
+def test_an_adopted_run_without_a_code_version_gets_its_baseline(
+    tmp_path: Path, store: Store
+) -> None:
+    """swapguard was killed between the spawn and the baseline: the adoption takes it; a run that
+    has one keeps it (a change made while swapguard was down stays drift)."""
+    repo = make_sample_repo(tmp_path / "repo")
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def scenario() -> None:
+        guard, calls = _guard(repo, store, pool)
+        guard.plan_at_start(adopted=True, run_code_version=None)
+        assert guard.refreshing()
+        guard.take_at_start()
+        await asyncio.wait_for(guard.settled(), WAIT_S)
+        taken = guard.code_version
+        assert taken is not None and calls == [("version", taken)]  # the adopted run's code
+
+        again, _ = _guard(repo, store, pool)
+        again.plan_at_start(adopted=True, run_code_version=taken)
+        assert not again.refreshing() and again.code_version == taken
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_head_moves_are_seen_in_the_files_git_keeps_it_in(tmp_path: Path) -> None:
+    """What lets a crash loop skip `git rev-parse`: every way HEAD moves changes the signature."""
+    repo = make_sample_repo(tmp_path / "repo")
+    git_dir = repo / ".git"
+    first = head_signature(git_dir)
+    assert first is not None and head_signature(git_dir) == first
+    (repo / "README.txt").write_text("nothing committed: HEAD stays\n")
+    assert head_signature(git_dir) == first
+    seen = [first]
+    for args in (
+        ("commit", "-qam", "moved"),  # the branch's loose ref
+        ("checkout", "-qb", "other"),  # HEAD names another ref
+        ("pack-refs", "--all"),  # the ref goes into packed-refs
+        ("commit", "-q", "--allow-empty", "-m", "again"),
+        ("checkout", "-q", "--detach"),  # HEAD holds a commit
+    ):
+        git(repo, *args)
+        now = head_signature(git_dir)
+        assert now is not None and now not in seen, args
+        seen.append(now)
+    git(repo, "worktree", "add", "-q", str(tmp_path / "linked"))
+    linked = Path(git(tmp_path / "linked", "rev-parse", "--absolute-git-dir").strip())
+    assert head_signature(linked) is None  # its refs live in the common dir: ask git
