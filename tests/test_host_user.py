@@ -378,3 +378,80 @@ def test_git_works_on_a_tree_owned_by_another_uid(public_dir: Path) -> None:
     assert _owner_mode(repo / "notes.txt")[:2] == (NOBODY, NOBODY)
     assert _owner_mode(repo / "config.ini")[:2] == (0, 0)
     assert (home.read_bytes() if home.exists() else None) == config_before
+
+
+# --- what the host could replace (review: a host-writable config or state.dir hands it root) ----
+
+
+def _check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@ROOT_ONLY
+def test_check_refuses_a_config_state_dir_or_socket_folder_the_host_could_replace(
+    public_dir: Path,
+) -> None:
+    repo = public_dir / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(repo)], check=True)
+    (repo / ".swapguard").mkdir(mode=0o700)  # root's, in a tree nobody may rename it out of
+    etc = public_dir / "etc"
+    etc.mkdir(mode=0o755)
+    state = public_dir / "state"
+
+    def config_in(folder: Path, state_line: str, control: str = "") -> Path:
+        path = folder / "swapguard.toml"
+        path.write_text(f'[host]\ncommand = ["true"]\nuser = "nobody"\n[code]\nroot = "{repo}"\n'
+                        f"{state_line}{control}")
+        os.chown(path, 0, 0)
+        return path
+
+    # the config in the host's own tree: it could edit hooks.on_event (run as root)
+    done = _check(config_in(repo, f'[state]\ndir = "{state}"\n'))
+    assert done.returncode == 2
+    assert "host.user" in done.stderr and f"config file {repo}/swapguard.toml" in done.stderr
+    # the default state.dir, in the host's tree: `mv .swapguard old && mkdir .swapguard`
+    done = _check(config_in(etc, f'[state]\ndir = "{repo}/.swapguard"\n'))
+    assert done.returncode == 2
+    assert "state.dir" in done.stderr and f"may write or replace {repo}," in done.stderr
+    # a control socket in a folder the host's group may write
+    shared = public_dir / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, pwd.getpwnam("nobody").pw_gid)
+    shared.chmod(0o1770)
+    control = f'[control]\nsocket = "{shared}/c.sock"\n'
+    done = _check(config_in(etc, f'[state]\ndir = "{state}"\n', control))
+    assert done.returncode == 2
+    assert "control.socket" in done.stderr and str(shared) in done.stderr
+    assert not state.exists()  # refused before anything was made
+    # all of it root's: accepted
+    done = _check(config_in(etc, f'[state]\ndir = "{state}"\n'))
+    assert done.returncode == 0, done.stderr
+
+
+@ROOT_ONLY
+def test_may_replace_reads_sticky_folders_groups_and_links(public_dir: Path) -> None:
+    user = identity.resolve("nobody")
+    assert user is not None
+    ours = public_dir / "ours"
+    ours.mkdir()
+    assert user.may_replace(ours / "missing") is None  # root's all the way: made by swapguard
+    sticky = public_dir / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "roots").mkdir()
+    assert user.may_replace(sticky / "roots" / "x") is None  # root's entry in a sticky folder
+    assert user.may_replace(sticky / "unmade") == sticky  # the host could make it first
+    (sticky / "hosts").mkdir()
+    os.chown(sticky / "hosts", NOBODY, NOBODY)
+    assert user.may_replace(sticky / "hosts" / "x") == sticky
+    (ours / "f").write_text("")
+    (ours / "f").chmod(0o646)
+    assert user.may_replace(ours / "f") == ours / "f"  # o+w
+    (ours / "f").chmod(0o644)
+    assert user.may_replace(ours / "f") is None
+    (ours / "link").symlink_to(sticky / "hosts")  # a safe link to an unsafe place
+    assert user.may_replace(ours / "link") == sticky
+    assert identity.resolve("root").may_replace(sticky / "hosts") is None  # type: ignore[union-attr]

@@ -65,6 +65,8 @@ def preflight(config: Config) -> None:
     if (problem := state_dir_problem(config.state.dir)) is not None:
         raise ConfigError(problem, key="state.dir")
     user = identity.resolve(config.host.user, config.host.group)
+    if user is not None:
+        _refuse_what_the_host_could_replace(config, user)
     if user is not None and (blocked := user.blocked_at(config.state.dir)) is not None:
         message = (
             f"the host's user {user.name!r} cannot pass through {blocked} to reach its sockets "
@@ -82,3 +84,23 @@ def preflight(config: Config) -> None:
         CodeTree(config.code.root).check_work_tree()
     except CheckpointError as exc:
         raise ConfigError(exc.message, key="code.root") from None
+
+
+def _refuse_what_the_host_could_replace(config: Config, user: identity.HostUser) -> None:
+    """With host.user, what swapguard reads or writes as root must be out of the host's reach:
+    a config, state dir or control socket folder the host could swap for its own would let it
+    name the hooks (run as root), drop host.user, or forge the swap record."""
+    places = (
+        ("config file", config.source, "host.user", "/etc/swapguard/swapguard.toml"),
+        ("state.dir", config.state.dir, "state.dir", "/var/lib/swapguard"),
+        ("control socket's folder", config.control.socket.parent, "control.socket",
+         "/run/swapguard"),
+    )  # fmt: skip
+    for what, path, key, example in places:
+        if (found := user.may_replace(path)) is not None:
+            message = (
+                f"the {what} {path} is within reach of the host's user {user.name!r}: it may "
+                f"write or replace {found}, and so hand itself what swapguard does as root. "
+                f"Put it where only root may write (e.g. {example})"
+            )
+            raise ConfigError(message, key=key)
