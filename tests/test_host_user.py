@@ -261,6 +261,32 @@ def test_what_the_host_plants_in_its_folder_is_replaced_never_followed(tmp_path:
     assert _owner_mode(state)[2] == 0o700
 
 
+@ROOT_ONLY
+def test_a_folder_the_host_left_where_a_socket_goes_is_moved_aside(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    prepare_state_dir(state)
+    share_with_host(state, state / "host", NOBODY, NOBODY)
+    for name in ("notify.sock", "control.sock"):  # non-empty folders, as nobody could leave
+        (state / "host" / name / "deep").mkdir(parents=True)
+        (state / "host" / name / "deep" / "keep").write_text(name)
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(state / "host" / name)],
+                       check=True)
+    notify = NotifyServer(state / "host" / "notify.sock", staging_dir=state)
+    control = ControlServer(state / "host" / "control.sock", SwapBackend(), mode=0o666,
+                            staging_dir=state)
+    try:
+        for name in ("notify.sock", "control.sock"):
+            assert stat.S_ISSOCK((state / "host" / name).lstat().st_mode)
+        aside = sorted((state / "host").glob(".obstacle-*"))
+        assert sorted((p / "deep" / "keep").read_text() for p in aside) == [
+            "control.sock", "notify.sock"]  # moved, never followed nor deleted
+        assert all(_owner_mode(p)[0] == NOBODY for p in aside)
+        assert not list(state.glob("*.sock~"))
+    finally:
+        control.close()
+        notify.close()
+
+
 # --- identity ------------------------------------------------------------------------------------
 
 
