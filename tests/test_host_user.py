@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from supervisor.code.checkpoint import CodeTree
 from supervisor.control.notifysocket import NotifyServer
 from supervisor.control.server import ControlServer
 from supervisor.errors import ConfigError
-from supervisor.process import identity, jobs
+from supervisor.process import host, identity, jobs, outputlog
 from supervisor.state.lock import prepare_state_dir, share_with_host
 from tests.support import git, supervised, wait_for
 from tests.test_api import SwapBackend
@@ -285,6 +286,65 @@ def test_a_folder_the_host_left_where_a_socket_goes_is_moved_aside(tmp_path: Pat
     finally:
         control.close()
         notify.close()
+
+
+def _hostile_logs(public_dir: Path) -> tuple[Path, Path]:
+    """The host's tree, nobody's, and a folder of root's only (stands for /etc/cron.d)."""
+    tree, victim = public_dir / "tree", public_dir / "root-only"
+    tree.mkdir()
+    os.chown(tree, NOBODY, NOBODY)
+    victim.mkdir(mode=0o700)
+    return tree, victim
+
+
+@ROOT_ONLY
+def test_the_hosts_output_is_opened_through_no_symlink(public_dir: Path) -> None:
+    tree, victim = _hostile_logs(public_dir)
+    (tree / "logs").symlink_to(victim)  # the hostile version's doing
+    os.lchown(tree / "logs", NOBODY, NOBODY)
+    user = identity.resolve("nobody")
+    spec = host.SpawnSpec(argv=("/bin/sh", "-c", "echo '* * * * * root /tmp/evil'"), cwd=tree,
+                          env={"PATH": "/usr/bin:/bin"}, output=tree / "logs" / "host.log",
+                          user=user)
+    with pytest.raises(host.SpawnError, match=r"logs is not a folder \(a symlink is not followed"):
+        host.HostProcess.spawn(spec, None)
+    assert list(victim.iterdir()) == []
+    (tree / "logs").unlink()
+    (tree / "logs").mkdir()
+    (victim / "secret").write_text("root's\n")
+    os.link(victim / "secret", tree / "logs" / "host.log")  # as fs.protected_hardlinks=0 allows
+    with pytest.raises(OSError, match="single link"):
+        outputlog.open_for(tree / "logs" / "host.log", user)
+    assert (victim / "secret").read_text() == "root's\n"
+
+
+@ROOT_ONLY
+def test_the_output_logger_runs_as_the_host_and_follows_no_swapped_folder(
+    public_dir: Path,
+) -> None:
+    tree, victim = _hostile_logs(public_dir)
+    (tree / "logs").mkdir()
+    os.chown(tree / "logs", NOBODY, NOBODY)
+    path = tree / "logs" / "host.log"
+    fd = outputlog.start(path, 10**9, 1, identity.resolve("nobody"))
+    try:
+        (pid,) = outputlog._live
+        os.write(fd, b"before\n")
+        wait_for(lambda: path.read_bytes() == b"before\n", what="the first line")
+        logger = psutil.Process(pid)  # it dropped to nobody before it read a byte
+        assert (logger.uids().real, logger.uids().effective, logger.uids().saved) == (NOBODY,) * 3
+        assert logger.gids().effective == pwd.getpwnam("nobody").pw_gid
+        # the hostile version: its log folder swapped for a link to a folder of root's
+        (tree / "logs").rename(tree / "logs.old")
+        (tree / "logs").symlink_to(victim)
+        outputlog.reopen()
+        os.write(fd, b"after\n")
+        old = tree / "logs.old" / "host.log"
+        wait_for(lambda: old.read_bytes() == b"before\nafter\n", what="the output kept")
+        assert list(victim.iterdir()) == []  # nobody may not create a file there
+    finally:
+        os.close(fd)
+    wait_for(lambda: not outputlog._live, what="the logger to exit")
 
 
 # --- identity ------------------------------------------------------------------------------------
