@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import signal
+import stat
 import subprocess
 import sys
 import threading
