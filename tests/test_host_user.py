@@ -515,6 +515,13 @@ def test_check_refuses_a_config_state_dir_or_socket_folder_the_host_could_replac
     # all of it root's: accepted
     done = _check(config_in(etc, f'[state]\ndir = "{state}"\n'))
     assert done.returncode == 0, done.stderr
+    # a rotated output in a folder the logger (as the host's user) could not rotate in
+    rotated = f'output = "{etc}/host.log"\noutput_max_bytes = "1MB"\n'
+    path = etc / "swapguard.toml"
+    path.write_text(path.read_text().replace('user = "nobody"\n', f'user = "nobody"\n{rotated}'))
+    done = _check(path)
+    assert done.returncode == 2
+    assert "host.output" in done.stderr and f"rotates in {etc}, which" in done.stderr
 
 
 @ROOT_ONLY

@@ -104,3 +104,14 @@ def _refuse_what_the_host_could_replace(config: Config, user: identity.HostUser)
                 f"Put it where only root may write (e.g. {example})"
             )
             raise ConfigError(message, key=key)
+    output = config.host.output
+    rotated = output is not None and config.host.output_max_bytes > 0
+    if output is not None and rotated and output.parent.is_dir() and not user.may_write(
+        output.parent
+    ):
+        message = (
+            f"the output's logger runs as the host's user {user.name!r} and rotates in "
+            f"{output.parent}, which that user may not write; give it a folder of its own "
+            f"(e.g. chown {user.name} {output.parent})"
+        )
+        raise ConfigError(message, key="host.output")

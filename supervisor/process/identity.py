@@ -108,6 +108,13 @@ class HostUser:
                 return node
         return None
 
+    def may_write(self, path: Path) -> bool:
+        """This user may write (or chmod) `path` (followed); False when it is missing."""
+        try:
+            return self.uid == 0 or self._writes(os.stat(path))
+        except OSError:
+            return False
+
     def _writes(self, info: os.stat_result) -> bool:
         """This user may write (or chmod) the file or folder `info` is of."""
         if stat.S_ISLNK(info.st_mode):
