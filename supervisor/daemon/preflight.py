@@ -11,6 +11,7 @@ are in `config.schema` already.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 
 from supervisor.code.checkpoint import CodeTree
@@ -89,7 +90,10 @@ def preflight(config: Config) -> None:
 def _refuse_what_the_host_could_replace(config: Config, user: identity.HostUser) -> None:
     """With host.user, what swapguard reads or writes as root must be out of the host's reach:
     a config, state dir or control socket folder the host could swap for its own would let it
-    name the hooks (run as root), drop host.user, or forge the swap record."""
+    name the hooks (run as root), drop host.user, or forge the swap record. Nothing to guard
+    when swapguard runs as that very user (unprivileged, naming its own)."""
+    if user.uid == os.geteuid():
+        return
     places = (
         ("config file", config.source, "host.user", "/etc/swapguard/swapguard.toml"),
         ("state.dir", config.state.dir, "state.dir", "/var/lib/swapguard"),
