@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from supervisor.code.checkpoint import CodeTree
 from supervisor.control.notifysocket import NotifyServer
 from supervisor.control.server import ControlServer
 from supervisor.errors import ConfigError
-from supervisor.process import identity, jobs
+from supervisor.process import host, identity, jobs, outputlog
 from supervisor.state.lock import prepare_state_dir, share_with_host
 from tests.support import git, supervised, wait_for
 from tests.test_api import SwapBackend
@@ -261,6 +262,91 @@ def test_what_the_host_plants_in_its_folder_is_replaced_never_followed(tmp_path:
     assert _owner_mode(state)[2] == 0o700
 
 
+@ROOT_ONLY
+def test_a_folder_the_host_left_where_a_socket_goes_is_moved_aside(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    prepare_state_dir(state)
+    share_with_host(state, state / "host", NOBODY, NOBODY)
+    for name in ("notify.sock", "control.sock"):  # non-empty folders, as nobody could leave
+        (state / "host" / name / "deep").mkdir(parents=True)
+        (state / "host" / name / "deep" / "keep").write_text(name)
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(state / "host" / name)],
+                       check=True)
+    notify = NotifyServer(state / "host" / "notify.sock", staging_dir=state)
+    control = ControlServer(state / "host" / "control.sock", SwapBackend(), mode=0o666,
+                            staging_dir=state)
+    try:
+        for name in ("notify.sock", "control.sock"):
+            assert stat.S_ISSOCK((state / "host" / name).lstat().st_mode)
+        aside = sorted((state / "host").glob(".obstacle-*"))
+        assert sorted((p / "deep" / "keep").read_text() for p in aside) == [
+            "control.sock", "notify.sock"]  # moved, never followed nor deleted
+        assert all(_owner_mode(p)[0] == NOBODY for p in aside)
+        assert not list(state.glob("*.sock~"))
+    finally:
+        control.close()
+        notify.close()
+
+
+def _hostile_logs(public_dir: Path) -> tuple[Path, Path]:
+    """The host's tree, nobody's, and a folder of root's only (stands for /etc/cron.d)."""
+    tree, victim = public_dir / "tree", public_dir / "root-only"
+    tree.mkdir()
+    os.chown(tree, NOBODY, NOBODY)
+    victim.mkdir(mode=0o700)
+    return tree, victim
+
+
+@ROOT_ONLY
+def test_the_hosts_output_is_opened_through_no_symlink(public_dir: Path) -> None:
+    tree, victim = _hostile_logs(public_dir)
+    (tree / "logs").symlink_to(victim)  # the hostile version's doing
+    os.lchown(tree / "logs", NOBODY, NOBODY)
+    user = identity.resolve("nobody")
+    spec = host.SpawnSpec(argv=("/bin/sh", "-c", "echo '* * * * * root /tmp/evil'"), cwd=tree,
+                          env={"PATH": "/usr/bin:/bin"}, output=tree / "logs" / "host.log",
+                          user=user)
+    with pytest.raises(host.SpawnError, match=r"logs is not a folder \(a symlink is not followed"):
+        host.HostProcess.spawn(spec, None)
+    assert list(victim.iterdir()) == []
+    (tree / "logs").unlink()
+    (tree / "logs").mkdir()
+    (victim / "secret").write_text("root's\n")
+    os.link(victim / "secret", tree / "logs" / "host.log")  # as fs.protected_hardlinks=0 allows
+    with pytest.raises(OSError, match="single link"):
+        outputlog.open_for(tree / "logs" / "host.log", user)
+    assert (victim / "secret").read_text() == "root's\n"
+
+
+@ROOT_ONLY
+def test_the_output_logger_runs_as_the_host_and_follows_no_swapped_folder(
+    public_dir: Path,
+) -> None:
+    tree, victim = _hostile_logs(public_dir)
+    (tree / "logs").mkdir()
+    os.chown(tree / "logs", NOBODY, NOBODY)
+    path = tree / "logs" / "host.log"
+    fd = outputlog.start(path, 10**9, 1, identity.resolve("nobody"))
+    try:
+        (pid,) = outputlog._live
+        os.write(fd, b"before\n")
+        wait_for(lambda: path.read_bytes() == b"before\n", what="the first line")
+        logger = psutil.Process(pid)  # it dropped to nobody before it read a byte
+        assert (logger.uids().real, logger.uids().effective, logger.uids().saved) == (NOBODY,) * 3
+        assert logger.gids().effective == pwd.getpwnam("nobody").pw_gid
+        # the hostile version: its log folder swapped for a link to a folder of root's
+        (tree / "logs").rename(tree / "logs.old")
+        (tree / "logs").symlink_to(victim)
+        outputlog.reopen()
+        os.write(fd, b"after\n")
+        old = tree / "logs.old" / "host.log"
+        wait_for(lambda: old.read_bytes() == b"before\nafter\n", what="the output kept")
+        assert list(victim.iterdir()) == []  # nobody may not create a file there
+    finally:
+        os.close(fd)
+    wait_for(lambda: not outputlog._live, what="the logger to exit")
+
+
 # --- identity ------------------------------------------------------------------------------------
 
 
@@ -378,3 +464,87 @@ def test_git_works_on_a_tree_owned_by_another_uid(public_dir: Path) -> None:
     assert _owner_mode(repo / "notes.txt")[:2] == (NOBODY, NOBODY)
     assert _owner_mode(repo / "config.ini")[:2] == (0, 0)
     assert (home.read_bytes() if home.exists() else None) == config_before
+
+
+# --- what the host could replace (review: a host-writable config or state.dir hands it root) ----
+
+
+def _check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@ROOT_ONLY
+def test_check_refuses_a_config_state_dir_or_socket_folder_the_host_could_replace(
+    public_dir: Path,
+) -> None:
+    repo = public_dir / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(repo)], check=True)
+    (repo / ".swapguard").mkdir(mode=0o700)  # root's, in a tree nobody may rename it out of
+    etc = public_dir / "etc"
+    etc.mkdir(mode=0o755)
+    state = public_dir / "state"
+
+    def config_in(folder: Path, state_line: str, control: str = "") -> Path:
+        path = folder / "swapguard.toml"
+        path.write_text(f'[host]\ncommand = ["true"]\nuser = "nobody"\n[code]\nroot = "{repo}"\n'
+                        f"{state_line}{control}")
+        os.chown(path, 0, 0)
+        return path
+
+    # the config in the host's own tree: it could edit hooks.on_event (run as root)
+    done = _check(config_in(repo, f'[state]\ndir = "{state}"\n'))
+    assert done.returncode == 2
+    assert "host.user" in done.stderr and f"config file {repo}/swapguard.toml" in done.stderr
+    # the default state.dir, in the host's tree: `mv .swapguard old && mkdir .swapguard`
+    done = _check(config_in(etc, f'[state]\ndir = "{repo}/.swapguard"\n'))
+    assert done.returncode == 2
+    assert "state.dir" in done.stderr and f"may write or replace {repo}," in done.stderr
+    # a control socket in a folder the host's group may write
+    shared = public_dir / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, pwd.getpwnam("nobody").pw_gid)
+    shared.chmod(0o1770)
+    control = f'[control]\nsocket = "{shared}/c.sock"\n'
+    done = _check(config_in(etc, f'[state]\ndir = "{state}"\n', control))
+    assert done.returncode == 2
+    assert "control.socket" in done.stderr and str(shared) in done.stderr
+    assert not state.exists()  # refused before anything was made
+    # all of it root's: accepted
+    done = _check(config_in(etc, f'[state]\ndir = "{state}"\n'))
+    assert done.returncode == 0, done.stderr
+    # a rotated output in a folder the logger (as the host's user) could not rotate in
+    rotated = f'output = "{etc}/host.log"\noutput_max_bytes = "1MB"\n'
+    path = etc / "swapguard.toml"
+    path.write_text(path.read_text().replace('user = "nobody"\n', f'user = "nobody"\n{rotated}'))
+    done = _check(path)
+    assert done.returncode == 2
+    assert "host.output" in done.stderr and f"rotates in {etc}, which" in done.stderr
+
+
+@ROOT_ONLY
+def test_may_replace_reads_sticky_folders_groups_and_links(public_dir: Path) -> None:
+    user = identity.resolve("nobody")
+    assert user is not None
+    ours = public_dir / "ours"
+    ours.mkdir()
+    assert user.may_replace(ours / "missing") is None  # root's all the way: made by swapguard
+    sticky = public_dir / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "roots").mkdir()
+    assert user.may_replace(sticky / "roots" / "x") is None  # root's entry in a sticky folder
+    assert user.may_replace(sticky / "unmade") == sticky  # the host could make it first
+    (sticky / "hosts").mkdir()
+    os.chown(sticky / "hosts", NOBODY, NOBODY)
+    assert user.may_replace(sticky / "hosts" / "x") == sticky
+    (ours / "f").write_text("")
+    (ours / "f").chmod(0o646)
+    assert user.may_replace(ours / "f") == ours / "f"  # o+w
+    (ours / "f").chmod(0o644)
+    assert user.may_replace(ours / "f") is None
+    (ours / "link").symlink_to(sticky / "hosts")  # a safe link to an unsafe place
+    assert user.may_replace(ours / "link") == sticky
+    assert identity.resolve("root").may_replace(sticky / "hosts") is None  # type: ignore[union-attr]

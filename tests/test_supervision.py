@@ -179,9 +179,9 @@ class Harness:
             case sv.SyncData(swap=swap):
                 synced = swaps.DataSynced(now=now, error=None if ok else "EIO")
                 return self.feed(sv.WorkReported(swap_id=swap.id, event=synced))
-            case sv.RunHealthCheck(swap_id=swap_id):
+            case sv.RunHealthCheck(swap_id=swap_id, check=check):
                 checked = swaps.HealthChecked(now=now, ok=ok, detail="" if ok else "exit 1")
-                return self.feed(sv.WorkReported(swap_id=swap_id, event=checked))
+                return self.feed(sv.WorkReported(swap_id=swap_id, event=checked, check=check))
             case sv.KillTree():
                 return self.feed(sv.TreeGone(now=now, killed=2))
         swap = action.swap  # type: ignore[union-attr]
@@ -448,7 +448,7 @@ def test_a_heartbeat_moves_only_the_host_clock_and_keeps_every_other_field() -> 
     harness.feed(swaps.ConfirmRequested(now=harness.now))
     full = replace(
         harness.state, check=sv.CodeCheck("x", spawn=False), env_one_shot=True, kills=1,
-        spawn_held=True, liveness=sv.Liveness(next_at=700.0, failures=1),
+        spawn_held=True, liveness=sv.Liveness(next_at=700.0, failures=1), checks_ordered=3,
     )  # fmt: skip
     assert all(getattr(full, f.name) != getattr(sv.Supervision(), f.name) for f in fields(full))
     beat = lc.Heartbeat(now=600.0, status="busy")
@@ -554,6 +554,22 @@ def test_a_liveness_result_from_before_a_restart_is_dropped() -> None:
     harness.host(lc.Ready(now=harness.now.boot))
     harness.answer(check, ok=False)
     assert "host.unhealthy" not in harness.events and harness.state.host.state is H.RUNNING
+
+
+def test_a_liveness_result_of_an_earlier_run_never_counts_against_the_next() -> None:
+    harness = live(health_failures=1)
+    stale = next_liveness_check(harness)
+    harness.feed(sv.HostRequested(now=harness.now, event=lc.RestartRequested(now=harness.now.boot)))
+    harness.exits(None)
+    harness.host(lc.Ready(now=harness.now.boot))
+    next_liveness_check(harness)  # the new run's check is in flight when ...
+    (current,) = [a for a in harness.pending if isinstance(a, sv.RunHealthCheck) and a != stale]
+    assert current.swap_id is None
+    harness.answer(stale, ok=False)  # ... the old run's comes back, late
+    assert "host.unhealthy" not in harness.events and harness.state.host.state is H.RUNNING
+    assert harness.state.liveness.in_flight  # still waiting for the new run's own
+    harness.answer(current, ok=False)
+    assert harness.events.count("host.unhealthy") == 1
 
 
 def test_without_health_always_no_check_runs_outside_probation() -> None:

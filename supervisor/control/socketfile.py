@@ -7,12 +7,14 @@ messages; the server owns the socket itself and the HTTP spoken on it.
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
 import re
 import socket
 import stat
+import time
 from pathlib import Path
 
 from supervisor import errors
@@ -88,15 +90,44 @@ def bind_into(sock: socket.socket, path: Path, staging_dir: Path, mode: int) -> 
     `Config.host_socket_dir`): bound and chmodded under a temporary name in `staging_dir` (ours
     alone), then renamed into place. Nothing at `path` is followed or probed: the rename replaces
     whatever the folder's owner left there (a stale socket, a file, a symlink); only one
-    swapguard holds the state dir, so no live one is ever replaced."""
+    swapguard holds the state dir, so no live one is ever replaced. A folder there, which a
+    rename cannot replace, is renamed aside (`_move_aside`): an obstacle the host left must not
+    keep swapguard from starting, and so from rolling back a swap in flight."""
     staging = staging_dir / staging_socket_path(path).name
     staging.unlink(missing_ok=True)
     try:
         sock.bind(str(staging))
         os.chmod(staging, mode)
-        os.replace(staging, path)
+        for attempt in range(_OBSTACLE_TRIES):
+            try:
+                os.replace(staging, path)
+                return
+            except IsADirectoryError:
+                if attempt == _OBSTACLE_TRIES - 1:
+                    raise
+                _move_aside(path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+_OBSTACLE_TRIES = 4
+
+
+def _move_aside(path: Path) -> None:
+    """Rename the folder at `path` to `.obstacle-<ns>` beside it, in the same (host's) folder:
+    a rename follows nothing and deletes nothing (its owner may look at it, and remove it)."""
+    for _ in range(_OBSTACLE_TRIES):
+        aside = path.with_name(f".obstacle-{time.time_ns()}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # gone already: the next rename tries again
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                continue  # that name is taken (planted?): another one
+            raise
+        logger.warning("a folder was where the socket %s goes: moved it aside to %s", path, aside)
+        return
 
 
 def bound_as(sock: socket.socket, path: Path, staging_dir: Path | None = None) -> bool:

@@ -177,6 +177,7 @@ def heartbeat(state: Supervision, event: lifecycle.Heartbeat, policy: Policy) ->
         check=state.check,
         confirm_waiting=state.confirm_waiting,
         liveness=state.liveness,
+        checks_ordered=state.checks_ordered,
         kills=state.kills,
         spawn_held=state.spawn_held,
     )
@@ -251,8 +252,8 @@ class _Turn:
                 if self.state.swap is not None:
                     self.swap(swaps.Tick(now=now))
                 self.host(lifecycle.Tick(now=now.boot))
-            case WorkReported(swap_id=None, event=swaps.HealthChecked() as result):
-                self.liveness_checked(result)
+            case WorkReported(swap_id=None, event=swaps.HealthChecked() as result, check=check):
+                self.liveness_checked(result, check)
             case WorkReported(swap_id=None):
                 return  # only the liveness check reports without a swap
             case WorkReported(swap_id=swap_id, event=result):
@@ -492,9 +493,9 @@ class _Turn:
 
     # --- liveness ------------------------------------------------------------------------
 
-    def liveness_checked(self, result: swaps.HealthChecked) -> None:
+    def liveness_checked(self, result: swaps.HealthChecked, check: int) -> None:
         live = self.state.liveness
-        if not live.in_flight:
+        if not live.in_flight or check != self.state.checks_ordered:
             return  # ordered for an earlier run of the host, or before a swap took over (rule 4)
         if result.ok:
             self.set(liveness=replace(live, in_flight=False, failures=0))
@@ -525,8 +526,9 @@ class _Turn:
         if live.in_flight:
             self.set(liveness=replace(live, next_at=later))
             return
-        self.set(liveness=replace(live, next_at=later, in_flight=True))
-        self.actions.append(RunHealthCheck(None))
+        check = self.state.checks_ordered + 1
+        self.set(liveness=replace(live, next_at=later, in_flight=True), checks_ordered=check)
+        self.actions.append(RunHealthCheck(None, check))
 
     # --- after the event -----------------------------------------------------------------
 

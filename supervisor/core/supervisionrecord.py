@@ -54,6 +54,7 @@ class Supervision:
     check: CodeCheck | None = None
     confirm_waiting: str | None = None  # the swap whose confirm waits for its data on disk
     liveness: Liveness = field(default_factory=Liveness)
+    checks_ordered: int = 0  # liveness checks ordered so far: each one's number tags it
     kills: int = 0  # tree kills ordered and not yet reported `TreeGone`
     spawn_held: bool = False  # a spawn waits for those kills: never two hosts' trees at once
 
@@ -128,6 +129,7 @@ class WorkReported:
 
     swap_id: str | None
     event: swaps.StepDone | swaps.StepFailed | swaps.DataSynced | swaps.HealthChecked
+    check: int = 0  # a liveness check's number (`RunHealthCheck.check`), echoed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -255,7 +257,11 @@ class SyncData:
 
 @dataclass(frozen=True, slots=True)
 class RunHealthCheck:
+    """`check`: the liveness check's number, echoed in its report: a result that comes back
+    after its run of the host ended (and the next run's check began) is not that run's."""
+
     swap_id: str | None  # report WorkReported(HealthChecked); None: the liveness check
+    check: int = 0
 
 
 @dataclass(frozen=True, slots=True)

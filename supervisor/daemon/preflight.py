@@ -11,6 +11,7 @@ are in `config.schema` already.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 
 from supervisor.code.checkpoint import CodeTree
@@ -65,6 +66,8 @@ def preflight(config: Config) -> None:
     if (problem := state_dir_problem(config.state.dir)) is not None:
         raise ConfigError(problem, key="state.dir")
     user = identity.resolve(config.host.user, config.host.group)
+    if user is not None:
+        _refuse_what_the_host_could_replace(config, user)
     if user is not None and (blocked := user.blocked_at(config.state.dir)) is not None:
         message = (
             f"the host's user {user.name!r} cannot pass through {blocked} to reach its sockets "
@@ -82,3 +85,37 @@ def preflight(config: Config) -> None:
         CodeTree(config.code.root).check_work_tree()
     except CheckpointError as exc:
         raise ConfigError(exc.message, key="code.root") from None
+
+
+def _refuse_what_the_host_could_replace(config: Config, user: identity.HostUser) -> None:
+    """With host.user, what swapguard reads or writes as root must be out of the host's reach:
+    a config, state dir or control socket folder the host could swap for its own would let it
+    name the hooks (run as root), drop host.user, or forge the swap record. Nothing to guard
+    when swapguard runs as that very user (unprivileged, naming its own)."""
+    if user.uid == os.geteuid():
+        return
+    places = (
+        ("config file", config.source, "host.user", "/etc/swapguard/swapguard.toml"),
+        ("state.dir", config.state.dir, "state.dir", "/var/lib/swapguard"),
+        ("control socket's folder", config.control.socket.parent, "control.socket",
+         "/run/swapguard"),
+    )  # fmt: skip
+    for what, path, key, example in places:
+        if (found := user.may_replace(path)) is not None:
+            message = (
+                f"the {what} {path} is within reach of the host's user {user.name!r}: it may "
+                f"write or replace {found}, and so hand itself what swapguard does as root. "
+                f"Put it where only root may write (e.g. {example})"
+            )
+            raise ConfigError(message, key=key)
+    output = config.host.output
+    rotated = output is not None and config.host.output_max_bytes > 0
+    if output is not None and rotated and output.parent.is_dir() and not user.may_write(
+        output.parent
+    ):
+        message = (
+            f"the output's logger runs as the host's user {user.name!r} and rotates in "
+            f"{output.parent}, which that user may not write; give it a folder of its own "
+            f"(e.g. chown {user.name} {output.parent})"
+        )
+        raise ConfigError(message, key="host.output")

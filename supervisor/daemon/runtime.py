@@ -344,8 +344,8 @@ class Runtime:
                 self._run_step(swap, functools.partial(self.work.restore_data, swap))
             case sv.SyncData(swap=swap):
                 self._sync_data(swap)
-            case sv.RunHealthCheck(swap_id=swap_id):
-                self._run_health_check(swap_id)
+            case sv.RunHealthCheck(swap_id=swap_id, check=check):
+                self._run_health_check(swap_id, check)
             case sv.CancelJobs():
                 jobs.cancel_all()
             case sv.SwapFinished(swap=swap):
@@ -455,8 +455,9 @@ class Runtime:
         checkpoint = self.work.restore_code(swap)
         self.loop.call_soon_threadsafe(self.drift_guard.baseline_taken, checkpoint)
 
-    def _run_health_check(self, swap_id: str | None) -> None:
-        """In a worker: the health check for the swap on probation, or (None) the liveness one."""
+    def _run_health_check(self, swap_id: str | None, check: int) -> None:
+        """In a worker: the health check for the swap on probation, or (None) the liveness one
+        (`check`: its number, echoed)."""
 
         def done(future: asyncio.Future[jobs.JobResult]) -> None:
             if future.cancelled():
@@ -468,7 +469,7 @@ class Runtime:
                 ok = result.ok
                 detail = failure_detail(result)  # never the check's output: readers see events
             event = swaps.HealthChecked(now=clock.now(), ok=ok, detail=detail[:200])
-            self.feed(sv.WorkReported(swap_id=swap_id, event=event))
+            self.feed(sv.WorkReported(swap_id=swap_id, event=event, check=check))
 
         self.loop.run_in_executor(self.pool, self.work.health_check).add_done_callback(done)
 

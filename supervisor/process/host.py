@@ -602,8 +602,10 @@ def _open_output(spec: SpawnSpec) -> int | None:
         return None
     try:
         if spec.output_max_bytes > 0:
-            return outputlog.start(spec.output, spec.output_max_bytes, spec.output_backups)
-        return os.open(spec.output, outputlog.OPEN_FLAGS, outputlog.FILE_MODE)
+            return outputlog.start(
+                spec.output, spec.output_max_bytes, spec.output_backups, spec.user
+            )
+        return outputlog.open_for(spec.output, spec.user)
     except OSError as exc:
         raise SpawnError(f"cannot open the host's output {spec.output}: {exc.strerror}") from exc
 

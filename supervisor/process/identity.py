@@ -63,6 +63,68 @@ class HostUser:
                 return parent
         return None
 
+    def may_replace(self, path: Path) -> Path | None:
+        """The first of `path` and the folders above it up to / that this user could write, or
+        in which it could rename or replace the next one on the way; None when none. Root reads
+        these as root (the config, state.dir, the control socket's folder): one the host could
+        swap for its own (`mv .swapguard x && mkdir .swapguard`) would hand it root.
+
+        Writable: owned by the user (it may chmod), or g+w for one of its groups, or o+w. In a
+        sticky writable folder (/tmp) the user may replace only entries it owns, so the next
+        one on the way is safe there when neither it nor the folder is the user's. A missing
+        entry in a writable folder is not safe (the host could make it first). Symlinks on the
+        way are checked where they are, and their targets too. By the mode bits (no ACLs)."""
+        if self.uid == 0:
+            return None
+        literal = Path(os.path.abspath(path))
+        for chain in dict.fromkeys((literal, Path(os.path.realpath(literal)))):
+            if (found := self._replaceable_on(chain)) is not None:
+                return found
+        return None
+
+    def _replaceable_on(self, path: Path) -> Path | None:
+        nodes = [*reversed(path.parents), path]
+        infos: list[os.stat_result | None] = []
+        for node in nodes:
+            try:
+                infos.append(os.lstat(node))
+            except OSError:
+                infos.append(None)
+        for index, (node, info) in enumerate(zip(nodes, infos, strict=True)):
+            if info is None:
+                return None  # missing, and its folder was safe: swapguard makes it
+            if not self._writes(info):
+                continue
+            if index == len(nodes) - 1:
+                return node
+            child = infos[index + 1]
+            sticky_safe = (
+                info.st_mode & stat.S_ISVTX
+                and info.st_uid != self.uid
+                and child is not None
+                and child.st_uid != self.uid
+            )
+            if not sticky_safe:
+                return node
+        return None
+
+    def may_write(self, path: Path) -> bool:
+        """This user may write (or chmod) `path` (followed); False when it is missing."""
+        try:
+            return self.uid == 0 or self._writes(os.stat(path))
+        except OSError:
+            return False
+
+    def _writes(self, info: os.stat_result) -> bool:
+        """This user may write (or chmod) the file or folder `info` is of."""
+        if stat.S_ISLNK(info.st_mode):
+            return False  # a link cannot be changed, only replaced in its (checked) folder
+        if info.st_uid == self.uid:
+            return True
+        if info.st_gid in (self.gid, *self.groups) and info.st_mode & stat.S_IWGRP:
+            return True
+        return bool(info.st_mode & stat.S_IWOTH)
+
     def login_env(self) -> dict[str, str]:
         """HOME, USER, LOGNAME and SHELL, as login(1) sets them."""
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "SHELL": self.shell}

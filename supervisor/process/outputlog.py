@@ -11,23 +11,63 @@ It writes every byte at once (a prompt without a newline shows at once) and rota
 line ends, so no line is torn across two files and none is lost; a file can pass the limit by one
 read (64 KiB) at most. It follows a move of the file by logrotate (it checks the path at most once
 a second, or at once on SIGHUP) and opens nothing through a symlink.
+
+With host.user, the output is the host's to write, not root's: swapguard opens it by a walk that
+follows no symlink on the way (`open_no_links`: a host that swapped its log folder for a link to
+a folder of root's must not have root create a file there), and the logger drops to the host's
+user before it reads a byte, so every file it opens or renames later is one the host could.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from supervisor.process.identity import HostUser
 
 READ_BYTES = 64 * 1024
 RECHECK_S = 1.0
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_MODE = 0o640
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_no_links(path: Path) -> int:
+    """Open (create) `path` for appending, following no symlink anywhere on the way: each folder
+    from / is opened relative to the one before with O_NOFOLLOW, then the file; it must be a
+    regular file with a single link (not a hard link planted to a file of somebody else's)."""
+    absolute = Path(os.path.abspath(path))
+    folder = os.open("/", _DIR_FLAGS)
+    try:
+        for depth, part in enumerate(absolute.parent.parts[1:], start=2):
+            try:
+                inner = os.open(part, _DIR_FLAGS, dir_fd=folder)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    where = Path(*absolute.parts[:depth])
+                    raise OSError(exc.errno, f"{where} is not a folder (a symlink is not followed)",
+                                  str(path)) from None
+                raise
+            os.close(folder)
+            folder = inner
+        fd = os.open(absolute.name, OPEN_FLAGS, FILE_MODE, dir_fd=folder)
+    finally:
+        os.close(folder)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise OSError(errno.EPERM, "not a regular file with a single link", str(path))
+    return fd
 
 
 class RotatingFile:
@@ -46,8 +86,8 @@ class RotatingFile:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd
-        stat = os.fstat(fd)
-        self._identity, self._size = (stat.st_dev, stat.st_ino), stat.st_size
+        found = os.fstat(fd)
+        self._identity, self._size = (found.st_dev, found.st_ino), found.st_size
         self._checked = time.monotonic()
 
     def _open(self) -> None:
@@ -97,9 +137,9 @@ class RotatingFile:
             return
         self._checked = now
         try:
-            stat = os.lstat(self.path)
-            moved = (stat.st_dev, stat.st_ino) != self._identity
-        except FileNotFoundError:
+            found = os.lstat(self.path)
+            moved = (found.st_dev, found.st_ino) != self._identity
+        except OSError:  # gone, or out of reach (a folder swapped under us): try to reopen
             moved = True
         if moved or self.reopen_wanted:
             self.reopen_wanted = False
@@ -132,18 +172,28 @@ def reopen() -> None:
             logger.send_signal(signal.SIGHUP)
 
 
-def start(path: Path, max_bytes: int, backups: int) -> int:
+def open_for(path: Path, user: HostUser | None) -> int:
+    """The output file opened by swapguard: with a host user, by `open_no_links`."""
+    if user is not None and user.uid != os.geteuid():
+        return open_no_links(path)
+    return os.open(path, OPEN_FLAGS, FILE_MODE)
+
+
+def start(path: Path, max_bytes: int, backups: int, user: HostUser | None = None) -> int:
     """Start a logger for `path` and return the pipe's write end, for the host's stdout/stderr.
 
     The file is opened here, so a bad path fails the host's spawn with a clear error. The logger
     is our child in a session of its own; a thread waits for it, so it is never left a zombie and
-    never taken for an orphan of the host's tree.
+    never taken for an orphan of the host's tree. With `user`, the logger runs as that user
+    (it drops to it itself: the interpreter may sit where that user may not read).
     """
-    file_fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+    file_fd = open_for(path, user)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         argv = [sys.executable, "-m", "supervisor.process.outputlog"]
         argv += [str(path), str(max_bytes), str(backups)]
+        if user is not None and user.uid != os.geteuid():
+            argv += [str(user.uid), str(user.gid), ",".join(map(str, user.groups))]
         # Imported here: the logger process itself (this module as __main__) needs none of it.
         from supervisor.process import jobs
 
@@ -169,5 +219,14 @@ def start(path: Path, max_bytes: int, backups: int) -> int:
     return write_end
 
 
+def _become(uid: int, gid: int, groups: str) -> None:
+    """Drop to the host's user for good (groups first: after setuid they may not change)."""
+    os.setgroups([int(group) for group in groups.split(",") if group])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 4:
+        _become(int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     sys.exit(run(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
