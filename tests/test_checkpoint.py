@@ -421,11 +421,10 @@ def kill_restore_at(repo: Path, cp: Checkpoint, stop_at: str, scratch: Path) -> 
 
 # (the step the restore is killed before, and what it must have left half done)
 CRASH_POINTS = {
-    "_keep_abandoned": "nothing changed yet: the new version's tree, HEAD and index",
-    "git read-tree --reset -u": "nothing changed yet but the abandoned state's ref",
-    "_put_index": "the work tree restored; the user's index and HEAD still the new version's",
-    "git update-index -q --refresh": "the checkpoint's index staged aside, not in its place",
-    "_put_head": "work tree and index restored; HEAD and branch still the new version's",
+    "_put_refs": "nothing changed yet: the new version's tree, HEAD and index",
+    "git read-tree --reset -u": "the abandoned state's ref kept, HEAD and branch put back",
+    "_put_index": "work tree, HEAD and branch restored; the user's index still the new version's",
+    "git read-tree --index-output": "the same: the checkpoint's index not yet built",
 }
 
 
@@ -445,16 +444,18 @@ def test_restore_killed_half_way_then_repeated_ends_exact(
     kill_restore_at(repo, cp, stop_at, tmp_path)
 
     half_done = snapshot_state(repo)
-    assert half_done["head"] == new_head, CRASH_POINTS[stop_at]
-    if stop_at in ("_keep_abandoned", "git read-tree --reset -u"):
+    kept = (repo / ".git/refs/swapguard/abandoned/s1").exists()
+    assert kept == (stop_at != "_put_refs"), CRASH_POINTS[stop_at]
+    if stop_at == "_put_refs":
         assert half_done == changed, CRASH_POINTS[stop_at]
-        kept = (repo / ".git/refs/swapguard/abandoned/s1").exists()
-        assert kept == (stop_at != "_keep_abandoned"), CRASH_POINTS[stop_at]
     else:
+        assert (half_done["head"], half_done["branch"]) == (before["head"], before["branch"])
+    if stop_at == "git read-tree --reset -u":
+        assert half_done["files"] == changed["files"], CRASH_POINTS[stop_at]
+    elif stop_at != "_put_refs":
         assert not (repo / "gen").exists(), CRASH_POINTS[stop_at]
         assert half_done["files"] == before["files"], CRASH_POINTS[stop_at]
-    staged_aside = list((repo / ".git").glob("swapguard-index.*"))
-    assert bool(staged_aside) == (stop_at == "git update-index -q --refresh"), CRASH_POINTS[stop_at]
+    assert not list((repo / ".git").glob("swapguard-index.*")), CRASH_POINTS[stop_at]
     assert not (repo / ".git/index.lock").exists()  # killed between steps, not inside git
     # the restore died holding its locks: their journal is left for the next one to clear
     assert list((repo / ".git").glob("swapguard-locks-*.json")), "killed outside the restore?"

@@ -165,7 +165,9 @@ class CodeTree:
 
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
-        git_dir = self._git_dir(fresh=True)
+        self._check_takeable(self._git_dir(fresh=True))
+
+    def _check_takeable(self, git_dir: Path) -> None:
         self._locks().clear_stale()
         if foreign := self._locks().foreign_index_lock():
             raise index_locked_error(foreign)
@@ -186,14 +188,15 @@ class CodeTree:
         """Capture the tree as refs/swapguard/checkpoints/<name>; the user's state is untouched."""
         _check_name(name)
         started = time.monotonic()
-        self.check()
-        head, branch = self.head(), self._branch()
+        where = self._look()
+        self._check_takeable(where.git_dir)
+        head, branch = where.head, where.branch
         with self._scratch() as scratch:
             index_tree = self._index_tree(scratch / "staged")
             tree = self._capture(scratch / "capture")
         modes = treemodes.odd_modes(self.root, self._listing(tree), treemodes.umask())
         parents = [head] if head else []
-        if index_tree:
+        if index_tree and index_tree not in (tree, where.head_tree):  # else reachable already
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
         message = f"swapguard checkpoint {name}\n\nbranch: {branch}\n{treemodes.to_message(modes)}"
         commit = self._commit(tree, parents, message)
@@ -211,29 +214,39 @@ class CodeTree:
         the work tree, HEAD and branch are restored, and the index once the lock goes."""
         _check_name(name)
         started = time.monotonic()
-        git_dir = self._git_dir(fresh=True)
+        where = self._look()
         locks = self._locks()
         locks.clear_stale()
-        set_aside_in_progress(self.root, git_dir, name)
-        target = self._tree_of(cp)
-        listing = self._listing(target)
+        set_aside_in_progress(self.root, where.git_dir, name)
+        abandoned_ref = f"{_ABANDONED}/{name}"
+        branch_ref = [f"refs/heads/{cp.branch}"] if cp.branch else []
+        found = self._git.objects([cp.commit, abandoned_ref, *branch_ref], contents=True)
+        if found[0] is None or found[0].type != "commit":
+            raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
+        message = found[0].body.decode("utf-8", "surrogateescape")
+        target, listing = self._filtered(message.split("\n", 1)[0].removeprefix("tree "))
+        tips = [where.head, *(tip.sha for tip in found[2:] if tip is not None)]
+        previous = found[1].sha if found[1] is not None else None
         mask = treemodes.umask()
-        ref_locks = [f"{_ABANDONED}/{name}.lock", f"refs/heads/{cp.branch}.lock"]
+        ref_locks = [f"{abandoned_ref}.lock", f"refs/heads/{cp.branch}.lock"]
         with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             index = scratch / "current"
             current = self._capture(index, aside=True)
-            self._remove_untracked_special(current, listing)
-            doomed = self._ignored_in_the_way(current, target, index)
+            added, gone = self._diff(current, target)
+            folders = {path for mode, path in listing if mode == "040000"}
+            self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
+            doomed = self._ignored_in_the_way(added, index)
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
                 self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
-            self._keep_abandoned(current, cp, name)
+            self._put_refs(cp, name, current, tips, previous)
+            if where.branch != cp.branch and cp.branch is not None:
+                self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
+                              f"refs/heads/{cp.branch}")  # fmt: skip
             self._git.out("read-tree", "--reset", "-u", target, index=index)
-            recorded = treemodes.from_message(self._git.out("cat-file", "commit", cp.commit))
-            treemodes.put_back(self.root, listing, recorded, mask)
-            self._put_index(cp.index_tree, worktree_index=index)
-            self._put_head(cp, name)
+            treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
+            self._put_index(cp.index_tree, target, worktree_index=index)
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
@@ -292,7 +305,7 @@ class CodeTree:
         if treepaths.is_regular(real):  # a symlink or FIFO planted there is no index: never read
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
-        skip = self._exclude_pathspecs(index)
+        skip = self._exclude_pathspecs()
         self._add_all(index, skip, aside=aside)
         present = [p for p in self.extra_paths if treepaths.plain(self.root, p)]
         if present:
@@ -351,20 +364,20 @@ class CodeTree:
                 if treepaths.below_real_dirs(self.root, path) and treepaths.is_special(full):
                     full.unlink()
 
-    def _exclude_pathspecs(self, index: Path) -> list[str]:
+    def _exclude_pathspecs(self) -> list[str]:
         """Pathspecs that keep excluded files from being hashed at all (a big database would be).
 
-        Ignored ones are left out: `git add` fails on a pathspec that names an ignored path.
-        """
+        Glob pathspecs whose first character is escaped: git names a literal exclude pathspec
+        below an ignored folder as an ignored path it refuses to add (a check-ignore run
+        per capture would tell which), but compares only the part before the first wildcard,
+        here none. Each path and everything below it."""
         # a path below a symlink (a data folder on another volume) is not in the tree at all
         reachable = [path for path in self.excluded if treepaths.below_real_dirs(self.root, path)]
-        if not reachable:
-            return []
-        listed = self._git.run(
-            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(reachable)
-        )
-        ignored = set((listed or "").split("\0"))
-        return [f":(exclude,literal){path}" for path in reachable if path not in ignored]
+        specs = []
+        for path in reachable:
+            escaped = "\\" + re.sub(r"([*?\[\\])", r"\\\1", path)
+            specs += [f":(exclude,glob){escaped}", f":(exclude,glob){escaped}/**"]
+        return specs
 
     def _index_tree(self, scratch: Path) -> str:
         """The tree the user staged, from a copy: write-tree may rewrite the index it reads."""
@@ -377,7 +390,7 @@ class CodeTree:
 
     def _forget_excluded(self, index: Path) -> None:
         """Drop excluded paths that the user's index tracks: never captured, never restored."""
-        if self.excluded:  # (rm --cached looks at no path on disk, symlinked or not)
+        if _may_hold(index, self.excluded):  # (rm --cached looks at no path on disk)
             self._git.out(
                 "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
                 *map(literal, self.excluded), index=index,
@@ -385,13 +398,30 @@ class CodeTree:
 
     def _tree_of(self, cp: Checkpoint) -> str:
         """The checkpoint's tree minus excluded paths (exclude may have grown since the take)."""
-        tree = self._git.out("rev-parse", "--verify", f"{cp.commit}^{{tree}}").strip()
-        if not self.excluded:
-            return tree
+        names = [f"{cp.commit}^{{tree}}", *(f"{cp.commit}:{path}" for path in self.excluded)]
+        found = self._git.objects(names, contents=False)
+        if found[0] is None:
+            raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
+        if not any(found[1:]):
+            return found[0].sha
+        return self._without_excluded(found[0].sha)
+
+    def _filtered(self, tree: str) -> tuple[str, list[tuple[str, str]]]:
+        """`tree` minus excluded paths, and its listing."""
+        listing = self._listing(tree)
+        if any(_under(path, self.excluded) for _, path in listing):
+            tree = self._without_excluded(tree)
+            listing = self._listing(tree)
+        return tree, listing
+
+    def _without_excluded(self, tree: str) -> str:
         with self._scratch() as scratch:
             index = scratch / "filtered"
             self._git.out("read-tree", tree, index=index)
-            self._forget_excluded(index)
+            self._git.out(
+                "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
+                *map(literal, self.excluded), index=index,
+            )  # fmt: skip
             return self._git.out("write-tree", index=index).strip()
 
     def _commit(self, tree: str, parents: Sequence[str], message: str) -> str:
@@ -402,15 +432,25 @@ class CodeTree:
 
     # --- restore -------------------------------------------------------------------------------
 
-    def _ignored_in_the_way(self, current: str, target: str, index: Path) -> list[str]:
+    def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
+        """The paths of files the target adds to the current tree, and those it has not."""
+        fields = self._git.out(*_DIFF, "--name-status", current, target).split("\0")
+        added, gone = [], []
+        for status, path in zip(fields[0::2], fields[1::2], strict=False):
+            if status == "A":
+                added.append(path)
+            elif status == "D":
+                gone.append(path)
+        return added, gone
+
+    def _ignored_in_the_way(self, added: list[str], index: Path) -> list[str]:
         """Untracked (ignored) paths that `read-tree --reset -u` would delete to make room.
 
-        They sit where the target has a file (a directory of ignored files, an ignored file) or
-        where it needs a directory. An excluded path there refuses the restore before any change.
+        They sit where the target adds a file (a directory of ignored files, an ignored file)
+        or needs a directory. An excluded path there refuses the restore before any change.
         """
-        diff = self._git.out(*_DIFF, "--diff-filter=A", "--name-only", current, target)
         doomed: set[str] = set()
-        for path in filter(None, diff.split("\0")):
+        for path in added:
             for excluded in self.excluded:
                 if excluded == path or excluded.startswith(path + "/"):
                     raise CheckpointError(
@@ -436,15 +476,12 @@ class CodeTree:
                 doomed.add(path)
         return sorted(doomed)
 
-    def _remove_untracked_special(self, current: str, target: list[tuple[str, str]]) -> None:
+    def _remove_untracked_special(self, folders: set[str]) -> None:
         """FIFOs, sockets and devices git passes over in silence, in any folder of the current or
         the target tree: unless ignored or excluded they are the new version's, and go (never
         opened)."""
-        folders = {path for mode, path in [*self._listing(current), *target] if mode == "040000"}
         found = treepaths.special_entries(self.root, {"", *folders})
-        found = [
-            p for p in found if not any(p == e or p.startswith(e + "/") for e in self.excluded)
-        ]
+        found = [p for p in found if not _under(p, self.excluded)]
         if not found:
             return
         listed = self._git.run("check-ignore", "-z", "--stdin", ok=(1,), stdin="\0".join(found))
@@ -454,30 +491,40 @@ class CodeTree:
                 (self.root / path).unlink()
                 log.info("removed %s: neither file, link nor folder, and not ignored", path)
 
-    def _keep_abandoned(self, current: str, cp: Checkpoint, name: str) -> None:
-        """Keep the abandoned state, its HEAD and its branch tip reachable under swapguard's refs.
+    def _put_refs(
+        self,
+        cp: Checkpoint,
+        name: str,
+        current: str,
+        tips: Sequence[str | None],
+        previous: str | None,
+    ) -> None:
+        """In one ref transaction, before the work tree changes: keep the abandoned state, its
+        HEAD and its branch tip reachable under swapguard's refs, and put the branch and HEAD
+        back at the checkpoint's commit.
 
         A repeated restore keeps the first abandoned commit (the new version's tree) and only adds
         a merge commit when some commit would otherwise become unreachable.
         """
         ref = f"{_ABANDONED}/{name}"
-        candidates = [self.head()]
-        if cp.branch:
-            found = self._git.run("rev-parse", "-q", "--verify", f"refs/heads/{cp.branch}", ok=(1,))
-            candidates.append(found.strip() if found else None)
-        tips = list(dict.fromkeys(tip for tip in candidates if tip))
-        previous = self._git.run("rev-parse", "-q", "--verify", ref, ok=(1,))
+        heads = list(dict.fromkeys(tip for tip in tips if tip))
+        orders = []
         if previous is None:
-            commit = self._commit(current, tips, f"swapguard abandoned {name}")
-            self._git.out("update-ref", "-m", f"swapguard: abandoned {name}", ref, commit, "")
-            return
-        previous = previous.strip()
-        loose = [tip for tip in tips if not self._reachable(tip, previous, cp.commit)]
-        if loose:
+            commit = self._commit(current, heads, f"swapguard abandoned {name}")
+            orders.append(f"create {ref} {commit}")
+        elif loose := [tip for tip in heads if not self._reachable(tip, previous, cp.commit)]:
             commit = self._commit(
                 f"{previous}^{{tree}}", [previous, *loose], f"swapguard abandoned {name}"
             )
-            self._git.out("update-ref", "-m", f"swapguard: abandoned {name}", ref, commit, previous)
+            orders.append(f"update {ref} {commit} {previous}")
+        if cp.branch is None:
+            orders += ["option no-deref", f"update HEAD {cp.head}"]
+        elif cp.head is None:
+            orders.append(f"delete refs/heads/{cp.branch}")
+        else:
+            orders.append(f"update refs/heads/{cp.branch} {cp.head}")
+        stdin = "".join(f"{order}\n" for order in orders)
+        self._git.run("update-ref", "-m", f"swapguard: restore {name}", "--stdin", stdin=stdin)
 
     def _reachable(self, commit: str, *tips: str) -> bool:
         return any(
@@ -485,27 +532,31 @@ class CodeTree:
             for tip in tips
         )
 
-    def _put_index(self, index_tree: str, *, worktree_index: Path) -> None:
+    def _put_index(self, index_tree: str, target: str, *, worktree_index: Path) -> None:
         """Replace the user's index with the staged tree of the checkpoint, atomically.
 
         Built from the index that just wrote the work tree, so unchanged entries keep their stat
-        data and the refresh only hashes what is staged differently from the work tree. While
-        somebody else holds index.lock (past a short wait), the new index waits beside it as
+        data (read-tree keeps it for entries it leaves alone); when the staged tree is the work
+        tree's (nothing staged apart, nothing untracked), that index is the one. While somebody
+        else holds index.lock (past a short wait), the new index waits beside it as
         PENDING_INDEX, and the first operation after the lock goes puts it in place."""
         git_dir = self._git_dir()
         for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
         staged = git_dir / f"swapguard-index.{os.getpid()}"
-        if index_tree:
-            shutil.copy2(worktree_index, staged)
         try:
+            if index_tree == target:
+                shutil.copy2(worktree_index, staged)
+            elif index_tree:
+                self._git.out(
+                    "read-tree", "--index-output", str(staged), "--reset", index_tree,
+                    index=worktree_index,
+                )  # fmt: skip
             if index_tree:
                 real = git_dir / "index"
                 if real.exists():
                     os.chmod(staged, real.stat().st_mode & 0o7777)
                 self._git.give(staged)
-                self._git.out("read-tree", "--reset", index_tree, index=staged)
-                self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
             self._pending_over = self._locks().make_pending(staged if index_tree else None)
         finally:
             staged.unlink(missing_ok=True)
@@ -535,19 +586,6 @@ class CodeTree:
             log.info("%s: the index is back, %s went", self.root, self._blocked_by)
         self._blocked_by = self._pending_over = None
 
-    def _put_head(self, cp: Checkpoint, name: str) -> None:
-        message = f"swapguard: restore {name}"
-        if cp.branch is None:
-            self._git.out("update-ref", "--no-deref", "-m", message, "HEAD", str(cp.head))
-            return
-        branch_ref = f"refs/heads/{cp.branch}"
-        if cp.head is None:
-            self._git.out("update-ref", "-m", message, "-d", branch_ref)
-        else:
-            self._git.out("update-ref", "-m", message, branch_ref, cp.head)
-        if self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,)) != branch_ref + "\n":
-            self._git.out("symbolic-ref", "-m", message, "HEAD", branch_ref)
-
     def _locks(self) -> GitLocks:
         return GitLocks(self._git_dir())
 
@@ -571,7 +609,10 @@ class CodeTree:
         found = self._git.out(
             "rev-parse", "--is-inside-work-tree", "--show-toplevel", "--absolute-git-dir"
         )
-        lines = found.splitlines()
+        return self._top(found.splitlines())
+
+    def _top(self, lines: list[str]) -> Path:
+        """From rev-parse's work tree, top and git dir lines: the git dir, root being the top."""
         if len(lines) != 3 or lines[0] != "true":
             raise CheckpointError(f"code root {self.root} is not a git work tree")
         if Path(lines[1]).resolve() != self.root.resolve():
@@ -581,14 +622,26 @@ class CodeTree:
         self._known_git_dir = Path(lines[2])
         return self._known_git_dir
 
+    def _look(self) -> _Where:
+        """Check that root is the top of a git work tree, and where its HEAD is: one git run
+        (three more when HEAD has no commit yet or the answer is not the usual one)."""
+        if not self.root.is_dir():
+            raise CheckpointError(f"code root {self.root} is not a directory")
+        found = self._git.run(
+            "rev-parse", "--is-inside-work-tree", "--show-toplevel", "--absolute-git-dir",
+            "HEAD", "HEAD^{tree}", "--symbolic-full-name", "HEAD", "--", ok=(128,),
+        )  # fmt: skip
+        lines = found.splitlines() if found is not None else []
+        if len(lines) != 7 or lines[6] != "--" or not lines[5].startswith(("HEAD", "refs/")):
+            return _Where(self._git_dir(fresh=True), self.head(), None, self._branch())
+        branch = None if lines[5] == "HEAD" else _branch_name(lines[5])
+        return _Where(self._top(lines[:3]), lines[3], lines[4], branch)
+
     def _branch(self) -> str | None:
         found = self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,))
         if found is None:
             return None
-        ref = found.strip()
-        if not ref.startswith("refs/heads/"):
-            raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
-        return ref.removeprefix("refs/heads/")
+        return _branch_name(found.strip())
 
     @contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -605,6 +658,44 @@ class CodeTree:
             if absolute.is_relative_to(base) and absolute != base:
                 return absolute.relative_to(base).as_posix()
         return None
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where the work tree stands: its git dir, HEAD's commit and tree, its branch (None:
+    detached)."""
+
+    git_dir: Path
+    head: str | None
+    head_tree: str | None
+    branch: str | None
+
+
+def _branch_name(ref: str) -> str:
+    if not ref.startswith("refs/heads/"):
+        raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
+    return ref.removeprefix("refs/heads/")
+
+
+def _under(path: str, folders: Sequence[str]) -> bool:
+    return any(path == folder or path.startswith(folder + "/") for folder in folders)
+
+
+def _may_hold(index: Path, paths: Sequence[str]) -> bool:
+    """Whether the index file may have an entry at or below one of `paths`. False only when its
+    bytes say so: a version 2 or 3 index (full path names), not split, not sparse, in which no
+    path's bytes occur. Saves a git run per capture when, as usual, it tracks none of them."""
+    if not paths:
+        return False
+    try:
+        data = index.read_bytes()
+    except FileNotFoundError:
+        return False
+    if data[:4] != b"DIRC" or int.from_bytes(data[4:8], "big") not in (2, 3):
+        return True
+    if b"link" in data or b"sdir" in data:
+        return True
+    return any(os.fsencode(path) in data for path in paths)
 
 
 def _vanished_file(exc: BaseException) -> bool:

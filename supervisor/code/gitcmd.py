@@ -12,6 +12,7 @@ import atexit
 import functools
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -52,6 +53,18 @@ _IDENTITY = {
     "GIT_COMMITTER_NAME": "swapguard",
     "GIT_COMMITTER_EMAIL": "swapguard@localhost",
 }
+
+
+@dataclass(frozen=True)
+class GitObject:
+    """An object `Git.objects` found: its id, its type and (when asked for) its contents."""
+
+    sha: str
+    type: str
+    body: bytes
+
+
+_OBJECT = re.compile(rb"[0-9a-f]{40}(?:[0-9a-f]{24})? (?:commit|tree|blob|tag) [0-9]+")
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,13 @@ class Git:
         self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
     ) -> str | None:
         """Git's stdout, or None when it exited with an accepted non-zero code."""
+        found = self.run_bytes(*args, index=index, ok=ok, stdin=stdin)
+        return None if found is None else os.fsdecode(found)
+
+    def run_bytes(
+        self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
+    ) -> bytes | None:
+        """`run`, with git's stdout as it wrote it (object contents are bytes, sized in bytes)."""
         env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
@@ -117,13 +137,35 @@ class Git:
                 f"git {args[0]} in {self.root} did not finish within {GIT_TIMEOUT_S:.0f}s"
             ) from exc
         if proc.returncode == 0:
-            return os.fsdecode(proc.stdout)
+            return proc.stdout
         if proc.returncode in ok:
             return None
         stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
         raise CheckpointError(
             f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
         )
+
+    def objects(self, names: Sequence[str], *, contents: bool) -> list[GitObject | None]:
+        """Many revisions looked up by one `git cat-file --batch` (or `--batch-check`): each
+        object found, or None where git has none by that name. Names hold no newline."""
+        if any("\n" in name for name in names):
+            raise CheckpointError("a revision to look up holds a newline")
+        mode = "--batch" if contents else "--batch-check"
+        out = self.run_bytes("cat-file", mode, stdin="".join(f"{n}\n" for n in names)) or b""
+        found: list[GitObject | None] = []
+        at = 0
+        for _ in names:
+            end = out.index(b"\n", at)
+            header = out[at:end].split(b" ")
+            at = end + 1
+            if len(header) != 3 or not _OBJECT.fullmatch(b" ".join(header)):
+                found.append(None)  # "<name> missing" (or "ambiguous"): nothing by that name
+                continue
+            size = int(header[2])
+            body = out[at : at + size] if contents else b""
+            at += size + 1 if contents else 0
+            found.append(GitObject(header[0].decode(), header[1].decode(), body))
+        return found
 
     def out(self, *args: str, index: Path | None = None) -> str:
         return self.run(*args, index=index) or ""

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 _LINE = re.compile(r"mode ([0-7]{1,5}) (\".*\")")
 Modes = dict[str, int]
 Listing = list[tuple[str, str]]  # (git mode, path) of every blob, link and tree of a tree
+_WRITTEN = ("040000", "100755", "100644")  # the git modes whose paths get permission bits
 
 
 def umask() -> int:
@@ -53,20 +54,22 @@ def default_mode(git_mode: str, mask: int) -> int | None:
 
 
 def odd_modes(root: Path, listing: Listing, mask: int) -> Modes:
-    """The paths of `listing` whose bits differ from git's default for them."""
+    """The paths of `listing` whose bits differ from git's default for them. One lstat a path,
+    by string (a tree of 100k files: a pathlib object each would cost more than the lstat)."""
     found: Modes = {}
+    base = os.path.join(root, "")
+    lstat, is_link, bits = os.lstat, stat.S_ISLNK, stat.S_IMODE
+    defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     for git_mode, path in listing:
-        default = default_mode(git_mode, mask)
+        default = defaults.get(git_mode)
         if default is None:
             continue
         try:
-            st = os.lstat(root / path)
+            st = lstat(base + path)
         except OSError:
             continue  # vanished since git listed it
-        if stat.S_ISLNK(st.st_mode):
-            continue
-        if stat.S_IMODE(st.st_mode) != default:
-            found[path] = stat.S_IMODE(st.st_mode)
+        if bits(st.st_mode) != default and not is_link(st.st_mode):
+            found[path] = bits(st.st_mode)
     return found
 
 
@@ -108,11 +111,13 @@ def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[s
     """Set every path of `listing` to its recorded bits, else git's default; the paths changed.
     Deepest first, so a folder is closed only once what is below it is done."""
     changed = []
+    base = os.path.join(root, "")
+    defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     for git_mode, path in sorted(listing, key=lambda item: -item[1].count("/")):
-        wanted = recorded.get(path, default_mode(git_mode, mask))
+        wanted = recorded.get(path, defaults.get(git_mode))
         if wanted is None:
             continue
-        full = root / path
+        full = base + path
         try:
             st = os.lstat(full)
         except OSError:

@@ -64,8 +64,7 @@ class SwapWork:
         self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
 
     def take_checkpoint(self, name: str) -> Checkpoint:
-        self.code.check()
-        return self.code.take(name)
+        return self.code.take(name)  # which checks the tree first
 
     def take_snapshots(self, swap: swaps.Swap) -> dict[str, Any]:
         entries = [(entry.path, entry.kind) for entry in self.config.data]
