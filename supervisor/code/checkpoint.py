@@ -538,8 +538,8 @@ class CodeTree:
         Built from the index that just wrote the work tree, so unchanged entries keep their stat
         data (read-tree keeps it for entries it leaves alone); when the staged tree is the work
         tree's (nothing staged apart, nothing untracked), that index is the one. While somebody
-        else holds index.lock (past a short wait), the new index waits beside it as
-        PENDING_INDEX, and the first operation after the lock goes puts it in place."""
+        else holds index.lock, the new index waits beside it as PENDING_INDEX (put in place
+        after a short wait, else by the first operation after the lock goes)."""
         git_dir = self._git_dir()
         for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
@@ -557,6 +557,9 @@ class CodeTree:
                 if real.exists():
                     os.chmod(staged, real.stat().st_mode & 0o7777)
                 self._git.give(staged)
+            if self._locks().put_now(staged if index_tree else None):
+                self._blocked_by = self._pending_over = None
+                return
             self._pending_over = self._locks().make_pending(staged if index_tree else None)
         finally:
             staged.unlink(missing_ok=True)
