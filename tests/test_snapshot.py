@@ -460,9 +460,11 @@ def test_verify_refuses_what_it_cannot_check(store: SnapshotStore, data: Path) -
         store.verify(SWAP, [snap])
 
 
+@pytest.mark.parametrize("stopper", ["restore", "stop_verify"])
 def test_a_restore_stops_a_verify_under_way_without_waiting_for_it(
-    store: SnapshotStore, data: Path
+    store: SnapshotStore, data: Path, stopper: str
 ) -> None:
+    """stop_verify: what a rollback calls first, so that the check's CPU goes to the rollback."""
     db = data / "app.db"
     writer(db, BASE)
     snaps = store.take(SWAP, [(db, "sqlite")])
@@ -488,8 +490,12 @@ def test_a_restore_stops_a_verify_under_way_without_waiting_for_it(
     try:
         assert in_verify.wait(WAIT_S)
         writer(db, NEW)
-        pausing.restore(SWAP, snaps)  # does not wait for the verify in progress
-        assert dump(db) == rows(BASE)
+        if stopper == "stop_verify":
+            pausing.stop_verify("20261124-060000-ffffff")  # another swap's: nothing to stop
+            pausing.stop_verify(SWAP)
+        else:
+            pausing.restore(SWAP, snaps)  # does not wait for the verify in progress
+            assert dump(db) == rows(BASE)
     finally:
         go_on.set()
         verifier.join(WAIT_S)

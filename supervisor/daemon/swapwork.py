@@ -106,7 +106,10 @@ class SwapWork:
             raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
 
     def restore_code(self, swap: swaps.Swap) -> Checkpoint:
-        """Back to the swap's checkpoint, which is then the code the host runs on."""
+        """Back to the swap's checkpoint, which is then the code the host runs on. The rollback's
+        first step: a verify of the swap's snapshots still running is stopped (its CPU is the
+        rollback's now; the restore of the data would stop it anyway)."""
+        self.snapshots.stop_verify(swap.id)
         checkpoint = _checkpoint(swap)
         self.code.restore(checkpoint, name=swap.id)
         if lock := self.code.index_locked():

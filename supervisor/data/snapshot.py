@@ -449,6 +449,11 @@ class SnapshotStore:
         log.info("verified swap %s in %.2fs", swap_id, time.monotonic() - started)
         return verdicts
 
+    def stop_verify(self, swap_id: str) -> None:
+        """Stop a verify() of this swap now, without taking the store's lock: a rollback has
+        begun, and a deep check (seconds of CPU per GiB) must not slow its first steps."""
+        self._stop_verifying(lambda swap: swap == swap_id)
+
     def _stop_verifying(self, doomed: Callable[[str], bool]) -> None:
         """Stop each verify() of a swap whose snapshot is about to change; its verdict is void.
         No wait: a verify holds no lock, and what it still reads cannot harm the data."""
