@@ -782,3 +782,22 @@ def test_only_a_file_that_vanished_makes_the_take_try_again(stderr: str, vanishe
     from supervisor.code.checkpoint import _vanished_file
 
     assert _vanished_file(CheckpointError(f"git add failed in /r (exit 128): {stderr}")) is vanished
+
+
+def test_a_git_that_outlives_its_limit_is_killed_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree on a hung file system fails the step (retried with backoff), never holds a worker."""
+    from supervisor.code import gitcmd
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "git"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(gitcmd, "GIT_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="did not finish within"):
+        gitcmd.Git(tmp_path).run("status")
+    assert time.monotonic() - started < 30

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,30 +120,45 @@ class Git:
         env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 ["git", *self._config, *args],
                 cwd=self.root,
                 env=env,
-                input=os.fsencode(stdin),
-                capture_output=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 user=owner.uid if owner else None,
                 group=owner.gid if owner else None,
                 extra_groups=[] if owner else None,
-                timeout=GIT_TIMEOUT_S,
             )
         except FileNotFoundError as exc:
             raise CheckpointError("git is not installed or not on PATH") from exc
-        except subprocess.TimeoutExpired as exc:  # killed: its scratch-index lock goes with it
+        # Not communicate(timeout=): with one it polls for the exit with sleeps, a millisecond
+        # or two of every git run; a timer kills a git that outlives the limit instead.
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        overdue = threading.Timer(GIT_TIMEOUT_S, kill)
+        overdue.start()
+        try:
+            with proc:
+                stdout, stderr = proc.communicate(os.fsencode(stdin))
+        finally:
+            overdue.cancel()
+        if killed.is_set():  # its scratch-index lock goes with it
             raise CheckpointError(
                 f"git {args[0]} in {self.root} did not finish within {GIT_TIMEOUT_S:.0f}s"
-            ) from exc
+            )
         if proc.returncode == 0:
-            return proc.stdout
+            return stdout
         if proc.returncode in ok:
             return None
-        stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
+        said = os.fsdecode(stderr).strip() or "(no output)"
         raise CheckpointError(
-            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
+            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {said}"
         )
 
     def objects(self, names: Sequence[str], *, contents: bool) -> list[GitObject | None]:
