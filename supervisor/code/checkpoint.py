@@ -83,6 +83,7 @@ _ABANDONED = f"{REF_ROOT}/abandoned"
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
+_LS_TREE_LINE = re.compile(r"([0-7]{6}) [a-z]+ [0-9a-f]+\t([^\0]*)\0")  # mode type sha\tpath\0
 # `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
 _NOT_ADDABLE = re.compile(
     r"error: (.+): can only add regular files, symbolic links or git-directories"
@@ -409,7 +410,8 @@ class CodeTree:
     def _filtered(self, tree: str) -> tuple[str, list[tuple[str, str]]]:
         """`tree` minus excluded paths, and its listing."""
         listing = self._listing(tree)
-        if any(_under(path, self.excluded) for _, path in listing):
+        listed = {path for _, path in listing}  # with its folders: an excluded one is listed
+        if any(path in listed for path in self.excluded):
             tree = self._without_excluded(tree)
             listing = self._listing(tree)
         return tree, listing
@@ -593,13 +595,9 @@ class CodeTree:
         return GitLocks(self._git_dir())
 
     def _listing(self, tree: str) -> list[tuple[str, str]]:
-        """(git mode, path) of every blob, link and folder of `tree`."""
-        found = []
-        for line in self._git.out(*_LS_TREE, tree).split("\0"):
-            if line:
-                meta, path = line.split("\t", 1)
-                found.append((meta.split(" ", 1)[0], path))
-        return found
+        """(git mode, path) of every blob, link and folder of `tree` (parsed by one regex: a
+        tree of 100k files is 100k lines)."""
+        return _LS_TREE_LINE.findall(self._git.out(*_LS_TREE, tree))
 
     # --- plumbing ------------------------------------------------------------------------------
 

@@ -109,11 +109,13 @@ def open_up(root: Path, folders: Iterable[str]) -> None:
 
 def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[str]:
     """Set every path of `listing` to its recorded bits, else git's default; the paths changed.
-    Deepest first, so a folder is closed only once what is below it is done."""
+    Files first, then folders deepest first: a folder is closed only once what is below it is
+    done."""
     changed = []
     base = os.path.join(root, "")
     defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
-    for git_mode, path in sorted(listing, key=lambda item: -item[1].count("/")):
+    folders = sorted((item for item in listing if item[0] == "040000"), key=_depth, reverse=True)
+    for git_mode, path in [*(item for item in listing if item[0] != "040000"), *folders]:
         wanted = recorded.get(path, defaults.get(git_mode))
         if wanted is None:
             continue
@@ -127,6 +129,10 @@ def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[s
             os.chmod(full, wanted, follow_symlinks=False)
             changed.append(path)
     return changed
+
+
+def _depth(item: tuple[str, str]) -> int:
+    return item[1].count("/")
 
 
 def folders_of(paths: Iterable[str]) -> Iterator[str]:
