@@ -43,6 +43,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -192,9 +193,10 @@ class CodeTree:
         where = self._look()
         self._check_takeable(where.git_dir)
         head, branch = where.head, where.branch
-        with self._scratch() as scratch:
-            index_tree = self._index_tree(scratch / "staged")
+        with self._scratch() as scratch, _beside() as pool:  # two indexes, two gits at once
+            staged = pool.submit(self._index_tree, scratch / "staged")
             tree = self._capture(scratch / "capture")
+            index_tree = staged.result()
         modes = treemodes.odd_modes(self.root, self._listing(tree), treemodes.umask())
         parents = [head] if head else []
         if index_tree and index_tree not in (tree, where.head_tree):  # else reachable already
@@ -215,17 +217,22 @@ class CodeTree:
         the work tree, HEAD and branch are restored, and the index once the lock goes."""
         _check_name(name)
         started = time.monotonic()
-        where = self._look()
+        abandoned_ref = f"{_ABANDONED}/{name}"
+        branch_ref = [f"refs/heads/{cp.branch}"] if cp.branch else []
+        with _beside() as pool:  # three lookups, three gits at once
+            listed = pool.submit(self._listing, cp.commit)
+            looked = pool.submit(
+                self._git.objects, [cp.commit, abandoned_ref, *branch_ref], contents=True
+            )
+            where = self._look()
+            found, listing = looked.result(), listed.result()
         locks = self._locks()
         locks.clear_stale()
         set_aside_in_progress(self.root, where.git_dir, name)
-        abandoned_ref = f"{_ABANDONED}/{name}"
-        branch_ref = [f"refs/heads/{cp.branch}"] if cp.branch else []
-        found = self._git.objects([cp.commit, abandoned_ref, *branch_ref], contents=True)
         if found[0] is None or found[0].type != "commit":
             raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
         message = found[0].body.decode("utf-8", "surrogateescape")
-        target, listing = self._filtered(message.split("\n", 1)[0].removeprefix("tree "))
+        target, listing = self._filtered(message.split("\n", 1)[0].removeprefix("tree "), listing)
         tips = [where.head, *(tip.sha for tip in found[2:] if tip is not None)]
         previous = found[1].sha if found[1] is not None else None
         mask = treemodes.umask()
@@ -407,9 +414,10 @@ class CodeTree:
             return found[0].sha
         return self._without_excluded(found[0].sha)
 
-    def _filtered(self, tree: str) -> tuple[str, list[tuple[str, str]]]:
-        """`tree` minus excluded paths, and its listing."""
-        listing = self._listing(tree)
+    def _filtered(
+        self, tree: str, listing: list[tuple[str, str]]
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """`tree` (listed as `listing`) minus excluded paths, and its listing."""
         listed = {path for _, path in listing}  # with its folders: an excluded one is listed
         if any(path in listed for path in self.excluded):
             tree = self._without_excluded(tree)
@@ -670,6 +678,11 @@ class _Where:
     head: str | None
     head_tree: str | None
     branch: str | None
+
+
+def _beside() -> ThreadPoolExecutor:
+    """Threads for git runs that do not wait on each other (each thread waits on its git)."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="swapguard-git")
 
 
 def _branch_name(ref: str) -> str:
