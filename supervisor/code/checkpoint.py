@@ -5,14 +5,19 @@ Theory of operation: a checkpoint is an ordinary commit whose tree is the work t
 `.git/index` so the user's index, branch, HEAD, stash and config are never touched, and so the
 stat cache makes the cost proportional to what changed. (`git stash create` would leave untracked
 files out; it, `git restore` and `git checkout` all rewrite the user's index.) Its first parent is
-HEAD; a second parent holds the user's staged state (as `git stash` does), which keeps that tree
-from being garbage-collected. A ref under `refs/swapguard/` keeps both reachable.
+HEAD; a second parent holds the user's staged state (as `git stash` does) when HEAD's tree or the
+captured one does not already keep that tree from being garbage-collected. A ref under
+`refs/swapguard/` keeps them reachable.
 
-Restore builds the same kind of tree of the current state (and keeps it, with the current HEAD,
-under `refs/swapguard/abandoned/<name>` before anything is changed), then lets
-`read-tree --reset -u` turn the current tree into the checkpoint's: git writes, deletes and
-chmods only what differs. Then the index, branch and HEAD are put back. Every step sets an
-absolute state, so a restore repeated after a crash ends exact.
+Restore builds the same kind of tree of the current state; one ref transaction keeps it, with
+the current HEAD and branch tip, under `refs/swapguard/abandoned/<name>` and puts the branch and
+HEAD back, before the work tree changes; then `read-tree --reset -u` turns the current tree into
+the checkpoint's (git writes, deletes and chmods only what differs), and the index is put back.
+Every step sets an absolute state, so a restore repeated after a crash ends exact.
+
+Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
+those that do not wait on each other run at once: a take runs 7, a restore 9 (3 at once), a
+drift check 2 (see the README's Benchmarks for where the time goes).
 
 Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
 a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
@@ -45,15 +50,14 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 
 import tenacity
 
 from supervisor.code import treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
-from supervisor.code.gitcmd import literal
+from supervisor.code.gitcmd import Where, branch_name, index_may_hold, literal, under
 from supervisor.code.gitlocks import (
     INDEX_LOCK,
     GitLocks,
@@ -62,8 +66,10 @@ from supervisor.code.gitlocks import (
     set_aside_in_progress,
     signature,
 )
+from supervisor.code.records import Change as Change  # re-exported: callers import it from here
+from supervisor.code.records import Checkpoint as Checkpoint
+from supervisor.code.records import check_name as _check_name
 from supervisor.core.backoff import exponential
-from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,58 +97,6 @@ _NOT_ADDABLE = re.compile(
 )
 # Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
 _LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
-_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Where the code tree was: the captured tree's commit, the staged tree, HEAD and branch."""
-
-    commit: str
-    index_tree: str
-    head: str | None
-    branch: str | None
-
-    def __post_init__(self) -> None:
-        if not _SHA.fullmatch(self.commit):
-            raise CheckpointError(f"checkpoint: commit must be a hex sha, got {self.commit!r}")
-        if self.index_tree and not _SHA.fullmatch(self.index_tree):
-            raise CheckpointError(
-                f"checkpoint: index_tree must be a hex sha, got {self.index_tree!r}"
-            )
-        if self.head is not None and not _SHA.fullmatch(self.head):
-            raise CheckpointError(f"checkpoint: head must be a hex sha or null, got {self.head!r}")
-        if self.head is None and self.branch is None:
-            raise CheckpointError("checkpoint: a detached HEAD needs a head commit")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
-        if not isinstance(data, dict):
-            raise CheckpointError(f"checkpoint: expected an object, got {type(data).__name__}")
-        nullable = {"commit": False, "index_tree": False, "head": True, "branch": True}
-        missing = sorted(nullable.keys() - data.keys())
-        if missing:
-            raise CheckpointError(f"checkpoint: missing field(s) {', '.join(missing)}")
-        for key, optional in nullable.items():
-            value = data[key]
-            if not (isinstance(value, str) or (optional and value is None)):
-                raise CheckpointError(f"checkpoint: field {key!r} has the wrong type: {value!r}")
-        return cls(data["commit"], data["index_tree"], data["head"], data["branch"])
-
-
-@dataclass(frozen=True)
-class Change:
-    path: str
-    change: Literal["added", "modified", "deleted"]
-
-
-def _check_name(name: str) -> None:
-    """Checkpoints are named by their swap's id (or "baseline"): the id syntax fits a ref name."""
-    if not is_swap_id(name):
-        raise CheckpointError(f"checkpoint name {name!r}: expected a swap id, {SWAP_ID_SYNTAX}")
 
 
 class CodeTree:
@@ -398,7 +352,7 @@ class CodeTree:
 
     def _forget_excluded(self, index: Path) -> None:
         """Drop excluded paths that the user's index tracks: never captured, never restored."""
-        if _may_hold(index, self.excluded):  # (rm --cached looks at no path on disk)
+        if index_may_hold(index, self.excluded):  # (rm --cached looks at no path on disk)
             self._git.out(
                 "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
                 *map(literal, self.excluded), index=index,
@@ -491,7 +445,7 @@ class CodeTree:
         the target tree: unless ignored or excluded they are the new version's, and go (never
         opened)."""
         found = treepaths.special_entries(self.root, {"", *folders})
-        found = [p for p in found if not _under(p, self.excluded)]
+        found = [p for p in found if not under(p, self.excluded)]
         if not found:
             return
         listed = self._git.run("check-ignore", "-z", "--stdin", ok=(1,), stdin="\0".join(found))
@@ -631,7 +585,7 @@ class CodeTree:
         self._known_git_dir = Path(lines[2])
         return self._known_git_dir
 
-    def _look(self) -> _Where:
+    def _look(self) -> Where:
         """Check that root is the top of a git work tree, and where its HEAD is: one git run
         (three more when HEAD has no commit yet or the answer is not the usual one)."""
         if not self.root.is_dir():
@@ -642,15 +596,15 @@ class CodeTree:
         )  # fmt: skip
         lines = found.splitlines() if found is not None else []
         if len(lines) != 7 or lines[6] != "--" or not lines[5].startswith(("HEAD", "refs/")):
-            return _Where(self._git_dir(fresh=True), self.head(), None, self._branch())
-        branch = None if lines[5] == "HEAD" else _branch_name(lines[5])
-        return _Where(self._top(lines[:3]), lines[3], lines[4], branch)
+            return Where(self._git_dir(fresh=True), self.head(), None, self._branch())
+        branch = None if lines[5] == "HEAD" else branch_name(lines[5])
+        return Where(self._top(lines[:3]), lines[3], lines[4], branch)
 
     def _branch(self) -> str | None:
         found = self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,))
         if found is None:
             return None
-        return _branch_name(found.strip())
+        return branch_name(found.strip())
 
     @contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -669,47 +623,9 @@ class CodeTree:
         return None
 
 
-@dataclass(frozen=True)
-class _Where:
-    """Where the work tree stands: its git dir, HEAD's commit and tree, its branch (None:
-    detached)."""
-
-    git_dir: Path
-    head: str | None
-    head_tree: str | None
-    branch: str | None
-
-
 def _beside() -> ThreadPoolExecutor:
     """Threads for git runs that do not wait on each other (each thread waits on its git)."""
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="swapguard-git")
-
-
-def _branch_name(ref: str) -> str:
-    if not ref.startswith("refs/heads/"):
-        raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
-    return ref.removeprefix("refs/heads/")
-
-
-def _under(path: str, folders: Sequence[str]) -> bool:
-    return any(path == folder or path.startswith(folder + "/") for folder in folders)
-
-
-def _may_hold(index: Path, paths: Sequence[str]) -> bool:
-    """Whether the index file may have an entry at or below one of `paths`. False only when its
-    bytes say so: a version 2 or 3 index (full path names), not split, not sparse, in which no
-    path's bytes occur. Saves a git run per capture when, as usual, it tracks none of them."""
-    if not paths:
-        return False
-    try:
-        data = index.read_bytes()
-    except FileNotFoundError:
-        return False
-    if data[:4] != b"DIRC" or int.from_bytes(data[4:8], "big") not in (2, 3):
-        return True
-    if b"link" in data or b"sdir" in data:
-        return True
-    return any(os.fsencode(path) in data for path in paths)
 
 
 def _vanished_file(exc: BaseException) -> bool:

@@ -194,3 +194,41 @@ class Git:
 
 def literal(path: str) -> str:
     return f":(literal){path}"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the work tree stands: its git dir, HEAD's commit and tree, its branch (None:
+    detached)."""
+
+    git_dir: Path
+    head: str | None
+    head_tree: str | None
+    branch: str | None
+
+
+def branch_name(ref: str) -> str:
+    if not ref.startswith("refs/heads/"):
+        raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
+    return ref.removeprefix("refs/heads/")
+
+
+def under(path: str, folders: Sequence[str]) -> bool:
+    return any(path == folder or path.startswith(folder + "/") for folder in folders)
+
+
+def index_may_hold(index: Path, paths: Sequence[str]) -> bool:
+    """Whether the index file may have an entry at or below one of `paths`. False only when its
+    bytes say so: a version 2 or 3 index (full path names), not split, not sparse, in which no
+    path's bytes occur. Saves a git run per capture when, as usual, it tracks none of them."""
+    if not paths:
+        return False
+    try:
+        data = index.read_bytes()
+    except FileNotFoundError:
+        return False
+    if data[:4] != b"DIRC" or int.from_bytes(data[4:8], "big") not in (2, 3):
+        return True
+    if b"link" in data or b"sdir" in data:
+        return True
+    return any(os.fsencode(path) in data for path in paths)
