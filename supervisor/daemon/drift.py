@@ -154,8 +154,7 @@ class DriftGuard:
     def _refresh_baseline_blocking(self, confirmed: str | None = None) -> None:
         """In a worker. `confirmed`: the id of the confirmed swap whose code this baseline is."""
         try:
-            self.code.check()
-            checkpoint = self.code.take("baseline")
+            checkpoint = self.code.take("baseline")  # which checks the tree first
         except SwapguardError as exc:
             log.warning("no code baseline: %s", exc.message)
             self.loop.call_soon_threadsafe(self._settled)
