@@ -540,6 +540,34 @@ def test_fresh_repo_without_an_index(tmp_path: Path) -> None:
     assert not (repo / ".git/index").exists()
 
 
+@pytest.mark.parametrize("staged_apart", [False, True])
+def test_restore_leaves_an_index_whose_stat_data_is_fresh(
+    tmp_path: Path, staged_apart: bool
+) -> None:
+    """The index put back is the one that wrote the work tree (nothing staged apart from it) or
+    one built from it: no entry is stat-dirty but those that differ from the work tree."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    for i in range(20):
+        write(repo / f"src/m{i:02}.py", f"N = {i}\n")
+    commit_all(repo, "first")
+    if staged_apart:
+        write(repo / "src/m00.py", "N = 'staged'\n")
+        git(repo, "add", "src/m00.py")
+        write(repo / "src/m00.py", "N = 'staged, then changed'\n")
+    time.sleep(1.1)  # no entry racily clean: what git finds stat-dirty is the restore's doing
+    tree = CodeTree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    write(repo / "src/m01.py", "N = 'new version'\n")
+    write(repo / "src/new.py", "added\n")
+    git(repo, "add", "-A")
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    dirty = git(repo, "diff-files", "--name-only").split()
+    assert dirty == (["src/m00.py"] if staged_apart else [])
+
+
 def test_detached_head(repo: Path) -> None:
     git(repo, "checkout", "-q", "--detach", "HEAD~1")
     tree = code_tree(repo)
