@@ -195,14 +195,17 @@ class CodeTree:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             index = scratch / "current"
             current = self._capture(index, aside=True)
-            added, gone = self._diff(current, target)
+            with _beside() as pool:  # the abandoned state's commit is written while diff runs
+                early = None if previous else pool.submit(self._abandon, current, tips, name)
+                added, gone = self._diff(current, target)
             folders = {path for mode, path in listing if mode == "040000"}
             self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
             doomed = self._ignored_in_the_way(added, index)
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
                 self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
-            self._put_refs(cp, name, current, tips, previous)
+            made = early.result() if early is not None and not doomed else None
+            self._put_refs(cp, name, current, tips, previous, made=made)
             if where.branch != cp.branch and cp.branch is not None:
                 self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
                               f"refs/heads/{cp.branch}")  # fmt: skip
@@ -462,20 +465,22 @@ class CodeTree:
         current: str,
         tips: Sequence[str | None],
         previous: str | None,
+        *,
+        made: str | None = None,
     ) -> None:
         """In one ref transaction, before the work tree changes: keep the abandoned state, its
         HEAD and its branch tip reachable under swapguard's refs, and put the branch and HEAD
         back at the checkpoint's commit.
 
         A repeated restore keeps the first abandoned commit (the new version's tree) and only adds
-        a merge commit when some commit would otherwise become unreachable.
+        a merge commit when some commit would otherwise become unreachable. `made`: the first
+        one, written already (`_abandon`).
         """
         ref = f"{_ABANDONED}/{name}"
         heads = list(dict.fromkeys(tip for tip in tips if tip))
         orders = []
         if previous is None:
-            commit = self._commit(current, heads, f"swapguard abandoned {name}")
-            orders.append(f"create {ref} {commit}")
+            orders.append(f"create {ref} {made or self._abandon(current, heads, name)}")
         elif loose := [tip for tip in heads if not self._reachable(tip, previous, cp.commit)]:
             commit = self._commit(
                 f"{previous}^{{tree}}", [previous, *loose], f"swapguard abandoned {name}"
@@ -489,6 +494,11 @@ class CodeTree:
             orders.append(f"update refs/heads/{cp.branch} {cp.head}")
         stdin = "".join(f"{order}\n" for order in orders)
         self._git.run("update-ref", "-m", f"swapguard: restore {name}", "--stdin", stdin=stdin)
+
+    def _abandon(self, current: str, tips: Sequence[str | None], name: str) -> str:
+        """The commit of the abandoned state: its tree, with HEAD and the branch tip as parents."""
+        heads = list(dict.fromkeys(tip for tip in tips if tip))
+        return self._commit(current, heads, f"swapguard abandoned {name}")
 
     def _reachable(self, commit: str, *tips: str) -> bool:
         return any(
