@@ -16,8 +16,8 @@ the checkpoint's (git writes, deletes and chmods only what differs), and the ind
 Every step sets an absolute state, so a restore repeated after a crash ends exact.
 
 Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
-those that do not wait on each other run at once: a take runs 7, a restore 9 (3 at once), a
-drift check 2 (see the README's Benchmarks for where the time goes).
+those that do not wait on each other run at once: a take runs 7 (6 in a row), a restore 9 (6 in
+a row), a drift check 2 (see the README's Benchmarks for where the time goes).
 
 Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
 a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
