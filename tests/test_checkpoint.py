@@ -421,11 +421,10 @@ def kill_restore_at(repo: Path, cp: Checkpoint, stop_at: str, scratch: Path) -> 
 
 # (the step the restore is killed before, and what it must have left half done)
 CRASH_POINTS = {
-    "_keep_abandoned": "nothing changed yet: the new version's tree, HEAD and index",
-    "git read-tree --reset -u": "nothing changed yet but the abandoned state's ref",
-    "_put_index": "the work tree restored; the user's index and HEAD still the new version's",
-    "git update-index -q --refresh": "the checkpoint's index staged aside, not in its place",
-    "_put_head": "work tree and index restored; HEAD and branch still the new version's",
+    "_put_refs": "nothing changed yet: the new version's tree, HEAD and index",
+    "git read-tree --reset -u": "the abandoned state's ref kept, HEAD and branch put back",
+    "_put_index": "work tree, HEAD and branch restored; the user's index still the new version's",
+    "git read-tree --index-output": "the same: the checkpoint's index not yet built",
 }
 
 
@@ -445,16 +444,18 @@ def test_restore_killed_half_way_then_repeated_ends_exact(
     kill_restore_at(repo, cp, stop_at, tmp_path)
 
     half_done = snapshot_state(repo)
-    assert half_done["head"] == new_head, CRASH_POINTS[stop_at]
-    if stop_at in ("_keep_abandoned", "git read-tree --reset -u"):
+    kept = (repo / ".git/refs/swapguard/abandoned/s1").exists()
+    assert kept == (stop_at != "_put_refs"), CRASH_POINTS[stop_at]
+    if stop_at == "_put_refs":
         assert half_done == changed, CRASH_POINTS[stop_at]
-        kept = (repo / ".git/refs/swapguard/abandoned/s1").exists()
-        assert kept == (stop_at != "_keep_abandoned"), CRASH_POINTS[stop_at]
     else:
+        assert (half_done["head"], half_done["branch"]) == (before["head"], before["branch"])
+    if stop_at == "git read-tree --reset -u":
+        assert half_done["files"] == changed["files"], CRASH_POINTS[stop_at]
+    elif stop_at != "_put_refs":
         assert not (repo / "gen").exists(), CRASH_POINTS[stop_at]
         assert half_done["files"] == before["files"], CRASH_POINTS[stop_at]
-    staged_aside = list((repo / ".git").glob("swapguard-index.*"))
-    assert bool(staged_aside) == (stop_at == "git update-index -q --refresh"), CRASH_POINTS[stop_at]
+    assert not list((repo / ".git").glob("swapguard-index.*")), CRASH_POINTS[stop_at]
     assert not (repo / ".git/index.lock").exists()  # killed between steps, not inside git
     # the restore died holding its locks: their journal is left for the next one to clear
     assert list((repo / ".git").glob("swapguard-locks-*.json")), "killed outside the restore?"
@@ -537,6 +538,34 @@ def test_fresh_repo_without_an_index(tmp_path: Path) -> None:
     tree.restore(cp, name="s1")
     assert snapshot_state(repo) == before
     assert not (repo / ".git/index").exists()
+
+
+@pytest.mark.parametrize("staged_apart", [False, True])
+def test_restore_leaves_an_index_whose_stat_data_is_fresh(
+    tmp_path: Path, staged_apart: bool
+) -> None:
+    """The index put back is the one that wrote the work tree (nothing staged apart from it) or
+    one built from it: no entry is stat-dirty but those that differ from the work tree."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    for i in range(20):
+        write(repo / f"src/m{i:02}.py", f"N = {i}\n")
+    commit_all(repo, "first")
+    if staged_apart:
+        write(repo / "src/m00.py", "N = 'staged'\n")
+        git(repo, "add", "src/m00.py")
+        write(repo / "src/m00.py", "N = 'staged, then changed'\n")
+    time.sleep(1.1)  # no entry racily clean: what git finds stat-dirty is the restore's doing
+    tree = CodeTree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    write(repo / "src/m01.py", "N = 'new version'\n")
+    write(repo / "src/new.py", "added\n")
+    git(repo, "add", "-A")
+    tree.restore(cp, name="s1")
+    assert snapshot_state(repo) == before
+    dirty = git(repo, "diff-files", "--name-only").split()
+    assert dirty == (["src/m00.py"] if staged_apart else [])
 
 
 def test_detached_head(repo: Path) -> None:
@@ -781,3 +810,22 @@ def test_only_a_file_that_vanished_makes_the_take_try_again(stderr: str, vanishe
     from supervisor.code.checkpoint import _vanished_file
 
     assert _vanished_file(CheckpointError(f"git add failed in /r (exit 128): {stderr}")) is vanished
+
+
+def test_a_git_that_outlives_its_limit_is_killed_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree on a hung file system fails the step (retried with backoff), never holds a worker."""
+    from supervisor.code import gitcmd
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "git"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(gitcmd, "GIT_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="did not finish within"):
+        gitcmd.Git(tmp_path).run("status")
+    assert time.monotonic() - started < 30

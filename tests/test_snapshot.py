@@ -460,9 +460,11 @@ def test_verify_refuses_what_it_cannot_check(store: SnapshotStore, data: Path) -
         store.verify(SWAP, [snap])
 
 
+@pytest.mark.parametrize("stopper", ["restore", "stop_verify"])
 def test_a_restore_stops_a_verify_under_way_without_waiting_for_it(
-    store: SnapshotStore, data: Path
+    store: SnapshotStore, data: Path, stopper: str
 ) -> None:
+    """stop_verify: what a rollback calls first, so that the check's CPU goes to the rollback."""
     db = data / "app.db"
     writer(db, BASE)
     snaps = store.take(SWAP, [(db, "sqlite")])
@@ -488,8 +490,12 @@ def test_a_restore_stops_a_verify_under_way_without_waiting_for_it(
     try:
         assert in_verify.wait(WAIT_S)
         writer(db, NEW)
-        pausing.restore(SWAP, snaps)  # does not wait for the verify in progress
-        assert dump(db) == rows(BASE)
+        if stopper == "stop_verify":
+            pausing.stop_verify("20261124-060000-ffffff")  # another swap's: nothing to stop
+            pausing.stop_verify(SWAP)
+        else:
+            pausing.restore(SWAP, snaps)  # does not wait for the verify in progress
+            assert dump(db) == rows(BASE)
     finally:
         go_on.set()
         verifier.join(WAIT_S)
@@ -791,7 +797,9 @@ def crash_points() -> Iterator[Any]:
             yield pytest.param(
                 {"before": step, "occurrence": occurrence}, id=f"{step}-{occurrence}"
             )
-    for record in range(1, 1 + entries * len(ENTRY_STEPS) + 2):
+    # records: the intent, the database swapped in, the folder staged and swapped in, finished
+    # (which says the last file is swapped in)
+    for record in range(1, 6):
         yield pytest.param({"at_record": record}, id=f"record-{record}")
 
 
@@ -940,6 +948,30 @@ def test_restore_across_file_systems_copies_and_verifies(
 
     assert store.placements["link"] == 0 and store.placements["copy"] == 5
     assert dump(db) == rows(BASE) and sidecars(db) == [] and tree_digest(tree) == before
+
+
+@pytest.mark.parametrize("before", ["mark_finished", "settle_kept"])
+def test_a_restore_by_copy_killed_after_its_last_swap_in_keeps_the_probation_data(
+    data: Path, elsewhere: Path, before: str
+) -> None:
+    """Across file systems the restored file is a copy, not the snapshot's inode: once swapped
+    in (not journaled for the last entry) it must not be taken for probation-time data."""
+    store = SnapshotStore(elsewhere / "snapshots")
+    db, notes = data / "app.db", data / "notes.txt"
+    writer(db, BASE)
+    notes.write_text("notes v1")
+    snaps = store.take(SWAP, [(db, "sqlite"), (notes, "file")])
+    writer(db, NEW)
+    notes.write_text("notes v2")
+
+    status = run_child(lambda: crashing(store, before=before).restore(SWAP, snaps))
+    assert status == -signal.SIGKILL
+    store.restore(SWAP, snaps)
+
+    assert dump(db) == rows(BASE) and sidecars(db) == [] and integrity(db) == "ok"
+    assert dump(kept(db)) == rows(BASE + NEW) and sidecars(kept(db)) == []
+    assert notes.read_text() == "notes v1" and kept(notes).read_text() == "notes v2"
+    assert store.placements["link"] == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")

@@ -5,14 +5,19 @@ Theory of operation: a checkpoint is an ordinary commit whose tree is the work t
 `.git/index` so the user's index, branch, HEAD, stash and config are never touched, and so the
 stat cache makes the cost proportional to what changed. (`git stash create` would leave untracked
 files out; it, `git restore` and `git checkout` all rewrite the user's index.) Its first parent is
-HEAD; a second parent holds the user's staged state (as `git stash` does), which keeps that tree
-from being garbage-collected. A ref under `refs/swapguard/` keeps both reachable.
+HEAD; a second parent holds the user's staged state (as `git stash` does) when HEAD's tree or the
+captured one does not already keep that tree from being garbage-collected. A ref under
+`refs/swapguard/` keeps them reachable.
 
-Restore builds the same kind of tree of the current state (and keeps it, with the current HEAD,
-under `refs/swapguard/abandoned/<name>` before anything is changed), then lets
-`read-tree --reset -u` turn the current tree into the checkpoint's: git writes, deletes and
-chmods only what differs. Then the index, branch and HEAD are put back. Every step sets an
-absolute state, so a restore repeated after a crash ends exact.
+Restore builds the same kind of tree of the current state; one ref transaction keeps it, with
+the current HEAD and branch tip, under `refs/swapguard/abandoned/<name>` and puts the branch and
+HEAD back, before the work tree changes; then `read-tree --reset -u` turns the current tree into
+the checkpoint's (git writes, deletes and chmods only what differs), and the index is put back.
+Every step sets an absolute state, so a restore repeated after a crash ends exact.
+
+Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
+those that do not wait on each other run at once: a take runs 7 (6 in a row), a restore 9 (6 in
+a row), a drift check 2 (see the README's Benchmarks for where the time goes).
 
 Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
 a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
@@ -44,16 +49,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 
 import tenacity
 
 from supervisor.code import generated, treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
-from supervisor.code.gitcmd import literal
+from supervisor.code.gitcmd import Where, branch_name, index_may_hold, literal, under
 from supervisor.code.gitlocks import (
     INDEX_LOCK,
     GitLocks,
@@ -62,9 +67,11 @@ from supervisor.code.gitlocks import (
     set_aside_in_progress,
     signature,
 )
+from supervisor.code.records import Change as Change  # re-exported: callers import it from here
+from supervisor.code.records import Checkpoint as Checkpoint
+from supervisor.code.records import check_name as _check_name
 from supervisor.config.noncode import GENERATED
 from supervisor.core.backoff import exponential
-from supervisor.core.ids import SWAP_ID_SYNTAX, is_swap_id
 from supervisor.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,64 +93,13 @@ _ABANDONED = f"{REF_ROOT}/abandoned"
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
+_LS_TREE_LINE = re.compile(r"([0-7]{6}) [a-z]+ [0-9a-f]+\t([^\0]*)\0")  # mode type sha\tpath\0
 # `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
 _NOT_ADDABLE = re.compile(
     r"error: (.+): can only add regular files, symbolic links or git-directories"
 )
 # Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
 _LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
-_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Where the code tree was: the captured tree's commit, the staged tree, HEAD and branch."""
-
-    commit: str
-    index_tree: str
-    head: str | None
-    branch: str | None
-
-    def __post_init__(self) -> None:
-        if not _SHA.fullmatch(self.commit):
-            raise CheckpointError(f"checkpoint: commit must be a hex sha, got {self.commit!r}")
-        if self.index_tree and not _SHA.fullmatch(self.index_tree):
-            raise CheckpointError(
-                f"checkpoint: index_tree must be a hex sha, got {self.index_tree!r}"
-            )
-        if self.head is not None and not _SHA.fullmatch(self.head):
-            raise CheckpointError(f"checkpoint: head must be a hex sha or null, got {self.head!r}")
-        if self.head is None and self.branch is None:
-            raise CheckpointError("checkpoint: a detached HEAD needs a head commit")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
-        if not isinstance(data, dict):
-            raise CheckpointError(f"checkpoint: expected an object, got {type(data).__name__}")
-        nullable = {"commit": False, "index_tree": False, "head": True, "branch": True}
-        missing = sorted(nullable.keys() - data.keys())
-        if missing:
-            raise CheckpointError(f"checkpoint: missing field(s) {', '.join(missing)}")
-        for key, optional in nullable.items():
-            value = data[key]
-            if not (isinstance(value, str) or (optional and value is None)):
-                raise CheckpointError(f"checkpoint: field {key!r} has the wrong type: {value!r}")
-        return cls(data["commit"], data["index_tree"], data["head"], data["branch"])
-
-
-@dataclass(frozen=True)
-class Change:
-    path: str
-    change: Literal["added", "modified", "deleted"]
-
-
-def _check_name(name: str) -> None:
-    """Checkpoints are named by their swap's id (or "baseline"): the id syntax fits a ref name."""
-    if not is_swap_id(name):
-        raise CheckpointError(f"checkpoint name {name!r}: expected a swap id, {SWAP_ID_SYNTAX}")
 
 
 class CodeTree:
@@ -176,7 +132,9 @@ class CodeTree:
 
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
-        git_dir = self._git_dir(fresh=True)
+        self._check_takeable(self._git_dir(fresh=True))
+
+    def _check_takeable(self, git_dir: Path) -> None:
         self._locks().clear_stale()
         if foreign := self._locks().foreign_index_lock():
             raise index_locked_error(foreign)
@@ -197,11 +155,13 @@ class CodeTree:
         """Capture the tree as refs/swapguard/checkpoints/<name>; the user's state is untouched."""
         _check_name(name)
         started = time.monotonic()
-        self.check()
-        head, branch = self.head(), self._branch()
-        with self._scratch() as scratch:
-            index_tree = self._index_tree(scratch / "staged")
+        where = self._look()
+        self._check_takeable(where.git_dir)
+        head, branch = where.head, where.branch
+        with self._scratch() as scratch, _beside() as pool:  # two indexes, two gits at once
+            staged = pool.submit(self._index_tree, scratch / "staged")
             tree = self._capture(scratch / "capture")
+            index_tree = staged.result()
         listing = self._listing(tree)
         modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
         owners = ""
@@ -209,7 +169,7 @@ class CodeTree:
             odd = treemodes.odd_owners(self.root, listing, default)
             owners = treemodes.owners_to_message(default, odd)
         parents = [head] if head else []
-        if index_tree:
+        if index_tree and index_tree not in (tree, where.head_tree):  # else reachable already
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
         message = (
             f"swapguard checkpoint {name}\n\nbranch: {branch}\n"
@@ -230,35 +190,53 @@ class CodeTree:
         the work tree, HEAD and branch are restored, and the index once the lock goes."""
         _check_name(name)
         started = time.monotonic()
-        git_dir = self._git_dir(fresh=True)
+        abandoned_ref = f"{_ABANDONED}/{name}"
+        branch_ref = [f"refs/heads/{cp.branch}"] if cp.branch else []
+        with _beside() as pool:  # three lookups, three gits at once
+            listed = pool.submit(self._listing, cp.commit)
+            looked = pool.submit(
+                self._git.objects, [cp.commit, abandoned_ref, *branch_ref], contents=True
+            )
+            where = self._look()
+            found, listing = looked.result(), listed.result()
         locks = self._locks()
         locks.clear_stale()
-        set_aside_in_progress(self.root, git_dir, name)
-        target = self._tree_of(cp)
-        listing = self._listing(target)
+        set_aside_in_progress(self.root, where.git_dir, name)
+        if found[0] is None or found[0].type != "commit":
+            raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
+        message = found[0].body.decode("utf-8", "surrogateescape")
+        target, listing = self._filtered(message.split("\n", 1)[0].removeprefix("tree "), listing)
+        tips = [where.head, *(tip.sha for tip in found[2:] if tip is not None)]
+        previous = found[1].sha if found[1] is not None else None
         mask = treemodes.umask()
-        ref_locks = [f"{_ABANDONED}/{name}.lock", f"refs/heads/{cp.branch}.lock"]
+        ref_locks = [f"{abandoned_ref}.lock", f"refs/heads/{cp.branch}.lock"]
         with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             index = scratch / "current"
             current = self._capture(index, aside=True)
-            self._remove_untracked_special(current, listing)
-            doomed = self._ignored_in_the_way(current, target, index)
+            with _beside() as pool:  # the abandoned state's commit is written while diff runs
+                early = None if previous else pool.submit(self._abandon, current, tips, name)
+                added, gone = self._diff(current, target)
+            folders = {path for mode, path in listing if mode == "040000"}
+            self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
+            doomed = self._ignored_in_the_way(added, index)
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
                 self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
-            self._keep_abandoned(current, cp, name)
+            made = early.result() if early is not None and not doomed else None
+            self._put_refs(cp, name, current, tips, previous, made=made)
+            if where.branch != cp.branch and cp.branch is not None:
+                self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
+                              f"refs/heads/{cp.branch}")  # fmt: skip
             self._git.out("read-tree", "--reset", "-u", target, index=index)
             rewritten = self._git.out(*_DIFF, "--name-only", current, target).split("\0")
             kept = {path for _, path in listing}
             generated.clear_stale_bytecode(self.root, [p for p in rewritten if p], kept)
-            message = self._git.out("cat-file", "commit", cp.commit)
             default_owner, owners = treemodes.owners_from_message(message)
             if default_owner is not None and self._default_owner() is not None:
                 treemodes.put_back_owners(self.root, listing, default_owner, owners)
             treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
-            self._put_index(cp.index_tree, worktree_index=index)
-            self._put_head(cp, name)
+            self._put_index(cp.index_tree, target, worktree_index=index)
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
@@ -328,7 +306,7 @@ class CodeTree:
         if treepaths.is_regular(real):  # a symlink or FIFO planted there is no index: never read
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
-        skip = self._exclude_pathspecs(index)
+        skip = self._exclude_pathspecs()
         self._add_all(index, skip, aside=aside)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
@@ -388,20 +366,20 @@ class CodeTree:
                 if treepaths.below_real_dirs(self.root, path) and treepaths.is_special(full):
                     full.unlink()
 
-    def _exclude_pathspecs(self, index: Path) -> list[str]:
+    def _exclude_pathspecs(self) -> list[str]:
         """Pathspecs that keep excluded files from being hashed at all (a big database would be).
 
-        Ignored ones are left out: `git add` fails on a pathspec that names an ignored path.
-        """
+        Glob pathspecs whose first character is escaped: git names a literal exclude pathspec
+        below an ignored folder as an ignored path it refuses to add (a check-ignore run
+        per capture would tell which), but compares only the part before the first wildcard,
+        here none. Each path and everything below it."""
         # a path below a symlink (a data folder on another volume) is not in the tree at all
         reachable = [path for path in self.excluded if treepaths.below_real_dirs(self.root, path)]
-        if not reachable:
-            return []
-        listed = self._git.run(
-            "check-ignore", "-z", "--stdin", index=index, ok=(1,), stdin="\0".join(reachable)
-        )
-        ignored = set((listed or "").split("\0"))
-        return [f":(exclude,literal){path}" for path in reachable if path not in ignored]
+        specs = []
+        for path in reachable:
+            escaped = "\\" + re.sub(r"([*?\[\\])", r"\\\1", path)
+            specs += [f":(exclude,glob){escaped}", f":(exclude,glob){escaped}/**"]
+        return specs
 
     def _index_tree(self, scratch: Path) -> str:
         """The tree the user staged, from a copy: write-tree may rewrite the index it reads."""
@@ -414,7 +392,7 @@ class CodeTree:
 
     def _forget_excluded(self, index: Path) -> None:
         """Drop excluded paths that the user's index tracks: never captured, never restored."""
-        if self.excluded:  # (rm --cached looks at no path on disk, symlinked or not)
+        if index_may_hold(index, self.excluded):  # (rm --cached looks at no path on disk)
             self._git.out(
                 "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
                 *map(literal, self.excluded), index=index,
@@ -425,17 +403,41 @@ class CodeTree:
         have grown since the take). Worked out once per checkpoint: a commit never changes."""
         if (known := self._trees.get(cp.commit)) is not None:
             return known
-        tree = self._git.out("rev-parse", "--verify", f"{cp.commit}^{{tree}}").strip()
+        names = [f"{cp.commit}^{{tree}}", *(f"{cp.commit}:{path}" for path in self.excluded)]
+        found = self._git.objects(names, contents=False)
+        if found[0] is None:
+            raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
         with self._scratch() as scratch:
             index = scratch / "filtered"
-            self._git.out("read-tree", tree, index=index)
-            self._forget_excluded(index)
+            self._git.out("read-tree", found[0].sha, index=index)
+            if any(found[1:]):
+                self._forget_excluded(index)
             generated.drop_untracked_generated(self._git, index, cp.index_tree)
             tree = self._git.out("write-tree", index=index).strip()
         if len(self._trees) >= 16:  # (clear: atomic, whichever worker thread gets here)
             self._trees.clear()
         self._trees[cp.commit] = tree
         return tree
+
+    def _filtered(
+        self, tree: str, listing: list[tuple[str, str]]
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """`tree` (listed as `listing`) minus excluded paths, and its listing."""
+        listed = {path for _, path in listing}  # with its folders: an excluded one is listed
+        if any(path in listed for path in self.excluded):
+            tree = self._without_excluded(tree)
+            listing = self._listing(tree)
+        return tree, listing
+
+    def _without_excluded(self, tree: str) -> str:
+        with self._scratch() as scratch:
+            index = scratch / "filtered"
+            self._git.out("read-tree", tree, index=index)
+            self._git.out(
+                "rm", "--cached", "-r", "-f", "-q", "--ignore-unmatch", "--",
+                *map(literal, self.excluded), index=index,
+            )  # fmt: skip
+            return self._git.out("write-tree", index=index).strip()
 
     def _commit(self, tree: str, parents: Sequence[str], message: str) -> str:
         args = ["commit-tree", "--no-gpg-sign", "-m", message, tree]
@@ -445,15 +447,25 @@ class CodeTree:
 
     # --- restore -------------------------------------------------------------------------------
 
-    def _ignored_in_the_way(self, current: str, target: str, index: Path) -> list[str]:
+    def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
+        """The paths of files the target adds to the current tree, and those it has not."""
+        fields = self._git.out(*_DIFF, "--name-status", current, target).split("\0")
+        added, gone = [], []
+        for status, path in zip(fields[0::2], fields[1::2], strict=False):
+            if status == "A":
+                added.append(path)
+            elif status == "D":
+                gone.append(path)
+        return added, gone
+
+    def _ignored_in_the_way(self, added: list[str], index: Path) -> list[str]:
         """Untracked (ignored) paths that `read-tree --reset -u` would delete to make room.
 
-        They sit where the target has a file (a directory of ignored files, an ignored file) or
-        where it needs a directory. An excluded path there refuses the restore before any change.
+        They sit where the target adds a file (a directory of ignored files, an ignored file)
+        or needs a directory. An excluded path there refuses the restore before any change.
         """
-        diff = self._git.out(*_DIFF, "--diff-filter=A", "--name-only", current, target)
         doomed: set[str] = set()
-        for path in filter(None, diff.split("\0")):
+        for path in added:
             for excluded in self.excluded:
                 if excluded == path or excluded.startswith(path + "/"):
                     raise CheckpointError(
@@ -479,15 +491,12 @@ class CodeTree:
                 doomed.add(path)
         return sorted(doomed)
 
-    def _remove_untracked_special(self, current: str, target: list[tuple[str, str]]) -> None:
+    def _remove_untracked_special(self, folders: set[str]) -> None:
         """FIFOs, sockets and devices git passes over in silence, in any folder of the current or
         the target tree: unless ignored or excluded they are the new version's, and go (never
         opened)."""
-        folders = {path for mode, path in [*self._listing(current), *target] if mode == "040000"}
         found = treepaths.special_entries(self.root, {"", *folders})
-        found = [
-            p for p in found if not any(p == e or p.startswith(e + "/") for e in self.excluded)
-        ]
+        found = [p for p in found if not under(p, self.excluded)]
         if not found:
             return
         listed = self._git.run("check-ignore", "-z", "--stdin", ok=(1,), stdin="\0".join(found))
@@ -497,30 +506,47 @@ class CodeTree:
                 (self.root / path).unlink()
                 log.info("removed %s: neither file, link nor folder, and not ignored", path)
 
-    def _keep_abandoned(self, current: str, cp: Checkpoint, name: str) -> None:
-        """Keep the abandoned state, its HEAD and its branch tip reachable under swapguard's refs.
+    def _put_refs(
+        self,
+        cp: Checkpoint,
+        name: str,
+        current: str,
+        tips: Sequence[str | None],
+        previous: str | None,
+        *,
+        made: str | None = None,
+    ) -> None:
+        """In one ref transaction, before the work tree changes: keep the abandoned state, its
+        HEAD and its branch tip reachable under swapguard's refs, and put the branch and HEAD
+        back at the checkpoint's commit.
 
         A repeated restore keeps the first abandoned commit (the new version's tree) and only adds
-        a merge commit when some commit would otherwise become unreachable.
+        a merge commit when some commit would otherwise become unreachable. `made`: the first
+        one, written already (`_abandon`).
         """
         ref = f"{_ABANDONED}/{name}"
-        candidates = [self.head()]
-        if cp.branch:
-            found = self._git.run("rev-parse", "-q", "--verify", f"refs/heads/{cp.branch}", ok=(1,))
-            candidates.append(found.strip() if found else None)
-        tips = list(dict.fromkeys(tip for tip in candidates if tip))
-        previous = self._git.run("rev-parse", "-q", "--verify", ref, ok=(1,))
+        heads = list(dict.fromkeys(tip for tip in tips if tip))
+        orders = []
         if previous is None:
-            commit = self._commit(current, tips, f"swapguard abandoned {name}")
-            self._git.out("update-ref", "-m", f"swapguard: abandoned {name}", ref, commit, "")
-            return
-        previous = previous.strip()
-        loose = [tip for tip in tips if not self._reachable(tip, previous, cp.commit)]
-        if loose:
+            orders.append(f"create {ref} {made or self._abandon(current, heads, name)}")
+        elif loose := [tip for tip in heads if not self._reachable(tip, previous, cp.commit)]:
             commit = self._commit(
                 f"{previous}^{{tree}}", [previous, *loose], f"swapguard abandoned {name}"
             )
-            self._git.out("update-ref", "-m", f"swapguard: abandoned {name}", ref, commit, previous)
+            orders.append(f"update {ref} {commit} {previous}")
+        if cp.branch is None:
+            orders += ["option no-deref", f"update HEAD {cp.head}"]
+        elif cp.head is None:
+            orders.append(f"delete refs/heads/{cp.branch}")
+        else:
+            orders.append(f"update refs/heads/{cp.branch} {cp.head}")
+        stdin = "".join(f"{order}\n" for order in orders)
+        self._git.run("update-ref", "-m", f"swapguard: restore {name}", "--stdin", stdin=stdin)
+
+    def _abandon(self, current: str, tips: Sequence[str | None], name: str) -> str:
+        """The commit of the abandoned state: its tree, with HEAD and the branch tip as parents."""
+        heads = list(dict.fromkeys(tip for tip in tips if tip))
+        return self._commit(current, heads, f"swapguard abandoned {name}")
 
     def _reachable(self, commit: str, *tips: str) -> bool:
         return any(
@@ -528,27 +554,34 @@ class CodeTree:
             for tip in tips
         )
 
-    def _put_index(self, index_tree: str, *, worktree_index: Path) -> None:
+    def _put_index(self, index_tree: str, target: str, *, worktree_index: Path) -> None:
         """Replace the user's index with the staged tree of the checkpoint, atomically.
 
         Built from the index that just wrote the work tree, so unchanged entries keep their stat
-        data and the refresh only hashes what is staged differently from the work tree. While
-        somebody else holds index.lock (past a short wait), the new index waits beside it as
-        PENDING_INDEX, and the first operation after the lock goes puts it in place."""
+        data (read-tree keeps it for entries it leaves alone); when the staged tree is the work
+        tree's (nothing staged apart, nothing untracked), that index is the one. While somebody
+        else holds index.lock, the new index waits beside it as PENDING_INDEX (put in place
+        after a short wait, else by the first operation after the lock goes)."""
         git_dir = self._git_dir()
         for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
         staged = git_dir / f"swapguard-index.{os.getpid()}"
-        if index_tree:
-            shutil.copy2(worktree_index, staged)
         try:
+            if index_tree == target:
+                shutil.copy2(worktree_index, staged)
+            elif index_tree:
+                self._git.out(
+                    "read-tree", "--index-output", str(staged), "--reset", index_tree,
+                    index=worktree_index,
+                )  # fmt: skip
             if index_tree:
                 real = git_dir / "index"
                 if real.exists():
                     os.chmod(staged, real.stat().st_mode & 0o7777)
                 self._git.give(staged)
-                self._git.out("read-tree", "--reset", index_tree, index=staged)
-                self._git.run("update-index", "-q", "--refresh", index=staged, ok=(1,))
+            if self._locks().put_now(staged if index_tree else None):
+                self._blocked_by = self._pending_over = None
+                return
             self._pending_over = self._locks().make_pending(staged if index_tree else None)
         finally:
             staged.unlink(missing_ok=True)
@@ -578,19 +611,6 @@ class CodeTree:
             log.info("%s: the index is back, %s went", self.root, self._blocked_by)
         self._blocked_by = self._pending_over = None
 
-    def _put_head(self, cp: Checkpoint, name: str) -> None:
-        message = f"swapguard: restore {name}"
-        if cp.branch is None:
-            self._git.out("update-ref", "--no-deref", "-m", message, "HEAD", str(cp.head))
-            return
-        branch_ref = f"refs/heads/{cp.branch}"
-        if cp.head is None:
-            self._git.out("update-ref", "-m", message, "-d", branch_ref)
-        else:
-            self._git.out("update-ref", "-m", message, branch_ref, cp.head)
-        if self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,)) != branch_ref + "\n":
-            self._git.out("symbolic-ref", "-m", message, "HEAD", branch_ref)
-
     def _locks(self) -> GitLocks:
         return GitLocks(self._git_dir())
 
@@ -603,13 +623,9 @@ class CodeTree:
         return (os.geteuid(), os.getegid()) if owner is None else (owner.uid, owner.gid)
 
     def _listing(self, tree: str) -> list[tuple[str, str]]:
-        """(git mode, path) of every blob, link and folder of `tree`."""
-        found = []
-        for line in self._git.out(*_LS_TREE, tree).split("\0"):
-            if line:
-                meta, path = line.split("\t", 1)
-                found.append((meta.split(" ", 1)[0], path))
-        return found
+        """(git mode, path) of every blob, link and folder of `tree` (parsed by one regex: a
+        tree of 100k files is 100k lines)."""
+        return _LS_TREE_LINE.findall(self._git.out(*_LS_TREE, tree))
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -622,7 +638,10 @@ class CodeTree:
         found = self._git.out(
             "rev-parse", "--is-inside-work-tree", "--show-toplevel", "--absolute-git-dir"
         )
-        lines = found.splitlines()
+        return self._top(found.splitlines())
+
+    def _top(self, lines: list[str]) -> Path:
+        """From rev-parse's work tree, top and git dir lines: the git dir, root being the top."""
         if len(lines) != 3 or lines[0] != "true":
             raise CheckpointError(f"code root {self.root} is not a git work tree")
         if Path(lines[1]).resolve() != self.root.resolve():
@@ -632,14 +651,26 @@ class CodeTree:
         self._known_git_dir = Path(lines[2])
         return self._known_git_dir
 
+    def _look(self) -> Where:
+        """Check that root is the top of a git work tree, and where its HEAD is: one git run
+        (three more when HEAD has no commit yet or the answer is not the usual one)."""
+        if not self.root.is_dir():
+            raise CheckpointError(f"code root {self.root} is not a directory")
+        found = self._git.run(
+            "rev-parse", "--is-inside-work-tree", "--show-toplevel", "--absolute-git-dir",
+            "HEAD", "HEAD^{tree}", "--symbolic-full-name", "HEAD", "--", ok=(128,),
+        )  # fmt: skip
+        lines = found.splitlines() if found is not None else []
+        if len(lines) != 7 or lines[6] != "--" or not lines[5].startswith(("HEAD", "refs/")):
+            return Where(self._git_dir(fresh=True), self.head(), None, self._branch())
+        branch = None if lines[5] == "HEAD" else branch_name(lines[5])
+        return Where(self._top(lines[:3]), lines[3], lines[4], branch)
+
     def _branch(self) -> str | None:
         found = self._git.run("symbolic-ref", "-q", "HEAD", ok=(1,))
         if found is None:
             return None
-        ref = found.strip()
-        if not ref.startswith("refs/heads/"):
-            raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
-        return ref.removeprefix("refs/heads/")
+        return branch_name(found.strip())
 
     @contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -656,6 +687,11 @@ class CodeTree:
             if absolute.is_relative_to(base) and absolute != base:
                 return absolute.relative_to(base).as_posix()
         return None
+
+
+def _beside() -> ThreadPoolExecutor:
+    """Threads for git runs that do not wait on each other (each thread waits on its git)."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="swapguard-git")
 
 
 def _vanished_file(exc: BaseException) -> bool:

@@ -13,10 +13,12 @@ import atexit
 import functools
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,18 @@ _IDENTITY = {
     "GIT_COMMITTER_NAME": "swapguard",
     "GIT_COMMITTER_EMAIL": "swapguard@localhost",
 }
+
+
+@dataclass(frozen=True)
+class GitObject:
+    """An object `Git.objects` found: its id, its type and (when asked for) its contents."""
+
+    sha: str
+    type: str
+    body: bytes
+
+
+_OBJECT = re.compile(rb"[0-9a-f]{40}(?:[0-9a-f]{24})? (?:commit|tree|blob|tag) [0-9]+")
 
 
 @dataclass(frozen=True)
@@ -129,9 +143,10 @@ class Git:
 
     def _user_excludes_path(self) -> str:
         """Where git would read the user's global excludes: core.excludesFile, else XDG's."""
-        found = self._run(("config", "--path", "--get", "core.excludesFile"), None, (1,), "", [])
-        if found and found.strip():
-            return found.strip()
+        asked = ("config", "--path", "--get", "core.excludesFile")
+        found = os.fsdecode(self._run(asked, None, (1,), "", []) or b"").strip()
+        if found:
+            return found
         home = self._env.get("HOME", "/")
         xdg = self._env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
         return os.path.join(xdg, "git", "ignore")
@@ -140,6 +155,13 @@ class Git:
         self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
     ) -> str | None:
         """Git's stdout, or None when it exited with an accepted non-zero code."""
+        found = self.run_bytes(*args, index=index, ok=ok, stdin=stdin)
+        return None if found is None else os.fsdecode(found)
+
+    def run_bytes(
+        self, *args: str, index: Path | None = None, ok: Sequence[int] = (0,), stdin: str = ""
+    ) -> bytes | None:
+        """`run`, with git's stdout as it wrote it (object contents are bytes, sized in bytes)."""
         config = list(self._config)
         if self.excludes:
             config += ["-c", f"core.excludesFile={self._prepare_excludes()[0]}"]
@@ -152,35 +174,72 @@ class Git:
         ok: Sequence[int],
         stdin: str,
         config: Sequence[str],
-    ) -> str | None:
+    ) -> bytes | None:
         env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 ["git", *config, *args],
                 cwd=self.root,
                 env=env,
-                input=os.fsencode(stdin),
-                capture_output=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 user=owner.uid if owner else None,
                 group=owner.gid if owner else None,
                 extra_groups=[] if owner else None,
-                timeout=GIT_TIMEOUT_S,
             )
         except FileNotFoundError as exc:
             raise CheckpointError("git is not installed or not on PATH") from exc
-        except subprocess.TimeoutExpired as exc:  # killed: its scratch-index lock goes with it
+        # Not communicate(timeout=): with one it polls for the exit with sleeps, a millisecond
+        # or two of every git run; a timer kills a git that outlives the limit instead.
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        overdue = threading.Timer(GIT_TIMEOUT_S, kill)
+        overdue.start()
+        try:
+            with proc:
+                stdout, stderr = proc.communicate(os.fsencode(stdin))
+        finally:
+            overdue.cancel()
+        if killed.is_set():  # its scratch-index lock goes with it
             raise CheckpointError(
                 f"git {args[0]} in {self.root} did not finish within {GIT_TIMEOUT_S:.0f}s"
-            ) from exc
+            )
         if proc.returncode == 0:
-            return os.fsdecode(proc.stdout)
+            return stdout
         if proc.returncode in ok:
             return None
-        stderr = os.fsdecode(proc.stderr).strip() or "(no output)"
+        said = os.fsdecode(stderr).strip() or "(no output)"
         raise CheckpointError(
-            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {stderr}"
+            f"git {args[0]} failed in {self.root} (exit {proc.returncode}): {said}"
         )
+
+    def objects(self, names: Sequence[str], *, contents: bool) -> list[GitObject | None]:
+        """Many revisions looked up by one `git cat-file --batch` (or `--batch-check`): each
+        object found, or None where git has none by that name. Names hold no newline."""
+        if any("\n" in name for name in names):
+            raise CheckpointError("a revision to look up holds a newline")
+        mode = "--batch" if contents else "--batch-check"
+        out = self.run_bytes("cat-file", mode, stdin="".join(f"{n}\n" for n in names)) or b""
+        found: list[GitObject | None] = []
+        at = 0
+        for _ in names:
+            end = out.index(b"\n", at)
+            header = out[at:end].split(b" ")
+            at = end + 1
+            if len(header) != 3 or not _OBJECT.fullmatch(b" ".join(header)):
+                found.append(None)  # "<name> missing" (or "ambiguous"): nothing by that name
+                continue
+            size = int(header[2])
+            body = out[at : at + size] if contents else b""
+            at += size + 1 if contents else 0
+            found.append(GitObject(header[0].decode(), header[1].decode(), body))
+        return found
 
     def out(self, *args: str, index: Path | None = None, stdin: str = "") -> str:
         return self.run(*args, index=index, stdin=stdin) or ""
@@ -213,3 +272,41 @@ def _read_small_text(path: str, owner: _Owner | None) -> str:
 
 def literal(path: str) -> str:
     return f":(literal){path}"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the work tree stands: its git dir, HEAD's commit and tree, its branch (None:
+    detached)."""
+
+    git_dir: Path
+    head: str | None
+    head_tree: str | None
+    branch: str | None
+
+
+def branch_name(ref: str) -> str:
+    if not ref.startswith("refs/heads/"):
+        raise CheckpointError(f"HEAD points at {ref}, which is not a branch")
+    return ref.removeprefix("refs/heads/")
+
+
+def under(path: str, folders: Sequence[str]) -> bool:
+    return any(path == folder or path.startswith(folder + "/") for folder in folders)
+
+
+def index_may_hold(index: Path, paths: Sequence[str]) -> bool:
+    """Whether the index file may have an entry at or below one of `paths`. False only when its
+    bytes say so: a version 2 or 3 index (full path names), not split, not sparse, in which no
+    path's bytes occur. Saves a git run per capture when, as usual, it tracks none of them."""
+    if not paths:
+        return False
+    try:
+        data = index.read_bytes()
+    except FileNotFoundError:
+        return False
+    if data[:4] != b"DIRC" or int.from_bytes(data[4:8], "big") not in (2, 3):
+        return True
+    if b"link" in data or b"sdir" in data:
+        return True
+    return any(os.fsencode(path) in data for path in paths)

@@ -181,6 +181,22 @@ class GitLocks:
         fsync_folder(self.git_dir)
         return over
 
+    def put_now(self, staged: Path | None) -> bool:
+        """Put `staged` (None: no index at all) in place of the index at once, under index.lock,
+        within a `holding` that names INDEX_LOCK; False, and nothing changed, while somebody else
+        holds that lock (then `make_pending`). Any older pending index is dropped."""
+        try:
+            with self.index_lock():
+                self.drop_pending()
+                if staged is None:
+                    self.index.unlink(missing_ok=True)
+                else:
+                    os.replace(staged, self.index)
+                fsync_folder(self.git_dir)
+        except FileExistsError:
+            return False
+        return True
+
     def put_pending(self, wait: float) -> bool:
         """Put the pending index in place under index.lock, waiting up to `wait` seconds for
         somebody else's lock to go; False if it did not."""

@@ -36,6 +36,7 @@ _GITLINK = "160000"
 Modes = dict[str, int]
 Owner = tuple[int, int]  # (uid, gid)
 Listing = list[tuple[str, str]]  # (git mode, path) of every blob, link and tree of a tree
+_WRITTEN = ("040000", "100755", "100644")  # the git modes whose paths get permission bits
 
 
 def umask() -> int:
@@ -65,20 +66,22 @@ def default_mode(git_mode: str, mask: int) -> int | None:
 
 
 def odd_modes(root: Path, listing: Listing, mask: int) -> Modes:
-    """The paths of `listing` whose bits differ from git's default for them."""
+    """The paths of `listing` whose bits differ from git's default for them. One lstat a path,
+    by string (a tree of 100k files: a pathlib object each would cost more than the lstat)."""
     found: Modes = {}
+    base = os.path.join(root, "")
+    lstat, is_link, bits = os.lstat, stat.S_ISLNK, stat.S_IMODE
+    defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     for git_mode, path in listing:
-        default = default_mode(git_mode, mask)
+        default = defaults.get(git_mode)
         if default is None:
             continue
         try:
-            st = os.lstat(root / path)
+            st = lstat(base + path)
         except OSError:
             continue  # vanished since git listed it
-        if stat.S_ISLNK(st.st_mode):
-            continue
-        if stat.S_IMODE(st.st_mode) != default:
-            found[path] = stat.S_IMODE(st.st_mode)
+        if bits(st.st_mode) != default and not is_link(st.st_mode):
+            found[path] = bits(st.st_mode)
     return found
 
 
@@ -176,13 +179,17 @@ def open_up(root: Path, folders: Iterable[str]) -> None:
 
 def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[str]:
     """Set every path of `listing` to its recorded bits, else git's default; the paths changed.
-    Deepest first, so a folder is closed only once what is below it is done."""
+    Files first, then folders deepest first: a folder is closed only once what is below it is
+    done."""
     changed = []
-    for git_mode, path in sorted(listing, key=lambda item: -item[1].count("/")):
-        wanted = recorded.get(path, default_mode(git_mode, mask))
+    base = os.path.join(root, "")
+    defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
+    folders = sorted((item for item in listing if item[0] == "040000"), key=_depth, reverse=True)
+    for git_mode, path in [*(item for item in listing if item[0] != "040000"), *folders]:
+        wanted = recorded.get(path, defaults.get(git_mode))
         if wanted is None:
             continue
-        full = root / path
+        full = base + path
         try:
             st = os.lstat(full)
         except OSError:
@@ -192,6 +199,10 @@ def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[s
             os.chmod(full, wanted, follow_symlinks=False)
             changed.append(path)
     return changed
+
+
+def _depth(item: tuple[str, str]) -> int:
+    return item[1].count("/")
 
 
 def folders_of(paths: Iterable[str]) -> Iterator[str]:

@@ -228,8 +228,7 @@ class DriftGuard:
         if at_start:
             faults.reached("baseline/at_start")  # the host is spawned, its baseline not yet taken
         try:
-            self.code.check()
-            checkpoint = self.code.take("baseline")
+            checkpoint = self.code.take("baseline")  # which checks the tree first
         except SwapguardError as exc:
             log.warning("no code baseline: %s", exc.message)
             self.loop.call_soon_threadsafe(self._settled)

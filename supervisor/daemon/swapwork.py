@@ -79,8 +79,7 @@ class SwapWork:
         self.usage: diskusage.Usage | None = None  # the last measure; views read it, never change
 
     def take_checkpoint(self, name: str) -> Checkpoint:
-        self.code.check()
-        return self.code.take(name)
+        return self.code.take(name)  # which checks the tree first
 
     def take_snapshots(self, swap: swaps.Swap) -> dict[str, Any]:
         entries = [(entry.path, entry.kind) for entry in self.config.data]
@@ -135,7 +134,10 @@ class SwapWork:
             raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
 
     def restore_code(self, swap: swaps.Swap) -> Checkpoint:
-        """Back to the swap's checkpoint, which is then the code the host runs on."""
+        """Back to the swap's checkpoint, which is then the code the host runs on. The rollback's
+        first step: a verify of the swap's snapshots still running is stopped (its CPU is the
+        rollback's now; the restore of the data would stop it anyway)."""
+        self.snapshots.stop_verify(swap.id)
         checkpoint = _checkpoint(swap)
         self.code.restore(checkpoint, name=swap.id)
         if lock := self.code.index_locked():

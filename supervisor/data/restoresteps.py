@@ -1,15 +1,18 @@
 """The steps of a journaled data restore, one data entry at a time.
 
-Why it exists: `SnapshotStore.restore` keeps the journal (what is done, durably, after each step)
+Why it exists: `SnapshotStore.restore` keeps the journal (durably, once an entry is swapped in)
 and the lock; what each step does to the file system is here. Every step can run again after a
-crash at any point of it, and ends in the same state:
-- set_aside: whatever is at the target now (SQLite: with its sidecars) is renamed to the kept
-  name, `<path>.rolled-back-<swap id>`, unless it is still the snapshot itself (a take cut short
-  before its working copy went in place: nothing was written, nothing to keep);
+crash at any point of it, and ends in the same state, so only `swap_in` needs a journal record
+(a set_aside after it would keep the restored data): each costs two fsyncs, on the rollback's path.
+- set_aside: whatever is at the target now (SQLite: its sidecars, then the file) is renamed to the
+  kept name, `<path>.rolled-back-<swap id>`, unless it is still the snapshot itself (a take cut
+  short before its working copy went in place: nothing was written, nothing to keep), or the
+  kept name is taken (it ran before: what is at the target now is the restore's own);
 - stage: the snapshot is linked (across file systems: copied, then checked in full) to a temp
-  name in the target's folder;
+  name in the target's folder (made durable by swap_in's fsync of that folder);
 - swap_in: stale SQLite sidecars go, then the staged file is renamed over the target;
-- settle_kept: the kept SQLite copy's WAL or hot journal is folded into it (one readable file).
+- settle_kept, once every entry is in place: the kept SQLite copy's WAL or hot journal is folded
+  into it (one readable file); run again at every restore() call, as it is not journaled.
 No symlink is followed: targets are renamed, never opened through a link; a folder that now
 resolves elsewhere is refused.
 """
@@ -41,7 +44,7 @@ from supervisor.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 
-ENTRY_STEPS = ("set_aside", "stage", "swap_in", "settle_kept")  # per entry, in order
+ENTRY_STEPS = ("set_aside", "stage", "swap_in")  # per entry, in order; then settle_kept
 JOURNAL = "restore.json"
 SETTLE_BUSY_FOR_S = 2.0
 """How long settle_kept tries while a straggler of the new version holds the kept copy: it runs
@@ -124,8 +127,6 @@ def run_step(step: str, swap_dir: Path, entry: Json, place_file: PlaceFile) -> N
             stage(swap_dir, entry, place_file)
         case "swap_in":
             swap_in(swap_dir, entry, place_file)
-        case "settle_kept":
-            settle_kept(entry)
         case _:
             raise ValueError(f"no restore step {step!r}")
 
@@ -138,7 +139,9 @@ def set_aside(swap_dir: Path, entry: Json) -> None:
     if entry["existed"] and same_file(target, swap_dir / str(entry["index"])):
         os.unlink(target)  # still the snapshot itself (a take cut short): nothing to keep
         return
-    suffixes = ("", *SQLITE_SIDECARS) if entry["kind"] == "sqlite" else ("",)
+    if os.path.lexists(kept):  # moved already (last): the target holds the restore's own now
+        return
+    suffixes = (*SQLITE_SIDECARS, "") if entry["kind"] == "sqlite" else ("",)
     moved = [suffix for suffix in suffixes if os.path.lexists(target + suffix)]
     for suffix in moved:
         os.rename(target + suffix, kept + suffix)
@@ -158,7 +161,7 @@ def stage(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
     check_folder(target)
     if not staged.parent.is_dir():  # the new version deleted the folder
         staged.parent.mkdir(parents=True)
-        fsync_dir(staged.parent.parent)
+        fsync_dir(staged.parent.parent)  # (the link below is made durable by swap_in)
     remove_path(staged)
     placed: list[str] = []
     if kind == "dir":
@@ -173,7 +176,6 @@ def stage(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
         verify_sqlite_copy(staged, entry["bytes"])
     if size != entry["bytes"] or digest not in (None, entry["sha256"] or digest):
         raise SnapshotError(f"the staged copy {staged} does not match the snapshot")
-    fsync_dir(staged.parent)
 
 
 def swap_in(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
@@ -182,8 +184,9 @@ def swap_in(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
     folder = Path(os.path.dirname(target))
     check_folder(target)
     stale = [target + s for s in SQLITE_SIDECARS if os.path.lexists(target + s)]
-    for path in stale if entry["kind"] == "sqlite" else ():
-        remove_path(Path(path))
+    if stale and entry["kind"] == "sqlite":  # gone for good before the file they'd replay onto
+        for path in stale:
+            remove_path(Path(path))
         fsync_dir(folder)
     if not entry["existed"]:
         put_folder_back(folder, entry)

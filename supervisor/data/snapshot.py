@@ -74,7 +74,7 @@ from supervisor.errors import SnapshotError
 log = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = get_args(DataKind)  # the config's [[data]] kinds
-RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "release")
+RESTORE_STEPS = ("write_intent", *ENTRY_STEPS, "mark_finished", "settle_kept", "release")
 TAKE_STEPS = ("take_entry", "commit_take", "swap_in_copies")
 VERIFY_STEPS = ("verify_entry",)
 
@@ -355,10 +355,12 @@ class SnapshotStore:
                 self._before_step("mark_finished")
                 journal["finished"] = True
                 self._record(journal_path, journal)
-            self._before_step("release")
+            for entry in journal["entries"]:
+                self._before_step("settle_kept")
+                restoresteps.settle_kept(entry)
+            self._before_step("release")  # (not made durable: links left by a crash are pruned)
             for entry in journal["entries"]:
                 remove_path(swap_dir / str(entry["index"]))
-            fsync_dir(swap_dir)
         elapsed = time.monotonic() - started
         log.info("restored %d data entries of swap %s in %.3fs", len(snapshots), swap_id, elapsed)
 
@@ -379,7 +381,14 @@ class SnapshotStore:
         return []
 
     def _run_entries(self, swap_dir: Path, journal_path: Path, journal: Json) -> None:
-        for entry in journal["entries"]:
+        """Each entry's steps, with a journal record once it is swapped in; for the last file,
+        the record that the restore is finished says so. A folder's stage is recorded too: a
+        folder found at its target cannot be told from one a straggler made. (Journals of older
+        versions also name other steps they had done.)"""
+        entries = journal["entries"]
+        for position, entry in enumerate(entries):
+            if f"{entry['index']}/swap_in" in journal["done"]:
+                continue
             for step in ENTRY_STEPS:
                 key = f"{entry['index']}/{step}"
                 if key in journal["done"]:
@@ -390,8 +399,10 @@ class SnapshotStore:
                 except (OSError, sqlite3.Error, SnapshotError) as exc:
                     where = f"data entry {entry['path']} ({entry['kind']}), step {step}"
                     raise SnapshotError(f"{where}: {explain(exc)}") from exc
-                journal["done"].append(key)
-                self._record(journal_path, journal)
+                folder_step = entry["kind"] == "dir" and step != "set_aside"
+                if folder_step or (step == "swap_in" and position < len(entries) - 1):
+                    journal["done"].append(key)
+                    self._record(journal_path, journal)
 
     def _place_file(self, source: Path, dest: Path) -> str:
         """Link a snapshot file into the target's folder, or copy it across file systems."""
@@ -437,6 +448,11 @@ class SnapshotStore:
             (log.info if ok else log.warning)("snapshot of %s: %s", path, detail)
         log.info("verified swap %s in %.2fs", swap_id, time.monotonic() - started)
         return verdicts
+
+    def stop_verify(self, swap_id: str) -> None:
+        """Stop a verify() of this swap now, without taking the store's lock: a rollback has
+        begun, and a deep check (seconds of CPU per GiB) must not slow its first steps."""
+        self._stop_verifying(lambda swap: swap == swap_id)
 
     def _stop_verifying(self, doomed: Callable[[str], bool]) -> None:
         """Stop each verify() of a swap whose snapshot is about to change; its verdict is void.
