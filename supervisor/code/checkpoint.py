@@ -240,6 +240,7 @@ class CodeTree:
         ref_locks = [f"{_ABANDONED}/{name}.lock", f"refs/heads/{cp.branch}.lock"]
         with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
+            treemodes.open_all(self._git, self.excluded)
             index = scratch / "current"
             current = self._capture(index, aside=True)
             self._remove_untracked_special(current, listing)
@@ -249,9 +250,8 @@ class CodeTree:
                 current = self._git.out("write-tree", index=index).strip()
             self._keep_abandoned(current, cp, name)
             self._git.out("read-tree", "--reset", "-u", target, index=index)
-            rewritten = self._git.out(*_DIFF, "--name-only", current, target).split("\0")
-            kept = {path for _, path in listing}
-            generated.clear_stale_bytecode(self.root, [p for p in rewritten if p], kept)
+            generated.clear_generated(self._git, index, self.excluded)
+            treemodes.unshare_hard_links(self._git, index, listing)
             message = self._git.out("cat-file", "commit", cp.commit)
             default_owner, owners = treemodes.owners_from_message(message)
             if default_owner is not None and self._default_owner() is not None:
