@@ -15,6 +15,13 @@ records the owner git would give (`owners <uid>:<gid>`) and every path owned oth
 modes (a chown clears set-id bits). A checkpoint without the `owners` line (taken unprivileged,
 or before owners were recorded) leaves owners alone.
 
+Every chown and chmod acts on the entry itself (an O_PATH handle opened without following a
+symlink), never on a file with other names: a new version may hard-link a file from outside the
+tree in place of one of the same content (git sees no change), and a chmod of that name would
+reach the file outside. Such a name is written afresh from the checkpoint first. And before a
+restore captures the tree, the whole tree is opened to git's user (`open_all`): git passes over
+in silence what it cannot read.
+
 The record travels in the checkpoint commit's message, one `mode <octal> <json path>` line each,
 so it lives exactly as long as the checkpoint.
 """
@@ -251,14 +258,22 @@ def open_all(git: Git, skip: Sequence[str]) -> int:
             readable = st.st_mode & 0o004 or (st.st_uid == reader and st.st_mode & 0o400)
             if readable or reader == 0:
                 return False
-            os.unlink(name, dir_fd=dir_fd)
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as exc:  # git then fails on it, naming it
+                log.warning("could not unlink %s in %s: %s", name, root, exc)
+                return False
             log.warning("unlinked %s from %s: a file with other names git cannot read", name, root)
             return True
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             return False
         if st.st_mode & bits == bits or not (uid == 0 or st.st_uid == uid):
             return False
-        os.chmod(name, stat.S_IMODE(st.st_mode) | bits, dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | bits, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:  # a read-only mount, say: git then reports what it cannot read
+            log.warning("could not open up %s in %s: %s", name, root, exc)
+            return False
         return True
 
     changed += opened(str(root), None, 0o700)
