@@ -1,18 +1,21 @@
-"""Generated files in a real git tree: never captured, never drift, untouched by a restore,
+"""Generated files in a real git tree: never captured, never drift, cleared by a restore,
 unless declared (tracked, re-included); the user's repo and ignore rules stay as they were."""
 
 from __future__ import annotations
 
 import os
 import pwd
+import py_compile
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from supervisor.cli.main import main
+from supervisor.code import generated
 from supervisor.code.checkpoint import CodeTree
 from supervisor.config.noncode import GENERATED
 from tests.test_checkpoint import commit_all, git, init_repo, write
@@ -105,9 +108,15 @@ def test_the_users_global_excludes_still_apply(
     assert captured(CodeTree(repo)) == {"app.py", "pkg/__init__.py", "pkg/mod.py"}
 
 
-def test_a_restore_keeps_generated_files_but_drops_stale_bytecode(repo: Path) -> None:
-    tree = CodeTree(repo)
+def test_a_restore_clears_untracked_generated_files(repo: Path) -> None:
+    """Bytecode and caches are the new version's output: a rollback leaves none of them, for a
+    module it rewrote or not; tracked ones and the user's own `code.ignore` files stay."""
+    write(repo / "vendor/fast.pyc", "tracked bytecode")
+    git(repo, "add", "-f", "vendor/fast.pyc")
+    commit_all(repo, "vendor bytecode")
+    tree = CodeTree(repo, ignore=(*GENERATED, "tmp/"))
     write(repo / "pkg/__pycache__/__init__.cpython-311.pyc", "init bytecode")
+    write(repo / "tmp/scratch.txt", "the user's, ignored by code.ignore")
     checkpoint = tree.take("v1")
     # the new version: a module of the same size, compiled; a new package, compiled; caches
     write(repo / "pkg/mod.py", "VERSION = 2\n")
@@ -115,13 +124,71 @@ def test_a_restore_keeps_generated_files_but_drops_stale_bytecode(repo: Path) ->
     write(repo / "newpkg/__init__.py", "")
     write(repo / "newpkg/__pycache__/__init__.cpython-311.pyc", "new bytecode")
     write(repo / ".pytest_cache/v/cache/lastfailed", "{}")
+    (repo / "outside.pyc").symlink_to("/etc/passwd")  # a link: removed, never followed
     tree.restore(checkpoint, name="v1")
     assert (repo / "pkg/mod.py").read_text() == "VERSION = 1\n"
-    assert not (repo / PYC).exists()  # it recorded v2's source: the old module must not run it
-    assert (repo / "pkg/__pycache__/__init__.cpython-311.pyc").exists()  # untouched module
-    assert not (repo / "newpkg/__init__.py").exists()
-    assert (repo / ".pytest_cache/v/cache/lastfailed").exists()  # not code: left alone
+    assert not (repo / PYC).exists()
+    assert not (repo / "pkg/__pycache__").exists()  # an untouched module's too
+    assert not (repo / "newpkg").exists()
+    assert not (repo / ".pytest_cache").exists()
+    assert not os.path.lexists(repo / "outside.pyc") and Path("/etc/passwd").exists()
+    assert (repo / "vendor/fast.pyc").read_text() == "tracked bytecode"  # declared: code
+    assert (repo / "tmp/scratch.txt").exists()  # code.ignore: the user's, as documented
     assert not tree.differs(checkpoint)
+
+
+def test_the_old_version_never_runs_the_new_versions_bytecode(tmp_path: Path) -> None:
+    """The new version drops a sourceless `json.pyc` beside the script (it shadows the stdlib)
+    and an unchecked-hash `.pyc` of a module it never changed: the old version must run its own
+    code after the rollback."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "import json, helper\nprint(helper.X, json.dumps(1))\n")
+    write(repo / "helper.py", "X = 'old'\n")
+    commit_all(repo, "v1")
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "app.py"], cwd=repo, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    assert run() == "old 1"
+    tree = CodeTree(repo)
+    checkpoint = tree.take("v1")
+    write(repo / "app.py", "print('new')\n")
+    evil = tmp_path / "evil"
+    write(evil / "json.py", "def dumps(x): return 'EVIL'\n")
+    write(evil / "helper.py", "X = 'EVIL'\n")
+    py_compile.compile(str(evil / "json.py"), cfile=str(repo / "json.pyc"))
+    py_compile.compile(
+        str(evil / "helper.py"),
+        cfile=str(repo / "__pycache__" / f"helper.{sys.implementation.cache_tag}.pyc"),
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    assert [c.path for c in tree.changes(checkpoint)] == ["app.py"]  # bytecode: no drift
+    tree.restore(checkpoint, name="v1")
+    assert run() == "old 1"
+
+
+def test_a_restore_repeated_after_a_crash_still_clears_generated_files(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after git rewrote the tree, before the generated files went: the restore that
+    runs again finds nothing to rewrite, and must clear them all the same."""
+    tree = CodeTree(repo)
+    checkpoint = tree.take("v1")
+    write(repo / "pkg/mod.py", "VERSION = 2\n")
+    write(repo / PYC, "bytecode of v2")
+
+    def crash(*args: object, **kwargs: object) -> list[str]:
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generated, "clear_generated", crash)
+        with pytest.raises(KeyboardInterrupt):
+            tree.restore(checkpoint, name="v1")
+    assert (repo / "pkg/mod.py").read_text() == "VERSION = 1\n" and (repo / PYC).exists()
+    CodeTree(repo).restore(checkpoint, name="v1")
+    assert not (repo / PYC).exists()
 
 
 def test_a_restore_needs_no_room_from_generated_files(repo: Path) -> None:

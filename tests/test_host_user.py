@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -548,3 +549,123 @@ def test_may_replace_reads_sticky_folders_groups_and_links(public_dir: Path) -> 
     (ours / "link").symlink_to(sticky / "hosts")  # a safe link to an unsafe place
     assert user.may_replace(ours / "link") == sticky
     assert identity.resolve("root").may_replace(sticky / "hosts") is None  # type: ignore[union-attr]
+
+
+# --- a new version running as the tree's owner must not survive its rollback ---------------------
+
+
+def _as_nobody(script: str) -> None:
+    subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c", script],
+        check=True,
+    )
+
+
+@ROOT_ONLY
+def test_the_owner_can_read_but_never_rewrite_our_excludes_files(public_dir: Path) -> None:
+    """A pattern the host's user could add to the excludes git reads would hide any file of the
+    new version from the capture, so it would survive the rollback."""
+    repo = _nobody_repo(public_dir)
+    tree = CodeTree(repo)
+    cp = tree.take("one")
+    merged, ours, builtin = tree._git._prepare_excludes()
+    for path in (merged, ours, builtin):
+        assert _owner_mode(Path(path)) == (0, NOBODY, 0o640)
+        assert _owner_mode(Path(path).parent)[0] == 0
+        assert stat.S_IMODE(Path(path).parent.stat().st_mode) & 0o022 == 0
+    with pytest.raises(subprocess.CalledProcessError):
+        _as_nobody(f"echo json.py >> {merged}")
+    _as_nobody(f"echo 'def dumps(x): return 1' > {repo}/json.py")
+    assert [c.path for c in tree.changes(cp)] == ["json.py"]
+    tree.restore(cp, name="one")
+    assert not (repo / "json.py").exists()
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("attack", ["folder_0111", "modified_000", "added_000"])
+def test_what_the_owner_made_unreadable_is_captured_and_restored(
+    public_dir: Path, attack: str
+) -> None:
+    """git runs as the tree's owner and passes over what it cannot read: a package folder of
+    mode 0111 would survive the rollback (shadowing the stdlib), a file of mode 000 would fail
+    every restore."""
+    repo = _nobody_repo(public_dir)
+    tree = CodeTree(repo)
+    cp = tree.take("one")
+    if attack == "folder_0111":
+        _as_nobody(f"mkdir {repo}/json && echo 'def dumps(x): return 1' > {repo}/json/__init__.py"
+                   f" && chmod 0111 {repo}/json")  # fmt: skip
+    elif attack == "modified_000":
+        _as_nobody(f"echo new > {repo}/notes.txt && chmod 000 {repo}/notes.txt")
+    else:
+        _as_nobody(f"echo new > {repo}/added.txt && chmod 000 {repo}/added.txt")
+    tree.restore(cp, name="one")
+    assert not os.path.lexists(repo / "json")
+    assert not os.path.lexists(repo / "added.txt")
+    assert (repo / "notes.txt").read_text() == "notes\n"
+    assert _owner_mode(repo / "notes.txt") == (NOBODY, NOBODY, 0o644)
+    assert _owner_mode(repo / "secret.txt") == (NOBODY, NOBODY, 0o600)
+    assert not tree.differs(cp)
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("victim_mode", [0o644, 0o600])
+def test_a_restore_never_chowns_nor_chmods_a_file_outside_through_a_hard_link(
+    public_dir: Path, victim_mode: int
+) -> None:
+    """The new version links a file of root's in place of a file of the same content (git sees
+    no change) or of another: the restore must reach neither file outside the tree (one git
+    may read is rewritten from the checkpoint; one it may not is unlinked first)."""
+    repo = _nobody_repo(public_dir)
+    same, other = public_dir / "same-victim", public_dir / "other-victim"
+    same.write_text("notes\n")  # notes.txt's content
+    other.write_text("root's\n")
+    for victim in (same, other):
+        victim.chmod(victim_mode)
+    tree = CodeTree(repo)
+    cp = tree.take("one")
+    for name, victim in (("notes.txt", same), ("app.json", other)):
+        (repo / name).unlink()
+        os.link(victim, repo / name)  # (as root: fs.protected_hardlinks stops nobody here)
+    tree.restore(cp, name="one")
+    for victim in (same, other):
+        assert _owner_mode(victim) == (0, 0, victim_mode)
+        assert victim.stat().st_nlink == 1
+    assert (repo / "notes.txt").read_text() == "notes\n"
+    assert _owner_mode(repo / "notes.txt") == (NOBODY, NOBODY, 0o644)
+    assert _owner_mode(repo / "app.json")[:2] == (NOBODY, NOBODY)
+    assert not tree.differs(cp)
+
+
+@ROOT_ONLY
+def test_the_users_excludes_file_is_opened_only_if_regular(public_dir: Path) -> None:
+    """core.excludesFile comes from a config the owner writes: a FIFO, a device or a folder
+    there is never opened for reading (a device acts on open); a link to a file is followed."""
+    repo = _nobody_repo(public_dir)
+    (repo / "extra.txt").write_text("untracked\n")
+    os.chown(repo / "extra.txt", NOBODY, NOBODY)
+    fifo = public_dir / "fifo"
+    os.mkfifo(fifo)
+    os.chown(fifo, NOBODY, NOBODY)
+    for named in (str(fifo), "/dev/zero", str(public_dir)):
+        _set_excludes_file(repo, named)
+        started = time.monotonic()
+        assert "extra.txt" in _captured(CodeTree(repo))
+        assert time.monotonic() - started < 30
+    patterns = public_dir / "ignore"
+    patterns.write_text("extra.txt\n")
+    os.chown(patterns, NOBODY, NOBODY)
+    (public_dir / "link").symlink_to(patterns)
+    _set_excludes_file(repo, str(public_dir / "link"))
+    assert "extra.txt" not in _captured(CodeTree(repo))
+
+
+def _captured(tree: CodeTree) -> set[str]:
+    commit = tree.take("cap").commit
+    listed = tree._git.out("ls-tree", "-r", "-z", "--name-only", commit)
+    return set(filter(None, listed.split("\0")))
+
+
+def _set_excludes_file(repo: Path, path: str) -> None:
+    config = ["git", "-c", f"safe.directory={repo}", "-C", str(repo), "config"]
+    subprocess.run([*config, "core.excludesFile", path], check=True)

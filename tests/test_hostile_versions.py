@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import py_compile
 import shutil
 import socket
 import stat
@@ -199,6 +200,35 @@ def sparse_file_grown(scene: Scene) -> None:
         handle.write(b"the new version was here")
 
 
+def bytecode_shadowing_the_stdlib(scene: Scene) -> None:
+    """A sourceless `json.pyc` beside the script (the old version imports json), and an
+    unchecked-hash `.pyc` of a module it never changed: generated, never code, and the old
+    version would run them."""
+    evil = scene.outside.parent / "evil"
+    evil.mkdir()
+    (evil / "json.py").write_text("raise SystemExit('the new version ran')\n")
+    py_compile.compile(str(evil / "json.py"), cfile=str(scene.repo / "json.pyc"), doraise=True)
+    (evil / "mod.py").write_text("X = 'the new version ran'\n")
+    cached = scene.repo / "lib/__pycache__" / f"mod.{sys.implementation.cache_tag}.pyc"
+    unchecked = py_compile.PycInvalidationMode.UNCHECKED_HASH
+    py_compile.compile(str(evil / "mod.py"), cfile=str(cached), invalidation_mode=unchecked)
+    shutil.rmtree(evil)
+
+
+def package_folder_0111_shadowing_the_stdlib(scene: Scene) -> None:
+    """A folder git's user cannot list is passed over in silence: neither captured nor removed."""
+    (scene.repo / "json").mkdir()
+    (scene.repo / "json/__init__.py").write_text("raise SystemExit('the new version ran')\n")
+    (scene.repo / "json").chmod(0o111)
+
+
+def hard_link_to_a_file_outside(scene: Scene) -> None:
+    """A file outside, of the same content as a code file of mode 0600: git sees no change, and
+    putting the mode back would chmod the file outside."""
+    (scene.repo / "lib/sub/secret.txt").unlink()
+    os.link(scene.outside / "twin.txt", scene.repo / "lib/sub/secret.txt")
+
+
 def state_file_system_filled(scene: Scene) -> None:
     filler = scene.notes["state_fs"] / "filler"
     with open(filler, "wb") as handle, contextlib.suppress(OSError):
@@ -228,6 +258,9 @@ CASES = [
     ),
     Case(index_lock_held_through_the_deadline, after=_lock_reported_then_released),
     Case(merge_left_in_conflict),
+    Case(bytecode_shadowing_the_stdlib),
+    Case(package_folder_0111_shadowing_the_stdlib),
+    Case(hard_link_to_a_file_outside),
 ]
 
 
@@ -280,6 +313,8 @@ def make_outside(root: Path) -> Path:
     (root / "mod.py").write_text("X = 'outside'\n")
     (root / "sub").mkdir()
     (root / "sub/deep.txt").write_text("outside\n")
+    (root / "twin.txt").write_text("only mine\n")  # lib/sub/secret.txt's content, mode 0644
+    (root / "twin.txt").chmod(0o644)
     return root
 
 

@@ -212,6 +212,7 @@ class CodeTree:
         ref_locks = [f"{abandoned_ref}.lock", f"refs/heads/{cp.branch}.lock"]
         with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
+            treemodes.open_all(self._git, self.excluded)
             index = scratch / "current"
             current = self._capture(index, aside=True)
             with _beside() as pool:  # the abandoned state's commit is written while diff runs
@@ -229,9 +230,8 @@ class CodeTree:
                 self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
                               f"refs/heads/{cp.branch}")  # fmt: skip
             self._git.out("read-tree", "--reset", "-u", target, index=index)
-            rewritten = self._git.out(*_DIFF, "--name-only", current, target).split("\0")
-            kept = {path for _, path in listing}
-            generated.clear_stale_bytecode(self.root, [p for p in rewritten if p], kept)
+            generated.clear_generated(self._git, index, self.excluded)
+            treemodes.unshare_hard_links(self._git, index, listing)
             default_owner, owners = treemodes.owners_from_message(message)
             if default_owner is not None and self._default_owner() is not None:
                 treemodes.put_back_owners(self.root, listing, default_owner, owners)

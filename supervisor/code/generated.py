@@ -8,18 +8,20 @@ settles untracked files for `git add -A`. Three places need more than that, each
 - A checkpoint taken before a pattern applied (an earlier swapguard, a `code.ignore` added since)
   may hold generated files; compared as it is, it would read as drift. Its untracked generated
   entries are dropped before any comparison, as excluded paths are.
-- A restore leaves generated files alone (they are not code), but Python's bytecode of a module
-  the restore rewrote is removed: the new version's `.pyc` records its source's mtime in whole
-  seconds and its size, so a rollback within the same second to a source of the same size would
-  otherwise run the new version's bytecode.
+- A restore clears every untracked path the built-in patterns (`GENERATED`) match, whatever the
+  user's `code.ignore` says: bytecode and caches are the new version's output as much as its
+  code is. Its `.pyc` records its source's mtime in whole seconds and its size (or, unchecked,
+  nothing at all), and a sourceless `json.pyc` beside a script shadows the stdlib, so the old
+  version would otherwise run the new version's bytecode. Caches are cheap to rebuild. The list
+  is taken from the restored index, not from what the restore changed, so a restore repeated
+  after a crash clears them as well.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from supervisor.code import treepaths
 from supervisor.code.gitcmd import Git, literal
@@ -92,23 +94,25 @@ def looks_generated(git: Git, index: Path | None, excluded: Sequence[str]) -> li
     ]
 
 
-def clear_stale_bytecode(root: Path, rewritten: Sequence[str], kept: set[str]) -> None:
-    """Remove `__pycache__/<module>.*.pyc` beside each rewritten `.py` file, unless the restored
-    tree holds that `.pyc` itself (`kept`). Never through a symlinked folder; never anything but
-    a regular file."""
-    removed = 0
-    for path in rewritten:
-        source = PurePosixPath(path)
-        if source.suffix != ".py":
+def clear_generated(git: Git, index: Path, excluded: Sequence[str]) -> list[str]:
+    """Remove every path untracked by `index` (the restored tree's) that the built-in generated
+    patterns match, outside the `excluded` paths (data); the paths removed. One git process;
+    each path is removed through file descriptors, never through a symlink (a symlink itself
+    is removed, not followed)."""
+    root = git.root
+    skip = [f":(exclude,literal){path}" for path in excluded]
+    listed = git.out(
+        "ls-files", "-z", "--others", "--ignored", f"--exclude-from={git.builtin_excludes_file()}",
+        "--directory", "--", ".", *skip, index=index,
+    )  # fmt: skip
+    removed = []
+    for entry in filter(None, listed.split("\0")):
+        path = entry.rstrip("/")
+        if path == ".git" or path.startswith(".git/"):
             continue
-        cache = source.parent / "__pycache__"
-        folder = root / cache
-        if not (treepaths.below_real_dirs(root, str(cache)) and treepaths.is_real_dir(folder)):
-            continue
-        for compiled in folder.glob(f"{glob.escape(source.stem)}.*.pyc"):
-            relative = str(cache / compiled.name)
-            if relative not in kept and treepaths.is_regular(compiled):
-                compiled.unlink(missing_ok=True)
-                removed += 1
+        if treepaths.remove(root, path):
+            removed.append(path)
     if removed:
-        log.info("removed %d bytecode file(s) of restored modules in %s", removed, root)
+        shown = ", ".join(removed[:5])
+        log.info("removed %d generated path(s) in %s: %s", len(removed), root, shown)
+    return removed

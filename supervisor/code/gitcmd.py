@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.config.noncode import GENERATED
 from supervisor.errors import CheckpointError
 
 GIT_TIMEOUT_S = 300.0
@@ -117,29 +118,49 @@ class Git:
         config = [*_GIT_CONFIG, *(f"safe.directory={path}" for path in trusted)]
         self._config = [arg for item in config for arg in ("-c", item)]
         self.excludes = tuple(excludes)
-        self._excludes_files: tuple[str, str] | None = None
+        self._excludes_files: tuple[str, str, str] | None = None
 
     def excludes_file(self) -> str | None:
         """A file holding `excludes` alone (for `ls-files --exclude-from`), or None if none."""
         return self._prepare_excludes()[1] if self.excludes else None
 
-    def _prepare_excludes(self) -> tuple[str, str]:
-        """(merged, ours): written once, on first use; the user's global excludes file is read
-        then (a change to it takes a restart of swapguard, like a config change)."""
+    def builtin_excludes_file(self) -> str:
+        """A file holding the built-in generated patterns (`GENERATED`) alone: what a restore
+        clears, whatever the user's `code.ignore` says."""
+        return self._prepare_excludes()[2]
+
+    def _prepare_excludes(self) -> tuple[str, str, str]:
+        """(merged, ours, built-in): written once, on first use; the user's global excludes file
+        is read then (a change to it takes a restart of swapguard, like a config change).
+
+        They stay ours, in a folder only we can write: git, running as the tree's owner, reads
+        them (group-readable, the owner's group) but can neither rewrite nor replace them (a
+        pattern added there would hide a file from every capture)."""
         if self._excludes_files is None:
             folder = tempfile.mkdtemp(prefix="swapguard-excludes-")
-            os.chmod(folder, 0o755)  # git may run as the tree's owner
+            os.chmod(folder, 0o755)  # git may run as the tree's owner: it may enter, not write
             atexit.register(shutil.rmtree, folder, True)
             ours = "".join(f"{pattern}\n" for pattern in self.excludes)
+            builtin = "".join(f"{pattern}\n" for pattern in GENERATED)
             theirs = _read_small_text(self._user_excludes_path(), self.owner)
-            files = (os.path.join(folder, "merged"), os.path.join(folder, "ours"))
-            for path, text in zip(files, (theirs + "\n" + ours, ours), strict=True):
-                with open(path, "w", encoding="utf-8") as out:
-                    out.write(text)
-                os.chmod(path, 0o600)  # the user's excludes are theirs to read
-                self.give(Path(path))
-            self._excludes_files = files
+            names = ("merged", "ours", "builtin")
+            texts = (theirs + "\n" + ours, ours, builtin)
+            files = tuple(os.path.join(folder, name) for name in names)
+            for path, text in zip(files, texts, strict=True):
+                self._write_private(path, text)
+            self._excludes_files = (files[0], files[1], files[2])
         return self._excludes_files
+
+    def _write_private(self, path: str, text: str) -> None:
+        """A new file of ours the tree's owner may read and nobody else (the user's excludes
+        are theirs to read): mode 0640, group the owner's, never the owner's to write."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            if self.owner is not None:
+                os.fchown(fd, -1, self.owner.gid)
+                os.fchmod(fd, 0o640)
+            out.write(text)
 
     def _user_excludes_path(self) -> str:
         """Where git would read the user's global excludes: core.excludesFile, else XDG's."""
@@ -251,18 +272,32 @@ class Git:
 
 
 def _read_small_text(path: str, owner: _Owner | None) -> str:
-    """A regular file's text (at most 1 MiB), else "". Opened non-blocking (a FIFO never holds
-    us). Run as root for the tree's `owner`, only a file that owner could have read counts
-    (theirs, or readable by all): a path the repo's config names must not leak root's files."""
+    """A regular file's text (at most 1 MiB), else "". The path comes from a config the tree's
+    owner (or a new version) may write, so nothing but a regular file is ever opened for reading:
+    it is first reached with O_PATH (which opens no device and blocks on no FIFO; a symlink, as
+    in a dotfiles home, is followed), checked, then reopened through that very handle. Run as
+    root for the tree's `owner`, only a file that owner could have read counts (theirs, or
+    readable by all): a path the repo's config names must not leak root's files."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        handle = os.open(path, getattr(os, "O_PATH", 0) | os.O_CLOEXEC)
     except OSError:
         return ""
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
+    try:
+        info = os.fstat(handle)
         if not stat.S_ISREG(info.st_mode):
             return ""
         if owner is not None and info.st_uid != owner.uid and not info.st_mode & stat.S_IROTH:
+            return ""
+        proc = f"/proc/self/fd/{handle}"
+        if not hasattr(os, "O_PATH") or not os.path.exists(proc):
+            return ""  # no way to reopen exactly what was checked: the user's excludes skipped
+        fd = os.open(proc, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return ""
+    finally:
+        os.close(handle)
+    with os.fdopen(fd, "rb") as file:
+        if not os.path.samestat(os.fstat(fd), info):
             return ""
         try:
             return file.read(1 << 20).decode("utf-8", "replace")

@@ -15,6 +15,13 @@ records the owner git would give (`owners <uid>:<gid>`) and every path owned oth
 modes (a chown clears set-id bits). A checkpoint without the `owners` line (taken unprivileged,
 or before owners were recorded) leaves owners alone.
 
+Every chown and chmod acts on the entry itself (an O_PATH handle opened without following a
+symlink), never on a file with other names: a new version may hard-link a file from outside the
+tree in place of one of the same content (git sees no change), and a chmod of that name would
+reach the file outside. Such a name is written afresh from the checkpoint first. And before a
+restore captures the tree, the whole tree is opened to git's user (`open_all`): git passes over
+in silence what it cannot read.
+
 The record travels in the checkpoint commit's message, one `mode <octal> <json path>` line each,
 so it lives exactly as long as the checkpoint.
 """
@@ -22,12 +29,20 @@ so it lives exactly as long as the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+
+from supervisor.code import treepaths
+from supervisor.code.gitcmd import Git
+
+log = logging.getLogger(__name__)
+_O_PATH: int = getattr(os, "O_PATH", 0) if sys.platform.startswith("linux") else 0
 
 _LINE = re.compile(r"mode ([0-7]{1,5}) (\".*\")")
 _OWNER_LINE = re.compile(r"owner ([0-9]{1,10}):([0-9]{1,10}) (\".*\")")
@@ -144,19 +159,136 @@ def put_back_owners(
     root: Path, listing: Listing, default: Owner, recorded: dict[str, Owner]
 ) -> list[str]:
     """lchown every path of `listing` to its recorded owner, else `default`; the paths changed.
-    Never through a symlink: a link itself is given back its owner."""
+    Never through a symlink (a link itself is given back its owner), and never a file linked
+    elsewhere too (`unshare_hard_links` runs first: one left is skipped, and logged)."""
     changed = []
     for git_mode, path in listing:
         if git_mode == _GITLINK:
             continue
         wanted = recorded.get(path, default)
-        try:
-            st = os.lstat(root / path)
-        except OSError:
-            continue
-        if (st.st_uid, st.st_gid) != wanted:
-            os.chown(root / path, *wanted, follow_symlinks=False)
+        with _pinned(root / path) as (target, st):
+            if st is None or (st.st_uid, st.st_gid) == wanted or _shared(path, st):
+                continue
+            if target.startswith("/proc/"):
+                os.chown(target, *wanted)  # the pinned entry itself, checked above
+            else:
+                os.chown(target, *wanted, follow_symlinks=False)
             changed.append(path)
+    return changed
+
+
+def hard_linked(root: Path, listing: Listing) -> list[str]:
+    """The files of `listing` that have another name too: a new version may have linked a file
+    from outside the tree (one of root's) in place of a file of the same content, which git
+    then sees as unchanged and leaves; a chown or chmod of it would reach the file outside."""
+    found = []
+    for git_mode, path in listing:
+        if git_mode in ("100644", "100755"):
+            try:
+                st = os.lstat(root / path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                found.append(path)
+    return found
+
+
+def unshare_hard_links(git: Git, index: Path, listing: Listing) -> list[str]:
+    """Write afresh, from `index` (the restored one), every file of `listing` that has another
+    name too: its name is unlinked (the other names keep their content, owner and mode), then
+    git writes it as a file of its own. The paths rewritten."""
+    linked = hard_linked(git.root, listing)
+    gone = [path for path in linked if treepaths.remove(git.root, path)]
+    if gone:
+        git.out("checkout-index", "-f", "-q", "-z", "--stdin", index=index, stdin="\0".join(gone))
+        log.warning("rewrote %d hard-linked file(s) in %s: %s", len(gone), git.root, gone[:5])
+    return gone
+
+
+@contextmanager
+def _pinned(path: Path) -> Iterator[tuple[str, os.stat_result | None]]:
+    """What to chown or chmod for `path`, and its lstat (None: gone). On Linux an O_PATH
+    handle on the very entry (never through a symlink), named by /proc/self/fd: what is
+    changed is what was checked. A symlink itself is named by its path (lchown)."""
+    if not _O_PATH:
+        try:
+            yield str(path), os.lstat(path)
+        except OSError:
+            yield str(path), None
+        return
+    try:
+        fd = os.open(path, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        yield str(path), None
+        return
+    try:
+        st = os.fstat(fd)
+        yield (str(path) if stat.S_ISLNK(st.st_mode) else f"/proc/self/fd/{fd}"), st
+    finally:
+        os.close(fd)
+
+
+def _shared(path: str, st: os.stat_result) -> bool:
+    """A file or link with another name too: never chowned nor chmodded (see `hard_linked`)."""
+    if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+        return False
+    log.warning("left the owner and mode of %s alone: it has %d names", path, st.st_nlink)
+    return True
+
+
+def open_all(git: Git, skip: Sequence[str]) -> int:
+    """Give the owner the right to read every file and to list, enter and change every folder
+    of the tree (not `.git`, nor the `skip` paths), so that git, running unprivileged or as the
+    tree's owner, sees the whole tree: it passes over in silence what it cannot read, so a
+    folder the new version made 0111 would be neither captured nor removed, and a file of mode
+    000 would fail every restore. Through file descriptors, never following a symlink. A file
+    with another name is never changed: if git's user cannot read it, its name in the tree is
+    unlinked (the new version linked it there; the file itself stays where its other names are).
+    The modes of the checkpoint's paths are put back afterwards (`put_back`), other paths are
+    removed by the restore. How many paths were changed."""
+    root = git.root
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1  # root may change any path
+    reader = git.owner.uid if git.owner is not None else uid
+    skipped = {".git", *skip}
+    changed = 0
+
+    def opened(name: str, dir_fd: int | None, bits: int) -> bool:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            readable = st.st_mode & 0o004 or (st.st_uid == reader and st.st_mode & 0o400)
+            if readable or reader == 0:
+                return False
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as exc:  # git then fails on it, naming it
+                log.warning("could not unlink %s in %s: %s", name, root, exc)
+                return False
+            log.warning("unlinked %s from %s: a file with other names git cannot read", name, root)
+            return True
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            return False
+        if st.st_mode & bits == bits or not (uid == 0 or st.st_uid == uid):
+            return False
+        try:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | bits, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:  # a read-only mount, say: git then reports what it cannot read
+            log.warning("could not open up %s in %s: %s", name, root, exc)
+            return False
+        return True
+
+    changed += opened(str(root), None, 0o700)
+    for top, dirs, files, top_fd in os.fwalk(root, follow_symlinks=False):
+        relative = os.path.relpath(top, root)
+        dirs[:] = [d for d in dirs if _joined(relative, d) not in skipped]
+        for name in dirs:  # before fwalk enters them
+            changed += opened(name, top_fd, 0o700)
+        for name in files:
+            changed += opened(name, top_fd, 0o400)
+    if changed:
+        log.info("opened up %d path(s) in %s for the restore", changed, root)
     return changed
 
 
@@ -180,29 +312,35 @@ def open_up(root: Path, folders: Iterable[str]) -> None:
 def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[str]:
     """Set every path of `listing` to its recorded bits, else git's default; the paths changed.
     Files first, then folders deepest first: a folder is closed only once what is below it is
-    done."""
+    done. Never through a symlink, never a file with another name too (see `hard_linked`)."""
     changed = []
-    base = os.path.join(root, "")
     defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     folders = sorted((item for item in listing if item[0] == "040000"), key=_depth, reverse=True)
     for git_mode, path in [*(item for item in listing if item[0] != "040000"), *folders]:
         wanted = recorded.get(path, defaults.get(git_mode))
         if wanted is None:
             continue
-        full = base + path
-        try:
-            st = os.lstat(full)
-        except OSError:
-            continue
-        kind_ok = stat.S_ISDIR(st.st_mode) if git_mode == "040000" else stat.S_ISREG(st.st_mode)
-        if kind_ok and stat.S_IMODE(st.st_mode) != wanted:
-            os.chmod(full, wanted, follow_symlinks=False)
+        with _pinned(root / path) as (target, st):
+            if st is None:
+                continue
+            is_dir = git_mode == "040000"
+            kind_ok = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
+            if not kind_ok or stat.S_IMODE(st.st_mode) == wanted or _shared(path, st):
+                continue
+            if target.startswith("/proc/"):
+                os.chmod(target, wanted)  # the pinned entry itself, checked above
+            else:
+                os.chmod(target, wanted, follow_symlinks=False)
             changed.append(path)
     return changed
 
 
 def _depth(item: tuple[str, str]) -> int:
     return item[1].count("/")
+
+
+def _joined(folder: str, name: str) -> str:
+    return name if folder == "." else f"{folder}/{name}"
 
 
 def folders_of(paths: Iterable[str]) -> Iterator[str]:

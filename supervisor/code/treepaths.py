@@ -7,7 +7,9 @@ These predicates let the checkpoint tell such paths apart with lstat alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -80,3 +82,30 @@ def special_entries(root: Path, folders: Iterable[str]) -> list[str]:
         except OSError:
             continue
     return found
+
+
+def remove(root: Path, path: str) -> bool:
+    """Remove `path` (relative) and all below it, never following a symlink: each folder above
+    it is entered through a file descriptor opened with O_NOFOLLOW, and a folder is removed by
+    the fd-based `shutil.rmtree`; whether something was removed. A path below a symlink or
+    below something that is no folder any more is left alone (it is not in the tree)."""
+    parts = PurePosixPath(path).parts
+    if not parts or ".." in parts:
+        return False
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.ExitStack() as stack:
+        try:
+            fd = os.open(root, flags)
+            stack.callback(os.close, fd)
+            for name in parts[:-1]:
+                fd = os.open(name, flags, dir_fd=fd)
+                stack.callback(os.close, fd)
+            info = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return False
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(parts[-1], dir_fd=fd)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(parts[-1], dir_fd=fd)
+    return True
