@@ -27,9 +27,11 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
@@ -174,6 +176,25 @@ class HostRunner:
 
         self.loop.run_in_executor(self._workers, finish).add_done_callback(done)
 
+    def _kill_unrecordable(self, process: host.HostProcess) -> None:
+        """SIGKILL a host just spawned that the store would not record: at once on the loop (its
+        cgroup, else the process itself: our unreaped child, so its pid is still its own), the
+        sweep for anything it forked meanwhile and the wait on a worker."""
+        kill = host.TreeKill(process, self.cgroup)
+        if kill.start():
+            process.close()
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGKILL)
+
+        def finish() -> None:
+            try:
+                kill.finish(KILL_WAIT_S)
+            finally:
+                process.close()
+
+        self.loop.run_in_executor(self._workers, finish).add_done_callback(_log_failure)
+
     def spawn(
         self, extra_env: Mapping[str, str], *, code_version: str | None, swap_id: str | None
     ) -> lifecycle.Spawned | lifecycle.SpawnFailed:
@@ -203,8 +224,7 @@ class HostRunner:
         except SwapguardError as exc:
             # A host we could not record would not be adopted after a restart of ours, and a
             # second one would start: better no host than an untracked one.
-            host.kill_tree(process, self.cgroup)
-            process.close()
+            self._kill_unrecordable(process)
             return lifecycle.SpawnFailed(
                 now=clock.boot_clock(), wall=wall, error=f"not recorded: {exc.message}"
             )
@@ -320,3 +340,8 @@ class HostRunner:
             self.store.record_exit(end.run_id, end.at, end.code, end.signal, end.reason)
         except SwapguardError as exc:  # a restart finds the run's process gone all the same
             log.error("host run %d: exit not recorded: %s", end.run_id, exc)
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("killing an unrecorded host failed", exc_info=error)
