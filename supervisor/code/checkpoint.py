@@ -70,6 +70,9 @@ from supervisor.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 _SPECIAL_ROUNDS = 5  # `git add` again after dropping paths it cannot hold: rounds at most
 _LOCK_WAIT_S = 1.0  # a git of somebody else's holding index.lock: how long a restore waits
+_ORPHAN_WAIT_S = 2.0
+"""How long a restore waits for a git orphaned by a swapguard that died to finish with its locks
+(past it, the restore goes on; a step that then meets one of them fails and is retried)."""
 _VANISHED_RETRY_FOR_S = 10.0
 """How long a take keeps retrying `git add` while files vanish under it; a prepare's client waits
 65 s, and a churn that beats dozens of attempts in this time is not a tree one can checkpoint."""
@@ -92,6 +95,7 @@ _NOT_ADDABLE = re.compile(
 )
 # Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
 _LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
+_STAGED_PREFIX = "swapguard-index."  # the index a restore builds in the git dir, then renames
 _SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
 
@@ -182,6 +186,15 @@ class CodeTree:
             raise index_locked_error(foreign)
         refuse_in_progress(self.root, git_dir)
 
+    def clear_stale_locks(self) -> list[str]:
+        """On resume: remove the locks a swapguard that died left in the repo (`gitlocks`); the
+        names of those removed. A tree that is not (yet) a git work tree has none."""
+        try:
+            return self._locks().clear_stale()
+        except (CheckpointError, OSError) as exc:
+            log.warning("%s: stale git locks not looked for: %s", self.root, exc)
+            return []
+
     def index_locked(self) -> str | None:
         """The index.lock that kept the last restore from putting the index back, while it lasts
         (the index is put back by the first operation after it goes)."""
@@ -232,13 +245,14 @@ class CodeTree:
         started = time.monotonic()
         git_dir = self._git_dir(fresh=True)
         locks = self._locks()
-        locks.clear_stale()
+        locks.clear_stale(wait=_ORPHAN_WAIT_S)
         set_aside_in_progress(self.root, git_dir, name)
         target = self._tree_of(cp)
         listing = self._listing(target)
         mask = treemodes.umask()
         ref_locks = [f"{_ABANDONED}/{name}.lock", f"refs/heads/{cp.branch}.lock"]
-        with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
+        staged_lock = f"{_STAGED_PREFIX}{os.getpid()}.lock"  # git's, on the index _put_index builds
+        with locks.holding([*_LOCKS, *ref_locks, staged_lock]), self._scratch() as scratch:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             index = scratch / "current"
             current = self._capture(index, aside=True)
@@ -304,9 +318,9 @@ class CodeTree:
         doomed = [
             ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] in wanted
         ]
+        locks = self._locks()
+        locks.clear_stale()
         if doomed:
-            locks = self._locks()
-            locks.clear_stale()
             with locks.holding([*_LOCKS, *(f"{ref}.lock" for ref in doomed)]):
                 self._git.run(
                     "update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed)
@@ -532,9 +546,9 @@ class CodeTree:
         somebody else holds index.lock (past a short wait), the new index waits beside it as
         PENDING_INDEX, and the first operation after the lock goes puts it in place."""
         git_dir = self._git_dir()
-        for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
+        for stale in git_dir.glob(f"{_STAGED_PREFIX}*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
-        staged = git_dir / f"swapguard-index.{os.getpid()}"
+        staged = git_dir / f"{_STAGED_PREFIX}{os.getpid()}"
         if index_tree:
             shutil.copy2(worktree_index, staged)
         try:

@@ -172,6 +172,11 @@ class Runtime:
         self.state = self.published = sv.loaded(swaps.Swap.from_json(active) if active else None)
         if self.swap is not None:
             log.info("resuming swap %s in state %s step %s", *_where(self.swap))
+        # what a swapguard that died left in the repo: a lock of ours there would stop the next
+        # git command (a prune, a checkpoint) until some later operation cleared it
+        cleared = await self.loop.run_in_executor(self.pool, self.code.clear_stale_locks)
+        if cleared:
+            self._emit("code.stale_locks_cleared", {"locks": cleared})
         adopted = self.host_runner.adopt()
         recalled = self.host_runner.recall_last_exit()
         if adopted is not None:
