@@ -29,6 +29,7 @@ from tests.support import Supervisor, git, make_sample_repo, supervised, wait_fo
 from tests.test_checkpoint import code_tree, modify
 from tests.test_checkpoint import repo as repo  # the fixture: a dirty tree of every kind
 from tests.test_hostile_trees import dead_owner
+from tests.test_swap_e2e import new_version
 
 # Holds a deletion's locks (the ref transaction is "prepared") until `go` appears beside it.
 BLOCKING_HOOK = """\
@@ -253,3 +254,29 @@ def test_swapguard_restarted_beside_its_orphaned_git_never_steals_its_locks(
         swap_id = sup.client.prepare("after the orphan")["id"]  # clears the journal it left
         assert lock_files(repo) == []
         sup.client.abort(swap_id)
+
+
+def test_a_lock_swapguard_did_not_take_is_reported_never_stolen(tmp_path: Path) -> None:
+    """A HEAD.lock of somebody else's (a user's git at work) stops the code restore: the event
+    and status name it, it is never removed, and the rollback completes once it goes."""
+    repo = make_sample_repo(tmp_path / "repo")
+    with supervised(repo, deadman={"window": "60s", "hard_cap": "120s"}) as sup:
+        sup.start()
+        swap_id = sup.client.prepare("a version to roll back")["id"]
+        new_version(repo, {"version": "v2"})
+        sup.client.activate(swap_id)
+        sup.wait_swap(swap_id, "probation")
+        foreign = repo / ".git" / "HEAD.lock"
+        foreign.write_text("a git of the user's, at work\n")
+        sup.client.rollback(swap_id)
+        event = wait_for(
+            lambda: [e for e in sup.client.events() if e["event"] == "code.foreign_locks"],
+            what="the code.foreign_locks event",
+        )
+        assert event[0]["detail"]["locks"] == [str(foreign)], event
+        assert sup.status()["code"]["foreign_locks"] == [str(foreign)]
+        assert foreign.read_text() == "a git of the user's, at work\n"  # never stolen
+        foreign.unlink()  # its owner lets go: the rollback's retry goes through
+        doc = sup.wait_swap(swap_id, "rolled_back", timeout=60)
+        assert doc["state"] == "rolled_back"
+        wait_for(lambda: sup.status()["code"]["foreign_locks"] == [], what="the report to clear")

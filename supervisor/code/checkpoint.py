@@ -171,6 +171,7 @@ class CodeTree:
         self._known_git_dir: Path | None = None
         self._blocked_by: str | None = None
         self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
+        self._foreign: list[str] = []  # locks somebody else holds, as the last look found them
 
     # --- public ---------------------------------------------------------------------------
 
@@ -181,7 +182,7 @@ class CodeTree:
     def check(self) -> None:
         """Refuse (CheckpointError) unless the tree is in a state a checkpoint can describe."""
         git_dir = self._git_dir(fresh=True)
-        self._locks().clear_stale()
+        self._clear_stale()
         if foreign := self._locks().foreign_index_lock():
             raise index_locked_error(foreign)
         refuse_in_progress(self.root, git_dir)
@@ -190,10 +191,25 @@ class CodeTree:
         """On resume: remove the locks a swapguard that died left in the repo (`gitlocks`); the
         names of those removed. A tree that is not (yet) a git work tree has none."""
         try:
-            return self._locks().clear_stale()
+            self._git_dir(fresh=True)
+            return self._clear_stale()
         except (CheckpointError, OSError) as exc:
             log.warning("%s: stale git locks not looked for: %s", self.root, exc)
             return []
+
+    def foreign_locks(self) -> list[str]:
+        """Locks in the git dir that swapguard did not take, as its last git operation found
+        them (status and events report them; they are never removed)."""
+        return list(self._foreign)
+
+    def _clear_stale(self, wait: float = 0.0) -> list[str]:
+        locks = self._locks()
+        cleared = locks.clear_stale(wait)
+        foreign = locks.foreign_locks()
+        if foreign and foreign != self._foreign:
+            log.warning("%s: locks swapguard did not take: %s", self.root, ", ".join(foreign))
+        self._foreign = foreign
+        return cleared
 
     def index_locked(self) -> str | None:
         """The index.lock that kept the last restore from putting the index back, while it lasts
@@ -245,7 +261,7 @@ class CodeTree:
         started = time.monotonic()
         git_dir = self._git_dir(fresh=True)
         locks = self._locks()
-        locks.clear_stale(wait=_ORPHAN_WAIT_S)
+        self._clear_stale(wait=_ORPHAN_WAIT_S)
         set_aside_in_progress(self.root, git_dir, name)
         target = self._tree_of(cp)
         listing = self._listing(target)
@@ -273,6 +289,7 @@ class CodeTree:
             treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
             self._put_index(cp.index_tree, worktree_index=index)
             self._put_head(cp, name)
+        self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
@@ -319,7 +336,7 @@ class CodeTree:
             ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] in wanted
         ]
         locks = self._locks()
-        locks.clear_stale()
+        self._clear_stale()
         if doomed:
             with locks.holding([*_LOCKS, *(f"{ref}.lock" for ref in doomed)]):
                 self._git.run(
@@ -570,7 +587,7 @@ class CodeTree:
         if not locks.pending():
             self._blocked_by = None
             return
-        locks.clear_stale()
+        self._clear_stale()
         if self._pending_over is not None and signature(locks.index) != self._pending_over:
             log.warning("%s: the index was written since the restore; keeping it", self.root)
             locks.drop_pending()

@@ -170,19 +170,27 @@ class GitLocks:
             log.warning("removed git locks left by a swapguard that died: %s", ", ".join(cleared))
         return cleared
 
-    def running_journals(self) -> list[str]:
-        """Journals held by a process of ours, and so their locks too (for a report)."""
-        found = []
-        for journal in sorted(self.git_dir.glob(f"{_JOURNAL_PREFIX}*.json")):
-            with _flocked(journal) as fd:
-                if fd is None and journal.exists():
-                    found.append(journal.name)
-        return found
+    def foreign_locks(self) -> list[str]:
+        """The `*.lock` files of the git dir that no journal of ours can claim: somebody else's
+        (a user's git at work, or one that crashed). Reported, never removed."""
+        claimed: set[str] = set()
+        for journal in self.git_dir.glob(f"{_JOURNAL_PREFIX}*.json"):
+            with contextlib.suppress(OSError):
+                fd = os.open(journal, _READ)
+                try:
+                    recorded, since = _read_journal(fd), os.fstat(fd).st_mtime_ns
+                finally:
+                    os.close(fd)
+                if recorded is not None:
+                    owner, locks, _ = recorded
+                    claimed.update(name for name in locks if self._claims(name, owner, since))
+        found = [path for path in self.git_dir.glob("*.lock") if path.name not in claimed]
+        return sorted(str(path) for path in found)
 
-    def _remove_if_ours(self, name: str, owner: Owner, since: int) -> bool:
-        """Remove the lock `name` if it is provably the journal's: a regular file inside the git
-        dir, created no earlier than the journal (`since`, its mtime in ns: the same clock), and
-        for index.lock carrying the owner's token. Anything else is reported, never removed."""
+    def _claims(self, name: str, owner: Owner, since: int) -> bool:
+        """Whether the lock `name` is provably the journal's: a regular file inside the git dir,
+        created no earlier than the journal (`since`, its mtime in ns: the same clock), and for
+        index.lock carrying the owner's token."""
         path = self.git_dir / name
         if not _inside(path, self.git_dir):
             return False
@@ -190,11 +198,17 @@ class GitLocks:
             st = os.lstat(path)
         except FileNotFoundError:
             return False
-        mine = stat.S_ISREG(st.st_mode) and st.st_mtime_ns >= since
-        if name == INDEX_LOCK and _lock_content(path) != owner.token():
-            mine = False  # somebody else's index.lock, taken after ours went
-        if not mine:
-            log.warning("%s: not taken by the swapguard that died (left alone)", path)
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < since:
+            return False
+        return name != INDEX_LOCK or _lock_content(path) == owner.token()
+
+    def _remove_if_ours(self, name: str, owner: Owner, since: int) -> bool:
+        """Remove the lock `name` if the journal claims it (`_claims`); anything else that
+        exists is reported, never removed."""
+        path = self.git_dir / name
+        if not self._claims(name, owner, since):
+            if os.path.lexists(path) and _inside(path, self.git_dir):
+                log.warning("%s: not taken by the swapguard that died (left alone)", path)
             return False
         path.unlink(missing_ok=True)
         return True

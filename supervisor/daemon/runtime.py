@@ -177,6 +177,8 @@ class Runtime:
         cleared = await self.loop.run_in_executor(self.pool, self.code.clear_stale_locks)
         if cleared:
             self._emit("code.stale_locks_cleared", {"locks": cleared})
+        if foreign := self.code.foreign_locks():
+            self._emit("code.foreign_locks", {"locks": foreign})
         adopted = self.host_runner.adopt()
         recalled = self.host_runner.recall_last_exit()
         if adopted is not None:
