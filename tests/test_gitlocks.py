@@ -26,20 +26,22 @@ from supervisor.code import gitcmd
 from supervisor.code.gitlocks import GitLocks
 from supervisor.errors import CheckpointError
 from tests.support import Supervisor, git, make_sample_repo, supervised, wait_for
-from tests.test_checkpoint import code_tree, modify
+from tests.test_checkpoint import code_tree, commit, modify, snapshot_state
 from tests.test_checkpoint import repo as repo  # the fixture: a dirty tree of every kind
 from tests.test_hostile_trees import dead_owner
 from tests.test_swap_e2e import new_version
 
-# Holds a deletion's locks (the ref transaction is "prepared") until `go` appears beside it.
+# Holds a ref transaction's locks (it is "prepared") until `go` appears beside it, when one of
+# its updates matches the extended regex in `block` (by default: a deletion).
 BLOCKING_HOOK = """\
 #!/bin/sh
 [ "$1" = prepared ] || exit 0
 here=$(dirname "$0")
-grep -q '^[0-9a-f]* 0\\{40\\} ' || exit 0
+grep -qE -f "$here/block" || exit 0
 echo $$ > "$here/held"
 while [ ! -e "$here/go" ]; do sleep 0.05; done
 """
+DELETION = "^[0-9a-f]+ 0{40} "
 DROP = (
     "import sys\nfrom pathlib import Path\n"
     "from tests.test_checkpoint import code_tree\n"
@@ -55,6 +57,7 @@ def hooks(tmp_path: Path) -> Iterator[Path]:
     hook = folder / "reference-transaction"
     hook.write_text(BLOCKING_HOOK)
     hook.chmod(0o755)
+    (folder / "block").write_text(DELETION + "\n")
     yield folder
     (folder / "go").touch()  # no hook of a failed test waits for ever
 
@@ -68,10 +71,13 @@ def lock_files(repo: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def prune_held_open(repo: Path, hooks: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process dropping checkpoint s1, its git held inside the transaction (locks taken)."""
+def prune_held_open(
+    repo: Path, hooks: Path, tmp_path: Path, script: str = DROP, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A process dropping checkpoint s1 (or running `script`), its git held inside the ref
+    transaction (locks taken)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", DROP, str(repo)],
+        [sys.executable, "-c", script, str(repo), *args],
         cwd=ROOT,
         env={**os.environ, "SWAPGUARD_TEST_GIT_HOOKS": str(hooks), "TMPDIR": str(tmp_path)},
         start_new_session=True,
@@ -104,6 +110,57 @@ def test_a_prune_killed_with_its_git_leaves_no_lock_once_resumed(
     assert lock_files(repo) == []
     tree.drop("s1")  # and the prune goes through
     assert "refs/swapguard/checkpoints/s1" not in git(repo, "for-each-ref")
+
+
+OPERATION = (
+    "import json, sys\nfrom pathlib import Path\n"
+    "from supervisor.code.checkpoint import Checkpoint\n"
+    "from tests.test_checkpoint import code_tree\n"
+    "tree, op = code_tree(Path(sys.argv[1])), sys.argv[2]\n"
+    "cp = Checkpoint.from_json(json.loads(sys.argv[3]))\n"
+    "if op == 'take':\n    tree.take('s2')\n"
+    "elif op == 'drop':\n    tree.drop('s1')\n"
+    "else:\n    tree.restore(cp, name='s1')\n"
+)
+# (operation, the ref whose transaction is held open, a lock that must be held then)
+GIT_STEPS = {
+    "take: the checkpoint ref": ("take", "refs/swapguard/checkpoints/s2", "checkpoints/s2.lock"),
+    "restore: the abandoned ref": ("restore", "refs/swapguard/abandoned/s1", "abandoned/s1.lock"),
+    "restore: the branch and HEAD": ("restore", " refs/heads/main$", "HEAD.lock"),
+    "prune: refs deleted": ("drop", DELETION, "packed-refs.lock"),
+}
+
+
+@pytest.mark.parametrize("step", list(GIT_STEPS))
+def test_killed_inside_each_ref_transaction_then_resumed_leaves_no_lock(
+    repo: Path, hooks: Path, tmp_path: Path, step: str
+) -> None:
+    """Each git step of ours that takes locks in the git dir, killed -9 (with its git) while
+    they are held: a resumed swapguard clears them all, and the operation then goes through."""
+    operation, ref, expected = GIT_STEPS[step]
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    modify(repo)
+    commit(repo)  # the branch moved: a restore rewrites it (and HEAD's reflog, under HEAD.lock)
+    (hooks / "block").write_text(ref + "\n")
+    cp_json = json.dumps(cp.to_json())
+    with prune_held_open(repo, hooks, tmp_path, OPERATION, operation, cp_json) as child:
+        held = lock_files(repo)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(30)
+    assert any(name.endswith(expected) for name in held), held
+
+    code_tree(repo).clear_stale_locks()
+    assert lock_files(repo) == []
+    if operation == "restore":
+        tree.restore(cp, name="s1")
+        assert snapshot_state(repo) == before
+    elif operation == "take":
+        tree.take("s2")
+    else:
+        tree.drop("s1")
+    assert lock_files(repo) == []
 
 
 def test_an_orphaned_git_keeps_its_locks_until_it_ends(
@@ -235,9 +292,11 @@ def test_swapguard_killed_in_a_prune_clears_its_locks_on_resume(
         assert "packed-refs.lock" in held, held
         sup.start()
         wait_for(lambda: not lock_files(repo), timeout=10, what="no lock left")
-        events = sup.client.events()
-        cleared = [e for e in events if e["event"] == "code.stale_locks_cleared"]
-        assert cleared and "packed-refs.lock" in cleared[0]["detail"]["locks"], cleared
+        cleared = wait_for(
+            lambda: [e for e in sup.client.events() if e["event"] == "code.stale_locks_cleared"],
+            what="the code.stale_locks_cleared event",
+        )
+        assert "packed-refs.lock" in cleared[0]["detail"]["locks"], cleared
 
 
 def test_swapguard_restarted_beside_its_orphaned_git_never_steals_its_locks(

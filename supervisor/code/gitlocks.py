@@ -133,12 +133,14 @@ class GitLocks:
             yield
         finally:
             stack.remove(held)
-            if held.keep:
-                log.warning("%s: a git of ours was killed holding its locks; kept for clearing",
-                            journal)  # fmt: skip
-            else:
-                journal.unlink(missing_ok=True)
-            os.close(held.fd)  # the flock goes with it (unless a git of ours still runs)
+            try:
+                if held.keep:
+                    log.warning("%s: a git of ours was killed holding its locks; kept for "
+                                "clearing", journal)  # fmt: skip
+                else:
+                    journal.unlink(missing_ok=True)
+            finally:
+                os.close(held.fd)  # the flock goes with it (unless a git of ours still runs)
 
     def clear_stale(self, wait: float = 0.0) -> list[str]:
         """Remove the locks of journals nobody of ours holds any more; the names of those removed.
@@ -151,7 +153,9 @@ class GitLocks:
                 if fd is not None:
                     temp.unlink(missing_ok=True)
         for journal in sorted(self.git_dir.glob(f"{_JOURNAL_PREFIX}*.json")):
-            with _flocked(journal, wait) as fd:
+            # one of this process's own is held by a thread at work: no use waiting for it
+            mine = journal.name.startswith(f"{_JOURNAL_PREFIX}{os.getpid()}-")
+            with _flocked(journal, 0.0 if mine else wait) as fd:
                 if fd is None:
                     continue  # ours, still running (or gone meanwhile)
                 recorded = _read_journal(fd)
