@@ -20,9 +20,13 @@ them: they count as absent, and a restore removes them), folders and files it lo
 first; every mode the checkpoint recorded comes back, `treemodes`). The locks it takes in `.git`
 are journaled as ours before they are taken (`gitlocks`), so a crash leaves none that blocks the
 next run; somebody else's `index.lock` is waited on briefly, then the index alone is left pending
-until it goes: the work tree, HEAD and branch are restored all the same.
+until it goes: the work tree, HEAD and branch are restored all the same. Any other lock that is
+not ours is never removed, and reported (`foreign_locks`).
 
 Limits (documented, not hidden):
+- A lock is proved ours by our journal naming it and by its age (created after the journal):
+  if our git died before taking a lock the journal names, and somebody else's git took it since,
+  it cannot be told from ours (git writes no owner into its locks) and goes on resume.
 - Submodules are recorded as their gitlink (the commit) only; their own work trees are neither
   captured nor restored.
 - Content passes through the repo's attribute filters (eol, LFS): a file whose bytes are not
