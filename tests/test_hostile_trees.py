@@ -257,10 +257,10 @@ def test_locks_left_by_a_dead_swapguard_are_cleared_on_resume(repo: Path) -> Non
     cp = tree.take("s1")
     modify(repo)
     owner, git_dir = dead_owner(), repo / ".git"
-    (git_dir / "index.lock").write_bytes(owner.token())
-    (git_dir / "HEAD.lock").write_text("0" * 40 + "\n")
     journal = {"pid": owner.pid, "started": owner.started, "locks": ["index.lock", "HEAD.lock"]}
     (git_dir / f"swapguard-locks-{owner.pid}-0.json").write_text(json.dumps(journal))
+    (git_dir / "index.lock").write_bytes(owner.token())  # taken after the journal, as ours are
+    (git_dir / "HEAD.lock").write_text("0" * 40 + "\n")
 
     tree.restore(cp, name="s1")
 

@@ -25,9 +25,13 @@ them: they count as absent, and a restore removes them), folders and files it lo
 first; every mode the checkpoint recorded comes back, `treemodes`). The locks it takes in `.git`
 are journaled as ours before they are taken (`gitlocks`), so a crash leaves none that blocks the
 next run; somebody else's `index.lock` is waited on briefly, then the index alone is left pending
-until it goes: the work tree, HEAD and branch are restored all the same.
+until it goes: the work tree, HEAD and branch are restored all the same. Any other lock that is
+not ours is never removed, and reported (`foreign_locks`).
 
 Limits (documented, not hidden):
+- A lock is proved ours by our journal naming it and by its age (created after the journal):
+  if our git died before taking a lock the journal names, and somebody else's git took it since,
+  it cannot be told from ours (git writes no owner into its locks) and goes on resume.
 - Submodules are recorded as their gitlink (the commit) only; their own work trees are neither
   captured nor restored.
 - Content passes through the repo's attribute filters (eol, LFS): a file whose bytes are not
@@ -77,6 +81,9 @@ from supervisor.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 _SPECIAL_ROUNDS = 5  # `git add` again after dropping paths it cannot hold: rounds at most
 _LOCK_WAIT_S = 1.0  # a git of somebody else's holding index.lock: how long a restore waits
+_ORPHAN_WAIT_S = 2.0
+"""How long a restore waits for a git orphaned by a swapguard that died to finish with its locks
+(past it, the restore goes on; a step that then meets one of them fails and is retried)."""
 _VANISHED_RETRY_FOR_S = 10.0
 """How long a take keeps retrying `git add` while files vanish under it; a prepare's client waits
 65 s, and a churn that beats dozens of attempts in this time is not a tree one can checkpoint."""
@@ -100,6 +107,7 @@ _NOT_ADDABLE = re.compile(
 )
 # Locks the git commands of a take or restore may leave in the git dir (besides the refs they name)
 _LOCKS = (INDEX_LOCK, "HEAD.lock", "packed-refs.lock")
+_STAGED_PREFIX = "swapguard-index."  # the index a restore builds in the git dir, then renames
 
 
 class CodeTree:
@@ -123,6 +131,7 @@ class CodeTree:
         self._known_git_dir: Path | None = None
         self._blocked_by: str | None = None
         self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
+        self._foreign: list[str] = []  # locks somebody else holds, as the last look found them
 
     # --- public ---------------------------------------------------------------------------
 
@@ -135,10 +144,34 @@ class CodeTree:
         self._check_takeable(self._git_dir(fresh=True))
 
     def _check_takeable(self, git_dir: Path) -> None:
-        self._locks().clear_stale()
+        self._clear_stale()
         if foreign := self._locks().foreign_index_lock():
             raise index_locked_error(foreign)
         refuse_in_progress(self.root, git_dir)
+
+    def clear_stale_locks(self) -> list[str]:
+        """On resume: remove the locks a swapguard that died left in the repo (`gitlocks`); the
+        names of those removed. A tree that is not (yet) a git work tree has none."""
+        try:
+            self._git_dir(fresh=True)
+            return self._clear_stale()
+        except (CheckpointError, OSError) as exc:
+            log.warning("%s: stale git locks not looked for: %s", self.root, exc)
+            return []
+
+    def foreign_locks(self) -> list[str]:
+        """Locks in the git dir that swapguard did not take, as its last git operation found
+        them (status and events report them; they are never removed)."""
+        return list(self._foreign)
+
+    def _clear_stale(self, wait: float = 0.0) -> list[str]:
+        locks = self._locks()
+        cleared = locks.clear_stale(wait)
+        foreign = locks.foreign_locks()
+        if foreign and foreign != self._foreign:
+            log.warning("%s: locks swapguard did not take: %s", self.root, ", ".join(foreign))
+        self._foreign = foreign
+        return cleared
 
     def index_locked(self) -> str | None:
         """The index.lock that kept the last restore from putting the index back, while it lasts
@@ -200,7 +233,7 @@ class CodeTree:
             where = self._look()
             found, listing = looked.result(), listed.result()
         locks = self._locks()
-        locks.clear_stale()
+        self._clear_stale(wait=_ORPHAN_WAIT_S)
         set_aside_in_progress(self.root, where.git_dir, name)
         if found[0] is None or found[0].type != "commit":
             raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
@@ -210,7 +243,8 @@ class CodeTree:
         previous = found[1].sha if found[1] is not None else None
         mask = treemodes.umask()
         ref_locks = [f"{abandoned_ref}.lock", f"refs/heads/{cp.branch}.lock"]
-        with locks.holding([*_LOCKS, *ref_locks]), self._scratch() as scratch:
+        staged_lock = f"{_STAGED_PREFIX}{os.getpid()}.lock"  # git's, on the index _put_index builds
+        with locks.holding([*_LOCKS, *ref_locks, staged_lock]), self._scratch() as scratch:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             treemodes.open_all(self._git, self.excluded)
             index = scratch / "current"
@@ -237,6 +271,7 @@ class CodeTree:
                 treemodes.put_back_owners(self.root, listing, default_owner, owners)
             treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
             self._put_index(cp.index_tree, target, worktree_index=index)
+        self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
@@ -286,9 +321,9 @@ class CodeTree:
         doomed = [
             ref for ref in listed.split() if ref.count("/") == 3 and ref.rsplit("/", 1)[1] in wanted
         ]
+        locks = self._locks()
+        self._clear_stale()
         if doomed:
-            locks = self._locks()
-            locks.clear_stale()
             with locks.holding([*_LOCKS, *(f"{ref}.lock" for ref in doomed)]):
                 self._git.run(
                     "update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in doomed)
@@ -563,9 +598,9 @@ class CodeTree:
         else holds index.lock, the new index waits beside it as PENDING_INDEX (put in place
         after a short wait, else by the first operation after the lock goes)."""
         git_dir = self._git_dir()
-        for stale in git_dir.glob("swapguard-index.*"):  # left by a restore that was killed
+        for stale in git_dir.glob(f"{_STAGED_PREFIX}*"):  # left by a restore that was killed
             stale.unlink(missing_ok=True)
-        staged = git_dir / f"swapguard-index.{os.getpid()}"
+        staged = git_dir / f"{_STAGED_PREFIX}{os.getpid()}"
         try:
             if index_tree == target:
                 shutil.copy2(worktree_index, staged)
@@ -593,7 +628,7 @@ class CodeTree:
         if not locks.pending():
             self._blocked_by = None
             return
-        locks.clear_stale()
+        self._clear_stale()
         if self._pending_over is not None and signature(locks.index) != self._pending_over:
             log.warning("%s: the index was written since the restore; keeping it", self.root)
             locks.drop_pending()

@@ -1,10 +1,11 @@
 """The git binary, run in one work tree with a clean, explicit environment.
 
 Why a module of its own: every git command swapguard runs goes through here, so the environment
-(no GIT_* of the caller, a fixed identity, no optional locks, C locale) and the user it runs as
-(the tree's owner when swapguard is root, so nothing in the tree or `.git` becomes root's) are
-decided in one place. The tree is trusted per command (`-c safe.directory=<tree>`): whoever owns
-it or `.git`, git never stops at its ownership check, and nobody's git config is changed.
+(no GIT_* of the caller, a fixed identity, no optional locks, no hooks, C locale) and the user it
+runs as (the tree's owner when swapguard is root, so nothing in the tree or `.git` becomes
+root's) are decided in one place. The tree is trusted per command (`-c safe.directory=<tree>`):
+whoever owns it or `.git`, git never stops at its ownership check, and nobody's git config is
+changed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.code import gitlocks
 from supervisor.config.noncode import GENERATED
 from supervisor.errors import CheckpointError
 
@@ -51,6 +53,15 @@ _GIT_CONFIG = (
     "maintenance.auto=false",
     "advice.addEmbeddedRepo=false",
 )
+_HOOKS_FAULT = "SWAPGUARD_TEST_GIT_HOOKS"
+"""Test-only fault: a folder of git hooks our commands run (by default none runs)."""
+
+
+def _hooks_path() -> str:
+    """No hook of the repo runs in our commands: a `reference-transaction` hook the new version
+    planted would otherwise run (and could hang) while our update-ref holds HEAD.lock, and the
+    rollback with it. `/dev/null` is no folder, so git finds no hook there."""
+    return os.environ.get(_HOOKS_FAULT) or os.devnull
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "swapguard",
     "GIT_AUTHOR_EMAIL": "swapguard@localhost",
@@ -115,7 +126,11 @@ class Git:
         # git refuses a repository another user owns ("dubious ownership"): allowed for this
         # tree, per command; no config file of anybody's is changed.
         trusted = dict.fromkeys((str(root), os.path.realpath(root)))
-        config = [*_GIT_CONFIG, *(f"safe.directory={path}" for path in trusted)]
+        config = [
+            *_GIT_CONFIG,
+            f"core.hooksPath={_hooks_path()}",
+            *(f"safe.directory={path}" for path in trusted),
+        ]
         self._config = [arg for item in config for arg in ("-c", item)]
         self.excludes = tuple(excludes)
         self._excludes_files: tuple[str, str, str] | None = None
@@ -209,6 +224,9 @@ class Git:
                 user=owner.uid if owner else None,
                 group=owner.gid if owner else None,
                 extra_groups=[] if owner else None,
+                # the flocked lock journals this thread holds: a git that outlives us keeps
+                # proving that the locks it holds are taken (see gitlocks)
+                pass_fds=gitlocks.inherited_fds(),
             )
         except FileNotFoundError as exc:
             raise CheckpointError("git is not installed or not on PATH") from exc
@@ -227,7 +245,8 @@ class Git:
                 stdout, stderr = proc.communicate(os.fsencode(stdin))
         finally:
             overdue.cancel()
-        if killed.is_set():  # its scratch-index lock goes with it
+        if killed.is_set():  # whatever lock it held stays, journaled: cleared later
+            gitlocks.git_was_killed()
             raise CheckpointError(
                 f"git {args[0]} in {self.root} did not finish within {GIT_TIMEOUT_S:.0f}s"
             )

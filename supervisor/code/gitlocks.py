@@ -7,17 +7,24 @@ the rollback would end `failed` with the new version's code and data in place.
 
 Theory of operation: before an operation that may take locks in the repo (our own `index.lock`,
 and the ref locks of the git commands it runs), a journal naming those locks and their owner
-(pid and process start time) is written durably into the git dir. It is removed when the
-operation ends. A later swapguard that finds a journal whose owner is dead knows the listed
-locks that still exist are ours, and removes them. The `index.lock` we take ourselves carries the
-owner's token as its content (written to a temp file, then linked into place, so it never exists
-empty): an `index.lock` that does not carry a dead owner's token belongs to somebody else, and is
-reported, never removed.
+(pid and process start time) is written durably into the git dir. The owner holds an exclusive
+`flock` on the journal for the whole operation, and every git command run inside it inherits
+that open file (`inherited_fds`), so the flock stays held as long as the owner *or any git it
+started* lives: a git orphaned by a swapguard that died (swapguard alone killed, or exited)
+still holds it, and its locks are left to it. The journal is removed when the operation ends,
+or kept when a git of ours had to be killed in it (its locks stay behind). A later swapguard
+(`clear_stale`, on resume and before each operation) that can take the flock of a journal
+knows that nobody of ours runs under it, and removes the listed locks that are provably ours:
+created after the journal was written (a lock older than it is somebody else's) and, for the
+`index.lock` we take ourselves, carrying the owner's token as its content (written to a temp
+file, then linked into place, so it never exists empty). Any other lock is reported, never
+removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -56,6 +63,26 @@ _IN_PROGRESS = (
 _COMPANIONS = ("MERGE_MSG", "MERGE_MODE", "AUTO_MERGE", "SQUASH_MSG", "MERGE_RR")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
+_held = threading.local()  # this thread's journals: their fds go to the git commands it runs
+
+
+def inherited_fds() -> tuple[int, ...]:
+    """The flocked journals of this thread's operations: every git it runs keeps them open, so a
+    git that outlives us (orphaned) still proves its locks are held (`Git.run` passes them)."""
+    return tuple(held.fd for held in getattr(_held, "stack", ()))
+
+
+def git_was_killed() -> None:
+    """A git command of this thread was killed (timed out): the locks it held stay behind, so
+    the journals of the operations it ran in are kept for `clear_stale`."""
+    for held in getattr(_held, "stack", ()):
+        held.keep = True
+
+
+@dataclass
+class _Holding:
+    fd: int
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,34 +124,77 @@ class GitLocks:
         with _counter_lock:
             serial = next(_counter)
         journal = self.git_dir / f"{_JOURNAL_PREFIX}{owner.pid}-{serial}.json"
-        _write_durably(
-            journal, json.dumps({"pid": owner.pid, "started": owner.started, "locks": list(locks)})
-        )
+        record = {"pid": owner.pid, "started": owner.started, "locks": list(locks), "flock": True}
+        held = _Holding(_write_flocked(journal, json.dumps(record)))
+        stack: list[_Holding] = getattr(_held, "stack", [])
+        _held.stack = stack
+        stack.append(held)
         try:
             yield
         finally:
-            journal.unlink(missing_ok=True)
+            stack.remove(held)
+            try:
+                if held.keep:
+                    log.warning("%s: a git of ours was killed holding its locks; kept for "
+                                "clearing", journal)  # fmt: skip
+                else:
+                    journal.unlink(missing_ok=True)
+            finally:
+                os.close(held.fd)  # the flock goes with it (unless a git of ours still runs)
 
-    def clear_stale(self) -> list[str]:
-        """Remove the locks of journals whose owner is dead; the names of those removed."""
+    def clear_stale(self, wait: float = 0.0) -> list[str]:
+        """Remove the locks of journals nobody of ours holds any more; the names of those removed.
+
+        A journal still held by a git whose swapguard died (an orphan that goes on) is waited
+        for up to `wait` seconds, then left to it: its locks are its own to release."""
         cleared: list[str] = []
+        for temp in self.git_dir.glob(f".{_JOURNAL_PREFIX}*.tmp"):  # torn before it was in place
+            with _flocked(temp) as fd:
+                if fd is not None:
+                    temp.unlink(missing_ok=True)
         for journal in sorted(self.git_dir.glob(f"{_JOURNAL_PREFIX}*.json")):
-            recorded = _read_journal(journal)
-            if recorded is None:
-                journal.unlink(missing_ok=True)  # torn before it was durable: nothing was taken
-                continue
-            owner, locks = recorded
-            if owner.alive():
-                continue
-            for name in locks:
-                if self._remove_if_ours(name, owner):
-                    cleared.append(name)
-            journal.unlink(missing_ok=True)
+            # one of this process's own is held by a thread at work: no use waiting for it
+            mine = journal.name.startswith(f"{_JOURNAL_PREFIX}{os.getpid()}-")
+            with _flocked(journal, 0.0 if mine else wait) as fd:
+                if fd is None:
+                    continue  # ours, still running (or gone meanwhile)
+                recorded = _read_journal(fd)
+                if recorded is None:
+                    journal.unlink(missing_ok=True)  # torn before it was durable: nothing taken
+                    continue
+                owner, locks, flocked = recorded
+                if not flocked and owner.alive():
+                    continue  # written before journals were flocked: its owner still runs
+                since = os.fstat(fd).st_mtime_ns
+                for name in locks:
+                    if self._remove_if_ours(name, owner, since):
+                        cleared.append(name)
+                journal.unlink(missing_ok=True)
         if cleared:
             log.warning("removed git locks left by a swapguard that died: %s", ", ".join(cleared))
         return cleared
 
-    def _remove_if_ours(self, name: str, owner: Owner) -> bool:
+    def foreign_locks(self) -> list[str]:
+        """The `*.lock` files of the git dir that no journal of ours can claim: somebody else's
+        (a user's git at work, or one that crashed). Reported, never removed."""
+        claimed: set[str] = set()
+        for journal in self.git_dir.glob(f"{_JOURNAL_PREFIX}*.json"):
+            with contextlib.suppress(OSError):
+                fd = os.open(journal, _READ)
+                try:
+                    recorded, since = _read_journal(fd), os.fstat(fd).st_mtime_ns
+                finally:
+                    os.close(fd)
+                if recorded is not None:
+                    owner, locks, _ = recorded
+                    claimed.update(name for name in locks if self._claims(name, owner, since))
+        found = [path for path in self.git_dir.glob("*.lock") if path.name not in claimed]
+        return sorted(str(path) for path in found)
+
+    def _claims(self, name: str, owner: Owner, since: int) -> bool:
+        """Whether the lock `name` is provably the journal's: a regular file inside the git dir,
+        created no earlier than the journal (`since`, its mtime in ns: the same clock), and for
+        index.lock carrying the owner's token."""
         path = self.git_dir / name
         if not _inside(path, self.git_dir):
             return False
@@ -132,10 +202,18 @@ class GitLocks:
             st = os.lstat(path)
         except FileNotFoundError:
             return False
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < since:
             return False
-        if name == INDEX_LOCK and _lock_content(path) != owner.token():
-            return False  # somebody else's index.lock, taken after ours went
+        return name != INDEX_LOCK or _lock_content(path) == owner.token()
+
+    def _remove_if_ours(self, name: str, owner: Owner, since: int) -> bool:
+        """Remove the lock `name` if the journal claims it (`_claims`); anything else that
+        exists is reported, never removed."""
+        path = self.git_dir / name
+        if not self._claims(name, owner, since):
+            if os.path.lexists(path) and _inside(path, self.git_dir):
+                log.warning("%s: not taken by the swapguard that died (left alone)", path)
+            return False
         path.unlink(missing_ok=True)
         return True
 
@@ -145,7 +223,7 @@ class GitLocks:
         FileExistsError when somebody holds it."""
         owner = Owner.me()
         lock = self.git_dir / INDEX_LOCK
-        temp = self.git_dir / f"swapguard-lock.{owner.pid}.{threading.get_ident()}"
+        temp = self.git_dir / _index_lock_temp()
         temp.unlink(missing_ok=True)
         fd = os.open(temp, _CREATE, 0o644)
         try:
@@ -203,7 +281,8 @@ class GitLocks:
         pending = self.git_dir / PENDING_INDEX
         try:
             for attempt in _lock_attempts(wait):
-                with attempt, self.holding([INDEX_LOCK]), self.index_lock():
+                journaled = [INDEX_LOCK, _index_lock_temp()]
+                with attempt, self.holding(journaled), self.index_lock():
                     if not os.path.lexists(pending):
                         return True  # another thread of ours put it in place meanwhile
                     if os.lstat(pending).st_size == 0:
@@ -293,33 +372,73 @@ def _lock_content(path: Path) -> bytes:
         os.close(fd)
 
 
-def _read_journal(path: Path) -> tuple[Owner, list[str]] | None:
+def _index_lock_temp() -> str:
+    """Where this thread writes the index.lock it is about to link into place."""
+    return f"swapguard-lock.{os.getpid()}.{threading.get_ident()}"
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, wait: float = 0.0) -> Iterator[int | None]:
+    """`path` opened (never followed) with its flock taken, waiting up to `wait` seconds for
+    it; None when somebody holds it still, or it is gone or no regular file."""
     try:
         fd = os.open(path, _READ)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            data = json.loads(os.read(fd, _MAX_JOURNAL))
-        finally:
-            os.close(fd)
+    except OSError:
+        yield None
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _take_flock(fd, wait):
+            yield None
+        else:
+            yield fd
+    finally:
+        os.close(fd)
+
+
+def _take_flock(fd: int, wait: float) -> bool:
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception_type(BlockingIOError),
+            wait=wait_exponential(multiplier=0.02, max=0.25),
+            stop=stop_after_delay(wait),
+            reraise=True,
+        ):
+            with attempt:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_journal(fd: int) -> tuple[Owner, list[str], bool] | None:
+    """(owner, locks, whether the journal is flocked by its owner) or None if torn."""
+    try:
+        data = json.loads(os.pread(fd, _MAX_JOURNAL, 0))
         owner = Owner(int(data["pid"]), float(data["started"]))
         locks = [str(name) for name in data["locks"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        flocked = data.get("flock") is True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return owner, locks
+    return owner, locks, flocked
 
 
-def _write_durably(path: Path, text: str) -> None:
+def _write_flocked(path: Path, text: str) -> int:
+    """Write `path` durably (temp file, fsync, rename, fsync of the folder), flocked from before
+    it appears; returns its fd, which holds the flock until closed."""
     temp = path.with_name(f".{path.name}.tmp")
     temp.unlink(missing_ok=True)
     fd = os.open(temp, _CREATE, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, text.encode())
         os.fsync(fd)
-    finally:
+        os.replace(temp, path)
+        fsync_folder(path.parent)
+    except BaseException:
         os.close(fd)
-    os.replace(temp, path)
-    fsync_folder(path.parent)
+        temp.unlink(missing_ok=True)
+        raise
+    return fd
 
 
 def fsync_folder(folder: Path) -> None:

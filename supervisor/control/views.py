@@ -127,6 +127,7 @@ def status(runtime: Runtime) -> dict[str, Any]:
             "head": drift.head,
             "drift": drift.drifted,
             "index_locked": runtime.code.index_locked(),  # someone's index.lock holds our index
+            "foreign_locks": runtime.code.foreign_locks(),  # locks in .git that are not ours
         },
         "disk": disk_view(runtime),
     }

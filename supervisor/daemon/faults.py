@@ -19,6 +19,9 @@ comparison where it sits. `<point>` is `<state>/<step>` of a swap record just pe
 - `SWAPGUARD_OCCUPY_POOL_AT=<point>`: there, every worker of the general pool gets a job that never
   returns (a check, a settle or a hash stuck on a hung file system): rollback steps and tree kills
   must not wait for them, nor must a SIGTERM.
+- `SWAPGUARD_TEST_GIT_HOOKS=<folder>`: the git hooks in that folder run in swapguard's git commands
+  (read by `code.gitcmd`, below this layer; by default no hook runs): a test holds a git inside its
+  ref transaction, locks taken, and kills swapguard meanwhile.
 """
 
 from __future__ import annotations

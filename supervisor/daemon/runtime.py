@@ -180,6 +180,11 @@ class Runtime:
         self.state = self.published = sv.loaded(swaps.Swap.from_json(active) if active else None)
         if self.swap is not None:
             log.info("resuming swap %s in state %s step %s", *_where(self.swap))
+        # what a swapguard that died left in the repo: a lock of ours there would stop the next
+        # git command (a prune, a checkpoint) until some later operation cleared it. Not waited
+        # for (a hung file system must not hold the adoption); each git step clears first anyway.
+        clearing = self.loop.run_in_executor(self.pool, self.code.clear_stale_locks)
+        clearing.add_done_callback(self._stale_locks_cleared)
         adopted = self.host_runner.adopt()
         recalled = self.host_runner.recall_last_exit()
         if adopted is not None:
@@ -193,6 +198,15 @@ class Runtime:
         self.drift_guard.take_at_start()
         self.timer.wake_now()
         self.pool.submit(self.work.measure_disk)  # status and /metrics show the disk at once
+
+    def _stale_locks_cleared(self, done: asyncio.Future[list[str]]) -> None:
+        """The start's look at the repo's locks: what it removed, and what is not ours."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        if cleared := done.result():
+            self._emit("code.stale_locks_cleared", {"locks": cleared})
+        if foreign := self.code.foreign_locks():
+            self._emit("code.foreign_locks", {"locks": foreign})
 
     async def shutdown(self) -> None:
         """SIGTERM/SIGINT: stop the host gracefully, then let the loop end."""

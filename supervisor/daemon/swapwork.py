@@ -75,6 +75,7 @@ class SwapWork:
         # may rewrite); resolved at start, where preflight has checked it
         self.user = identity.resolve(config.host.user, config.host.group)
         self._pruning = threading.Lock()  # two swaps' settles must not race for git's ref locks
+        self._reported_foreign: list[str] = []  # the locks of the last code.foreign_locks event
         self._space: tuple[float, list[tuple[diskbudget.FileSystem, list[str]]]] | None = None
         self.usage: diskusage.Usage | None = None  # the last measure; views read it, never change
 
@@ -139,7 +140,10 @@ class SwapWork:
         rollback's now; the restore of the data would stop it anyway)."""
         self.snapshots.stop_verify(swap.id)
         checkpoint = _checkpoint(swap)
-        self.code.restore(checkpoint, name=swap.id)
+        try:
+            self.code.restore(checkpoint, name=swap.id)
+        finally:
+            self._report_foreign_locks(swap.id)
         if lock := self.code.index_locked():
             self.store.append_event(
                 "code.index_locked",
@@ -148,6 +152,22 @@ class SwapWork:
             )
         self.store.set_value(BASELINE_KEY, checkpoint.to_json())
         return checkpoint
+
+    def _report_foreign_locks(self, swap_id: str) -> None:
+        """An event when a restore finds locks in .git that swapguard did not take (once per
+        set: a retried step finds the same ones); they are never removed."""
+        foreign = self.code.foreign_locks()
+        if foreign and foreign != self._reported_foreign:
+            try:
+                self.store.append_event(
+                    "code.foreign_locks",
+                    {"locks": foreign, "detail": "not swapguard's: left alone"},
+                    swap_id=swap_id,
+                )
+            except SwapguardError as exc:  # a report: it never fails the restore
+                log.warning("swap %s: code.foreign_locks not recorded: %s", swap_id, exc.message)
+                return
+        self._reported_foreign = foreign
 
     def restore_data(self, swap: swaps.Swap) -> None:
         with time_bound(DATA_LIMIT_S, "the restore of the data"):
