@@ -11,6 +11,7 @@ changed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import pwd
@@ -23,6 +24,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from supervisor.code import gitlocks
 from supervisor.config.noncode import GENERATED
@@ -236,6 +239,12 @@ class Git:
 
         def kill() -> None:
             killed.set()
+            # with what it started: a child of git's holding its pipes would keep communicate
+            # waiting (git stays in our process group, so a manager's group kill takes it too)
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
             proc.kill()
 
         overdue = threading.Timer(GIT_TIMEOUT_S, kill)
