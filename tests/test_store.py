@@ -609,7 +609,8 @@ def test_entries_before_a_swap_commit_with_it_and_keep_their_place(store: Store)
         (1, "host.stopped", None, 5.0),
         (2, "host.exited", "s1", 5.5),
     ]
-    assert (records[2].id, records[2].kind, records[2].swap_id) == (3, "swap.rollback_started", "s1")
+    third = (records[2].id, records[2].kind, records[2].swap_id)
+    assert third == (3, "swap.rollback_started", "s1")
     assert store.events_after(0) == records
     with pytest.raises(ValueError, match="not JSON-serializable"):
         bad = [("bad", {"x": {1, 2}}, None, 6.0)]
