@@ -347,7 +347,8 @@ class Store:
         """The swap machine's record, whole, and all the audit entries of its transition,
         committed together or not at all: a reader never sees a swap in a state whose event is
         missing. `before`: entries (as `append_events` takes them) that precede it in the log,
-        in the same commit (one fsync on the rollback path, not two); returned first."""
+        in the same commit (one commit, not two; the entries alone were mostly not fsynced);
+        returned first."""
         with self._session("save swap with events", write=True) as db:
             records = [_insert_event(db, *entry) for entry in before]
             _upsert_swap(db, swap_id, state, created_at, record)
