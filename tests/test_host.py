@@ -657,3 +657,92 @@ def test_a_remembered_answer_lasts_as_long_as_its_process(strays) -> None:
     assert _open_fds() == fds_before
     assert not verdicts.answer(others[0].pid, work)  # still answers, keeps nothing
     assert _open_fds() == fds_before
+
+
+# A tree whose every process notes a SIGTERM in a file and exits: the host, its child, and a
+# daemon that double-forked and setsid'd away (its parent exited, it has no link to the host).
+NOTING_HOST = """
+import os, signal, sys
+out = sys.argv[1]
+
+def write(name, text):
+    tmp = os.path.join(out, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, name))
+
+def run(name):
+    def noted(signum, frame):
+        write(name + ".term", "")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, noted)
+    write(name, str(os.getpid()))
+    while True:
+        signal.pause()
+
+middle = os.fork()
+if middle == 0:
+    os.setsid()
+    if os.fork() == 0:
+        run("daemon")
+    os._exit(0)
+os.waitpid(middle, 0)
+if os.fork() == 0:
+    run("child")
+run("host")
+"""
+
+
+def _no_scan(*args: object) -> dict[int, proctree.ProcInfo]:
+    raise AssertionError("signal_tree looked at every process below us")
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the leaf's path needs pidfds")
+def test_signal_tree_reaches_a_daemon_that_left_by_the_cgroup_alone(
+    tmp_path: Path, hosts, cgroup_leaf, monkeypatch
+) -> None:
+    """With a leaf, its member list is the tree: the double-forked, setsid'd daemon is signalled
+    though nothing links it to the host, and no process below us is looked at."""
+    host = HostProcess.spawn(python_spec(tmp_path, NOTING_HOST, str(tmp_path)), cgroup_leaf)
+    hosts.append(host)
+    pids = read_pids(tmp_path, "host", "child", "daemon")
+    assert set(pids.values()) <= set(cgroup_leaf.pids())
+    assert host_module._leaf_tree(host, cgroup_leaf) is not None  # the leaf vouches
+    with monkeypatch.context() as patch:
+        patch.setattr(host_module, "_tree_table", _no_scan)
+        patch.setattr(host_module, "subtree_table", _no_scan)
+        started = time.thread_time()
+        host.signal_tree(signal.SIGTERM)
+        cpu_ms = (time.thread_time() - started) * 1000
+    for name, pid in pids.items():
+        wait_for((tmp_path / f"{name}.term").exists, what=f"{name} ({pid}) to get SIGTERM")
+        wait_for(lambda pid=pid: gone(pid), what=f"{name} to exit")
+    print(f"\nsignal_tree by the leaf: {cpu_ms:.2f} ms CPU for {len(pids)} processes")
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the leaf's path needs pidfds")
+def test_signal_tree_looks_below_us_when_the_leaf_cannot_vouch(
+    tmp_path: Path, hosts, subreaper, cgroup_leaf, strays
+) -> None:
+    """An orphan of the tree moved out of the leaf (root can) is still signalled: the leaf no
+    longer names the whole tree, so the look below us runs. A stranger moved in is a member;
+    one moved out is not."""
+    host = HostProcess.spawn(python_spec(tmp_path, NOTING_HOST, str(tmp_path)), cgroup_leaf)
+    hosts.append(host)
+    pids = read_pids(tmp_path, "host", "child", "daemon")
+    wait_for(lambda: psutil.Process(pids["daemon"]).ppid() == os.getpid(), what="reparenting")
+    outside = cgroup_leaf.path.parent.parent / "cgroup.procs"  # the cgroup we run in
+    try:
+        outside.write_text(str(pids["daemon"]))
+    except OSError as exc:
+        pytest.skip(f"cannot move a process out of the leaf here: {exc}")
+    assert not cgroup_leaf.holds(pids["daemon"])
+    assert host_module._leaf_tree(host, cgroup_leaf) is None
+    host.signal_tree(signal.SIGTERM)
+    for name, pid in pids.items():
+        wait_for((tmp_path / f"{name}.term").exists, what=f"{name} ({pid}) to get SIGTERM")
+    stranger = subprocess.Popen(["sleep", "60"])
+    strays.append(stranger)
+    assert not cgroup_leaf.holds(stranger.pid)
+    cgroup_leaf.add(stranger.pid)
+    assert cgroup_leaf.holds(stranger.pid)

@@ -599,6 +599,26 @@ def test_a_swap_and_its_events_commit_together_or_not_at_all(store: Store) -> No
     assert last_event_id(store) == 2
 
 
+def test_entries_before_a_swap_commit_with_it_and_keep_their_place(store: Store) -> None:
+    """The loop's audit entries of a turn go in the swap record's commit, ahead of its events."""
+    before = [("host.stopped", {"pid": 7}, None, 5.0), ("host.exited", None, "s1", 5.5)]
+    records = store.save_swap_with_events(
+        "s1", "rolling_back", 1.0, {"id": "s1"}, [("swap.rollback_started", {})], before
+    )
+    assert [(r.id, r.kind, r.swap_id, r.at) for r in records[:2]] == [
+        (1, "host.stopped", None, 5.0),
+        (2, "host.exited", "s1", 5.5),
+    ]
+    third = (records[2].id, records[2].kind, records[2].swap_id)
+    assert third == (3, "swap.rollback_started", "s1")
+    assert store.events_after(0) == records
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        bad = [("bad", {"x": {1, 2}}, None, 6.0)]
+        store.save_swap_with_events("s1", "rolled_back", 1.0, {"id": "s2"}, [], bad)
+    assert store.load_swap("s1") == {"id": "s1"}  # nothing of the refused commit stayed
+    assert last_event_id(store) == 3
+
+
 def test_bad_swaps_are_refused_by_name(store: Store) -> None:
     with pytest.raises(ValueError, match=r"record\['state'\] is 'prepared', not 'probation'"):
         save_swap(store, "s1", "probation", 1.0, {"state": "prepared"})

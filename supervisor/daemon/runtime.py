@@ -381,23 +381,34 @@ class Runtime:
         log.info("swap %s --%s--> %s/%s", swap.id, self._event_name, swap.state, swap.step)
         unsaved_events = self._unsaved[1] if self._unsaved is not None else []
         self._unsaved = (swap, [*unsaved_events, *((kind, dict(d)) for kind, d in events)])
-        self._write_events()  # the entries before it keep their place in the log
-        self._save_unsaved()
+        self._save_unsaved(before=True)  # the entries before it keep their place in the log
         faults.reached(f"{swap.state.value}/{swap.step}", pool=self.pool)
 
-    def _save_unsaved(self) -> None:
+    def _save_unsaved(self, *, before: bool = False) -> None:
         """Save the newest record not yet on disk, with every event since the last save. When the
         store refuses (a full state disk), the orders go on all the same (safety first: a new
         version past its deadline is stopped and rolled back; every step is repeatable, so a
-        crash before the save redoes them) and the save is tried again until it takes."""
+        crash before the save redoes them) and the save is tried again until it takes.
+
+        `before`: the audit entries of this turn so far go first, in the same commit (they were
+        one commit of their own: a crash between the two changed nothing but the log). Refused,
+        they are written apart, as before, and the record is saved alone."""
         if self._unsaved is None:
             return
         swap, events = self._unsaved
+        entries, self._unwritten = (self._unwritten, []) if before else ([], self._unwritten)
         try:
             records = self.store.save_swap_with_events(
-                swap.id, swap.state.value, swap.created_at.wall, swap.to_json(), events
+                swap.id, swap.state.value, swap.created_at.wall, swap.to_json(), events, entries
             )
-        except StoreError as exc:
+        except (StoreError, ValueError) as exc:
+            if entries:
+                self._unwritten = [*entries, *self._unwritten]
+                self._write_events()  # each refusal is logged there
+                self._save_unsaved()
+                return
+            if not isinstance(exc, StoreError):
+                raise
             log.error("swap %s: cannot save its record (%s); acting anyway, saving again in "
                       "%.1f s", swap.id, exc, SAVE_RETRY_S)  # fmt: skip
             if self._save_retry is None:

@@ -34,6 +34,8 @@ class CgroupLeaf:
     """A cgroup v2 leaf holding the host's tree, so that `cgroup.kill` empties it at once."""
 
     path: Path
+    member_line: str
+    """What /proc/<pid>/cgroup of a member says ("0::/…/swapguard/<name>"), as we read it."""
 
     @classmethod
     def create(cls, name: str) -> CgroupLeaf | None:
@@ -47,7 +49,8 @@ class CgroupLeaf:
         mount = _cgroup2_mount()
         if mount is None:
             return None
-        leaf = mount / _own_cgroup().lstrip("/") / _CGROUP_PARENT / name
+        relative = f"{_own_cgroup().rstrip('/')}/{_CGROUP_PARENT}/{name}"
+        leaf = mount / relative.lstrip("/")
         try:
             leaf.mkdir(parents=True, exist_ok=True)
             if not os.access(leaf / "cgroup.procs", os.W_OK):
@@ -55,13 +58,29 @@ class CgroupLeaf:
         except OSError as exc:
             log.info("no cgroup for the host (%s): %s", leaf, exc)
             return None
-        return cls(leaf)
+        return cls(leaf, f"0::{relative}")
 
     def pids(self) -> list[int]:
         try:
             return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
         except (OSError, ValueError):
             return []
+
+    def holds(self, pid: int) -> bool:
+        """Is `pid` a member now? One read of its /proc/<pid>/cgroup: with a pidfd opened on it
+        first, this says the pinned process is ours (a pid read from cgroup.procs may have been
+        recycled since)."""
+        try:
+            fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            text = os.read(fd, 65536).decode(errors="replace")
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return self.member_line in text.splitlines()
 
     def add(self, pid: int) -> bool:
         """Move `pid` into the leaf, from outside (a child that dropped its privileges before

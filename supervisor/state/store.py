@@ -342,13 +342,18 @@ class Store:
         created_at: float,
         record: Mapping[str, Any],
         events: Sequence[tuple[str, Mapping[str, Any]]],
+        before: Sequence[tuple[str, Mapping[str, Any] | None, str | None, float]] = (),
     ) -> list[EventRecord]:
         """The swap machine's record, whole, and all the audit entries of its transition,
         committed together or not at all: a reader never sees a swap in a state whose event is
-        missing."""
+        missing. `before`: entries (as `append_events` takes them) that precede it in the log,
+        in the same commit (one commit, not two; the entries alone were mostly not fsynced);
+        returned first."""
         with self._session("save swap with events", write=True) as db:
+            records = [_insert_event(db, *entry) for entry in before]
             _upsert_swap(db, swap_id, state, created_at, record)
-            return [_insert_event(db, kind, detail, swap_id, None) for kind, detail in events]
+            records += [_insert_event(db, kind, detail, swap_id, None) for kind, detail in events]
+            return records
 
     def load_swap(self, swap_id: str) -> dict[str, Any] | None:
         query = SwapRow.select(SwapRow.record).where(SwapRow.id == swap_id)
