@@ -207,3 +207,45 @@ def test_head_moves_are_seen_in_the_files_git_keeps_it_in(tmp_path: Path) -> Non
     git(repo, "worktree", "add", "-q", str(tmp_path / "linked"))
     linked = Path(git(tmp_path / "linked", "rev-parse", "--absolute-git-dir").strip())
     assert head_signature(linked) is None  # its refs live in the common dir: ask git
+
+
+def test_where_the_stat_of_heads_files_cannot_vouch_for_it_git_is_asked(tmp_path: Path) -> None:
+    """A symref chain, HEAD or its ref a symlink, a linked worktree's git dir given a `refs`
+    folder, a gitfile re-pointed to another git dir: None (ask git), never a stale answer."""
+    repo = make_sample_repo(tmp_path / "repo")
+    git_dir = repo / ".git"
+    assert head_signature(git_dir, repo) is not None
+    branch = git(repo, "symbolic-ref", "HEAD").strip()
+
+    git(repo, "symbolic-ref", "refs/heads/chain", branch)  # a ref whose content is `ref: ...`
+    git(repo, "symbolic-ref", "HEAD", "refs/heads/chain")
+    assert head_signature(git_dir, repo) is None
+    git(repo, "symbolic-ref", "HEAD", branch)
+    assert head_signature(git_dir, repo) is not None
+
+    (git_dir / "HEAD").rename(git_dir / "HEAD.real")
+    (git_dir / "HEAD").symlink_to("HEAD.real")
+    assert head_signature(git_dir, repo) is None
+    (git_dir / "HEAD").unlink()
+    (git_dir / "HEAD.real").rename(git_dir / "HEAD")
+
+    ref = git_dir / branch
+    ref.rename(git_dir / "real-ref")
+    ref.symlink_to(git_dir / "real-ref")
+    assert head_signature(git_dir, repo) is None
+    ref.unlink()
+    (git_dir / "real-ref").rename(ref)
+    assert head_signature(git_dir, repo) is not None
+
+    git(repo, "worktree", "add", "-q", str(tmp_path / "linked"))
+    linked = Path(git(tmp_path / "linked", "rev-parse", "--absolute-git-dir").strip())
+    (linked / "refs").mkdir()
+    assert head_signature(linked, tmp_path / "linked") is None  # commondir: refs live there
+
+    other = make_sample_repo(tmp_path / "other")
+    moved = tmp_path / "moved.git"
+    (other / ".git").rename(moved)
+    (other / ".git").write_text(f"gitdir: {moved}\n")
+    assert head_signature(moved, other) is not None  # a gitfile naming that git dir
+    (other / ".git").write_text(f"gitdir: {git_dir}\n")  # re-pointed: the cached dir is stale
+    assert head_signature(moved, other) is None

@@ -277,8 +277,9 @@ class DriftGuard:
         """In a worker: status shows the HEAD the host was started on; git is asked off the loop,
         and only when the files HEAD is kept in changed since it was last asked (`refstat`)."""
         try:
-            signature = refstat.head_signature(self.code.git_dir())  # before git: a move meanwhile
-            if signature is not None and signature == self._head_signature:  # is seen next time
+            # Read before git: a move meanwhile is seen next time.
+            signature = refstat.head_signature(self.code.git_dir(), self.code.root)
+            if signature is not None and signature == self._head_signature:
                 head: str | None = self.head
             else:
                 head = self.code.head()
