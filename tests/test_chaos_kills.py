@@ -155,3 +155,5 @@ def test_a_host_spawned_but_never_recorded_is_killed_before_another_starts(repo:
         sup.start()
         assert stray.wait(timeout=10) == -signal.SIGKILL
         assert leaf.pids() == [sup.status()["host"]["pid"]]
+        lost = [e for e in sup.client.events(after=0, limit=1000) if e["event"] == "host.lost"]
+        assert len(lost) == 1 and "unrecorded process" in str(lost[0]), lost

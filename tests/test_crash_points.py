@@ -30,7 +30,7 @@ import pytest
 
 from supervisor.core import swaps
 from supervisor.errors import NotReachable
-from tests.support import WAIT, Supervisor, git, make_sample_repo, rows, supervised, wait_for
+from tests.support import WAIT, Supervisor, git, gone, make_sample_repo, rows, supervised, wait_for
 from tests.test_swap_e2e import db_dump, new_version, tree_state
 
 CRASH_EXIT = 86
@@ -505,6 +505,33 @@ def test_an_undeclared_change_while_no_supervisor_ran_is_guarded(repo: Path) -> 
         assert guard["state"] == "prepared" and sup.status()["host"]["pid"] == pid  # adopted
         changes = sup.client.swap(guard["id"])["changes"]
         assert changes == [{"path": "undeclared.txt", "change": "added"}], changes
+        sup.client.abort(guard["id"])
+        sup.wait_swap(guard["id"], "aborted")
+        assert tree_state(repo) == before
+
+
+def test_a_change_made_while_a_kill_left_no_baseline_is_still_guarded(repo: Path) -> None:
+    """An earlier baseline stored; swapguard dies between a spawn and its new baseline; the tree
+    changes while it is down: the next start keeps the earlier baseline, and the change is drift
+    guarded from it (not absorbed into a baseline taken from the tree as it is)."""
+    with supervised(repo) as sup:
+        sup.start()
+        before = tree_state(repo)
+        status = sup.status()
+        earlier, pid = status["host"]["code_version"], status["host"]["pid"]
+        assert earlier is not None
+        sup.kill9()
+        os.kill(pid, signal.SIGKILL)  # no host to adopt: the next start spawns one
+        wait_for(lambda: gone(pid), what="the host to die")
+        launch(sup, "baseline/at_start")  # the host died with it: a new one, no baseline yet
+        expect_crash(sup, "baseline/at_start")
+        (repo / "undeclared.txt").write_text("written while swapguard was down\n")
+        launch(sup, None)
+        guard = wait_for(lambda: alive(sup).status()["swap"], what="the guard swap")
+        assert guard["state"] == "prepared", guard
+        changes = sup.client.swap(guard["id"])["changes"]
+        assert changes == [{"path": "undeclared.txt", "change": "added"}], changes
+        assert sup.status()["host"]["code_version"] == earlier
         sup.client.abort(guard["id"])
         sup.wait_swap(guard["id"], "aborted")
         assert tree_state(repo) == before

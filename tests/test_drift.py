@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def test_prepares_and_drift_checks_wait_for_the_baseline_taken_after_the_spawn(
         baseline = store.get_value(BASELINE_KEY)
         assert isinstance(baseline, dict) and guard.code_version == baseline["commit"]
         assert calls == [("version", guard.code_version)]  # the spawned run gets it
-        # the change made meanwhile is in the baseline: the tree does not differ from it
+        # a first start ever: no earlier baseline, so the change made meanwhile is in this one
         assert not CodeTree(repo).differs(Checkpoint.from_json(baseline))
         assert not guard.refreshing()
         await guard.settled()  # nothing pending: at once
@@ -82,6 +82,78 @@ def test_prepares_and_drift_checks_wait_for_the_baseline_taken_after_the_spawn(
         asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
     finally:
         busy.set()
+        pool.shutdown(wait=True)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("adopted", [False, True])
+def test_a_change_made_before_the_baseline_at_start_is_drift_not_baseline(
+    tmp_path: Path, store: Store, adopted: bool
+) -> None:
+    """A host that rewrites its code as it starts (or a change made while swapguard was down, or
+    killed before the baseline): the earlier baseline stays, the change is drift, and the guard
+    swap is prepared from the code before it."""
+    repo = make_sample_repo(tmp_path / "repo")
+    pool = ThreadPoolExecutor(max_workers=1)
+    busy = threading.Event()
+
+    async def scenario() -> None:
+        first, _ = _guard(repo, store, pool)
+        first.plan_at_start(adopted=False, run_code_version=None)
+        first.take_at_start()
+        await asyncio.wait_for(first.settled(), WAIT_S)
+        before = first.code_version
+        assert before is not None
+
+        (repo / "down.txt").write_text("written while swapguard was down\n")
+        pool.submit(busy.wait, WAIT_S)  # the baseline stays pending while the host starts
+        guard, calls = _guard(repo, store, pool)
+        guard.plan_at_start(adopted=adopted, run_code_version=None)
+        assert guard.refreshing()
+        guard.on_host_spawned()
+        guard.take_at_start()
+        (repo / "app.py").write_text("print('rewritten by the host at its start')\n")
+        guard.on_tree_changed()
+        busy.set()
+        await asyncio.wait_for(guard.settled(), WAIT_S)
+        await _until(lambda: guard.drifted)
+        assert calls == [("emit", "code.drift"), ("prepare", before)]
+        baseline = store.get_value(BASELINE_KEY)
+        assert isinstance(baseline, dict) and baseline["commit"] == before == guard.code_version
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
+    finally:
+        busy.set()
+        pool.shutdown(wait=True)
+
+
+def test_an_unchanged_tree_at_start_is_no_drift(tmp_path: Path, store: Store) -> None:
+    repo = make_sample_repo(tmp_path / "repo")
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def scenario() -> None:
+        for _ in range(2):
+            guard, calls = _guard(repo, store, pool)
+            guard.plan_at_start(adopted=False, run_code_version=None)
+            guard.take_at_start()
+            guard.on_tree_changed()  # as the service asks once its watcher runs
+            await asyncio.wait_for(guard.settled(), WAIT_S)
+            # the drift check runs on the one worker: it has answered once a job after it ran
+            await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
+            for _ in range(3):
+                await asyncio.sleep(0)  # its answer's callback
+            assert not guard.drifted and calls == []
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
+    finally:
         pool.shutdown(wait=True)
 
 
@@ -135,3 +207,45 @@ def test_head_moves_are_seen_in_the_files_git_keeps_it_in(tmp_path: Path) -> Non
     git(repo, "worktree", "add", "-q", str(tmp_path / "linked"))
     linked = Path(git(tmp_path / "linked", "rev-parse", "--absolute-git-dir").strip())
     assert head_signature(linked) is None  # its refs live in the common dir: ask git
+
+
+def test_where_the_stat_of_heads_files_cannot_vouch_for_it_git_is_asked(tmp_path: Path) -> None:
+    """A symref chain, HEAD or its ref a symlink, a linked worktree's git dir given a `refs`
+    folder, a gitfile re-pointed to another git dir: None (ask git), never a stale answer."""
+    repo = make_sample_repo(tmp_path / "repo")
+    git_dir = repo / ".git"
+    assert head_signature(git_dir, repo) is not None
+    branch = git(repo, "symbolic-ref", "HEAD").strip()
+
+    git(repo, "symbolic-ref", "refs/heads/chain", branch)  # a ref whose content is `ref: ...`
+    git(repo, "symbolic-ref", "HEAD", "refs/heads/chain")
+    assert head_signature(git_dir, repo) is None
+    git(repo, "symbolic-ref", "HEAD", branch)
+    assert head_signature(git_dir, repo) is not None
+
+    (git_dir / "HEAD").rename(git_dir / "HEAD.real")
+    (git_dir / "HEAD").symlink_to("HEAD.real")
+    assert head_signature(git_dir, repo) is None
+    (git_dir / "HEAD").unlink()
+    (git_dir / "HEAD.real").rename(git_dir / "HEAD")
+
+    ref = git_dir / branch
+    ref.rename(git_dir / "real-ref")
+    ref.symlink_to(git_dir / "real-ref")
+    assert head_signature(git_dir, repo) is None
+    ref.unlink()
+    (git_dir / "real-ref").rename(ref)
+    assert head_signature(git_dir, repo) is not None
+
+    git(repo, "worktree", "add", "-q", str(tmp_path / "linked"))
+    linked = Path(git(tmp_path / "linked", "rev-parse", "--absolute-git-dir").strip())
+    (linked / "refs").mkdir()
+    assert head_signature(linked, tmp_path / "linked") is None  # commondir: refs live there
+
+    other = make_sample_repo(tmp_path / "other")
+    moved = tmp_path / "moved.git"
+    (other / ".git").rename(moved)
+    (other / ".git").write_text(f"gitdir: {moved}\n")
+    assert head_signature(moved, other) is not None  # a gitfile naming that git dir
+    (other / ".git").write_text(f"gitdir: {git_dir}\n")  # re-pointed: the cached dir is stale
+    assert head_signature(moved, other) is None

@@ -59,6 +59,7 @@ class Harness:
         self.swap_events: dict[str, list[str]] = {}
         self.spawns: list[sv.Spawn] = []
         self.pending: list[sv.Action] = []
+        self.cancels = 0  # CancelJobs ordered
         self.answers: list[sv.AnswerConfirm] = []
         self.finished: dict[str, swaps.Swap] = {}
         self.slow_kills = False  # True: a KillTree waits for the test to answer (`TreeGone`)
@@ -147,6 +148,8 @@ class Harness:
                     assert self.spawns[-1].env.get("SWAPGUARD_ROLLED_BACK") == swap.id
             case sv.AnswerConfirm():
                 self.answers.append(action)
+            case sv.CancelJobs():
+                self.cancels += 1
 
     @staticmethod
     def spawns_pending(queue: deque[sv.Event]) -> bool:
@@ -531,7 +534,11 @@ def test_liveness_runs_one_check_at_a_time_and_never_on_probation() -> None:
     prepared(harness)  # the old version still serves: liveness goes on
     harness.answer(first, ok=False)
     assert harness.state.liveness.failures == 1
+    second = next_liveness_check(harness)
+    cancels = harness.cancels
     swap = on_probation(harness, prepare=False)
+    assert harness.cancels == cancels + 1  # the check in flight is cancelled as the swap goes on
+    harness.answer(second, ok=False)  # and its late report counts for nothing
     assert harness.state.liveness == sv.Liveness()
     harness.host(lc.Ready(now=harness.now.boot))
     for _ in range(5):
@@ -559,7 +566,9 @@ def test_a_liveness_result_from_before_a_restart_is_dropped() -> None:
 def test_a_liveness_result_of_an_earlier_run_never_counts_against_the_next() -> None:
     harness = live(health_failures=1)
     stale = next_liveness_check(harness)
+    assert harness.cancels == 0
     harness.feed(sv.HostRequested(now=harness.now, event=lc.RestartRequested(now=harness.now.boot)))
+    assert harness.cancels == 1  # the run it checks is ending: cancelled, one check at a time
     harness.exits(None)
     harness.host(lc.Ready(now=harness.now.boot))
     next_liveness_check(harness)  # the new run's check is in flight when ...

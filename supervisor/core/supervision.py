@@ -28,7 +28,8 @@ What is decided here:
   host is ready and no new version is on probation (there the swap's own check decides, and a
   failure rolls back); `health_failures` failures in a row restart the host
   (`lifecycle.Unhealthy`, event `host.unhealthy`), a failure for the backoff like a lost
-  heartbeat. One check at a time; the count starts again with every run of the host.
+  heartbeat. One check at a time (one in flight when the check stops, for a new run or a swap,
+  is cancelled); the count starts again with every run of the host.
 - A tree kill (`KillTree`) ends with `TreeGone`: until then no host is spawned (the spawn is
   held) and no stop step is done (nothing of the old tree may write while the code or the data
   is restored). The runtime waits for the exits off its loop, so a deadline is never held by it.
@@ -514,6 +515,10 @@ class _Turn:
         live = self.state.liveness
         if not _liveness_runs(self.state, self.policy):
             if live != _NO_LIVENESS:
+                if live.in_flight:
+                    # One check at a time: the next run's, or the swap's own, never meets it. No
+                    # other job is in flight here (liveness runs only without a swap step).
+                    self.actions.append(CancelJobs())
                 self.set(liveness=_NO_LIVENESS)
             return
         interval, now = self.policy.swap.health_interval, self.now.boot

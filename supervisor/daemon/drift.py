@@ -19,7 +19,12 @@ Rules it keeps:
 - The baseline at start is taken after the host is spawned (git's processes are the larger part
   of a cold start): a run spawned while a refresh is pending is recorded without a code version,
   which the baseline fills in (`record_code_version`). A run adopted without one (swapguard was
-  killed before its baseline was taken) gets its baseline then, from the tree as it is.
+  killed before its baseline was taken) gets its baseline then.
+- The tree at start is not trusted as the baseline: when an earlier one is stored, a tree that
+  differs from it (changed while swapguard was down, or by the host as it started) keeps the
+  earlier one, and the drift check that follows reports it (and guards from the earlier one).
+  Only a confirm made while swapguard was down explains a difference; with no earlier baseline
+  (a first start) there is nothing to compare with.
 - The HEAD shown for a new host is read by one git run at a time: a spawn while one is queued
   waits for it, a spawn while one runs has it run once more (a crash loop does not queue one per
   restart).
@@ -89,7 +94,8 @@ class DriftGuard:
         self._settle_waiters: list[asyncio.Future[None]] = []
         self._head_job: Future[None] | None = None
         self._head_again = False  # a spawn came while the job ran: read HEAD once more
-        self._at_start: tuple[str | None] | None = None  # planned at start: (confirmed swap,)
+        # planned at start: (the confirmed swap it settles, the stored baseline to compare with)
+        self._at_start: tuple[str | None, Checkpoint | None] | None = None
         self._head_signature: refstat.Signature | None = None  # of the HEAD last read (worker)
         baseline = store.get_value(BASELINE_KEY)
         self.code_version: str | None = (
@@ -113,15 +119,24 @@ class DriftGuard:
         missing = self.code_version is None or run_code_version is None
         if not self._swap_in_flight() and (not adopted or missing or unsettled):
             self._pending = True
-            self._at_start = (confirmed,)
+            stored = self.store.get_value(BASELINE_KEY)
+            # The code an earlier run was started on: a tree that differs from it now changed
+            # while no baseline was pending (swapguard down, or the host at its start), and no
+            # swap declared it, unless a confirm made while swapguard was down explains it.
+            keep = isinstance(stored, dict) and not unsettled
+            keep = keep and self.config.undeclared_changes != "ignore"
+            previous = Checkpoint.from_json(stored) if keep and isinstance(stored, dict) else None
+            self._at_start = (confirmed, previous)
             self._unversioned_run = adopted and run_code_version is None
 
     def take_at_start(self) -> None:
         """The baseline `plan_at_start` decided on, in a worker (git's processes are the larger
         part of a cold start: they run once the host is spawned)."""
         if self._at_start is not None:
-            self._refresh_baseline(self._at_start[0], at_start=True)
+            confirmed, previous = self._at_start
             self._at_start = None
+            self._pending = True
+            self.pool.submit(self._refresh_baseline_blocking, confirmed, True, previous)
 
     def refreshing(self) -> bool:
         """Is a baseline on its way? A run spawned now gets its code version from it."""
@@ -196,10 +211,10 @@ class DriftGuard:
         self._unversioned_run = False
         self._settled()
 
-    def _refresh_baseline(self, confirmed: str | None = None, *, at_start: bool = False) -> None:
+    def _refresh_baseline(self, confirmed: str | None = None) -> None:
         """In a worker; drift checks and prepares wait for it. `confirmed`: see below."""
         self._pending = True
-        self.pool.submit(self._refresh_baseline_blocking, confirmed, at_start)
+        self.pool.submit(self._refresh_baseline_blocking, confirmed)
 
     def _on_drift(self, baseline: Checkpoint) -> None:
         if self._swap_in_flight() or self.drifted or self._pending:
@@ -223,10 +238,30 @@ class DriftGuard:
             self._recheck = False
             self.on_tree_changed()
 
-    def _refresh_baseline_blocking(self, confirmed: str | None, at_start: bool = False) -> None:
-        """In a worker. `confirmed`: the id of the confirmed swap whose code this baseline is."""
+    def _baseline_kept(self) -> None:
+        """On the loop: the tree at start differs from the stored baseline, which stays the
+        baseline (the code before the change); the drift check that follows reports it."""
+        self._recheck = True
+        self._settled()
+        self._refresh_head()  # status shows the HEAD the host was started on
+
+    def _refresh_baseline_blocking(
+        self, confirmed: str | None, at_start: bool = False, previous: Checkpoint | None = None
+    ) -> None:
+        """In a worker. `confirmed`: the id of the confirmed swap whose code this baseline is;
+        `previous`: at start, the stored baseline, kept if the tree differs from it."""
         if at_start:
             faults.reached("baseline/at_start")  # the host is spawned, its baseline not yet taken
+        if previous is not None:
+            try:
+                changed = self.code.differs(previous)
+            except SwapguardError as exc:  # its commit gone, say: the tree as it is, as before
+                log.warning("the stored code baseline cannot be compared: %s", exc.message)
+                changed = False
+            if changed:
+                log.warning("the code changed since its baseline, and no swap declared it")
+                self.loop.call_soon_threadsafe(self._baseline_kept)
+                return
         try:
             checkpoint = self.code.take("baseline")  # which checks the tree first
         except SwapguardError as exc:
@@ -242,8 +277,9 @@ class DriftGuard:
         """In a worker: status shows the HEAD the host was started on; git is asked off the loop,
         and only when the files HEAD is kept in changed since it was last asked (`refstat`)."""
         try:
-            signature = refstat.head_signature(self.code.git_dir())  # before git: a move meanwhile
-            if signature is not None and signature == self._head_signature:  # is seen next time
+            # Read before git: a move meanwhile is seen next time.
+            signature = refstat.head_signature(self.code.git_dir(), self.code.root)
+            if signature is not None and signature == self._head_signature:
                 head: str | None = self.head
             else:
                 head = self.code.head()

@@ -113,9 +113,15 @@ class HostRunner:
         process = host.HostProcess.adopt(run.pid, recorded, cgroup=self.cgroup)
         if process is None:
             self.store.record_exit(run.id, time.time(), None, None)
-            gone = "gone while swapguard was down (or its pid names another process now)"
+            if self._kill_unrecorded():
+                gone = (
+                    "ended while swapguard was down, its exit not recorded: an unrecorded process"
+                    " in its cgroup leaf (a spawn swapguard died before recording, or what the"
+                    " host left behind) was killed"
+                )
+            else:
+                gone = "gone while swapguard was down (or its pid names another process now)"
             self._emit("host.lost", {"pid": run.pid, "detail": gone})
-            self._kill_unrecorded()
             return None
         self.process, self.run_id, self.code_version = process, run.id, run.code_version
         self._watch_exit(process)
@@ -137,18 +143,19 @@ class HostRunner:
         last = lifecycle.LastExit(run.exit_code, run.exit_signal, run.exited_at, reason)
         return lifecycle.Recalled(now=clock.boot_clock(), last_exit=last)
 
-    def _kill_unrecorded(self) -> None:
+    def _kill_unrecorded(self) -> bool:
         """A host in our cgroup leaf that no run records was spawned by a swapguard killed before
         it recorded the spawn: never two hosts, so it goes before one is started (issue 12's
-        chaos test found it). Without a cgroup it cannot be found."""
+        chaos test found it). Without a cgroup it cannot be found. Whether one was found."""
         if self.cgroup is None or not (members := self.cgroup.pids()):
-            return
+            return False
         log.warning("killing %s: a host spawned by a swapguard that died before recording it",
                     members)
         self.cgroup.kill()
         deadline = time.monotonic() + _UNRECORDED_GONE_S
         while self.cgroup.pids() and time.monotonic() < deadline:
             time.sleep(0.01)  # exits take milliseconds once SIGKILL is sent; bounded all the same
+        return True
 
     def kill_tree(self, *, process_too: bool) -> None:
         """SIGKILL what is left of the host's tree (its main process too if `process_too`): at
