@@ -602,13 +602,12 @@ class CodeTree:
             stale.unlink(missing_ok=True)
         staged = git_dir / f"{_STAGED_PREFIX}{os.getpid()}"
         try:
-            if index_tree == target:
+            if index_tree:
                 shutil.copy2(worktree_index, staged)
-            elif index_tree:
-                self._git.out(
-                    "read-tree", "--index-output", str(staged), "--reset", index_tree,
-                    index=worktree_index,
-                )  # fmt: skip
+            if index_tree and index_tree != target:
+                # Not `--index-output`: git writes it as the lock of the index it reads (in the
+                # scratch folder) renamed over, which fails across file systems (a tmpfs /tmp).
+                self._git.out("read-tree", "--reset", index_tree, index=staged)
             if index_tree:
                 real = git_dir / "index"
                 if real.exists():
