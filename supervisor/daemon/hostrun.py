@@ -336,10 +336,11 @@ class HostRunner:
                 )
             )
         finally:
-            self._record_exit()
+            self.record_pending_exit()
 
-    def _record_exit(self) -> None:
-        """The exit no spawn has recorded yet (none followed it)."""
+    def record_pending_exit(self) -> None:
+        """The exit no spawn has recorded yet (none followed it): at the end of the turn that
+        heard it, before the turn's state is published (a status never runs ahead of the store)."""
         end, self._unrecorded_exit = self._unrecorded_exit, None
         if end is None:
             return

@@ -273,6 +273,7 @@ class Runtime:
                     except Exception:
                         log.exception("performing %s failed", type(queued).__name__)
             finally:
+                self.host_runner.record_pending_exit()
                 self._write_events()
                 self._feeding = False
                 self.published = self.state
