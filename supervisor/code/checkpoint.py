@@ -231,8 +231,9 @@ class CodeTree:
                 current = self._git.out("write-tree", index=index).strip()
             made = early.result() if early is not None and not doomed else None
             self._put_refs(cp, name, current, tips, previous, made=made)
-            for path in hid:  # kept in the abandoned tree now: removed, never followed
-                treepaths.remove(self.root, path)
+            folders_of_hid = self._new_folders(hid, recorded or [], folders)
+            for path in [*hid, *folders_of_hid]:  # kept in the abandoned tree now: removed,
+                treepaths.remove(self.root, path)  # never followed
             if where.branch != cp.branch and cp.branch is not None:
                 self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
                               f"refs/heads/{cp.branch}")  # fmt: skip
@@ -527,6 +528,24 @@ class CodeTree:
             elif os.path.lexists(full) and not treepaths.is_special(full):
                 doomed.add(path)
         return sorted(doomed)
+
+    def _new_folders(self, hid: list[str], recorded: list[str], folders: set[str]) -> list[str]:
+        """The topmost folders above `hid` paths that neither the target tree (`folders`), the
+        checkpoint's listing nor an excluded path has a part in: the new version's whole, with
+        what git lists nowhere (a FIFO beside a hidden package)."""
+        known = {parent for entry in recorded for parent in hidden.parents(entry)}
+        known |= {parent for path in self.excluded for parent in hidden.parents(path)}
+        known = {entry.rstrip("/") for entry in (*known, *recorded)}
+        found = set()
+        for path in hid:
+            parts = path.split("/")
+            for depth in range(1, len(parts)):
+                top = "/".join(parts[:depth])
+                if top not in folders:
+                    if top not in known and not under(top, self.excluded):
+                        found.add(top)
+                    break
+        return sorted(found)
 
     def _remove_untracked_special(self, folders: set[str]) -> None:
         """FIFOs, sockets and devices git passes over in silence, in any folder of the current or

@@ -11,11 +11,12 @@ settles untracked files for `git add -A`. Three places need more than that, each
 - A restore clears every untracked path the `CLEARED` patterns (bytecode, build caches) match,
   whatever the user's `code.ignore` says, except in folders already ignored at the checkpoint
   (a virtualenv, an undeclared data folder): bytecode is the new version's output as much as
-  its code is. Editor and backup files are not cleared (they run nowhere). A `.pyc` records
-  its source's mtime in whole seconds and its size (or, unchecked, nothing at all), and a sourceless `json.pyc` beside a script shadows the stdlib, so the old
-  version would otherwise run the new version's bytecode. Caches are cheap to rebuild. The list
-  is taken from the restored index, not from what the restore changed, so a restore repeated
-  after a crash clears them as well.
+  its code is. A `.pyc` records its source's mtime in whole seconds and its size (or,
+  unchecked, nothing at all), and a sourceless `json.pyc` beside a script shadows the stdlib,
+  so the old version would otherwise run the new version's bytecode. Editor and backup files
+  are not cleared: nothing runs them, and a backup in a data folder is the user's. The list is
+  taken from the restored index, not from what the restore changed, so a restore repeated after
+  a crash clears them as well.
 """
 
 from __future__ import annotations

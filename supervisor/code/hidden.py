@@ -37,7 +37,7 @@ def listing(git: Git, index: Path, skip: Sequence[str]) -> list[str]:
     # git lists a folder whose files are all ignored and then its files too: keep the files,
     # so a folder stands for "everything below" only when git did not look inside it
     inside = {entry for entry in entries if entry.endswith("/")} & {
-        parent for entry in entries for parent in _parents(entry)
+        parent for entry in entries for parent in parents(entry)
     }
     ours = IgnoreRules(git.excludes)
     return [
@@ -56,7 +56,7 @@ def added_since(recorded: Iterable[str], now: Sequence[str]) -> list[str]:
     return [
         entry
         for entry in now
-        if entry not in known and not any(parent in folders for parent in _parents(entry))
+        if entry not in known and not any(parent in folders for parent in parents(entry))
     ]
 
 
@@ -85,7 +85,7 @@ def folders(entries: Iterable[str]) -> list[str]:
     return [entry.rstrip("/") for entry in entries if entry.endswith("/")]
 
 
-def _parents(entry: str) -> list[str]:
+def parents(entry: str) -> list[str]:
     """'a/b/c' or 'a/b/c/' -> ['a/', 'a/b/']."""
     parts = entry.rstrip("/").split("/")
     return ["/".join(parts[:depth]) + "/" for depth in range(1, len(parts))]
