@@ -913,3 +913,18 @@ def test_a_checkpoint_without_a_listing_keeps_the_earlier_behaviour(repo: Path) 
     assert not tree.differs(cp)
     tree.restore(cp, name="s1")
     assert (repo / "v2.log").read_text() == "new ignored\n"
+
+
+def test_hidden_files_go_when_nothing_was_ignored_at_the_take(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "import json\n")
+    commit_all(repo, "v1")
+    tree = CodeTree(repo)
+    cp = tree.take("s1")
+    assert "ignored: []" in git(repo, "cat-file", "commit", cp.commit)
+    write(repo / "json/__init__.py", "raise SystemExit('the new version ran')\n")
+    write(repo / "json/.gitignore", "*\n")
+    assert tree.differs(cp)
+    tree.restore(cp, name="s1")
+    assert not (repo / "json").exists()

@@ -16,8 +16,12 @@ the checkpoint's (git writes, deletes and chmods only what differs), and the ind
 Every step sets an absolute state, so a restore repeated after a crash ends exact.
 
 Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
-those that do not wait on each other run at once: a take runs 7 (6 in a row), a restore 9 (6 in
-a row), a drift check 2 (see the README's Benchmarks for where the time goes).
+those that do not wait on each other run at once: a take runs 8 (6 in a row), a restore 10 (6 in
+a row), a drift check 3 (see the README's Benchmarks for where the time goes).
+
+Ignored untracked paths are not captured, but a take records their listing (`hidden`): one the
+new version adds (behind a `.gitignore` or `.git/info/exclude` of its own) is drift, and a restore
+keeps it in the abandoned tree and removes it.
 
 Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
 a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
@@ -162,9 +166,10 @@ class CodeTree:
         with self._scratch() as scratch, _beside() as pool:  # two indexes, two gits at once
             staged = pool.submit(self._index_tree, scratch / "staged")
             tree = self._capture(scratch / "capture")
-            ignored = hidden.listing(self._git, scratch / "capture", self._exclude_pathspecs())
-            index_tree = staged.result()
-        listing = self._listing(tree)
+            skip = self._exclude_pathspecs()
+            hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip)
+            listing = self._listing(tree)
+            index_tree, ignored = staged.result(), hid.result()
         modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
         owners = ""
         if (default := self._default_owner()) is not None:
@@ -218,10 +223,13 @@ class CodeTree:
             index = scratch / "current"
             current = self._capture(index, aside=True)
             recorded = hidden.from_message(message)  # None: an older checkpoint, none doomed
-            hid = self._hidden_since(recorded, index) if recorded is not None else []
             with _beside() as pool:  # the abandoned state's commit is written while diff runs
                 early = None if previous else pool.submit(self._abandon, current, tips, name)
+                listed_now = (
+                    None if recorded is None else pool.submit(self._hidden_since, recorded, index)
+                )
                 added, gone = self._diff(current, target)
+            hid = [] if listed_now is None else listed_now.result()
             folders = {path for mode, path in listing if mode == "040000"}
             self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
             keep = (p for p in hid if not treepaths.is_special(self.root / p))  # git cannot
