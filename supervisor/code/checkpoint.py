@@ -17,11 +17,12 @@ Every step sets an absolute state, so a restore repeated after a crash ends exac
 
 Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
 those that do not wait on each other run at once: a take runs 8 (6 in a row), a restore 10 (6 in
-a row), a drift check 3 (see the README's Benchmarks for where the time goes).
+a row), a drift check 2 (see the README's Benchmarks for where the time goes).
 
 Ignored untracked paths are not captured, but a take records their listing (`hidden`): one the
 new version adds (behind a `.gitignore` or `.git/info/exclude` of its own) is drift, and a restore
-keeps it in the abandoned tree and removes it.
+keeps it in the abandoned tree and removes it (`changes` lists it; `differs`, the drift check,
+does not: hosts write logs beside their code at run time).
 
 Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
 a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
@@ -167,7 +168,7 @@ class CodeTree:
             staged = pool.submit(self._index_tree, scratch / "staged")
             tree = self._capture(scratch / "capture")
             skip = self._exclude_pathspecs()
-            hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip)
+            hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip, self.excluded)
             listing = self._listing(tree)
             index_tree, ignored = staged.result(), hid.result()
         modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
@@ -275,14 +276,14 @@ class CodeTree:
         return sorted(found, key=lambda change: change.path)
 
     def differs(self, cp: Checkpoint) -> bool:
-        """Whether anything at all changed since `cp` (one capture, no diff listing), an ignored
-        path that was not there at `cp` included."""
-        recorded = self._recorded_hidden(cp)
+        """Whether anything at all changed since `cp` (one capture, no diff listing).
+
+        An ignored path that was not there at `cp` is no drift here (`changes` lists it, a
+        restore removes it): hosts write logs beside their code under `*.log` at run time, and
+        each new name would prepare a guard swap."""
         with self._scratch() as scratch:
             current = self._capture(scratch / "current")
-            if current != self._tree_of(cp):
-                return True
-            return recorded is not None and bool(self._hidden_since(recorded, scratch / "current"))
+        return current != self._tree_of(cp)
 
     def looks_generated(self) -> list[str]:
         """Untracked, not ignored paths that look like build output, logs or environments:
@@ -462,8 +463,11 @@ class CodeTree:
     def _hidden_since(self, recorded: list[str], index: Path) -> list[str]:
         """Ignored untracked paths (folders without their '/') that `recorded` does not hold:
         the new version's, hidden from the capture (`hidden`). `index`: the capture's."""
-        now = hidden.listing(self._git, index, self._exclude_pathspecs())
-        return [entry.rstrip("/") for entry in hidden.added_since(recorded, now)]
+        now = hidden.listing(self._git, index, self._exclude_pathspecs(), self.excluded)
+        found = [entry.rstrip("/") for entry in hidden.added_since(recorded, now)]
+        if found:
+            log.info("ignored, and not there at the checkpoint: %s", ", ".join(found[:5]))
+        return found
 
     def _filtered(
         self, tree: str, listing: list[tuple[str, str]]

@@ -26,9 +26,11 @@ from supervisor.config.noncode import IgnoreRules
 _PREFIX = "ignored: "
 
 
-def listing(git: Git, index: Path, skip: Sequence[str]) -> list[str]:
+def listing(git: Git, index: Path, skip: Sequence[str], excluded: Sequence[str]) -> list[str]:
     """The ignored untracked paths of the work tree as `index` (a capture's) sees them, outside
-    `skip` (exclude pathspecs), minus those swapguard's own patterns match. One git process."""
+    `skip` (exclude pathspecs of the `excluded` paths), minus those swapguard's own patterns
+    match, and minus a folder that holds an excluded path (a data folder git lists whole: it is
+    never code, and never to be removed). One git process."""
     listed = git.out(
         "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory",
         "--", ".", *skip, index=index,
@@ -40,11 +42,13 @@ def listing(git: Git, index: Path, skip: Sequence[str]) -> list[str]:
         parent for entry in entries for parent in parents(entry)
     }
     ours = IgnoreRules(git.excludes)
+    holders = {parent for path in excluded for parent in parents(path + "/")}
     return [
         entry
         for entry in entries
         if entry not in inside
         and entry != ".git/"
+        and entry not in holders
         and not ours.matches(entry.rstrip("/"), is_dir=entry.endswith("/"))
     ]
 
