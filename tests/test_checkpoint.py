@@ -926,3 +926,20 @@ def test_hidden_files_go_when_nothing_was_ignored_at_the_take(tmp_path: Path) ->
     assert not tree.differs(cp)  # hosts write ignored logs at run time: no drift (see differs)
     tree.restore(cp, name="s1")
     assert not (repo / "json").exists()
+
+
+def test_a_data_folder_made_after_the_take_is_never_removed(tmp_path: Path) -> None:
+    """An ignored folder that holds an excluded path is data, even when it is new."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / ".gitignore", "data/\n")
+    write(repo / "app.py", "print('v1')\n")
+    commit_all(repo, "v1")
+    tree = CodeTree(repo, exclude=[repo / "data/app.db"])
+    cp = tree.take("s1")
+    write(repo / "data/app.db", "live data\n")
+    write(repo / "data/export.csv", "the host's\n")
+    assert tree.changes(cp) == []
+    tree.restore(cp, name="s1")
+    assert (repo / "data/app.db").read_text() == "live data\n"
+    assert (repo / "data/export.csv").exists()
