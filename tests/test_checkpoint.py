@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from supervisor.code.checkpoint import Change, Checkpoint, CodeTree
+from supervisor.config.noncode import GENERATED
 from supervisor.errors import CheckpointError, ConfigError
 
 WAIT_S = 10.0
@@ -315,6 +316,9 @@ def test_restore_keeps_ignored_files_it_must_replace(repo: Path) -> None:
 
 
 def test_ignored_and_excluded_files_are_not_touched(repo: Path) -> None:
+    """What was ignored at the take stays as the new version left it, and so do excluded paths;
+    an ignored file that was not there is the new version's: a change, and a rollback moves it
+    into the abandoned tree."""
     tree = code_tree(repo)
     cp = tree.take("s1")
     write(repo / "debug.log", "ignored, written by v2\n")
@@ -323,14 +327,26 @@ def test_ignored_and_excluded_files_are_not_touched(repo: Path) -> None:
     write(repo / "data/app.db-wal", "wal v2\n")
     write(repo / ".swapguard/state.db", "swapguard wrote this meanwhile\n")
     modify(repo)
-    assert [c.path for c in tree.changes(cp)] == ["docs/guide.txt", "src/app.py"]
+    assert [c.path for c in tree.changes(cp)] == ["docs/guide.txt", "src/app.py", "v2.log"]
     tree.restore(cp, name="s1")
     assert (repo / "debug.log").read_text() == "ignored, written by v2\n"
-    assert (repo / "v2.log").read_text() == "new ignored\n"
+    assert not (repo / "v2.log").exists()
+    assert git(repo, "show", f"{abandoned(repo, 's1')}:v2.log") == "new ignored\n"
     assert (repo / "data/app.db").read_text() == "data v2\n"
     assert (repo / "data/app.db-wal").read_text() == "wal v2\n"
     assert (repo / ".swapguard/state.db").read_text() == "swapguard wrote this meanwhile\n"
     assert (repo / "src/app.py").read_text() == "print('v1, unstaged')\n"
+    assert not tree.differs(cp)
+
+
+def test_new_files_code_ignore_matches_are_neither_changes_nor_removed(repo: Path) -> None:
+    """`code.ignore` is swapguard's, out of the host's reach: what it matches is never code."""
+    tree = CodeTree(repo, exclude=[repo / ".swapguard"], ignore=(*GENERATED, "*.log"))
+    cp = tree.take("s1")
+    write(repo / "v2.log", "new, declared not code\n")
+    assert tree.changes(cp) == []
+    tree.restore(cp, name="s1")
+    assert (repo / "v2.log").read_text() == "new, declared not code\n"
 
 
 def test_excluded_file_tracked_by_git_is_neither_captured_nor_restored(tmp_path: Path) -> None:
@@ -857,3 +873,101 @@ def test_a_restore_puts_the_index_back_across_file_systems(repo: Path, tmp_path:
         assert not tree.differs(cp)
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+# --- ignored files the new version hid (review H1) ---------------------------------------------
+
+
+def test_a_package_hidden_by_its_own_gitignore_is_drift_and_goes(repo: Path) -> None:
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    before = snapshot_state(repo)
+    write(repo / "json/__init__.py", "raise SystemExit('the new version ran')\n")
+    write(repo / "json/.gitignore", "*\n")
+    os.mkfifo(repo / "json/pipe")  # git cannot hold it: it must not stop the restore
+    added = {Change("json/.gitignore", "added"), Change("json/__init__.py", "added")}
+    assert added <= set(tree.changes(cp))
+    tree.restore(cp, name="s1")
+    assert not os.path.lexists(repo / "json")
+    assert snapshot_state(repo) == before
+    kept = abandoned(repo, "s1")
+    assert git(repo, "show", f"{kept}:json/__init__.py").startswith("raise SystemExit")
+    assert not tree.differs(cp)
+
+
+def test_a_module_hidden_by_info_exclude_is_drift_and_goes(repo: Path) -> None:
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    with open(repo / ".git/info/exclude", "a") as handle:
+        handle.write("json.py\n")
+    write(repo / "json.py", "raise SystemExit('the new version ran')\n")
+    assert Change("json.py", "added") in tree.changes(cp)
+    tree.restore(cp, name="s1")
+    assert not (repo / "json.py").exists()
+    assert git(repo, "show", f"{abandoned(repo, 's1')}:json.py")
+
+
+def test_what_lies_in_a_folder_ignored_at_the_take_is_no_code(repo: Path) -> None:
+    """A virtualenv (ignored as a folder) is not code: a new version's writes there stay."""
+    write(repo / ".gitignore", "*.log\ndist/\n.swapguard/\n.venv/\n")
+    commit_all(repo, "ignore .venv")
+    write(repo / ".venv/lib/site.py", "old\n")
+    tree = code_tree(repo)
+    cp = tree.take("s1")
+    write(repo / ".venv/lib/site.py", "new\n")
+    write(repo / ".venv/lib/json.py", "new\n")
+    write(repo / ".venv/lib/__pycache__/json.cpython-311.pyc", "new bytecode\n")
+    assert tree.changes(cp) == []
+    tree.restore(cp, name="s1")
+    assert (repo / ".venv/lib/site.py").read_text() == "new\n"
+    assert (repo / ".venv/lib/json.py").exists()
+    assert (repo / ".venv/lib/__pycache__/json.cpython-311.pyc").exists()
+
+
+def test_a_checkpoint_without_a_listing_keeps_the_earlier_behaviour(repo: Path) -> None:
+    """Taken by an earlier swapguard (no `ignored:` line): new ignored files are left alone."""
+    tree = code_tree(repo)
+    taken = tree.take("s1")
+    message = git(repo, "cat-file", "commit", taken.commit).split("\n\n", 1)[1]
+    older = "".join(line + "\n" for line in message.splitlines() if not line.startswith("ignored:"))
+    parents = git(repo, "rev-list", "--parents", "-n1", taken.commit).split()[1:]
+    args = [arg for parent in parents for arg in ("-p", parent)]
+    commit = git(repo, "commit-tree", "-m", older, *args, f"{taken.commit}^{{tree}}").strip()
+    cp = Checkpoint(commit=commit, index_tree=taken.index_tree, head=taken.head,
+                    branch=taken.branch)  # fmt: skip
+    write(repo / "v2.log", "new ignored\n")
+    assert tree.changes(cp) == []
+    tree.restore(cp, name="s1")
+    assert (repo / "v2.log").read_text() == "new ignored\n"
+
+
+def test_hidden_files_go_when_nothing_was_ignored_at_the_take(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / "app.py", "import json\n")
+    commit_all(repo, "v1")
+    tree = CodeTree(repo)
+    cp = tree.take("s1")
+    assert "ignored: []" in git(repo, "cat-file", "commit", cp.commit)
+    write(repo / "json/__init__.py", "raise SystemExit('the new version ran')\n")
+    write(repo / "json/.gitignore", "*\n")
+    assert not tree.differs(cp)  # hosts write ignored logs at run time: no drift (see differs)
+    tree.restore(cp, name="s1")
+    assert not (repo / "json").exists()
+
+
+def test_a_data_folder_made_after_the_take_is_never_removed(tmp_path: Path) -> None:
+    """An ignored folder that holds an excluded path is data, even when it is new."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / ".gitignore", "data/\n")
+    write(repo / "app.py", "print('v1')\n")
+    commit_all(repo, "v1")
+    tree = CodeTree(repo, exclude=[repo / "data/app.db"])
+    cp = tree.take("s1")
+    write(repo / "data/app.db", "live data\n")
+    write(repo / "data/export.csv", "the host's\n")
+    assert tree.changes(cp) == []
+    tree.restore(cp, name="s1")
+    assert (repo / "data/app.db").read_text() == "live data\n"
+    assert (repo / "data/export.csv").exists()

@@ -109,8 +109,9 @@ def test_the_users_global_excludes_still_apply(
 
 
 def test_a_restore_clears_untracked_generated_files(repo: Path) -> None:
-    """Bytecode and caches are the new version's output: a rollback leaves none of them, for a
-    module it rewrote or not; tracked ones and the user's own `code.ignore` files stay."""
+    """Bytecode is the new version's output: a rollback leaves none of it, for a module it
+    rewrote or not; tracked bytecode, tool caches and the user's own `code.ignore` files stay
+    (nothing loads them as code)."""
     write(repo / "vendor/fast.pyc", "tracked bytecode")
     git(repo, "add", "-f", "vendor/fast.pyc")
     commit_all(repo, "vendor bytecode")
@@ -130,7 +131,7 @@ def test_a_restore_clears_untracked_generated_files(repo: Path) -> None:
     assert not (repo / PYC).exists()
     assert not (repo / "pkg/__pycache__").exists()  # an untouched module's too
     assert not (repo / "newpkg").exists()
-    assert not (repo / ".pytest_cache").exists()
+    assert (repo / ".pytest_cache/v/cache/lastfailed").exists()
     assert not os.path.lexists(repo / "outside.pyc") and Path("/etc/passwd").exists()
     assert (repo / "vendor/fast.pyc").read_text() == "tracked bytecode"  # declared: code
     assert (repo / "tmp/scratch.txt").exists()  # code.ignore: the user's, as documented
@@ -250,3 +251,27 @@ def test_as_root_a_root_only_file_named_as_excludes_file_is_never_read(tmp_path:
         assert "notes.txt" not in captured(CodeTree(repo), "again")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_restore_keeps_backups_in_an_undeclared_ignored_data_folder(tmp_path: Path) -> None:
+    """Editor and backup names are no code: a rollback leaves them, and it never walks into a
+    folder that was ignored at the checkpoint (review M1)."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / ".gitignore", "data/\n")
+    write(repo / "app.py", "print('v1')\n")
+    commit_all(repo, "v1")
+    write(repo / "data/ledger.db~", "the operator's backup\n")
+    write(repo / "data/.coverage.host1", "x\n")
+    write(repo / "data/__pycache__/old.cpython-311.pyc", "bytecode in a data folder\n")
+    write(repo / "notes.txt~", "an editor's backup\n")
+    tree = CodeTree(repo)
+    checkpoint = tree.take("v1")
+    write(repo / "app.py", "print('v2')\n")
+    write(repo / "__pycache__/app.cpython-311.pyc", "v2 bytecode\n")
+    tree.restore(checkpoint, name="v1")
+    assert (repo / "data/ledger.db~").read_text() == "the operator's backup\n"
+    assert (repo / "data/.coverage.host1").exists()
+    assert (repo / "data/__pycache__/old.cpython-311.pyc").exists()
+    assert (repo / "notes.txt~").exists()
+    assert not (repo / "__pycache__").exists()

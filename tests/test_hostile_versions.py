@@ -222,6 +222,40 @@ def package_folder_0111_shadowing_the_stdlib(scene: Scene) -> None:
     (scene.repo / "json").chmod(0o111)
 
 
+_SHADOW = "raise SystemExit('the new version ran')\n"
+
+
+def json_package_hidden_by_its_own_gitignore(scene: Scene) -> None:
+    """A `json` package beside the script whose `.gitignore` says `*`: `git add -A` never sees
+    it, and `read-tree` never removes an ignored file (review H1)."""
+    (scene.repo / "json").mkdir()
+    (scene.repo / "json/__init__.py").write_text(_SHADOW)
+    (scene.repo / "json/.gitignore").write_text("*\n")
+
+
+def json_module_hidden_by_info_exclude(scene: Scene) -> None:
+    """`.git/info/exclude` is the host's too, and no restore puts it back."""
+    with open(scene.repo / ".git/info/exclude", "a") as handle:
+        handle.write("json.py\n")
+    (scene.repo / "json.py").write_text(_SHADOW)
+
+
+def json_module_hidden_by_the_tracked_gitignore(scene: Scene) -> None:
+    """The drift is seen (.gitignore is tracked) but the ignored file used to survive."""
+    with open(scene.repo / ".gitignore", "a") as handle:
+        handle.write("json.py\n")
+    (scene.repo / "json.py").write_text(_SHADOW)
+
+
+def _hidden_code_kept_aside(sup: Supervisor, scene: Scene) -> None:
+    """Removed from the tree, its content kept in the abandoned tree (v1 runs: `import json`
+    was the stdlib's, else the harness would not have seen v1's row)."""
+    assert not (scene.repo / "json").exists() and not (scene.repo / "json.py").exists()
+    ref = f"refs/swapguard/abandoned/{scene.swap_id}"
+    names = git(scene.repo, "ls-tree", "-r", "--name-only", ref).split("\n")
+    assert {"json/__init__.py", "json.py"} & set(names), names
+
+
 def hard_link_to_a_file_outside(scene: Scene) -> None:
     """A file outside, of the same content as a code file of mode 0600: git sees no change, and
     putting the mode back would chmod the file outside."""
@@ -261,6 +295,9 @@ CASES = [
     Case(bytecode_shadowing_the_stdlib),
     Case(package_folder_0111_shadowing_the_stdlib),
     Case(hard_link_to_a_file_outside),
+    Case(json_package_hidden_by_its_own_gitignore, after=_hidden_code_kept_aside),
+    Case(json_module_hidden_by_info_exclude, after=_hidden_code_kept_aside),
+    Case(json_module_hidden_by_the_tracked_gitignore, after=_hidden_code_kept_aside),
 ]
 
 

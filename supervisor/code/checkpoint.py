@@ -16,8 +16,13 @@ the checkpoint's (git writes, deletes and chmods only what differs), and the ind
 Every step sets an absolute state, so a restore repeated after a crash ends exact.
 
 Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
-those that do not wait on each other run at once: a take runs 7 (6 in a row), a restore 9 (6 in
+those that do not wait on each other run at once: a take runs 8 (6 in a row), a restore 10 (6 in
 a row), a drift check 2 (see the README's Benchmarks for where the time goes).
+
+Ignored untracked paths are not captured, but a take records their listing (`hidden`): one the
+new version adds (behind a `.gitignore` or `.git/info/exclude` of its own) is drift, and a restore
+keeps it in the abandoned tree and removes it (`changes` lists it; `differs`, the drift check,
+does not: hosts write logs beside their code at run time).
 
 Whatever a new version leaves in the tree is replaced, never followed or opened: a symlink where
 a folder was (git is never given a path below it), FIFOs, sockets and devices (git cannot hold
@@ -60,7 +65,7 @@ from typing import Literal
 
 import tenacity
 
-from supervisor.code import generated, treemodes, treepaths
+from supervisor.code import generated, hidden, treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
 from supervisor.code.gitcmd import Where, branch_name, index_may_hold, literal, under
 from supervisor.code.gitlocks import (
@@ -127,7 +132,8 @@ class CodeTree:
         self.extra_paths = tuple(_relative_extra(p) for p in extra_paths)
         self.excluded = tuple(sorted({r for p in exclude if (r := self._relative_excluded(p))}))
         self._git = _Git(self.root, excludes=ignore)
-        self._trees: dict[str, str] = {}  # checkpoint commit -> its tree as compared today
+        self._trees: dict[tuple[str, tuple[int, int, int]], str] = {}  # see _tree_of
+        self._hidden: dict[str, list[str] | None] = {}  # checkpoint commit -> recorded listing
         self._known_git_dir: Path | None = None
         self._blocked_by: str | None = None
         self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
@@ -194,8 +200,10 @@ class CodeTree:
         with self._scratch() as scratch, _beside() as pool:  # two indexes, two gits at once
             staged = pool.submit(self._index_tree, scratch / "staged")
             tree = self._capture(scratch / "capture")
-            index_tree = staged.result()
-        listing = self._listing(tree)
+            skip = self._exclude_pathspecs()
+            hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip, self.excluded)
+            listing = self._listing(tree)
+            index_tree, ignored = staged.result(), hid.result()
         modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
         owners = ""
         if (default := self._default_owner()) is not None:
@@ -206,7 +214,7 @@ class CodeTree:
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
         message = (
             f"swapguard checkpoint {name}\n\nbranch: {branch}\n"
-            f"{treemodes.to_message(modes)}{owners}"
+            f"{treemodes.to_message(modes)}{owners}{hidden.to_message(ignored)}"
         )
         commit = self._commit(tree, parents, message)
         ref = f"{_CHECKPOINTS}/{name}"
@@ -249,22 +257,32 @@ class CodeTree:
             treemodes.open_all(self._git, self.excluded)
             index = scratch / "current"
             current = self._capture(index, aside=True)
+            recorded = hidden.from_message(message)  # None: an older checkpoint, none doomed
             with _beside() as pool:  # the abandoned state's commit is written while diff runs
                 early = None if previous else pool.submit(self._abandon, current, tips, name)
+                listed_now = (
+                    None if recorded is None else pool.submit(self._hidden_since, recorded, index)
+                )
                 added, gone = self._diff(current, target)
+            hid = [] if listed_now is None else listed_now.result()
             folders = {path for mode, path in listing if mode == "040000"}
             self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
-            doomed = self._ignored_in_the_way(added, index)
+            keep = (p for p in hid if not treepaths.is_special(self.root / p))  # git cannot
+            doomed = sorted({*self._ignored_in_the_way(added, index), *keep})
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
                 self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
             made = early.result() if early is not None and not doomed else None
             self._put_refs(cp, name, current, tips, previous, made=made)
+            folders_of_hid = self._new_folders(hid, recorded or [], folders)
+            for path in [*hid, *folders_of_hid]:  # kept in the abandoned tree now: removed,
+                treepaths.remove(self.root, path)  # never followed
             if where.branch != cp.branch and cp.branch is not None:
                 self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
                               f"refs/heads/{cp.branch}")  # fmt: skip
             self._git.out("read-tree", "--reset", "-u", target, index=index)
-            generated.clear_generated(self._git, index, self.excluded)
+            kept = None if recorded is None else hidden.folders(recorded)
+            generated.clear_generated(self._git, index, self.excluded, kept)
             treemodes.unshare_hard_links(self._git, index, listing)
             default_owner, owners = treemodes.owners_from_message(message)
             if default_owner is not None and self._default_owner() is not None:
@@ -275,9 +293,12 @@ class CodeTree:
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
     def changes(self, cp: Checkpoint) -> list[Change]:
-        """What differs between the work tree now and `cp`, by path relative to root."""
+        """What differs between the work tree now and `cp`, by path relative to root (an
+        ignored path that was not there at `cp` is an added one)."""
+        recorded = self._recorded_hidden(cp)
         with self._scratch() as scratch:
             current = self._capture(scratch / "current")
+            hid = self._hidden_since(recorded, scratch / "current") if recorded is not None else []
         diff = self._git.out(*_DIFF, "--name-status", self._tree_of(cp), current)
         fields = diff.split("\0")
         kinds: dict[str, Literal["added", "modified", "deleted"]] = {"A": "added", "D": "deleted"}
@@ -286,10 +307,15 @@ class CodeTree:
             for status, path in zip(fields[0::2], fields[1::2], strict=False)
             if status
         ]
+        found += [Change(path, "added") for path in hid]
         return sorted(found, key=lambda change: change.path)
 
     def differs(self, cp: Checkpoint) -> bool:
-        """Whether anything at all changed since `cp` (one capture, no diff listing)."""
+        """Whether anything at all changed since `cp` (one capture, no diff listing).
+
+        An ignored path that was not there at `cp` is no drift here (`changes` lists it, a
+        restore removes it): hosts write logs beside their code under `*.log` at run time, and
+        each new name would prepare a guard swap."""
         with self._scratch() as scratch:
             current = self._capture(scratch / "current")
         return current != self._tree_of(cp)
@@ -435,8 +461,10 @@ class CodeTree:
 
     def _tree_of(self, cp: Checkpoint) -> str:
         """The checkpoint's tree minus excluded paths and untracked generated files (both may
-        have grown since the take). Worked out once per checkpoint: a commit never changes."""
-        if (known := self._trees.get(cp.commit)) is not None:
+        have grown since the take). Worked out once per checkpoint and `.git/info/exclude` (read
+        to tell generated files): a commit never changes."""
+        key = (cp.commit, signature(self._git_dir() / "info" / "exclude"))
+        if (known := self._trees.get(key)) is not None:
             return known
         names = [f"{cp.commit}^{{tree}}", *(f"{cp.commit}:{path}" for path in self.excluded)]
         found = self._git.objects(names, contents=False)
@@ -451,8 +479,30 @@ class CodeTree:
             tree = self._git.out("write-tree", index=index).strip()
         if len(self._trees) >= 16:  # (clear: atomic, whichever worker thread gets here)
             self._trees.clear()
-        self._trees[cp.commit] = tree
+        self._trees[key] = tree
         return tree
+
+    def _recorded_hidden(self, cp: Checkpoint) -> list[str] | None:
+        """The ignored untracked paths `cp` recorded (None: it is older than such listings);
+        read once per checkpoint (one git run)."""
+        if cp.commit not in self._hidden:
+            found = self._git.objects([cp.commit], contents=True)[0]
+            if found is None or found.type != "commit":
+                raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
+            if len(self._hidden) >= 16:
+                self._hidden.clear()
+            message = found.body.decode("utf-8", "surrogateescape")
+            self._hidden[cp.commit] = hidden.from_message(message)
+        return self._hidden[cp.commit]
+
+    def _hidden_since(self, recorded: list[str], index: Path) -> list[str]:
+        """Ignored untracked paths (folders without their '/') that `recorded` does not hold:
+        the new version's, hidden from the capture (`hidden`). `index`: the capture's."""
+        now = hidden.listing(self._git, index, self._exclude_pathspecs(), self.excluded)
+        found = [entry.rstrip("/") for entry in hidden.added_since(recorded, now)]
+        if found:
+            log.info("ignored, and not there at the checkpoint: %s", ", ".join(found[:5]))
+        return found
 
     def _filtered(
         self, tree: str, listing: list[tuple[str, str]]
@@ -525,6 +575,24 @@ class CodeTree:
             elif os.path.lexists(full) and not treepaths.is_special(full):
                 doomed.add(path)
         return sorted(doomed)
+
+    def _new_folders(self, hid: list[str], recorded: list[str], folders: set[str]) -> list[str]:
+        """The topmost folders above `hid` paths that neither the target tree (`folders`), the
+        checkpoint's listing nor an excluded path has a part in: the new version's whole, with
+        what git lists nowhere (a FIFO beside a hidden package)."""
+        known = {parent for entry in recorded for parent in hidden.parents(entry)}
+        known |= {parent for path in self.excluded for parent in hidden.parents(path)}
+        known = {entry.rstrip("/") for entry in (*known, *recorded)}
+        found = set()
+        for path in hid:
+            parts = path.split("/")
+            for depth in range(1, len(parts)):
+                top = "/".join(parts[:depth])
+                if top not in folders:
+                    if top not in known and not under(top, self.excluded):
+                        found.add(top)
+                    break
+        return sorted(found)
 
     def _remove_untracked_special(self, folders: set[str]) -> None:
         """FIFOs, sockets and devices git passes over in silence, in any folder of the current or

@@ -8,13 +8,15 @@ settles untracked files for `git add -A`. Three places need more than that, each
 - A checkpoint taken before a pattern applied (an earlier swapguard, a `code.ignore` added since)
   may hold generated files; compared as it is, it would read as drift. Its untracked generated
   entries are dropped before any comparison, as excluded paths are.
-- A restore clears every untracked path the built-in patterns (`GENERATED`) match, whatever the
-  user's `code.ignore` says: bytecode and caches are the new version's output as much as its
-  code is. Its `.pyc` records its source's mtime in whole seconds and its size (or, unchecked,
-  nothing at all), and a sourceless `json.pyc` beside a script shadows the stdlib, so the old
-  version would otherwise run the new version's bytecode. Caches are cheap to rebuild. The list
-  is taken from the restored index, not from what the restore changed, so a restore repeated
-  after a crash clears them as well.
+- A restore clears every untracked path the `CLEARED` patterns (bytecode, build caches) match,
+  whatever the user's `code.ignore` says, except in folders already ignored at the checkpoint
+  (a virtualenv, an undeclared data folder): bytecode is the new version's output as much as
+  its code is. A `.pyc` records its source's mtime in whole seconds and its size (or,
+  unchecked, nothing at all), and a sourceless `json.pyc` beside a script shadows the stdlib,
+  so the old version would otherwise run the new version's bytecode. Editor and backup files
+  are not cleared: nothing runs them, and a backup in a data folder is the user's. The list is
+  taken from the restored index, not from what the restore changed, so a restore repeated after
+  a crash clears them as well.
 """
 
 from __future__ import annotations
@@ -94,13 +96,16 @@ def looks_generated(git: Git, index: Path | None, excluded: Sequence[str]) -> li
     ]
 
 
-def clear_generated(git: Git, index: Path, excluded: Sequence[str]) -> list[str]:
-    """Remove every path untracked by `index` (the restored tree's) that the built-in generated
-    patterns match, outside the `excluded` paths (data); the paths removed. One git process;
-    each path is removed through file descriptors, never through a symlink (a symlink itself
-    is removed, not followed)."""
+def clear_generated(
+    git: Git, index: Path, excluded: Sequence[str], kept: Sequence[str] | None = None
+) -> list[str]:
+    """Remove every path untracked by `index` (the restored tree's) that `CLEARED` matches
+    (bytecode, build caches), outside the `excluded` paths (data) and the folders ignored at
+    the checkpoint (`kept`: `hidden.folders` of its listing; None for an older checkpoint);
+    the paths removed. One git process; each path is removed through file descriptors, never
+    through a symlink (a symlink itself is removed, not followed)."""
     root = git.root
-    skip = [f":(exclude,literal){path}" for path in excluded]
+    skip = [f":(exclude,literal){path}" for path in (*excluded, *(kept or ()))]
     listed = git.out(
         "ls-files", "-z", "--others", "--ignored", f"--exclude-from={git.builtin_excludes_file()}",
         "--directory", "--", ".", *skip, index=index,

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 from supervisor.code import gitlocks
-from supervisor.config.noncode import GENERATED
+from supervisor.config.noncode import CLEARED
 from supervisor.errors import CheckpointError
 
 GIT_TIMEOUT_S = 300.0
@@ -143,8 +143,8 @@ class Git:
         return self._prepare_excludes()[1] if self.excludes else None
 
     def builtin_excludes_file(self) -> str:
-        """A file holding the built-in generated patterns (`GENERATED`) alone: what a restore
-        clears, whatever the user's `code.ignore` says."""
+        """A file holding the patterns of what a restore clears (`CLEARED`: bytecode and build
+        caches), whatever the user's `code.ignore` says."""
         return self._prepare_excludes()[2]
 
     def _prepare_excludes(self) -> tuple[str, str, str]:
@@ -159,7 +159,7 @@ class Git:
             os.chmod(folder, 0o755)  # git may run as the tree's owner: it may enter, not write
             atexit.register(shutil.rmtree, folder, True)
             ours = "".join(f"{pattern}\n" for pattern in self.excludes)
-            builtin = "".join(f"{pattern}\n" for pattern in GENERATED)
+            builtin = "".join(f"{pattern}\n" for pattern in CLEARED)
             theirs = _read_small_text(self._user_excludes_path(), self.owner)
             names = ("merged", "ours", "builtin")
             texts = (theirs + "\n" + ours, ours, builtin)

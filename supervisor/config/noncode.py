@@ -45,6 +45,11 @@ GENERATED: tuple[str, ...] = (
 )
 """Bytecode, tool caches and editor files that are never code unless declared."""
 
+CLEARED: tuple[str, ...] = ("__pycache__/", "*.py[co]", "**/node_modules/.cache/")
+"""What a restore removes wherever it is untracked (outside excluded paths and folders already
+ignored at the checkpoint): what an interpreter or a build tool loads. Editor and backup files
+are left alone: they run nowhere, and a backup in a data folder is the user's."""
+
 LOOKS_GENERATED: tuple[str, ...] = (
     "build/",
     "dist/",
