@@ -29,8 +29,9 @@ from supervisor.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3
-STORED_NAMES = frozenset({"notify", "control"})
-"""What swapguard keeps in its manager's fd store: the sockets hosts and operators connect to."""
+STORED_NAMES = frozenset({"notify", "control", "hostcontrol"})
+"""What swapguard keeps in its manager's fd store: the sockets hosts and operators connect to
+(`hostcontrol`: the host's own control socket, with host.user)."""
 
 
 class ServiceManager:

@@ -326,17 +326,28 @@ def _share_state_dir(config: Config) -> None:
         share_with_host(config.state.dir, config.host_socket_dir(), user.uid, user.gid)
 
 
-def _host_control(config: Config, runtime: Runtime) -> ControlServer | None:
+def _host_control(
+    config: Config, runtime: Runtime, manager: ServiceManager
+) -> ControlServer | None:
     """The host's own listener of the control API, in its folder (host.user only): the
-    operators' socket may be where the host cannot reach. Same API, same peer rules."""
+    operators' socket may be where the host cannot reach. Same API, same peer rules. Kept in
+    our manager's fd store as `hostcontrol`, like the operators' socket: a host's request made
+    while swapguard restarts waits in its backlog instead of being refused."""
+    inherited = manager.handed_back.pop("hostcontrol", None)
     if config.host_socket_dir() is None:
+        if inherited is not None:  # host.user was removed: nothing listens for a host now
+            inherited.close()
+            manager.forget_socket("hostcontrol")
         return None
-    return ControlServer(
+    server = ControlServer(
         config.host_control_socket(),
         LoopBackend(runtime),
         mode=0o666,  # the folder (the host's alone) is what keeps others out
         staging_dir=config.state.dir,
+        inherited=inherited,
     )
+    manager.store_socket("hostcontrol", server.listening_socket)
+    return server
 
 
 async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
@@ -353,7 +364,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         inherited=manager.handed_back.pop("control", None),
     )
     manager.store_socket("control", server.listening_socket)
-    host_server = _host_control(config, runtime)
+    host_server = _host_control(config, runtime, manager)
     listener = None
     if config.control.http_listen is not None:
         from supervisor.control.listener import ReadOnlyListener  # only where one is configured
@@ -365,9 +376,10 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
     server.serve_in_thread()
-    if host_server is not None:
-        host_server.serve_in_thread()
     await runtime.start()
+    if host_server is not None:
+        # once the host is adopted: a request it queued while we restarted is its tree's write
+        host_server.serve_in_thread()
     runtime.pool.submit(store.keep_reserve)  # 4 MiB and an fsync at a first start: not before
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
@@ -393,6 +405,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     manager.forget_socket("control")
     server.close()
     if host_server is not None:
+        manager.forget_socket("hostcontrol")
         host_server.close()
     if listener is not None:
         listener.close()
