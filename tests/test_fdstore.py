@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
+from supervisor.client import Client
 from supervisor.errors import NotReachable
 from tests.support import WAIT, Supervisor, git, gone, wait_for
 from tests.test_host_user import NOBODY, ROOT_ONLY, _python_for
@@ -155,6 +157,43 @@ def test_a_request_made_while_swapguard_is_down_is_answered_by_the_next(tmp_path
         status = sup.client.status()  # connects at once: the socket listens in the store
         assert status["supervisor"]["pid"] != before
         assert sup.output().count("removing stale control socket") == 0
+
+
+def test_every_status_across_a_restart_tells_the_truth(tmp_path: Path) -> None:
+    """Issue 14 item 6: polled without a pause while swapguard is killed and restarted, the
+    status never shows the live host as stopped (or `starting`) with pid null, nor the swap on
+    probation as gone: the next swapguard answers only once it has adopted the host."""
+    repo = make_repo(tmp_path / "repo")
+    with under_standin(repo, store=True) as sup:
+        swap_id, host_pid = on_probation(sup, repo)
+        seen: list[tuple[int, str, int | None, str | None]] = []
+        done = threading.Event()
+
+        def poll() -> None:
+            with Client(sup.socket, timeout=30) as client:
+                while not done.is_set():
+                    try:
+                        status = client.status()
+                    except NotReachable:
+                        continue
+                    host, swap = status["host"], status["swap"]
+                    seen.append((status["supervisor"]["pid"], host["state"], host["pid"],
+                                 swap and swap["state"]))
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            wait_for(lambda: len(seen) >= 20, what="answers before the kill")
+            kill9_and_wait_for_the_next(sup)
+            after = sup.status()["supervisor"]["pid"]
+            wait_for(lambda: sum(pid == after for pid, *_ in seen) >= 20, what="answers")
+        finally:
+            done.set()
+            poller.join(WAIT)
+        wrong = [answer for answer in seen if answer[1:] != ("running", host_pid, "probation")]
+        assert not wrong, wrong[:10]
+        assert len({pid for pid, *_ in seen}) == 2  # answers from both sides of the restart
+        assert sup.client.swap(swap_id)["state"] == "probation"
 
 
 # --- the host's own control socket (host.user): kept in the store as `hostcontrol` ---------------

@@ -2,9 +2,10 @@
 
 Start-up order is chosen so that nothing half-starts: the state lock first (never two supervisors
 on one state, hence never two hosts), then the store, the process-tree containment (subreaper,
-cgroup), the control socket (bound before anything starts, so a clash fails early; requests
-made meanwhile wait for the loop), the runtime (which adopts a live host or starts one and resumes
-a swap), the code watcher, and last READY=1 to our own manager when there is one.
+cgroup), the control sockets (bound before anything starts, so a clash fails early), the runtime
+(which adopts a live host or starts one and resumes a swap), then the sockets are served (requests
+made meanwhile wait in their backlog, so no answer predates what the store and adoption tell),
+the code watcher, and last READY=1 to our own manager when there is one.
 """
 
 from __future__ import annotations
@@ -370,16 +371,18 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         from supervisor.control.listener import ReadOnlyListener  # only where one is configured
 
         listener = ReadOnlyListener(*config.control.http_listen, LoopBackend(runtime))
-        listener.serve_in_thread()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
-    server.serve_in_thread()
     await runtime.start()
-    if host_server is not None:
-        # once the host is adopted: a request it queued while we restarted is its tree's write
-        host_server.serve_in_thread()
+    # Served once the runtime has loaded its record and adopted the host (a few ms; requests
+    # wait in the backlog meanwhile): the first status answered is the truth, never "stopped",
+    # pid null and no swap while a host lives and its swap is on probation; and a request the
+    # host queued while we restarted is its tree's write.
+    for serving in (server, host_server, listener):
+        if serving is not None:
+            serving.serve_in_thread()
     runtime.pool.submit(store.keep_reserve)  # 4 MiB and an fsync at a first start: not before
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
