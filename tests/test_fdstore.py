@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,8 @@ import psutil
 import pytest
 
 from supervisor.client import Client
-from supervisor.errors import NotReachable
+from supervisor.daemon import service
+from supervisor.errors import NotReachable, SwapguardError
 from tests.support import WAIT, Supervisor, git, gone, wait_for
 from tests.test_host_user import NOBODY, ROOT_ONLY, _python_for
 
@@ -174,7 +176,7 @@ def test_every_status_across_a_restart_tells_the_truth(tmp_path: Path) -> None:
                 while not done.is_set():
                     try:
                         status = client.status()
-                    except NotReachable:
+                    except SwapguardError:  # not reachable while none runs, say
                         continue
                     host, swap = status["host"], status["swap"]
                     seen.append((status["supervisor"]["pid"], host["state"], host["pid"],
@@ -310,6 +312,44 @@ def test_the_hosts_own_control_socket_keeps_a_request_across_a_restart(
         assert sup.client.swap(swap_id)["state"] == "confirmed"
         assert host_socket.lstat().st_ino == inode  # the very socket file: not bound anew
         assert "does not listen at" not in sup.output()
+        # a clean stop takes it out of the store (FDSTOREREMOVE=1): the next start binds anew,
+        # with no stored socket to find unbound
+        after = status["supervisor"]["pid"]
+        os.kill(after, signal.SIGTERM)
+        wait_for(lambda: sup.status()["supervisor"]["pid"] not in (before, after),
+                 what="the manager to start swapguard again")
+        sup.wait_host(ready=True)
+        assert host_socket.lstat().st_ino != inode
+        assert "does not listen at" not in sup.output()
+        assert "unexpected name" not in sup.output()
+
+
+def test_a_stored_host_socket_is_closed_and_forgotten_once_host_user_is_gone() -> None:
+    """host.user removed from the config: what the store handed back is closed and removed from
+    it, not left listening for a host that no longer has a folder."""
+    left, peer = socket.socketpair()
+    forgotten: list[str] = []
+
+    class Manager:
+        def __init__(self) -> None:
+            self.handed_back = {"hostcontrol": left}
+
+        def forget_socket(self, name: str) -> bool:
+            forgotten.append(name)
+            return True
+
+    class NoHostUser:
+        def host_socket_dir(self) -> None:
+            return None
+
+    manager = Manager()
+    try:
+        assert service._host_control(NoHostUser(), None, manager) is None  # type: ignore[arg-type]
+        assert left.fileno() == -1 and forgotten == ["hostcontrol"]
+        assert manager.handed_back == {}
+    finally:
+        left.close()
+        peer.close()
 
 
 @ROOT_ONLY
