@@ -373,3 +373,33 @@ def test_without_a_store_the_hosts_control_socket_is_bound_anew(
         (repo / "ask-now").write_text("GET /v1/status")
         answer = _answer(repo)
         assert answer["status"] == 200 and answer["body"]["supervisor"]["pid"] != before
+
+
+@ROOT_ONLY
+def test_a_socket_bound_anew_replaces_the_stale_one_in_the_store(
+    nobody_repo: tuple[Path, str]
+) -> None:
+    """The host removed its control socket's file while swapguard was down: the stored socket is
+    not taken back (nothing connects to it any more) and a new one is bound, which replaces the
+    stale one in the store (systemd keeps every fd sent under a name). At the next restart the
+    new one comes back, and a request the host made meanwhile is answered."""
+    repo, python = nobody_repo
+    host = {"command": [python, "host.py"], "user": "nobody"}
+    with standin(repo, store=True, host=host) as (sup, manager):
+        sup.wait_host(ready=True)
+        host_socket = sup.state / "host" / "control.sock"
+        first = sup.status()["supervisor"]["pid"]
+        manager.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(first, signal.SIGKILL)
+            wait_for(lambda: gone(first), what="swapguard dead")
+            host_socket.unlink()  # what the host may do in its folder
+        finally:
+            manager.send_signal(signal.SIGCONT)
+        wait_for(lambda: sup.status()["supervisor"]["pid"] != first, what="the next swapguard")
+        assert sup.output().count("does not listen at") == 1
+        _, connected = _ask_while_swapguard_is_down(sup, manager, repo, "GET /v1/status")
+        assert connected
+        answer = _answer(repo)
+        assert answer["status"] == 200 and answer["body"]["supervisor"]["pid"] != first
+        assert sup.output().count("does not listen at") == 1  # the new one was taken back

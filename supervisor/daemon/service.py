@@ -347,7 +347,7 @@ def _host_control(
         staging_dir=config.state.dir,
         inherited=inherited,
     )
-    manager.store_socket("hostcontrol", server.listening_socket)
+    manager.store_socket("hostcontrol", server.listening_socket, taken_back=server.inherited)
     return server
 
 
@@ -364,7 +364,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         group=config.control.group,
         inherited=manager.handed_back.pop("control", None),
     )
-    manager.store_socket("control", server.listening_socket)
+    manager.store_socket("control", server.listening_socket, taken_back=server.inherited)
     host_server = _host_control(config, runtime, manager)
     listener = None
     if config.control.http_listen is not None:
