@@ -2,8 +2,9 @@
 
 `python tests/standin_manager.py NOTIFY_PATH [--no-store] -- COMMAND...` runs COMMAND with
 NOTIFY_SOCKET=NOTIFY_PATH and, unless --no-store, FDSTORE=16. As systemd documents it: the main
-process sends `FDSTORE=1` + `FDNAME=` with fds as SCM_RIGHTS (kept, one per name) and
-`FDSTOREREMOVE=1` to drop one; when COMMAND exits for any reason it is started again after 0.2 s
+process sends `FDSTORE=1` + `FDNAME=` with fds as SCM_RIGHTS (kept in order; like systemd, several
+may share a name, and only the same file sent again is dropped) and `FDSTOREREMOVE=1` + `FDNAME=`
+to drop every fd of that name; when COMMAND exits for any reason it is started again after 0.2 s
 with the stored fds as 3.. and LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the new process's own pid,
 set by an `exec` that keeps it). SIGTERM stops COMMAND (SIGTERM, then SIGKILL) and the manager.
 """
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
 class Manager:
     def __init__(self, notify: socket.socket, path: str, command: list[str], store: bool) -> None:
         self.notify, self.path, self.command, self.use_store = notify, path, command, store
-        self.store: dict[str, int] = {}
+        self.store: list[tuple[str, int]] = []
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = False
 
@@ -55,8 +56,8 @@ class Manager:
         return 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        names = list(self.store)
-        fds = [self.store[name] for name in names]
+        names = [name for name, _fd in self.store]
+        fds = [fd for _name, fd in self.store]
         env = {**os.environ, "NOTIFY_SOCKET": self.path}
         if self.use_store:
             env["FDSTORE"] = "16"
@@ -93,17 +94,18 @@ class Manager:
                     fds.extend(received)
             name = fields.get("FDNAME", "stored")
             if fields.get("FDSTORE") == "1" and self.use_store:
-                for fd in fds[1:]:
-                    os.close(fd)
-                if fds:
-                    if name in self.store:
-                        os.close(self.store[name])
-                    self.store[name] = fds[0]
+                for fd in fds:
+                    if any(_same_file(fd, kept) for _name, kept in self.store):
+                        os.close(fd)  # systemd keeps one copy of a file
+                    else:
+                        self.store.append((name, fd))
                 continue
             for fd in fds:
                 os.close(fd)
-            if fields.get("FDSTOREREMOVE") == "1" and name in self.store:
-                os.close(self.store.pop(name))
+            if fields.get("FDSTOREREMOVE") == "1":
+                for _name, fd in [entry for entry in self.store if entry[0] == name]:
+                    os.close(fd)
+                self.store = [entry for entry in self.store if entry[0] != name]
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -117,6 +119,11 @@ class Manager:
         except subprocess.TimeoutExpired:
             self.child.kill()
             self.child.wait()
+
+
+def _same_file(one: int, other: int) -> bool:
+    first, second = os.fstat(one), os.fstat(other)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 if __name__ == "__main__":

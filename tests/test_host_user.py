@@ -264,6 +264,42 @@ def test_what_the_host_plants_in_its_folder_is_replaced_never_followed(tmp_path:
 
 
 @ROOT_ONLY
+def test_the_hosts_control_socket_is_taken_back_only_where_it_was_renamed_in(
+    tmp_path: Path,
+) -> None:
+    """From our manager's fd store (`hostcontrol`): taken back while its file is at the path,
+    and never chmodded there (the folder is the host's); replaced by a symlink, bound anew."""
+    state = tmp_path / "state"
+    prepare_state_dir(state)
+    share_with_host(state, state / "host", NOBODY, NOBODY)
+    path = state / "host" / "control.sock"
+    control = ControlServer(path, SwapBackend(), mode=0o666, staging_dir=state)
+    try:
+        inode = path.lstat().st_ino
+        os.chmod(path, 0o640)  # a mode no take may touch: it would be a chmod through the folder
+        again = ControlServer(path, SwapBackend(), mode=0o666, staging_dir=state,
+                              inherited=control.listening_socket.dup())
+        assert again.inherited
+        assert path.lstat().st_ino == inode and _owner_mode(path)[2] == 0o640
+        again.close()  # a clean stop: its file goes
+        assert not path.exists()
+        victim = tmp_path / "victim"
+        victim.write_text("root's\n")
+        victim.chmod(0o600)
+        path.symlink_to(victim)  # the host's doing, where the stored socket was
+        third = ControlServer(path, SwapBackend(), mode=0o666, staging_dir=state,
+                              inherited=control.listening_socket.dup())
+        try:
+            assert not third.inherited
+            assert stat.S_ISSOCK(path.lstat().st_mode) and _owner_mode(path)[2] == 0o666
+            assert _owner_mode(victim) == (0, 0, 0o600) and victim.read_text() == "root's\n"
+        finally:
+            third.close()
+    finally:
+        control.close()
+
+
+@ROOT_ONLY
 def test_a_folder_the_host_left_where_a_socket_goes_is_moved_aside(tmp_path: Path) -> None:
     state = tmp_path / "state"
     prepare_state_dir(state)

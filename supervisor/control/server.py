@@ -505,7 +505,7 @@ class ControlServer:
         reserved = min(RESERVED_SLOTS, max_connections // 4)
         limits = Limits(request_timeout, idle_timeout, max_connections, max_per_uid, reserved)
         self._server = SocketHTTPServer(backend, limits)
-        self.inherited = inherited is not None and listening_at(inherited, self.path)
+        self.inherited = inherited is not None and listening_at(inherited, self.path, staging_dir)
         if self.inherited:
             assert inherited is not None
             self._take(inherited, mode, gid, group)
@@ -524,7 +524,10 @@ class ControlServer:
         self._server.socket = inherited
         self._server.server_address = str(self.path)
         try:
-            self._apply_mode(self.path, mode, gid, group)  # the config may have changed
+            if self._staging_dir is None:  # the config may have changed
+                self._apply_mode(self.path, mode, gid, group)
+            # else the folder is the host's: a chmod there could follow what it put in place of
+            # the socket; the mode was set before the rename in (`bind_into`) and never changes
             self._inode = os.lstat(self.path).st_ino
         except BaseException:
             self._server.server_close()

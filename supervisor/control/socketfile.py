@@ -144,15 +144,16 @@ def bound_as(sock: socket.socket, path: Path, staging_dir: Path | None = None) -
         return False
 
 
-def listening_at(sock: socket.socket, path: Path) -> bool:
+def listening_at(sock: socket.socket, path: Path, staging_dir: Path | None = None) -> bool:
     """A unix stream socket that listens, bound at `path` (or under the temporary name it was
-    first bound at beside it, then renamed: see `staging_socket_path`), whose file is there."""
+    first bound at beside it or in `staging_dir`, then renamed: see `staging_socket_path`,
+    `bind_into`), whose file is there."""
     try:
         return (
             bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
             and sock.family == socket.AF_UNIX
             and sock.type == socket.SOCK_STREAM
-            and bound_as(sock, path)
+            and bound_as(sock, path, staging_dir)
         )
     except (OSError, TypeError):
         return False

@@ -29,8 +29,9 @@ from supervisor.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3
-STORED_NAMES = frozenset({"notify", "control"})
-"""What swapguard keeps in its manager's fd store: the sockets hosts and operators connect to."""
+STORED_NAMES = frozenset({"notify", "control", "hostcontrol"})
+"""What swapguard keeps in its manager's fd store: the sockets hosts and operators connect to
+(`hostcontrol`: the host's own control socket, with host.user)."""
 
 
 class ServiceManager:
@@ -73,14 +74,19 @@ class ServiceManager:
             return False
         return True
 
-    def store_socket(self, name: str, sock: socket.socket) -> bool:
+    def store_socket(self, name: str, sock: socket.socket, *, taken_back: bool = False) -> bool:
         """Hand `sock` to the manager's fd store as `name` (FDSTORE=1), where it has one.
 
         Under systemd with `FileDescriptorStoreMax=` (announced as $FDSTORE), a restarted
-        swapguard gets it back through LISTEN_FDS, still bound where hosts connected.
+        swapguard gets it back through LISTEN_FDS, still bound where hosts connected. A socket
+        bound anew (not `taken_back` from the store) first takes out what the store holds under
+        `name`: systemd keeps every fd sent under one name (it drops only the same file twice),
+        so a stale one left there would come back first at each restart.
         """
         if self.address is None or self.fd_store_size <= 0:
             return False
+        if not taken_back:
+            self.forget_socket(name)
         message = f"FDSTORE=1\nFDNAME={name}".encode()
         fds = array.array("i", [sock.fileno()])
         return self._send(message, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])

@@ -135,7 +135,9 @@ class Runtime:
             self.manager.handed_back.pop("notify", None),
             staging_dir=None if config.host_socket_dir() is None else config.state.dir,
         )
-        self.manager.store_socket("notify", self.notify_server.bound_socket)
+        self.manager.store_socket(
+            "notify", self.notify_server.bound_socket, taken_back=self.notify_server.inherited
+        )
         self.drift_guard = DriftGuard(
             config.code,
             store,

@@ -2,9 +2,10 @@
 
 Start-up order is chosen so that nothing half-starts: the state lock first (never two supervisors
 on one state, hence never two hosts), then the store, the process-tree containment (subreaper,
-cgroup), the control socket (bound before anything starts, so a clash fails early; requests
-made meanwhile wait for the loop), the runtime (which adopts a live host or starts one and resumes
-a swap), the code watcher, and last READY=1 to our own manager when there is one.
+cgroup), the control sockets (bound before anything starts, so a clash fails early), the runtime
+(which adopts a live host or starts one and resumes a swap), then the sockets are served (requests
+made meanwhile wait in their backlog, so no answer predates what the store and adoption tell),
+the code watcher, and last READY=1 to our own manager when there is one.
 """
 
 from __future__ import annotations
@@ -326,17 +327,28 @@ def _share_state_dir(config: Config) -> None:
         share_with_host(config.state.dir, config.host_socket_dir(), user.uid, user.gid)
 
 
-def _host_control(config: Config, runtime: Runtime) -> ControlServer | None:
+def _host_control(
+    config: Config, runtime: Runtime, manager: ServiceManager
+) -> ControlServer | None:
     """The host's own listener of the control API, in its folder (host.user only): the
-    operators' socket may be where the host cannot reach. Same API, same peer rules."""
+    operators' socket may be where the host cannot reach. Same API, same peer rules. Kept in
+    our manager's fd store as `hostcontrol`, like the operators' socket: a host's request made
+    while swapguard restarts waits in its backlog instead of being refused."""
+    inherited = manager.handed_back.pop("hostcontrol", None)
     if config.host_socket_dir() is None:
+        if inherited is not None:  # host.user was removed: nothing listens for a host now
+            inherited.close()
+            manager.forget_socket("hostcontrol")
         return None
-    return ControlServer(
+    server = ControlServer(
         config.host_control_socket(),
         LoopBackend(runtime),
         mode=0o666,  # the folder (the host's alone) is what keeps others out
         staging_dir=config.state.dir,
+        inherited=inherited,
     )
+    manager.store_socket("hostcontrol", server.listening_socket, taken_back=server.inherited)
+    return server
 
 
 async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -> None:
@@ -352,22 +364,25 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         group=config.control.group,
         inherited=manager.handed_back.pop("control", None),
     )
-    manager.store_socket("control", server.listening_socket)
-    host_server = _host_control(config, runtime)
+    manager.store_socket("control", server.listening_socket, taken_back=server.inherited)
+    host_server = _host_control(config, runtime, manager)
     listener = None
     if config.control.http_listen is not None:
         from supervisor.control.listener import ReadOnlyListener  # only where one is configured
 
         listener = ReadOnlyListener(*config.control.http_listen, LoopBackend(runtime))
-        listener.serve_in_thread()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
-    server.serve_in_thread()
-    if host_server is not None:
-        host_server.serve_in_thread()
     await runtime.start()
+    # Served once the runtime has loaded its record and adopted the host (a few ms; requests
+    # wait in the backlog meanwhile): the first status answered is the truth, never "stopped",
+    # pid null and no swap while a host lives and its swap is on probation; and a request the
+    # host queued while we restarted is its tree's write.
+    for serving in (server, host_server, listener):
+        if serving is not None:
+            serving.serve_in_thread()
     runtime.pool.submit(store.keep_reserve)  # 4 MiB and an fsync at a first start: not before
     watcher = _start_watcher(config, runtime)
     if watcher is not None:
@@ -393,6 +408,7 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     manager.forget_socket("control")
     server.close()
     if host_server is not None:
+        manager.forget_socket("hostcontrol")
         host_server.close()
     if listener is not None:
         listener.close()
