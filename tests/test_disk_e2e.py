@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.data import diskusage
-from supervisor.errors import InsufficientStorage
+from supervisor.data.snapshot import SnapshotStore
+from supervisor.errors import InsufficientStorage, SnapshotError
 from tests.support import git, make_sample_repo, rows, supervised, wait_for, write_app
 
 prometheus = pytest.importorskip("prometheus_client.parser")
@@ -266,3 +267,95 @@ def test_what_a_take_needs_lands_on_the_file_system_of_state_dir(
     assert sizes[0] == main + wal and wal >= MiB
     assert sizes[1] == sizes[2] == os.lstat(far).st_blocks * 512
     assert sizes[3] == MiB
+
+
+def test_a_new_version_that_fills_the_data_file_system_is_rolled_back_across_file_systems(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """Data on its own small tmpfs, state.dir elsewhere: the snapshot is a copy in state.dir,
+    and the rollback copies it back. The new version fills the data's file system to the last
+    byte; the reserve the take allocated beside the data is freed for that copy, so the rollback
+    still ends exact, and no reserve is left behind."""
+    data_fs = small_fs(48 * MiB)
+    repo = make_sample_repo(tmp_path / "repo")  # (a git dir on the full fs is another matter)
+    db = data_fs / "data" / "app.db"
+    make_database(db, 4 * MiB)
+    reserve = db.with_name(".app.db.swapguard-reserve")
+    entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
+    with supervised(
+        repo, state_parent=tmp_path, deadman={"window": "60s"}, data=False, extra=entry
+    ) as sup:
+        old = sup.start().status()["host"]
+        before = rows(db, "SELECT count(*) FROM blobs")
+        swap = sup.client.prepare("v2")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        new = sup.wait_host(ready=True, pid_not=old["pid"])
+        wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
+        assert reserve.stat().st_blocks * 512 >= db.stat().st_size  # allocated, not sparse
+
+        writer = sqlite3.connect(db, isolation_level=None, timeout=10)
+        with contextlib.closing(writer), contextlib.suppress(sqlite3.OperationalError):
+            while True:  # until "database or disk is full"
+                writer.execute("INSERT INTO blobs VALUES (randomblob(?))", (MiB // 4,))
+        with contextlib.suppress(OSError), (data_fs / "data" / "junk").open("wb") as junk:
+            while True:  # the last bytes too
+                junk.write(b"x" * 4096)
+                junk.flush()
+        assert os.statvfs(data_fs).f_bavail == 0
+
+        sup.client.rollback(swap["id"], reason="disk filled")
+        sup.wait_swap(swap["id"], "rolled_back", timeout=60)
+        sup.wait_host(ready=True, pid_not=new["pid"])
+        assert not reserve.exists()
+        # the file system is still full (the kept data, the junk): read without a -shm file
+        readonly = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
+        with contextlib.closing(readonly):
+            assert readonly.execute("SELECT count(*) FROM blobs").fetchall() == before
+        assert not os.path.lexists(f"{db}-wal")
+
+
+def test_no_reserve_is_left_once_a_swap_is_confirmed(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    data_fs = small_fs(32 * MiB)
+    repo = make_sample_repo(data_fs / "repo")
+    db = repo / "data" / "app.db"
+    make_database(db, 2 * MiB)
+    reserve = db.with_name(".app.db.swapguard-reserve")
+    with supervised(repo, state_parent=tmp_path, deadman={"window": "60s"}) as sup:
+        old = sup.start().status()["host"]
+        swap = sup.client.prepare("v2")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        sup.wait_host(ready=True, pid_not=old["pid"])
+        wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
+        assert reserve.exists()
+        assert "swapguard-reserve" not in git(repo, "status", "--porcelain", "--ignored")
+        sup.client.confirm(swap["id"])
+        sup.wait_swap(swap["id"], "confirmed", timeout=60)
+        wait_for(lambda: not reserve.exists(), what="the reserve removed after the confirm")
+
+
+def test_a_take_that_cannot_reserve_the_rollbacks_room_fails_and_leaves_the_data_untouched(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """The room goes after the fit check, before the take allocates its reserve: the take fails
+    (activation_failed: the old version runs on), the live data and its folder are as they were."""
+    data_fs = small_fs(16 * MiB)
+    db = data_fs / "data" / "app.db"
+    make_database(db, 4 * MiB)
+    before = db.read_bytes()
+    filler = data_fs / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as out:
+        while True:
+            out.write(b"x" * 65536)
+            out.flush()
+    os.truncate(filler, filler.stat().st_size - MiB)  # room for SQLite's -shm, not for a copy
+    listing = sorted(os.listdir(db.parent))
+    store = SnapshotStore(tmp_path / "snapshots")
+    with pytest.raises(SnapshotError, match="reserve"):
+        store.take("s1-reserve", [(db, "sqlite")])
+    assert db.read_bytes() == before
+    assert sorted(os.listdir(db.parent)) == listing
+    assert diskusage.swap_folders(store.root) == []

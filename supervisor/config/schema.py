@@ -114,6 +114,13 @@ SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 """The files SQLite keeps beside a database: part of it, wherever the database goes."""
 
 
+def reserve_path(target: str | Path) -> Path:
+    """Where a take keeps the room a rollback's copy of `target` needs (data on another file
+    system than state.dir): one fixed name per entry, as one swap is in flight at a time."""
+    folder, name = os.path.split(os.fspath(target))
+    return Path(folder) / f".{name}.swapguard-reserve"
+
+
 @dataclass(frozen=True, slots=True)
 class DataEntry:
     path: Path
@@ -195,6 +202,7 @@ class Config:
         for entry in self.data:
             paths.append(entry.path)
             paths.extend(entry.path.with_name(entry.path.name + s) for s in SQLITE_SIDECARS)
+            paths.append(reserve_path(entry.path))
         return paths
 
     def non_code_patterns(self) -> tuple[str, ...]:

@@ -217,6 +217,7 @@ class SwapWork:
         probation-time data (the old version was restarted first; the new version's flush may
         have been cut short), then prune. A failure is logged: nothing waits for this."""
         try:
+            self.snapshots.drop_reserves(swap.id)
             if swap.state is swaps.SwapState.ROLLED_BACK:
                 if not self.code.finish_index(wait=INDEX_WAIT_S):
                     log.warning("swap %s: git's index is still locked; put back later", swap.id)

@@ -9,7 +9,9 @@ crash at any point of it, and ends in the same state, so only `swap_in` needs a 
   short before its working copy went in place: nothing was written, nothing to keep), or the
   kept name is taken (it ran before: what is at the target now is the restore's own);
 - stage: the snapshot is linked (across file systems: copied, then checked in full) to a temp
-  name in the target's folder (made durable by swap_in's fsync of that folder);
+  name in the target's folder (made durable by swap_in's fsync of that folder); right before a
+  copy, the reserve the take allocated beside the target (`make_reserve`) is unlinked, so the
+  copy needs no room the new version could have taken;
 - swap_in: stale SQLite sidecars go, then the staged file is renamed over the target;
 - settle_kept, once every entry is in place: the kept SQLite copy's WAL or hot journal is folded
   into it (one readable file); run again at every restore() call, as it is not journaled.
@@ -20,6 +22,7 @@ resolves elsewhere is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from supervisor.config.schema import reserve_path
 from supervisor.data.datacopy import (
     SQLITE_SIDECARS,
     connect_sqlite,
@@ -163,6 +167,7 @@ def stage(swap_dir: Path, entry: Json, place_file: PlaceFile) -> None:
         staged.parent.mkdir(parents=True)
         fsync_dir(staged.parent.parent)  # (the link below is made durable by swap_in)
     remove_path(staged)
+    drop_reserve(target)  # a crash after this finds it gone: the copy needs no more than it held
     placed: list[str] = []
     if kind == "dir":
         copy_tree(source, staged, lambda src, dst: placed.append(place_file(src, dst)))
@@ -223,6 +228,55 @@ def _fold_kept_wal(kept: Path) -> None:
         con.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
             raise SqliteBusy("its WAL could not be checkpointed: a reader holds it")
+
+
+def make_reserve(target: str, size: int) -> None:
+    """Allocate `size` bytes beside `target` (`reserve_path`), held until the swap ends: the
+    room a rollback's copy of the snapshot needs, which the new version can then not take.
+    One of ours left by a crashed take is replaced; anything but a regular file there is
+    refused, and no symlink is followed. Where the file system cannot allocate (no fallocate),
+    zeros are written instead. ENOSPC and the like raise OSError, leaving no reserve."""
+    path = reserve_path(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise SnapshotError(f"{path} is not a regular file; not touching it") from None
+        os.unlink(path)  # ours, from a take cut short
+        fd = os.open(path, flags, 0o600)
+    try:
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _write_zeros(fd, size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    fsync_dir(path.parent)
+
+
+def _write_zeros(fd: int, size: int) -> None:
+    block = bytes(1 << 20)
+    written = 0
+    while written < size:
+        written += os.write(fd, block[: min(len(block), size - written)])
+
+
+def drop_reserve(target: str) -> None:
+    """Free the room `make_reserve` held beside `target` (a rollback's copy is about to use
+    it, or the swap is over); never through a symlink, and a folder there is left alone."""
+    path = reserve_path(target)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def same_file(path: str | Path, other: str | Path) -> bool:

@@ -216,6 +216,7 @@ class SnapshotStore:
                     records.append(self._take_one(staging / str(index), target, kind, working))
                 except (OSError, sqlite3.Error, SnapshotError) as exc:
                     raise SnapshotError(f"data entry {target} ({kind}): {explain(exc)}") from exc
+                self._reserve(records[-1], staging / str(index))
             self._before_step("commit_take")
             listed = [
                 {"index": i, **snap.to_json(), **restoresteps.folder_record(snap.path)}
@@ -228,6 +229,7 @@ class SnapshotStore:
                 remove_path(staging)
                 for target, _ in targets:
                     remove_path(Path(_working_name(str(target), swap_id)))
+                    restoresteps.drop_reserve(str(target))
             raise
         return records
 
@@ -244,12 +246,46 @@ class SnapshotStore:
             )
         log.info("swap %s: its take had finished; making the working copies again", swap_id)
         for index, snap in enumerate(records):
+            self._reserve(snap, final / str(index))
             if snap.linked:
                 working = Path(_working_name(snap.path, swap_id))
                 remove_path(working)
                 if working_copy(final / str(index), working) != snap.bytes:
                     raise SnapshotError(f"the snapshot of {snap.path} is no longer its size")
         return records
+
+    def _reserve(self, snap: DataSnapshot, copy: Path) -> None:
+        """Where a rollback would copy this snapshot back (data on another file system than
+        the store), hold that room beside the target now (`restoresteps.make_reserve`): the
+        new version cannot take it. A linked snapshot, or a folder on the store's file
+        system, is restored by links and needs none."""
+        if not snap.existed or snap.linked:
+            return
+        if snap.kind == "dir" and _same_fs(os.path.dirname(snap.path), self.root):
+            return
+        size = _allocated(copy) if snap.kind == "dir" else snap.bytes
+        try:
+            restoresteps.make_reserve(snap.path, size)
+        except OSError as exc:
+            raise SnapshotError(
+                f"data entry {snap.path}: cannot reserve {size} bytes beside it for a"
+                f" rollback's copy (its file system is not state.dir's): {explain(exc)}"
+            ) from exc
+
+    def drop_reserves(self, swap_id: str) -> None:
+        """The swap is over (confirmed, aborted, rolled back, failed): free the room its take
+        reserved beside the data. A rollback's restore has freed it already. The name is one
+        per entry: a reserve a newer swap's take made (its folder sorts after) stays."""
+        _check_swap_id(swap_id)
+        with self._lock:
+            newer = {
+                path
+                for item in os.scandir(self.root)
+                if not item.name.startswith(".") and item.name > swap_id
+                for path in _manifest_paths(self.root / item.name)
+            }
+            for path in set(_manifest_paths(self.root / swap_id)) - newer:
+                restoresteps.drop_reserve(path)
 
     def _check_entries(self, entries: Sequence[tuple[Path, str]]) -> list[tuple[Path, str]]:
         """Absolute targets with their folder resolved, known kinds, no duplicates, not our root."""
@@ -478,6 +514,8 @@ class SnapshotStore:
         keep_ids = set(keep)
         with self._lock:
             self._stop_verifying(lambda swap: swap not in keep_ids)
+            held = {p for swap in keep_ids if is_swap_id(swap)
+                    for p in _manifest_paths(self.root / swap)}  # fmt: skip
             for item in os.scandir(self.root):
                 path = self.root / item.name
                 if not item.name.startswith(".") and item.name in keep_ids:
@@ -486,6 +524,8 @@ class SnapshotStore:
                     log.warning("not pruning %s: its restore is unfinished", path)
                     continue
                 try:
+                    for target in set(_manifest_paths(path)) - held:  # the reserve is per entry
+                        restoresteps.drop_reserve(target)
                     restoresteps.drop_kept(path)
                     remove_path(path)
                 except OSError as err:  # e.g. an operator's copy we may not remove: next time
@@ -514,6 +554,29 @@ def _match(swap_id: str, recorded: Json, snapshots: Sequence[DataSnapshot]) -> l
         if DataSnapshot.from_json(entry) != replace(snap, verified=None):
             raise SnapshotError(f"swap {swap_id}: snapshot of {snap.path} differs from the store's")
     return [by_path[snap.path] for snap in snapshots]
+
+
+def _manifest_paths(swap_dir: Path) -> list[str]:
+    """The targets a swap folder's manifest lists; none if it has none (or an unreadable one)."""
+    manifest = swap_dir / _MANIFEST
+    if swap_dir.is_symlink() or not os.path.lexists(manifest):
+        return []
+    try:
+        return [entry["path"] for entry in read_entries_json(manifest)["entries"]]
+    except (SnapshotError, KeyError, TypeError):
+        return []
+
+
+def _same_fs(path: str | Path, other: str | Path) -> bool:
+    return os.lstat(path).st_dev == os.lstat(other).st_dev
+
+
+def _allocated(tree: Path) -> int:
+    """Allocated bytes of the files under `tree` (a copy of them allocates as much)."""
+    total = 0
+    for folder, _, files in os.walk(tree):
+        total += sum(os.lstat(os.path.join(folder, name)).st_blocks * 512 for name in files)
+    return total
 
 
 def _working_name(target: str, swap_id: str) -> str:
