@@ -125,6 +125,7 @@ def test_non_code_paths_are_state_socket_output_and_data_with_sidecars(tmp_path:
         tmp_path / "logs" / "host.log",
         db,
         *(db.with_name(f"app.db{suffix}") for suffix in ("-wal", "-shm", "-journal")),
+        db.with_name(".app.db.swapguard-reserve"),  # the room a rollback's copy needs
     ]
 
 

@@ -359,3 +359,86 @@ def test_a_take_that_cannot_reserve_the_rollbacks_room_fails_and_leaves_the_data
     assert db.read_bytes() == before
     assert sorted(os.listdir(db.parent)) == listing
     assert diskusage.swap_folders(store.root) == []
+
+
+def test_the_reserve_is_replaced_after_a_crash_refused_over_a_symlink_and_freed_by_a_restore(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """A reserve of ours left by a crashed take is replaced; a symlink at its name is refused,
+    never followed. A restore unlinks it right before its copy, and a restore run again needs
+    nothing; the swap's end drops a reserve, but not one a newer swap's take made."""
+    data_fs = small_fs(32 * MiB)
+    db = data_fs / "data" / "app.db"
+    make_database(db, 2 * MiB)
+    reserve = db.with_name(".app.db.swapguard-reserve")
+    reserve.write_bytes(b"left by a crash")
+    store = SnapshotStore(tmp_path / "snapshots")
+    taken = store.take("s1-reserve", [(db, "sqlite")])
+    assert not taken[0].linked
+    assert reserve.stat().st_size == db.stat().st_size
+    assert reserve.stat().st_blocks * 512 >= db.stat().st_size
+
+    before = db.read_bytes()
+    db.write_bytes(b"the new version's")
+    store.restore("s1-reserve", taken)
+    assert db.read_bytes() == before
+    assert not reserve.exists()
+    store.restore("s1-reserve", taken)  # repeated: a no-op, nothing needed
+    assert db.read_bytes() == before
+
+    store.take("s2-reserve", [(db, "sqlite")])
+    store.take("s3-reserve", [(db, "sqlite")])
+    store.drop_reserves("s2-reserve")  # an older swap's end: s3's reserve stays
+    assert reserve.exists()
+    store.drop_reserves("s3-reserve")
+    assert not reserve.exists()
+
+    store.prune([])
+    bait = tmp_path / "bait"
+    bait.write_text("not ours")
+    reserve.symlink_to(bait)
+    with pytest.raises(SnapshotError, match="not a regular file"):
+        store.take("s4-reserve", [(db, "sqlite")])
+    assert bait.read_text() == "not ours"
+    assert reserve.is_symlink()
+    assert db.read_bytes() == before
+
+
+def test_a_restore_cut_short_after_the_reserve_went_copies_all_the_same(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """A crash between the reserve's unlink and the copy: the restore run again finds it gone
+    and copies anyway (the room it held is still free)."""
+    data_fs = small_fs(16 * MiB)
+    db = data_fs / "app.db"
+    make_database(db, 2 * MiB)
+    store = SnapshotStore(tmp_path / "snapshots")
+    taken = store.take("s1-reserve", [(db, "sqlite")])
+    before = db.read_bytes()
+    db.write_bytes(b"the new version's")
+    db.with_name(".app.db.swapguard-reserve").unlink()
+    store.restore("s1-reserve", taken)
+    assert db.read_bytes() == before
+
+
+def test_a_reserve_goes_when_its_swap_is_pruned(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    data_fs = small_fs(16 * MiB)
+    db = data_fs / "app.db"
+    make_database(db, MiB)
+    reserve = db.with_name(".app.db.swapguard-reserve")
+    store = SnapshotStore(tmp_path / "snapshots")
+    store.take("s1-reserve", [(db, "sqlite")])
+    store.prune(["s1-reserve"])
+    assert reserve.exists()
+    store.prune([])
+    assert not reserve.exists()
+
+
+def test_no_reserve_where_the_data_shares_state_dirs_file_system(tmp_path: Path) -> None:
+    db = tmp_path / "data" / "app.db"
+    make_database(db, MiB)
+    store = SnapshotStore(tmp_path / "snapshots")
+    assert store.take("s1-reserve", [(db, "sqlite")])[0].linked
+    assert not db.with_name(".app.db.swapguard-reserve").exists()

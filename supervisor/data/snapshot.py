@@ -208,6 +208,7 @@ class SnapshotStore:
         remove_path(staging)
         os.mkdir(staging, 0o700)
         records: list[DataSnapshot] = []
+        reserved: list[str] = []  # only ours go if this take fails
         try:
             for index, (target, kind) in enumerate(targets):
                 self._before_step("take_entry")
@@ -216,7 +217,8 @@ class SnapshotStore:
                     records.append(self._take_one(staging / str(index), target, kind, working))
                 except (OSError, sqlite3.Error, SnapshotError) as exc:
                     raise SnapshotError(f"data entry {target} ({kind}): {explain(exc)}") from exc
-                self._reserve(records[-1], staging / str(index))
+                if self._reserve(records[-1], staging / str(index)):
+                    reserved.append(str(target))
             self._before_step("commit_take")
             listed = [
                 {"index": i, **snap.to_json(), **restoresteps.folder_record(snap.path)}
@@ -229,7 +231,8 @@ class SnapshotStore:
                 remove_path(staging)
                 for target, _ in targets:
                     remove_path(Path(_working_name(str(target), swap_id)))
-                    restoresteps.drop_reserve(str(target))
+                for made in reserved:
+                    restoresteps.drop_reserve(made)
             raise
         return records
 
@@ -254,15 +257,15 @@ class SnapshotStore:
                     raise SnapshotError(f"the snapshot of {snap.path} is no longer its size")
         return records
 
-    def _reserve(self, snap: DataSnapshot, copy: Path) -> None:
+    def _reserve(self, snap: DataSnapshot, copy: Path) -> bool:
         """Where a rollback would copy this snapshot back (data on another file system than
         the store), hold that room beside the target now (`restoresteps.make_reserve`): the
         new version cannot take it. A linked snapshot, or a folder on the store's file
-        system, is restored by links and needs none."""
+        system, is restored by links and needs none. True if it made one."""
         if not snap.existed or snap.linked:
-            return
+            return False
         if snap.kind == "dir" and _same_fs(os.path.dirname(snap.path), self.root):
-            return
+            return False
         size = _allocated(copy) if snap.kind == "dir" else snap.bytes
         try:
             restoresteps.make_reserve(snap.path, size)
@@ -271,6 +274,7 @@ class SnapshotStore:
                 f"data entry {snap.path}: cannot reserve {size} bytes beside it for a"
                 f" rollback's copy (its file system is not state.dir's): {explain(exc)}"
             ) from exc
+        return True
 
     def drop_reserves(self, swap_id: str) -> None:
         """The swap is over (confirmed, aborted, rolled back, failed): free the room its take
