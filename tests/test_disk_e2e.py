@@ -442,3 +442,43 @@ def test_no_reserve_where_the_data_shares_state_dirs_file_system(tmp_path: Path)
     store = SnapshotStore(tmp_path / "snapshots")
     assert store.take("s1-reserve", [(db, "sqlite")])[0].linked
     assert not db.with_name(".app.db.swapguard-reserve").exists()
+
+
+def test_a_kill_between_the_take_and_the_rollback_keeps_the_reserve(
+    tmp_path: Path, small_fs: Callable[[int], Path]
+) -> None:
+    """swapguard is killed -9 during probation and restarted: the reserve is still held (the
+    restart's prune keeps the swap in flight), and the rollback of a full data file system
+    still ends exact."""
+    data_fs = small_fs(32 * MiB)
+    repo = make_sample_repo(tmp_path / "repo")
+    db = data_fs / "data" / "app.db"
+    make_database(db, 4 * MiB)
+    reserve = db.with_name(".app.db.swapguard-reserve")
+    entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
+    with supervised(
+        repo, state_parent=tmp_path, deadman={"window": "120s"}, data=False, extra=entry
+    ) as sup:
+        old = sup.start().status()["host"]
+        before = rows(db, "SELECT count(*) FROM blobs")
+        swap = sup.client.prepare("v2")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        new = sup.wait_host(ready=True, pid_not=old["pid"])
+        wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
+        sup.kill9()
+        sup.start(wait_ready=False)
+        wait_for(lambda: sup.status()["host"]["pid"] == new["pid"], what="the host adopted")
+        assert reserve.exists()
+
+        with contextlib.suppress(OSError), (data_fs / "data" / "junk").open("wb") as junk:
+            while True:
+                junk.write(b"x" * 4096)
+                junk.flush()
+        assert os.statvfs(data_fs).f_bavail == 0
+        sup.client.rollback(swap["id"], reason="disk filled")
+        sup.wait_swap(swap["id"], "rolled_back", timeout=60)
+        assert not reserve.exists()
+        readonly = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
+        with contextlib.closing(readonly):
+            assert readonly.execute("SELECT count(*) FROM blobs").fetchall() == before
