@@ -213,11 +213,13 @@ class SwapWork:
         return "snapshot.verified", {"entries": len(results)}
 
     def settle(self, swap: swaps.Swap, keep: int) -> None:
-        """In a worker, once a swap is over: put on disk what its rollback kept of the
+        """In a worker, once a swap is over: free the room its take reserved beside the data
+        (`SnapshotStore.drop_reserves`), put on disk what its rollback kept of the
         probation-time data (the old version was restarted first; the new version's flush may
         have been cut short), then prune. A failure is logged: nothing waits for this."""
         try:
-            self.snapshots.drop_reserves(swap.id)
+            if swap.state in swaps.TERMINAL:  # a failed one may be retried: its room stays
+                self.snapshots.drop_reserves(swap.id)
             if swap.state is swaps.SwapState.ROLLED_BACK:
                 if not self.code.finish_index(wait=INDEX_WAIT_S):
                     log.warning("swap %s: git's index is still locked; put back later", swap.id)
