@@ -9,7 +9,10 @@
   snapshot is the file that was live, not a copy to check against it). The new version
   thus writes to a copy that is not yet on disk: the swap machine orders SyncData once it runs and
   confirms nothing before. Across file systems, and for folders, the snapshot is a durable copy
-  instead. A crash before the rename leaves only the staging folder (and working copies), which
+  instead; where a rollback would copy it back (the data is not on the store's file system), the
+  take also allocates its size beside the target (`restoresteps.make_reserve`), freed by the
+  restore right before its copy, or once the swap ends (drop_reserves, prune).
+  A crash before the rename leaves only the staging folder (and working copies), which
   the next take() or prune() removes; after it, take() again reuses the snapshot and makes the
   working copies afresh from it (the live files may be torn by a power cut).
 - verify() is the slow check (SQLite integrity_check, seconds per GiB), run once the new version is
