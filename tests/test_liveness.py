@@ -263,5 +263,5 @@ def test_an_abort_that_cannot_restore_the_code_is_answered_with_why(tmp_path: Pa
         swap = wait_for(lambda: (s := sup.client.swap(swap_id))["step"] is None and s,
                         timeout=60, what="the abort to give up")  # fmt: skip
         assert swap["state"] == "prepared"
-        assert swap["changes"] is None and "git" in swap["changes_error"]  # not a 500
+        assert swap["changes"] is None and "missing" in swap["changes_error"]  # not a 500
         assert "swap.abort_failed" in [e["event"] for e in swap["events"]]

@@ -229,7 +229,12 @@ def test_failed_build_rolls_back_and_rebuilds_the_old_version(repo: Path) -> Non
         state["files"].pop("build.log", None)
         before["files"].pop("build.log", None)
         assert state["files"] == before["files"] and state["head"] == before["head"]
-        assert (repo / "build.log").read_text().split() == ["v2", "v1"]
+        # build.log (ignored by *.log) was new with the v2 build: a path ignored since the take
+        # could hide code, so the rollback keeps it in the abandoned state, then the v1 build
+        # writes a fresh one
+        assert (repo / "build.log").read_text().split() == ["v1"]
+        kept = git(repo, "show", f"refs/swapguard/abandoned/{swap['id']}:build.log")
+        assert kept.split() == ["v2"]
 
 
 def test_confirm_keeps_the_new_version(repo: Path) -> None:
