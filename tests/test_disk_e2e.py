@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.config.schema import reserve_path
 from supervisor.data import diskusage
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import InsufficientStorage, SnapshotError
@@ -280,7 +281,7 @@ def test_a_new_version_that_fills_the_data_file_system_is_rolled_back_across_fil
     repo = make_sample_repo(tmp_path / "repo")  # (a git dir on the full fs is another matter)
     db = data_fs / "data" / "app.db"
     make_database(db, 4 * MiB)
-    reserve = db.with_name(".app.db.swapguard-reserve")
+    reserve = reserve_path(db)
     entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
     with supervised(
         repo, state_parent=tmp_path, deadman={"window": "60s"}, data=False, extra=entry
@@ -322,7 +323,7 @@ def test_no_reserve_is_left_once_a_swap_is_confirmed(
     repo = make_sample_repo(data_fs / "repo")
     db = repo / "data" / "app.db"
     make_database(db, 2 * MiB)
-    reserve = db.with_name(".app.db.swapguard-reserve")
+    reserve = reserve_path(db)
     with supervised(repo, state_parent=tmp_path, deadman={"window": "60s"}) as sup:
         old = sup.start().status()["host"]
         swap = sup.client.prepare("v2")
@@ -370,7 +371,7 @@ def test_the_reserve_is_replaced_after_a_crash_refused_over_a_symlink_and_freed_
     data_fs = small_fs(32 * MiB)
     db = data_fs / "data" / "app.db"
     make_database(db, 2 * MiB)
-    reserve = db.with_name(".app.db.swapguard-reserve")
+    reserve = reserve_path(db)
     reserve.write_bytes(b"left by a crash")
     store = SnapshotStore(tmp_path / "snapshots")
     taken = store.take("s1-reserve", [(db, "sqlite")])
@@ -416,7 +417,7 @@ def test_a_restore_cut_short_after_the_reserve_went_copies_all_the_same(
     taken = store.take("s1-reserve", [(db, "sqlite")])
     before = db.read_bytes()
     db.write_bytes(b"the new version's")
-    db.with_name(".app.db.swapguard-reserve").unlink()
+    reserve_path(db).unlink()
     store.restore("s1-reserve", taken)
     assert db.read_bytes() == before
 
@@ -427,7 +428,7 @@ def test_a_reserve_goes_when_its_swap_is_pruned(
     data_fs = small_fs(16 * MiB)
     db = data_fs / "app.db"
     make_database(db, MiB)
-    reserve = db.with_name(".app.db.swapguard-reserve")
+    reserve = reserve_path(db)
     store = SnapshotStore(tmp_path / "snapshots")
     store.take("s1-reserve", [(db, "sqlite")])
     store.prune(["s1-reserve"])
@@ -441,7 +442,7 @@ def test_no_reserve_where_the_data_shares_state_dirs_file_system(tmp_path: Path)
     make_database(db, MiB)
     store = SnapshotStore(tmp_path / "snapshots")
     assert store.take("s1-reserve", [(db, "sqlite")])[0].linked
-    assert not db.with_name(".app.db.swapguard-reserve").exists()
+    assert not reserve_path(db).exists()
 
 
 def test_a_kill_between_the_take_and_the_rollback_keeps_the_reserve(
@@ -454,7 +455,7 @@ def test_a_kill_between_the_take_and_the_rollback_keeps_the_reserve(
     repo = make_sample_repo(tmp_path / "repo")
     db = data_fs / "data" / "app.db"
     make_database(db, 4 * MiB)
-    reserve = db.with_name(".app.db.swapguard-reserve")
+    reserve = reserve_path(db)
     entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
     with supervised(
         repo, state_parent=tmp_path, deadman={"window": "120s"}, data=False, extra=entry
