@@ -133,8 +133,11 @@ def drive(repo: Path, host: dict[str, Any]) -> None:
             what="the new version ready on probation",
         )
         def extended_swap() -> dict[str, Any] | None:
+            # the event is written before the turn's state is published: wait for both
             doc = sup.client.swap(swap_id)
-            return doc if any(e["event"] == "swap.extended" for e in doc["events"]) else None
+            extended = any(e["event"] == "swap.extended" for e in doc["events"])
+            moved = moment(doc["deadline_at"]) - moment(doc["activated_at"]) > 20
+            return doc if extended and moved else None
 
         extended = wait_for(extended_swap, what="the host's extension")
         window = moment(extended["deadline_at"]) - moment(extended["activated_at"])
