@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation may take
+_RELEASE_AFTER_S = 5.0  # after READY=1: when start-up's garbage is given back
 SHUTDOWN_GRACE_S = 10.0
 """After SIGTERM, swapguard is gone within `host.stop_timeout` plus this, whatever its workers
 are doing: the host's stop takes stop_timeout and a tree kill, the rest (hooks cut short, sockets
@@ -384,13 +385,18 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         if serving is not None:
             serving.serve_in_thread()
     runtime.pool.submit(store.keep_reserve)  # 4 MiB and an fsync at a first start: not before
-    watcher = _start_watcher(config, runtime)
+    # Started by a worker: watchdog's import and one inotify watch per folder take from tens of
+    # ms to seconds (a large tree), and the loop meanwhile takes the host's exits and beats.
+    watcher = await loop.run_in_executor(runtime.pool, _start_watcher, config, runtime)
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
         runtime.drift_guard.on_tree_changed()
     manager.notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
     manager.start_watchdog(loop)
-    footprint.release_free_memory()  # what imports and start-up freed, once
+    # What imports and start-up freed, once, when start-up has settled: the collection walks
+    # the whole heap (30-50 ms here), which must not delay the first exits of a crash-looping
+    # host.
+    loop.call_later(_RELEASE_AFTER_S, footprint.release_free_memory)
     log.info(
         "swapguard %s supervising %s (control %s)",
         os.getpid(),
@@ -443,6 +449,7 @@ def _reopen_logs() -> None:
 
 
 def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
+    """Runs in a worker thread; the watcher calls back onto the loop."""
     if config.code.undeclared_changes == "ignore" or not (config.code.root / ".git").exists():
         return None
     # watchdog is loaded here, once the host is started: a cold start does not wait for it
