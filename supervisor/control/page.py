@@ -10,7 +10,6 @@ the API than itself (the read-only TCP listener serves nothing else but /v1/stat
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -134,6 +133,10 @@ def _row(cells: Sequence[Any], state: str) -> str:
 
 
 def _e(value: Any) -> str:
+    # Imported at first use: `html` loads its entity table (0.4 MiB of RSS), which a daemon that
+    # nobody asks for the page should not carry.
+    import html
+
     return "-" if value is None or value == "" else html.escape(str(value), quote=True)
 
 
