@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CANCEL_GRACE_S = 5.0  # a timed-out call under way: how long its cancellation may take
-_RELEASE_AFTER_S = 5.0  # after READY=1: when start-up's garbage is given back
 SHUTDOWN_GRACE_S = 10.0
 """After SIGTERM, swapguard is gone within `host.stop_timeout` plus this, whatever its workers
 are doing: the host's stop takes stop_timeout and a tree kill, the rest (hooks cut short, sockets
@@ -393,10 +392,6 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         runtime.drift_guard.on_tree_changed()
     manager.notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
     manager.start_watchdog(loop)
-    # What imports and start-up freed, once, when start-up has settled: the collection walks
-    # the whole heap (30-50 ms here), which must not delay the first exits of a crash-looping
-    # host.
-    loop.call_later(_RELEASE_AFTER_S, footprint.release_free_memory)
     log.info(
         "swapguard %s supervising %s (control %s)",
         os.getpid(),
