@@ -537,6 +537,14 @@ def test_a_change_made_while_a_kill_left_no_baseline_is_still_guarded(repo: Path
         assert tree_state(repo) == before
 
 
+def drift_checks(sup: Supervisor) -> float:
+    """Comparisons of the tree with the baseline this swapguard has finished (/metrics)."""
+    for line in sup.client.metrics().splitlines():
+        if line.startswith("swapguard_code_drift_checks_total "):
+            return float(line.split()[1])
+    raise AssertionError("swapguard_code_drift_checks_total is not in /metrics")
+
+
 def test_a_kill_between_the_spawn_and_its_baseline_leaves_a_consistent_state(repo: Path) -> None:
     """The baseline at start is taken after the host's spawn: swapguard dying in between leaves
     the host recorded without a code version; the next swapguard adopts that very host (no second
@@ -554,7 +562,8 @@ def test_a_kill_between_the_spawn_and_its_baseline_leaves_a_consistent_state(rep
         commit = wait_for(lambda: sup.status()["host"]["code_version"], what="the baseline")
         wait_for(lambda: rows(db, "SELECT code_version FROM host_run WHERE exited_at IS NULL")
                  == [(commit,)], what="the baseline recorded as the adopted run's code")
-        time.sleep(1.0)  # a drift check, were one to come, has come by now
+        # the watcher's first comparison (what changed while no swapguard ran) has finished
+        wait_for(lambda: drift_checks(sup) >= 1, what="the first drift check")
         status = sup.status()
         assert status["code"]["drift"] is False and status["swap"] is None
         assert "host.lost" not in sup.events()

@@ -18,7 +18,7 @@ NOW = Instant(wall=1_800_000_000.0, boot=100.0, boot_id="b")
 def reading(host: lc.Host, liveness: Liveness | None = None, **counts: int) -> views.Reading:
     return views.Reading(
         host=host, swap=None, liveness=liveness or Liveness(), counters=Counters(**counts),
-        drifted=False,
+        drifted=False, drift_checks=0,
         hook_events_dropped=0, boot_now=NOW.boot, now=NOW,
         disk_usage=None, keep_bytes=0, file_systems=(),
     )  # fmt: skip

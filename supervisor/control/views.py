@@ -166,6 +166,7 @@ class Reading:
     liveness: Liveness
     counters: Counters
     drifted: bool
+    drift_checks: int
     hook_events_dropped: int
     boot_now: float
     now: Instant
@@ -249,6 +250,9 @@ METRICS: tuple[Metric, ...] = (
            "Swaps finished since start, by final state.", _finished, "state"),
     Metric("swapguard_code_drift", "gauge", "1 when the code tree changed undeclared.",
            lambda r: int(r.drifted)),
+    Metric("swapguard_code_drift_checks_total", "counter",
+           "Comparisons of the code tree with the baseline finished (the watcher at work).",
+           lambda r: r.drift_checks),
     Metric("swapguard_hook_events_dropped_total", "counter",
            "Events the hook never got: its queue was full, or it failed every attempt.",
            lambda r: r.hook_events_dropped),
@@ -295,6 +299,7 @@ def metrics(runtime: Runtime) -> str:
         liveness=runtime.state.liveness,
         counters=runtime.counters,
         drifted=runtime.drift_guard.drifted,
+        drift_checks=runtime.drift_guard.checks,
         hook_events_dropped=runtime.hooks.dropped,
         boot_now=clock.boot_clock(),
         now=clock.now(),

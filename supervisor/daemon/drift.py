@@ -88,6 +88,7 @@ class DriftGuard:
         self._prepare_swap = prepare_swap
         self._record_code_version = record_code_version
         self.drifted = False
+        self.checks = 0  # comparisons of the tree with the baseline finished (a metric)
         self._pending = False  # a baseline refresh (at start, after a confirm) is on its way
         self._recheck = False  # a change was seen while it was
         self._unversioned_run = False  # the current run was spawned while it was
@@ -167,6 +168,7 @@ class DriftGuard:
         future = self.loop.run_in_executor(self.pool, self.code.differs, checkpoint)
 
         def done(finished: asyncio.Future[bool]) -> None:
+            self.checks += 1
             if finished.exception() is None and finished.result():
                 self._on_drift(checkpoint)
 
