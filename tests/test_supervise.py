@@ -198,6 +198,35 @@ def test_restart_latency_with_zero_delay(repo: Path) -> None:
         assert median < 1.0  # supervisord needs ~1.2 s here; the bench has the exact ratio
 
 
+def test_no_event_is_read_before_the_status_it_tells_of(repo: Path) -> None:
+    """A reader who sees `host.started` for pid P and then asks for the status never finds an
+    earlier host there: an event is readable only once the state it tells of is published. Each
+    write of the log returns 50 ms after its commit (as a loop preempted right there would), and
+    a crash loop gives a hundred tries, each event read as it appears."""
+    host = {"command": [sys.executable, "-S", "-c", "raise SystemExit(3)"], "restart_delay": "0",
+            "ready": "started", "min_uptime": "0", "restart": "always"}
+    with supervised(repo, host=host, data=False) as sup:
+        sup.start(wait_ready=False, env={"SWAPGUARD_SLOW_EVENTS_S": "0.05"})
+        cursor, started, behind = 0, [], []
+        with Client(sup.socket, timeout=30) as reader:
+
+            def enough() -> bool:
+                nonlocal cursor
+                for event in reader.events(after=cursor, limit=1000):
+                    cursor = event["id"]
+                    if event["event"] != "host.started":
+                        continue
+                    pid = event["detail"]["pid"]
+                    shown = reader.status()["host"]["pid"]
+                    if shown is not None and shown != pid and shown in started:
+                        behind.append((pid, shown))
+                    started.append(pid)
+                return len(started) >= 100
+
+            wait_for(enough, timeout=120, interval=0.0, what="100 host starts read as they came")
+        assert behind == [], f"{len(behind)} status answers older than the event read before them"
+
+
 def test_adopts_the_live_host_after_kill_9(repo: Path) -> None:
     with supervised(repo) as sup:
         sup.start()

@@ -19,6 +19,9 @@ comparison where it sits. `<point>` is `<state>/<step>` of a swap record just pe
 - `SWAPGUARD_OCCUPY_POOL_AT=<point>`: there, every worker of the general pool gets a job that never
   returns (a check, a settle or a hash stuck on a hung file system): rollback steps and tree kills
   must not wait for them, nor must a SIGTERM.
+- `SWAPGUARD_SLOW_EVENTS_S=<seconds>`: every audit entry the loop writes returns that long after
+  its commit, as a loop preempted there on a busy machine would: no reader may see the entry
+  before the state it tells of.
 - `SWAPGUARD_TEST_GIT_HOOKS=<folder>`: the git hooks in that folder run in swapguard's git commands
   (read by `code.gitcmd`, below this layer; by default no hook runs): a test holds a git inside its
   ref transaction, locks taken, and kills swapguard meanwhile.
@@ -57,6 +60,7 @@ def _seconds(name: str, default: float) -> float:
 
 STORE_FAILS_S = _seconds("SWAPGUARD_STORE_FAILS_S", 3.0)
 KILL_BLOCKS_S = _seconds("SWAPGUARD_KILL_BLOCKS_S", 0.0)
+SLOW_EVENTS_S = _seconds("SWAPGUARD_SLOW_EVENTS_S", 0.0)
 _store_fails_until: float | None = None
 _never = threading.Event()  # what an occupied worker waits for
 
@@ -81,13 +85,27 @@ def reached(point: str, *, pool: Executor | None = None) -> None:
         threading.Event().wait()
 
 
+_LOOP_WRITES = ("save_swap_with_events", "append_events", "append_event")
+
+
 def guard_store(store: Store) -> Store:
-    """`store`, whose loop-side writes refuse while SWAPGUARD_STORE_FAILS_AT says so."""
-    if STORE_FAILS_AT is None:
-        return store
-    for name in ("save_swap_with_events", "append_event"):
+    """`store`, whose loop-side writes refuse while SWAPGUARD_STORE_FAILS_AT says so, and return
+    late by SWAPGUARD_SLOW_EVENTS_S."""
+    for name in _LOOP_WRITES if STORE_FAILS_AT is not None else ():
         setattr(store, name, _failing(getattr(store, name)))
+    for name in _LOOP_WRITES if SLOW_EVENTS_S else ():
+        setattr(store, name, _slow(getattr(store, name)))
     return store
+
+
+def _slow(write: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(write)
+    def late(*args: Any, **kwargs: Any) -> Any:
+        written = write(*args, **kwargs)
+        time.sleep(SLOW_EVENTS_S)
+        return written
+
+    return late
 
 
 def _failing(write: Callable[..., Any]) -> Callable[..., Any]:

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,20 @@ class HookRunner:
         store: Store,
         cwd: Path,
         output_dir: Path | None = None,
+        published: Callable[[], int | None] = lambda: None,
         timeout: float = HOOK_TIMEOUT,
         attempts: int = HOOK_ATTEMPTS,
         retry_first: float = RETRY_FIRST_S,
         retry_max: float = RETRY_MAX_S,
     ) -> None:
-        """`output_dir`: where each run's output is kept, readable by swapguard's user only."""
+        """`output_dir`: where each run's output is kept, readable by swapguard's user only;
+        `published()`: the newest event id whose state the status shows (None: every event)."""
         self.argv = tuple(config.on_event)
         self.patterns = tuple(config.events)
         self.store = store
         self.cwd = cwd
         self.output_dir = output_dir
+        self._published = published
         self.timeout = timeout
         self.given_up = 0  # written by the worker only: failed every run
         self.trimmed = 0  # events the store trimmed before the worker read them
@@ -99,7 +103,8 @@ class HookRunner:
         return any(fnmatch.fnmatchcase(event, pattern) for pattern in self.patterns)
 
     def submit(self, event: dict[str, Any]) -> None:
-        """Called on the loop thread for every event once it is in the store: a wake-up, no more."""
+        """Called on the loop thread for every event once it is in the store and its state is
+        published: a wake-up, no more."""
         if self._thread is not None and self.matches(str(event.get("event", ""))):
             self._wake.set()
 
@@ -130,7 +135,9 @@ class HookRunner:
         while not self._closing.is_set():
             self._wake.clear()  # before reading: an event stored meanwhile wakes the next wait
             try:
-                batch = self.store.events_after(self._cursor, limit=BATCH)
+                batch = self.store.events_after(
+                    self._cursor, limit=BATCH, up_to=self._published()
+                )
             except StoreError as exc:
                 log.error("hooks: cannot read the events: %s", exc)
                 self._closing.wait(STORE_RETRY_S)

@@ -68,7 +68,7 @@ from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import Conflict, NotFound, SwapguardError
 from supervisor.process import host, jobs
 from supervisor.process.host import HostProcess
-from supervisor.state.store import Store, StoreError
+from supervisor.state.store import EventRecord, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,11 @@ class Runtime:
             exclude=config.non_code_paths(),
             ignore=config.non_code_patterns(),
         )
+        # Readers of the audit log (the events API, hooks) see no event past this id: the state
+        # an event tells of is published first (see `_publish`).
+        self.published_event_id = store.newest_event_id()
+        self._written_event_id = self.published_event_id
+        self._unannounced: list[EventRecord] = []  # records written, for the hooks once published
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
         self.hooks = HookRunner(
@@ -129,6 +134,7 @@ class Runtime:
             store=store,
             cwd=config.code.root,
             output_dir=config.state.dir / OUTPUT_DIR,
+            published=lambda: self.published_event_id,
         )
         self.notify_server = NotifyServer(
             config.notify_socket(),
@@ -278,7 +284,7 @@ class Runtime:
                 self.host_runner.record_pending_exit()
                 self._write_events()
                 self._feeding = False
-                self.published = self.state
+                self._publish()
                 self._after_change()
 
     def feed_host(self, event: lifecycle.Event) -> None:
@@ -418,12 +424,12 @@ class Runtime:
                 self._save_retry = self.loop.call_later(SAVE_RETRY_S, self._retry_save)
             return
         self._unsaved = None
-        for record in records:
-            self.hooks.submit(record.to_json())
+        self._written(records)
 
     def _retry_save(self) -> None:
         self._save_retry = None
         self._save_unsaved()
+        self._publish()
 
     def _check_code(self, swap_id: str, checkpoint: Mapping[str, Any]) -> None:
         """In a worker: does the tree differ from the prepared swap's checkpoint?"""
@@ -636,7 +642,8 @@ class Runtime:
         if beaten is None:
             self.feed(sv.HostInput(now=clock.now(), event=beat))  # e.g. an adopted host's first
             return
-        self.state = self.published = beaten
+        self.state = beaten
+        self._publish()
         # A heartbeat only pushes the next wake-up later; the armed timer stays valid.
         if self.timer.at is None:
             self.timer.arm(sv.next_wakeup(self.state, self.policy, clock.now()))
@@ -654,6 +661,7 @@ class Runtime:
         self._unwritten.append((kind, dict(detail), swap_id, time.time()))
         if not self._feeding:
             self._write_events()
+            self._publish()
 
     def _write_events(self) -> None:
         entries, self._unwritten = self._unwritten, []
@@ -670,6 +678,20 @@ class Runtime:
             for kind, detail, _, _ in entries:
                 log.error("event %s %s not recorded: %s", kind, detail, exc)
             return
+        self._written(records)
+
+    def _written(self, records: list[EventRecord]) -> None:
+        if records:
+            self._written_event_id = max(self._written_event_id, records[-1].id)
+            self._unannounced += records
+
+    def _publish(self) -> None:
+        """The state as it stands between two events, then the events written on the way to it:
+        a reader who saw an event finds its state in the status (never the state before it), and
+        the status never runs ahead of the store (the store was written first)."""
+        self.published = self.state
+        self.published_event_id = self._written_event_id
+        records, self._unannounced = self._unannounced, []
         for record in records:
             self.hooks.submit(record.to_json())
 

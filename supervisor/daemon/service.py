@@ -164,7 +164,10 @@ class LoopBackend(Backend):
             return figures
 
     def events(self, after: int, limit: int) -> list[dict]:
-        return [event.to_json() for event in self.runtime.store.events_after(after, limit)]
+        up_to = self.runtime.published_event_id  # no event ahead of the status it tells of
+        return [
+            event.to_json() for event in self.runtime.store.events_after(after, limit, up_to=up_to)
+        ]
 
     def metrics(self) -> str:
         return str(self._call(views.metrics, self.runtime))
@@ -227,7 +230,9 @@ class LoopBackend(Backend):
         ]
         document["events"] = [
             {"at": event.to_json()["at"], "event": event.kind, "detail": event.detail}
-            for event in self.runtime.store.events_after(0, 1000, swap_id=swap_id)
+            for event in self.runtime.store.events_after(
+                0, 1000, swap_id=swap_id, up_to=self.runtime.published_event_id
+            )
         ]
         return document
 

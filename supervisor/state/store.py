@@ -314,10 +314,13 @@ class Store:
             return [_insert_event(db, *event) for event in events]
 
     def events_after(
-        self, after: int, limit: int = 500, swap_id: str | None = None
+        self, after: int, limit: int = 500, swap_id: str | None = None, up_to: int | None = None
     ) -> list[EventRecord]:
-        """Events with id > `after`, oldest first: `after` is a cursor that never repeats."""
+        """Events with id > `after`, oldest first: `after` is a cursor that never repeats.
+        `up_to`: none past this id (the runtime's published ones)."""
         where = EventRow.id > _count("after", after, 0)
+        if up_to is not None:
+            where = where & (EventRow.id <= up_to)
         if swap_id is not None:  # not `? IS NULL OR ...`: the event_swap_id index must serve it
             where = where & (EventRow.swap_id == swap_id)
         columns = (EventRow.id, EventRow.at, EventRow.kind, EventRow.detail, EventRow.swap_id)
