@@ -688,7 +688,8 @@ class Runtime:
     def _publish(self) -> None:
         """The state as it stands between two events, then the events written on the way to it:
         a reader who saw an event finds its state in the status (never the state before it), and
-        the status never runs ahead of the store (the store was written first)."""
+        the status never runs ahead of the store (the store was written first). An entry a worker
+        writes (a restore's lock report) is read with the loop's next ones: its step's record."""
         self.published = self.state
         self.published_event_id = self._written_event_id
         records, self._unannounced = self._unannounced, []
