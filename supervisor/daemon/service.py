@@ -389,9 +389,10 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
         if serving is not None:
             serving.serve_in_thread()
     runtime.pool.submit(store.keep_reserve)  # 4 MiB and an fsync at a first start: not before
-    # Started by a worker: watchdog's import and one inotify watch per folder take from tens of
-    # ms to seconds (a large tree), and the loop meanwhile takes the host's exits and beats.
-    watcher = await loop.run_in_executor(runtime.pool, _start_watcher, config, runtime)
+    # Started on a thread of its own: watchdog's import and one inotify watch per folder take
+    # from tens of ms to seconds (a large tree), and the loop meanwhile takes the host's exits
+    # and beats; not queued behind the baseline and the other start-up work of the pool.
+    watcher = await asyncio.to_thread(_start_watcher, config, runtime)
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
         runtime.drift_guard.on_tree_changed()
