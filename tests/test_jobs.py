@@ -225,6 +225,23 @@ def test_cancel_all_stops_every_job_in_flight(tmp_path: Path) -> None:
     assert jobs.cancel_all() == 0
 
 
+def test_a_job_ordered_before_cancel_all_never_starts(tmp_path: Path) -> None:
+    """A build or health check still queued for a worker when the swap moved on is cancelled
+    too: started later, a build would run on the tree a rollback just restored."""
+    marker = tmp_path / "ran"
+    argv = [PY, "-S", "-c", "import sys; open(sys.argv[1], 'w').close()", str(marker)]
+    ordered = jobs.epoch()
+    jobs.cancel_all()
+    result = run_job(argv, cwd=tmp_path, timeout=60, ordered_at=ordered)
+    assert result.cancelled and not result.ok and result.describe() == "cancelled"
+    assert not marker.exists()
+    assert run_job(argv, cwd=tmp_path, timeout=60, ordered_at=jobs.epoch()).ok  # ordered since
+    assert marker.exists()
+    marker.unlink()
+    hook = run_job(argv, cwd=tmp_path, timeout=60, ordered_at=ordered, with_the_swap=False)
+    assert hook.ok and marker.exists()  # a hook is not the swap's: cancel_all never touches it
+
+
 def test_a_running_job_is_registered_and_unregistered_after(tmp_path: Path) -> None:
     pid_file = tmp_path / "job.pid"
     code = (

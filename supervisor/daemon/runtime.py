@@ -360,7 +360,7 @@ class Runtime:
             case sv.TakeSnapshots(swap=swap):
                 self._run_step(swap, functools.partial(self.work.take_snapshots, swap))
             case sv.RunBuild(swap=swap):
-                self._run_step(swap, functools.partial(self.work.build, swap.step))
+                self._run_step(swap, functools.partial(self.work.build, swap.step, jobs.epoch()))
             case sv.RestoreCode(swap=swap):
                 self._run_step(swap, functools.partial(self._restore_code, swap))
             case sv.RestoreData(swap=swap):
@@ -505,7 +505,8 @@ class Runtime:
             event = swaps.HealthChecked(now=clock.now(), ok=ok, detail=detail[:200])
             self.feed(sv.WorkReported(swap_id=swap_id, event=event, check=check))
 
-        self.loop.run_in_executor(self.pool, self.work.health_check).add_done_callback(done)
+        check_job = functools.partial(self.work.health_check, jobs.epoch())
+        self.loop.run_in_executor(self.pool, check_job).add_done_callback(done)
 
     def _finish_swap(self, swap: swaps.Swap) -> None:
         finished = self.counters.swaps_finished

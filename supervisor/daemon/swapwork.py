@@ -116,9 +116,10 @@ class SwapWork:
                     if target.parent.is_dir() and not target.parent.is_symlink():
                         fsync_dir(target.parent)
 
-    def build(self, phase: swaps.Step | None) -> None:
+    def build(self, phase: swaps.Step | None, ordered_at: int | None = None) -> None:
         """Run the build; its output goes to a file only swapguard's user can read, and the
-        error (an event anyone who can read the socket sees) names that file, never quotes it."""
+        error (an event anyone who can read the socket sees) names that file, never quotes it.
+        `ordered_at`: see `jobs.run_job`."""
         try:
             output = jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "build")
         except OSError as exc:
@@ -130,6 +131,7 @@ class SwapWork:
             log_name="build",
             output_to=output,
             user=self.user,
+            ordered_at=ordered_at,
         )
         if not result.ok:
             raise SwapguardError(f"build {result.describe()} ({phase}); output in {output.name}")
@@ -173,8 +175,9 @@ class SwapWork:
         with time_bound(DATA_LIMIT_S, "the restore of the data"):
             self.snapshots.restore(swap.id, _snapshots(swap))
 
-    def health_check(self) -> jobs.JobResult:
-        """One run of the health check; its output is kept like the build's (`failure_detail`)."""
+    def health_check(self, ordered_at: int | None = None) -> jobs.JobResult:
+        """One run of the health check; its output is kept like the build's (`failure_detail`).
+        `ordered_at`: see `jobs.run_job`."""
         return jobs.run_job(
             self.config.deadman.health_check,
             cwd=self.config.code.root,
@@ -182,6 +185,7 @@ class SwapWork:
             log_name="health",
             output_to=jobs.new_output_file(self.config.state.dir / OUTPUT_DIR, "health"),
             user=self.user,
+            ordered_at=ordered_at,
         )
 
     def save_changes(self, swap: swaps.Swap) -> None:

@@ -53,6 +53,7 @@ SPAWN_LOCK = threading.Lock()
 _registry: set[int] = set()
 _registry_lock = threading.Lock()
 _in_flight: set[CancelToken] = set()  # one per running job, for cancel_all
+_epoch = 0  # how many cancel_all so far: a job ordered before the last one never starts
 
 _DRAIN_GRACE = 1.0  # after the job is gone: how long an escaped writer may keep the pipe open
 _REAP_WAIT = 5.0  # after SIGKILL: how long to wait for the job itself to be reaped
@@ -106,9 +107,18 @@ def is_job_process(pid: int) -> bool:
     return (seen is not None and info.start == seen[0]) or leader is not None
 
 
+def epoch() -> int:
+    """Read where a job is ordered (the loop) and given to `run_job`: a job still queued for a
+    worker when `cancel_all` runs is cancelled too, not started once a worker is free."""
+    return _epoch
+
+
 def cancel_all() -> int:
-    """Cancel every job in flight (the swap moved on, or we shut down); returns how many."""
+    """Cancel every job in flight (the swap moved on, or we shut down), and every job ordered
+    before now that has not started (see `epoch`); returns how many were running."""
+    global _epoch
     with _registry_lock:
+        _epoch += 1
         tokens = list(_in_flight)
     for token in tokens:
         token.cancel()
@@ -191,6 +201,7 @@ def run_job(
     output_to: Path | None = None,
     with_the_swap: bool = True,
     user: HostUser | None = None,
+    ordered_at: int | None = None,
 ) -> JobResult:
     """Run one bounded command to its end and say how it went; blocking, for worker threads.
 
@@ -201,7 +212,9 @@ def run_job(
     `output_to` (from `new_output_file`): the whole output goes there, and its lines are logged
     at DEBUG only. `user` (host.user): it runs as that user, with the login's variables over
     `env` (the build and the health check: code the host may rewrite never runs as root); not
-    with `stdin`.
+    with `stdin`. `ordered_at`: `epoch()` when the job was ordered; after a `cancel_all` since,
+    it does not start (a build queued behind busy workers would otherwise run on the tree a
+    rollback just restored) and ends `cancelled`.
     """
     command = _check_argv(argv)
     if user is not None and stdin is not None:
@@ -209,10 +222,15 @@ def run_job(
     if not timeout > 0:
         raise ValueError(f"run_job: timeout must be > 0 seconds, got {timeout!r}")
     job_log = logging.getLogger(f"{__name__}.{log_name}")
-    token = cancel if cancel is not None else CancelToken()
     if with_the_swap:
         with _registry_lock:
+            if ordered_at is not None and ordered_at != _epoch:
+                job_log.info("not started: cancelled while it waited for a worker")
+                return JobResult(command, None, False, "", 0.0, cancelled=True)
+            token = cancel if cancel is not None else CancelToken()
             _in_flight.add(token)
+    else:
+        token = cancel if cancel is not None else CancelToken()
     try:
         if user is not None:
             env = {**(os.environ if env is None else env), **user.login_env()}
