@@ -4,8 +4,11 @@ without cleaning up, real crashes (SIGKILL / os._exit) at every restore step, re
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import logging
+import mmap
 import os
 import select
 import shutil
@@ -25,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.data import restoresteps, sqlitebusy
+from supervisor.data import datacopy, restoresteps, sqlitebusy
 from supervisor.data.datacopy import FLUSH_STEP, StopSignal, copy_file_hashed, fsync_dir, fsync_file
 from supervisor.data.snapshot import (
     ENTRY_STEPS,
@@ -297,6 +300,55 @@ def test_a_take_keeps_the_original_file_and_gives_the_live_path_a_working_copy(
         assert snaps[index].bytes == live.st_size
     assert dump(db) == rows(BASE)
     assert not [name for name in os.listdir(data) if "swapguard-take" in name]
+
+
+def resident_share(path: Path) -> float:
+    """The share of the file's pages in the page cache (mincore(2) on a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    pages = -(-size // page)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        anchor = ctypes.c_char.from_buffer(m)  # the mapping's address; released before it closes
+        vector = ctypes.create_string_buffer(pages)
+        failed = libc.mincore(ctypes.addressof(anchor), size, vector)
+        del anchor
+    assert failed == 0, os.strerror(ctypes.get_errno())
+    return sum(byte & 1 for byte in vector.raw) / pages
+
+
+@pytest.mark.parametrize("copier", ["kernel", "by hand"])
+def test_the_working_copy_recycles_the_snapshots_page_cache(
+    store: SnapshotStore, data: Path, copier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy is made into the pages the snapshot gives up, chunk by chunk (on a VM, fresh
+    memory cost several times the copy): the snapshot leaves the cache, the copy is exact."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
+        pytest.skip("mincore/posix_fadvise are Linux's")
+    if copier == "by hand":  # a kernel without copy_file_range between these files
+
+        def refused(*args: object) -> int:
+            raise OSError(errno.ENOSYS, "copy_file_range refused")
+
+        monkeypatch.setattr(datacopy, "_kernel_copy", refused)
+    probe = data / "probe.bin"
+    probe.write_bytes(os.urandom(1 << 20))
+    os.sync()
+    probe.read_bytes()
+    held = resident_share(probe)
+    with open(probe, "rb") as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if held < 0.9 or resident_share(probe) > 0.1:  # tmpfs: its pages are the file itself
+        pytest.skip("this file system does not drop clean pages it is advised to")
+    blob = data / "blob.bin"
+    blob.write_bytes(os.urandom((24 << 20) + 4321))  # several chunks, and a tail
+    expected = file_digest(blob)
+    blob.read_bytes()  # as the host leaves it: in the cache (dirty, too: the take syncs it)
+    [snap] = store.take(SWAP, [(blob, "file")])
+    snapshot = store.root / SWAP / "0"
+    left, warm = resident_share(snapshot), resident_share(blob)  # before anything reads them
+    assert snap.linked and file_digest(blob) == file_digest(snapshot) == expected
+    assert left < 0.1 and warm > 0.9  # the snapshot gave its pages up; the copy is in the cache
 
 
 def test_a_crash_before_the_working_copies_are_in_place_is_made_good(

@@ -4,7 +4,9 @@
   durable snapshot needs. SQLite is checkpointed first (WAL folded in, hot journal rolled back),
   so the main file alone is the database. A file's snapshot is the original file itself,
   hard-linked into a staging folder (durable at once: only what the host left unflushed is
-  fsynced), and the kernel copies it to a working copy; once the staging folder is renamed into
+  fsynced), and the kernel copies it to a working copy, into the pages the snapshot gives up
+  (`datacopy.working_copy`: new memory, not the copy, was most of a large take on a VM that
+  returns freed memory to its hypervisor); once the staging folder is renamed into
   place, the working copy replaces the live file (`linked` records, which carry no digest: the
   snapshot is the file that was live, not a copy to check against it). The new version
   thus writes to a copy that is not yet on disk: the swap machine orders SyncData once it runs and
