@@ -204,11 +204,9 @@ class CodeTree:
             hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip, self.excluded)
             listing = self._listing(tree)
             index_tree, ignored = staged.result(), hid.result()
-        modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
-        owners = ""
-        if (default := self._default_owner()) is not None:
-            odd = treemodes.odd_owners(self.root, listing, default)
-            owners = treemodes.owners_to_message(default, odd)
+        default = self._default_owner()
+        modes, odd = treemodes.odd_modes_and_owners(self.root, listing, treemodes.umask(), default)
+        owners = "" if default is None else treemodes.owners_to_message(default, odd)
         parents = [head] if head else []
         if index_tree and index_tree not in (tree, where.head_tree):  # else reachable already
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
@@ -283,11 +281,12 @@ class CodeTree:
             self._git.out("read-tree", "--reset", "-u", target, index=index)
             kept = None if recorded is None else hidden.folders(recorded)
             generated.clear_generated(self._git, index, self.excluded, kept)
-            treemodes.unshare_hard_links(self._git, index, listing)
             default_owner, owners = treemodes.owners_from_message(message)
+            owned = None
             if default_owner is not None and self._default_owner() is not None:
-                treemodes.put_back_owners(self.root, listing, default_owner, owners)
-            treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
+                owned = (default_owner, owners)
+            modes = treemodes.from_message(message)
+            treemodes.put_back_all(self._git, index, listing, modes, mask, owned)
             self._put_index(cp.index_tree, target, worktree_index=index)
         self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))

@@ -80,24 +80,32 @@ def default_mode(git_mode: str, mask: int) -> int | None:
     return None
 
 
-def odd_modes(root: Path, listing: Listing, mask: int) -> Modes:
-    """The paths of `listing` whose bits differ from git's default for them. One lstat a path,
-    by string (a tree of 100k files: a pathlib object each would cost more than the lstat)."""
-    found: Modes = {}
+def odd_modes_and_owners(
+    root: Path, listing: Listing, mask: int, default: Owner | None
+) -> tuple[Modes, dict[str, Owner]]:
+    """The paths of `listing` whose bits differ from git's default for them, and (with a
+    `default` owner) those owned otherwise. One lstat a path, by string (a tree of 100k files:
+    a pathlib object each would cost more than the lstat), for both records at once."""
+    modes: Modes = {}
+    owners: dict[str, Owner] = {}
     base = os.path.join(root, "")
     lstat, is_link, bits = os.lstat, stat.S_ISLNK, stat.S_IMODE
     defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     for git_mode, path in listing:
-        default = defaults.get(git_mode)
-        if default is None:
+        if git_mode == _GITLINK:
             continue
+        wanted = defaults.get(git_mode)
+        if wanted is None and default is None:
+            continue  # a link: no bits of its own, and no owner recorded
         try:
             st = lstat(base + path)
         except OSError:
             continue  # vanished since git listed it
-        if bits(st.st_mode) != default and not is_link(st.st_mode):
-            found[path] = bits(st.st_mode)
-    return found
+        if wanted is not None and bits(st.st_mode) != wanted and not is_link(st.st_mode):
+            modes[path] = bits(st.st_mode)
+        if default is not None and (st.st_uid, st.st_gid) != default:
+            owners[path] = (st.st_uid, st.st_gid)
+    return modes, owners
 
 
 def to_message(modes: Modes) -> str:
@@ -114,21 +122,6 @@ def from_message(message: str) -> Modes:
                 continue
             if isinstance(path, str):
                 found[path] = int(match.group(1), 8)
-    return found
-
-
-def odd_owners(root: Path, listing: Listing, default: Owner) -> dict[str, Owner]:
-    """The paths of `listing` (files, links, folders) owned otherwise than `default`."""
-    found: dict[str, Owner] = {}
-    for git_mode, path in listing:
-        if git_mode == _GITLINK:
-            continue
-        try:
-            st = os.lstat(root / path)
-        except OSError:
-            continue  # vanished since git listed it
-        if (st.st_uid, st.st_gid) != default:
-            found[path] = (st.st_uid, st.st_gid)
     return found
 
 
@@ -153,6 +146,49 @@ def owners_from_message(message: str) -> tuple[Owner | None, dict[str, Owner]]:
             if isinstance(path, str):
                 found[path] = (int(match.group(1)), int(match.group(2)))
     return default, found
+
+
+def put_back_all(
+    git: Git,
+    index: Path,
+    listing: Listing,
+    modes: Modes,
+    mask: int,
+    owners: tuple[Owner, dict[str, Owner]] | None,
+) -> None:
+    """After a restore has written the tree: every hard-linked file of `listing` written afresh
+    (`unshare_hard_links`), then every path given back its recorded owner (`owners`: the
+    default and the paths owned otherwise; None leaves owners alone), then its recorded bits
+    (`put_back`). The tree is looked at once, one lstat a path by string; only the paths that
+    look otherwise than recorded, or have other names, go through those steps, which look at
+    each again through a pinned handle before they change it (what is changed is what was
+    checked)."""
+    base = os.path.join(git.root, "")
+    lstat, bits = os.lstat, stat.S_IMODE
+    defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
+    default_owner, owned = owners if owners is not None else ((-1, -1), {})
+    odd: Listing = []
+    for item in listing:
+        git_mode, path = item
+        if git_mode == _GITLINK:
+            continue
+        try:
+            st = lstat(base + path)
+        except OSError:
+            continue  # not there: nothing to give back
+        wanted = modes.get(path, defaults.get(git_mode))
+        if (
+            (wanted is not None and bits(st.st_mode) != wanted)
+            or (owners is not None and (st.st_uid, st.st_gid) != owned.get(path, default_owner))
+            or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))
+        ):
+            odd.append(item)
+    if not odd:
+        return
+    unshare_hard_links(git, index, odd)
+    if owners is not None:
+        put_back_owners(git.root, odd, default_owner, owned)
+    put_back(git.root, odd, modes, mask)
 
 
 def put_back_owners(
