@@ -203,9 +203,10 @@ class CodeTree:
             skip = self._exclude_pathspecs()
             hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip, self.excluded)
             listing = self._listing(tree)
+            default, mask = self._default_owner(), treemodes.umask()
+            # one lstat a path (the bits git does not keep), while git lists the ignored paths
+            modes, odd = treemodes.odd_modes_and_owners(self.root, listing, mask, default)
             index_tree, ignored = staged.result(), hid.result()
-        default = self._default_owner()
-        modes, odd = treemodes.odd_modes_and_owners(self.root, listing, treemodes.umask(), default)
         owners = "" if default is None else treemodes.owners_to_message(default, odd)
         parents = [head] if head else []
         if index_tree and index_tree not in (tree, where.head_tree):  # else reachable already
