@@ -257,15 +257,20 @@ class CodeTree:
             index = scratch / "current"
             current = self._capture(index, aside=True)
             recorded = hidden.from_message(message)  # None: an older checkpoint, none doomed
-            with _beside() as pool:  # the abandoned state's commit is written while diff runs
+            folders = {"", *(path for mode, path in listing if mode == "040000")}
+            # while diff runs: the abandoned state's commit, the ignored paths, and the look
+            # into every folder for FIFOs, sockets and devices (nothing changes the tree now)
+            with _beside(3) as pool:
                 early = None if previous else pool.submit(self._abandon, current, tips, name)
                 listed_now = (
                     None if recorded is None else pool.submit(self._hidden_since, recorded, index)
                 )
+                special = pool.submit(treepaths.special_entries, self.root, folders)
                 added, gone = self._diff(current, target)
             hid = [] if listed_now is None else listed_now.result()
-            folders = {path for mode, path in listing if mode == "040000"}
-            self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
+            more = set(treemodes.folders_of(gone)) - folders  # the current tree's, not the target's
+            specials = {*special.result(), *treepaths.special_entries(self.root, more)}
+            self._remove_untracked_special(sorted(specials))
             keep = (p for p in hid if not treepaths.is_special(self.root / p))  # git cannot
             doomed = sorted({*self._ignored_in_the_way(added, index), *keep})
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
@@ -281,13 +286,16 @@ class CodeTree:
                               f"refs/heads/{cp.branch}")  # fmt: skip
             self._git.out("read-tree", "--reset", "-u", target, index=index)
             kept = None if recorded is None else hidden.folders(recorded)
-            generated.clear_generated(self._git, index, self.excluded, kept)
             default_owner, owners = treemodes.owners_from_message(message)
             owned = None
             if default_owner is not None and self._default_owner() is not None:
                 owned = (default_owner, owners)
             modes = treemodes.from_message(message)
-            treemodes.put_back_all(self._git, index, listing, modes, mask, owned)
+            with _beside() as pool:  # the tree looked at (one lstat a path) while git lists
+                odd = pool.submit(treemodes.differing, self.root, listing, modes, mask, owned)
+                generated.clear_generated(self._git, index, self.excluded, kept)
+            # after the generated paths went: a folder's bits put back may close it
+            treemodes.put_back_all(self._git, index, odd.result(), modes, mask, owned)
             self._put_index(cp.index_tree, target, worktree_index=index)
         self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
@@ -594,11 +602,10 @@ class CodeTree:
                     break
         return sorted(found)
 
-    def _remove_untracked_special(self, folders: set[str]) -> None:
-        """FIFOs, sockets and devices git passes over in silence, in any folder of the current or
-        the target tree: unless ignored or excluded they are the new version's, and go (never
-        opened)."""
-        found = treepaths.special_entries(self.root, {"", *folders})
+    def _remove_untracked_special(self, found: list[str]) -> None:
+        """FIFOs, sockets and devices git passes over in silence (`found` in any folder of the
+        current or the target tree): unless ignored or excluded they are the new version's, and
+        go (never opened)."""
         found = [p for p in found if not under(p, self.excluded)]
         if not found:
             return
@@ -791,9 +798,9 @@ class CodeTree:
         return None
 
 
-def _beside() -> ThreadPoolExecutor:
+def _beside(workers: int = 2) -> ThreadPoolExecutor:
     """Threads for git runs that do not wait on each other (each thread waits on its git)."""
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="swapguard-git")
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swapguard-git")
 
 
 def _vanished_file(exc: BaseException) -> bool:

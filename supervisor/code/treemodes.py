@@ -163,22 +163,18 @@ def owners_from_message(message: str) -> tuple[Owner | None, dict[str, Owner]]:
     return default, found
 
 
-def put_back_all(
-    git: Git,
-    index: Path,
+def differing(
+    root: Path,
     listing: Listing,
     modes: Modes,
     mask: int,
     owners: tuple[Owner, dict[str, Owner]] | None,
-) -> None:
-    """After a restore has written the tree: every hard-linked file of `listing` written afresh
-    (`unshare_hard_links`), then every path given back its recorded owner (`owners`: the
-    default and the paths owned otherwise; None leaves owners alone), then its recorded bits
-    (`put_back`). The tree is looked at once, one lstat a path by string; only the paths that
-    look otherwise than recorded, or have other names, go through those steps, which look at
-    each again through a pinned handle before they change it (what is changed is what was
-    checked)."""
-    base = os.path.join(git.root, "")
+) -> Listing:
+    """The paths of `listing` that look otherwise than recorded (bits: `modes`, else git's
+    default; owners: the default and the paths owned otherwise, None to leave owners alone), or
+    that have other names: what `put_back_all` must see to. One lstat a path, by string (a tree
+    of 100k files: a pathlib object or a pinned handle each would cost more than the lstat)."""
+    base = os.path.join(root, "")
     lstat, bits = os.lstat, stat.S_IMODE
     defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     default_owner, owned = owners if owners is not None else ((-1, -1), {})
@@ -198,11 +194,27 @@ def put_back_all(
             or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))
         ):
             odd.append(item)
+    return odd
+
+
+def put_back_all(
+    git: Git,
+    index: Path,
+    odd: Listing,
+    modes: Modes,
+    mask: int,
+    owners: tuple[Owner, dict[str, Owner]] | None,
+) -> None:
+    """After a restore has written the tree, for the `odd` paths (`differing`): each file with
+    other names written afresh (`unshare_hard_links`), then each path given back its recorded
+    owner (`put_back_owners`, unless `owners` is None), then its recorded bits (`put_back`).
+    Each step looks at a path again through a pinned handle before it changes it: what is
+    changed is what was checked."""
     if not odd:
         return
     unshare_hard_links(git, index, odd)
     if owners is not None:
-        put_back_owners(git.root, odd, default_owner, owned)
+        put_back_owners(git.root, odd, *owners)
     put_back(git.root, odd, modes, mask)
 
 
