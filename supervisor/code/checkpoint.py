@@ -266,7 +266,7 @@ class CodeTree:
                     None if recorded is None else pool.submit(self._hidden_since, recorded, index)
                 )
                 special = pool.submit(treepaths.special_entries, self.root, folders)
-                added, gone = self._diff(current, target)
+                added, gone, changed = self._diff(current, target)
             hid = [] if listed_now is None else listed_now.result()
             more = set(treemodes.folders_of(gone)) - folders  # the current tree's, not the target's
             specials = {*special.result(), *treepaths.special_entries(self.root, more)}
@@ -284,18 +284,25 @@ class CodeTree:
             if where.branch != cp.branch and cp.branch is not None:
                 self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
                               f"refs/heads/{cp.branch}")  # fmt: skip
-            self._git.out("read-tree", "--reset", "-u", target, index=index)
-            kept = None if recorded is None else hidden.folders(recorded)
             default_owner, owners = treemodes.owners_from_message(message)
             owned = None
             if default_owner is not None and self._default_owner() is not None:
                 owned = (default_owner, owners)
             modes = treemodes.from_message(message)
-            with _beside() as pool:  # the tree looked at (one lstat a path) while git lists
-                odd = pool.submit(treemodes.differing, self.root, listing, modes, mask, owned)
+            # read-tree writes, deletes and makes only the changed paths and folders above them:
+            # every other path of the target is looked at (one lstat each) while it runs
+            touched = {*changed, *treemodes.folders_of(changed)}
+            stable = [item for item in listing if item[1] not in touched]
+            with _beside() as pool:
+                odd = pool.submit(treemodes.differing, self.root, stable, modes, mask, owned)
+                self._git.out("read-tree", "--reset", "-u", target, index=index)
+                kept = None if recorded is None else hidden.folders(recorded)
                 generated.clear_generated(self._git, index, self.excluded, kept)
+                fresh = [item for item in listing if item[1] in touched]
+                odd_fresh = treemodes.differing(self.root, fresh, modes, mask, owned)
             # after the generated paths went: a folder's bits put back may close it
-            treemodes.put_back_all(self._git, index, odd.result(), modes, mask, owned)
+            odd_all = [*odd.result(), *odd_fresh]
+            treemodes.put_back_all(self._git, index, odd_all, modes, mask, owned)
             self._put_index(cp.index_tree, target, worktree_index=index)
         self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
@@ -540,16 +547,19 @@ class CodeTree:
 
     # --- restore -------------------------------------------------------------------------------
 
-    def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
-        """The paths of files the target adds to the current tree, and those it has not."""
+    def _diff(self, current: str, target: str) -> tuple[list[str], list[str], list[str]]:
+        """The paths of files the target adds to the current tree, those it has not, and every
+        path that differs."""
         fields = self._git.out(*_DIFF, "--name-status", current, target).split("\0")
-        added, gone = [], []
+        added, gone, changed = [], [], []
         for status, path in zip(fields[0::2], fields[1::2], strict=False):
+            if path:
+                changed.append(path)
             if status == "A":
                 added.append(path)
             elif status == "D":
                 gone.append(path)
-        return added, gone
+        return added, gone, changed
 
     def _ignored_in_the_way(self, added: list[str], index: Path) -> list[str]:
         """Untracked (ignored) paths that `read-tree --reset -u` would delete to make room.
