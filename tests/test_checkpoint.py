@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.code import treemodes
 from supervisor.code.checkpoint import Change, Checkpoint, CodeTree
 from supervisor.config.noncode import GENERATED
 from supervisor.errors import CheckpointError, ConfigError
@@ -262,6 +263,38 @@ def test_restore_undoes_every_change_at_once(repo: Path) -> None:
         mutate(repo)
     tree.restore(cp, name="all")
     assert snapshot_state(repo) == before
+
+
+def test_restore_puts_back_bits_of_paths_it_rewrote_and_of_paths_it_left(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bits git does not keep come back both where read-tree rewrote a path (its content
+    changed, or its folder went) and where it left one alone (only its bits changed). The paths
+    it leaves are looked at while it runs; after it, only those it wrote and their folders."""
+    (repo / "docs/guide.txt").chmod(0o600)
+    (repo / "docs").chmod(0o750)
+    (repo / "src/extra.py").chmod(0o640)
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("bits")
+    shutil.rmtree(repo / "docs")  # the folder and its odd bits go; a plain one comes instead
+    write(repo / "docs/guide.txt", "guide, v2\n")
+    (repo / "src/extra.py").chmod(0o644)  # its content stays: read-tree leaves it alone
+    (repo / "README.md").chmod(0o600)
+    looked: list[list[str]] = []
+    real = treemodes.differing
+
+    def recording(root: Path, listing: Any, *args: Any) -> Any:
+        looked.append(sorted(path for _, path in listing))
+        return real(root, listing, *args)
+
+    monkeypatch.setattr(treemodes, "differing", recording)
+    tree.restore(cp, name="bits")
+    assert snapshot_state(repo) == before
+    assert stat.S_IMODE((repo / "docs").stat().st_mode) == 0o750
+    after = next(paths for paths in looked if "docs/guide.txt" in paths)
+    assert "docs" in after and "src/extra.py" not in after and "README.md" not in after
+    assert any("src/extra.py" in paths and "docs" not in paths for paths in looked)
 
 
 def test_take_leaves_index_head_and_refs_of_the_user_alone(repo: Path) -> None:

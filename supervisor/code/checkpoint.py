@@ -17,7 +17,10 @@ Every step sets an absolute state, so a restore repeated after a crash ends exac
 
 Cost: each git run is a process (2-3 ms here even for a small tree), so the git runs are few and
 those that do not wait on each other run at once: a take runs 8 (6 in a row), a restore 10 (6 in
-a row), a drift check 2 (see the README's Benchmarks for where the time goes).
+a row), a drift check 2 (see the README's Benchmarks for where the time goes). Beside git, a take
+and a restore each look at every path of the tree once (one `lstat` by string, for the bits git
+does not keep and, as root, the owner), while a git of theirs runs: the take's while git lists the
+ignored paths, the restore's (of the paths read-tree leaves alone) while read-tree writes.
 
 Ignored untracked paths are not captured, but a take records their listing (`hidden`): one the
 new version adds (behind a `.gitignore` or `.git/info/exclude` of its own) is drift, and a restore
@@ -203,12 +206,11 @@ class CodeTree:
             skip = self._exclude_pathspecs()
             hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip, self.excluded)
             listing = self._listing(tree)
+            default, mask = self._default_owner(), treemodes.umask()
+            # one lstat a path (the bits git does not keep), while git lists the ignored paths
+            modes, odd = treemodes.odd_modes_and_owners(self.root, listing, mask, default)
             index_tree, ignored = staged.result(), hid.result()
-        modes = treemodes.odd_modes(self.root, listing, treemodes.umask())
-        owners = ""
-        if (default := self._default_owner()) is not None:
-            odd = treemodes.odd_owners(self.root, listing, default)
-            owners = treemodes.owners_to_message(default, odd)
+        owners = "" if default is None else treemodes.owners_to_message(default, odd)
         parents = [head] if head else []
         if index_tree and index_tree not in (tree, where.head_tree):  # else reachable already
             parents.append(self._commit(index_tree, parents[:1], f"swapguard index {name}"))
@@ -258,15 +260,20 @@ class CodeTree:
             index = scratch / "current"
             current = self._capture(index, aside=True)
             recorded = hidden.from_message(message)  # None: an older checkpoint, none doomed
-            with _beside() as pool:  # the abandoned state's commit is written while diff runs
+            folders = {"", *(path for mode, path in listing if mode == "040000")}
+            # while diff runs: the abandoned state's commit, the ignored paths, and the look
+            # into every folder for FIFOs, sockets and devices (nothing changes the tree now)
+            with _beside(3) as pool:
                 early = None if previous else pool.submit(self._abandon, current, tips, name)
                 listed_now = (
                     None if recorded is None else pool.submit(self._hidden_since, recorded, index)
                 )
-                added, gone = self._diff(current, target)
+                special = pool.submit(treepaths.special_entries, self.root, folders)
+                added, gone, changed = self._diff(current, target)
             hid = [] if listed_now is None else listed_now.result()
-            folders = {path for mode, path in listing if mode == "040000"}
-            self._remove_untracked_special(folders | set(treemodes.folders_of(gone)))
+            more = set(treemodes.folders_of(gone)) - folders  # the current tree's, not the target's
+            specials = {*special.result(), *treepaths.special_entries(self.root, more)}
+            self._remove_untracked_special(sorted(specials))
             keep = (p for p in hid if not treepaths.is_special(self.root / p))  # git cannot
             doomed = sorted({*self._ignored_in_the_way(added, index), *keep})
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
@@ -280,14 +287,25 @@ class CodeTree:
             if where.branch != cp.branch and cp.branch is not None:
                 self._git.out("symbolic-ref", "-m", f"swapguard: restore {name}", "HEAD",
                               f"refs/heads/{cp.branch}")  # fmt: skip
-            self._git.out("read-tree", "--reset", "-u", target, index=index)
-            kept = None if recorded is None else hidden.folders(recorded)
-            generated.clear_generated(self._git, index, self.excluded, kept)
-            treemodes.unshare_hard_links(self._git, index, listing)
             default_owner, owners = treemodes.owners_from_message(message)
+            owned = None
             if default_owner is not None and self._default_owner() is not None:
-                treemodes.put_back_owners(self.root, listing, default_owner, owners)
-            treemodes.put_back(self.root, listing, treemodes.from_message(message), mask)
+                owned = (default_owner, owners)
+            modes = treemodes.from_message(message)
+            # read-tree writes, deletes and makes only the changed paths and folders above them:
+            # every other path of the target is looked at (one lstat each) while it runs
+            touched = {*changed, *treemodes.folders_of(changed)}
+            stable = [item for item in listing if item[1] not in touched]
+            with _beside() as pool:
+                odd = pool.submit(treemodes.differing, self.root, stable, modes, mask, owned)
+                self._git.out("read-tree", "--reset", "-u", target, index=index)
+                kept = None if recorded is None else hidden.folders(recorded)
+                generated.clear_generated(self._git, index, self.excluded, kept)
+                fresh = [item for item in listing if item[1] in touched]
+                odd_fresh = treemodes.differing(self.root, fresh, modes, mask, owned)
+            # after the generated paths went: a folder's bits put back may close it
+            odd_all = [*odd.result(), *odd_fresh]
+            treemodes.put_back_all(self._git, index, odd_all, modes, mask, owned)
             self._put_index(cp.index_tree, target, worktree_index=index)
         self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
@@ -532,16 +550,19 @@ class CodeTree:
 
     # --- restore -------------------------------------------------------------------------------
 
-    def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
-        """The paths of files the target adds to the current tree, and those it has not."""
+    def _diff(self, current: str, target: str) -> tuple[list[str], list[str], list[str]]:
+        """The paths of files the target adds to the current tree, those it has not, and every
+        path that differs."""
         fields = self._git.out(*_DIFF, "--name-status", current, target).split("\0")
-        added, gone = [], []
+        added, gone, changed = [], [], []
         for status, path in zip(fields[0::2], fields[1::2], strict=False):
+            if path:
+                changed.append(path)
             if status == "A":
                 added.append(path)
             elif status == "D":
                 gone.append(path)
-        return added, gone
+        return added, gone, changed
 
     def _ignored_in_the_way(self, added: list[str], index: Path) -> list[str]:
         """Untracked (ignored) paths that `read-tree --reset -u` would delete to make room.
@@ -594,11 +615,10 @@ class CodeTree:
                     break
         return sorted(found)
 
-    def _remove_untracked_special(self, folders: set[str]) -> None:
-        """FIFOs, sockets and devices git passes over in silence, in any folder of the current or
-        the target tree: unless ignored or excluded they are the new version's, and go (never
-        opened)."""
-        found = treepaths.special_entries(self.root, {"", *folders})
+    def _remove_untracked_special(self, found: list[str]) -> None:
+        """FIFOs, sockets and devices git passes over in silence (`found` in any folder of the
+        current or the target tree): unless ignored or excluded they are the new version's, and
+        go (never opened)."""
         found = [p for p in found if not under(p, self.excluded)]
         if not found:
             return
@@ -791,9 +811,9 @@ class CodeTree:
         return None
 
 
-def _beside() -> ThreadPoolExecutor:
+def _beside(workers: int = 2) -> ThreadPoolExecutor:
     """Threads for git runs that do not wait on each other (each thread waits on its git)."""
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="swapguard-git")
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swapguard-git")
 
 
 def _vanished_file(exc: BaseException) -> bool:

@@ -48,6 +48,7 @@ _LINE = re.compile(r"mode ([0-7]{1,5}) (\".*\")")
 _OWNER_LINE = re.compile(r"owner ([0-9]{1,10}):([0-9]{1,10}) (\".*\")")
 _DEFAULT_OWNER_LINE = re.compile(r"owners ([0-9]{1,10}):([0-9]{1,10})")
 _GITLINK = "160000"
+_CAP_DAC_OVERRIDE = 1  # capabilities(7)
 Modes = dict[str, int]
 Owner = tuple[int, int]  # (uid, gid)
 Listing = list[tuple[str, str]]  # (git mode, path) of every blob, link and tree of a tree
@@ -69,6 +70,20 @@ def umask() -> int:
     return old
 
 
+def overrides_permissions() -> bool:
+    """Whether this process (and so a git it runs as itself) passes every permission check on
+    files: CAP_DAC_OVERRIDE in its effective set (root, unless a unit or container dropped it).
+    False when it cannot tell."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << _CAP_DAC_OVERRIDE))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def default_mode(git_mode: str, mask: int) -> int | None:
     """The bits git gives a path of this git mode when it writes it; None for a link or gitlink."""
     if git_mode == "040000":
@@ -80,24 +95,32 @@ def default_mode(git_mode: str, mask: int) -> int | None:
     return None
 
 
-def odd_modes(root: Path, listing: Listing, mask: int) -> Modes:
-    """The paths of `listing` whose bits differ from git's default for them. One lstat a path,
-    by string (a tree of 100k files: a pathlib object each would cost more than the lstat)."""
-    found: Modes = {}
+def odd_modes_and_owners(
+    root: Path, listing: Listing, mask: int, default: Owner | None
+) -> tuple[Modes, dict[str, Owner]]:
+    """The paths of `listing` whose bits differ from git's default for them, and (with a
+    `default` owner) those owned otherwise. One lstat a path, by string (a tree of 100k files:
+    a pathlib object each would cost more than the lstat), for both records at once."""
+    modes: Modes = {}
+    owners: dict[str, Owner] = {}
     base = os.path.join(root, "")
     lstat, is_link, bits = os.lstat, stat.S_ISLNK, stat.S_IMODE
     defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
     for git_mode, path in listing:
-        default = defaults.get(git_mode)
-        if default is None:
+        if git_mode == _GITLINK:
             continue
+        wanted = defaults.get(git_mode)
+        if wanted is None and default is None:
+            continue  # a link: no bits of its own, and no owner recorded
         try:
             st = lstat(base + path)
         except OSError:
             continue  # vanished since git listed it
-        if bits(st.st_mode) != default and not is_link(st.st_mode):
-            found[path] = bits(st.st_mode)
-    return found
+        if wanted is not None and bits(st.st_mode) != wanted and not is_link(st.st_mode):
+            modes[path] = bits(st.st_mode)
+        if default is not None and (st.st_uid, st.st_gid) != default:
+            owners[path] = (st.st_uid, st.st_gid)
+    return modes, owners
 
 
 def to_message(modes: Modes) -> str:
@@ -114,21 +137,6 @@ def from_message(message: str) -> Modes:
                 continue
             if isinstance(path, str):
                 found[path] = int(match.group(1), 8)
-    return found
-
-
-def odd_owners(root: Path, listing: Listing, default: Owner) -> dict[str, Owner]:
-    """The paths of `listing` (files, links, folders) owned otherwise than `default`."""
-    found: dict[str, Owner] = {}
-    for git_mode, path in listing:
-        if git_mode == _GITLINK:
-            continue
-        try:
-            st = os.lstat(root / path)
-        except OSError:
-            continue  # vanished since git listed it
-        if (st.st_uid, st.st_gid) != default:
-            found[path] = (st.st_uid, st.st_gid)
     return found
 
 
@@ -153,6 +161,61 @@ def owners_from_message(message: str) -> tuple[Owner | None, dict[str, Owner]]:
             if isinstance(path, str):
                 found[path] = (int(match.group(1)), int(match.group(2)))
     return default, found
+
+
+def differing(
+    root: Path,
+    listing: Listing,
+    modes: Modes,
+    mask: int,
+    owners: tuple[Owner, dict[str, Owner]] | None,
+) -> Listing:
+    """The paths of `listing` that look otherwise than recorded (bits: `modes`, else git's
+    default; owners: the default and the paths owned otherwise, None to leave owners alone), or
+    that have other names: what `put_back_all` must see to. One lstat a path, by string (a tree
+    of 100k files: a pathlib object or a pinned handle each would cost more than the lstat)."""
+    base = os.path.join(root, "")
+    lstat, bits = os.lstat, stat.S_IMODE
+    defaults = {git_mode: default_mode(git_mode, mask) for git_mode in _WRITTEN}
+    default_owner, owned = owners if owners is not None else ((-1, -1), {})
+    odd: Listing = []
+    for item in listing:
+        git_mode, path = item
+        if git_mode == _GITLINK:
+            continue
+        try:
+            st = lstat(base + path)
+        except OSError:
+            continue  # not there: nothing to give back
+        wanted = modes.get(path, defaults.get(git_mode))
+        if (
+            (wanted is not None and bits(st.st_mode) != wanted)
+            or (owners is not None and (st.st_uid, st.st_gid) != owned.get(path, default_owner))
+            or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))
+        ):
+            odd.append(item)
+    return odd
+
+
+def put_back_all(
+    git: Git,
+    index: Path,
+    odd: Listing,
+    modes: Modes,
+    mask: int,
+    owners: tuple[Owner, dict[str, Owner]] | None,
+) -> None:
+    """After a restore has written the tree, for the `odd` paths (`differing`): each file with
+    other names written afresh (`unshare_hard_links`), then each path given back its recorded
+    owner (`put_back_owners`, unless `owners` is None), then its recorded bits (`put_back`).
+    Each step looks at a path again through a pinned handle before it changes it: what is
+    changed is what was checked."""
+    if not odd:
+        return
+    unshare_hard_links(git, index, odd)
+    if owners is not None:
+        put_back_owners(git.root, odd, *owners)
+    put_back(git.root, odd, modes, mask)
 
 
 def put_back_owners(
@@ -245,10 +308,16 @@ def open_all(git: Git, skip: Sequence[str]) -> int:
     with another name is never changed: if git's user cannot read it, its name in the tree is
     unlinked (the new version linked it there; the file itself stays where its other names are).
     The modes of the checkpoint's paths are put back afterwards (`put_back`), other paths are
-    removed by the restore. How many paths were changed."""
+    removed by the restore. How many paths were changed.
+
+    Nothing to do (and no walk of the tree, one stat a path) when git runs as root with
+    CAP_DAC_OVERRIDE: no bit stops it from reading, listing or changing anything, and no file
+    with another name is ever unlinked for it (it can read them all)."""
     root = git.root
     uid = os.geteuid() if hasattr(os, "geteuid") else -1  # root may change any path
     reader = git.owner.uid if git.owner is not None else uid
+    if reader == 0 and overrides_permissions():
+        return 0
     skipped = {".git", *skip}
     changed = 0
 
