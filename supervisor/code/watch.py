@@ -61,7 +61,7 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if PARENT_NOTICES and isinstance(event, DirModifiedEvent):
+        if not self.watcher.wanted() or (PARENT_NOTICES and isinstance(event, DirModifiedEvent)):
             return
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
         is_dir = event.is_directory
@@ -80,13 +80,18 @@ class CodeWatcher:
         ignore: Iterable[Path] = (),
         patterns: Sequence[str] = GENERATED,
         debounce: float = 0.3,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> None:
         """`ignore`: absolute paths that are never code; `patterns`: gitignore patterns, relative
-        to root, of files that are never code (Config.non_code_paths / non_code_patterns)."""
+        to root, of files that are never code (Config.non_code_paths / non_code_patterns).
+        `wanted()` (read on the watcher's thread): False while nobody would act on a change (a
+        swap in flight: its own steps rewrite the tree, and the drift check waits for its end);
+        events then cost no pattern matching, which a restore of 100k files would pay for."""
         self.root = root
         self._root_prefix = str(root).rstrip("/") + "/"
         self._rules = IgnoreRules(patterns)
         self.on_change = on_change
+        self.wanted = wanted
         self.debounce = debounce
         prefixes = [root / ".git", *ignore]
         self._ignore = tuple(str(p) for p in prefixes)

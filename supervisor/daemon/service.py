@@ -462,6 +462,7 @@ def _start_watcher(config: Config, runtime: Runtime) -> CodeWatcher | None:
         lambda: loop.call_soon_threadsafe(runtime.drift_guard.on_tree_changed),
         ignore=config.non_code_paths(),
         patterns=config.non_code_patterns(),
+        wanted=lambda: runtime.published.swap is None,  # the drift guard ignores the rest
     )
     try:
         watcher.start()
