@@ -18,6 +18,7 @@ import pytest
 
 from supervisor.daemon import footprint
 from supervisor.data.datacopy import tree_digest
+from supervisor.state.models import SCHEMA_VERSION
 from supervisor.state.store import CACHE_KIB, Store
 from tests.support import make_sample_repo, supervised, write_app
 
@@ -108,6 +109,25 @@ def test_a_module_kept_out_cannot_be_imported() -> None:
             __import__(name)
     finally:
         sys.modules.pop(name, None)
+
+
+def test_a_new_store_is_made_without_peewees_other_databases(tmp_path: Path) -> None:
+    """The daemon keeps playhouse's CockroachDB support out: the migrator a new store replays its
+    steps with imports it (and Postgres' extensions, a connection pool) only if it is there."""
+    source = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from supervisor.daemon import footprint\n"
+        "footprint.keep_out_of_process()\n"
+        "from supervisor.state.store import Store\n"
+        "with Store.open(Path(sys.argv[1])) as store:\n"
+        "    print(store._db.pragma('user_version'))\n"
+        "assert 'playhouse.migrate' in sys.modules, 'no step was replayed'\n"
+        "assert sys.modules['playhouse.cockroachdb'] is None\n"
+        "assert 'playhouse.postgres_ext' not in sys.modules\n"
+        "assert 'playhouse.pool' not in sys.modules\n"
+    )
+    assert run_python(source, str(tmp_path / "state")).split() == [str(SCHEMA_VERSION)]
 
 
 def test_a_module_loaded_on_first_use_is_the_real_one_from_its_first_attribute() -> None:

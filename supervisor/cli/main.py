@@ -50,8 +50,8 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from supervisor.daemon import footprint
 
-    # Before the daemon's modules load: no libssl ever (no TLS).
-    footprint.keep_out_of_process(("ssl",))
+    # Before the daemon's modules load: no libssl ever (no TLS), no database but SQLite.
+    footprint.keep_out_of_process()
     footprint.load_on_first_use()
     from supervisor.config.schema import find_config, load_config
     from supervisor.daemon import service as daemon

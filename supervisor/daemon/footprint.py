@@ -19,6 +19,9 @@ imports below and elsewhere were cut, see README "Benchmarks"):
   own sha256 (`builtin_sha256_hex`); but peewee (the state store) imports hashlib itself, so
   libcrypto is mapped from start-up all the same.
   `ssl` (libssl, 4 MiB) is kept out for good: swapguard never speaks TLS.
+- peewee's migrator (a new or older state store) imports its CockroachDB support, and with it
+  playhouse's Postgres extensions and connection pool (0.4 MiB), only if it is there; swapguard
+  speaks SQLite alone, so it is kept out too (`KEPT_OUT`).
 Everything here is a no-op where it cannot apply (no glibc, a module already imported).
 """
 
@@ -69,7 +72,11 @@ def tune_malloc() -> bool:
     return applied
 
 
-def keep_out_of_process(names: tuple[str, ...] = ("ssl",)) -> None:
+KEPT_OUT = ("ssl", "playhouse.cockroachdb")
+"""Modules the daemon's libraries import only if they are there, for what swapguard never does."""
+
+
+def keep_out_of_process(names: tuple[str, ...] = KEPT_OUT) -> None:
     """Make `import name` fail (ImportError) for modules swapguard never needs; asyncio and
     http.client import `ssl` only if it is there. A module already imported stays."""
     for name in names:
