@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pwd
 import select
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.code import treemodes
+from supervisor.code import treemodes, treepaths
 from supervisor.code.checkpoint import Change, Checkpoint, CodeTree
 from supervisor.config.noncode import GENERATED
 from supervisor.errors import CheckpointError, ConfigError
@@ -269,8 +270,8 @@ def test_restore_puts_back_bits_of_paths_it_rewrote_and_of_paths_it_left(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bits git does not keep come back both where read-tree rewrote a path (its content
-    changed, or its folder went) and where it left one alone (only its bits changed). The paths
-    it leaves are looked at while it runs; after it, only those it wrote and their folders."""
+    changed, or its folder went) and where it left one alone (only its bits changed): every
+    path is looked at once, after read-tree."""
     (repo / "docs/guide.txt").chmod(0o600)
     (repo / "docs").chmod(0o750)
     (repo / "src/extra.py").chmod(0o640)
@@ -292,9 +293,42 @@ def test_restore_puts_back_bits_of_paths_it_rewrote_and_of_paths_it_left(
     tree.restore(cp, name="bits")
     assert snapshot_state(repo) == before
     assert stat.S_IMODE((repo / "docs").stat().st_mode) == 0o750
-    after = next(paths for paths in looked if "docs/guide.txt" in paths)
-    assert "docs" in after and "src/extra.py" not in after and "README.md" not in after
-    assert any("src/extra.py" in paths and "docs" not in paths for paths in looked)
+    assert len(looked) == 1 and {"docs", "docs/guide.txt", "src/extra.py", "README.md"} <= {
+        *looked[0]
+    }
+
+
+def test_restore_puts_back_the_bits_of_a_file_read_tree_rewrote_for_a_removed_hard_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new version links a tracked 0600 file under an ignored name; the rollback removes that
+    name (kept in the abandoned state), which changes the file's ctime, so read-tree rewrites
+    the file too (git's modes) although its content never changed. Its bits come back: the
+    look at every path follows read-tree (it ran beside it, and missed this one)."""
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    write(repo / ".gitignore", "*.log\n")
+    write(repo / "app.py", "print(1)\n")
+    write(repo / "secret.py", "KEY = 1\n")
+    commit_all(repo, "first")
+    (repo / "secret.py").chmod(0o600)
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("linked")
+    os.link(repo / "secret.py", repo / "secret.log")
+    write(repo / "app.py", "print(2)\n")
+    real = treepaths.remove
+
+    def in_the_next_second(root: Path, path: str) -> None:  # git compares whole-second ctimes
+        if path.endswith(".log"):
+            now = time.time()
+            time.sleep(math.ceil(now) - now + 0.05)
+        real(root, path)
+
+    monkeypatch.setattr(treepaths, "remove", in_the_next_second)
+    tree.restore(cp, name="linked")
+    assert stat.S_IMODE(os.lstat(repo / "secret.py").st_mode) == 0o600
+    assert snapshot_state(repo) == before
 
 
 def test_take_leaves_index_head_and_refs_of_the_user_alone(repo: Path) -> None:

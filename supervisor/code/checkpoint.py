@@ -269,7 +269,7 @@ class CodeTree:
                     None if recorded is None else pool.submit(self._hidden_since, recorded, index)
                 )
                 special = pool.submit(treepaths.special_entries, self.root, folders)
-                added, gone, changed = self._diff(current, target)
+                added, gone = self._diff(current, target)
             hid = [] if listed_now is None else listed_now.result()
             more = set(treemodes.folders_of(gone)) - folders  # the current tree's, not the target's
             specials = {*special.result(), *treepaths.special_entries(self.root, more)}
@@ -292,19 +292,15 @@ class CodeTree:
             if default_owner is not None and self._default_owner() is not None:
                 owned = (default_owner, owners)
             modes = treemodes.from_message(message)
-            # read-tree writes, deletes and makes only the changed paths and folders above them:
-            # every other path of the target is looked at (one lstat each) while it runs
-            touched = {*changed, *treemodes.folders_of(changed)}
-            stable = [item for item in listing if item[1] not in touched]
-            with _beside() as pool:
-                odd = pool.submit(treemodes.differing, self.root, stable, modes, mask, owned)
-                self._git.out("read-tree", "--reset", "-u", target, index=index)
-                kept = None if recorded is None else hidden.folders(recorded)
-                generated.clear_generated(self._git, index, self.excluded, kept)
-                fresh = [item for item in listing if item[1] in touched]
-                odd_fresh = treemodes.differing(self.root, fresh, modes, mask, owned)
-            # after the generated paths went: a folder's bits put back may close it
-            odd_all = [*odd.result(), *odd_fresh]
+            self._git.out("read-tree", "--reset", "-u", target, index=index)
+            kept = None if recorded is None else hidden.folders(recorded)
+            generated.clear_generated(self._git, index, self.excluded, kept)
+            # Every path is looked at (one lstat each) once read-tree is done, never while it
+            # runs: it rewrites the changed paths, but also any path whose stat no longer
+            # matches the capture's (a hard link removed above changes its ctime), as
+            # git's user, with git's modes. After the generated paths went: a folder's bits
+            # put back may close it.
+            odd_all = treemodes.differing(self.root, listing, modes, mask, owned)
             treemodes.put_back_all(self._git, index, odd_all, modes, mask, owned)
             self._put_index(cp.index_tree, target, worktree_index=index)
         self._foreign = locks.foreign_locks()
@@ -550,19 +546,16 @@ class CodeTree:
 
     # --- restore -------------------------------------------------------------------------------
 
-    def _diff(self, current: str, target: str) -> tuple[list[str], list[str], list[str]]:
-        """The paths of files the target adds to the current tree, those it has not, and every
-        path that differs."""
+    def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
+        """The paths of files the target adds to the current tree, and those it has not."""
         fields = self._git.out(*_DIFF, "--name-status", current, target).split("\0")
-        added, gone, changed = [], [], []
+        added, gone = [], []
         for status, path in zip(fields[0::2], fields[1::2], strict=False):
-            if path:
-                changed.append(path)
             if status == "A":
                 added.append(path)
             elif status == "D":
                 gone.append(path)
-        return added, gone, changed
+        return added, gone
 
     def _ignored_in_the_way(self, added: list[str], index: Path) -> list[str]:
         """Untracked (ignored) paths that `read-tree --reset -u` would delete to make room.
