@@ -1038,3 +1038,29 @@ def test_a_data_folder_made_after_the_take_is_never_removed(tmp_path: Path) -> N
     tree.restore(cp, name="s1")
     assert (repo / "data/app.db").read_text() == "live data\n"
     assert (repo / "data/export.csv").exists()
+
+
+def test_bits_and_owners_are_never_put_back_through_a_folder_swapped_for_a_symlink(
+    tmp_path: Path,
+) -> None:
+    """A process of the host's user that outlived its tree swaps `pkg/` for a link to a folder
+    outside the tree once read-tree is done: the restore's chown and chmod of `pkg/__init__.py`
+    must not reach the file of the same name out there (as root, that would hand it over)."""
+    root, outside = tmp_path / "tree", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    victim = outside / "__init__.py"
+    write(victim, "# not the tree's\n")
+    victim.chmod(0o644)
+    (root / "pkg").symlink_to(outside)
+    item = [("100644", "pkg/__init__.py")]
+    before = os.lstat(victim)
+    owner = (before.st_uid + 1234, before.st_gid + 1234)
+    assert treemodes.put_back_owners(root, item, owner, {}) == []
+    assert treemodes.put_back(root, item, {"pkg/__init__.py": 0o666}, 0o022) == []
+    after = os.lstat(victim)
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )

@@ -28,6 +28,7 @@ so it lives exactly as long as the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -229,13 +230,13 @@ def put_back_owners(
         if git_mode == _GITLINK:
             continue
         wanted = recorded.get(path, default)
-        with _pinned(root / path) as (target, st):
+        with _pinned(root, path) as (target, st, parent):
             if st is None or (st.st_uid, st.st_gid) == wanted or _shared(path, st):
                 continue
             if target.startswith("/proc/"):
                 os.chown(target, *wanted)  # the pinned entry itself, checked above
             else:
-                os.chown(target, *wanted, follow_symlinks=False)
+                os.chown(target, *wanted, dir_fd=parent, follow_symlinks=False)
             changed.append(path)
     return changed
 
@@ -268,27 +269,40 @@ def unshare_hard_links(git: Git, index: Path, listing: Listing) -> list[str]:
     return gone
 
 
+_PARENT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 @contextmanager
-def _pinned(path: Path) -> Iterator[tuple[str, os.stat_result | None]]:
-    """What to chown or chmod for `path`, and its lstat (None: gone). On Linux an O_PATH
-    handle on the very entry (never through a symlink), named by /proc/self/fd: what is
-    changed is what was checked. A symlink itself is named by its path (lchown)."""
-    if not _O_PATH:
+def _pinned(root: Path, path: str) -> Iterator[tuple[str, os.stat_result | None, int | None]]:
+    """What to chown or chmod for `path` (relative to `root`), its lstat (None: gone) and the
+    folder fd to name it from. Every folder above it is entered by an fd opened with
+    O_NOFOLLOW, so a folder swapped for a symlink (by a process of the host's user that outlived
+    its tree) leads nowhere: the path counts as gone. On Linux the entry itself is an O_PATH
+    handle (never through a symlink), named by /proc/self/fd: what is changed is what was
+    checked. Elsewhere, and for a symlink itself (lchown), its name in that folder."""
+    parts = PurePosixPath(path).parts
+    with contextlib.ExitStack() as stack:
         try:
-            yield str(path), os.lstat(path)
+            if not parts or ".." in parts:
+                raise FileNotFoundError(path)
+            parent = os.open(root, _PARENT_FLAGS)
+            stack.callback(os.close, parent)
+            for name in parts[:-1]:
+                parent = os.open(name, _PARENT_FLAGS, dir_fd=parent)
+                stack.callback(os.close, parent)
+            target = parts[-1]
+            if _O_PATH:
+                fd = os.open(target, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                stack.callback(os.close, fd)
+                found = os.fstat(fd)
+                if not stat.S_ISLNK(found.st_mode):
+                    target = f"/proc/self/fd/{fd}"
+            else:
+                found = os.stat(target, dir_fd=parent, follow_symlinks=False)
         except OSError:
-            yield str(path), None
-        return
-    try:
-        fd = os.open(path, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        yield str(path), None
-        return
-    try:
-        st = os.fstat(fd)
-        yield (str(path) if stat.S_ISLNK(st.st_mode) else f"/proc/self/fd/{fd}"), st
-    finally:
-        os.close(fd)
+            yield path, None, None
+            return
+        yield target, found, parent
 
 
 def _shared(path: str, st: os.stat_result) -> bool:
@@ -389,7 +403,7 @@ def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[s
         wanted = recorded.get(path, defaults.get(git_mode))
         if wanted is None:
             continue
-        with _pinned(root / path) as (target, st):
+        with _pinned(root, path) as (target, st, parent):
             if st is None:
                 continue
             is_dir = git_mode == "040000"
@@ -398,8 +412,8 @@ def put_back(root: Path, listing: Listing, recorded: Modes, mask: int) -> list[s
                 continue
             if target.startswith("/proc/"):
                 os.chmod(target, wanted)  # the pinned entry itself, checked above
-            else:
-                os.chmod(target, wanted, follow_symlinks=False)
+            else:  # a file or folder (never a link), named in its pinned folder
+                os.chmod(target, wanted, dir_fd=parent)
             changed.append(path)
     return changed
 
