@@ -11,12 +11,15 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
 from supervisor.code.checkpoint import Checkpoint, CodeTree
 from supervisor.code.refstat import head_signature
 from supervisor.config.schema import CodeConfig
+from supervisor.core import swaps
 from supervisor.daemon.drift import DriftGuard
 from supervisor.daemon.swapwork import BASELINE_KEY
 from supervisor.state.store import Store
@@ -249,3 +252,31 @@ def test_where_the_stat_of_heads_files_cannot_vouch_for_it_git_is_asked(tmp_path
     assert head_signature(moved, other) is not None  # a gitfile naming that git dir
     (other / ".git").write_text(f"gitdir: {git_dir}\n")  # re-pointed: the cached dir is stale
     assert head_signature(moved, other) is None
+
+
+def test_a_change_made_after_a_rollback_restored_the_tree_is_drift(
+    tmp_path: Path, store: Store
+) -> None:
+    """The watcher drops what happens during a swap; a process the new version left behind may
+    write code once the restore is done. The end of a rollback checks the tree once more."""
+    repo = make_sample_repo(tmp_path / "repo")
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def scenario() -> None:
+        guard, calls = _guard(repo, store, pool)
+        guard.plan_at_start(adopted=False, run_code_version=None)
+        guard.take_at_start()
+        await asyncio.wait_for(guard.settled(), WAIT_S)
+        (repo / "app.py").write_text("print('written after the restore')\n")  # no event
+        rolled_back = cast(swaps.Swap, SimpleNamespace(state=swaps.SwapState.ROLLED_BACK))
+        guard.on_swap_finished(rolled_back)
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while ("emit", "code.drift") not in calls:
+            assert asyncio.get_running_loop().time() < deadline, calls
+            await asyncio.sleep(0.01)
+        assert guard.drifted and any(call[0] == "prepare" for call in calls)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
+    finally:
+        pool.shutdown(wait=True)

@@ -201,6 +201,9 @@ class DriftGuard:
             self._refresh_baseline(swap.id)
         else:
             self.drifted = False
+            # Once the swap is over (the watcher drops what happens during one): a process the
+            # new version left behind may have written code after the restore.
+            self.loop.call_soon(self.on_tree_changed)
 
     def baseline_taken(self, checkpoint: Checkpoint) -> None:
         """On the loop: `checkpoint` (just stored as the baseline) is the code the host runs on."""

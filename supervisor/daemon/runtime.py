@@ -453,6 +453,7 @@ class Runtime:
         assert step_now is not None
 
         def done(future: asyncio.Future[Any]) -> None:
+            self._written_by_a_worker()
             error = future.exception()
             event: swaps.StepDone | swaps.StepFailed
             if error is None:
@@ -681,6 +682,14 @@ class Runtime:
             return
         self._written(records)
 
+    def _written_by_a_worker(self) -> None:
+        """A step's worker may have written entries of its own (a restore's lock reports): they
+        are published with the step's result, not with whatever the loop writes next."""
+        try:
+            self._written_event_id = max(self._written_event_id, self.store.newest_event_id())
+        except StoreError as exc:
+            log.warning("cannot read the audit log's newest id: %s", exc)
+
     def _written(self, records: list[EventRecord]) -> None:
         if records:
             self._written_event_id = max(self._written_event_id, records[-1].id)
@@ -689,8 +698,8 @@ class Runtime:
     def _publish(self) -> None:
         """The state as it stands between two events, then the events written on the way to it:
         a reader who saw an event finds its state in the status (never the state before it), and
-        the status never runs ahead of the store (the store was written first). An entry a worker
-        writes (a restore's lock report) is read with the loop's next ones: its step's record."""
+        the status never runs ahead of the store (the store was written first). An entry a
+        step's worker writes (a restore's lock report) is published with the step's result."""
         self.published = self.state
         self.published_event_id = self._written_event_id
         records, self._unannounced = self._unannounced, []
