@@ -19,8 +19,9 @@ Cost: each git run is a process (2-3 ms here even for a small tree), so the git 
 those that do not wait on each other run at once: a take runs 8 (6 in a row), a restore 10 (6 in
 a row), a drift check 2 (see the README's Benchmarks for where the time goes). Beside git, a take
 and a restore each look at every path of the tree once (one `lstat` by string, for the bits git
-does not keep and, as root, the owner), while a git of theirs runs: the take's while git lists the
-ignored paths, the restore's (of the paths read-tree leaves alone) while read-tree writes.
+does not keep and, as root, the owner): the take's while git lists the ignored paths, the
+restore's once read-tree is done (it rewrites every path whose stat no longer matches the
+capture's, not only the changed ones: a removed hard link changes its file's ctime).
 
 Ignored untracked paths are not captured, but a take records their listing (`hidden`): one the
 new version adds (behind a `.gitignore` or `.git/info/exclude` of its own) is drift, and a restore
