@@ -60,6 +60,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +142,10 @@ class CodeTree:
         self._known_git_dir: Path | None = None
         self._blocked_by: str | None = None
         self._pending_over: tuple[int, int, int] | None = None  # the index a pending one replaces
+        # One thread at a time puts a pending index back: a swap's settle waits for somebody's
+        # index.lock to go while the drift check at its end captures the tree (which tries too);
+        # interleaved, the one that failed could report a lock after the other put the index back.
+        self._pending_lock = threading.Lock()
         self._foreign: list[str] = []  # locks somebody else holds, as the last look found them
 
     # --- public ---------------------------------------------------------------------------
@@ -705,6 +710,10 @@ class CodeTree:
 
     def _finish_pending_index(self, *, wait: float = 0.0) -> None:
         """Put a pending index in place once nobody else holds index.lock (within `wait`)."""
+        with self._pending_lock:
+            self._finish_pending_index_alone(wait)
+
+    def _finish_pending_index_alone(self, wait: float) -> None:
         locks = self._locks()
         if not locks.pending():
             self._blocked_by = None
