@@ -240,12 +240,16 @@ class Git:
         def kill() -> None:
             killed.set()
             # with what it started: a child of git's holding its pipes would keep communicate
-            # waiting (git stays in our process group, so a manager's group kill takes it too)
+            # waiting (git stays in our process group, so a manager's group kill takes it too).
+            # git first: killed after a hook of its, it could still see the hook fail and roll
+            # its transaction back, so whether its locks stay would be a race.
+            children: list[psutil.Process] = []
             with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
+                children = psutil.Process(proc.pid).children(recursive=True)
             proc.kill()
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
 
         overdue = threading.Timer(GIT_TIMEOUT_S, kill)
         overdue.start()
