@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,15 @@ from supervisor.config.schema import reserve_path
 from supervisor.data import diskusage
 from supervisor.data.snapshot import SnapshotStore
 from supervisor.errors import InsufficientStorage, SnapshotError
-from tests.support import git, make_sample_repo, rows, supervised, wait_for, write_app
+from tests.support import (
+    Supervisor,
+    git,
+    make_sample_repo,
+    rows,
+    supervised,
+    wait_for,
+    write_app,
+)
 
 prometheus = pytest.importorskip("prometheus_client.parser")
 
@@ -70,6 +79,56 @@ def fill(folder: Path, leave: int) -> Path:
             out.write(os.urandom(chunk))
             size -= chunk
     return filler
+
+
+@dataclass
+class OnProbation:
+    """A swap whose only [[data]] is a SQLite file on its own small file system, on probation."""
+
+    sup: Supervisor
+    data_fs: Path
+    db: Path
+    reserve: Path
+    swap_id: str
+    new_pid: int
+    before: list[tuple[int]]
+
+
+@contextlib.contextmanager
+def data_swap_on_probation(
+    tmp_path: Path, data_fs: Path, window: str
+) -> Iterator[OnProbation]:
+    """State and code on tmp_path, the data on `data_fs`: the take copies it into state.dir and
+    allocates the rollback's room (the reserve) beside it."""
+    repo = make_sample_repo(tmp_path / "repo")  # (a git dir on the full fs is another matter)
+    db = data_fs / "data" / "app.db"
+    make_database(db, 4 * MiB)
+    entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
+    with supervised(
+        repo, state_parent=tmp_path, deadman={"window": window}, data=False, extra=entry
+    ) as sup:
+        old = sup.start().status()["host"]
+        before = rows(db, "SELECT count(*) FROM blobs")
+        swap = sup.client.prepare("v2")
+        write_app(repo, {"version": "v2", "behaviour": "ok"})
+        sup.client.activate(swap["id"])
+        new = sup.wait_host(ready=True, pid_not=old["pid"])
+        wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
+        yield OnProbation(sup, data_fs, db, reserve_path(db), swap["id"], new["pid"], before)
+
+
+def fill_to_the_last_byte(junk: Path) -> None:
+    with contextlib.suppress(OSError), junk.open("wb") as out:
+        while True:
+            out.write(b"x" * 4096)
+            out.flush()
+
+
+def assert_rows_as_before(db: Path, before: list[tuple[int]]) -> None:
+    """Read without a -shm file: the file system may still be full."""
+    readonly = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
+    with contextlib.closing(readonly):
+        assert readonly.execute("SELECT count(*) FROM blobs").fetchall() == before
 
 
 def swapguard_refs(repo: Path) -> str:
@@ -214,10 +273,7 @@ def test_a_new_version_that_fills_the_disk_is_rolled_back_all_the_same(
         with contextlib.closing(writer), contextlib.suppress(sqlite3.OperationalError):
             while True:  # until "database or disk is full"
                 writer.execute("INSERT INTO blobs VALUES (randomblob(?))", (MiB // 4,))
-        with contextlib.suppress(OSError), (repo / "data" / "junk").open("wb") as junk:
-            while True:  # the last bytes too
-                junk.write(b"x" * 4096)
-                junk.flush()
+        fill_to_the_last_byte(repo / "data" / "junk")  # the last bytes too
         assert os.statvfs(shared).f_bavail == 0
 
         sup.client.rollback(swap["id"], reason="disk filled")
@@ -277,43 +333,22 @@ def test_a_new_version_that_fills_the_data_file_system_is_rolled_back_across_fil
     and the rollback copies it back. The new version fills the data's file system to the last
     byte; the reserve the take allocated beside the data is freed for that copy, so the rollback
     still ends exact, and no reserve is left behind."""
-    data_fs = small_fs(48 * MiB)
-    repo = make_sample_repo(tmp_path / "repo")  # (a git dir on the full fs is another matter)
-    db = data_fs / "data" / "app.db"
-    make_database(db, 4 * MiB)
-    reserve = reserve_path(db)
-    entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
-    with supervised(
-        repo, state_parent=tmp_path, deadman={"window": "60s"}, data=False, extra=entry
-    ) as sup:
-        old = sup.start().status()["host"]
-        before = rows(db, "SELECT count(*) FROM blobs")
-        swap = sup.client.prepare("v2")
-        write_app(repo, {"version": "v2", "behaviour": "ok"})
-        sup.client.activate(swap["id"])
-        new = sup.wait_host(ready=True, pid_not=old["pid"])
-        wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
-        assert reserve.stat().st_blocks * 512 >= db.stat().st_size  # allocated, not sparse
+    with data_swap_on_probation(tmp_path, small_fs(48 * MiB), "60s") as on:
+        assert on.reserve.stat().st_blocks * 512 >= on.db.stat().st_size  # allocated, not sparse
 
-        writer = sqlite3.connect(db, isolation_level=None, timeout=10)
+        writer = sqlite3.connect(on.db, isolation_level=None, timeout=10)
         with contextlib.closing(writer), contextlib.suppress(sqlite3.OperationalError):
             while True:  # until "database or disk is full"
                 writer.execute("INSERT INTO blobs VALUES (randomblob(?))", (MiB // 4,))
-        with contextlib.suppress(OSError), (data_fs / "data" / "junk").open("wb") as junk:
-            while True:  # the last bytes too
-                junk.write(b"x" * 4096)
-                junk.flush()
-        assert os.statvfs(data_fs).f_bavail == 0
+        fill_to_the_last_byte(on.data_fs / "data" / "junk")  # the last bytes too
+        assert os.statvfs(on.data_fs).f_bavail == 0
 
-        sup.client.rollback(swap["id"], reason="disk filled")
-        sup.wait_swap(swap["id"], "rolled_back", timeout=60)
-        sup.wait_host(ready=True, pid_not=new["pid"])
-        assert not reserve.exists()
-        # the file system is still full (the kept data, the junk): read without a -shm file
-        readonly = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
-        with contextlib.closing(readonly):
-            assert readonly.execute("SELECT count(*) FROM blobs").fetchall() == before
-        assert not os.path.lexists(f"{db}-wal")
+        on.sup.client.rollback(on.swap_id, reason="disk filled")
+        on.sup.wait_swap(on.swap_id, "rolled_back", timeout=60)
+        on.sup.wait_host(ready=True, pid_not=on.new_pid)
+        assert not on.reserve.exists()
+        assert_rows_as_before(on.db, on.before)  # still full: the kept data, the junk
+        assert not os.path.lexists(f"{on.db}-wal")
 
 
 def test_no_reserve_is_left_once_a_swap_is_confirmed(
@@ -451,35 +486,16 @@ def test_a_kill_between_the_take_and_the_rollback_keeps_the_reserve(
     """swapguard is killed -9 during probation and restarted: the reserve is still held (the
     restart's prune keeps the swap in flight), and the rollback of a full data file system
     still ends exact."""
-    data_fs = small_fs(32 * MiB)
-    repo = make_sample_repo(tmp_path / "repo")
-    db = data_fs / "data" / "app.db"
-    make_database(db, 4 * MiB)
-    reserve = reserve_path(db)
-    entry = f'[[data]]\npath = "{db}"\nkind = "sqlite"\n'
-    with supervised(
-        repo, state_parent=tmp_path, deadman={"window": "120s"}, data=False, extra=entry
-    ) as sup:
-        old = sup.start().status()["host"]
-        before = rows(db, "SELECT count(*) FROM blobs")
-        swap = sup.client.prepare("v2")
-        write_app(repo, {"version": "v2", "behaviour": "ok"})
-        sup.client.activate(swap["id"])
-        new = sup.wait_host(ready=True, pid_not=old["pid"])
-        wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
+    with data_swap_on_probation(tmp_path, small_fs(32 * MiB), "120s") as on:
+        sup = on.sup
         sup.kill9()
         sup.start(wait_ready=False)
-        wait_for(lambda: sup.status()["host"]["pid"] == new["pid"], what="the host adopted")
-        assert reserve.exists()
+        wait_for(lambda: sup.status()["host"]["pid"] == on.new_pid, what="the host adopted")
+        assert on.reserve.exists()
 
-        with contextlib.suppress(OSError), (data_fs / "data" / "junk").open("wb") as junk:
-            while True:
-                junk.write(b"x" * 4096)
-                junk.flush()
-        assert os.statvfs(data_fs).f_bavail == 0
-        sup.client.rollback(swap["id"], reason="disk filled")
-        sup.wait_swap(swap["id"], "rolled_back", timeout=60)
-        assert not reserve.exists()
-        readonly = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
-        with contextlib.closing(readonly):
-            assert readonly.execute("SELECT count(*) FROM blobs").fetchall() == before
+        fill_to_the_last_byte(on.data_fs / "data" / "junk")
+        assert os.statvfs(on.data_fs).f_bavail == 0
+        sup.client.rollback(on.swap_id, reason="disk filled")
+        sup.wait_swap(on.swap_id, "rolled_back", timeout=60)
+        assert not on.reserve.exists()
+        assert_rows_as_before(on.db, on.before)
