@@ -31,6 +31,7 @@ from supervisor.code.checkpoint import CodeTree
 from supervisor.code.gitlocks import Owner
 from supervisor.data.datacopy import copy_file_hashed, file_digest, fsync_file
 from supervisor.data.snapshot import SnapshotStore
+from supervisor.errors import CheckpointError
 from tests.test_checkpoint import (
     code_tree,
     commit_all,
@@ -393,3 +394,137 @@ def test_an_index_replaced_by_a_symlink_or_fifo_is_never_read(
     tree.restore(cp, name="s1")  # reading a FIFO index would block here for ever
     assert snapshot_state(repo) == before
     assert (tmp_path / "big").exists() or plant == "fifo"
+
+
+# --- what a hostile new version leaves in the repository's own metadata ----------------------
+# The same user owns .git: a new version can flag its index entries, rewrite the repo's config
+# and its info/ files. None of it may blind the capture or bend what the restore writes.
+
+
+def hostile_code(repo: Path) -> None:
+    write(repo / "src/app.py", "print('hostile')\n")
+    write(repo / "docs/guide.txt", "guide, hostile\n")
+
+
+def index_assume_unchanged(repo: Path) -> None:
+    hostile_code(repo)
+    git(repo, "update-index", "--assume-unchanged", "src/app.py", "docs/guide.txt")
+
+
+def index_skip_worktree(repo: Path) -> None:
+    hostile_code(repo)
+    git(repo, "update-index", "--skip-worktree", "src/app.py", "docs/guide.txt")
+
+
+def sparse_checkout(repo: Path) -> None:
+    hostile_code(repo)
+    git(repo, "config", "core.sparseCheckout", "true")
+    write(repo / ".git/info/sparse-checkout", "/README.md\n/run.sh\n")
+
+
+def attributes_convert_line_ends(repo: Path) -> None:
+    hostile_code(repo)
+    write(repo / ".git/info/attributes", "* text eol=crlf\n")
+
+
+def attributes_filter_driver(repo: Path) -> None:
+    hostile_code(repo)
+    write(repo / ".git/info/attributes", "* filter=evil\n")
+    git(repo, "config", "filter.evil.smudge", "sed s/v1/EVIL/")
+    git(repo, "config", "filter.evil.clean", "sed s/hostile/v1/")
+
+
+def config_no_symlinks_no_modes(repo: Path) -> None:
+    hostile_code(repo)
+    (repo / "run.sh").chmod(0o644)
+    (repo / "current").unlink()
+    write(repo / "current", "not a link\n")
+    git(repo, "config", "core.symlinks", "false")
+    git(repo, "config", "core.fileMode", "false")
+    git(repo, "config", "core.autocrlf", "true")
+    git(repo, "config", "core.ignoreCase", "true")
+
+
+def config_work_tree_elsewhere(repo: Path) -> None:
+    hostile_code(repo)
+    elsewhere = repo.parent / "elsewhere"
+    elsewhere.mkdir()
+    git(repo, "config", "core.worktree", str(elsewhere))
+
+
+def tree_attributes_that_fail(repo: Path) -> None:
+    hostile_code(repo)
+    write(repo / ".gitattributes", "* working-tree-encoding=NONSENSE\n")
+    write(repo / "src/.gitattributes", "*.py filter=required\n")
+    git(repo, "config", "filter.required.required", "true")
+    git(repo, "config", "core.safecrlf", "true")
+    write(repo / "docs/guide.txt", "guide, hostile\r\n")
+
+
+def tree_attributes_that_convert(repo: Path) -> None:
+    hostile_code(repo)
+    write(repo / ".gitattributes", "*.sh text\n")  # hides a change of line ends alone
+    write(repo / "src/.gitattributes", "* text eol=crlf ident\n")
+    write(repo / "run.sh", "#!/bin/sh\r\nexec python src/app.py\r\n")
+
+
+METADATA_ATTACKS: list[Callable[[Path], None]] = [
+    tree_attributes_that_fail,
+    tree_attributes_that_convert,
+    index_assume_unchanged,
+    index_skip_worktree,
+    sparse_checkout,
+    attributes_convert_line_ends,
+    attributes_filter_driver,
+    config_no_symlinks_no_modes,
+    config_work_tree_elsewhere,
+]
+_METADATA = (".git/info/attributes", ".git/info/sparse-checkout", ".git/config")
+
+
+@pytest.mark.parametrize("attack", METADATA_ATTACKS, ids=lambda a: a.__name__)
+def test_restore_is_exact_whatever_the_new_version_did_to_git_metadata(
+    repo: Path, attack: Callable[[Path], None]
+) -> None:
+    tree = code_tree(repo)
+    kept = {name: (repo / name).read_bytes() for name in _METADATA if (repo / name).exists()}
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    attack(repo)
+    if attack is tree_attributes_that_fail:  # a question that changes nothing fails, naming it
+        with pytest.raises(CheckpointError, match="NONSENSE"):
+            tree.differs(cp)
+    else:
+        assert tree.differs(cp), "the capture must see the hostile code"
+    tree.restore(cp, name="s1")
+    for name in _METADATA:  # the metadata is the user's: compare the tree with what git read then
+        if name in kept:
+            (repo / name).write_bytes(kept[name])
+        else:
+            (repo / name).unlink(missing_ok=True)
+    assert snapshot_state(repo) == before
+    assert not tree.differs(cp)
+    assert not (repo.parent / "elsewhere").exists() or not any(
+        (repo.parent / "elsewhere").iterdir()
+    )
+
+
+def test_a_filter_driver_added_to_an_included_config_is_turned_off(repo: Path) -> None:
+    """The tree's own `.gitattributes` names a driver nobody defined; the new version defines
+    it in a file the repo's config includes (the config itself unchanged). The drivers are
+    looked up again when a config file changes, and every time when one includes others."""
+    included = repo.parent / "included.cfg"
+    included.write_text("")
+    git(repo, "config", "include.path", str(included))
+    write(repo / ".gitattributes", "*.py filter=fmt\n")
+    tree = code_tree(repo)
+    before = snapshot_state(repo)
+    cp = tree.take("s1")
+    assert not tree.differs(cp)
+    included.write_text('[filter "fmt"]\n\tsmudge = sed s/v1/EVIL/\n\tclean = sed s/hostile/v1/\n')
+    write(repo / "src/app.py", "print('hostile')\n")
+    assert tree.differs(cp), "the clean command would show the old file"
+    tree.restore(cp, name="s1")
+    assert "EVIL" not in (repo / "src/app.py").read_text(), "the smudge command ran"
+    included.write_text("")
+    assert snapshot_state(repo) == before

@@ -256,6 +256,33 @@ def _hidden_code_kept_aside(sup: Supervisor, scene: Scene) -> None:
     assert {"json/__init__.py", "json.py"} & set(names), names
 
 
+def changes_hidden_behind_index_flags(scene: Scene) -> None:
+    """assume-unchanged makes `git add` take the index's word for a file, skip-worktree makes
+    it refuse the file: a capture through a copy of the index would not see the new script,
+    and the restore would leave it (or fail on it)."""
+    (scene.repo / "app.py").write_text(_SHADOW)
+    git(scene.repo, "update-index", "--assume-unchanged", "app.py")
+    (scene.repo / "notes.txt").write_text("the new version was here\n")
+    git(scene.repo, "update-index", "--skip-worktree", "notes.txt")
+
+
+def conversions_planted_in_git_metadata(scene: Scene) -> None:
+    """The repo's own metadata, the new version's to write: info/attributes outranks the tree's
+    (`eol=crlf` would end every restored line in CR LF, a smudge filter writes what it likes),
+    and a sparse checkout would leave what its patterns leave out."""
+    (scene.repo / ".git/info/attributes").write_text("* text eol=crlf\n*.py filter=evil\n")
+    git(scene.repo, "config", "filter.evil.smudge", "sed s/v1/v2/")
+    git(scene.repo, "config", "core.sparseCheckout", "true")
+    (scene.repo / ".git/info/sparse-checkout").write_text("/notes.txt\n")
+    (scene.repo / "app.py").write_text(_SHADOW)
+
+
+def gitattributes_that_fail_every_capture(scene: Scene) -> None:
+    """An encoding git does not know: every `git add` of the tree fails on it."""
+    (scene.repo / ".gitattributes").write_text("* working-tree-encoding=NONSENSE\n")
+    (scene.repo / "app.py").write_text(_SHADOW)
+
+
 def hard_link_to_a_file_outside(scene: Scene) -> None:
     """A file outside, of the same content as a code file of mode 0600: git sees no change, and
     putting the mode back would chmod the file outside."""
@@ -295,6 +322,9 @@ CASES = [
     Case(bytecode_shadowing_the_stdlib),
     Case(package_folder_0111_shadowing_the_stdlib),
     Case(hard_link_to_a_file_outside),
+    Case(changes_hidden_behind_index_flags),
+    pytest.param(Case(conversions_planted_in_git_metadata), marks=pytest.mark.slow),
+    pytest.param(Case(gitattributes_that_fail_every_capture), marks=pytest.mark.slow),
     Case(json_package_hidden_by_its_own_gitignore, after=_hidden_code_kept_aside),
     Case(json_module_hidden_by_info_exclude, after=_hidden_code_kept_aside),
     Case(json_module_hidden_by_the_tracked_gitignore, after=_hidden_code_kept_aside),

@@ -70,7 +70,7 @@ from typing import Literal
 
 import tenacity
 
-from supervisor.code import generated, hidden, treemodes, treepaths
+from supervisor.code import generated, hidden, infoattributes, treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
 from supervisor.code.gitcmd import Where, branch_name, index_may_hold, literal, under
 from supervisor.code.gitlocks import (
@@ -110,6 +110,14 @@ _ABANDONED = f"{REF_ROOT}/abandoned"
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
+# the `ls-files -v -z` entries (after a NUL) whose tag says assume-unchanged or skip-worktree
+_FLAGGED = re.compile(rb"\0([a-zS]) ([^\0]*)")
+_ATTRIBUTES = (":(glob).gitattributes", ":(glob)**/.gitattributes")
+_LS_TREE_LINE_SHA = re.compile(r"([0-7]{6}) blob ([0-9a-f]+)\t([^\0]*)\0")
+# what git says when an attribute of the tree makes it fail on a file
+_CONVERSION_FAILED = re.compile(
+    r"failed to (?:encode|convert)|and back is not the same|filter '[^']*' failed"
+)
 _LS_TREE_LINE = re.compile(r"([0-7]{6}) [a-z]+ [0-9a-f]+\t([^\0]*)\0")  # mode type sha\tpath\0
 # `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
 _NOT_ADDABLE = re.compile(
@@ -223,6 +231,7 @@ class CodeTree:
         message = (
             f"swapguard checkpoint {name}\n\nbranch: {branch}\n"
             f"{treemodes.to_message(modes)}{owners}{hidden.to_message(ignored)}"
+            f"{infoattributes.to_message(self._git, where.git_dir)}"
         )
         commit = self._commit(tree, parents, message)
         ref = f"{_CHECKPOINTS}/{name}"
@@ -254,6 +263,8 @@ class CodeTree:
         if found[0] is None or found[0].type != "commit":
             raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
         message = found[0].body.decode("utf-8", "surrogateescape")
+        if (attributes := infoattributes.from_message(message)) is not None:
+            infoattributes.put_back(self._git, where.git_dir, attributes)  # before any capture
         target, listing = self._filtered(message.split("\n", 1)[0].removeprefix("tree "), listing)
         tips = [where.head, *(tip.sha for tip in found[2:] if tip is not None)]
         previous = found[1].sha if found[1] is not None else None
@@ -264,13 +275,17 @@ class CodeTree:
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             treemodes.open_all(self._git, self.excluded)
             index = scratch / "current"
-            current = self._capture(index, aside=True)
+            current, theirs = self._capture_as_at_the_take(index, target, attributes, where.git_dir)
             recorded = hidden.from_message(message)  # None: an older checkpoint, none doomed
             folders = {"", *(path for mode, path in listing if mode == "040000")}
             # while diff runs: the abandoned state's commit, the ignored paths, and the look
             # into every folder for FIFOs, sockets and devices (nothing changes the tree now)
             with _beside(3) as pool:
-                early = None if previous else pool.submit(self._abandon, current, tips, name)
+                early = (
+                    None
+                    if previous
+                    else pool.submit(self._abandon, self._with_theirs(current, theirs), tips, name)
+                )
                 listed_now = (
                     None if recorded is None else pool.submit(self._hidden_since, recorded, index)
                 )
@@ -286,7 +301,7 @@ class CodeTree:
                 self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
             made = early.result() if early is not None and not doomed else None
-            self._put_refs(cp, name, current, tips, previous, made=made)
+            self._put_refs(cp, name, self._with_theirs(current, theirs), tips, previous, made=made)
             folders_of_hid = self._new_folders(hid, recorded or [], folders)
             for path in [*hid, *folders_of_hid]:  # kept in the abandoned tree now: removed,
                 treepaths.remove(self.root, path)  # never followed
@@ -387,10 +402,30 @@ class CodeTree:
         if treepaths.is_regular(real):  # a symlink or FIFO planted there is no index: never read
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
+            self._unflag(index)
         skip = self._exclude_pathspecs()
         self._add_all(index, skip, aside=aside)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
+
+    def _unflag(self, index: Path) -> None:
+        """Clear the assume-unchanged and skip-worktree flags in a copy of the user's index:
+        `git add` takes a flagged entry's word for the file (so a new version that flags what it
+        changed would hide it from every capture, and the restore would leave it) and refuses
+        to add a skip-worktree path at all."""
+        listing = b"\0" + (self._git.run_bytes("ls-files", "-v", "-z", index=index) or b"")
+        found = _FLAGGED.findall(
+            listing
+        )  # `-v` tags: lower case is assume-unchanged, S skip-worktree
+        flagged = {
+            "--no-assume-unchanged": [path for tag, path in found if tag.islower()],
+            "--no-skip-worktree": [path for tag, path in found if tag in (b"S", b"s")],
+        }
+        for option, paths in flagged.items():  # update-index applies one flag option a path
+            if paths:
+                log.warning("%s: %s for the capture: %s", self.root, option, paths[:5])
+                stdin = "".join(f"{os.fsdecode(path)}\0" for path in paths)
+                self._git.out("update-index", option, "-z", "--stdin", index=index, stdin=stdin)
 
     def _add_all(self, index: Path, skip: list[str], *, aside: bool) -> None:
         """`git add -A`, again within a bounded time when a file vanished between git listing and
@@ -551,6 +586,70 @@ class CodeTree:
         return self._git.out(*args).strip()
 
     # --- restore -------------------------------------------------------------------------------
+
+    def _capture_as_at_the_take(
+        self, index: Path, target: str, attributes: str | None, git_dir: Path
+    ) -> tuple[str, str]:
+        """The tree to restore from, read through the attributes of the take. A `.gitattributes`
+        the new version added or changed converts what git reads (`text`, `ident`,
+        `working-tree-encoding`): a change of line ends alone would hide from the capture, and
+        an unknown encoding would fail it, and with it every rollback. Such files are put back
+        first (what the new version wrote stays in the abandoned tree: the second value, as
+        `--index-info` lines for `_with_theirs`), then the tree is read."""
+        current = self._capture_tolerant(index, attributes, git_dir)
+        changed = [
+            path
+            for path in self._git.out(
+                *_DIFF, "--name-only", current, target, "--", *_ATTRIBUTES
+            ).split("\0")
+            if path and treepaths.below_real_dirs(self.root, path)
+        ]
+        if not changed:
+            return current, ""
+        log.warning(
+            "%s: attributes files the new version changed, put back: %s", self.root, changed
+        )
+        theirs = _LS_TREE_LINE_SHA.findall(
+            self._git.out("ls-tree", "-z", "--full-tree", current, "--", *map(literal, changed))
+        )
+        with self._scratch() as scratch:
+            ours = scratch / "attributes"
+            self._git.out("read-tree", target, index=ours)
+            listed = self._git.out("ls-files", "-z", "--", *map(literal, changed), index=ours)
+            in_target = [path for path in listed.split("\0") if path]
+            for path in set(changed) - set(in_target):
+                treepaths.remove(self.root, path)
+            if in_target:
+                stdin = "".join(f"{path}\0" for path in in_target)
+                self._git.out("checkout-index", "-f", "-z", "--stdin", index=ours, stdin=stdin)
+        kept = {path for _, _, path in theirs}
+        lines = [f"{mode} {sha}\t{path}\0" for mode, sha, path in theirs]
+        lines += [f"0 {'0' * len(target)}\t{path}\0" for path in changed if path not in kept]
+        return self._capture_tolerant(index, attributes, git_dir), "".join(lines)
+
+    def _with_theirs(self, tree: str, theirs: str) -> str:
+        """`tree` with the attributes files the new version left (`--index-info` lines), for
+        the abandoned state: in an index of their own (in the one a restore reads the tree
+        through, their conversions would apply again)."""
+        if not theirs:
+            return tree
+        with self._scratch() as scratch:
+            index = scratch / "abandoned"
+            self._git.out("read-tree", tree, index=index)
+            self._git.out("update-index", "-z", "--index-info", index=index, stdin=theirs)
+            return self._git.out("write-tree", index=index).strip()
+
+    def _capture_tolerant(self, index: Path, attributes: str | None, git_dir: Path) -> str:
+        """`_capture` with `aside`; when the tree's attributes make git fail on a file, once
+        more with every conversion off (the checkpoint's info/attributes put back after)."""
+        try:
+            return self._capture(index, aside=True)
+        except CheckpointError as exc:
+            if attributes is None or not _CONVERSION_FAILED.search(exc.message):
+                raise
+            log.warning("%s: captured byte for byte: %s", self.root, exc.message)
+        with infoattributes.raw(self._git, git_dir, attributes):
+            return self._capture(index, aside=True)
 
     def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
         """The paths of files the target adds to the current tree, and those it has not."""
@@ -769,9 +868,15 @@ class CodeTree:
         """From rev-parse's work tree, top and git dir lines: the git dir, root being the top."""
         if len(lines) != 3 or lines[0] != "true":
             raise CheckpointError(f"code root {self.root} is not a git work tree")
-        if Path(lines[1]).resolve() != self.root.resolve():
+        # git runs with root as its work tree (whatever `core.worktree` says): the repo must be
+        # root's own, found at root/.git, not one git found further up
+        dot_git = self.root / ".git"
+        if not dot_git.exists() or (
+            dot_git.is_dir() and Path(lines[2]).resolve() != dot_git.resolve()
+        ):
+            top = Path(lines[2]).parent
             raise CheckpointError(
-                f"code root {self.root} must be the top of its git work tree {lines[1]}"
+                f"code root {self.root} must be the top of its git work tree {top}"
             )
         self._known_git_dir = Path(lines[2])
         return self._known_git_dir
@@ -827,7 +932,9 @@ def _log_vanished(state: tenacity.RetryCallState) -> None:
     found = _VANISHED.search(str(state.outcome.exception())) if state.outcome else None
     log.info(
         "a file vanished during the checkpoint (%s); adding again in %.0f ms (attempt %d)",
-        found.group(1) if found else "?", state.upcoming_sleep * 1000, state.attempt_number + 1,
+        found.group(1) if found else "?",
+        state.upcoming_sleep * 1000,
+        state.attempt_number + 1,
     )
 
 

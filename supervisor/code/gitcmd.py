@@ -49,12 +49,38 @@ def _no_index() -> str:
 
 
 # Config that would make a scratch-index operation slow, lossy or chatty, overridden per call.
+# The repo's config is the new version's to write (it runs as the tree's owner): a key that
+# changes what git reads from the work tree or writes into it is pinned here, so that no
+# setting planted after the take can hide a change from a capture or bend what a restore
+# writes (its files, links and bits as git stores them). `filters` below does the drivers.
 _GIT_CONFIG = (
     "core.fsmonitor=false",  # a stale token in a copied index could hide a change
     "core.splitIndex=false",
+    "core.untrackedCache=false",  # a forged cache in a copied index could hide a new file
+    "core.sparseCheckout=false",  # else a restore leaves what the patterns leave out
+    "core.sparseCheckoutCone=false",
+    "index.sparse=false",
+    "core.symlinks=true",  # else links are restored as plain files
+    "core.fileMode=true",  # else the executable bit is neither seen nor restored
+    "core.autocrlf=false",  # else line ends are converted both ways
+    "core.eol=native",
+    "core.safecrlf=false",  # else a file with mixed line ends fails the capture
+    "core.attributesFile=/dev/null",  # the repo's `.gitattributes` and info/attributes only
+    "core.checkStat=default",
+    "core.trustctime=true",
     "gc.auto=0",
     "maintenance.auto=false",
     "advice.addEmbeddedRepo=false",
+)
+_DRIVER_KEYS = r"^(filter\..*\.(clean|smudge|process|required)|include\.path|includeif\..*\.path)$"
+_INCLUDE_KEY = re.compile(r"include\.path|includeif\..*\.path", re.DOTALL)
+_DRIVER_KEY = re.compile(r"filter\.(.+)\.(?:clean|smudge|process|required)", re.DOTALL)
+# each key of a driver, and what it is set to: no command (git passes the bytes through), and
+# not required (else a driver with no command fails every file it names)
+_DRIVER_VALUES = {"clean": "", "smudge": "", "process": "", "required": "false"}
+# the commands that read files of the work tree into objects or write objects out as files
+_CONVERTING = frozenset(
+    {"add", "read-tree", "checkout-index", "update-index", "hash-object", "rm", "status"}
 )
 _HOOKS_FAULT = "SWAPGUARD_TEST_GIT_HOOKS"
 """Test-only fault: a folder of git hooks our commands run (by default none runs)."""
@@ -65,6 +91,8 @@ def _hooks_path() -> str:
     planted would otherwise run (and could hang) while our update-ref holds HEAD.lock, and the
     rollback with it. `/dev/null` is no folder, so git finds no hook there."""
     return os.environ.get(_HOOKS_FAULT) or os.devnull
+
+
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "swapguard",
     "GIT_AUTHOR_EMAIL": "swapguard@localhost",
@@ -123,6 +151,8 @@ class Git:
         self.owner = _owner_of(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
         env.update(_IDENTITY, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+        # the work tree is root, whatever a `core.worktree` planted in the repo's config says
+        env["GIT_WORK_TREE"] = os.path.abspath(root)
         if self.owner is not None:
             env["HOME"] = self.owner.home
         self._env = env
@@ -137,6 +167,7 @@ class Git:
         self._config = [arg for item in config for arg in ("-c", item)]
         self.excludes = tuple(excludes)
         self._excludes_files: tuple[str, str, str] | None = None
+        self._drivers: tuple[object, dict[str, str]] | None = None  # config signature, env
 
     def excludes_file(self) -> str | None:
         """A file holding `excludes` alone (for `ls-files --exclude-from`), or None if none."""
@@ -204,7 +235,59 @@ class Git:
         config = list(self._config)
         if self.excludes:
             config += ["-c", f"core.excludesFile={self._prepare_excludes()[0]}"]
-        return self._run(args, index, ok, stdin, config)
+        drivers = self._no_filters() if args and args[0] in _CONVERTING else {}
+        return self._run(args, index, ok, stdin, config, drivers)
+
+    def _no_filters(self) -> dict[str, str]:
+        """Config (as environment) that turns off every filter driver any config defines: a
+        driver is a command the repo's config names, which a `.gitattributes` or
+        `.git/info/attributes` line runs on a file as git reads or writes it, so a new version
+        could make a capture hash its own version of a file, or a restore write one. Looked up
+        again whenever a config file changed (always, when one includes others). As
+        environment, not `-c`: a driver's name may hold `=`, which `-c` would split on."""
+        signature = self._config_signature()
+        known = self._drivers
+        if known is not None and signature is not None and known[0] == signature:
+            return known[1]
+        asked = ("config", "-z", "--name-only", "--get-regexp", _DRIVER_KEYS)
+        found = os.fsdecode(self._run(asked, None, (1,), "", self._config) or b"").split("\0")
+        names = dict.fromkeys(m.group(1) for m in map(_DRIVER_KEY.fullmatch, found) if m)
+        pairs = [
+            (f"filter.{n}.{key}", value) for n in names for key, value in _DRIVER_VALUES.items()
+        ]
+        env = {"GIT_CONFIG_COUNT": str(len(pairs))} if pairs else {}
+        for i, (key, value) in enumerate(pairs):
+            env[f"GIT_CONFIG_KEY_{i}"] = key
+            env[f"GIT_CONFIG_VALUE_{i}"] = value
+        includes = any(_INCLUDE_KEY.fullmatch(key) for key in found)
+        self._drivers = None if includes else (signature, env)
+        return env
+
+    def _config_signature(self) -> tuple[tuple[int, int, int, int] | None, ...] | None:
+        """The stat of every config file git reads here (None: one cannot be told)."""
+        git_dir = os.path.join(self.root, ".git")
+        if not os.path.isdir(git_dir):
+            return None  # a .git file names the git dir elsewhere: looked up every time
+        home = self._env.get("HOME", "/")
+        xdg = self._env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        paths = (
+            os.path.join(git_dir, "config"),
+            os.path.join(git_dir, "config.worktree"),
+            os.path.join(home, ".gitconfig"),
+            os.path.join(xdg, "git", "config"),
+            os.environ.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig",
+        )
+        found: list[tuple[int, int, int, int] | None] = []
+        for path in paths:
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                found.append(None)
+            except OSError:
+                return None
+            else:
+                found.append((info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+        return tuple(found)
 
     def _run(
         self,
@@ -213,8 +296,9 @@ class Git:
         ok: Sequence[int],
         stdin: str,
         config: Sequence[str],
+        extra_env: dict[str, str] | None = None,
     ) -> bytes | None:
-        env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
+        env = {**self._env, **(extra_env or {}), "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
             proc = subprocess.Popen(
