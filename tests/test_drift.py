@@ -280,3 +280,35 @@ def test_a_change_made_after_a_rollback_restored_the_tree_is_drift(
         asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
     finally:
         pool.shutdown(wait=True)
+
+
+def test_a_drift_check_git_fails_on_is_logged_once_per_cause(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tree whose attributes make git fail (an encoding it does not know) cannot be compared:
+    said in the log, once however often the tree changes, and no drift is made up."""
+    repo = make_sample_repo(tmp_path / "repo")
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def scenario() -> None:
+        guard, calls = _guard(repo, store, pool)
+        guard.plan_at_start(adopted=False, run_code_version=None)
+        guard.take_at_start()
+        await asyncio.wait_for(guard.settled(), WAIT_S)
+        (repo / ".gitattributes").write_text("* working-tree-encoding=NONSENSE\n")
+        for _ in range(3):
+            before = guard.checks
+            guard.on_tree_changed()
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while guard.checks == before:  # the check's answer, on the loop
+                assert asyncio.get_running_loop().time() < deadline, "no drift check ended"
+                await asyncio.sleep(0.01)
+        assert not guard.drifted and calls == []
+
+    try:
+        with caplog.at_level("WARNING", logger="supervisor.daemon.drift"):
+            asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
+    finally:
+        pool.shutdown(wait=True)
+    failed = [r.getMessage() for r in caplog.records if "drift check" in r.getMessage()]
+    assert len(failed) == 1 and "NONSENSE" in failed[0], failed

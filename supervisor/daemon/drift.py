@@ -89,6 +89,7 @@ class DriftGuard:
         self._record_code_version = record_code_version
         self.drifted = False
         self.checks = 0  # comparisons of the tree with the baseline finished (a metric)
+        self._last_check_error: str | None = None  # the last failed check's cause, logged once
         self._pending = False  # a baseline refresh (at start, after a confirm) is on its way
         self._recheck = False  # a change was seen while it was
         self._unversioned_run = False  # the current run was spawned while it was
@@ -169,10 +170,23 @@ class DriftGuard:
 
         def done(finished: asyncio.Future[bool]) -> None:
             self.checks += 1
-            if finished.exception() is None and finished.result():
+            if (error := finished.exception()) is not None:
+                self._check_failed(error)
+            elif finished.result():
+                self._last_check_error = None
                 self._on_drift(checkpoint)
+            else:
+                self._last_check_error = None
 
         future.add_done_callback(done)
+
+    def _check_failed(self, error: BaseException) -> None:
+        """A drift check that could not run (a tree git fails on): logged once per cause, not
+        once per change of the tree."""
+        said = str(error)
+        if said != self._last_check_error:
+            log.warning("drift check of %s failed: %s", self.config.root, said)
+        self._last_check_error = said
 
     def on_host_spawned(self) -> None:
         """A new host process: status shows its HEAD, and a drifted tree it starts on is the
