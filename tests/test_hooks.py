@@ -222,3 +222,31 @@ def test_every_swap_event_reaches_a_slow_hook_across_rollbacks_and_a_kill_9(
         wait_for(lambda: lines(got)[-1:] == wanted[-1:], timeout=60, what="the last event")
         first_seen = list(dict.fromkeys(map(tuple, lines(got))))  # at least once, in order
         assert first_seen == [tuple(item) for item in wanted]
+
+
+def test_an_event_a_worker_wrote_reaches_a_hook_that_wants_only_it(
+    tmp_path: Path, store: Store
+) -> None:
+    """A restore's worker writes `code.foreign_locks` itself: the loop never holds the record,
+    so it wakes the hooks when it publishes the step's result, and a hook that wants only that
+    kind reads it from the store."""
+    (tmp_path / "plan.json").write_text("{}")
+    config = HooksConfig(
+        on_event=(sys.executable, "-c", _HOOK, str(tmp_path)), events=("code.foreign_locks",)
+    )
+    published = [store.newest_event_id()]  # as the runtime's published_event_id
+    hook = HookRunner(
+        config,
+        store=store,
+        cwd=tmp_path,
+        published=lambda: published[0],
+        retry_first=0.05,
+        retry_max=0.2,
+    )
+    try:
+        record = store.append_event("code.foreign_locks", {"locks": ["x.lock"]}, swap_id="s1")
+        published[0] = record.id  # the loop publishes the step's result...
+        hook.wake()  # ...and says so: no record of the kind passes through its hands
+        wait_for(lambda: lines(tmp_path / "got.jsonl") == ["code.foreign_locks"], timeout=30)
+    finally:
+        hook.close()

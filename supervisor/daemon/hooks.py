@@ -108,6 +108,12 @@ class HookRunner:
         if self._thread is not None and self.matches(str(event.get("event", ""))):
             self._wake.set()
 
+    def wake(self) -> None:
+        """Entries were published whose kinds the loop did not hold (a worker wrote them): the
+        hook reads the store past its cursor and runs for those it wants."""
+        if self._thread is not None:
+            self._wake.set()
+
     def close(self, timeout: float | None = None) -> None:
         """End the worker: a wait ends at once; a run in flight gets a short grace, then is cut
         (its event stays after the cursor, for the next swapguard)."""

@@ -127,6 +127,7 @@ class Runtime:
         self.published_event_id = store.newest_event_id()
         self._written_event_id = self.published_event_id
         self._unannounced: list[EventRecord] = []  # records written, for the hooks once published
+        self._unread_by_hooks = False  # a worker wrote entries since the last publish
         self.snapshots = SnapshotStore(config.state.dir / "snapshots")
         self.work = SwapWork(config, store, self.code, self.snapshots)
         self.hooks = HookRunner(
@@ -686,9 +687,13 @@ class Runtime:
         """A step's worker may have written entries of its own (a restore's lock reports): they
         are published with the step's result, not with whatever the loop writes next."""
         try:
-            self._written_event_id = max(self._written_event_id, self.store.newest_event_id())
+            newest = self.store.newest_event_id()
         except StoreError as exc:
             log.warning("cannot read the audit log's newest id: %s", exc)
+            return
+        if newest > self._written_event_id:
+            self._written_event_id = newest
+            self._unread_by_hooks = True  # entries the loop never held: the hooks read them
 
     def _written(self, records: list[EventRecord]) -> None:
         if records:
@@ -705,6 +710,9 @@ class Runtime:
         records, self._unannounced = self._unannounced, []
         for record in records:
             self.hooks.submit(record.to_json())
+        if self._unread_by_hooks:
+            self._unread_by_hooks = False
+            self.hooks.wake()
 
     def _schedule(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
