@@ -507,6 +507,9 @@ def test_restore_is_exact_whatever_the_new_version_did_to_git_metadata(
     assert not (repo.parent / "elsewhere").exists() or not any(
         (repo.parent / "elsewhere").iterdir()
     )
+    if attack in (tree_attributes_that_fail, tree_attributes_that_convert):  # kept, as left
+        abandoned = git(repo, "show", "refs/swapguard/abandoned/s1:src/.gitattributes")
+        assert abandoned.startswith("*")
 
 
 def test_a_filter_driver_added_to_an_included_config_is_turned_off(repo: Path) -> None:
