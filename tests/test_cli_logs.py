@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.cli import logs as logs_module
 from supervisor.cli.logs import last_lines
 from tests.support import WAIT, make_sample_repo, supervised, wait_for
 
@@ -125,3 +126,41 @@ def test_events_last_n_one_swap_json_and_follow(tmp_path: Path) -> None:
                 "swap.aborted",
             ]
         wait_for(lambda: sup.status()["swap"] is None, what="no swap in flight")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_follow_keeps_what_the_old_file_got_between_its_last_read_and_the_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host writes its last line to the old file, then logrotate's new file appears, all
+    between follow's read that came back empty and its look at the path: that line is read
+    before the new file is (it used to be lost)."""
+    log = tmp_path / "host.log"
+    log.write_bytes(b"old\n")
+    host = log.open("ab")
+    stream = log.open("rb")
+    stream.seek(0, os.SEEK_END)
+    real_stat = os.stat
+    looks = []
+
+    def the_host_acts_first(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        looks.append(path)
+        if len(looks) == 1:
+            log.rename(tmp_path / "host.log.1")
+            host.write(b"into the renamed file\n")
+            host.flush()
+            log.write_bytes(b"in the new file\n")
+        if len(looks) == 3:
+            raise _Stop
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(logs_module.os, "stat", the_host_acts_first)
+    monkeypatch.setattr(logs_module, "FOLLOW_POLL_S", 0.0)
+    out = io.BytesIO()
+    with pytest.raises(_Stop):
+        logs_module.follow(log, stream, out)
+    host.close()
+    assert out.getvalue() == b"into the renamed file\nin the new file\n"

@@ -49,7 +49,12 @@ def follow(path: Path, stream: BinaryIO, out: BinaryIO) -> None:
             now = None  # renamed away, the new one not there yet
         rotated = now is not None and (now.st_ino, now.st_dev) != (current.st_ino, current.st_dev)
         if rotated:
-            stream.close()  # what the old file still had was read above
+            # what was written to the old file before the new one appeared: it may have come
+            # after the read above came back empty
+            while chunk := stream.read(_CHUNK):
+                out.write(chunk)
+            out.flush()
+            stream.close()
             stream = path.open("rb")
             current = os.fstat(stream.fileno())
             continue
