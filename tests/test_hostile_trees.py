@@ -468,7 +468,55 @@ def tree_attributes_that_convert(repo: Path) -> None:
     write(repo / "run.sh", "#!/bin/sh\r\nexec python src/app.py\r\n")
 
 
+def replace_refs(repo: Path) -> None:
+    """`git replace` makes git read another object wherever the checkpoint's is named."""
+    old_blob = git(repo, "rev-parse", "refs/swapguard/checkpoints/s1:src/app.py").strip()
+    hostile_code(repo)
+    new_blob = git(repo, "hash-object", "-w", "src/app.py").strip()
+    git(repo, "replace", old_blob, new_blob)
+
+
+def case_blind_index(repo: Path) -> None:
+    """With core.ignoreCase, `makefile` beside a tracked `Makefile`-like name is not seen."""
+    hostile_code(repo)
+    git(repo, "config", "core.ignoreCase", "true")
+    write(repo / "readme.md", "read before README.md by a case-sensitive tool\n")
+    write(repo / "SRC/app.py", "print('hostile')\n")
+
+
+def ignored_gitattributes(repo: Path) -> None:
+    """A `.gitattributes` that git ignores still converts: a change of line ends alone hides."""
+    with open(repo / ".git/info/exclude", "a") as handle:
+        handle.write("/.gitattributes\n")
+    write(repo / ".gitattributes", "*.sh text\nsrc/app.py working-tree-encoding=UTF-16\n")
+    write(repo / "run.sh", "#!/bin/sh\r\nexec python src/app.py\r\n")
+    (repo / "src/app.py").write_bytes("print('hostile')\n".encode("utf-16"))
+
+
+def planted_scratch_folder(repo: Path) -> None:
+    """Where a restore writes its scratch files: a folder (once made every restore fail)."""
+    hostile_code(repo)
+    (repo / ".git/info").mkdir(exist_ok=True)
+    (repo / ".git/info/.swapguard-attributes.1").mkdir()
+    (repo / ".git/swapguard-index.1").mkdir()
+
+
+def huge_driver_names(repo: Path) -> None:
+    """A driver name of 200 KiB and 5000 drivers: one environment string each would not fit."""
+    hostile_code(repo)
+    lines = [f'[filter "{"x" * 200_000}"]\n\tsmudge = sed s/v1/EVIL/\n']
+    lines += [f'[filter "d{i}"]\n\tsmudge = sed s/v1/EVIL/\n' for i in range(5000)]
+    with open(repo / ".git/config", "a") as handle:
+        handle.write("".join(lines))
+    write(repo / ".git/info/attributes", "* filter=d4999\n")
+
+
 METADATA_ATTACKS: list[Callable[[Path], None]] = [
+    replace_refs,
+    case_blind_index,
+    ignored_gitattributes,
+    planted_scratch_folder,
+    huge_driver_names,
     tree_attributes_that_fail,
     tree_attributes_that_convert,
     index_assume_unchanged,
@@ -479,7 +527,12 @@ METADATA_ATTACKS: list[Callable[[Path], None]] = [
     config_no_symlinks_no_modes,
     config_work_tree_elsewhere,
 ]
-_METADATA = (".git/info/attributes", ".git/info/sparse-checkout", ".git/config")
+_METADATA = (
+    ".git/info/attributes",
+    ".git/info/sparse-checkout",
+    ".git/info/exclude",
+    ".git/config",
+)
 
 
 @pytest.mark.parametrize("attack", METADATA_ATTACKS, ids=lambda a: a.__name__)
@@ -531,3 +584,102 @@ def test_a_filter_driver_added_to_an_included_config_is_turned_off(repo: Path) -
     assert "EVIL" not in (repo / "src/app.py").read_text(), "the smudge command ran"
     included.write_text("")
     assert snapshot_state(repo) == before
+
+
+# --- what a legitimate user's repo does: as exact as before -----------------------------------
+
+
+def small_repo(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    for name, content in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(content)
+    commit_all(repo, "first")
+    return repo
+
+
+def files_of(repo: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(repo).as_posix(): path.read_bytes()
+        for path in sorted(repo.rglob("*"))
+        if ".git" not in path.relative_to(repo).parts and path.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "line_ends", ["core.autocrlf=true", "core.eol=crlf"], ids=["autocrlf", "eol-crlf"]
+)
+def test_the_users_drivers_and_line_ends_are_those_of_the_take(
+    tmp_path: Path, line_ends: str
+) -> None:
+    """An LFS-like driver (the repo stores a pointer, the tree the content) and CR LF line ends
+    from the user's config: a file the new version changed comes back as the take read it."""
+    repo = small_repo(tmp_path, {"app.py": b"print('v1')\n", "run.bat": b"@echo v1\n"})
+    store = tmp_path / "lfs-store"
+    store.mkdir()
+    keep = "h=$(sha256sum < $f | cut -c1-16); mv $f"
+    clean = f"sh -c 'f=$(mktemp); cat > $f; {keep} {store}/$h; echo pointer $h'"
+    git(repo, "config", "filter.lfs.clean", clean)
+    git(repo, "config", "filter.lfs.smudge", f"sh -c 'read p h; cat {store}/$h'")
+    git(repo, "config", "filter.lfs.required", "true")
+    key, value = line_ends.split("=")
+    git(repo, "config", key, value)
+    write(
+        repo / ".gitattributes",
+        ("* text=auto\n" if key == "core.eol" else "") + "*.bin filter=lfs -text\n",
+    )
+    (repo / "asset.bin").write_bytes(b"\0REAL ASSET v1\0" * 100)
+    for name in ("app.py", "run.bat"):
+        (repo / name).unlink()
+    git(repo, "checkout", "--", "app.py", "run.bat")  # written with CR LF now
+    commit_all(repo, "lfs")
+    tree = CodeTree(repo)
+    before = files_of(repo)
+    assert before["run.bat"] == b"@echo v1\r\n"
+    cp = tree.take("s1")
+    (repo / "asset.bin").write_bytes(b"NEW VERSION ASSET")
+    (repo / "app.py").write_bytes(b"print('v2')\r\n")
+    tree.restore(cp, name="s1")
+    assert files_of(repo) == before
+
+
+def test_a_sparse_checkout_stays_as_it_was(tmp_path: Path) -> None:
+    repo = small_repo(tmp_path, {"app/a.py": b"a\n", "docs/big.md": b"doc\n", "top.txt": b"t\n"})
+    git(repo, "sparse-checkout", "set", "app")
+    tree = CodeTree(repo)
+    before = files_of(repo)
+    assert "docs/big.md" not in before
+    cp = tree.take("s1")
+    (repo / "app/a.py").write_bytes(b"EVIL\n")
+    tree.restore(cp, name="s1")
+    assert files_of(repo) == before
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_a_linked_work_tree_gets_the_common_info_attributes_back(tmp_path: Path) -> None:
+    """git reads info/attributes from the common git dir, not the linked work tree's own."""
+    main = small_repo(tmp_path, {"run.sh": b"#!/bin/sh\necho v1\n"})
+    repo = tmp_path / "linked"
+    git(main, "worktree", "add", "-q", "-b", "live", str(repo))
+    tree = CodeTree(repo)
+    before = files_of(repo)
+    cp = tree.take("s1")
+    write(main / ".git/info/attributes", "run.sh text\n")  # hides a change of line ends alone
+    (repo / "run.sh").write_bytes(b"#!/bin/sh\r\necho v1\r\n")
+    tree.restore(cp, name="s1")
+    assert files_of(repo) == before
+    assert not (main / ".git/info/attributes").exists()
+
+
+def test_the_byte_for_byte_attributes_a_dead_restore_left_are_no_users(repo: Path) -> None:
+    """Killed while it read the tree byte for byte, a restore leaves swapguard's attributes in
+    info/attributes: the next take removes them rather than record them as the user's."""
+    from supervisor.code import conversions
+
+    (repo / ".git/info").mkdir(exist_ok=True)
+    (repo / ".git/info/attributes").write_bytes(conversions._RAW)
+    cp = code_tree(repo).take("s1")
+    assert not (repo / ".git/info/attributes").exists()
+    message = git(repo, "cat-file", "commit", cp.commit)
+    assert "info-attributes: none" in message

@@ -70,7 +70,7 @@ from typing import Literal
 
 import tenacity
 
-from supervisor.code import generated, hidden, infoattributes, treemodes, treepaths
+from supervisor.code import conversions, generated, hidden, treemodes, treepaths
 from supervisor.code.gitcmd import Git as _Git
 from supervisor.code.gitcmd import Where, branch_name, index_may_hold, literal, under
 from supervisor.code.gitlocks import (
@@ -112,12 +112,6 @@ _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", 
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
 # the `ls-files -v -z` entries (after a NUL) whose tag says assume-unchanged or skip-worktree
 _FLAGGED = re.compile(rb"\0([a-zS]) ([^\0]*)")
-_ATTRIBUTES = (":(glob).gitattributes", ":(glob)**/.gitattributes")
-_LS_TREE_LINE_SHA = re.compile(r"([0-7]{6}) blob ([0-9a-f]+)\t([^\0]*)\0")
-# what git says when an attribute of the tree makes it fail on a file
-_CONVERSION_FAILED = re.compile(
-    r"failed to (?:encode|convert)|and back is not the same|filter '[^']*' failed"
-)
 _LS_TREE_LINE = re.compile(r"([0-7]{6}) [a-z]+ [0-9a-f]+\t([^\0]*)\0")  # mode type sha\tpath\0
 # `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
 _NOT_ADDABLE = re.compile(
@@ -231,7 +225,7 @@ class CodeTree:
         message = (
             f"swapguard checkpoint {name}\n\nbranch: {branch}\n"
             f"{treemodes.to_message(modes)}{owners}{hidden.to_message(ignored)}"
-            f"{infoattributes.to_message(self._git, where.git_dir)}"
+            f"{conversions.to_message(self._git, self._info_dir(where.git_dir))}"
         )
         commit = self._commit(tree, parents, message)
         ref = f"{_CHECKPOINTS}/{name}"
@@ -263,29 +257,31 @@ class CodeTree:
         if found[0] is None or found[0].type != "commit":
             raise CheckpointError(f"checkpoint commit {cp.commit} is missing from {self.root}")
         message = found[0].body.decode("utf-8", "surrogateescape")
-        if (attributes := infoattributes.from_message(message)) is not None:
-            infoattributes.put_back(self._git, where.git_dir, attributes)  # before any capture
+        info = self._info_dir(where.git_dir)
+        if (attributes := conversions.attributes_from_message(message)) is not None:
+            conversions.put_back(self._git, info, attributes)  # before git reads the tree
         target, listing = self._filtered(message.split("\n", 1)[0].removeprefix("tree "), listing)
         tips = [where.head, *(tip.sha for tip in found[2:] if tip is not None)]
         previous = found[1].sha if found[1] is not None else None
         mask = treemodes.umask()
         ref_locks = [f"{abandoned_ref}.lock", f"refs/heads/{cp.branch}.lock"]
         staged_lock = f"{_STAGED_PREFIX}{os.getpid()}.lock"  # git's, on the index _put_index builds
-        with locks.holding([*_LOCKS, *ref_locks, staged_lock]), self._scratch() as scratch:
+        with (
+            locks.holding([*_LOCKS, *ref_locks, staged_lock]),
+            self._scratch() as scratch,
+            self._git.as_at_the_take(conversions.config_from_message(message)),
+        ):
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             treemodes.open_all(self._git, self.excluded)
             index = scratch / "current"
-            current, theirs = self._capture_as_at_the_take(index, target, attributes, where.git_dir)
+            with conversions.raw(self._git, info):  # nothing the tree says can hide a change
+                current = self._capture(index, aside=True)
             recorded = hidden.from_message(message)  # None: an older checkpoint, none doomed
             folders = {"", *(path for mode, path in listing if mode == "040000")}
             # while diff runs: the abandoned state's commit, the ignored paths, and the look
             # into every folder for FIFOs, sockets and devices (nothing changes the tree now)
             with _beside(3) as pool:
-                early = (
-                    None
-                    if previous
-                    else pool.submit(self._abandon, self._with_theirs(current, theirs), tips, name)
-                )
+                early = None if previous else pool.submit(self._abandon, current, tips, name)
                 listed_now = (
                     None if recorded is None else pool.submit(self._hidden_since, recorded, index)
                 )
@@ -301,7 +297,7 @@ class CodeTree:
                 self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
                 current = self._git.out("write-tree", index=index).strip()
             made = early.result() if early is not None and not doomed else None
-            self._put_refs(cp, name, self._with_theirs(current, theirs), tips, previous, made=made)
+            self._put_refs(cp, name, current, tips, previous, made=made)
             folders_of_hid = self._new_folders(hid, recorded or [], folders)
             for path in [*hid, *folders_of_hid]:  # kept in the abandoned tree now: removed,
                 treepaths.remove(self.root, path)  # never followed
@@ -419,7 +415,13 @@ class CodeTree:
         )  # `-v` tags: lower case is assume-unchanged, S skip-worktree
         flagged = {
             "--no-assume-unchanged": [path for tag, path in found if tag.islower()],
-            "--no-skip-worktree": [path for tag, path in found if tag in (b"S", b"s")],
+            # only where a file is there: a sparse checkout leaves the others out on purpose,
+            # and cleared they would read as deleted
+            "--no-skip-worktree": [
+                path
+                for tag, path in found
+                if tag in (b"S", b"s") and os.path.lexists(self.root / os.fsdecode(path))
+            ],
         }
         for option, paths in flagged.items():  # update-index applies one flag option a path
             if paths:
@@ -587,70 +589,6 @@ class CodeTree:
 
     # --- restore -------------------------------------------------------------------------------
 
-    def _capture_as_at_the_take(
-        self, index: Path, target: str, attributes: str | None, git_dir: Path
-    ) -> tuple[str, str]:
-        """The tree to restore from, read through the attributes of the take. A `.gitattributes`
-        the new version added or changed converts what git reads (`text`, `ident`,
-        `working-tree-encoding`): a change of line ends alone would hide from the capture, and
-        an unknown encoding would fail it, and with it every rollback. Such files are put back
-        first (what the new version wrote stays in the abandoned tree: the second value, as
-        `--index-info` lines for `_with_theirs`), then the tree is read."""
-        current = self._capture_tolerant(index, attributes, git_dir)
-        changed = [
-            path
-            for path in self._git.out(
-                *_DIFF, "--name-only", current, target, "--", *_ATTRIBUTES
-            ).split("\0")
-            if path and treepaths.below_real_dirs(self.root, path)
-        ]
-        if not changed:
-            return current, ""
-        log.warning(
-            "%s: attributes files the new version changed, put back: %s", self.root, changed
-        )
-        theirs = _LS_TREE_LINE_SHA.findall(
-            self._git.out("ls-tree", "-z", "--full-tree", current, "--", *map(literal, changed))
-        )
-        with self._scratch() as scratch:
-            ours = scratch / "attributes"
-            self._git.out("read-tree", target, index=ours)
-            listed = self._git.out("ls-files", "-z", "--", *map(literal, changed), index=ours)
-            in_target = [path for path in listed.split("\0") if path]
-            for path in set(changed) - set(in_target):
-                treepaths.remove(self.root, path)
-            if in_target:
-                stdin = "".join(f"{path}\0" for path in in_target)
-                self._git.out("checkout-index", "-f", "-z", "--stdin", index=ours, stdin=stdin)
-        kept = {path for _, _, path in theirs}
-        lines = [f"{mode} {sha}\t{path}\0" for mode, sha, path in theirs]
-        lines += [f"0 {'0' * len(target)}\t{path}\0" for path in changed if path not in kept]
-        return self._capture_tolerant(index, attributes, git_dir), "".join(lines)
-
-    def _with_theirs(self, tree: str, theirs: str) -> str:
-        """`tree` with the attributes files the new version left (`--index-info` lines), for
-        the abandoned state: in an index of their own (in the one a restore reads the tree
-        through, their conversions would apply again)."""
-        if not theirs:
-            return tree
-        with self._scratch() as scratch:
-            index = scratch / "abandoned"
-            self._git.out("read-tree", tree, index=index)
-            self._git.out("update-index", "-z", "--index-info", index=index, stdin=theirs)
-            return self._git.out("write-tree", index=index).strip()
-
-    def _capture_tolerant(self, index: Path, attributes: str | None, git_dir: Path) -> str:
-        """`_capture` with `aside`; when the tree's attributes make git fail on a file, once
-        more with every conversion off (the checkpoint's info/attributes put back after)."""
-        try:
-            return self._capture(index, aside=True)
-        except CheckpointError as exc:
-            if attributes is None or not _CONVERSION_FAILED.search(exc.message):
-                raise
-            log.warning("%s: captured byte for byte: %s", self.root, exc.message)
-        with infoattributes.raw(self._git, git_dir, attributes):
-            return self._capture(index, aside=True)
-
     def _diff(self, current: str, target: str) -> tuple[list[str], list[str]]:
         """The paths of files the target adds to the current tree, and those it has not."""
         fields = self._git.out(*_DIFF, "--name-status", current, target).split("\0")
@@ -785,7 +723,7 @@ class CodeTree:
         after a short wait, else by the first operation after the lock goes)."""
         git_dir = self._git_dir()
         for stale in git_dir.glob(f"{_STAGED_PREFIX}*"):  # left by a restore that was killed
-            stale.unlink(missing_ok=True)
+            treepaths.remove(git_dir, stale.name)  # (or planted: a folder, never followed)
         staged = git_dir / f"{_STAGED_PREFIX}{os.getpid()}"
         try:
             if index_tree:
@@ -880,6 +818,14 @@ class CodeTree:
             )
         self._known_git_dir = Path(lines[2])
         return self._known_git_dir
+
+    def _info_dir(self, git_dir: Path) -> Path:
+        """The `info` folder git reads attributes from: the common git dir's, which a linked
+        work tree's git dir (holding a `commondir` file) is not."""
+        if not treepaths.is_regular(git_dir / "commondir"):
+            return git_dir / "info"
+        found = self._git.out("rev-parse", "--path-format=absolute", "--git-common-dir")
+        return Path(found.strip()) / "info"
 
     def _look(self) -> Where:
         """Check that root is the top of a git work tree, and where its HEAD is: one git run

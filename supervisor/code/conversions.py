@@ -1,20 +1,27 @@
-"""The repo's own attributes file, `.git/info/attributes`: kept by each checkpoint, put back first
-by each restore.
+"""What converts a file as git reads it from the tree or writes it there: recorded by each take,
+in force at each restore, whatever the new version changed since.
 
-It outranks every `.gitattributes` of the tree, and its `text`, `eol`, `ident` and
-`working-tree-encoding` lines convert what git reads from the tree and writes into it. A line a
-new version adds there (`* text eol=crlf`) would make a restore write other bytes than the take
-read: every restored script would end its lines in CR LF, and the old version might not start.
-So a checkpoint records the file as it was (its blob, in the commit message; "none" when there
-was none), and a restore puts that back before it captures or writes anything; the file it
-replaces is kept as a blob (logged) and never followed. Filter drivers are off for swapguard's git
-altogether (`gitcmd`), and the keys of the repo's config that change what git reads or writes are
-pinned there.
+Three things convert: the filter drivers (commands the config names, run on each file an
+attributes line names), the line-end settings (`core.autocrlf`, `core.eol`), and the attributes
+(`text`, `eol`, `ident`, `working-tree-encoding`, `filter`) of `.git/info/attributes`, which
+outranks every `.gitattributes` of the tree. The new version may rewrite all three: a driver of
+its own would write its own bytes at the restore, `* text eol=crlf` would end every restored line
+in CR LF (and the old version might not start), and an unknown encoding would fail every `git
+add`, and with it every rollback. So:
+
+- a checkpoint records the drivers and line-end settings (`gitcmd.Git.conversions`) and the
+  attributes file (its blob, "none" when there was none) in its commit message;
+- a restore puts the attributes file back first (what it replaces is kept as a blob, named in the
+  log; never written through a link), and runs git with the recorded drivers and settings alone
+  (`gitcmd.Git.as_at_the_take`);
+- a restore reads the tree byte for byte (`raw`: nothing in the tree's attributes can hide a
+  change or fail the read), and writes the checkpoint with the conversions of the take.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -28,35 +35,119 @@ from supervisor.code.gitcmd import Git
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "info-attributes: "
+_ATTRIBUTES = "info-attributes: "
+_CONFIG = "conversions: "
 _NONE = "none"
-_LINE = re.compile(rf"^{_PREFIX}([0-9a-f]{{40}}(?:[0-9a-f]{{24}})?|{_NONE})$", re.MULTILINE)
+_ATTRIBUTES_LINE = re.compile(
+    rf"^{_ATTRIBUTES}([0-9a-f]{{40}}(?:[0-9a-f]{{24}})?|{_NONE})$", re.MULTILINE
+)
+_CONFIG_LINE = re.compile(rf"^{_CONFIG}(.*)$", re.MULTILINE)
 _LIMIT = 1 << 20  # bytes: an attributes file is a few lines; a bigger one is no attributes file
 _SCRATCH = ".swapguard-attributes."  # the file a put-back writes, then renames over
+# while a restore reads the tree: no attribute converts anything (this file outranks the tree's)
 _RAW = b"* -text -eol -crlf -ident -filter -working-tree-encoding\n"
-
-
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _read(folder_fd: int) -> bytes | None:
-    """`attributes`' bytes when it is a regular file (never a link, a FIFO or a device)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open("attributes", flags, dir_fd=folder_fd)
-    except OSError:
+def to_message(git: Git, info: Path) -> str:
+    """The commit-message lines that record what converts files now. `info`: the repo's
+    `info` folder (the common git dir's: a linked work tree reads that one)."""
+    with _opened(info) as folder:
+        content = None if folder is None else _read(folder)
+        if content == _RAW and folder is not None:  # ours, left by a restore cut short
+            log.warning("%s: swapguard's byte-for-byte attributes removed", info / "attributes")
+            _remove(folder)
+            content = None
+    blob = _NONE if content is None or len(content) > _LIMIT else _hash(git, content)
+    config = json.dumps(git.conversions(), ensure_ascii=True, sort_keys=True)
+    return f"{_ATTRIBUTES}{blob}\n{_CONFIG}{config}\n"
+
+
+def attributes_from_message(message: str) -> str | None:
+    """The recorded blob of the attributes file, "none" (there was none), or None: a checkpoint
+    taken before swapguard kept it (then it is left as it is)."""
+    found = _ATTRIBUTES_LINE.search(message)
+    return found.group(1) if found else None
+
+
+def config_from_message(message: str) -> dict[str, str] | None:
+    """The recorded drivers and line-end settings; None for a checkpoint taken before swapguard
+    kept them (then a restore runs no driver and converts no line end)."""
+    found = _CONFIG_LINE.search(message)
+    if found is None:
         return None
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return file.read(_LIMIT + 1)
+    try:
+        config = json.loads(found.group(1))
+    except ValueError:
+        return None
+    if not isinstance(config, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in config.items()
+    ):
+        return None
+    return config
+
+
+def put_back(git: Git, info: Path, recorded: str) -> None:
+    """Make `info/attributes` what `recorded` (`attributes_from_message`) says it was: written
+    beside and renamed over, or removed; a no-op when it is so already."""
+    wanted = None if recorded == _NONE else _blob(git, recorded)
+    _make(git, info, wanted, keep=True)
 
 
 @contextlib.contextmanager
-def _info(git_dir: Path) -> Iterator[int | None]:
+def raw(git: Git, info: Path) -> Iterator[None]:
+    """While in the block, no attribute converts anything: a restore reads the tree byte for
+    byte. Then the file is put back as it was (a restore dying in the block leaves ours, which
+    the next restore replaces with the recorded one, and a take removes)."""
+    with _opened(info) as folder:
+        before = None if folder is None else _read(folder)
+    if before is not None and len(before) > _LIMIT:
+        before = None
+    _make(git, info, _RAW, keep=False)  # not synced: a crash leaves it to be repaired anyway
+    try:
+        yield
+    finally:
+        _make(git, info, before, keep=False)
+
+
+def _make(git: Git, info: Path, wanted: bytes | None, *, keep: bool) -> None:
+    """`info/attributes` holding `wanted` (None: no such file), every step through the folder's
+    descriptor; with `keep` (a put-back), synced, and what it replaces is kept as a blob, named
+    in the log."""
+    with _opened(info) as folder:
+        if folder is None:
+            if wanted is None and not os.path.lexists(info):
+                return
+            log.warning("%s is no folder: replaced by one", info)
+            treepaths.remove(info.parent, info.name)  # a link or a file: never followed
+            os.mkdir(info, 0o755)
+            git.give(info)
+            return _make(git, info, wanted, keep=keep)
+        for name in os.listdir(folder):
+            if name.startswith(_SCRATCH):  # a put-back a crash cut short (or planted)
+                _remove(folder, name)
+        now = _read(folder)
+        exists = _exists(folder)
+        if now == wanted and (wanted is not None or not exists):
+            return None
+        if keep and now is not None and len(now) <= _LIMIT:
+            log.warning("%s replaced; it was blob %s", info / "attributes", _hash(git, now))
+        elif keep and exists:
+            log.warning("%s replaced; it was no regular file", info / "attributes")
+        if wanted is None:
+            _remove(folder)
+        else:
+            _write_beside(git, folder, wanted, sync=keep)
+        if keep:
+            os.fsync(folder)
+    return None
+
+
+@contextlib.contextmanager
+def _opened(info: Path) -> Iterator[int | None]:
     """The `info` folder, opened without following a link (None: it is no real folder)."""
     try:
-        fd = os.open(git_dir / "info", _DIR)
+        fd = os.open(info, _DIR)
     except OSError:
         yield None
         return
@@ -66,15 +157,25 @@ def _info(git_dir: Path) -> Iterator[int | None]:
         os.close(fd)
 
 
-def to_message(git: Git, git_dir: Path) -> str:
-    """The commit-message line that records the file as it is now (its content kept as a
-    blob). Anything but a regular file in a real `info` folder counts as none: git would not
-    read a FIFO, and through a link it is not the repo's."""
-    with _info(git_dir) as folder:
-        content = None if folder is None else _read(folder)
-    if content is None or len(content) > _LIMIT:
-        return f"{_PREFIX}{_NONE}\n"
-    return f"{_PREFIX}{_hash(git, content)}\n"
+def _read(folder: int) -> bytes | None:
+    """`attributes`' bytes when it is a regular file (never a link, a FIFO or a device)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open("attributes", flags, dir_fd=folder)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return file.read(_LIMIT + 1)
+
+
+def _exists(folder: int) -> bool:
+    try:
+        os.stat("attributes", dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _hash(git: Git, content: bytes) -> str:
@@ -82,79 +183,15 @@ def _hash(git: Git, content: bytes) -> str:
     return git.out(*args, stdin=os.fsdecode(content)).strip()
 
 
-def from_message(message: str) -> str | None:
-    """The recorded blob, "none" (there was no file), or None: a checkpoint taken before
-    swapguard kept the file (then it is left as it is)."""
-    found = _LINE.search(message)
-    return found.group(1) if found else None
-
-
-def put_back(git: Git, git_dir: Path, recorded: str) -> None:
-    """Make `.git/info/attributes` what `recorded` (`from_message`) says it was: written beside
-    and renamed over, or removed; every step through the `info` folder's descriptor, so never
-    through a link. A no-op when it is so already."""
-    _make(git, git_dir, None if recorded == _NONE else _blob(git, recorded), keep=True)
-
-
-@contextlib.contextmanager
-def raw(git: Git, git_dir: Path, recorded: str) -> Iterator[None]:
-    """While in the block, no attribute converts anything (info/attributes outranks the
-    tree's): for a capture the tree's own attributes fail (an unknown encoding), which would
-    fail every rollback. Then what `recorded` says is put back (also by the next restore, if
-    we die in the block)."""
-    _make(git, git_dir, _RAW, keep=True)
-    try:
-        yield
-    finally:
-        _make(git, git_dir, None if recorded == _NONE else _blob(git, recorded), keep=False)
-
-
-def _make(git: Git, git_dir: Path, wanted: bytes | None, *, keep: bool) -> None:
-    """`info/attributes` holding `wanted` (None: no such file); with `keep`, what it replaces
-    is kept as a blob, named in the log."""
-    with _info(git_dir) as folder:
-        if folder is None:
-            if wanted is None and not os.path.lexists(git_dir / "info"):
-                return
-            log.warning("%s is no folder: replaced by one", git_dir / "info")
-            treepaths.remove(git_dir, "info")  # a link or a file: removed, never followed
-            os.mkdir(git_dir / "info", 0o755)
-            git.give(git_dir / "info")
-            return _make(git, git_dir, wanted, keep=keep)
-        for stale in os.listdir(folder):
-            if stale.startswith(_SCRATCH):  # a put-back a crash cut short
-                os.unlink(stale, dir_fd=folder)
-        now = _read(folder)
-        try:
-            os.stat("attributes", dir_fd=folder, follow_symlinks=False)
-            exists = True
-        except FileNotFoundError:
-            exists = False
-        if now == wanted and (wanted is not None or not exists):
-            return None
-        if not keep:
-            pass
-        elif now is not None and len(now) <= _LIMIT:
-            log.warning("%s replaced; it was blob %s", git_dir / "info/attributes", _hash(git, now))
-        elif exists:
-            log.warning("%s replaced; it was no regular file", git_dir / "info/attributes")
-        if wanted is None:
-            _remove(folder)
-        else:
-            _write_beside(git, folder, wanted)
-        os.fsync(folder)
-    return None
-
-
 def _blob(git: Git, sha: str) -> bytes:
     found = git.objects([sha], contents=True)[0]
     if found is None or found.type != "blob":
-        log.warning("the recorded .git/info/attributes (blob %s) is gone: put back empty", sha)
+        log.warning("the recorded info/attributes (blob %s) is gone: put back empty", sha)
         return b""
     return found.body
 
 
-def _write_beside(git: Git, folder: int, content: bytes) -> None:
+def _write_beside(git: Git, folder: int, content: bytes, *, sync: bool) -> None:
     """A new file, synced, renamed over `attributes` (a folder there is removed first)."""
     scratch = f"{_SCRATCH}{os.getpid()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -162,7 +199,8 @@ def _write_beside(git: Git, folder: int, content: bytes) -> None:
     try:
         with os.fdopen(fd, "wb", closefd=False) as out:
             out.write(content)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         if git.owner is not None:
             os.fchown(fd, git.owner.uid, git.owner.gid)
         _remove(folder, folders_only=True)
@@ -175,13 +213,13 @@ def _write_beside(git: Git, folder: int, content: bytes) -> None:
         os.close(fd)
 
 
-def _remove(folder: int, *, folders_only: bool = False) -> None:
-    """Remove `attributes` (a folder there with all below it), never following a link."""
+def _remove(folder: int, name: str = "attributes", *, folders_only: bool = False) -> None:
+    """Remove `name` (a folder with all below it), never following a link."""
     try:
-        mode = os.stat("attributes", dir_fd=folder, follow_symlinks=False).st_mode
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
     except FileNotFoundError:
         return
     if stat.S_ISDIR(mode):
-        shutil.rmtree("attributes", dir_fd=folder)
+        shutil.rmtree(name, dir_fd=folder)
     elif not folders_only:
-        os.unlink("attributes", dir_fd=folder)
+        os.unlink(name, dir_fd=folder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import hashlib
 import os
 import pwd
 import re
@@ -21,7 +22,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,11 @@ _GIT_CONFIG = (
     "index.sparse=false",
     "core.symlinks=true",  # else links are restored as plain files
     "core.fileMode=true",  # else the executable bit is neither seen nor restored
-    "core.autocrlf=false",  # else line ends are converted both ways
-    "core.eol=native",
     "core.safecrlf=false",  # else a file with mixed line ends fails the capture
+    "core.ignoreCase=false",  # else `makefile` beside a tracked `Makefile` is not seen
+    "core.precomposeUnicode=false",
+    "core.useReplaceRefs=false",  # else `git replace` swaps a checkpoint's objects for others
+    "submodule.recurse=false",  # else a restore runs a submodule's own config and drivers
     "core.attributesFile=/dev/null",  # the repo's `.gitattributes` and info/attributes only
     "core.checkStat=default",
     "core.trustctime=true",
@@ -72,12 +75,21 @@ _GIT_CONFIG = (
     "maintenance.auto=false",
     "advice.addEmbeddedRepo=false",
 )
-_DRIVER_KEYS = r"^(filter\..*\.(clean|smudge|process|required)|include\.path|includeif\..*\.path)$"
+# What converts a file as git reads or writes it, from the config: the filter drivers (commands
+# the repo's config names, which an attributes line runs on a file) and the line-end settings.
+# A take records them; a restore runs with those alone (`as_at_the_take`).
+_CONVERSION_KEY = re.compile(
+    r"filter\.(.+)\.(?:clean|smudge|process|required)|core\.(?:autocrlf|eol)", re.DOTALL
+)
 _INCLUDE_KEY = re.compile(r"include\.path|includeif\..*\.path", re.DOTALL)
-_DRIVER_KEY = re.compile(r"filter\.(.+)\.(?:clean|smudge|process|required)", re.DOTALL)
-# each key of a driver, and what it is set to: no command (git passes the bytes through), and
-# not required (else a driver with no command fails every file it names)
-_DRIVER_VALUES = {"clean": "", "smudge": "", "process": "", "required": "false"}
+_LOOKUP = (
+    r"^(filter\..*\.(clean|smudge|process|required)|core\.(autocrlf|eol)"
+    r"|include\.path|includeif\..*\.path)$"
+)
+# each key of a driver the take did not know, and what it is set to at a restore: no command
+# (git passes the bytes through), and not required (else it would fail every file it names)
+_DRIVER_OFF = {"clean": "", "smudge": "", "process": "", "required": "false"}
+_LINE_ENDS_DEFAULT = {"core.autocrlf": "false", "core.eol": "native"}
 # the commands that read files of the work tree into objects or write objects out as files
 _CONVERTING = frozenset(
     {"add", "read-tree", "checkout-index", "update-index", "hash-object", "rm", "status"}
@@ -151,6 +163,7 @@ class Git:
         self.owner = _owner_of(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
         env.update(_IDENTITY, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+        env.update(GIT_NO_REPLACE_OBJECTS="1", GIT_GRAFT_FILE=os.devnull)  # objects as stored
         # the work tree is root, whatever a `core.worktree` planted in the repo's config says
         env["GIT_WORK_TREE"] = os.path.abspath(root)
         if self.owner is not None:
@@ -167,7 +180,8 @@ class Git:
         self._config = [arg for item in config for arg in ("-c", item)]
         self.excludes = tuple(excludes)
         self._excludes_files: tuple[str, str, str] | None = None
-        self._drivers: tuple[object, dict[str, str]] | None = None  # config signature, env
+        self._conversions: tuple[object, list[tuple[str, str]]] | None = None  # signature, pairs
+        self._take_time: dict[str, str] | None = None  # within `as_at_the_take`
 
     def excludes_file(self) -> str | None:
         """A file holding `excludes` alone (for `ls-files --exclude-from`), or None if none."""
@@ -235,33 +249,78 @@ class Git:
         config = list(self._config)
         if self.excludes:
             config += ["-c", f"core.excludesFile={self._prepare_excludes()[0]}"]
-        drivers = self._no_filters() if args and args[0] in _CONVERTING else {}
-        return self._run(args, index, ok, stdin, config, drivers)
+        if args and args[0] in _CONVERTING and (recorded := self._take_time) is not None:
+            config += ["-c", f"include.path={self._conversions_file(recorded)}"]
+        return self._run(args, index, ok, stdin, config)
 
-    def _no_filters(self) -> dict[str, str]:
-        """Config (as environment) that turns off every filter driver any config defines: a
-        driver is a command the repo's config names, which a `.gitattributes` or
-        `.git/info/attributes` line runs on a file as git reads or writes it, so a new version
-        could make a capture hash its own version of a file, or a restore write one. Looked up
-        again whenever a config file changed (always, when one includes others). As
-        environment, not `-c`: a driver's name may hold `=`, which `-c` would split on."""
+    def conversions(self) -> dict[str, str]:
+        """The filter drivers' keys and the line-end settings in force now (a take records
+        them: a restore writes the tree with them)."""
+        return {
+            key: value for key, value in self._conversions_now() if not _INCLUDE_KEY.fullmatch(key)
+        }
+
+    @contextlib.contextmanager
+    def as_at_the_take(self, recorded: dict[str, str] | None) -> Iterator[None]:
+        """Within (a restore), every command that converts runs with the drivers and line-end
+        settings `recorded` at the take (None: a take that recorded none; no driver then),
+        whatever the config says now: the new version may have defined a driver (a command
+        of its own, run on each file git reads or writes) or changed one, or the line ends."""
+        self._take_time = dict(recorded or {})
+        try:
+            yield
+        finally:
+            self._take_time = None
+
+    def _conversions_file(self, recorded: dict[str, str]) -> str:
+        """A config file of ours (`-c include.path=`, read after the repo's: it wins) that puts
+        every driver and line-end setting as `recorded`: a driver the take did not know is off
+        (no command, not required), one it knew gets its commands back. A file, not `-c`
+        pairs: a name may hold `=`, and thousands of drivers would not fit in argv."""
+        now = dict(self._conversions_now())
+        pins: dict[str, str] = dict(_LINE_ENDS_DEFAULT)
+        for key in now:
+            found = _CONVERSION_KEY.fullmatch(key)
+            if found is None or (name := found.group(1)) is None:
+                continue
+            known = any(k.startswith(f"filter.{name}.") for k in recorded)
+            for part, off in _DRIVER_OFF.items():
+                full = f"filter.{name}.{part}"
+                if part != "process" or not known:
+                    pins[full] = off
+                elif now.get(full) != recorded.get(full):
+                    # a `process` the take did not have: no config can unset a key, and any
+                    # value (even none) takes the place of clean and smudge: the driver is off
+                    pins[full] = recorded.get(full, off)
+        pins.update(recorded)
+        text = _config_text(pins)
+        name = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        path = os.path.join(os.path.dirname(self._prepare_excludes()[0]), f"conversions-{name}")
+        if not os.path.exists(path):
+            scratch = f"{path}.{threading.get_ident()}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+            self._write_private(scratch, text)
+            os.rename(scratch, path)
+        return path
+
+    def _conversions_now(self) -> list[tuple[str, str]]:
+        """(key, value) of every driver key, line-end setting and include in any config git
+        reads here; looked up again whenever a config file changed (always, when one includes
+        others: the included file may change alone)."""
         signature = self._config_signature()
-        known = self._drivers
+        known = self._conversions
         if known is not None and signature is not None and known[0] == signature:
             return known[1]
-        asked = ("config", "-z", "--name-only", "--get-regexp", _DRIVER_KEYS)
-        found = os.fsdecode(self._run(asked, None, (1,), "", self._config) or b"").split("\0")
-        names = dict.fromkeys(m.group(1) for m in map(_DRIVER_KEY.fullmatch, found) if m)
+        asked = ("config", "-z", "--get-regexp", _LOOKUP)
+        found = os.fsdecode(self._run(asked, None, (1,), "", self._config) or b"")
         pairs = [
-            (f"filter.{n}.{key}", value) for n in names for key, value in _DRIVER_VALUES.items()
+            (key, value)
+            for key, _, value in (entry.partition("\n") for entry in found.split("\0") if entry)
         ]
-        env = {"GIT_CONFIG_COUNT": str(len(pairs))} if pairs else {}
-        for i, (key, value) in enumerate(pairs):
-            env[f"GIT_CONFIG_KEY_{i}"] = key
-            env[f"GIT_CONFIG_VALUE_{i}"] = value
-        includes = any(_INCLUDE_KEY.fullmatch(key) for key in found)
-        self._drivers = None if includes else (signature, env)
-        return env
+        includes = any(_INCLUDE_KEY.fullmatch(key) for key, _ in pairs)
+        self._conversions = None if includes else (signature, pairs)
+        return pairs
 
     def _config_signature(self) -> tuple[tuple[int, int, int, int] | None, ...] | None:
         """The stat of every config file git reads here (None: one cannot be told)."""
@@ -296,9 +355,8 @@ class Git:
         ok: Sequence[int],
         stdin: str,
         config: Sequence[str],
-        extra_env: dict[str, str] | None = None,
     ) -> bytes | None:
-        env = {**self._env, **(extra_env or {}), "GIT_INDEX_FILE": str(index or _no_index())}
+        env = {**self._env, "GIT_INDEX_FILE": str(index or _no_index())}
         owner = self.owner
         try:
             proc = subprocess.Popen(
@@ -317,6 +375,8 @@ class Git:
             )
         except FileNotFoundError as exc:
             raise CheckpointError("git is not installed or not on PATH") from exc
+        except OSError as exc:  # E2BIG, EAGAIN: a failed step, retried like any other
+            raise CheckpointError(f"git {args[0]} could not be started: {exc}") from exc
         # Not communicate(timeout=): with one it polls for the exit with sleeps, a millisecond
         # or two of every git run; a timer kills a git that outlives the limit instead.
         killed = threading.Event()
@@ -419,6 +479,25 @@ def _read_small_text(path: str, owner: _Owner | None) -> str:
             return file.read(1 << 20).decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def _config_text(pairs: dict[str, str]) -> str:
+    """A git config file setting `pairs` (`section.subsection.key`: value), each quoted."""
+    lines = []
+    for key, value in pairs.items():
+        section, _, rest = key.partition(".")
+        subsection, _, name = rest.rpartition(".")
+        if "\n" in subsection or "\0" in subsection + value:
+            continue  # no config file can hold it, so no config defines it
+        head = f"[{section}]" if not subsection else f"[{section} {_quoted(subsection)}]"
+        lines.append(f"{head}\n\t{name} = {_quoted(value)}\n")
+    return "".join(lines)
+
+
+def _quoted(text: str) -> str:
+    """A value or subsection name in double quotes, as git's config parser reads it back."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def literal(path: str) -> str:
