@@ -52,6 +52,25 @@ def _guard(repo: Path, store: Store, pool: ThreadPoolExecutor) -> tuple[DriftGua
     return guard, calls
 
 
+async def _guard_with_its_baseline(
+    repo: Path, store: Store, pool: ThreadPoolExecutor
+) -> tuple[DriftGuard, list]:
+    """A guard started as the service starts it, once its baseline is taken."""
+    guard, calls = _guard(repo, store, pool)
+    guard.plan_at_start(adopted=False, run_code_version=None)
+    guard.take_at_start()
+    await asyncio.wait_for(guard.settled(), WAIT_S)
+    return guard, calls
+
+
+async def _until(condition: Callable[[], bool], what: object = "timed out") -> None:
+    """Poll `condition` on the loop (the guard's answers arrive as callbacks there)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
 def test_prepares_and_drift_checks_wait_for_the_baseline_taken_after_the_spawn(
     tmp_path: Path, store: Store
 ) -> None:
@@ -86,13 +105,6 @@ def test_prepares_and_drift_checks_wait_for_the_baseline_taken_after_the_spawn(
     finally:
         busy.set()
         pool.shutdown(wait=True)
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("adopted", [False, True])
@@ -263,17 +275,11 @@ def test_a_change_made_after_a_rollback_restored_the_tree_is_drift(
     pool = ThreadPoolExecutor(max_workers=1)
 
     async def scenario() -> None:
-        guard, calls = _guard(repo, store, pool)
-        guard.plan_at_start(adopted=False, run_code_version=None)
-        guard.take_at_start()
-        await asyncio.wait_for(guard.settled(), WAIT_S)
+        guard, calls = await _guard_with_its_baseline(repo, store, pool)
         (repo / "app.py").write_text("print('written after the restore')\n")  # no event
         rolled_back = cast(swaps.Swap, SimpleNamespace(state=swaps.SwapState.ROLLED_BACK))
         guard.on_swap_finished(rolled_back)
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while ("emit", "code.drift") not in calls:
-            assert asyncio.get_running_loop().time() < deadline, calls
-            await asyncio.sleep(0.01)
+        await _until(lambda: ("emit", "code.drift") in calls, calls)
         assert guard.drifted and any(call[0] == "prepare" for call in calls)
 
     try:
@@ -291,18 +297,12 @@ def test_a_drift_check_git_fails_on_is_logged_once_per_cause(
     pool = ThreadPoolExecutor(max_workers=1)
 
     async def scenario() -> None:
-        guard, calls = _guard(repo, store, pool)
-        guard.plan_at_start(adopted=False, run_code_version=None)
-        guard.take_at_start()
-        await asyncio.wait_for(guard.settled(), WAIT_S)
+        guard, calls = await _guard_with_its_baseline(repo, store, pool)
         (repo / ".gitattributes").write_text("* working-tree-encoding=NONSENSE\n")
         for _ in range(3):
             before = guard.checks
             guard.on_tree_changed()
-            deadline = asyncio.get_running_loop().time() + WAIT_S
-            while guard.checks == before:  # the check's answer, on the loop
-                assert asyncio.get_running_loop().time() < deadline, "no drift check ended"
-                await asyncio.sleep(0.01)
+            await _until(lambda b=before: guard.checks > b, "no drift check ended")  # on the loop
         assert not guard.drifted and calls == []
 
     try:
