@@ -511,7 +511,31 @@ def huge_driver_names(repo: Path) -> None:
     write(repo / ".git/info/attributes", "* filter=d4999\n")
 
 
+def empty_named_driver_on_an_ignored_file(repo: Path) -> None:
+    """`filter=` names the driver "", and the restore adds new ignored files to the abandoned
+    tree: its clean command (of the new version's) must not run."""
+    hostile_code(repo)
+    write(repo / ".gitattributes", "*.log filter=\n")
+    git(repo, "config", "filter..clean", f"sh -c 'cat; touch {repo.parent}/driver-ran'")
+    write(repo / "x.log", "a new ignored file\n")
+
+
+def encoding_on_an_ignored_file(repo: Path) -> None:
+    hostile_code(repo)
+    write(repo / ".gitattributes", "*.log working-tree-encoding=NO-SUCH-ENC\n")
+    write(repo / "x.log", "a new ignored file\n")
+
+
+def deleted_and_flagged_skip_worktree(repo: Path) -> None:
+    """As a sparse checkout leaves a file out: the capture must not take the flag's word."""
+    (repo / "docs/more.txt").unlink()
+    git(repo, "update-index", "--skip-worktree", "docs/more.txt")
+
+
 METADATA_ATTACKS: list[Callable[[Path], None]] = [
+    empty_named_driver_on_an_ignored_file,
+    encoding_on_an_ignored_file,
+    deleted_and_flagged_skip_worktree,
     replace_refs,
     case_blind_index,
     ignored_gitattributes,
@@ -557,6 +581,7 @@ def test_restore_is_exact_whatever_the_new_version_did_to_git_metadata(
             (repo / name).unlink(missing_ok=True)
     assert snapshot_state(repo) == before
     assert not tree.differs(cp)
+    assert not (repo.parent / "driver-ran").exists(), "a command of the new version's ran"
     assert not (repo.parent / "elsewhere").exists() or not any(
         (repo.parent / "elsewhere").iterdir()
     )

@@ -111,6 +111,8 @@ _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
 # the `ls-files -v -z` entries (after a NUL) whose tag says assume-unchanged or skip-worktree
+_SKIPPED = "skip-worktree: "  # the commit-message line of the take's skip-worktree paths
+_SKIPPED_LINE = re.compile(rf"^{_SKIPPED}([0-9a-f]{{40}}(?:[0-9a-f]{{24}})?|none)$", re.MULTILINE)
 _FLAGGED = re.compile(rb"\0([a-zS]) ([^\0]*)")
 _LS_TREE_LINE = re.compile(r"([0-7]{6}) [a-z]+ [0-9a-f]+\t([^\0]*)\0")  # mode type sha\tpath\0
 # `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
@@ -210,7 +212,8 @@ class CodeTree:
         head, branch = where.head, where.branch
         with self._scratch() as scratch, _beside() as pool:  # two indexes, two gits at once
             staged = pool.submit(self._index_tree, scratch / "staged")
-            tree = self._capture(scratch / "capture")
+            skipped: list[str] = []
+            tree = self._capture(scratch / "capture", skipped=skipped)
             skip = self._exclude_pathspecs()
             hid = pool.submit(hidden.listing, self._git, scratch / "capture", skip, self.excluded)
             listing = self._listing(tree)
@@ -226,6 +229,7 @@ class CodeTree:
             f"swapguard checkpoint {name}\n\nbranch: {branch}\n"
             f"{treemodes.to_message(modes)}{owners}{hidden.to_message(ignored)}"
             f"{conversions.to_message(self._git, self._info_dir(where.git_dir))}"
+            f"{self._skipped_to_message(skipped)}"
         )
         commit = self._commit(tree, parents, message)
         ref = f"{_CHECKPOINTS}/{name}"
@@ -269,7 +273,7 @@ class CodeTree:
         with (
             locks.holding([*_LOCKS, *ref_locks, staged_lock]),
             self._scratch() as scratch,
-            self._git.as_at_the_take(conversions.config_from_message(message)),
+            self._git.as_at_the_take(conversions.config_from_message(message), target),
         ):
             treemodes.open_up(self.root, (path for mode, path in listing if mode == "040000"))
             treemodes.open_all(self._git, self.excluded)
@@ -294,8 +298,9 @@ class CodeTree:
             keep = (p for p in hid if not treepaths.is_special(self.root / p))  # git cannot
             doomed = sorted({*self._ignored_in_the_way(added, index), *keep})
             if doomed:  # ignored files git must remove: keep their content in the abandoned tree
-                self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
-                current = self._git.out("write-tree", index=index).strip()
+                with conversions.raw(self._git, info):  # as they are: nothing converts them
+                    self._git.out("add", "-f", "--", *map(literal, doomed), index=index)
+                    current = self._git.out("write-tree", index=index).strip()
             made = early.result() if early is not None and not doomed else None
             self._put_refs(cp, name, current, tips, previous, made=made)
             folders_of_hid = self._new_folders(hid, recorded or [], folders)
@@ -319,7 +324,8 @@ class CodeTree:
             # put back may close it.
             odd_all = treemodes.differing(self.root, listing, modes, mask, owned)
             treemodes.put_back_all(self._git, index, odd_all, modes, mask, owned)
-            self._put_index(cp.index_tree, target, worktree_index=index)
+            sparse = self._skipped_from_message(message)
+            self._put_index(cp.index_tree, target, worktree_index=index, sparse=sparse)
         self._foreign = locks.foreign_locks()
         log.info("restored %s to %s (%s) in %.0f ms", self.root, name, cp.commit[:12], _ms(started))
 
@@ -389,7 +395,9 @@ class CodeTree:
 
     # --- capture ----------------------------------------------------------------------------
 
-    def _capture(self, index: Path, *, aside: bool = False) -> str:
+    def _capture(
+        self, index: Path, *, aside: bool = False, skipped: list[str] | None = None
+    ) -> str:
         """Write the tree of the work tree as it is, through a scratch copy of the index. What
         git cannot hold (a FIFO, a socket, a device) counts as absent; with `aside` (a restore
         about to write the tree) it is removed first, never opened."""
@@ -398,36 +406,33 @@ class CodeTree:
         if treepaths.is_regular(real):  # a symlink or FIFO planted there is no index: never read
             shutil.copy2(real, index)  # keeps the mtime, so git's racy-clean detection stays right
             self._git.give(index)
-            self._unflag(index)
+            found = self._unflag(index)
+            if skipped is not None:
+                skipped += found
         skip = self._exclude_pathspecs()
         self._add_all(index, skip, aside=aside)
         self._forget_excluded(index)
         return self._git.out("write-tree", index=index).strip()
 
-    def _unflag(self, index: Path) -> None:
+    def _unflag(self, index: Path) -> list[str]:
         """Clear the assume-unchanged and skip-worktree flags in a copy of the user's index:
         `git add` takes a flagged entry's word for the file (so a new version that flags what it
-        changed would hide it from every capture, and the restore would leave it) and refuses
-        to add a skip-worktree path at all."""
+        changed, or deleted, would hide it from every capture, and the restore would leave it)
+        and refuses to add a skip-worktree path at all. The skip-worktree paths found (a sparse
+        checkout's): a take records them, and a restore flags them again in the index it puts
+        back where they are still absent."""
         listing = b"\0" + (self._git.run_bytes("ls-files", "-v", "-z", index=index) or b"")
-        found = _FLAGGED.findall(
-            listing
-        )  # `-v` tags: lower case is assume-unchanged, S skip-worktree
+        found = _FLAGGED.findall(listing)  # `-v` tags: lower case assume-unchanged, S skip-worktree
         flagged = {
-            "--no-assume-unchanged": [path for tag, path in found if tag.islower()],
-            # only where a file is there: a sparse checkout leaves the others out on purpose,
-            # and cleared they would read as deleted
-            "--no-skip-worktree": [
-                path
-                for tag, path in found
-                if tag in (b"S", b"s") and os.path.lexists(self.root / os.fsdecode(path))
-            ],
+            "--no-assume-unchanged": [os.fsdecode(p) for tag, p in found if tag.islower()],
+            "--no-skip-worktree": [os.fsdecode(p) for tag, p in found if tag in (b"S", b"s")],
         }
         for option, paths in flagged.items():  # update-index applies one flag option a path
             if paths:
-                log.warning("%s: %s for the capture: %s", self.root, option, paths[:5])
-                stdin = "".join(f"{os.fsdecode(path)}\0" for path in paths)
+                log.info("%s: %s for the capture: %s", self.root, option, paths[:5])
+                stdin = "".join(f"{path}\0" for path in paths)
                 self._git.out("update-index", option, "-z", "--stdin", index=index, stdin=stdin)
+        return flagged["--no-skip-worktree"]
 
     def _add_all(self, index: Path, skip: list[str], *, aside: bool) -> None:
         """`git add -A`, again within a bounded time when a file vanished between git listing and
@@ -713,7 +718,26 @@ class CodeTree:
             for tip in tips
         )
 
-    def _put_index(self, index_tree: str, target: str, *, worktree_index: Path) -> None:
+    def _skipped_to_message(self, paths: list[str]) -> str:
+        """The commit-message line of the take's skip-worktree paths (a blob of them: a sparse
+        checkout may leave out thousands)."""
+        if not paths:
+            return f"{_SKIPPED}none\n"
+        stdin = "".join(f"{path}\0" for path in paths)
+        return f"{_SKIPPED}{self._git.out('hash-object', '-w', '--stdin', stdin=stdin).strip()}\n"
+
+    def _skipped_from_message(self, message: str) -> list[str]:
+        found = _SKIPPED_LINE.search(message)
+        if found is None or found.group(1) == "none":
+            return []
+        blob = self._git.objects([found.group(1)], contents=True)[0]
+        if blob is None or blob.type != "blob":
+            return []
+        return [path for path in os.fsdecode(blob.body).split("\0") if path]
+
+    def _put_index(
+        self, index_tree: str, target: str, *, worktree_index: Path, sparse: list[str]
+    ) -> None:
         """Replace the user's index with the staged tree of the checkpoint, atomically.
 
         Built from the index that just wrote the work tree, so unchanged entries keep their stat
@@ -732,6 +756,8 @@ class CodeTree:
                 # Not `--index-output`: git writes it as the lock of the index it reads (in the
                 # scratch folder) renamed over, which fails across file systems (a tmpfs /tmp).
                 self._git.out("read-tree", "--reset", index_tree, index=staged)
+            if index_tree and sparse:  # what a sparse checkout left out, and is still out
+                self._flag_sparse(staged, sparse)
             if index_tree:
                 real = git_dir / "index"
                 if real.exists():
@@ -744,6 +770,19 @@ class CodeTree:
         finally:
             staged.unlink(missing_ok=True)
         self._finish_pending_index(wait=_LOCK_WAIT_S)
+
+    def _flag_sparse(self, index: Path, sparse: list[str]) -> None:
+        """Flag skip-worktree again where the take found it, the path is in the index put back
+        and no file is there (a flag is never taken from today's index: the new version's)."""
+        listed = set(
+            os.fsdecode(self._git.run_bytes("ls-files", "-z", index=index) or b"").split("\0")
+        )
+        absent = [p for p in sparse if p in listed and not os.path.lexists(self.root / p)]
+        if absent:
+            stdin = "".join(f"{path}\0" for path in absent)
+            self._git.out(
+                "update-index", "--skip-worktree", "-z", "--stdin", index=index, stdin=stdin
+            )
 
     def _finish_pending_index(self, *, wait: float = 0.0) -> None:
         """Put a pending index in place once nobody else holds index.lock (within `wait`)."""

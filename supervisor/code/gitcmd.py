@@ -79,7 +79,7 @@ _GIT_CONFIG = (
 # the repo's config names, which an attributes line runs on a file) and the line-end settings.
 # A take records them; a restore runs with those alone (`as_at_the_take`).
 _CONVERSION_KEY = re.compile(
-    r"filter\.(.+)\.(?:clean|smudge|process|required)|core\.(?:autocrlf|eol)", re.DOTALL
+    r"filter\.(.*)\.(?:clean|smudge|process|required)|core\.(?:autocrlf|eol)", re.DOTALL
 )
 _INCLUDE_KEY = re.compile(r"include\.path|includeif\..*\.path", re.DOTALL)
 _LOOKUP = (
@@ -90,10 +90,6 @@ _LOOKUP = (
 # (git passes the bytes through), and not required (else it would fail every file it names)
 _DRIVER_OFF = {"clean": "", "smudge": "", "process": "", "required": "false"}
 _LINE_ENDS_DEFAULT = {"core.autocrlf": "false", "core.eol": "native"}
-# the commands that read files of the work tree into objects or write objects out as files
-_CONVERTING = frozenset(
-    {"add", "read-tree", "checkout-index", "update-index", "hash-object", "rm", "status"}
-)
 _HOOKS_FAULT = "SWAPGUARD_TEST_GIT_HOOKS"
 """Test-only fault: a folder of git hooks our commands run (by default none runs)."""
 
@@ -182,6 +178,7 @@ class Git:
         self._excludes_files: tuple[str, str, str] | None = None
         self._conversions: tuple[object, list[tuple[str, str]]] | None = None  # signature, pairs
         self._take_time: dict[str, str] | None = None  # within `as_at_the_take`
+        self._take_tree = ""  # the tree a restore writes, within `as_at_the_take`
 
     def excludes_file(self) -> str | None:
         """A file holding `excludes` alone (for `ls-files --exclude-from`), or None if none."""
@@ -249,8 +246,8 @@ class Git:
         config = list(self._config)
         if self.excludes:
             config += ["-c", f"core.excludesFile={self._prepare_excludes()[0]}"]
-        if args and args[0] in _CONVERTING and (recorded := self._take_time) is not None:
-            config += ["-c", f"include.path={self._conversions_file(recorded)}"]
+        if (recorded := self._take_time) is not None:  # every command: even write-tree hashes
+            config += ["-c", f"include.path={self._conversions_file(recorded)}"]  # racy files
         return self._run(args, index, ok, stdin, config)
 
     def conversions(self) -> dict[str, str]:
@@ -261,16 +258,18 @@ class Git:
         }
 
     @contextlib.contextmanager
-    def as_at_the_take(self, recorded: dict[str, str] | None) -> Iterator[None]:
+    def as_at_the_take(self, recorded: dict[str, str] | None, tree: str = "") -> Iterator[None]:
         """Within (a restore), every command that converts runs with the drivers and line-end
         settings `recorded` at the take (None: a take that recorded none; no driver then),
         whatever the config says now: the new version may have defined a driver (a command
-        of its own, run on each file git reads or writes) or changed one, or the line ends."""
-        self._take_time = dict(recorded or {})
+        of its own, run on each file git reads or writes) or changed one, or the line ends.
+        `tree`: the tree the restore writes, whose attributes a git that knows `attr.tree`
+        reads (the new version could point that key at a tree of its own)."""
+        self._take_time, self._take_tree = dict(recorded or {}), tree
         try:
             yield
         finally:
-            self._take_time = None
+            self._take_time, self._take_tree = None, ""
 
     def _conversions_file(self, recorded: dict[str, str]) -> str:
         """A config file of ours (`-c include.path=`, read after the repo's: it wins) that puts
@@ -290,9 +289,15 @@ class Git:
                     pins[full] = off
                 elif now.get(full) != recorded.get(full):
                     # a `process` the take did not have: no config can unset a key, and any
-                    # value (even none) takes the place of clean and smudge: the driver is off
+                    # value (even none) takes the place of clean and smudge: the driver is off,
+                    # and not required (its files are written as stored, not failed for ever)
                     pins[full] = recorded.get(full, off)
         pins.update(recorded)
+        for key, value in list(pins.items()):
+            if key.endswith(".process") and value == "" and key not in recorded:
+                pins[key.removesuffix("process") + "required"] = "false"  # even if the take's was
+        if self._take_tree:  # git >= 2.42 reads attributes from `attr.tree` if set: the target's
+            pins["attr.tree"] = self._take_tree
         text = _config_text(pins)
         name = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         path = os.path.join(os.path.dirname(self._prepare_excludes()[0]), f"conversions-{name}")
@@ -334,7 +339,7 @@ class Git:
             os.path.join(git_dir, "config.worktree"),
             os.path.join(home, ".gitconfig"),
             os.path.join(xdg, "git", "config"),
-            os.environ.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig",
+            "/etc/gitconfig",  # (git runs without the GIT_* of our environment)
         )
         found: list[tuple[int, int, int, int] | None] = []
         for path in paths:
@@ -486,10 +491,11 @@ def _config_text(pairs: dict[str, str]) -> str:
     lines = []
     for key, value in pairs.items():
         section, _, rest = key.partition(".")
-        subsection, _, name = rest.rpartition(".")
+        subsection, dot, name = rest.rpartition(".")
         if "\n" in subsection or "\0" in subsection + value:
             continue  # no config file can hold it, so no config defines it
-        head = f"[{section}]" if not subsection else f"[{section} {_quoted(subsection)}]"
+        # `filter..clean` has a subsection, empty: `[filter ""]`, not `[filter]`
+        head = f"[{section} {_quoted(subsection)}]" if dot else f"[{section}]"
         lines.append(f"{head}\n\t{name} = {_quoted(value)}\n")
     return "".join(lines)
 
