@@ -110,9 +110,9 @@ _ABANDONED = f"{REF_ROOT}/abandoned"
 _DIFF = ("diff-tree", "-r", "-z", "--no-renames")
 _LS_IGNORED = ("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--")
 _LS_TREE = ("ls-tree", "-r", "-t", "-z", "--full-tree")
-# the `ls-files -v -z` entries (after a NUL) whose tag says assume-unchanged or skip-worktree
 _SKIPPED = "skip-worktree: "  # the commit-message line of the take's skip-worktree paths
 _SKIPPED_LINE = re.compile(rf"^{_SKIPPED}([0-9a-f]{{40}}(?:[0-9a-f]{{24}})?|none)$", re.MULTILINE)
+# the `ls-files -v -z` entries (after a NUL) whose tag says assume-unchanged or skip-worktree
 _FLAGGED = re.compile(rb"\0([a-zS]) ([^\0]*)")
 _LS_TREE_LINE = re.compile(r"([0-7]{6}) [a-z]+ [0-9a-f]+\t([^\0]*)\0")  # mode type sha\tpath\0
 # `git add` names a path it cannot hold (a FIFO, a socket, a device) in this line of stderr
