@@ -53,7 +53,8 @@ def _no_index() -> str:
 # The repo's config is the new version's to write (it runs as the tree's owner): a key that
 # changes what git reads from the work tree or writes into it is pinned here, so that no
 # setting planted after the take can hide a change from a capture or bend what a restore
-# writes (its files, links and bits as git stores them). `filters` below does the drivers.
+# writes (its files, links and bits as git stores them). What converts file contents (the
+# filter drivers, the line ends) is the take's while a restore runs: `Git.as_at_the_take`.
 _GIT_CONFIG = (
     "core.fsmonitor=false",  # a stale token in a copied index could hide a change
     "core.splitIndex=false",
@@ -289,8 +290,8 @@ class Git:
                     pins[full] = off
                 elif now.get(full) != recorded.get(full):
                     # a `process` the take did not have: no config can unset a key, and any
-                    # value (even none) takes the place of clean and smudge: the driver is off,
-                    # and not required (its files are written as stored, not failed for ever)
+                    # value (even none) takes the place of clean and smudge: the driver is off
+                    # (and made not required below: its files are written as stored)
                     pins[full] = recorded.get(full, off)
         pins.update(recorded)
         for key, value in list(pins.items()):
