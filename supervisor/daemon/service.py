@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import pwd
@@ -396,6 +397,10 @@ async def _serve(config: Config, store: Store, cgroup: host.CgroupLeaf | None) -
     if watcher is not None:
         # what changed while no watcher ran (an adopted host's code)
         runtime.drift_guard.on_tree_changed()
+    # What start-up made lives as long as the process: the collector's full passes (each a
+    # pause of the loop and of the control thread) need not walk it again. Status p99 under
+    # 1k heartbeats/s, quick bench: 0.77-0.86 ms with, 0.78-1.36 ms without.
+    gc.freeze()
     manager.notify(f"READY=1\nSTATUS=supervising {config.host.command[0]}\nMAINPID={os.getpid()}")
     manager.start_watchdog(loop)
     log.info(
