@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,6 +95,14 @@ class OnProbation:
     before: list[tuple[int]]
 
 
+def activate_v2(sup: Supervisor, repo: Path, old_pid: int) -> tuple[str, dict[str, Any]]:
+    """Prepare a swap, write v2 and activate it: the swap's id and the new host, once ready."""
+    swap = sup.client.prepare("v2")
+    write_app(repo, {"version": "v2", "behaviour": "ok"})
+    sup.client.activate(swap["id"])
+    return swap["id"], sup.wait_host(ready=True, pid_not=old_pid)
+
+
 @contextlib.contextmanager
 def data_swap_on_probation(
     tmp_path: Path, data_fs: Path, window: str
@@ -109,12 +118,9 @@ def data_swap_on_probation(
     ) as sup:
         old = sup.start().status()["host"]
         before = rows(db, "SELECT count(*) FROM blobs")
-        swap = sup.client.prepare("v2")
-        write_app(repo, {"version": "v2", "behaviour": "ok"})
-        sup.client.activate(swap["id"])
-        new = sup.wait_host(ready=True, pid_not=old["pid"])
+        swap_id, new = activate_v2(sup, repo, old["pid"])
         wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
-        yield OnProbation(sup, data_fs, db, reserve_path(db), swap["id"], new["pid"], before)
+        yield OnProbation(sup, data_fs, db, reserve_path(db), swap_id, new["pid"], before)
 
 
 def fill_to_the_last_byte(junk: Path) -> None:
@@ -259,13 +265,9 @@ def test_a_new_version_that_fills_the_disk_is_rolled_back_all_the_same(
         sup.log = tmp_path / "swapguard.log"  # not on the file system about to be filled
         old = sup.start().status()["host"]
         before = rows(db, "SELECT count(*) FROM blobs")
-        swap = sup.client.prepare("v2")
-        write_app(repo, {"version": "v2", "behaviour": "ok"})
-        sup.client.activate(swap["id"])
-        new = sup.wait_host(ready=True, pid_not=old["pid"])
+        swap_id, new = activate_v2(sup, repo, old["pid"])
         wait_for(
-            lambda: "swap.probation" in sup.events()
-            and sup.client.swap(swap["id"])["data_on_disk"],
+            lambda: "swap.probation" in sup.events() and sup.client.swap(swap_id)["data_on_disk"],
             what="the new version on probation, its data flushed",
         )
 
@@ -276,11 +278,11 @@ def test_a_new_version_that_fills_the_disk_is_rolled_back_all_the_same(
         fill_to_the_last_byte(repo / "data" / "junk")  # the last bytes too
         assert os.statvfs(shared).f_bavail == 0
 
-        sup.client.rollback(swap["id"], reason="disk filled")
-        sup.wait_swap(swap["id"], "rolled_back", timeout=60)
+        sup.client.rollback(swap_id, reason="disk filled")
+        sup.wait_swap(swap_id, "rolled_back", timeout=60)
         sup.wait_host(ready=True, pid_not=new["pid"])
         assert rows(db, "SELECT count(*) FROM blobs") == before
-        kept = db.with_name(f"app.db.rolled-back-{swap['id']}")
+        kept = db.with_name(f"app.db.rolled-back-{swap_id}")
         assert rows(kept, "SELECT count(*) FROM blobs")[0][0] > before[0][0]
         disk = wait_for(
             lambda: (d := sup.status()["disk"])["kept_data_bytes"] > 4 * MiB and d,
@@ -361,15 +363,12 @@ def test_no_reserve_is_left_once_a_swap_is_confirmed(
     reserve = reserve_path(db)
     with supervised(repo, state_parent=tmp_path, deadman={"window": "60s"}) as sup:
         old = sup.start().status()["host"]
-        swap = sup.client.prepare("v2")
-        write_app(repo, {"version": "v2", "behaviour": "ok"})
-        sup.client.activate(swap["id"])
-        sup.wait_host(ready=True, pid_not=old["pid"])
+        swap_id, _ = activate_v2(sup, repo, old["pid"])
         wait_for(lambda: "swap.probation" in sup.events(), what="the new version on probation")
         assert reserve.exists()
         assert "swapguard-reserve" not in git(repo, "status", "--porcelain", "--ignored")
-        sup.client.confirm(swap["id"])
-        sup.wait_swap(swap["id"], "confirmed", timeout=60)
+        sup.client.confirm(swap_id)
+        sup.wait_swap(swap_id, "confirmed", timeout=60)
         wait_for(lambda: not reserve.exists(), what="the reserve removed after the confirm")
 
 

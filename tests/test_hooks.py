@@ -235,15 +235,22 @@ def test_an_event_a_worker_wrote_reaches_a_hook_that_wants_only_it(
         on_event=(sys.executable, "-c", _HOOK, str(tmp_path)), events=("code.foreign_locks",)
     )
     published = [store.newest_event_id()]  # as the runtime's published_event_id
+    asked: list[int] = []  # each read of the store by the hook's worker asks it first
+
+    def published_id() -> int:
+        asked.append(published[0])
+        return published[0]
+
     hook = HookRunner(
         config,
         store=store,
         cwd=tmp_path,
-        published=lambda: published[0],
+        published=published_id,
         retry_first=0.05,
         retry_max=0.2,
     )
     try:
+        wait_for(lambda: asked, what="the hook's first read")  # found nothing: it now waits
         record = store.append_event("code.foreign_locks", {"locks": ["x.lock"]}, swap_id="s1")
         published[0] = record.id  # the loop publishes the step's result...
         hook.wake()  # ...and says so: no record of the kind passes through its hands

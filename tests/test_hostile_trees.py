@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
+from supervisor.code import conversions
 from supervisor.code.checkpoint import CodeTree
 from supervisor.code.gitlocks import Owner
 from supervisor.data.datacopy import copy_file_hashed, file_digest, fsync_file
@@ -700,8 +701,6 @@ def test_a_linked_work_tree_gets_the_common_info_attributes_back(tmp_path: Path)
 def test_the_byte_for_byte_attributes_a_dead_restore_left_are_no_users(repo: Path) -> None:
     """Killed while it read the tree byte for byte, a restore leaves swapguard's attributes in
     info/attributes: the next take removes them rather than record them as the user's."""
-    from supervisor.code import conversions
-
     (repo / ".git/info").mkdir(exist_ok=True)
     (repo / ".git/info/attributes").write_bytes(conversions._RAW)
     cp = code_tree(repo).take("s1")

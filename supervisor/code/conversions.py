@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +55,7 @@ def to_message(git: Git, info: Path) -> str:
         content = None if folder is None else _read(folder)
         if content == _RAW and folder is not None:  # ours, left by a restore cut short
             log.warning("%s: swapguard's byte-for-byte attributes removed", info / "attributes")
-            _remove(folder)
+            treepaths.remove_at(folder, "attributes")
             content = None
     blob = _NONE if content is None or len(content) > _LIMIT else _hash(git, content)
     config = json.dumps(git.conversions(), ensure_ascii=True, sort_keys=True)
@@ -116,16 +115,17 @@ def _make(git: Git, info: Path, wanted: bytes | None, *, keep: bool) -> None:
     in the log."""
     with _opened(info) as folder:
         if folder is None:
-            if wanted is None and not os.path.lexists(info):
+            if os.path.lexists(info):
+                log.warning("%s is no folder: replaced by one", info)
+                treepaths.remove(info.parent, info.name)  # a link or a file: never followed
+            elif wanted is None:
                 return
-            log.warning("%s is no folder: replaced by one", info)
-            treepaths.remove(info.parent, info.name)  # a link or a file: never followed
             os.mkdir(info, 0o755)
             git.give(info)
             return _make(git, info, wanted, keep=keep)
         for name in os.listdir(folder):
             if name.startswith(_SCRATCH):  # a put-back a crash cut short (or planted)
-                _remove(folder, name)
+                treepaths.remove_at(folder, name)
         now = _read(folder)
         exists = _exists(folder)
         if now == wanted and (wanted is not None or not exists):
@@ -135,7 +135,7 @@ def _make(git: Git, info: Path, wanted: bytes | None, *, keep: bool) -> None:
         elif keep and exists:
             log.warning("%s replaced; it was no regular file", info / "attributes")
         if wanted is None:
-            _remove(folder)
+            treepaths.remove_at(folder, "attributes")
         else:
             _write_beside(git, folder, wanted, sync=keep)
         if keep:
@@ -203,7 +203,7 @@ def _write_beside(git: Git, folder: int, content: bytes, *, sync: bool) -> None:
             os.fsync(fd)
         if git.owner is not None:
             os.fchown(fd, git.owner.uid, git.owner.gid)
-        _remove(folder, folders_only=True)
+        treepaths.remove_at(folder, "attributes", folders_only=True)
         os.rename(scratch, "attributes", src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -212,14 +212,3 @@ def _write_beside(git: Git, folder: int, content: bytes, *, sync: bool) -> None:
     finally:
         os.close(fd)
 
-
-def _remove(folder: int, name: str = "attributes", *, folders_only: bool = False) -> None:
-    """Remove `name` (a folder with all below it), never following a link."""
-    try:
-        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(name, dir_fd=folder)
-    elif not folders_only:
-        os.unlink(name, dir_fd=folder)

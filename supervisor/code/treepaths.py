@@ -100,12 +100,22 @@ def remove(root: Path, path: str) -> bool:
             for name in parts[:-1]:
                 fd = os.open(name, flags, dir_fd=fd)
                 stack.callback(os.close, fd)
-            info = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
         except OSError:
             return False
-        if stat.S_ISDIR(info.st_mode):
-            shutil.rmtree(parts[-1], dir_fd=fd)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(parts[-1], dir_fd=fd)
+        return remove_at(fd, parts[-1])
+
+
+def remove_at(folder: int, name: str, *, folders_only: bool = False) -> bool:
+    """Remove `name` in the folder open as `folder` (a folder with all below it, by the fd-based
+    `shutil.rmtree`), never following a symlink; whether something was there. `folders_only`:
+    anything else is left (a rename will replace it)."""
+    try:
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+    except OSError:
+        return False
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(name, dir_fd=folder)
+    elif not folders_only:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=folder)
     return True

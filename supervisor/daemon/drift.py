@@ -172,11 +172,10 @@ class DriftGuard:
             self.checks += 1
             if (error := finished.exception()) is not None:
                 self._check_failed(error)
-            elif finished.result():
-                self._last_check_error = None
+                return
+            self._last_check_error = None
+            if finished.result():
                 self._on_drift(checkpoint)
-            else:
-                self._last_check_error = None
 
         future.add_done_callback(done)
 
